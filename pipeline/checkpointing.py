@@ -1,0 +1,73 @@
+"""Training checkpoints: the drafter (EAGLE-3 layout, fp32) plus everything needed to resume.
+
+``checkpoints/step_NNNNNN/`` holds ``drafter/`` and ``trainer_state.pt`` (optimizer, scheduler,
+step, data cursor, RNG states). A checkpoint is written to a temporary directory and renamed,
+and ``checkpoints/latest`` is updated last, so a crash mid-save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from speculative.checkpoint import save_drafter
+from speculative.drafter import Eagle3Drafter
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path, step: int, drafter: Eagle3Drafter, state: dict[str, Any], keep: int
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=root))
+    try:
+        save_drafter(drafter, staging / "drafter", dtype=torch.float32, metadata={"step": step})
+        torch.save({**state, "step": step, "rng": rng_state()}, staging / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    (root / "latest.tmp").write_text(final.name)
+    (root / "latest.tmp").replace(root / "latest")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which is incomplete or missing")
+    return path
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)

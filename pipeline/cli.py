@@ -1,0 +1,70 @@
+"""The ``draftrl`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, dump_config, load_config
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set training.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftrl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a drafter (single process)")
+    _config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument(
+        "--steps-this-run", type=int, default=None, metavar="N",
+        help="stop after N steps with a checkpoint (continue later with --resume)",
+    )
+
+    evaluate = commands.add_parser("evaluate", help="held-out TTT metrics of a drafter directory")
+    _config_args(evaluate)
+    evaluate.add_argument("--drafter", type=Path, required=True)
+
+    show = commands.add_parser("config", help="print the validated config (defaults filled in)")
+    _config_args(show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"draftrl: {error}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(dump_config(config), end="")
+        return 0
+    from pipeline.trainer import Trainer  # heavy imports only when needed
+
+    if args.command == "train":
+        result = Trainer(config, resume=args.resume, steps_this_run=args.steps_this_run).run()
+        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM/SGLang): {result.drafter_dir}")
+        print(f"[draftrl] checkpoints: {result.output_dir / 'checkpoints'}")
+        print(f"[draftrl] TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
+        print(f"[draftrl] curves: {result.output_dir / 'curves.png'}")
+        print(f"[draftrl] final eval: {json.dumps(result.eval_metrics, indent=None)}")
+        return 0
+    if args.command == "evaluate":
+        metrics = Trainer(config).evaluate_directory(args.drafter)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

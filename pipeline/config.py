@@ -1,0 +1,132 @@
+"""Experiment configuration: one YAML file per experiment, validated before anything starts.
+
+Every section forbids unknown keys, so a typo is an error that names the field instead of a
+silently ignored setting. ``--set section.key=value`` overrides any field; values are parsed
+as YAML (``--set training.lr=3e-4``, ``--set target.aux_layer_ids=[2,15,27]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TargetConfig(Section):
+    model: str = Field("smollm2", description="built-in name, .gguf file, HF directory or hub id")
+    aux_layer_ids: tuple[int, int, int] | None = Field(
+        None, description="target layers fused by the drafter; default EAGLE-3's (2, L/2, L-3)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(Section):
+    source: str = Field("sharegpt", description="'sharegpt' (bundled), or a JSON/JSONL/Parquet path")
+    format: Literal["auto", "sharegpt", "openai"] = "auto"
+    max_length: int = Field(2048, ge=8)
+    max_records: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+    eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+class DrafterSection(Section):
+    init_from: str | None = Field(None, description="existing EAGLE-3 drafter directory to start from")
+    draft_vocab_size: int = Field(32000, ge=2)
+    intermediate_size: int | None = Field(None, ge=1)
+    init_seed: int = 0
+
+
+class TrainingConfig(Section):
+    objective: Literal["sft"] = "sft"
+    ttt_steps: int = Field(7, ge=1, le=32)
+    step_weight_decay: float = Field(0.8, gt=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(50, ge=0)
+    max_steps: int = Field(1000, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(0.5, gt=0.0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(200, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    save_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+
+
+class ExperimentConfig(Section):
+    name: str = "draftrl"
+    output_dir: str = "runs/draftrl"
+    seed: int = 0
+    cache_dir: str | None = Field(None, description="converted targets + tokenised data")
+    target: TargetConfig = TargetConfig()
+    data: DataConfig = DataConfig()
+    drafter: DrafterSection = DrafterSection()
+    training: TrainingConfig = TrainingConfig()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``--set`` overrides, validate the result."""
+    origin = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value, "--set")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for issue in error.errors():
+            field = ".".join(str(p) for p in issue["loc"]) or "(top level)"
+            lines.append(f"  {field}: {issue['msg']} (got {issue.get('input')!r})")
+        raise ConfigError(f"{origin}: invalid config\n" + "\n".join(lines)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

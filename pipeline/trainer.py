@@ -1,0 +1,264 @@
+"""The single-process trainer: target worker -> experience -> learner step, in one loop.
+
+It runs the same pieces the Ray pipeline distributes (``actors.TargetWorker`` makes
+experiences, ``learners.sft.sft_loss`` is the step), so what is tested here is what runs there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from actors.target_worker import TargetWorker
+from learners.sft import sft_loss
+from pipeline.batches import BatchOrder
+from pipeline.checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from pipeline.config import ExperimentConfig, dump_config
+from pipeline.metrics_log import MetricsLog, plot_curves
+from speculative.checkpoint import load_drafter, save_drafter
+from speculative.data import build_dataset, collate, split_dataset, supervised_token_counts
+from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
+from speculative.target import TargetModel, default_cache_dir, load_tokenizer
+from speculative.vocab import DraftVocab
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but no CUDA device is visible")
+    return torch.device(choice)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    drafter_dir: Path
+    final_step: int
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+class Trainer:
+    def __init__(self, config: ExperimentConfig, resume: bool = False, steps_this_run: int | None = None):
+        """``steps_this_run`` stops (with a checkpoint) after that many steps: GPU time comes in slots."""
+        self.config = config
+        self.resume = resume
+        self.steps_this_run = steps_this_run
+        self.out = Path(config.output_dir)
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        self.device = pick_device(config.training.device)
+        if config.training.threads:
+            torch.set_num_threads(config.training.threads)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _target_dtype(self) -> torch.dtype:
+        choice = self.config.target.dtype
+        if choice == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return DTYPES[choice]
+
+    def _load_data(self, tokenizer):
+        data = self.config.data
+        dataset, stats = build_dataset(
+            data.source,
+            tokenizer,
+            format=data.format,
+            max_length=data.max_length,
+            max_records=data.max_records,
+            offset=data.offset,
+            on_error=data.on_error,
+            cache_dir=self.cache_dir / "data",
+        )
+        train, evaluation = split_dataset(dataset, data.eval_fraction, self.config.seed)
+        if len(evaluation) == 0:
+            evaluation = train
+        return train, evaluation, stats
+
+    def _load_target(self):
+        cfg = self.config
+        print(f"[draftrl] loading target '{cfg.target.model}' on {self.device}", flush=True)
+        target = TargetModel.load(
+            cfg.target.model, cfg.target.aux_layer_ids, self._target_dtype(), self.device, self.cache_dir
+        )
+        return target, load_tokenizer(cfg.target.model, self.cache_dir)
+
+    def _new_drafter(self, target: TargetModel, train) -> Eagle3Drafter:
+        section = self.config.drafter
+        if section.init_from:
+            drafter = load_drafter(section.init_from, target.embed_tokens.weight, target.aux_layer_ids)
+            if tuple(drafter.config.aux_layer_ids) != tuple(target.aux_layer_ids):
+                raise ValueError(
+                    f"drafter.init_from {section.init_from} fuses target layers "
+                    f"{drafter.config.aux_layer_ids}, the target is set to {target.aux_layer_ids}"
+                )
+            return drafter.float()
+        counts = supervised_token_counts(train, target.vocab_size)
+        vocab = DraftVocab.from_counts(counts, section.draft_vocab_size)
+        print(
+            f"[draftrl] draft vocabulary: {vocab.size} of {target.vocab_size} tokens, covering "
+            f"{vocab.coverage(counts):.2%} of supervised training tokens",
+            flush=True,
+        )
+        config = DrafterConfig.from_target(
+            target.config, vocab.size, target.aux_layer_ids, section.intermediate_size
+        )
+        drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight.float())
+        init_drafter_weights(drafter, seed=section.init_seed)
+        return drafter
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg, train_cfg = self.config, self.config.training
+        seed_everything(cfg.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(self.out / "checkpoints") if self.resume else None
+        if not self.resume and (self.out / "checkpoints" / "latest").exists():
+            raise FileExistsError(
+                f"{self.out} already holds a run; pass --resume to continue it or pick another output_dir"
+            )
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+
+        target, tokenizer = self._load_target()
+        train, evaluation, stats = self._load_data(tokenizer)
+        (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+        print(f"[draftrl] data: {len(train)} train / {len(evaluation)} eval samples; {stats}", flush=True)
+
+        if checkpoint is not None:
+            drafter = load_drafter(checkpoint / "drafter", target.embed_tokens.weight.float())
+        else:
+            drafter = self._new_drafter(target, train)
+        drafter.to(self.device)
+        worker = TargetWorker(target, drafter.draft_to_target)
+        optimizer = torch.optim.AdamW(
+            drafter.trainable_parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.95)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_lambda(s, train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio),
+        )
+        order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed)
+        step, cursor = 0, 0
+        if checkpoint is not None:
+            state = load_state(checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, cursor = state["step"], state["cursor"]
+            set_rng_state(state["rng"])
+            print(f"[draftrl] resumed from {checkpoint} at step {step}", flush=True)
+
+        log = MetricsLog(self.out)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        window: list[dict[str, float]] = []
+        train_metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        bar = tqdm(total=train_cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+        started, tokens = time.time(), 0
+        stop_at = train_cfg.max_steps
+        if self.steps_this_run is not None:
+            stop_at = min(stop_at, step + self.steps_this_run)
+        if step == 0:  # the starting point of the curves
+            eval_metrics = self.evaluate(drafter, worker, evaluation, pad_id)
+            log.log(0, "eval", eval_metrics)
+        while step < stop_at:
+            drafter.train()
+            optimizer.zero_grad(set_to_none=True)
+            step_metrics: list[dict[str, float]] = []
+            for _ in range(train_cfg.grad_accum):
+                batch = collate([train[i] for i in order.indices(cursor)], pad_id)
+                cursor += 1
+                experience = worker.sft_experience(batch, drafter_version=step)
+                tokens += experience.num_tokens
+                with autocast:
+                    loss, metrics = sft_loss(drafter, experience, train_cfg.ttt_steps, train_cfg.step_weight_decay)
+                (loss / train_cfg.grad_accum).backward()
+                step_metrics.append(metrics)
+            grad_norm = torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), train_cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            merged = _mean(step_metrics)
+            merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
+            window.append(merged)
+            bar.update(1)
+            bar.set_postfix(loss=f"{merged['loss']:.3f}", top1=f"{merged['top1/step1']:.3f}")
+            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+                train_metrics = _mean(window)
+                train_metrics["tokens_per_s"] = tokens / max(1e-9, time.time() - started)
+                log.log(step, "train", train_metrics)
+                window = []
+            if step % train_cfg.eval_every == 0 or step == train_cfg.max_steps:
+                eval_metrics = self.evaluate(drafter, worker, evaluation, pad_id)
+                log.log(step, "eval", eval_metrics)
+                tqdm.write(
+                    f"[draftrl] step {step}: eval loss {eval_metrics['loss']:.4f} "
+                    f"top1 step1 {eval_metrics['top1/step1']:.3f} "
+                    f"accept-length proxy {eval_metrics['accept_length_proxy']:.3f}"
+                )
+            if step % train_cfg.save_every == 0 or step == stop_at:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor}
+                save_checkpoint(self.out / "checkpoints", step, drafter, state, train_cfg.keep_checkpoints)
+        bar.close()
+        log.close()
+
+        drafter_dir = save_drafter(
+            drafter, self.out / "drafter", dtype=torch.bfloat16,
+            metadata={"step": step, "target": cfg.target.model, "objective": train_cfg.objective},
+        )
+        plot_curves(log.path, self.out / "curves.png", train_cfg.ttt_steps)
+        return RunResult(self.out, drafter_dir, step, train_metrics, eval_metrics)
+
+    def evaluate_directory(self, drafter_dir: Path) -> dict[str, float]:
+        """Held-out TTT metrics of a saved drafter on this config's eval split."""
+        target, tokenizer = self._load_target()
+        _, evaluation, _ = self._load_data(tokenizer)
+        drafter = load_drafter(drafter_dir, target.embed_tokens.weight.float(), target.aux_layer_ids)
+        drafter = drafter.float().to(self.device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return self.evaluate(drafter, TargetWorker(target, drafter.draft_to_target), evaluation, pad_id)
+
+    @torch.no_grad()
+    def evaluate(self, drafter: Eagle3Drafter, worker: TargetWorker, dataset, pad_id: int) -> dict[str, float]:
+        """Held-out TTT metrics over the first ``eval_batches`` batches (a fixed set)."""
+        train_cfg = self.config.training
+        drafter.eval()
+        size = min(train_cfg.batch_size, len(dataset))
+        order = BatchOrder(len(dataset), size, seed=0, shuffle=False)
+        results = []
+        for index in range(min(train_cfg.eval_batches, order.batches_per_epoch)):
+            batch = collate([dataset[i] for i in order.indices(index)], pad_id)
+            experience = worker.sft_experience(batch)
+            _, metrics = sft_loss(drafter, experience, train_cfg.ttt_steps, train_cfg.step_weight_decay)
+            results.append(metrics)
+        return _mean(results)
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}

@@ -1,0 +1,54 @@
+"""Training data for drafters: chat records -> target-tokenised samples with a loss mask.
+
+Ray-free, so it can be used (and tested) on its own:
+
+* :mod:`.sources` streams ShareGPT / OpenAI-messages records from JSON, JSONL or Parquet and
+  validates them (:class:`DataError` names the file, record and field);
+* :mod:`.render` applies the target's chat template and marks the assistant tokens;
+* :mod:`.cache` builds the tokenised Parquet cache and serves it as a torch ``Dataset``.
+
+Typical use::
+
+    dataset, stats = build_dataset("sharegpt", tokenizer, max_records=1000, on_error="skip")
+    train, evaluation = split_dataset(dataset, eval_fraction=0.05, seed=0)
+    counts = supervised_token_counts(train, len(tokenizer))
+    loader = DataLoader(train, batch_size=8, collate_fn=partial(collate, pad_id=pad_id))
+"""
+
+from .cache import (
+    TokenizedDataset,
+    build_dataset,
+    cache_key,
+    collate,
+    split_dataset,
+    supervised_token_counts,
+)
+from .render import ChatRenderer, ChatTemplateError, Encoded, RenderError, template_token_ids
+from .sources import (
+    SHAREGPT_ALIAS,
+    Conversation,
+    DataError,
+    ReadStats,
+    read_conversations,
+    resolve_source,
+)
+
+__all__ = [
+    "SHAREGPT_ALIAS",
+    "ChatRenderer",
+    "ChatTemplateError",
+    "Conversation",
+    "DataError",
+    "Encoded",
+    "ReadStats",
+    "RenderError",
+    "TokenizedDataset",
+    "build_dataset",
+    "cache_key",
+    "collate",
+    "read_conversations",
+    "resolve_source",
+    "split_dataset",
+    "supervised_token_counts",
+    "template_token_ids",
+]

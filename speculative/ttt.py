@@ -1,0 +1,132 @@
+"""Training-time test (TTT): EAGLE-3's unrolled supervised objective.
+
+Index ``t`` of a sequence x_0..x_{T-1} is unrolled for K draft steps. Step ``k`` (1-based) at
+index ``t`` feeds the drafter token x_{t+k} at position t+k, with hidden state
+
+    step 1: fc(target aux hidden at t)           (what the target gives after reading x_{<=t})
+    step k: the drafter's own pre-norm output of step k-1 at index t
+
+and is supervised by the target's next-token distribution at row t+k (predicting x_{t+k+1}).
+This is the chain the drafter runs at inference: step k sees the real context (step-1 keys
+at indices <= t) and the k-1 tokens it drafted itself (the same index in steps 2..k), so the
+attention of step k at index t covers step-1 keys causally and later steps' keys only on the
+diagonal - EAGLE-3's mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speculative.drafter import Eagle3Drafter
+
+
+class TTTCache:
+    """Keys/values of each unrolled step; step 1 is attended causally, later steps diagonally."""
+
+    def __init__(self, key_padding_mask: torch.Tensor | None = None):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.key_padding_mask = key_padding_mask  # [B, T] True on real tokens
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.keys.append(k)
+        self.values.append(v)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        length = q.shape[-2]
+        scores = torch.matmul(q.float(), self.keys[0].float().transpose(-1, -2)) * scale
+        allowed = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        if self.key_padding_mask is not None:
+            allowed = allowed & self.key_padding_mask[:, None, None, :].bool()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        diagonal = [(q.float() * key.float()).sum(-1, keepdim=True) * scale for key in self.keys[1:]]
+        probs = torch.softmax(torch.cat([scores, *diagonal], dim=-1), dim=-1)
+        out = torch.matmul(probs[..., :length], self.values[0].float())
+        for j, value in enumerate(self.values[1:]):
+            out = out + probs[..., length + j : length + j + 1] * value.float()
+        return out.to(q.dtype)
+
+
+@dataclass
+class TTTResult:
+    loss: torch.Tensor  # weighted sum over steps of the per-step mean KL; carries the graph
+    step_loss: list[float]  # mean KL(target || drafter) per step
+    step_accuracy: list[float]  # top-1 agreement with the target's argmax per step
+    step_count: list[int]  # supervised positions per step
+    # 1 + mean run of consecutive agreeing steps, over positions supervised at every step. A
+    # teacher-forced proxy for acceptance length; the tree engine measures the real one.
+    accept_length_proxy: float
+
+
+def step_weights(num_steps: int, decay: float) -> list[float]:
+    """EAGLE-3 weighs step k by decay**(k-1): later steps matter less and are noisier."""
+    return [decay**k for k in range(num_steps)]
+
+
+def restrict_to_draft_vocab(
+    target_logits: torch.Tensor, draft_to_target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What TTT needs of the target's logits: the draft-vocab columns and the full argmax.
+
+    Shipping these instead of the full [B, T, V] logits keeps experiences small.
+    """
+    return target_logits[..., draft_to_target], target_logits.argmax(-1)
+
+
+def shift_left(x: torch.Tensor, by: int, fill: int | float = 0) -> torch.Tensor:
+    """x[:, t + by] at index t, padded with ``fill`` past the end."""
+    if by == 0:
+        return x
+    pad = torch.full_like(x[:, :by], fill)
+    return torch.cat([x[:, by:], pad], dim=1)
+
+
+def training_time_test(
+    drafter: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    target_draft_logits: torch.Tensor,
+    target_top1: torch.Tensor,
+    aux_hidden: torch.Tensor,
+    num_steps: int,
+    weights: list[float],
+) -> TTTResult:
+    """Unroll ``num_steps`` draft steps over a batch; KL from the target restricted to the draft vocab.
+
+    ``target_draft_logits`` are the target's logits at the draft vocabulary's ids [B, T, N] and
+    ``target_top1`` its argmax over the full vocabulary (see ``restrict_to_draft_vocab``).
+    ``loss_mask[b, j]`` marks tokens the drafter should learn to propose (assistant tokens);
+    step k at index t predicts x_{t+k+1}, so it counts where ``loss_mask[t+k+1]`` is set.
+    """
+    target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    cache = TTTCache(attention_mask)
+    hidden = drafter.fuse_target_hidden(aux_hidden)
+    mask = loss_mask.float() * attention_mask.float()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    step_loss, step_accuracy, step_count = [], [], []
+    run_alive = None
+    run_length = torch.zeros_like(input_ids, dtype=torch.float32)
+    all_valid = torch.ones_like(run_length)
+    for k in range(1, num_steps + 1):
+        logits, hidden = drafter(shift_left(input_ids, k), hidden, positions + k, cache)
+        valid = shift_left(mask, k + 1, 0.0)
+        p_logp = shift_left(target_logp, k, 0.0)
+        kl = (p_logp.exp() * (p_logp - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
+        count = valid.sum()
+        step_mean = (kl * valid).sum() / count.clamp_min(1.0)
+        total = total + weights[k - 1] * step_mean
+        agree = (drafter.to_target_ids(logits.argmax(-1)) == shift_left(target_top1, k)).float()
+        step_loss.append(float(step_mean.detach()))
+        step_accuracy.append(float((agree * valid).sum() / count.clamp_min(1.0)))
+        step_count.append(int(count))
+        run_alive = agree if run_alive is None else run_alive * agree
+        run_length = run_length + run_alive
+        all_valid = all_valid * valid
+    proxy = 1.0 + float((run_length * all_valid).sum() / all_valid.sum().clamp_min(1.0))
+    return TTTResult(total, step_loss, step_accuracy, step_count, proxy)

@@ -1,0 +1,103 @@
+"""The single-process trainer end to end on a tiny random target with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.trainer import Trainer
+from speculative.target import load_tokenizer
+from tests.conftest import tiny_llama
+
+TOPICS = ["the sea", "prime numbers", "bread", "a robot", "jazz", "volcanoes", "chess", "rain"]
+
+
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory):
+    """A random 4-layer Llama with SmolLM2's vocabulary, saved next to SmolLM2's tokenizer."""
+    tokenizer = load_tokenizer("smollm2")
+    path = tmp_path_factory.mktemp("tiny_target")
+    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=6).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    with open(path, "w") as handle:
+        for i in range(48):
+            topic = TOPICS[i % len(TOPICS)]
+            messages = [
+                {"role": "user", "content": f"Tell me something about {topic}. ({i})"},
+                {"role": "assistant", "content": f"Here is a short fact about {topic}: it is interesting."},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def _config(tmp_path, target_dir, chat_file, max_steps, *extra):
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"target.model={target_dir}",
+            f"data.source={chat_file}",
+            "data.max_length=64",
+            "data.eval_fraction=0.1",
+            "drafter.draft_vocab_size=512",
+            "training.ttt_steps=3",
+            "training.batch_size=4",
+            "training.lr=3e-3",
+            "training.warmup_steps=2",
+            f"training.max_steps={max_steps}",
+            "training.log_every=2",
+            "training.eval_every=4",
+            "training.save_every=3",
+            "training.device=cpu",
+            *extra,
+        ],
+    )
+
+
+def test_train_writes_vllm_drafter_logs_and_checkpoints(tmp_path, tiny_target_dir, chat_file):
+    result = Trainer(_config(tmp_path, tiny_target_dir, chat_file, 8)).run()
+    out = result.output_dir
+    config = json.loads((result.drafter_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["draft_vocab_size"] == 512
+    assert load_file(result.drafter_dir / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {m["split"] for m in metrics} == {"train", "eval"}
+    assert (out / "curves.png").stat().st_size > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "latest").read_text() == "step_000008"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000006", "step_000008"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_config(tmp_path, tiny_target_dir, chat_file, 8)).run()
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_target_dir, chat_file):
+    straight = Trainer(_config(tmp_path / "a", tiny_target_dir, chat_file, 6)).run()
+    Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 6), steps_this_run=4).run()
+    resumed = Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 6), resume=True).run()
+    a = load_file(straight.drafter_dir / "model.safetensors")
+    b = load_file(resumed.drafter_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_init_from_checks_the_target_layers(tmp_path, tiny_target_dir, chat_file):
+    first = Trainer(_config(tmp_path / "a", tiny_target_dir, chat_file, 2)).run()
+    config = _config(
+        tmp_path / "b", tiny_target_dir, chat_file, 2,
+        f"drafter.init_from={first.drafter_dir}", "target.aux_layer_ids=[1, 2, 3]",
+    )
+    with pytest.raises(ValueError, match="fuses target layers"):
+        Trainer(config).run()
