@@ -161,3 +161,27 @@ def test_ttt_loss_is_zero_when_drafter_matches_the_target(tiny_target):
     assert result.loss.abs() < 1e-5
     assert result.step_accuracy == [1.0, 1.0]
     assert result.accept_length_proxy == pytest.approx(3.0)
+
+
+def test_loads_eagle_original_bin_checkpoint(tmp_path, tiny_target):
+    """EAGLE's published EAGLE-3 drafters: pytorch_model.bin, no aux layer ids in config.json."""
+    vocab = DraftVocab.from_counts(torch.arange(tiny_target.vocab_size), 50)
+    drafter = tiny_drafter(tiny_target, vocab, seed=3)
+    weights = {n: w for n, w in drafter.state_dict().items() if not n.startswith("embed_tokens")}
+    weights.update(d2t=vocab.d2t, t2d=vocab.t2d, **{"embed_tokens.weight": drafter.embed_tokens.weight})
+    out = tmp_path / "eagle3"
+    out.mkdir()
+    torch.save(weights, out / "pytorch_model.bin")
+    cfg = drafter.config
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size,
+        "draft_vocab_size": 50, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+    }))
+    with pytest.raises(ValueError, match="eagle_aux_hidden_state_layer_ids"):
+        load_drafter(out, tiny_target.embed_tokens.weight)
+    loaded = load_drafter(out, tiny_target.embed_tokens.weight, aux_layer_ids=tiny_target.aux_layer_ids)
+    assert torch.equal(loaded.lm_head.weight, drafter.lm_head.weight)
+    assert torch.equal(loaded.draft_to_target, vocab.draft_to_target)

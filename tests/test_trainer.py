@@ -101,3 +101,12 @@ def test_init_from_checks_the_target_layers(tmp_path, tiny_target_dir, chat_file
     )
     with pytest.raises(ValueError, match="fuses target layers"):
         Trainer(config).run()
+
+
+def test_evaluate_directory_reports_ttt_metrics(tmp_path, tiny_target_dir, chat_file):
+    config = _config(tmp_path, tiny_target_dir, chat_file, 2)
+    result = Trainer(config).run()
+    metrics = Trainer(config).evaluate_directory(result.drafter_dir)
+    assert set(metrics) >= {"loss", "top1/step1", "top1/step3", "accept_length_proxy"}
+    # The exported bf16 drafter scores close to the fp32 weights it came from.
+    assert metrics["loss"] == pytest.approx(result.eval_metrics["loss"], rel=0.05)
