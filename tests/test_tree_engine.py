@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
@@ -19,12 +18,13 @@ from speculative.tree import DraftTree, TreeConfig, ancestor_mask, build_draft_t
 from speculative.ttt import restrict_to_draft_vocab, step_weights, training_time_test
 from speculative.verify import VerifyStep, verify_tree
 from speculative.vocab import DraftVocab
-from tests.conftest import tiny_drafter, tiny_llama
+from tests.conftest import tiny_drafter
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models are dispatch-bound: a second intra-op thread only adds synchronisation."""
+    """Tiny models are dispatch-bound, and on a busy 2-core box a second intra-op thread makes
+    even SmolLM2's matmuls several times slower: one thread is faster for this whole file."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -188,7 +188,8 @@ def _copy_cache(cache: MaskedKVCache) -> MaskedKVCache:
 
 def test_draft_tree_invariants_and_tree_attention():
     target = TargetModel(small_llama(5))
-    drafter = tiny_drafter(target, DraftVocab.from_counts(torch.arange(64).flip(0), 40), seed=2)
+    counts = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    drafter = tiny_drafter(target, DraftVocab.from_counts(counts, 40), seed=2)  # scattered ids
     drafter.eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     cache, root_logits, root_hidden = _drafter_prefix(target, drafter, ids)
@@ -253,7 +254,8 @@ def test_draft_tree_invariants_and_tree_attention():
     assert chain.tokens[0].tolist() == expected
     # total_tokens caps the tree; the best N are kept.
     small = build_draft_tree(drafter, cache, root_logits, root_hidden, torch.tensor([8, 8]), TreeConfig(4, 3, 5))
-    assert small.num_nodes == 5 and float(small.scores.min()) >= float(tree.scores.topk(5).values.min()) - 1e-6
+    assert small.num_nodes == 5
+    assert torch.allclose(small.scores.sort(-1).values, tree.scores.topk(5, -1).values.sort(-1).values)
     with pytest.raises(ValueError, match="chains"):
         TreeConfig(depth=3, top_k=2, total_tokens=4, sample_temperature=1.0)
 
@@ -264,17 +266,20 @@ def test_draft_tree_invariants_and_tree_attention():
 
 def test_greedy_speculative_equals_target_greedy_random_drafters():
     """Random drafters: almost everything is rejected, so this exercises the correction path."""
-    for seed in range(12):
+    for seed in range(16):
         hf = small_llama(100 + seed, layers=3)
         target = TargetModel(hf)
-        drafter = tiny_drafter(target, seed=seed)
+        # Odd seeds draft over 40 scattered target ids (the d2t mapping is on the path).
+        vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
+        drafter = tiny_drafter(target, vocab, seed=seed)
         tree = TreeConfig(depth=3 + seed % 3, top_k=2 + seed % 3, total_tokens=6 + seed)
         engine = SpeculativeGenerator(target, drafter, tree)
-        prompt = torch.randint(0, 64, (4 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
-        want = hf_greedy(hf, prompt, 24)
-        result = engine.generate(prompt, 24)
+        prompt = torch.randint(0, 64, (1 + 2 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want = hf_greedy(hf, prompt, 32)
+        result = engine.generate(prompt, 32)
         assert result.tokens == want, seed
-        assert engine.generate_autoregressive(prompt, 24).tokens == want
+        if seed % 4 == 0:
+            assert engine.generate_autoregressive(prompt, 32).tokens == want
         assert result.target_forwards == 1 + len(result.accept_lengths)
 
 
@@ -325,7 +330,7 @@ def test_greedy_speculative_equals_target_greedy_trained_drafter(trained_pair):
     """A drafter that mostly agrees: multi-token acceptance and KV compaction are exercised."""
     target, drafter = trained_pair
     accepted, steps = 0, 0
-    for seed in range(12):
+    for seed in range(16):
         tree = [TreeConfig(depth=5, top_k=4, total_tokens=16), TreeConfig.chain(4)][seed % 2]
         engine = SpeculativeGenerator(target, drafter, tree)
         prompt = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(100 + seed)).tolist()
@@ -357,7 +362,7 @@ def _tiny_vocab_pair(seed: int = 0, vocab: int = 8):
     hf = small_llama(seed, vocab=vocab, layers=2, hidden_size=16, intermediate_size=32,
                      num_attention_heads=2, num_key_value_heads=1)
     with torch.no_grad():
-        hf.lm_head.weight.mul_(60.0)
+        hf.lm_head.weight.mul_(25.0)
     target = TargetModel(hf, aux_layer_ids=(0, 1, 1))
     return target, tiny_drafter(target, seed=seed + 1).eval()
 
@@ -437,10 +442,10 @@ def drafter_ratio(tree: DraftTree, logits, temperature, gen) -> list[VerifyStep]
 @pytest.mark.parametrize(
     "config,verifier,lossless,n",
     [
-        (TreeConfig(depth=3, top_k=3, total_tokens=7), verify_tree, True, 6000),
+        (TreeConfig(depth=3, top_k=2, total_tokens=8), verify_tree, True, 6000),
         (TreeConfig.chain(3, sample_temperature=1.0), verify_tree, True, 6000),
-        (TreeConfig(depth=3, top_k=3, total_tokens=7), always_accept, False, 1500),
-        (TreeConfig(depth=3, top_k=3, total_tokens=7), drafter_ratio, False, 1500),
+        (TreeConfig(depth=3, top_k=2, total_tokens=8), always_accept, False, 1500),
+        (TreeConfig(depth=3, top_k=2, total_tokens=8), drafter_ratio, False, 1500),
     ],
     ids=["topk-tree", "sampled-chain", "control-always-accept", "control-drafter-ratio"],
 )
@@ -461,12 +466,15 @@ def test_stochastic_verification_is_lossless(config, verifier, lossless, n):
         assert pvalue < 1e-6, pvalue
 
 
-def _engine_counts(engine, prompt, n: int) -> torch.Tensor:
-    counts = torch.zeros(8, 8, 8)
+def _engine_counts(engine, prompt, n: int) -> tuple[torch.Tensor, int]:
+    """Counts of n 3-token continuations, and how many verifications accepted a draft token."""
+    counts, accepting = torch.zeros(8, 8, 8), 0
     for _ in range(n):
-        t1, t2, t3 = engine.generate(prompt, 3).tokens
+        result = engine.generate(prompt, 3)
+        t1, t2, t3 = result.tokens
         counts[t1, t2, t3] += 1
-    return counts
+        accepting += sum(a > 0 for a in result.accept_lengths)
+    return counts, accepting
 
 
 def test_engine_sampling_matches_target_distribution(monkeypatch):
@@ -476,12 +484,13 @@ def test_engine_sampling_matches_target_distribution(monkeypatch):
     prompt, temperature = [2, 7, 1, 6], 0.8
     joint = _exact_joint(target, prompt, temperature, 8)
     engine = SpeculativeGenerator(target, drafter, TreeConfig(depth=2, top_k=3, total_tokens=6),
-                                  temperature=temperature, seed=11, record_steps=True)
-    counts = _engine_counts(engine, prompt, 500)
+                                  temperature=temperature, seed=11)
+    counts, accepting = _engine_counts(engine, prompt, 400)
+    assert accepting > 100
     assert chi_square_pvalue(counts, joint) > 1e-3
     # Negative control: the same test with an always-accepting verifier fails.
     monkeypatch.setattr("speculative.engine.verify_tree", always_accept)
-    assert chi_square_pvalue(_engine_counts(engine, prompt, 300), joint) < 1e-6
+    assert chi_square_pvalue(_engine_counts(engine, prompt, 200)[0], joint) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,14 +499,6 @@ def test_engine_sampling_matches_target_distribution(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_speculative_greedy_equals_target_greedy():
-    torch.set_num_threads(min(4, os.cpu_count() or 1))  # a 135M model does use the cores
-    try:
-        _smollm2_check()
-    finally:
-        torch.set_num_threads(1)
-
-
-def _smollm2_check() -> None:
     from speculative.target import load_tokenizer
 
     target = TargetModel.load("smollm2")
@@ -506,7 +507,7 @@ def _smollm2_check() -> None:
     config = DrafterConfig.from_target(target.config, vocab.size, target.aux_layer_ids)
     drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight)
     init_drafter_weights(drafter, seed=0)
-    engine = SpeculativeGenerator(target, drafter.eval(), TreeConfig(depth=4, top_k=4, total_tokens=12))
+    engine = SpeculativeGenerator(target, drafter.eval(), TreeConfig(depth=3, top_k=3, total_tokens=8))
     for question in ("What is the capital of France?", "Write a haiku about the sea."):
         encoded = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True

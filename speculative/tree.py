@@ -1,0 +1,265 @@
+"""Dynamic draft trees (EAGLE-2 style), batched over sequences.
+
+From the root (the last accepted token, whose drafter KV is the last entry of the drafter cache,
+with the drafter's distribution and pre-norm hidden there) the tree grows level by level:
+
+    level 1: the root's top-k children;
+    level l+1: the k "frontier" nodes of level l (highest cumulative draft log-prob) are fed to
+               the drafter in one batched call (tree attention: prefix + ancestors + self) and
+               each proposes its top-k children (k*k candidates);
+
+and finally the ``total_tokens`` candidates with the highest cumulative log-prob become the tree.
+A child's score is its parent's score plus a log-prob <= 0, so the top-N set is ancestor-closed;
+ties are broken towards shallower candidates (stable sort over level-ordered candidates) so that
+it stays closed even when a child ties its parent, and closure is checked.
+
+Defaults follow EAGLE's Llama-3 EAGLE-3 evaluation (``gen_ea_answer_llama3chat.py``:
+``--total-token 60 --depth 5 --top-k 10``). EAGLE counts the root in ``total_token`` and its
+``depth`` is the number of expansion forwards (levels - 1), so here that is ``total_tokens=59``
+draft nodes over ``depth=6`` levels: a 60-token verification chunk, exactly as in EAGLE.
+(``EaModel.from_pretrained`` defaults to depth 7, i.e. 8 levels.) A chain is ``top_k=1``.
+
+Every node keeps the distribution it was drawn from (its parent's): ``dists`` holds the drafter's
+draft-vocab log-probs at every expanded node (row 0 = root) and ``parent_dist`` points each node
+at its row, which is what GTO / Draft-OPD need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from speculative.kv_cache import MaskedKVCache
+
+
+@dataclass
+class TreeConfig:
+    depth: int = 6  # draft levels below the root (max draft tokens accepted per step)
+    top_k: int = 10  # children per expanded node, and frontier nodes per level
+    total_tokens: int = 59  # draft nodes in the tree, root excluded
+    # None: children are the drafter's top-k (EAGLE-2). A float: children are *sampled* from
+    # softmax(logits / t); only for chains (top_k=1), where the tree's shape cannot depend on
+    # the sampled values (see ``speculative.verify`` for why that matters).
+    sample_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.top_k < 1 or self.total_tokens < 1:
+            raise ValueError(f"tree needs depth, top_k, total_tokens >= 1, got {self}")
+        if self.sample_temperature is not None:
+            if self.top_k != 1:
+                raise ValueError(
+                    "sampled children are only lossless for chains (top_k=1): pruning sampled "
+                    "siblings by score would bias the verifier"
+                )
+            if self.sample_temperature <= 0:
+                raise ValueError("sample_temperature must be > 0")
+
+    @classmethod
+    def chain(cls, length: int, sample_temperature: float | None = None) -> TreeConfig:
+        return cls(depth=length, top_k=1, total_tokens=length, sample_temperature=sample_temperature)
+
+
+@dataclass
+class DraftTree:
+    """A batch of draft trees of N nodes each; nodes are ordered so a parent precedes its children,
+    and siblings are contiguous in descending draft probability."""
+
+    tokens: torch.Tensor  # [B, N] target ids
+    draft_ids: torch.Tensor  # [B, N] draft-vocab ids
+    parents: torch.Tensor  # [B, N] node index of the parent, -1 for children of the root
+    depths: torch.Tensor  # [B, N] 1 for children of the root; also the position offset
+    mask: torch.Tensor  # [B, N, N] bool, mask[b, i, j] = j is i or an ancestor of i
+    scores: torch.Tensor  # [B, N] cumulative draft log-prob from the root
+    logprobs: torch.Tensor  # [B, N] log q(node) under the distribution it was drawn from
+    dists: torch.Tensor  # [B, E, Vd] draft log-probs at each expanded node; row 0 = root
+    parent_dist: torch.Tensor  # [B, N] row of ``dists`` the node was drawn from
+    node_dist: torch.Tensor  # [B, N] row of ``dists`` of the node's own children, -1 if unexpanded
+    root_positions: torch.Tensor  # [B] position of the root token
+    draft_to_target: torch.Tensor  # [Vd] the drafter's vocabulary map
+    sampled: bool  # children were sampled from ``dists`` (True) or chosen by top-k (False)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """q(node) under its parent's distribution [B, N]."""
+        return self.logprobs.exp()
+
+    def positions(self) -> torch.Tensor:
+        """Absolute positions of the nodes [B, N]."""
+        return self.root_positions[:, None] + self.depths
+
+    def chunk_positions(self) -> torch.Tensor:
+        """Positions of the verification chunk [root, nodes...] [B, 1 + N]."""
+        return torch.cat([self.root_positions[:, None], self.positions()], dim=1)
+
+    def chunk_mask(self) -> torch.Tensor:
+        """Tree attention within the chunk [root, nodes...]: [B, 1 + N, 1 + N]."""
+        batch, n = self.tokens.shape
+        out = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool, device=self.tokens.device)
+        out[:, :, 0] = True
+        out[:, 1:, 1:] = self.mask
+        return out
+
+    def children(self, b: int) -> dict[int, list[int]]:
+        """Children of each node of tree ``b`` in node order (-1 = root)."""
+        kids: dict[int, list[int]] = {-1: []}
+        for i, parent in enumerate(self.parents[b].tolist()):
+            kids.setdefault(i, [])
+            kids[parent].append(i)
+        return kids
+
+    def path_to(self, b: int, node: int) -> list[int]:
+        """Node indices from the root's child down to ``node`` (inclusive)."""
+        path = []
+        parents = self.parents[b].tolist()
+        while node >= 0:
+            path.append(node)
+            node = parents[node]
+        return path[::-1]
+
+
+def ancestor_mask(parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """Ancestor-or-self mask [B, N, N] from parent indices (-1 = root): I + A + A^2 + ..."""
+    batch, n = parents.shape
+    adjacency = torch.zeros(batch, n, n + 1, device=parents.device)
+    column = torch.where(parents < 0, n, parents)  # column n stands for the root
+    adjacency.scatter_(2, column[..., None], 1.0)
+    adjacency = adjacency[..., :n]
+    eye = torch.eye(n, device=parents.device).expand(batch, n, n)
+    mask, power = eye.clone(), eye
+    for _ in range(depth):
+        power = torch.bmm(power, adjacency)
+        mask = mask + power
+    return mask > 0
+
+
+def _choose(logq: torch.Tensor, k: int, sample: bool, generator: torch.Generator | None):
+    """Children of each row of ``logq [..., Vd]``: top-k, or one sample. Returns (ids, log q)."""
+    if not sample:
+        top = torch.topk(logq, k, dim=-1)
+        return top.indices, top.values
+    flat = logq.reshape(-1, logq.shape[-1]).exp()
+    ids = torch.multinomial(flat, 1, generator=generator).reshape(*logq.shape[:-1], 1)
+    return ids, logq.gather(-1, ids)
+
+
+@torch.no_grad()
+def build_draft_tree(
+    drafter,
+    cache: MaskedKVCache,
+    root_logits: torch.Tensor,
+    root_hidden: torch.Tensor,
+    root_positions: torch.Tensor,
+    config: TreeConfig,
+    prefix_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> DraftTree:
+    """Grow one draft tree per sequence.
+
+    ``cache`` holds the drafter's KV for the accepted context, the root token last (so its
+    length L is shared by the batch); ``root_logits [B, Vd]`` and ``root_hidden [B, H]`` are the
+    drafter's output there and ``root_positions [B]`` the root's position. ``prefix_mask [B, L]``
+    hides cache entries (padding). The cache is cropped back to L before returning: tree entries
+    were computed from drafted hidden states, and the engine re-prefills accepted tokens with the
+    target's.
+    """
+    batch, vocab = root_logits.shape
+    device = root_logits.device
+    k = min(config.top_k, vocab)
+    sample = config.sample_temperature is not None
+    scale = 1.0 / config.sample_temperature if sample else 1.0
+    prefix_len = cache.length
+    if prefix_mask is None:
+        prefix_mask = torch.ones(batch, prefix_len, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)[:, None]
+
+    root_logq = torch.log_softmax(root_logits.float() * scale, dim=-1)
+    dists = [root_logq[:, None]]
+    ids, logq = _choose(root_logq, k, sample, generator)  # [B, k]
+    # Candidates in level order; parents always precede children.
+    cand_ids, cand_logq, cand_score = [ids], [logq], [logq]
+    cand_parent = [torch.full_like(ids, -1)]
+    cand_depth = [torch.ones_like(ids)]
+    cand_pdist = [torch.zeros_like(ids)]
+    frontier = torch.arange(ids.shape[1], device=device).expand(batch, -1)  # candidate indices
+    frontier_ids, frontier_score = ids, logq
+    frontier_hidden = root_hidden[:, None].expand(batch, ids.shape[1], -1)
+    frontier_anc = torch.zeros(batch, ids.shape[1], 0, dtype=torch.bool, device=device)
+    node_dist_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (candidate idx, dist row)
+    n_cand, n_fed = ids.shape[1], 0
+
+    try:
+        for level in range(1, config.depth):
+            width = frontier.shape[1]
+            eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
+            tree_part = torch.cat([frontier_anc, eye], dim=-1)
+            cache.set_mask(torch.cat([prefix_mask[:, None].expand(batch, width, -1), tree_part], -1))
+            positions = (root_positions[:, None] + level).expand(batch, width)
+            logits, prenorm = drafter(
+                drafter.to_target_ids(frontier_ids), frontier_hidden, positions, cache
+            )
+            logq_level = torch.log_softmax(logits.float() * scale, dim=-1)  # [B, width, Vd]
+            dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
+            dists.append(logq_level)
+            node_dist_rows.append((frontier, dist_rows))
+
+            child_ids, child_logq = _choose(logq_level, k, sample, generator)  # [B, width, k]
+            kids = child_ids.shape[-1]
+            child_score = frontier_score[..., None] + child_logq
+            cand_ids.append(child_ids.reshape(batch, -1))
+            cand_logq.append(child_logq.reshape(batch, -1))
+            cand_score.append(child_score.reshape(batch, -1))
+            cand_parent.append(frontier[..., None].expand(-1, -1, kids).reshape(batch, -1))
+            cand_depth.append(torch.full_like(cand_ids[-1], level + 1))
+            cand_pdist.append(dist_rows[..., None].expand(-1, -1, kids).reshape(batch, -1))
+
+            flat_score = cand_score[-1]
+            keep = torch.topk(flat_score, min(k, flat_score.shape[1]), dim=-1).indices
+            source = keep // kids  # which fed node each new frontier node hangs from
+            frontier = n_cand + keep
+            frontier_ids = cand_ids[-1].gather(1, keep)
+            frontier_score = flat_score.gather(1, keep)
+            frontier_hidden = prenorm[rows, source]
+            frontier_anc = tree_part[rows, source]
+            n_fed += width
+            n_cand += flat_score.shape[1]
+    finally:
+        cache.crop(prefix_len)
+
+    ids_all = torch.cat(cand_ids, 1)
+    score_all = torch.cat(cand_score, 1)
+    node_dist_all = torch.full_like(ids_all, -1)
+    for cands, dist_rows in node_dist_rows:
+        node_dist_all.scatter_(1, cands, dist_rows)
+
+    total = min(config.total_tokens, n_cand)
+    order = torch.sort(-score_all, dim=1, stable=True).indices[:, :total]
+    chosen = torch.sort(order, dim=1).values  # level order: parents first
+    inverse = torch.full((batch, n_cand), -1, dtype=torch.long, device=device)
+    inverse.scatter_(1, chosen, torch.arange(total, device=device).expand(batch, -1))
+    parent_cand = torch.cat(cand_parent, 1).gather(1, chosen)
+    parents = torch.where(parent_cand >= 0, inverse.gather(1, parent_cand.clamp_min(0)), -1)
+    if bool(((parent_cand >= 0) & (parents < 0)).any()):
+        raise RuntimeError("draft tree selection is not ancestor-closed")
+
+    draft_ids = ids_all.gather(1, chosen)
+    depths = torch.cat(cand_depth, 1).gather(1, chosen)
+    return DraftTree(
+        tokens=drafter.to_target_ids(draft_ids),
+        draft_ids=draft_ids,
+        parents=parents,
+        depths=depths,
+        mask=ancestor_mask(parents, config.depth),
+        scores=score_all.gather(1, chosen),
+        logprobs=torch.cat(cand_logq, 1).gather(1, chosen),
+        dists=torch.cat(dists, 1),
+        parent_dist=torch.cat(cand_pdist, 1).gather(1, chosen),
+        node_dist=node_dist_all.gather(1, chosen),
+        root_positions=root_positions,
+        draft_to_target=drafter.draft_to_target,
+        sampled=sample,
+    )

@@ -1,0 +1,159 @@
+"""Tree verification: which drafted tokens the target accepts, and the token it adds.
+
+Greedy (T = 0): walk down from the root taking the child whose token is the target's argmax;
+the bonus token is the argmax where the walk stops. The output is the target's greedy decoding.
+
+Stochastic (T > 0): multi-candidate recursive rejection sampling. At each node, with p the
+target's distribution there, try its children in order; child j is accepted with probability
+min(1, p(x_j) / q_j(x_j)) where q_j is the distribution x_j was drawn from *given the siblings
+tried before it*; on rejection p <- normalize(max(p - q_j, 0)). If every child is rejected (or
+the node is a leaf) the next token is sampled from the current p. Emitting x with probability
+p(x) at every step, the output has exactly the target's distribution, *provided* q_j really is
+the conditional law of x_j. What the tree represents decides q_j:
+
+* top-k trees (EAGLE-2/3): the children are a deterministic function of the context, so q_j is
+  a point mass on x_j. Then p(x_j)/q_j(x_j) = p(x_j) and max(p - q_j, 0) is p with x_j zeroed:
+  accept x_j with probability p(x_j), else remove it from p and renormalise - exactly EAGLE's
+  ``evaluate_posterior`` (``qx = 1.0``). Using the drafter's probabilities as q here would be
+  biased, because the children were never sampled from them.
+* sampled chains (``TreeConfig.sample_temperature``): the child was drawn from the parent's
+  drafter distribution q, the classic speculative-sampling test min(1, p/q). (Several siblings
+  drawn without replacement would use q with the earlier siblings zeroed and renormalised; the
+  tree builder only samples chains, because pruning sampled siblings by their score would make
+  the kept set depend on the sampled values and break the guarantee.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from speculative.tree import DraftTree
+
+
+@dataclass
+class VerifyStep:
+    """The outcome of verifying one tree (one sequence, one target forward)."""
+
+    accepted_nodes: list[int]  # node indices, root's child first
+    accepted_tokens: list[int]
+    bonus_token: int  # the target's own token after the accepted path (correction or bonus)
+    stop_node: int  # node the accepted path ends at (-1 = root)
+    first_rejected: int | None  # first child tried at ``stop_node``; None when it is a leaf
+    rejected_nodes: list[int] = field(default_factory=list)  # every child tried and rejected
+    # Target distribution at ``stop_node`` before any residual update: softmax(logits / T),
+    # or softmax(logits) when T = 0. Row ``1 + stop_node`` of the verification logits.
+    target_probs: torch.Tensor | None = None
+
+    @property
+    def accept_length(self) -> int:
+        return len(self.accepted_nodes)
+
+    @property
+    def tokens(self) -> list[int]:
+        """What this step appends to the sequence: accepted tokens then the bonus token."""
+        return self.accepted_tokens + [self.bonus_token]
+
+
+def _proposal(tree: DraftTree, b: int, node: int, vocab_size: int) -> torch.Tensor:
+    """The drafter distribution node ``node`` was drawn from, over the target vocabulary."""
+    row = tree.dists[b, int(tree.parent_dist[b, node])].exp().double()
+    q = torch.zeros(vocab_size, dtype=torch.float64, device=row.device)
+    q[tree.draft_to_target.to(row.device)] = row
+    return q
+
+
+def verify_greedy(tree: DraftTree, b: int, logits: torch.Tensor) -> VerifyStep:
+    """``logits [1 + N, V]``: the target's logits at the root (row 0) and at each node."""
+    kids = tree.children(b)
+    tokens = tree.tokens[b].tolist()
+    best = logits.argmax(-1).tolist()
+    node, accepted, rejected = -1, [], []
+    while True:
+        want = best[node + 1]
+        match = next((c for c in kids[node] if tokens[c] == want), None)
+        if match is None:
+            rejected.extend(kids[node])
+            break
+        rejected.extend(c for c in kids[node] if c < match)
+        accepted.append(match)
+        node = match
+    return VerifyStep(
+        accepted_nodes=accepted,
+        accepted_tokens=[tokens[i] for i in accepted],
+        bonus_token=best[node + 1],
+        stop_node=node,
+        first_rejected=kids[node][0] if kids[node] else None,
+        rejected_nodes=rejected,
+        target_probs=torch.softmax(logits[node + 1].float(), -1),
+    )
+
+
+def verify_stochastic(
+    tree: DraftTree,
+    b: int,
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> VerifyStep:
+    """Recursive rejection sampling over tree ``b`` (see the module docstring)."""
+    kids = tree.children(b)
+    tokens = tree.tokens[b].tolist()
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    node, accepted, rejected = -1, [], []
+    while True:
+        p = probs[node + 1].clone()
+        q = _proposal(tree, b, kids[node][0], vocab) if tree.sampled and kids[node] else None
+        chosen = None
+        for child in kids[node]:
+            x = tokens[child]
+            ratio = p[x] / q[x] if q is not None else p[x]
+            u = torch.rand((), generator=generator, dtype=torch.float64, device=p.device)
+            if float(u) < float(ratio):
+                chosen = child
+                break
+            rejected.append(child)
+            if q is not None:  # residual of a sampled proposal; the next sibling excludes x
+                p = (p - q).clamp_min(0.0)
+                q[x] = 0.0
+                q = q / q.sum() if q.sum() > 0 else q
+            else:  # a deterministic proposal: q is a point mass at x
+                p[x] = 0.0
+            total = p.sum()
+            p = p / total if total > 0 else probs[node + 1].clone()
+        if chosen is None:
+            break
+        accepted.append(chosen)
+        node = chosen
+    bonus = int(torch.multinomial(p.float(), 1, generator=generator))
+    return VerifyStep(
+        accepted_nodes=accepted,
+        accepted_tokens=[tokens[i] for i in accepted],
+        bonus_token=bonus,
+        stop_node=node,
+        first_rejected=kids[node][0] if kids[node] else None,
+        rejected_nodes=rejected,
+        target_probs=probs[node + 1].float(),
+    )
+
+
+def verify_tree(
+    tree: DraftTree,
+    target_logits: torch.Tensor,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[VerifyStep]:
+    """Verify every tree of the batch. ``target_logits [B, 1 + N, V]``: row 0 is the root."""
+    if target_logits.shape[1] != tree.num_nodes + 1:
+        raise ValueError(
+            f"expected logits for the root and {tree.num_nodes} nodes, got {target_logits.shape[1]} rows"
+        )
+    steps = []
+    for b in range(target_logits.shape[0]):
+        if temperature <= 0:
+            steps.append(verify_greedy(tree, b, target_logits[b]))
+        else:
+            steps.append(verify_stochastic(tree, b, target_logits[b], temperature, generator))
+    return steps
