@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps-this-run", type=int, default=None, metavar="N",
         help="stop after N steps with a checkpoint (continue later with --resume)",
     )
+    train.add_argument(
+        "--minutes-this-run", type=float, default=None, metavar="M",
+        help="stop after M minutes of training with a checkpoint (continue later with --resume)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="held-out TTT metrics of a drafter directory")
     _config_args(evaluate)
@@ -52,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.trainer import Trainer  # heavy imports only when needed
 
     if args.command == "train":
-        result = Trainer(config, resume=args.resume, steps_this_run=args.steps_this_run).run()
+        result = Trainer(
+            config, resume=args.resume, steps_this_run=args.steps_this_run,
+            minutes_this_run=args.minutes_this_run,
+        ).run()
         print(f"[draftrl] drafter (EAGLE-3, loads in vLLM/SGLang): {result.drafter_dir}")
         print(f"[draftrl] checkpoints: {result.output_dir / 'checkpoints'}")
         print(f"[draftrl] TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")

@@ -64,11 +64,19 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, config: ExperimentConfig, resume: bool = False, steps_this_run: int | None = None):
-        """``steps_this_run`` stops (with a checkpoint) after that many steps: GPU time comes in slots."""
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        resume: bool = False,
+        steps_this_run: int | None = None,
+        minutes_this_run: float | None = None,
+    ):
+        """``steps_this_run``/``minutes_this_run`` stop early with a checkpoint (GPU time comes in
+        slots); ``resume`` continues from it with the same schedule and data order."""
         self.config = config
         self.resume = resume
         self.steps_this_run = steps_this_run
+        self.minutes_this_run = minutes_this_run
         self.out = Path(config.output_dir)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.device = pick_device(config.training.device)
@@ -204,17 +212,19 @@ class Trainer:
             optimizer.step()
             scheduler.step()
             step += 1
+            if self.minutes_this_run is not None and time.time() - started > 60 * self.minutes_this_run:
+                stop_at = step  # out of time: checkpoint and export below
             merged = _mean(step_metrics)
             merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
             window.append(merged)
             bar.update(1)
             bar.set_postfix(loss=f"{merged['loss']:.3f}", top1=f"{merged['top1/step1']:.3f}")
-            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+            if step % train_cfg.log_every == 0 or step == stop_at:
                 train_metrics = _mean(window)
                 train_metrics["tokens_per_s"] = tokens / max(1e-9, time.time() - started)
                 log.log(step, "train", train_metrics)
                 window = []
-            if step % train_cfg.eval_every == 0 or step == train_cfg.max_steps:
+            if step % train_cfg.eval_every == 0 or step == stop_at:
                 eval_metrics = self.evaluate(drafter, worker, evaluation, pad_id)
                 log.log(step, "eval", eval_metrics)
                 tqdm.write(
