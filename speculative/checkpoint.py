@@ -114,8 +114,10 @@ def save_drafter(
             if not name.startswith(_SKIPPED_ON_SAVE)
         }
         vocab = drafter.vocab
-        tensors["d2t"] = vocab.d2t.contiguous()
-        tensors["t2d"] = vocab.t2d.contiguous()
+        if vocab.size < vocab.target_vocab_size:
+            # vLLM has no d2t parameter for a full-vocabulary drafter and refuses one.
+            tensors["d2t"] = vocab.d2t.contiguous()
+            tensors["t2d"] = vocab.t2d.contiguous()
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         config = hf_config(drafter.config, dtype)
         config["draftrl"] = {
@@ -187,8 +189,8 @@ def load_drafter(
     weights = _read_weights(directory)
     if "d2t" in weights:
         vocab = DraftVocab.from_d2t(weights.pop("d2t"), config.vocab_size)
-    else:
-        vocab = DraftVocab.full(config.vocab_size)
+    else:  # as vLLM reads it: draft id i is target id i
+        vocab = DraftVocab(torch.arange(config.draft_vocab_size), config.vocab_size)
     weights.pop("t2d", None)
     weights = {name: w for name, w in weights.items() if not name.startswith(_SKIPPED_ON_SAVE)}
     drafter = Eagle3Drafter(config, vocab, embed_weight)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,12 @@ def default_cache_dir() -> Path:
 
 
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's low/middle/high layers, as vLLM picks them when the drafter config is silent."""
-    return (2, num_layers // 2, num_layers - 3)
+    """EAGLE-3's low/middle/high layers, as vLLM picks them when the drafter config is silent.
+
+    Toy targets (under 8 layers, tests only) get the same ids clamped into range and sorted.
+    """
+    ids = (2, num_layers // 2, num_layers - 3)
+    return tuple(sorted(min(max(i, 0), num_layers - 1) for i in ids))
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -148,6 +153,16 @@ class TargetModel(nn.Module):
         if bad:
             raise ValueError(
                 f"aux_layer_ids {bad} out of range for a target with {self.num_layers} layers"
+            )
+        if list(self.aux_layer_ids) != sorted(self.aux_layer_ids):
+            # vLLM captures the ids in ascending order; any other order would train a drafter
+            # on a different feature layout than the one it is served with.
+            raise ValueError(f"aux_layer_ids {self.aux_layer_ids} must be in ascending order")
+        if len(set(self.aux_layer_ids)) != len(self.aux_layer_ids):
+            warnings.warn(
+                f"aux_layer_ids {self.aux_layer_ids} repeat a layer: fine for tests, but vLLM "
+                "captures each layer once and cannot serve such a drafter",
+                stacklevel=2,
             )
 
     @classmethod

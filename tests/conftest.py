@@ -11,7 +11,7 @@ from speculative.target import TargetModel
 from speculative.vocab import DraftVocab
 
 
-def tiny_llama(vocab_size: int = 96, hidden: int = 32, layers: int = 6, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int = 96, hidden: int = 32, layers: int = 8, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -38,3 +38,39 @@ def tiny_drafter(target: TargetModel, draft_vocab: DraftVocab | None = None, see
 @pytest.fixture
 def tiny_target() -> TargetModel:
     return TargetModel(tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def smollm2_sft_run(tmp_path_factory):
+    """A short EAGLE-3 SFT run for the real SmolLM2-135M-Instruct on real ShareGPT (a few minutes on CPU).
+
+    Shared by the training integration test and the vLLM acceptance-agreement test.
+    """
+    from pipeline.config import load_config
+    from pipeline.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("smollm2_sft")
+    config = load_config(
+        None,
+        [
+            f"output_dir={out / 'run'}",
+            "target.model=smollm2",
+            "data.source=sharegpt",
+            "data.max_records=160",
+            "data.max_length=96",
+            "data.eval_fraction=0.1",
+            "data.on_error=skip",
+            "drafter.draft_vocab_size=4096",
+            "training.ttt_steps=3",
+            "training.batch_size=4",
+            "training.lr=2e-3",
+            "training.warmup_steps=5",
+            "training.max_steps=36",
+            "training.log_every=6",
+            "training.eval_every=36",
+            "training.eval_batches=3",
+            "training.save_every=36",
+            "training.device=cpu",
+        ],
+    )
+    return Trainer(config).run()

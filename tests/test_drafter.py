@@ -53,7 +53,7 @@ def test_checkpoint_layout_and_roundtrip(tmp_path, tiny_target):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
     assert config["draft_vocab_size"] == 40 and config["vocab_size"] == tiny_target.vocab_size
-    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
     names = set(load_file(out / "model.safetensors"))
     assert {"fc.weight", "lm_head.weight", "norm.weight", "d2t", "t2d"} <= names
     assert "midlayer.self_attn.q_proj.weight" in names and "midlayer.hidden_norm.weight" in names
@@ -62,6 +62,24 @@ def test_checkpoint_layout_and_roundtrip(tmp_path, tiny_target):
     for (name, a), (_, b) in zip(drafter.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(loaded.draft_to_target, vocab.draft_to_target)
+
+
+def test_full_vocabulary_drafter_has_no_d2t(tmp_path, tiny_target):
+    """vLLM refuses d2t on a drafter whose draft vocabulary is the whole target vocabulary."""
+    out = save_drafter(tiny_drafter(tiny_target), tmp_path / "drafter")
+    assert not {"d2t", "t2d"} & set(load_file(out / "model.safetensors"))
+    loaded = load_drafter(out, tiny_target.embed_tokens.weight)
+    assert torch.equal(loaded.draft_to_target, torch.arange(tiny_target.vocab_size))
+
+
+def test_aux_layers_must_ascend_like_vllm_captures_them():
+    from speculative.target import TargetModel
+    from tests.conftest import tiny_llama
+
+    with pytest.raises(ValueError, match="ascending"):
+        TargetModel(tiny_llama(), (5, 2, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        TargetModel(tiny_llama(), (2, 4, 8))
 
 
 def test_checkpoint_refuses_corruption_and_wrong_target(tmp_path, tiny_target):

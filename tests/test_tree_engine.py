@@ -297,7 +297,7 @@ def _predictable_target(seed: int = 1) -> TargetModel:
         perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
         emb = hf.model.embed_tokens.weight[torch.argsort(perm)]
         hf.lm_head.weight.copy_(emb / emb.norm(dim=-1, keepdim=True) * 4.0)
-    return TargetModel(hf)
+    return TargetModel(hf, aux_layer_ids=(1, 2, 3))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Each vLLM engine runs in its own subprocess (``pipeline.vllm_check.run_vllm_isolated``), so
 pytest never holds vLLM's process-wide state. One baseline run (no drafter) is shared by the
-drafter cases; on a 2-core CPU an engine takes roughly 30-60 s to start and ~10 s to generate.
+drafter cases. On an idle 2-core CPU each engine subprocess takes ~25-35 s (mostly importing
+vLLM) plus 5-15 s of generation; the whole file runs in about 2 minutes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.vllm_check import compare, run_vllm_isolated
-
-pytestmark = pytest.mark.slow
+from pipeline.vllm_check import (
+    SpecDecodeStats,
+    _spec_counters,
+    _stats_delta,
+    compare,
+    load_prompts,
+    run_vllm_isolated,
+)
 
 NUM_SPECULATIVE_TOKENS = 3
 MAX_TOKENS = 32
@@ -26,13 +32,31 @@ PROMPTS = [
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
     [{"role": "user", "content": "Count from 1 to 30, separated by commas."}],
-    [{"role": "user", "content": "Repeat the word 'hello' twenty times."}],
+    # SmolLM2 answers "No no no ...": consecutive repeats, which the "last_hidden" drafter
+    # below proposes, so vLLM accepts drafts on this prompt.
+    [{"role": "user", "content": "Repeat after me: no no no no no no no no no no no no"}],
 ]
 
 
+def saved_random_drafter(target_dir: Path, out_dir: Path, draft_vocab_size: int) -> Path:
+    """A random drafter written by draftrl's own saver (``speculative.checkpoint.save_drafter``)."""
+    from speculative.checkpoint import save_drafter
+    from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
+    from speculative.target import TargetModel
+    from speculative.vocab import DraftVocab
+
+    target = TargetModel.load(str(target_dir))
+    vocab = DraftVocab(torch.arange(draft_vocab_size), target.vocab_size)
+    config = DrafterConfig.from_target(target.config, draft_vocab_size, target.aux_layer_ids)
+    drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight)
+    init_drafter_weights(drafter)
+    return save_drafter(drafter, out_dir)
+
+
 # --------------------------------------------------------------------------------------------
-# Make a drafter directory. Stand-in for speculative.checkpoint.save_drafter: writes the same
-# layout (config.json + model.safetensors, names as vLLM's llama_eagle3.py loads them).
+# A hand-built drafter with weights copied from the target (see its docstring): it needs an
+# aux id (num_layers) that draftrl's trainer does not use, so it is written directly in the
+# layout vLLM's llama_eagle3.py loads.
 # --------------------------------------------------------------------------------------------
 def make_drafter_dir(
     target_dir: Path,
@@ -140,6 +164,38 @@ def make_drafter_dir(
 # --------------------------------------------------------------------------------------------
 
 
+def test_spec_counters_are_summed_over_engines_and_differenced():
+    """vLLM's metric snapshot -> SpecDecodeStats (no vLLM needed)."""
+    from types import SimpleNamespace as M
+
+    def snapshot(drafts, tokens, accepted, per_pos):
+        return [
+            M(name="vllm:spec_decode_num_drafts", value=drafts),
+            M(name="vllm:spec_decode_num_draft_tokens", value=tokens),
+            M(name="vllm:spec_decode_num_accepted_tokens", value=accepted),
+            M(name="vllm:spec_decode_num_accepted_tokens_per_pos", values=per_pos),
+            M(name="vllm:spec_decode_num_drafts", value=1),  # a second engine
+            M(name="vllm:num_requests_running", value=3),
+        ]
+
+    before = _spec_counters(snapshot(2, 6, 3, [2, 1, 0]))
+    after = _spec_counters(snapshot(12, 36, 13, [7, 4, 2]))
+    stats = _stats_delta(before, after, 3)
+    assert stats == SpecDecodeStats(10, 30, 10, [5, 3, 2])
+    assert stats.mean_acceptance_length == pytest.approx(2.0)
+    assert stats.per_position_rate == pytest.approx([0.5, 0.3, 0.2])
+    assert SpecDecodeStats.from_dict(stats.to_dict()) == stats
+
+
+def test_load_prompts_accepts_chats_messages_and_strings(tmp_path):
+    chat = [{"role": "user", "content": "hi"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        "\n".join(json.dumps(x) for x in [chat, {"messages": chat}, {"prompt": "raw"}, "raw2"])
+    )
+    assert load_prompts(path) == [chat, chat, "raw", "raw2"]
+
+
 @pytest.fixture(scope="module")
 def target_dir() -> Path:
     pytest.importorskip("vllm")
@@ -167,7 +223,8 @@ def _check(report: dict) -> dict:
     )
     assert spec is not None
     assert spec["num_drafts"] > 0
-    assert spec["num_draft_tokens"] == spec["num_drafts"] * NUM_SPECULATIVE_TOKENS
+    # Each draft has k tokens here; vLLM may trim drafts that would overrun max_model_len.
+    assert 0 < spec["num_draft_tokens"] <= spec["num_drafts"] * NUM_SPECULATIVE_TOKENS
     assert 0 <= spec["num_accepted_tokens"] <= spec["num_draft_tokens"]
     per_pos = spec["accepted_per_position"]
     assert len(per_pos) == NUM_SPECULATIVE_TOKENS
@@ -179,8 +236,9 @@ def _check(report: dict) -> dict:
     return spec
 
 
+@pytest.mark.slow
 def test_random_drafter_with_draft_vocab_is_lossless(target_dir, baseline, tmp_path):
-    drafter = make_drafter_dir(target_dir, tmp_path / "drafter", draft_vocab_size=8192)
+    drafter = saved_random_drafter(target_dir, tmp_path / "drafter", draft_vocab_size=8192)
     report = compare(
         target_dir, drafter, PROMPTS, baseline=baseline,
         num_speculative_tokens=NUM_SPECULATIVE_TOKENS, max_tokens=MAX_TOKENS, ignore_eos=True,
@@ -189,6 +247,7 @@ def test_random_drafter_with_draft_vocab_is_lossless(target_dir, baseline, tmp_p
     assert report["num_output_tokens"] == len(PROMPTS) * MAX_TOKENS
 
 
+@pytest.mark.slow
 def test_full_vocab_drafter_is_accepted_and_lossless(target_dir, baseline, tmp_path):
     """Full draft vocabulary (no d2t); a drafter that vLLM actually accepts on repeats."""
     layers = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
@@ -201,3 +260,15 @@ def test_full_vocab_drafter_is_accepted_and_lossless(target_dir, baseline, tmp_p
     )
     spec = _check(report)
     assert spec["num_accepted_tokens"] > 0, spec
+
+
+@pytest.mark.slow
+def test_trained_drafter_accepts_in_vllm_as_in_draftrl(smollm2_sft_run):
+    """A drafter trained and saved by draftrl gets the same acceptance in vLLM as in our engine."""
+    pytest.importorskip("vllm")
+    from pipeline.vllm_agreement import agreement
+
+    report = agreement("smollm2", smollm2_sft_run.drafter_dir, max_tokens=32, dtype="float32")
+    ours, theirs = report["draftrl"], report["vllm"]
+    assert theirs["accepted_per_position"][0] > 0, report
+    assert abs(ours["mean_acceptance_length"] - theirs["mean_acceptance_length"]) <= 0.05, report

