@@ -21,7 +21,7 @@ def tiny_target_dir(tmp_path_factory):
     """A random 4-layer Llama with SmolLM2's vocabulary, saved next to SmolLM2's tokenizer."""
     tokenizer = load_tokenizer("smollm2")
     path = tmp_path_factory.mktemp("tiny_target")
-    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=6).save_pretrained(path)
+    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
