@@ -40,11 +40,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the validated config (defaults filled in)")
     _config_args(show)
+
+    from pipeline.benchmark import add_model_args  # light: no model code imported
+
+    generate = commands.add_parser(
+        "generate", help="decode a prompt (or a question JSONL) with the target, speculatively with --drafter",
+    )
+    generate.add_argument("prompt", nargs="?", default=None, help="user message (chat template applied)")
+    generate.add_argument("--input", default=None, metavar="JSONL",
+                          help="questions in EAGLE's format (a path, or a bench name in --bench-dir)")
+    generate.add_argument("--out", type=Path, default=None, help="answers JSONL (default: stdout)")
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--raw", action="store_true", help="no chat template: continue the text")
+    add_model_args(generate, drafter_required=False)
+
+    bench = commands.add_parser(
+        "eval", help="tau and speed-up of a drafter on MT-Bench/HumanEval/GSM8K vs autoregressive decoding",
+    )
+    bench.add_argument("--bench", default="mt_bench,humaneval,gsm8k",
+                       help="comma-separated bench names (in --bench-dir) or .jsonl paths")
+    bench.add_argument("--temperature", default="0,1", help="comma-separated temperatures")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="output folder (default runs/eval/<drafter name>)")
+    bench.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                       help="time budget for the timed part: each bench x temperature gets an equal share "
+                            "and stops early (the report says how many prompts ran)")
+    bench.add_argument("--check", action="store_true",
+                       help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
+    add_model_args(bench, drafter_required=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "eval"):  # no experiment config: flags only
+        from pipeline.benchmark import BenchmarkError, run_eval, run_generate
+
+        try:
+            return run_generate(args) if args.command == "generate" else run_eval(args)
+        except BenchmarkError as error:
+            print(f"draftrl: {error}", file=sys.stderr)
+            return 2
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:

@@ -13,6 +13,11 @@ One generation step (batch size 1):
        ``speculative.ttt``: the drafter at position p reads token x_p and h_{p-1}.
 
 The drafter's own tree entries are discarded (they were computed from drafted hidden states).
+
+The loop is written once against a small backend interface (prefill, decode, drafter_prefill,
+draft_verify, catch_up): ``_EagerBackend`` below (dynamic shapes, the CPU default) or
+``speculative.graphs.StaticDecoder`` (fixed shapes; on GPU each step is one CUDA-graph replay,
+steps 1-2 together, 4-5 together). Sampling, verification and stopping stay on the host.
 Batch size is 1: the tree builder and the target forward are batched, but per-sequence
 acceptance lengths would make the drafter's cat-growing cache ragged; serving-scale batching
 belongs to vLLM/SGLang, this engine is for measuring acceptance and for RL rollouts.
@@ -21,6 +26,7 @@ belongs to vLLM/SGLang, this engine is for measuring acceptance and for RL rollo
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -80,11 +86,117 @@ def _as_prompt(prompt_ids) -> list[int]:
     return [int(t) for t in prompt_ids]
 
 
+COMPILE_MODES = ("auto", "off", "static", "graph", "inductor")
+
+
+def resolve_compile_mode(mode: str, device: torch.device | str) -> str:
+    """``auto``: CUDA graphs on a CUDA device, the eager path elsewhere.
+
+    ``inductor`` (torch.compile + CUDA graphs) runs without graphs on CPU: compile only.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "graph" if torch.device(device).type == "cuda" else "off"
+    if mode == "graph" and torch.device(device).type != "cuda":
+        raise ValueError("compile mode 'graph' (CUDA graphs) needs a CUDA device")
+    return mode
+
+
+class _EagerBackend:
+    """The reference path: dynamic shapes, a growing drafter cache, nothing captured."""
+
+    def __init__(self, fast: FastLlama, drafter, tree: TreeConfig, generator: torch.Generator):
+        self.fast, self.drafter, self.tree_config, self.generator = fast, drafter, tree, generator
+        self.device = fast.device
+        self.cache: StaticKVCache | None = None
+        self.dcache = MaskedKVCache()
+        self.root_logits = self.root_hidden = self.verify_aux = None
+
+    def reserve(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Reuse the preallocated cache while it is long enough (stale entries are masked out)."""
+        # The last verification chunk (1 + N) may start just before the max_new_tokens-th token.
+        length = prompt_len + max_new_tokens + self.tree_config.total_tokens + 2
+        if self.cache is None or self.cache.max_len < length:
+            self.cache = self.fast.new_cache(1, length)
+
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def prefill(self, prompt: list[int]):
+        ids = torch.tensor([prompt], device=self.device)
+        n = len(prompt)
+        out = self.fast(
+            ids, torch.arange(n, device=self.device)[None], self.cache, 0,
+            causal_slot_mask(0, n, n, device=self.device), logits_rows=slice(n - 1, n),
+        )
+        return ids, out
+
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        out = self.fast(
+            torch.tensor([[token]], device=self.device), torch.tensor([[pos]], device=self.device),
+            self.cache, pos, torch.ones(1, 1, pos + 1, dtype=torch.bool, device=self.device),
+        )
+        return out.logits[0, -1]
+
+    def drafter_prefill(self, ids: torch.Tensor, aux_hidden: torch.Tensor, root_token: int) -> None:
+        # Drafter prefill: tokens x_1..x_n at positions 1..n with h_{p-1} = fc(aux_{p-1}).
+        n = ids.shape[1]
+        self.dcache = MaskedKVCache()
+        d_ids = torch.cat([ids[:, 1:], torch.tensor([[root_token]], device=self.device)], dim=1)
+        logits, prenorm = self.drafter(
+            d_ids, self.drafter.fuse_target_hidden(aux_hidden),
+            torch.arange(1, n + 1, device=self.device)[None], self.dcache,
+        )
+        self.root_logits, self.root_hidden = logits[:, -1], prenorm[:, -1]
+
+    def draft_verify(self, root_token: int, root_pos: int) -> tuple[DraftTree, torch.Tensor]:
+        device = self.device
+        tree = build_draft_tree(
+            self.drafter, self.dcache, self.root_logits, self.root_hidden,
+            torch.tensor([root_pos], device=device), self.tree_config, generator=self.generator,
+        )
+        chunk = torch.cat([torch.tensor([[root_token]], device=device), tree.tokens], dim=1)
+        mask = torch.cat(
+            [torch.ones(1, chunk.shape[1], root_pos, dtype=torch.bool, device=device),
+             tree.chunk_mask()], dim=-1,
+        )
+        out = self.fast(chunk, tree.chunk_positions(), self.cache, root_pos, mask)
+        self.verify_aux = out.aux_hidden
+        return tree, out.logits
+
+    def catch_up(self, tokens: list[int], path: list[int], root_pos: int) -> None:
+        device = self.device
+        if path:  # accepted nodes sit at slots root_pos + 1 + node; move them behind the root
+            src = torch.tensor([[root_pos + 1 + i for i in path]], device=device)
+            self.cache.compact(src, root_pos + 1)
+        # Drafter catch-up on the accepted tokens and the bonus, with the target's features.
+        rows = torch.tensor([0] + [1 + i for i in path], device=device)
+        logits, prenorm = self.drafter(
+            torch.tensor([tokens], device=device),
+            self.drafter.fuse_target_hidden(self.verify_aux[:, rows]),
+            torch.arange(root_pos + 1, root_pos + 1 + len(tokens), device=device)[None],
+            self.dcache,
+        )
+        self.root_logits, self.root_hidden = logits[:, -1], prenorm[:, -1]
+
+
 class SpeculativeGenerator:
     """Speculative (or, without a drafter, plain autoregressive) decoding of one sequence.
 
     ``target`` is a ``speculative.target.TargetModel`` (its Llama weights are shared, not
     copied); ``drafter`` an ``Eagle3Drafter`` trained for the same aux layers.
+
+    ``compile`` picks how the per-step work runs: ``off`` (eager, dynamic shapes; the CPU
+    path), ``static`` (the fixed-shape code of ``speculative.graphs`` run eagerly: what CPU
+    tests check), ``graph`` (the same, captured as CUDA graphs), ``inductor`` (compiled by
+    ``torch.compile`` first, then captured; minutes of compiling) or ``auto`` (graph on CUDA).
+    Both the speculative and the autoregressive path use it, so their timings compare like
+    with like. ``max_len`` presizes the static cache (prompt + new tokens); a longer request
+    rebuilds it (and recaptures the graphs), which a benchmark should avoid while timing.
     """
 
     def __init__(
@@ -95,6 +207,8 @@ class SpeculativeGenerator:
         temperature: float = 0.0,
         seed: int = 0,
         record_steps: bool = False,
+        compile: str = "off",
+        max_len: int | None = None,
     ):
         self.target = target
         self.fast = FastLlama.from_target(target)
@@ -108,7 +222,16 @@ class SpeculativeGenerator:
         self.temperature = float(temperature)
         self.generator = torch.Generator(device=self.fast.device).manual_seed(seed)
         self.record_steps = record_steps
-        self._cache: StaticKVCache | None = None
+        self.compile = resolve_compile_mode(compile, self.fast.device)
+        if self.compile != "off" and self.tree_config.sample_temperature is not None:
+            warnings.warn("sampled draft chains run eagerly (compile='off')", stacklevel=2)
+            self.compile = "off"
+        self.max_len = max_len
+        self.compile_errors: list[str] = []  # fallbacks taken when compiling/capturing failed
+        self._eager = _EagerBackend(self.fast, self.drafter, self.tree_config, self.generator)
+        self._static = None
+        if self.compile != "off" and max_len is not None:
+            self._static_for(1, max_len - 1)
 
     @property
     def device(self) -> torch.device:
@@ -117,20 +240,47 @@ class SpeculativeGenerator:
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
-    def _cache_for(self, length: int) -> StaticKVCache:
-        """Reuse the preallocated cache while it is long enough (stale entries are masked out)."""
-        if self._cache is None or self._cache.max_len < length:
-            self._cache = self.fast.new_cache(1, length)
-        return self._cache
+    def _static_for(self, prompt_len: int, max_new_tokens: int):
+        from speculative.graphs import StaticDecoder
 
-    def _prefill(self, prompt: list[int], cache: StaticKVCache):
-        ids = torch.tensor([prompt], device=self.device)
-        n = len(prompt)
-        out = self.fast(
-            ids, torch.arange(n, device=self.device)[None], cache, 0,
-            causal_slot_mask(0, n, n, device=self.device), logits_rows=slice(n - 1, n),
-        )
-        return ids, out
+        if self._static is None or not self._static.fits(prompt_len, max_new_tokens):
+            needed = prompt_len + max_new_tokens
+            if self._static is not None:
+                warnings.warn(
+                    f"static cache of {self._static.max_len} slots is too short for "
+                    f"{needed} tokens: rebuilding (and recapturing graphs)", stacklevel=3,
+                )
+                needed = max(needed, 2 * self._static.max_len)
+            chunk = 1 + self.tree_config.total_tokens if self.drafter is not None else 1
+            self._static = None  # free the old buffers and graphs first
+            while True:
+                cuda = self.device.type == "cuda"
+                try:
+                    self._static = StaticDecoder(
+                        self.fast, self.drafter, self.tree_config, needed + chunk,
+                        use_graphs=self.compile == "graph" or (self.compile == "inductor" and cuda),
+                        compiled=self.compile == "inductor",
+                    )
+                    break
+                except Exception as error:  # a failed compile/capture: one step simpler, loudly
+                    fallback = {"inductor": "graph" if cuda else "static", "graph": "static"}.get(self.compile)
+                    if fallback is None:
+                        raise
+                    message = f"compile={self.compile!r} failed ({type(error).__name__}: {error}); using {fallback!r}"
+                    warnings.warn(message, stacklevel=3)
+                    self.compile_errors.append(message)
+                    self.compile = fallback
+        return self._static
+
+    def _backend(self, prompt_len: int, max_new_tokens: int):
+        if self.compile == "off":
+            self._eager.reserve(prompt_len, max_new_tokens)
+            return self._eager
+        return self._static_for(prompt_len, max_new_tokens)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @staticmethod
     def _stop(tokens: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], bool]:
@@ -153,65 +303,36 @@ class SpeculativeGenerator:
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         eos = _eos_set(eos_token_id)
-        config = self.tree_config
+        backend = self._backend(len(prompt), max_new_tokens)
+        self._sync()
         start = time.perf_counter()
-        device = self.device
-        # The last verification chunk (1 + N) may start just before the max_new_tokens-th token.
-        cache = self._cache_for(len(prompt) + max_new_tokens + config.total_tokens + 2)
-        ids, out = self._prefill(prompt, cache)
+        backend.begin()
+        ids, out = backend.prefill(prompt)
         forwards = 1
         root_token = sample_token(out.logits[0, -1], self.temperature, self.generator)
         new = [root_token]
         result = GenerationResult([], [], 0, 0.0)
         new, done = self._stop(new, max_new_tokens, eos)
-
-        drafter = self.drafter
-        dcache = MaskedKVCache()
-        n = len(prompt)
         if not done:
-            # Drafter prefill: tokens x_1..x_n at positions 1..n with h_{p-1} = fc(aux_{p-1}).
-            d_ids = torch.cat([ids[:, 1:], torch.tensor([[root_token]], device=device)], dim=1)
-            logits, prenorm = drafter(
-                d_ids, drafter.fuse_target_hidden(out.aux_hidden),
-                torch.arange(1, n + 1, device=device)[None], dcache,
-            )
-            root_logits, root_hidden = logits[:, -1], prenorm[:, -1]
-        root_pos = n  # the root token's position == its target cache slot
+            backend.drafter_prefill(ids, out.aux_hidden, root_token)
+        root_pos = len(prompt)  # the root token's position == its target cache slot
         while not done:
-            tree = build_draft_tree(
-                drafter, dcache, root_logits, root_hidden,
-                torch.tensor([root_pos], device=device), config, generator=self.generator,
-            )
-            chunk = torch.cat([torch.tensor([[root_token]], device=device), tree.tokens], dim=1)
-            mask = torch.cat(
-                [torch.ones(1, chunk.shape[1], root_pos, dtype=torch.bool, device=device),
-                 tree.chunk_mask()], dim=-1,
-            )
-            out = self.fast(chunk, tree.chunk_positions(), cache, root_pos, mask)
+            tree, logits = backend.draft_verify(root_token, root_pos)
             forwards += 1
-            step = verify_tree(tree, out.logits, self.temperature, self.generator)[0]
+            step = verify_tree(tree, logits, self.temperature, self.generator)[0]
             if self.record_steps:
                 result.steps.append(step)
-                result.trees.append(tree)
+                result.trees.append(tree if self.compile == "off" else _clone_tree(tree))
             result.accept_lengths.append(step.accept_length)
-            path = step.accepted_nodes
-            if path:  # accepted nodes sit at slots root_pos + 1 + node; move them behind the root
-                src = torch.tensor([[root_pos + 1 + i for i in path]], device=device)
-                cache.compact(src, root_pos + 1)
             new, done = self._stop(new + step.tokens, max_new_tokens, eos)
             if done:
                 break
-            # Drafter catch-up on the accepted tokens and the bonus, with the target's features.
-            rows = torch.tensor([0] + [1 + i for i in path], device=device)
-            logits, prenorm = drafter(
-                torch.tensor([step.tokens], device=device),
-                drafter.fuse_target_hidden(out.aux_hidden[:, rows]),
-                torch.arange(root_pos + 1, root_pos + 2 + len(path), device=device)[None],
-                dcache,
-            )
-            root_logits, root_hidden = logits[:, -1], prenorm[:, -1]
+            path = step.accepted_nodes
+            backend.catch_up(step.tokens, path, root_pos)
             root_token = step.bonus_token
             root_pos += 1 + len(path)
+        backend.end()
+        self._sync()
         result.tokens = new
         result.target_forwards = forwards
         result.wall_time = time.perf_counter() - start
@@ -229,24 +350,28 @@ class SpeculativeGenerator:
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         eos = _eos_set(eos_token_id)
+        backend = self._backend(len(prompt), max_new_tokens)
+        self._sync()
         start = time.perf_counter()
-        device = self.device
-        cache = self._cache_for(len(prompt) + max_new_tokens + 1)
-        _, out = self._prefill(prompt, cache)
+        _, out = backend.prefill(prompt)
         forwards = 1
         new = [sample_token(out.logits[0, -1], self.temperature, self.generator)]
         new, done = self._stop(new, max_new_tokens, eos)
         pos = len(prompt)
         while not done:
-            out = self.fast(
-                torch.tensor([[new[-1]]], device=device), torch.tensor([[pos]], device=device),
-                cache, pos, torch.ones(1, 1, pos + 1, dtype=torch.bool, device=device),
-            )
+            logits = backend.decode(new[-1], pos)
             forwards += 1
             pos += 1
-            new.append(sample_token(out.logits[0, -1], self.temperature, self.generator))
+            new.append(sample_token(logits, self.temperature, self.generator))
             new, done = self._stop(new, max_new_tokens, eos)
+        self._sync()
         return GenerationResult(new, [], forwards, time.perf_counter() - start)
+
+
+def _clone_tree(tree: DraftTree) -> DraftTree:
+    from speculative.graphs import clone_tree
+
+    return clone_tree(tree)
 
 
 def _eos_set(eos_token_id) -> set[int]:
@@ -266,10 +391,11 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     eos_token_id: int | Iterable[int] | None = None,
+    compile: str = "off",
 ) -> list[GenerationResult]:
     """What a CLI ``draftrl generate``/``benchmark`` calls: decode each prompt in turn.
 
     ``drafter=None`` gives the autoregressive baseline with the same target forward.
     """
-    engine = SpeculativeGenerator(target, drafter, tree, temperature, seed)
+    engine = SpeculativeGenerator(target, drafter, tree, temperature, seed, compile=compile)
     return [engine.generate(p, max_new_tokens, eos_token_id) for p in prompts]

@@ -43,9 +43,14 @@ class StaticKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One tensor [2, layers, B, kv_heads, max_len, d]: the per-layer keys/values are views of
+        # it, so compaction moves every layer's entries in one gather and one scatter (a handful
+        # of kernels instead of 4 per layer: it runs after every verification).
+        self.storage = torch.zeros(
+            (2, num_layers, batch_size, num_kv_heads, max_len, head_dim), dtype=dtype, device=device
+        )
+        self.keys = list(self.storage[0].unbind(0))
+        self.values = list(self.storage[1].unbind(0))
         self.batch_size = batch_size
         self.max_len = max_len
 
@@ -54,6 +59,10 @@ class StaticKVCache:
         if isinstance(slots, int):  # contiguous: a plain slice copy, no scatter
             self.keys[layer][:, :, slots : slots + k.shape[-2]] = k
             self.values[layer][:, :, slots : slots + k.shape[-2]] = v
+            return
+        if k.shape[0] == 1:  # one sequence: one index_copy_ kernel (the CUDA-graph decode path)
+            self.keys[layer].index_copy_(2, slots.reshape(-1), k)
+            self.values[layer].index_copy_(2, slots.reshape(-1), v)
             return
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)
@@ -73,10 +82,8 @@ class StaticKVCache:
         dst = start + torch.arange(count, device=src_slots.device)[None]
         dst = dst.expand(batch, count)
         rows = torch.arange(batch, device=src_slots.device)[:, None]
-        for layer in range(len(self.keys)):
-            for store in (self.keys, self.values):
-                moved = store[layer][rows, :, src_slots].clone()  # [B, M, kv_heads, d]
-                store[layer][rows, :, dst] = moved
+        moved = self.storage[:, :, rows, :, src_slots]  # [B, M, 2, layers, kv_heads, d], a copy
+        self.storage[:, :, rows, :, dst] = moved
 
 
 @dataclass
@@ -158,7 +165,10 @@ class FastLlama(nn.Module):
             raise ValueError(f"mask covers {span} slots, the cache has {cache.max_len}")
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden, position_ids)
-        mask = attn_mask[:, None].to(torch.bool)  # [B, 1, T, S]
+        # The boolean mask as an additive bias, once per forward: SDPA would convert it in every
+        # layer (the same -inf/0 values), a few kernels each, and small models are launch-bound.
+        mask = torch.zeros(attn_mask[:, None].shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill_(~attn_mask[:, None].to(torch.bool), float("-inf"))  # [B, 1, T, S]
         aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
         for index, layer in enumerate(self.layers):
             for j, layer_id in enumerate(self.aux_layer_ids):

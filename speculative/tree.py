@@ -26,6 +26,7 @@ at its row, which is what GTO / Draft-OPD need.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,10 +100,12 @@ class DraftTree:
     def chunk_mask(self) -> torch.Tensor:
         """Tree attention within the chunk [root, nodes...]: [B, 1 + N, 1 + N]."""
         batch, n = self.tokens.shape
-        out = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool, device=self.tokens.device)
-        out[:, :, 0] = True
-        out[:, 1:, 1:] = self.mask
-        return out
+        device = self.tokens.device
+        # Built by concatenation, not by assigning Python scalars into slices: this runs inside
+        # a captured CUDA graph (``speculative.graphs``), where only pure tensor ops belong.
+        root = torch.ones(batch, n + 1, 1, dtype=torch.bool, device=device)
+        below = torch.cat([torch.zeros(batch, 1, n, dtype=torch.bool, device=device), self.mask], 1)
+        return torch.cat([root, below], 2)
 
     def children(self, b: int) -> dict[int, list[int]]:
         """Children of each node of tree ``b`` in node order (-1 = root)."""
@@ -147,6 +150,17 @@ def _choose(logq: torch.Tensor, k: int, sample: bool, generator: torch.Generator
     return ids, logq.gather(-1, ids)
 
 
+# feed(target_ids [B, w], hidden [B, w, H], positions [B, w], tree_mask [B, w, fed + w]) runs the
+# drafter on one level of frontier nodes: ``tree_mask`` says which of the tree entries fed so far
+# (in feeding order, this level's last) each new node sees; the whole accepted prefix is always
+# visible. Returns (logits [B, w, Vd], pre-norm hidden [B, w, H]). The cache behind it is the
+# caller's business: a growing ``MaskedKVCache`` (``build_draft_tree``) or a static one
+# (``speculative.graphs``), where every shape is fixed and the whole tree build can be captured.
+DrafterFeed = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
 @torch.no_grad()
 def build_draft_tree(
     drafter,
@@ -167,14 +181,48 @@ def build_draft_tree(
     were computed from drafted hidden states, and the engine re-prefills accepted tokens with the
     target's.
     """
+    batch = root_logits.shape[0]
+    prefix_len = cache.length
+    if prefix_mask is None:
+        prefix_mask = torch.ones(batch, prefix_len, dtype=torch.bool, device=root_logits.device)
+
+    def feed(ids, hidden, positions, tree_mask):
+        width = ids.shape[1]
+        cache.set_mask(torch.cat([prefix_mask[:, None].expand(batch, width, -1), tree_mask], -1))
+        return drafter(ids, hidden, positions, cache)
+
+    try:
+        tree, closed = grow_draft_tree(
+            drafter, feed, root_logits, root_hidden, root_positions, config, generator
+        )
+    finally:
+        cache.crop(prefix_len)
+    if not bool(closed):
+        raise RuntimeError("draft tree selection is not ancestor-closed")
+    return tree
+
+
+@torch.no_grad()
+def grow_draft_tree(
+    drafter,
+    feed: DrafterFeed,
+    root_logits: torch.Tensor,
+    root_hidden: torch.Tensor,
+    root_positions: torch.Tensor,
+    config: TreeConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[DraftTree, torch.Tensor]:
+    """The tree search itself, with fixed shapes and no host synchronisation.
+
+    Returns the tree and a 0-d bool tensor, True when the selection is ancestor-closed (it is
+    by construction; callers check it when a sync is cheap, the CUDA-graph path once per
+    sequence). Every shape depends only on ``config`` and the batch, never on values.
+    """
     batch, vocab = root_logits.shape
     device = root_logits.device
     k = min(config.top_k, vocab)
     sample = config.sample_temperature is not None
     scale = 1.0 / config.sample_temperature if sample else 1.0
-    prefix_len = cache.length
-    if prefix_mask is None:
-        prefix_mask = torch.ones(batch, prefix_len, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)[:, None]
 
     root_logq = torch.log_softmax(root_logits.float() * scale, dim=-1)
@@ -192,43 +240,39 @@ def build_draft_tree(
     node_dist_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (candidate idx, dist row)
     n_cand, n_fed = ids.shape[1], 0
 
-    try:
-        for level in range(1, config.depth):
-            width = frontier.shape[1]
-            eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
-            tree_part = torch.cat([frontier_anc, eye], dim=-1)
-            cache.set_mask(torch.cat([prefix_mask[:, None].expand(batch, width, -1), tree_part], -1))
-            positions = (root_positions[:, None] + level).expand(batch, width)
-            logits, prenorm = drafter(
-                drafter.to_target_ids(frontier_ids), frontier_hidden, positions, cache
-            )
-            logq_level = torch.log_softmax(logits.float() * scale, dim=-1)  # [B, width, Vd]
-            dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
-            dists.append(logq_level)
-            node_dist_rows.append((frontier, dist_rows))
+    for level in range(1, config.depth):
+        width = frontier.shape[1]
+        eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
+        tree_part = torch.cat([frontier_anc, eye], dim=-1)
+        positions = (root_positions[:, None] + level).expand(batch, width)
+        logits, prenorm = feed(
+            drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
+        )
+        logq_level = torch.log_softmax(logits.float() * scale, dim=-1)  # [B, width, Vd]
+        dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
+        dists.append(logq_level)
+        node_dist_rows.append((frontier, dist_rows))
 
-            child_ids, child_logq = _choose(logq_level, k, sample, generator)  # [B, width, k]
-            kids = child_ids.shape[-1]
-            child_score = frontier_score[..., None] + child_logq
-            cand_ids.append(child_ids.reshape(batch, -1))
-            cand_logq.append(child_logq.reshape(batch, -1))
-            cand_score.append(child_score.reshape(batch, -1))
-            cand_parent.append(frontier[..., None].expand(-1, -1, kids).reshape(batch, -1))
-            cand_depth.append(torch.full_like(cand_ids[-1], level + 1))
-            cand_pdist.append(dist_rows[..., None].expand(-1, -1, kids).reshape(batch, -1))
+        child_ids, child_logq = _choose(logq_level, k, sample, generator)  # [B, width, k]
+        kids = child_ids.shape[-1]
+        child_score = frontier_score[..., None] + child_logq
+        cand_ids.append(child_ids.reshape(batch, -1))
+        cand_logq.append(child_logq.reshape(batch, -1))
+        cand_score.append(child_score.reshape(batch, -1))
+        cand_parent.append(frontier[..., None].expand(-1, -1, kids).reshape(batch, -1))
+        cand_depth.append(torch.full_like(cand_ids[-1], level + 1))
+        cand_pdist.append(dist_rows[..., None].expand(-1, -1, kids).reshape(batch, -1))
 
-            flat_score = cand_score[-1]
-            keep = torch.topk(flat_score, min(k, flat_score.shape[1]), dim=-1).indices
-            source = keep // kids  # which fed node each new frontier node hangs from
-            frontier = n_cand + keep
-            frontier_ids = cand_ids[-1].gather(1, keep)
-            frontier_score = flat_score.gather(1, keep)
-            frontier_hidden = prenorm[rows, source]
-            frontier_anc = tree_part[rows, source]
-            n_fed += width
-            n_cand += flat_score.shape[1]
-    finally:
-        cache.crop(prefix_len)
+        flat_score = cand_score[-1]
+        keep = torch.topk(flat_score, min(k, flat_score.shape[1]), dim=-1).indices
+        source = keep // kids  # which fed node each new frontier node hangs from
+        frontier = n_cand + keep
+        frontier_ids = cand_ids[-1].gather(1, keep)
+        frontier_score = flat_score.gather(1, keep)
+        frontier_hidden = prenorm[rows, source]
+        frontier_anc = tree_part[rows, source]
+        n_fed += width
+        n_cand += flat_score.shape[1]
 
     ids_all = torch.cat(cand_ids, 1)
     score_all = torch.cat(cand_score, 1)
@@ -243,12 +287,11 @@ def build_draft_tree(
     inverse.scatter_(1, chosen, torch.arange(total, device=device).expand(batch, -1))
     parent_cand = torch.cat(cand_parent, 1).gather(1, chosen)
     parents = torch.where(parent_cand >= 0, inverse.gather(1, parent_cand.clamp_min(0)), -1)
-    if bool(((parent_cand >= 0) & (parents < 0)).any()):
-        raise RuntimeError("draft tree selection is not ancestor-closed")
+    closed = ~((parent_cand >= 0) & (parents < 0)).any()
 
     draft_ids = ids_all.gather(1, chosen)
     depths = torch.cat(cand_depth, 1).gather(1, chosen)
-    return DraftTree(
+    tree = DraftTree(
         tokens=drafter.to_target_ids(draft_ids),
         draft_ids=draft_ids,
         parents=parents,
@@ -263,3 +306,18 @@ def build_draft_tree(
         draft_to_target=drafter.draft_to_target,
         sampled=sample,
     )
+    return tree, closed
+
+
+def tree_size(config: TreeConfig, draft_vocab_size: int) -> tuple[int, int]:
+    """(draft nodes N, drafter entries fed while growing) for ``config``: both fixed.
+
+    Static caches and CUDA graphs size their buffers from this.
+    """
+    k = min(config.top_k, draft_vocab_size)
+    candidates, fed, width = k, 0, k
+    for _ in range(1, config.depth):
+        fed += width
+        candidates += width * k
+        width = min(k, width * k)
+    return min(config.total_tokens, candidates), fed

@@ -1,0 +1,730 @@
+"""Acceptance-length (τ) and speed benchmark of a drafter: ``draftrl eval`` / ``draftrl generate``.
+
+Prompts come in EAGLE's question format (one JSON object a line: ``question_id``, ``category``,
+``turns``: the user turns), e.g. MT-Bench, HumanEval, GSM8K. Every turn is rendered with the
+target's chat template; a later turn follows the model's *own* earlier answers, so the
+speculative run and the baseline run each continue their own conversation (identical at T = 0
+up to floating-point rounding, which the report checks).
+
+Speculative decoding and the autoregressive baseline run on the same engine (same target
+forward, same static cache, the same CUDA graphs on GPU): the speed-up measures speculation,
+not implementation differences.
+
+    draftrl eval --drafter DIR [--bench mt_bench,humaneval,gsm8k] [--temperature 0,1] [--out DIR]
+    draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
+    draftrl generate "question" [--drafter DIR] [--temperature T]
+    draftrl generate --input questions.jsonl [--drafter DIR] [--out answers.jsonl]
+
+Outputs of ``eval``: results.json (config + one block per bench x temperature), results.md (the
+table), results.png (τ per bench/temperature, accepted-length histogram), generations.jsonl
+(every prompt and answer, speculative and baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where it is used: building the CLI parser stays light
+    import torch
+
+DEFAULT_BENCHES = ("mt_bench", "humaneval", "gsm8k")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_PROMPTS = ("What is the capital of France? Answer in one sentence.",
+                   "Write a Python function that returns the n-th Fibonacci number.")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file that cannot be used; the message names the file (and line)."""
+
+
+@dataclass
+class BenchQuestion:
+    question_id: Any
+    category: str
+    turns: list[str]
+    bench: str = ""
+
+
+def default_bench_dir() -> Path:
+    """``DRAFTRL_BENCH_DIR``, else the shared data folder beside the repository."""
+    env = os.environ.get("DRAFTRL_BENCH_DIR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "bench"
+
+
+def resolve_bench(spec: str, bench_dir: str | Path | None = None) -> tuple[str, Path]:
+    """(name, path) for a bench name (``<bench_dir>/<name>.jsonl``) or a JSONL path."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl" or path.is_file() or os.sep in spec:
+        if not path.is_file():
+            raise BenchmarkError(f"benchmark file not found: {path}")
+        return path.stem, path
+    folder = Path(bench_dir).expanduser() if bench_dir else default_bench_dir()
+    path = folder / f"{spec}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+        raise BenchmarkError(
+            f"benchmark '{spec}' not found: no {path} (benchmarks there: {known or 'none'}; "
+            f"set --bench-dir or DRAFTRL_BENCH_DIR, or pass a .jsonl path)"
+        )
+    return spec, path
+
+
+def load_questions(path: str | Path, limit: int | None = None, bench: str | None = None) -> list[BenchQuestion]:
+    """Read EAGLE-format questions; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    bench = bench or path.stem
+    questions: list[BenchQuestion] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise BenchmarkError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise BenchmarkError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            turns = record.get("turns")
+            if not isinstance(turns, list) or not turns:
+                raise BenchmarkError(f"{where}: 'turns' must be a non-empty list of strings")
+            bad = [i for i, turn in enumerate(turns) if not isinstance(turn, str) or not turn.strip()]
+            if bad:
+                raise BenchmarkError(f"{where}: turn {bad[0]} is not a non-empty string")
+            questions.append(BenchQuestion(
+                question_id=record.get("question_id", len(questions)),
+                category=str(record.get("category", "")),
+                turns=list(turns),
+                bench=bench,
+            ))
+            if limit is not None and len(questions) >= limit:
+                break
+    if not questions:
+        raise BenchmarkError(f"{path}: no questions")
+    return questions
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+    """Token ids and text of ``messages`` in the chat template, ready for the assistant turn."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if hasattr(encoded, "keys") and "input_ids" in encoded:  # transformers 5: a BatchEncoding
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):  # a tensor
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        encoded = encoded[0]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return [int(t) for t in encoded], text
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    """Stop tokens: the tokenizer's EOS, the generation config's, and ChatML's ``<|im_end|>``."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is not None:
+        ids.update(int(t) for t in ([eos] if isinstance(eos, int) else eos))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "<|im_end|>" in str(template):
+        token = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            ids.add(token)
+    return ids
+
+
+def answer_text(tokenizer, tokens: list[int], eos: set[int]) -> str:
+    """The assistant's answer as the next turn's history: stop token and specials dropped."""
+    if tokens and tokens[-1] in eos:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+@dataclass
+class TurnResult:
+    """One generation: the rendered prompt and what came out of it."""
+
+    turn: int
+    prompt_ids: list[int]
+    prompt_text: str
+    tokens: list[int]
+    text: str
+    wall_time: float
+    accept_lengths: list[int] = field(default_factory=list)
+
+
+def run_conversation(
+    generate: Callable[[list[int], int], Any],
+    tokenizer,
+    question: BenchQuestion,
+    eos: set[int],
+) -> list[TurnResult]:
+    """All turns of ``question``; turn t's prompt holds the model's own answers to 1..t-1.
+
+    ``generate(prompt_ids, turn)`` returns a ``GenerationResult``.
+    """
+    messages: list[dict[str, str]] = []
+    out = []
+    for index, turn in enumerate(question.turns):
+        messages.append({"role": "user", "content": turn})
+        ids, text = chat_prompt(tokenizer, messages)
+        result = generate(ids, index)
+        answer = answer_text(tokenizer, result.tokens, eos)
+        messages.append({"role": "assistant", "content": answer})
+        out.append(TurnResult(index, ids, text, list(result.tokens), answer, result.wall_time,
+                              list(result.accept_lengths)))
+    return out
+
+
+def context_budget(tokenizer, questions: Iterable[BenchQuestion], max_new_tokens: int) -> int:
+    """An upper bound on prompt + answer tokens over all turns, to size the static cache once."""
+    longest = 0
+    for question in questions:
+        messages = []
+        for turn in question.turns:
+            messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": ""}]
+        ids, _ = chat_prompt(tokenizer, messages[:-1])
+        # Each earlier answer: at most max_new_tokens (re-tokenised, with a margin).
+        extra = (len(question.turns) - 1) * (max_new_tokens + 16)
+        longest = max(longest, len(ids) + extra + max_new_tokens)
+    return longest
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pick_device(choice: str) -> torch.device:
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {choice}, but no CUDA device is visible")
+    return device
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)
+
+
+def load_models(target_spec: str, drafter_dir: str | Path | None, device: torch.device,
+                dtype: torch.dtype, cache_dir: str | Path | None = None):
+    """(target, drafter or None, tokenizer); the target fuses the layers the drafter reads."""
+    from speculative.checkpoint import load_drafter
+    from speculative.target import TargetModel, load_tokenizer, resolve_target
+
+    path = resolve_target(target_spec, Path(cache_dir) if cache_dir else None)
+    aux = None
+    if drafter_dir is not None:
+        config_file = Path(drafter_dir) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{drafter_dir}: not a drafter directory (no config.json)")
+        eagle = json.loads(config_file.read_text()).get("eagle_config") or {}
+        aux = eagle.get("eagle_aux_hidden_state_layer_ids")
+    target = TargetModel.load(path, tuple(aux) if aux else None, dtype, device)
+    tokenizer = load_tokenizer(path)
+    drafter = None
+    if drafter_dir is not None:
+        drafter = load_drafter(drafter_dir, target.embed_tokens.weight, target.aux_layer_ids)
+        drafter.to(device)
+        for param in drafter.parameters():  # parameters only: RoPE's inv_freq stays fp32
+            param.data = param.data.to(dtype)
+        drafter.eval()
+    return target, drafter, tokenizer
+
+
+# ---------------------------------------------------------------------------------- reports
+
+
+@dataclass
+class BlockStats:
+    """One benchmark at one temperature."""
+
+    bench: str
+    temperature: float
+    questions: int = 0
+    generations: int = 0
+    spec_tokens: int = 0
+    spec_time_s: float = 0.0
+    verify_forwards: int = 0
+    accepted_tokens: int = 0
+    baseline_tokens: int = 0
+    baseline_time_s: float = 0.0
+    mismatches: int | None = None  # T = 0 only: generations where speculative != baseline
+    first_mismatch_at: list[int] = field(default_factory=list)  # token index, per mismatch
+    accept_histogram: list[int] = field(default_factory=list)  # verifications per accept length
+
+    def add(self, spec: TurnResult, base: TurnResult) -> None:
+        self.generations += 1
+        self.spec_tokens += len(spec.tokens)
+        self.spec_time_s += spec.wall_time
+        self.verify_forwards += len(spec.accept_lengths)
+        self.accepted_tokens += sum(spec.accept_lengths)
+        self.baseline_tokens += len(base.tokens)
+        self.baseline_time_s += base.wall_time
+        for a in spec.accept_lengths:
+            if a >= len(self.accept_histogram):
+                self.accept_histogram += [0] * (a + 1 - len(self.accept_histogram))
+            self.accept_histogram[a] += 1
+        if self.temperature == 0:
+            self.mismatches = self.mismatches or 0
+            if spec.tokens != base.tokens:
+                self.mismatches += 1
+                pairs = zip(spec.tokens, base.tokens)
+                self.first_mismatch_at.append(
+                    next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(spec.tokens), len(base.tokens)))
+                )
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verification forward, bonus included; prefill forwards excluded."""
+        return 1.0 + self.accepted_tokens / self.verify_forwards if self.verify_forwards else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        spec_tps = self.spec_tokens / self.spec_time_s if self.spec_time_s else 0.0
+        base_tps = self.baseline_tokens / self.baseline_time_s if self.baseline_time_s else 0.0
+        data = asdict(self)
+        data.update(
+            tau=round(self.tau, 4),
+            mean_accept_length=round(self.tau - 1.0, 4),
+            spec_tokens_per_s=round(spec_tps, 2),
+            baseline_tokens_per_s=round(base_tps, 2),
+            speedup=round(spec_tps / base_tps, 4) if base_tps else None,
+        )
+        return data
+
+
+def write_reports(out_dir: Path, config: dict[str, Any], blocks: list[dict[str, Any]]) -> None:
+    """``results.json``, ``results.md`` and ``results.png`` (rewritten after every block)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"config": config, "results": blocks}, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(config, blocks))
+    try:
+        plot_results(blocks, out_dir / "results.png")
+    except ImportError:
+        print("[draftrl] matplotlib is not installed: no results.png", file=sys.stderr)
+
+
+def markdown_table(config: dict[str, Any], blocks: list[dict[str, Any]]) -> str:
+    tree = config.get("tree", {})
+    lines = [
+        f"# Speculative decoding: {Path(str(config.get('drafter', '?'))).name} on {config.get('target', '?')}",
+        "",
+        f"Device {config.get('device_name', config.get('device'))}, {config.get('dtype')}, compile "
+        f"`{config.get('compile')}`; tree depth {tree.get('depth')}, top-k {tree.get('top_k')}, "
+        f"{tree.get('total_tokens')} draft tokens; max {config.get('max_new_tokens')} new tokens.",
+        "τ = tokens per verification forward (accepted + bonus). Speed-up = speculative tokens/s "
+        "over autoregressive tokens/s, both on the same static-cache engine.",
+        "",
+        "| bench | T | τ | spec tok/s | AR tok/s | speed-up | prompts | generations | spec tokens "
+        "| AR tokens | T=0 spec ≠ AR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in blocks:
+        mism = "-" if b["mismatches"] is None else f"{b['mismatches']}/{b['generations']}"
+        speedup = f"{b['speedup']:.2f}x" if b["speedup"] is not None else "-"
+        lines.append(
+            f"| {b['bench']} | {b['temperature']:g} | {b['tau']:.3f} | {b['spec_tokens_per_s']:.1f} "
+            f"| {b['baseline_tokens_per_s']:.1f} | {speedup} | {b['questions']} | {b['generations']} "
+            f"| {b['spec_tokens']} | {b['baseline_tokens']} | {mism} |"
+        )
+    for error in config.get("compile_errors") or []:
+        lines += ["", f"**Fallback:** {error}"]
+    if any(b["mismatches"] for b in blocks):
+        lines += [
+            "",
+            "T=0 mismatches: the first differing token index per mismatching generation is in "
+            "results.json (`first_mismatch_at`). In bf16/fp16 a verification chunk and a single-token "
+            "decode round differently, so near-ties can flip late in a generation; in float32 "
+            "there should be (almost) none, and a mismatch at index 0-2 points to a bug.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(blocks: list[dict[str, Any]], out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(dict.fromkeys(b["bench"] for b in blocks))
+    temps = list(dict.fromkeys(b["temperature"] for b in blocks))
+    fig, (ax_tau, ax_hist) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(len(temps), 1)
+    for j, temp in enumerate(temps):
+        values = [next((b["tau"] for b in blocks if b["bench"] == name and b["temperature"] == temp), 0.0)
+                  for name in benches]
+        xs = [i + (j - (len(temps) - 1) / 2) * width for i in range(len(benches))]
+        bars = ax_tau.bar(xs, values, width, label=f"T={temp:g}")
+        ax_tau.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax_tau.set_xticks(range(len(benches)), benches)
+    ax_tau.set(ylabel="τ (tokens / verification forward)", title="acceptance length τ")
+    ax_tau.axhline(1.0, color="grey", lw=0.8)
+    ax_tau.legend(fontsize=8)
+    for b in blocks:
+        hist = b["accept_histogram"]
+        total = sum(hist)
+        if total:
+            ax_hist.plot(range(len(hist)), [h / total for h in hist], "o-", ms=3,
+                         label=f"{b['bench']} T={b['temperature']:g}")
+    ax_hist.set(xlabel="draft tokens accepted per verification (bonus excluded)",
+                ylabel="fraction of verifications", title="accepted-length histogram")
+    ax_hist.set_ylim(0, 1.02)
+    ax_hist.xaxis.get_major_locator().set_params(integer=True)
+    ax_hist.legend(fontsize=7)
+    for ax in (ax_tau, ax_hist):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+# ---------------------------------------------------------------------------------- eval
+
+
+def _tree_config(args):
+    from speculative.tree import TreeConfig
+
+    return TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+
+
+def _environment(device: torch.device, dtype: torch.dtype, args) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": args.compile,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _seed_for(seed: int, bench: str, index: int, turn: int) -> int:
+    return (seed * 1_000_003 + sum(map(ord, bench)) * 10_007 + index * 101 + turn) % (2**63)
+
+
+def run_eval(args) -> int:
+    """``draftrl eval``: τ and speed per benchmark and temperature, spec vs autoregressive."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from speculative.engine import SpeculativeGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.check:
+        return run_check(args)
+    benches = [resolve_bench(b.strip(), args.bench_dir) for b in args.bench.split(",") if b.strip()]
+    temperatures = [float(t) for t in str(args.temperature).split(",") if t.strip()]
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / "eval" / Path(args.drafter).name
+    print(f"[draftrl] loading target '{args.target}' and drafter {args.drafter} on {device} ({dtype})",
+          file=sys.stderr, flush=True)
+    target, drafter, tokenizer = load_models(args.target, args.drafter, device, dtype, args.cache_dir)
+    eos = eos_token_ids(tokenizer, target.model)
+    questions = {name: load_questions(path, args.num_prompts, name) for name, path in benches}
+    budget = max(context_budget(tokenizer, qs, args.max_new_tokens) for qs in questions.values())
+    started = time.perf_counter()
+    engine = SpeculativeGenerator(
+        target, drafter, _tree_config(args), compile=args.compile, max_len=budget, seed=args.seed,
+    )
+    print(f"[draftrl] engine ready ({engine.compile}, static cache for {budget} tokens) in "
+          f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    config = {
+        "target": args.target,
+        "drafter": str(args.drafter),
+        "benches": {name: str(path) for name, path in benches},
+        "temperatures": temperatures,
+        "max_minutes": args.max_minutes,
+        "max_new_tokens": args.max_new_tokens,
+        "num_prompts": args.num_prompts,
+        "seed": args.seed,
+        "tree": asdict(engine.tree_config),
+        "eos_token_ids": sorted(eos),
+        **_environment(device, dtype, args),
+        "compile": engine.compile,
+        "compile_errors": engine.compile_errors,
+    }
+
+    # Warm-up (untimed): allocator, cuBLAS, lazy inits; first prompt's shapes.
+    warm_ids, _ = chat_prompt(tokenizer, [{"role": "user", "content": BUILTIN_PROMPTS[0]}])
+    for temperature in temperatures:
+        engine.temperature = temperature
+        engine.generate(warm_ids, min(args.max_new_tokens, 32), eos)
+        engine.generate_autoregressive(warm_ids, min(args.max_new_tokens, 32), eos)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks: list[dict[str, Any]] = []
+    deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else None
+    pending = len(temperatures) * len(benches)
+    with open(out_dir / "generations.jsonl", "w") as records:
+        for temperature in temperatures:
+            engine.temperature = temperature
+            for name, _ in benches:
+                block = BlockStats(name, temperature)
+                # With a time budget, each remaining block gets an equal share of what is left
+                # (at least one question): a partial but balanced table rather than a killed run.
+                block_end = None
+                if deadline is not None:
+                    block_end = time.perf_counter() + max(deadline - time.perf_counter(), 0) / pending
+                pending -= 1
+                bar = tqdm(questions[name], desc=f"{name} T={temperature:g}", unit="q",
+                           file=sys.stderr, dynamic_ncols=True)
+                for index, question in enumerate(bar):
+                    if block_end is not None and index > 0 and time.perf_counter() > block_end:
+                        print(f"[draftrl] {name} T={temperature:g}: time share used, stopping after "
+                              f"{index} questions", file=sys.stderr, flush=True)
+                        break
+
+                    def speculative(ids, turn, q=index):
+                        engine.reseed(_seed_for(args.seed, name, q, turn))
+                        return engine.generate(ids, args.max_new_tokens, eos)
+
+                    def baseline(ids, turn, q=index):
+                        engine.reseed(_seed_for(args.seed, name, q, turn) + 1)
+                        return engine.generate_autoregressive(ids, args.max_new_tokens, eos)
+
+                    spec = run_conversation(speculative, tokenizer, question, eos)
+                    base = run_conversation(baseline, tokenizer, question, eos)
+                    block.questions += 1
+                    for s, b in zip(spec, base):
+                        block.add(s, b)
+                        records.write(json.dumps({
+                            "bench": name, "question_id": question.question_id, "turn": s.turn,
+                            "temperature": temperature,
+                            "spec": {"prompt": s.prompt_text, "text": s.text, "tokens": len(s.tokens),
+                                     "time_s": round(s.wall_time, 5), "accept_lengths": s.accept_lengths},
+                            "baseline": {"prompt": b.prompt_text, "text": b.text, "tokens": len(b.tokens),
+                                         "time_s": round(b.wall_time, 5)},
+                            "identical": s.tokens == b.tokens,
+                        }) + "\n")
+                    summary = block.summary()
+                    bar.set_postfix(tau=f"{summary['tau']:.2f}", speedup=f"{summary['speedup'] or 0:.2f}")
+                bar.close()
+                blocks.append(block.summary())
+                records.flush()
+                write_reports(out_dir, config, blocks)
+                b = blocks[-1]
+                mism = "" if b["mismatches"] is None else f", T=0 spec!=AR {b['mismatches']}/{b['generations']}"
+                print(f"[draftrl] {name} T={temperature:g}: tau {b['tau']:.3f}, spec {b['spec_tokens_per_s']:.1f} "
+                      f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x{mism}",
+                      file=sys.stderr, flush=True)
+    print(f"[draftrl] results: {out_dir / 'results.md'}", file=sys.stderr)
+    print((out_dir / "results.md").read_text())
+    return 0
+
+
+# ---------------------------------------------------------------------------------- check
+
+
+def _check_prompts(args, tokenizer) -> list[list[int]]:
+    texts: list[str] = []
+    try:
+        name, path = resolve_bench(args.bench.split(",")[0].strip(), args.bench_dir)
+        texts = [q.turns[0] for q in load_questions(path, 2, name)]
+    except BenchmarkError as error:
+        print(f"[draftrl] check: {error}; using built-in prompts", file=sys.stderr)
+    texts = (texts + list(BUILTIN_PROMPTS))[:2]
+    return [chat_prompt(tokenizer, [{"role": "user", "content": t}])[0] for t in texts]
+
+
+def run_check(args) -> int:
+    """GPU self-check: graph/static paths vs eager greedy, 2 prompts x 32 tokens at T = 0.
+
+    Asserted in float32 (the arithmetic is the same up to rounding, so tokens must match);
+    bf16 agreement is reported, not asserted (chunked and single-token forwards round apart).
+    """
+    import torch
+
+    from speculative.engine import SpeculativeGenerator
+
+    device = pick_device(args.device)
+    new_tokens = min(args.max_new_tokens, 32)
+    modes = ["off", "static"] + (["graph"] if device.type == "cuda" else [])
+    modes += ["inductor"] if args.compile == "inductor" else []
+    dtypes = ["float32"] + (["bfloat16"] if device.type == "cuda" else [])
+    if args.dtype != "auto":
+        dtypes = [args.dtype]
+    report: dict[str, Any] = {"device": str(device), "max_new_tokens": new_tokens, "runs": []}
+    failures: list[str] = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        strict = dtype == torch.float32
+        target, drafter, tokenizer = load_models(args.target, args.drafter, device, dtype, args.cache_dir)
+        prompts = _check_prompts(args, tokenizer)
+        reference: list[list[int]] | None = None
+        for mode in modes:
+            started = time.perf_counter()
+            engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=mode,
+                                          max_len=max(map(len, prompts)) + new_tokens)
+            setup = time.perf_counter() - started
+            if engine.compile != mode:
+                failures.append(f"{dtype_name} {mode}: fell back to {engine.compile}: {engine.compile_errors}")
+                print(f"[check] {dtype_name:8s} {mode:6s} FAILED to build: {engine.compile_errors}", flush=True)
+            for prompt in prompts:  # warm-up
+                engine.generate(prompt, 4)
+                engine.generate_autoregressive(prompt, 4)
+            for kind in ("autoregressive", "speculative"):
+                outs, seconds, taus = [], 0.0, []
+                for prompt in prompts:
+                    run = engine.generate_autoregressive if kind == "autoregressive" else engine.generate
+                    result = run(prompt, new_tokens)
+                    outs.append(result.tokens)
+                    seconds += result.wall_time
+                    taus.append(result.tau)
+                if reference is None:
+                    reference = outs  # eager autoregressive greedy
+                agree = [
+                    next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
+                    for o, r in zip(outs, reference)
+                ]
+                same = outs == reference
+                row = {
+                    "dtype": dtype_name, "mode": mode, "kind": kind, "identical_to_eager_greedy": same,
+                    "agreeing_prefix": agree, "tokens_per_s": round(sum(map(len, outs)) / seconds, 1),
+                    "tau": round(sum(taus) / len(taus), 3), "setup_s": round(setup, 2),
+                }
+                report["runs"].append(row)
+                flag = "ok" if same else ("MISMATCH" if strict else "differs (bf16 rounding?)")
+                print(f"[check] {dtype_name:8s} {mode:6s} {kind:14s} {flag:8s} prefix {agree} "
+                      f"{row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  setup {setup:.1f}s", flush=True)
+                if strict and not same:
+                    failures.append(f"{dtype_name} {mode} {kind}: agreeing prefix {agree} of {new_tokens}")
+            if mode != "off":  # the sampling path runs (no equality at T > 0)
+                engine.temperature = 1.0
+                result = engine.generate(prompts[0], new_tokens)
+                ok = len(result.tokens) > 0 and all(0 <= t < target.vocab_size for t in result.tokens)
+                print(f"[check] {dtype_name:8s} {mode:6s} T=1 speculative {'ok' if ok else 'BROKEN'} "
+                      f"({len(result.tokens)} tokens, tau {result.tau:.2f})", flush=True)
+                if not ok:
+                    failures.append(f"{dtype_name} {mode} T=1 produced {result.tokens[:8]}")
+            del engine
+        del target, drafter
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report["failures"] = failures
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    if failures:
+        print("[check] FAILED:\n  " + "\n  ".join(failures), flush=True)
+        return 1
+    print("[check] PASSED: static and graph paths reproduce eager greedy decoding", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+def run_generate(args) -> int:
+    """``draftrl generate``: a prompt (or a question JSONL) to text, with τ and speed on stderr."""
+    import torch
+
+    from speculative.engine import SpeculativeGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.prompt is None) == (args.input is None):
+        print("draftrl generate: give a prompt or --input FILE.jsonl (one of them)", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    target, drafter, tokenizer = load_models(args.target, args.drafter, device, dtype, args.cache_dir)
+    eos = eos_token_ids(tokenizer, target.model)
+    if args.input is not None:
+        name, path = resolve_bench(args.input, args.bench_dir)
+        questions = load_questions(path, args.num_prompts, name)
+    else:
+        questions = [BenchQuestion("prompt", "", [args.prompt])]
+    budget = max(context_budget(tokenizer, questions, args.max_new_tokens), 64) if not args.raw else None
+    engine = SpeculativeGenerator(target, drafter, _tree_config(args), temperature=args.temperature,
+                                  seed=args.seed, compile=args.compile, max_len=budget)
+
+    def run(ids: list[int], turn: int = 0):
+        return engine.generate(ids, args.max_new_tokens, eos)
+
+    out = open(args.out, "w") if args.out else None
+    try:
+        for question in questions:
+            if args.raw:  # the prompt as plain text, no chat template
+                ids = tokenizer(question.turns[0])["input_ids"]
+                result = run(ids)
+                turns = [TurnResult(0, ids, question.turns[0], result.tokens,
+                                    tokenizer.decode(result.tokens, skip_special_tokens=True),
+                                    result.wall_time, result.accept_lengths)]
+            else:
+                turns = run_conversation(run, tokenizer, question, eos)
+            for turn in turns:
+                forwards = len(turn.accept_lengths)
+                tau = 1 + sum(turn.accept_lengths) / forwards if forwards else 1.0
+                rate = len(turn.tokens) / turn.wall_time if turn.wall_time else math.inf
+                print(f"[draftrl] {question.question_id} turn {turn.turn}: {len(turn.tokens)} tokens, "
+                      f"tau {tau:.2f}, {rate:.1f} tok/s", file=sys.stderr)
+            if out is not None or args.input is not None:
+                line = json.dumps({"question_id": question.question_id, "category": question.category,
+                                   "turns": question.turns, "answers": [t.text for t in turns]})
+                print(line, file=out or sys.stdout)
+            else:
+                print(turns[-1].text)
+    finally:
+        if out is not None:
+            out.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+# EAGLE-3's evaluation tree (``speculative.tree.TreeConfig``'s defaults; kept in sync by a test).
+TREE_DEFAULTS = {"depth": 6, "top_k": 10, "total_tokens": 59}
+
+
+def add_model_args(parser, drafter_required: bool) -> None:
+    parser.add_argument("--target", default="smollm2",
+                        help="target: smollm2 (bundled), a .gguf file, an HF directory or hub id")
+    parser.add_argument("--drafter", type=Path, required=drafter_required, default=None,
+                        help="EAGLE-3 drafter directory" + ("" if drafter_required else " (none: plain decoding)"))
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=TREE_DEFAULTS["depth"], help="draft tree levels below the root")
+    parser.add_argument("--top-k", type=int, default=TREE_DEFAULTS["top_k"], help="children per expanded node")
+    parser.add_argument("--total-tokens", type=int, default=TREE_DEFAULTS["total_tokens"],
+                        help="draft tokens per verification (root excluded)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="target/drafter dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "off", "static", "graph", "inductor"],
+                        help="auto: CUDA graphs on GPU (graph), eager on CPU (off); static: fixed shapes, "
+                             "no graphs; inductor: torch.compile + CUDA graphs (compiles for minutes)")
+    parser.add_argument("--bench-dir", type=Path, default=None,
+                        help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR or ../shared/data/bench)")
+    parser.add_argument("--num-prompts", type=int, default=None, metavar="N", help="first N questions only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where converted targets live")

@@ -1,0 +1,312 @@
+"""Static-shape decoding for the speculative engine, replayed as CUDA graphs on GPU (gpt-fast style).
+
+A 135M target is launch-bound: a decode step is ~450 small kernels, so eager PyTorch spends its
+time in Python and kernel launches, not in math. Here every per-step computation has shapes that
+depend only on the tree config and a fixed cache length ``max_len``, never on values, so each can
+be captured once as a ``torch.cuda.CUDAGraph`` and replayed with one launch:
+
+* ``decode``: one autoregressive target step (the baseline);
+* ``draft_verify``: the whole draft-tree search (``depth - 1`` drafter forwards, top-k, selection)
+  *and* the verification forward of the fixed-size chunk [root, N nodes], in ONE graph;
+* ``catch_up[m]``: compaction of the m - 1 accepted nodes in the target cache plus the drafter's
+  re-prefill of the m accepted tokens (one graph per m = 1 .. depth + 1).
+
+Values that change between steps (root token and position, accepted tokens) live in static input
+buffers that the host fills before a replay; attention masks are built inside the graphs from
+those positions, over the whole static cache (stale slots are masked out, never read).
+
+Prefills have a prompt-dependent length and run eagerly (once per prompt). The host does what
+needs Python anyway: verification of the tree (``speculative.verify``), sampling, EOS checks.
+
+With ``use_graphs=False`` the very same functions run eagerly: that is how CPU tests check the
+static path token for token against the target's greedy decoding, so on GPU the graphs only
+replay code that is already tested.
+
+``compiled=True`` first passes each step function through ``torch.compile`` (Inductor,
+``fullgraph=True``, static shapes) and captures the compiled code in the graph: Inductor fuses the
+~45 small kernels of a layer into a few, which a graph alone cannot do. It costs a compile of
+each step function on first use (minutes for a 30-layer target), so it is opt-in. (Inductor's
+own ``mode="reduce-overhead"`` graphs are not used: they skip functions that mutate their inputs,
+and every step here writes a KV cache.)
+
+Drafter cache layout (``StaticDraftCache``): slots ``[0, max_len)`` hold the accepted context (the
+drafter entry of position p at slot p - 1) and ``[max_len, max_len + scratch)`` the entries of the
+tree being grown, always at the same slots; positions are explicit (RoPE), so where an entry sits
+does not matter to attention, only the mask does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from speculative.llama import FastLlama, causal_slot_mask
+from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
+
+
+class StaticDraftCache:
+    """Preallocated drafter keys/values ``[B, heads, max_len + scratch, d]`` with explicit slots.
+
+    Implements the drafter's ``attend(q, k, v)`` protocol with ``MaskedKVCache``'s arithmetic
+    (fp32 scores, masked softmax), so static and eager drafting agree to rounding.
+    """
+
+    def __init__(self, batch: int, heads: int, context_len: int, scratch_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, heads, context_len + scratch_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.context_len = context_len
+        self.scratch_len = scratch_len
+        self._slots: int | torch.Tensor = 0
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[-2]
+
+    def prepare(self, slots: int | torch.Tensor, mask: torch.Tensor) -> None:
+        """Where the next call writes (first of T contiguous slots, or slots ``[T]``) and what it
+        sees: ``mask [B, T, size]``, True = may attend (it must include the query's own slot)."""
+        self._slots, self._mask = slots, mask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if isinstance(self._slots, int):
+            self.keys[:, :, self._slots : self._slots + k.shape[-2]] = k
+            self.values[:, :, self._slots : self._slots + k.shape[-2]] = v
+        else:
+            self.keys.index_copy_(2, self._slots, k)
+            self.values.index_copy_(2, self._slots, v)
+        scores = torch.matmul(q.float(), self.keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~self._mask[:, None], float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), self.values.float()).to(q.dtype)
+
+
+def round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def clone_tree(tree: DraftTree) -> DraftTree:
+    """A copy that survives the next replay (graph outputs are overwritten in place)."""
+    fields = {
+        f.name: getattr(tree, f.name).clone()
+        for f in dataclasses.fields(tree)
+        if isinstance(getattr(tree, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(tree, **fields)
+
+
+class StaticDecoder:
+    """Static caches, input/output buffers and (optionally) CUDA graphs for one sequence.
+
+    ``max_len`` bounds prompt + generated tokens + the verification chunk; the engine rebuilds
+    the decoder when a request needs more (graphs are tied to buffer addresses and shapes).
+    """
+
+    def __init__(self, fast: FastLlama, drafter=None, tree: TreeConfig | None = None,
+                 max_len: int = 1024, use_graphs: bool = False, compiled: bool = False):
+        if use_graphs and fast.device.type != "cuda":
+            raise ValueError("CUDA graphs need the target on a CUDA device")
+        if drafter is not None and tree is not None and tree.sample_temperature is not None:
+            raise ValueError("sampled draft chains draw random numbers while drafting: use the eager path")
+        self.fast = fast
+        self.drafter = drafter
+        self.tree_config = tree or TreeConfig()
+        self.device = fast.device
+        self.use_graphs = use_graphs
+        self.max_len = round_up(max_len)
+        long = dict(dtype=torch.long, device=self.device)
+        self.cache = fast.new_cache(1, self.max_len)
+        self.cols = torch.arange(self.max_len, **long)
+        self.token = torch.zeros(1, 1, **long)  # decode input / root token
+        self.pos = torch.zeros(1, **long)  # decode position / root position
+        self.num_nodes = self.scratch = 0
+        if drafter is not None:
+            config = drafter.config
+            self.num_nodes, self.scratch = tree_size(self.tree_config, config.draft_vocab_size)
+            dtype = drafter.fc.weight.dtype
+            self.dcache = StaticDraftCache(
+                1, config.num_attention_heads, self.max_len, self.scratch, config.head_dim, dtype, self.device
+            )
+            self.root_logits = torch.zeros(1, config.draft_vocab_size, dtype=dtype, device=self.device)
+            self.root_hidden = torch.zeros(1, config.hidden_size, dtype=dtype, device=self.device)
+            self.trees_ok = torch.ones((), dtype=torch.bool, device=self.device)
+            # Catch-up inputs per accepted count m: row 0 tokens, row 1 rows of the verification
+            # chunk whose aux hidden feeds them, row 2 (first m - 1) cache slots to compact.
+            self.catch_up_inputs = {
+                m: torch.zeros(3, m, **long) for m in range(1, self.tree_config.depth + 2)
+            }
+            self.verify_aux: torch.Tensor | None = None
+        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, object]] = {}
+        self._decode_fn, self._draft_verify_fn, self._catch_up_fn = (
+            self._decode_step, self._draft_verify_step, self._catch_up_step
+        )
+        if compiled:
+            from torch import _dynamo
+
+            # One compiled variant per catch-up length m and per decoder instance.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(_dynamo.config, name):
+                    setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
+            options = dict(fullgraph=True, dynamic=False)
+            self._decode_fn = torch.compile(self._decode_step, **options)
+            self._draft_verify_fn = torch.compile(self._draft_verify_step, **options)
+            self._catch_up_fn = torch.compile(self._catch_up_step, **options)
+        if use_graphs:
+            self._capture_all()
+
+    @property
+    def chunk_len(self) -> int:
+        """Tokens in one verification forward: the root and the draft nodes."""
+        return 1 + self.num_nodes
+
+    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        return prompt_len + max_new_tokens + self.chunk_len <= self.max_len
+
+    # ---------------------------------------------------------------- graph-captured steps
+
+    def _decode_step(self) -> torch.Tensor:
+        pos = self.pos.view(1, 1)
+        mask = (self.cols <= self.pos)[None, None]  # [1, 1, S]: the prefix and itself
+        return self.fast(self.token, pos, self.cache, pos, mask).logits[0, -1]
+
+    def _feed(self, ids, hidden, positions, tree_mask):
+        """``grow_draft_tree``'s drafter call: context slots below the root's, tree scratch."""
+        batch, width = ids.shape
+        fed = tree_mask.shape[-1] - width
+        context = (self.cols < self.pos[:, None, None]).expand(batch, width, self.max_len)
+        unused = torch.zeros(batch, width, self.scratch - fed - width, dtype=torch.bool, device=self.device)
+        self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
+        return self.drafter(ids, hidden, positions, self.dcache)
+
+    def _draft_verify_step(self):
+        tree, closed = grow_draft_tree(
+            self.drafter, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
+        )
+        self.trees_ok.logical_and_(closed)
+        length = self.chunk_len
+        chunk = torch.cat([self.token, tree.tokens], 1)
+        slots = self.pos[:, None] + torch.arange(length, device=self.device)  # [1, T]
+        mask = (self.cols < self.pos[:, None, None]).expand(1, length, self.max_len).contiguous()
+        mask.scatter_(2, slots[:, None, :].expand(1, length, length), tree.chunk_mask())
+        out = self.fast(chunk, tree.chunk_positions(), self.cache, slots, mask)
+        return tree, out.logits, out.aux_hidden
+
+    def _catch_up_step(self, m: int) -> None:
+        inputs = self.catch_up_inputs[m]
+        if m > 1:  # accepted nodes behind the root in the target cache
+            self.cache.compact(inputs[2:3, : m - 1], self.pos + 1)
+        offsets = torch.arange(m, device=self.device)
+        positions = self.pos[:, None] + 1 + offsets  # [1, m]
+        context = self.cols[None, None, :] <= (self.pos[:, None, None] + offsets[None, :, None])
+        unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
+        self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
+        hidden = self.drafter.fuse_target_hidden(self.verify_aux[:, inputs[1]])
+        logits, prenorm = self.drafter(inputs[0:1], hidden, positions, self.dcache)
+        self.root_logits.copy_(logits[:, -1])
+        self.root_hidden.copy_(prenorm[:, -1])
+
+    # ---------------------------------------------------------------- capture / run
+
+    def _capture(self, key, fn) -> None:
+        """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        self._graphs[key] = (graph, out)
+
+    @torch.no_grad()
+    def _capture_all(self) -> None:
+        with torch.cuda.device(self.device):
+            self._capture_steps()
+        torch.cuda.synchronize(self.device)
+
+    def _capture_steps(self) -> None:
+        # Inputs are zeros: every slot index used while warming up and capturing is in range,
+        # and whatever the warm-up writes into the caches is masked out or overwritten later.
+        self._capture("decode", self._decode_fn)
+        if self.drafter is not None:
+            self._capture("draft_verify", self._draft_verify_fn)
+            self.verify_aux = self._graphs["draft_verify"][1][2]
+            for m in self.catch_up_inputs:
+                self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
+            self.trees_ok.fill_(True)
+
+    def _run(self, key, fn, *args):
+        if self.use_graphs:
+            graph, out = self._graphs[key]
+            graph.replay()
+            return out
+        return fn(*args)
+
+    # ---------------------------------------------------------------- the engine's interface
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int]):
+        """Target prefill (eager: its length varies) into slots ``0 .. n-1``."""
+        n = len(prompt)
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.fast(
+            ids, torch.arange(n, device=self.device)[None], self.cache, 0,
+            causal_slot_mask(0, n, n, device=self.device), logits_rows=slice(n - 1, n),
+        )
+        return ids, out
+
+    @torch.no_grad()
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        """Logits ``[V]`` after ``token`` at position (== cache slot) ``pos``."""
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        return self._run("decode", self._decode_fn)
+
+    @torch.no_grad()
+    def drafter_prefill(self, ids: torch.Tensor, aux_hidden: torch.Tensor, root_token: int) -> None:
+        """Drafter over x_1..x_{n-1}, root at positions 1..n with h_{p-1} (eager, once a prompt)."""
+        n = ids.shape[1]
+        d_ids = torch.cat([ids[:, 1:], torch.tensor([[root_token]], device=self.device)], dim=1)
+        mask = torch.cat(
+            [causal_slot_mask(0, n, self.max_len, device=self.device),
+             torch.zeros(1, n, self.scratch, dtype=torch.bool, device=self.device)], -1,
+        )
+        self.dcache.prepare(0, mask)
+        logits, prenorm = self.drafter(
+            d_ids, self.drafter.fuse_target_hidden(aux_hidden),
+            torch.arange(1, n + 1, device=self.device)[None], self.dcache,
+        )
+        self.root_logits.copy_(logits[:, -1])
+        self.root_hidden.copy_(prenorm[:, -1])
+
+    @torch.no_grad()
+    def draft_verify(self, root_token: int, root_pos: int) -> tuple[DraftTree, torch.Tensor]:
+        """Grow the tree from the root and verify it: (tree, target logits ``[1, 1 + N, V]``)."""
+        self.token.fill_(root_token)
+        self.pos.fill_(root_pos)
+        tree, logits, aux = self._run("draft_verify", self._draft_verify_fn)
+        self.verify_aux = aux
+        return tree, logits
+
+    @torch.no_grad()
+    def catch_up(self, tokens: list[int], path: list[int], root_pos: int) -> None:
+        """Compact the accepted nodes behind the root, re-prefill the drafter on ``tokens``."""
+        m = len(tokens)
+        slots = [root_pos + 1 + i for i in path] + [0]
+        rows = [0] + [1 + i for i in path]
+        self.catch_up_inputs[m].copy_(torch.tensor([tokens, rows, slots[:m]]))
+        self.pos.fill_(root_pos)
+        self._run(("catch_up", m), self._catch_up_fn, m)
+
+    def begin(self) -> None:
+        if self.drafter is not None:
+            self.trees_ok.fill_(True)
+
+    def end(self) -> None:
+        if self.drafter is not None and not bool(self.trees_ok):
+            raise RuntimeError("draft tree selection is not ancestor-closed")

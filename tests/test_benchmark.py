@@ -1,0 +1,218 @@
+"""``draftrl eval`` / ``draftrl generate``: benchmark prompts, multi-turn flow, reports (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from pipeline.benchmark import (
+    TREE_DEFAULTS,
+    BenchmarkError,
+    BenchQuestion,
+    answer_text,
+    chat_prompt,
+    eos_token_ids,
+    load_questions,
+    resolve_bench,
+    run_conversation,
+)
+from pipeline.cli import main
+from speculative.checkpoint import save_drafter
+from speculative.target import TargetModel, load_tokenizer
+from speculative.tree import TreeConfig
+from tests.conftest import tiny_drafter, tiny_llama
+
+SHIPPED = ("mt_bench", "humaneval", "gsm8k")
+TREE_ARGS = ["--depth", "3", "--top-k", "3", "--total-tokens", "8", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """A random Llama with SmolLM2's vocabulary and tokenizer, and a drafter saved for it."""
+    root = tmp_path_factory.mktemp("bench_models")
+    model = tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8)
+    model.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    save_drafter(tiny_drafter(TargetModel(model), seed=1), root / "drafter")
+    return root / "target", root / "drafter"
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def two_turn_file(tmp_path):
+    return _write(tmp_path / "chat.jsonl", [
+        {"question_id": 7, "category": "writing", "turns": ["Tell me a joke.", "Now explain it."]},
+        {"question_id": 8, "category": "math", "turns": ["What is 2 + 2?", "And 3 + 3?"]},
+    ])
+
+
+def test_load_and_resolve_questions(tmp_path, monkeypatch):
+    path = _write(tmp_path / "mini.jsonl", [
+        {"question_id": i, "category": "c", "turns": [f"q{i}"], "reference": ["x"]} for i in range(3)
+    ] + [""])
+    questions = load_questions(path)
+    assert [q.question_id for q in questions] == [0, 1, 2] and questions[0].turns == ["q0"]
+    assert questions[0].bench == "mini" and len(load_questions(path, limit=2)) == 2
+    assert resolve_bench("mini", tmp_path) == ("mini", tmp_path / "mini.jsonl")
+    assert resolve_bench(str(path)) == ("mini", path)
+    monkeypatch.setenv("DRAFTRL_BENCH_DIR", str(tmp_path))
+    assert resolve_bench("mini") == ("mini", tmp_path / "mini.jsonl")
+    with pytest.raises(BenchmarkError, match=r"'nope' not found.*\['mini'\]"):
+        resolve_bench("nope")
+    with pytest.raises(BenchmarkError, match="not found"):
+        resolve_bench(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ('{"question_id": 2, "turns": ["a"', "not valid JSON"),
+        ('{"question_id": 2, "category": "x"}', "'turns' must be a non-empty list"),
+        ('{"question_id": 2, "turns": []}', "'turns' must be a non-empty list"),
+        ('{"question_id": 2, "turns": ["fine", 3]}', "turn 1 is not a non-empty string"),
+        ('["not", "an", "object"]', "expected a JSON object"),
+    ],
+)
+def test_malformed_question_names_file_and_line(tmp_path, bad, message):
+    path = _write(tmp_path / "bad.jsonl", [{"question_id": 1, "turns": ["ok"]}, bad])
+    with pytest.raises(BenchmarkError, match=message) as error:
+        load_questions(path)
+    assert f"{path}:2:" in str(error.value)
+
+
+def test_shipped_benchmarks_load():
+    try:
+        paths = [resolve_bench(name)[1] for name in SHIPPED]
+    except BenchmarkError:
+        pytest.skip("the shared benchmark folder is not next to this checkout")
+    for path in paths:
+        questions = load_questions(path)
+        assert len(questions) == 80
+    assert all(len(q.turns) == 2 for q in load_questions(paths[0]))  # MT-Bench: two turns
+
+
+def test_tree_defaults_match_the_engine():
+    default = TreeConfig()
+    assert TREE_DEFAULTS == {"depth": default.depth, "top_k": default.top_k, "total_tokens": default.total_tokens}
+
+
+def test_chat_prompt_and_stop_tokens(tokenizer):
+    ids, text = chat_prompt(tokenizer, [{"role": "user", "content": "Hi there"}])
+    assert text.endswith("<|im_start|>assistant\n") and "Hi there" in text
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = eos_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
+    tokens = tokenizer("Paris is lovely.", add_special_tokens=False)["input_ids"]
+    assert answer_text(tokenizer, tokens + [min(eos)], eos) == "Paris is lovely."
+
+
+@dataclass
+class _Fake:
+    tokens: list[int]
+    wall_time: float = 0.01
+    accept_lengths: tuple = ()
+
+
+def test_second_turn_follows_the_models_own_first_answer(tokenizer):
+    """MT-Bench protocol: turn 2's prompt holds the answer the *same* decoder gave to turn 1."""
+    eos = eos_token_ids(tokenizer)
+    answers = iter(["The answer is forty-two.", "Because six times seven."])
+    prompts = []
+
+    def generate(ids, turn):
+        prompts.append((turn, ids))
+        return _Fake(tokenizer(next(answers), add_special_tokens=False)["input_ids"] + [min(eos)])
+
+    question = BenchQuestion(1, "reasoning", ["What is the answer?", "Why?"])
+    turns = run_conversation(generate, tokenizer, question, eos)
+    assert [t.text for t in turns] == ["The answer is forty-two.", "Because six times seven."]
+    assert [turn for turn, _ in prompts] == [0, 1]
+    second = turns[1].prompt_text
+    assert second.index("What is the answer?") < second.index("The answer is forty-two.") < second.index("Why?")
+    assert tokenizer.decode(prompts[1][1]) == second
+
+
+def test_eval_end_to_end(tmp_path, models, two_turn_file, capsys):
+    target_dir, drafter_dir = models
+    out = tmp_path / "eval"
+    code = main([
+        "eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--bench", str(two_turn_file),
+        "--temperature", "0,1", "--max-new-tokens", "6", "--out", str(out), *TREE_ARGS,
+    ])
+    assert code == 0
+    assert "| chat | 0 |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["tree"]["depth"] == 3 and results["config"]["compile"] == "off"
+    blocks = {b["temperature"]: b for b in results["results"]}
+    assert set(blocks) == {0.0, 1.0}
+    for block in blocks.values():
+        assert block["bench"] == "chat" and block["questions"] == 2 and block["generations"] == 4
+        assert block["tau"] >= 1.0 and block["spec_tokens"] > 0 and block["baseline_tokens"] > 0
+        assert block["spec_tokens_per_s"] > 0 and block["speedup"] > 0
+        assert sum(block["accept_histogram"]) == block["verify_forwards"]
+    assert blocks[0.0]["mismatches"] == 0 and blocks[1.0]["mismatches"] is None
+    assert "| chat | 1 |" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 10_000
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(records) == 8
+    for first, second in zip(records[::2], records[1::2]):
+        assert (first["turn"], second["turn"]) == (0, 1)
+        for side in ("spec", "baseline"):  # each run continues its own conversation
+            assert second[side]["prompt"].startswith(first[side]["prompt"])
+            assert first[side]["text"] in second[side]["prompt"]
+        if first["temperature"] == 0:
+            assert first["identical"] and second["identical"]
+
+
+def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
+    """The fixed-shape path (what CUDA graphs replay) through the CLI, and the self-check."""
+    target_dir, drafter_dir = models
+    common = ["--drafter", str(drafter_dir), "--target", str(target_dir), *TREE_ARGS]
+    out = tmp_path / "static"
+    assert main(["eval", *common, "--bench", str(two_turn_file), "--temperature", "0",
+                 "--max-new-tokens", "5", "--compile", "static", "--out", str(out)]) == 0
+    block = json.loads((out / "results.json").read_text())["results"][0]
+    assert block["mismatches"] == 0 and block["generations"] == 4
+    check = tmp_path / "check"
+    assert main(["eval", "--check", *common, "--bench", str(two_turn_file), "--max-new-tokens", "8",
+                 "--out", str(check)]) == 0
+    report = json.loads((check / "check.json").read_text())
+    assert not report["failures"]
+    assert {(r["mode"], r["kind"]) for r in report["runs"]} == {
+        (m, k) for m in ("off", "static") for k in ("autoregressive", "speculative")
+    }
+    assert all(r["identical_to_eager_greedy"] for r in report["runs"])
+
+
+def test_generate_prompt_and_jsonl(tmp_path, models, two_turn_file, capsys):
+    target_dir, drafter_dir = models
+    common = ["--target", str(target_dir), "--max-new-tokens", "4", *TREE_ARGS]
+    assert main(["generate", "Say hello.", "--drafter", str(drafter_dir), *common]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "tau" in captured.err
+    answers = tmp_path / "answers.jsonl"
+    assert main(["generate", "--input", str(two_turn_file), "--out", str(answers), *common]) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [7, 8] and all(len(r["answers"]) == 2 for r in rows)
+    assert main(["generate", *common]) == 2  # neither a prompt nor --input
+    assert main(["generate", "--input", "no_such_bench", "--bench-dir", str(tmp_path), *common]) == 2

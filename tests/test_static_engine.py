@@ -1,0 +1,188 @@
+"""The static-shape engine path (what CUDA graphs replay on GPU), run eagerly on CPU.
+
+On GPU ``compile="graph"`` captures exactly the functions that ``compile="static"`` runs here,
+so these tests are what keeps the graph path lossless; ``draftrl eval --check`` then only has
+to show on the GPU that replaying them gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speculative.engine import SpeculativeGenerator, resolve_compile_mode
+from speculative.graphs import StaticDecoder, StaticDraftCache
+from speculative.kv_cache import MaskedKVCache
+from speculative.llama import FastLlama
+from speculative.target import TargetModel
+from speculative.tree import TreeConfig, tree_size
+from speculative.ttt import restrict_to_draft_vocab, step_weights, training_time_test
+from speculative.vocab import DraftVocab
+from tests.conftest import tiny_drafter
+from tests.test_tree_engine import _predictable_target, hf_greedy, small_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def agreeing_pair():
+    """A drafter trained by TTT on the target's own greedy outputs: long acceptances."""
+    target = _predictable_target()
+    prompts = torch.randint(0, 64, (48, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        data = prompts
+        for _ in range(18):
+            data = torch.cat([data, target.features(data).logits[:, -1:].argmax(-1)], 1)
+    feats = target.features(data)
+    drafter = tiny_drafter(target, seed=0)
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=2e-2)
+    attention = torch.ones_like(data)
+    loss_mask = attention.clone()
+    loss_mask[:, :6] = 0
+    restricted = restrict_to_draft_vocab(feats.logits, drafter.draft_to_target)
+    for _ in range(40):
+        result = training_time_test(
+            drafter, data, attention, loss_mask, *restricted, feats.aux_hidden, 3, step_weights(3, 0.8)
+        )
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    return target, drafter.eval()
+
+
+def test_tree_size_matches_the_builder():
+    for config, vocab in [(TreeConfig(), 32000), (TreeConfig(4, 3, 100), 40), (TreeConfig.chain(5), 9),
+                          (TreeConfig(3, 8, 20), 5)]:
+        nodes, fed = tree_size(config, vocab)
+        k = min(config.top_k, vocab)
+        assert fed == k * (config.depth - 1)
+        assert nodes == min(config.total_tokens, k + k * k * (config.depth - 1))
+
+
+def test_static_draft_cache_matches_masked_cache():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+    prefix_k, prefix_v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    eager = MaskedKVCache()
+    eager.keys, eager.values = prefix_k.clone(), prefix_v.clone()
+    mask = torch.tensor([[[1, 1, 1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 1, 0], [1, 0, 1, 1, 1, 1, 0, 1]]]).bool()
+    eager.set_mask(mask)
+    want = eager.attend(q, k, v)
+    # Same entries at scattered slots of a bigger static cache, junk elsewhere (masked out).
+    static = StaticDraftCache(1, 2, 12, 6, 8, torch.float32, "cpu")
+    static.keys.normal_()
+    static.values.normal_()
+    static.keys[:, :, 2:7], static.values[:, :, 2:7] = prefix_k, prefix_v
+    full = torch.zeros(1, 3, 18, dtype=torch.bool)
+    full[..., 2:7] = mask[..., :5]
+    full[..., 13:16] = mask[..., 5:]
+    static.prepare(13, full)
+    assert torch.allclose(static.attend(q, k, v), want, atol=1e-6)
+    static.prepare(torch.tensor([13, 14, 15]), full)
+    assert torch.allclose(static.attend(q, k, v), want, atol=1e-6)
+
+
+def test_compile_modes():
+    assert resolve_compile_mode("auto", "cpu") == "off"
+    assert resolve_compile_mode("static", "cpu") == "static"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_compile_mode("graph", "cpu")
+    with pytest.raises(ValueError, match="compile mode"):
+        resolve_compile_mode("fast", "cpu")
+    target = TargetModel(small_llama(0, layers=3))
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticDecoder(FastLlama.from_target(target), use_graphs=True)
+
+
+def test_static_greedy_equals_target_greedy_random_drafters():
+    """Mostly rejections: the correction path, d2t mapping, varied tree shapes, cache reuse."""
+    for seed in range(8):
+        hf = small_llama(200 + seed, layers=3)
+        target = TargetModel(hf)
+        vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
+        drafter = tiny_drafter(target, vocab, seed=seed)
+        tree = TreeConfig(depth=2 + seed % 4, top_k=1 + seed % 4, total_tokens=4 + 2 * seed)
+        engine = SpeculativeGenerator(target, drafter, tree, compile="static")
+        prompt = torch.randint(0, 64, (1 + 2 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want = hf_greedy(hf, prompt, 24)
+        result = engine.generate(prompt, 24)
+        assert result.tokens == want, seed
+        assert result.target_forwards == 1 + len(result.accept_lengths)
+        assert engine.generate_autoregressive(prompt, 24).tokens == want
+        # Reusing the static caches for another prompt: stale entries must stay invisible.
+        assert engine.generate(prompt[:2], 12).tokens == hf_greedy(hf, prompt[:2], 12)
+
+
+def test_static_path_equals_eager_path_step_by_step(agreeing_pair):
+    """Long acceptances (compaction, multi-token catch-up): same tokens, same trees, same
+    acceptance lengths as the eager engine, and the target's greedy output."""
+    target, drafter = agreeing_pair
+    accepted = steps = 0
+    for seed in range(8):
+        tree = [TreeConfig(depth=5, top_k=4, total_tokens=16), TreeConfig.chain(4)][seed % 2]
+        prompt = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(100 + seed)).tolist()
+        eager = SpeculativeGenerator(target, drafter, tree, record_steps=True).generate(prompt, 32)
+        static_engine = SpeculativeGenerator(target, drafter, tree, record_steps=True, compile="static")
+        static = static_engine.generate(prompt, 32)
+        assert static.tokens == eager.tokens == hf_greedy(target.model, prompt, 32), seed
+        assert static.accept_lengths == eager.accept_lengths, seed
+        for a, b in zip(eager.trees, static.trees):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+            assert torch.allclose(a.dists, b.dists, atol=1e-5)
+        # Recorded trees are copies, not views of the decoder's buffers.
+        assert static.trees[0].root_positions.data_ptr() != static_engine._static.pos.data_ptr()
+        accepted += sum(static.accept_lengths)
+        steps += len(static.accept_lengths)
+    assert accepted / steps > 1.5
+
+
+def test_static_sampling_matches_eager_sampling(agreeing_pair):
+    """At T > 0 the static path consumes the generator exactly like the eager one."""
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=10)
+    prompt = [5, 9, 2, 33, 4, 17]
+    eager = SpeculativeGenerator(target, drafter, tree, temperature=1.0, seed=3).generate(prompt, 24)
+    static = SpeculativeGenerator(target, drafter, tree, temperature=1.0, seed=3, compile="static")
+    assert static.generate(prompt, 24).tokens == eager.tokens
+    base = SpeculativeGenerator(target, None, temperature=1.0, seed=4).generate_autoregressive(prompt, 24)
+    static_base = SpeculativeGenerator(target, None, temperature=1.0, seed=4, compile="static")
+    assert static_base.generate_autoregressive(prompt, 24).tokens == base.tokens
+
+
+def test_static_cache_grows_when_a_request_does_not_fit(agreeing_pair):
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
+    engine = SpeculativeGenerator(target, drafter, tree, compile="static", max_len=16)
+    assert engine._static.max_len == 64  # 16 + 1 + 6, rounded up to a multiple of 64
+    prompt = list(range(1, 41))
+    with pytest.warns(UserWarning, match="rebuilding"):
+        result = engine.generate(prompt, 40)
+    assert engine._static.max_len >= 40 + 40 + 7
+    assert result.tokens == hf_greedy(target.model, prompt, 40)
+
+
+def test_sampled_chains_fall_back_to_the_eager_path(agreeing_pair):
+    target, drafter = agreeing_pair
+    with pytest.warns(UserWarning, match="eagerly"):
+        engine = SpeculativeGenerator(target, drafter, TreeConfig.chain(3, sample_temperature=1.0),
+                                      temperature=1.0, compile="static")
+    assert engine.compile == "off"
+    assert len(engine.generate([1, 2, 3], 8).tokens) == 8
+
+
+def test_failed_graph_build_falls_back_to_static(agreeing_pair):
+    """A capture that fails (here: graphs on CPU) degrades to the static path with a warning."""
+    target, drafter = agreeing_pair
+    engine = SpeculativeGenerator(target, drafter, TreeConfig(depth=3, top_k=2, total_tokens=6), compile="static")
+    engine.compile = "graph"  # as if resolved on a GPU
+    prompt = [4, 8, 15, 16, 23]
+    with pytest.warns(UserWarning, match="compile='graph' failed"):
+        result = engine.generate(prompt, 12)
+    assert engine.compile == "static" and "CUDA" in engine.compile_errors[0]
+    assert result.tokens == hf_greedy(target.model, prompt, 12)
