@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from speculative.checkpoint import save_drafter
 from speculative.drafter import Eagle3Drafter
+from speculative.files import atomic_directory
 
 STATE_FILE = "trainer_state.pt"
 
@@ -40,18 +40,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     root: Path, step: int, drafter: Eagle3Drafter, state: dict[str, Any], keep: int
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=root))
-    try:
+    with atomic_directory(final) as staging:
         save_drafter(drafter, staging / "drafter", dtype=torch.float32, metadata={"step": step})
         torch.save({**state, "step": step, "rng": rng_state()}, staging / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     (root / "latest.tmp").write_text(final.name)
     (root / "latest.tmp").replace(root / "latest")
     for old in sorted(root.glob("step_*"))[:-keep]:

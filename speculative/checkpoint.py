@@ -9,16 +9,14 @@ checkpoints (``pytorch_model.bin``) and SpecForge outputs, which use the same te
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from speculative.files import atomic_directory, file_sha256
 from speculative.drafter import DrafterConfig, Eagle3Drafter
 from speculative.vocab import DraftVocab
 
@@ -89,14 +87,6 @@ def drafter_config_from_hf(data: dict[str, Any], source: Path) -> DrafterConfig:
         raise ValueError(f"{source}: config.json lacks the field {missing}") from None
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_drafter(
     drafter: Eagle3Drafter,
     out_dir: str | Path,
@@ -105,9 +95,7 @@ def save_drafter(
 ) -> Path:
     """Write the drafter atomically (a temp dir renamed into place) with a weights checksum."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         tensors = {
             name: tensor.detach().to("cpu", dtype).contiguous()
             for name, tensor in drafter.state_dict().items()
@@ -121,17 +109,10 @@ def save_drafter(
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         config = hf_config(drafter.config, dtype)
         config["draftrl"] = {
-            "weights_sha256": _digest(staging / WEIGHTS_FILE),
+            "weights_sha256": file_sha256(staging / WEIGHTS_FILE),
             **(metadata or {}),
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        staging.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -155,7 +136,7 @@ def verify_checksum(directory: Path) -> None:
     """Refuse a drafter whose weights differ from the checksum written at save time."""
     config = json.loads((directory / "config.json").read_text())
     expected = (config.get("draftrl") or {}).get("weights_sha256")
-    if expected and _digest(directory / WEIGHTS_FILE) != expected:
+    if expected and file_sha256(directory / WEIGHTS_FILE) != expected:
         raise ValueError(
             f"{directory / WEIGHTS_FILE}: checksum mismatch (truncated or corrupted checkpoint)"
         )

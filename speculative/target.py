@@ -9,18 +9,17 @@ accept the same tokens when vLLM serves it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from speculative.files import atomic_directory, file_sha256
 
 BUILTIN_TARGETS = {
     # name -> (python package that ships the GGUF, file name inside it)
@@ -57,14 +56,6 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Dequantise a GGUF into a safetensors HF directory, once; reuse it while the GGUF is unchanged.
 
@@ -74,14 +65,11 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file).resolve()
-    digest = _file_digest(gguf_file)
+    digest = file_sha256(gguf_file)
     marker = out_dir / "draftrl_source.json"
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    staging.chmod(0o755)
-    try:
+    with atomic_directory(out_dir) as staging:
         kwargs = {"gguf_file": gguf_file.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=dtype, **kwargs)
@@ -97,12 +85,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         (staging / "draftrl_source.json").write_text(
             json.dumps({"gguf": str(gguf_file), "sha256": digest, "dtype": str(dtype)})
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
