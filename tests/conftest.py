@@ -74,3 +74,12 @@ def smollm2_sft_run(tmp_path_factory):
         ],
     )
     return Trainer(config).run()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, two threads make small matmuls far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

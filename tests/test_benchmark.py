@@ -29,12 +29,7 @@ SHIPPED = ("mt_bench", "humaneval", "gsm8k")
 TREE_ARGS = ["--depth", "3", "--top-k", "3", "--total-tokens", "8", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

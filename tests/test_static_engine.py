@@ -16,44 +16,18 @@ from speculative.kv_cache import MaskedKVCache
 from speculative.llama import FastLlama
 from speculative.target import TargetModel
 from speculative.tree import TreeConfig, tree_size
-from speculative.ttt import restrict_to_draft_vocab, step_weights, training_time_test
 from speculative.vocab import DraftVocab
 from tests.conftest import tiny_drafter
-from tests.test_tree_engine import _predictable_target, hf_greedy, small_llama
+from tests.test_tree_engine import hf_greedy, small_llama, train_agreeing_pair
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def agreeing_pair():
     """A drafter trained by TTT on the target's own greedy outputs: long acceptances."""
-    target = _predictable_target()
-    prompts = torch.randint(0, 64, (48, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        data = prompts
-        for _ in range(18):
-            data = torch.cat([data, target.features(data).logits[:, -1:].argmax(-1)], 1)
-    feats = target.features(data)
-    drafter = tiny_drafter(target, seed=0)
-    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=2e-2)
-    attention = torch.ones_like(data)
-    loss_mask = attention.clone()
-    loss_mask[:, :6] = 0
-    restricted = restrict_to_draft_vocab(feats.logits, drafter.draft_to_target)
-    for _ in range(40):
-        result = training_time_test(
-            drafter, data, attention, loss_mask, *restricted, feats.aux_hidden, 3, step_weights(3, 0.8)
-        )
-        optimizer.zero_grad()
-        result.loss.backward()
-        optimizer.step()
-    return target, drafter.eval()
+    return train_agreeing_pair()
 
 
 def test_tree_size_matches_the_builder():

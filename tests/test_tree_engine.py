@@ -21,14 +21,7 @@ from speculative.vocab import DraftVocab
 from tests.conftest import tiny_drafter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dispatch-bound, and on a busy 2-core box a second intra-op thread makes
-    even SmolLM2's matmuls several times slower: one thread is faster for this whole file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_llama(seed: int, vocab: int = 64, layers: int = 4, **overrides) -> LlamaForCausalLM:
@@ -300,8 +293,7 @@ def _predictable_target(seed: int = 1) -> TargetModel:
     return TargetModel(hf, aux_layer_ids=(1, 2, 3))
 
 
-@pytest.fixture(scope="module")
-def trained_pair():
+def train_agreeing_pair():
     """A drafter trained by TTT for 40 steps on the target's own greedy outputs."""
     target = _predictable_target()
     prompts = torch.randint(0, 64, (48, 6), generator=torch.Generator().manual_seed(0))
@@ -324,6 +316,11 @@ def trained_pair():
         result.loss.backward()
         optimizer.step()
     return target, drafter.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    return train_agreeing_pair()
 
 
 def test_greedy_speculative_equals_target_greedy_trained_drafter(trained_pair):
