@@ -13,9 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from pipeline.distributed_config import DistributedConfig, Section
 
 
 class TargetConfig(Section):
@@ -43,8 +41,50 @@ class DrafterSection(Section):
     init_seed: int = 0
 
 
+class GTOSection(Section):
+    """Group Tree Optimization (arXiv 2509.22134); defaults are the paper's (docs/methods/gto.md)."""
+
+    tree_depth: int = Field(8, ge=1, description="draft levels; the paper's EAGLE depth 7 = 8 levels")
+    tree_top_k: int = Field(10, ge=1)
+    tree_total_tokens: int = Field(59, ge=1, description="draft nodes, root excluded (paper: 60 with root)")
+    groups_per_sequence: int = Field(16, ge=1, description="K windows of adjacent positions per sequence")
+    group_size: int = Field(8, ge=2, description="m adjacent positions per group")
+    eta: float = Field(1.0, gt=0.0, description="log-sum-exp temperature of the tree reward")
+    reward: Literal["lse", "max", "mean", "expected"] = Field(
+        "lse", description="aggregation over branches; 'expected' = exact expected accepted length"
+    )
+    reward_temperature: float = Field(
+        1.0, ge=0.0, description="target temperature of acceptance probabilities (0 = greedy)"
+    )
+    clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    std_eps: float = Field(1e-6, gt=0.0)
+    advantage_clip: float | None = Field(None, gt=0.0)
+    loss_weight: float = Field(0.5, ge=0.0, description="omega in L = L_token + omega * L_GTO")
+    token_loss_weight: float = Field(1.0, ge=0.0)
+    reference_refresh_every: int = Field(0, ge=0, description="0: frozen reference (the paper)")
+    positions_per_forward: int = Field(32, ge=1, description="trees verified per packed target forward")
+
+
+class OPDSection(Section):
+    """Draft-OPD (on-policy distillation); defaults follow the paper (docs/methods/draft_opd.md)."""
+
+    chain_length: int = Field(7, ge=1, description="drafted tokens per verification (K)")
+    max_new_tokens: int = Field(256, ge=1, description="rollout length per prompt")
+    rollout_temperature: float = Field(0.0, ge=0.0)
+    gamma: float = Field(0.8, gt=0.0, le=1.0, description="weight gamma^(k-1) of rejected offset k")
+    accepted_weight: float = Field(1.0, ge=0.0, description="lambda_acc (forward KL, accepted states)")
+    rejected_weight: float = Field(1.0, ge=0.0, description="lambda_rej (reverse KL, rejected states)")
+    rejected: Literal["suffix", "first"] = Field(
+        "suffix", description="rejected states: the first rejection and its drafted suffix, or the first only"
+    )
+    sft_weight: float = Field(0.0, ge=0.0, description="mix in the EAGLE-3 loss on the data batch")
+    anchors: Literal["error", "random"] = Field(
+        "error", description="replay from verification anchors, or the paper's random-anchor ablation"
+    )
+
+
 class TrainingConfig(Section):
-    objective: Literal["sft"] = "sft"
+    objective: Literal["sft", "gto", "opd"] = "sft"
     ttt_steps: int = Field(7, ge=1, le=32)
     step_weight_decay: float = Field(0.8, gt=0.0, le=1.0)
     batch_size: int = Field(4, ge=1)
@@ -73,6 +113,9 @@ class ExperimentConfig(Section):
     data: DataConfig = DataConfig()
     drafter: DrafterSection = DrafterSection()
     training: TrainingConfig = TrainingConfig()
+    gto: GTOSection = GTOSection()
+    opd: OPDSection = OPDSection()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,7 @@ diagonal - EAGLE-3's mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,30 @@ def shift_left(x: torch.Tensor, by: int, fill: int | float = 0) -> torch.Tensor:
     return torch.cat([x[:, by:], pad], dim=1)
 
 
+def unroll(
+    drafter: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    aux_hidden: torch.Tensor,
+    num_steps: int,
+    step_inputs: list[torch.Tensor] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Run the drafter's chain at every index at once; yields (k, logits, pre-norm hidden) per step.
+
+    Step k at index t feeds ``step_inputs[k-1][:, t]`` (target ids) at position t+k; by default
+    the data token x_{t+k}, which is teacher forcing (TTT). Passing other tokens replays chains
+    the drafter drafted itself: GTO scores a tree's accepted path this way and Draft-OPD replays
+    its rollouts, both with exactly the attention the drafter had at inference.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    cache = TTTCache(attention_mask)
+    hidden = drafter.fuse_target_hidden(aux_hidden)
+    for k in range(1, num_steps + 1):
+        tokens = shift_left(input_ids, k) if step_inputs is None else step_inputs[k - 1]
+        logits, hidden = drafter(tokens, hidden, positions + k, cache)
+        yield k, logits, hidden
+
+
 def training_time_test(
     drafter: Eagle3Drafter,
     input_ids: torch.Tensor,
@@ -103,18 +128,14 @@ def training_time_test(
     step k at index t predicts x_{t+k+1}, so it counts where ``loss_mask[t+k+1]`` is set.
     """
     target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    cache = TTTCache(attention_mask)
-    hidden = drafter.fuse_target_hidden(aux_hidden)
     mask = loss_mask.float() * attention_mask.float()
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = aux_hidden.new_zeros((), dtype=torch.float32)
     step_loss, step_accuracy, step_count = [], [], []
     run_alive = None
     run_length = torch.zeros_like(input_ids, dtype=torch.float32)
     all_valid = torch.ones_like(run_length)
-    for k in range(1, num_steps + 1):
-        logits, hidden = drafter(shift_left(input_ids, k), hidden, positions + k, cache)
+    for k, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps):
         valid = shift_left(mask, k + 1, 0.0)
         p_logp = shift_left(target_logp, k, 0.0)
         kl = (p_logp.exp() * (p_logp - torch.log_softmax(logits.float(), dim=-1))).sum(-1)

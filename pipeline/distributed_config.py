@@ -1,0 +1,31 @@
+"""The ``distributed`` section: how the Ray pipeline lays out rollout actors and learners.
+
+Kept apart from ``pipeline.config`` so the pipeline's own settings evolve in one place.
+``enabled: false`` (the default) runs the single-process trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DistributedConfig(Section):
+    enabled: bool = Field(False, description="run on Ray (rollout actors + learner group)")
+    address: str | None = Field(None, description="Ray address; None: the job's cluster or a local one")
+    num_learners: int = Field(1, ge=1, description="ranks of the DeepSpeed learner group")
+    num_rollout_actors: int = Field(1, ge=1)
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(1, ge=0, description="async: oldest drafter version lag trained on")
+    broadcast_every: int = Field(1, ge=1, description="learner updates between drafter broadcasts")
+    placement: Literal["colocated", "separate"] = "colocated"
+    gpus_per_learner: float = Field(0.0, ge=0.0)
+    gpus_per_rollout_actor: float = Field(0.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    broadcast_backend: Literal["auto", "nccl", "gloo", "object_store"] = "auto"
+    zero_stage: Literal[0, 1, 2] = 1
