@@ -1,10 +1,15 @@
-"""The target worker: runs the frozen target over batches and packages experiences."""
+"""The target worker: hosts the frozen target and turns data batches into experiences.
+
+A plain class: the single-process trainer calls it directly and the Ray pipeline wraps the
+same class in a rollout actor. ``make_experience`` is the one entry point per objective.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from actors.experience import SFTExperience
+from actors.experience import Experience, SFTExperience
+from speculative.drafter import Eagle3Drafter
 from speculative.target import TargetModel
 from speculative.ttt import restrict_to_draft_vocab
 
@@ -15,6 +20,34 @@ class TargetWorker:
     def __init__(self, target: TargetModel, draft_to_target: torch.Tensor):
         self.target = target
         self.draft_to_target = draft_to_target.to(target.device)
+        self._fast = None
+        self._engine = None
+        self._engine_key = None
+
+    @property
+    def fast(self):
+        """The static-cache forward over the target's weights (tree verification, rollouts)."""
+        if self._fast is None:
+            from speculative.llama import FastLlama
+
+            self._fast = FastLlama.from_target(self.target)
+        return self._fast
+
+    def rollout_engine(self, drafter: Eagle3Drafter, tree, temperature: float, compile: str = "off",
+                       max_len: int | None = None):
+        """A speculative decoder recording every verification, kept across calls: the drafter's
+        parameters are read in place, so updated weights are used without rebuilding (or
+        re-capturing CUDA graphs)."""
+        from speculative.engine import SpeculativeGenerator
+
+        key = (id(drafter), tree, temperature, compile)
+        if self._engine is None or self._engine_key != key:
+            self._engine = SpeculativeGenerator(
+                self.target, drafter, tree, temperature, record_steps=True, compile=compile,
+                max_len=max_len,
+            )
+            self._engine_key = key
+        return self._engine
 
     @torch.no_grad()
     def sft_experience(self, batch: dict[str, torch.Tensor], drafter_version: int = 0) -> SFTExperience:
@@ -32,3 +65,35 @@ class TargetWorker:
             target_top1=top1,
             drafter_version=drafter_version,
         )
+
+    def make_experience(
+        self,
+        config,
+        batch: dict[str, torch.Tensor],
+        drafter: Eagle3Drafter | None = None,
+        reference: Eagle3Drafter | None = None,
+        drafter_version: int = 0,
+        seed: int = 0,
+    ) -> Experience:
+        """The experience ``config.training.objective`` trains on, from one collated data batch.
+
+        ``drafter`` is this worker's replica of the current drafter (GTO trees, OPD rollouts);
+        ``reference`` the frozen reference drafter (GTO); ``seed`` makes the random choices
+        (GTO windows) a function of the step, so a resumed run repeats them.
+        """
+        objective = config.training.objective
+        if objective == "sft":
+            return self.sft_experience(batch, drafter_version)
+        if drafter is None:
+            raise ValueError(f"objective {objective!r} needs the current drafter on the worker")
+        if objective == "gto":
+            from actors.gto_rollout import gto_experience
+
+            if reference is None:
+                raise ValueError("objective 'gto' needs the frozen reference drafter on the worker")
+            return gto_experience(self, config, batch, drafter, reference, drafter_version, seed)
+        if objective == "opd":
+            from actors.opd_rollout import opd_experience
+
+            return opd_experience(self, config, batch, drafter, drafter_version, seed)
+        raise ValueError(f"unknown objective {objective!r}")

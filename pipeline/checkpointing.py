@@ -38,11 +38,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, drafter: Eagle3Drafter, state: dict[str, Any], keep: int
+    root: Path,
+    step: int,
+    drafter: Eagle3Drafter,
+    state: dict[str, Any],
+    keep: int,
+    extra_drafters: dict[str, Eagle3Drafter] | None = None,
 ) -> Path:
+    """``extra_drafters`` (e.g. GTO's frozen ``reference``) are saved next to ``drafter/``."""
     final = root / f"step_{step:06d}"
     with atomic_directory(final) as staging:
         save_drafter(drafter, staging / "drafter", dtype=torch.float32, metadata={"step": step})
+        for name, extra in (extra_drafters or {}).items():
+            save_drafter(extra, staging / name, dtype=torch.float32, metadata={"step": step, "role": name})
         torch.save({**state, "step": step, "rng": rng_state()}, staging / STATE_FILE)
     (root / "latest.tmp").write_text(final.name)
     (root / "latest.tmp").replace(root / "latest")

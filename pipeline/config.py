@@ -59,6 +59,10 @@ class GTOSection(Section):
     clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
     std_eps: float = Field(1e-6, gt=0.0)
     advantage_clip: float | None = Field(None, gt=0.0)
+    advantage_members: Literal["all", "with_path"] = Field(
+        "all", description="group statistics over every position (paper Eq. 10) or only those "
+        "with an accepted path (the unofficial port)"
+    )
     loss_weight: float = Field(0.5, ge=0.0, description="omega in L = L_token + omega * L_GTO")
     token_loss_weight: float = Field(1.0, ge=0.0)
     reference_refresh_every: int = Field(0, ge=0, description="0: frozen reference (the paper)")
@@ -78,8 +82,8 @@ class OPDSection(Section):
         "suffix", description="rejected states: the first rejection and its drafted suffix, or the first only"
     )
     sft_weight: float = Field(0.0, ge=0.0, description="mix in the EAGLE-3 loss on the data batch")
-    anchors: Literal["error", "random"] = Field(
-        "error", description="replay from verification anchors, or the paper's random-anchor ablation"
+    compile: Literal["auto", "off", "static", "graph"] = Field(
+        "auto", description="rollout engine: CUDA graphs on GPU (auto), eager on CPU"
     )
 
 

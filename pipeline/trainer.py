@@ -6,6 +6,7 @@ experiences, ``learners.sft.sft_loss`` is the step), so what is tested here is w
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actors.target_worker import TargetWorker
+from learners.objectives import objective_loss
 from learners.sft import sft_loss
 from pipeline.batches import BatchOrder
 from pipeline.checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
@@ -139,6 +141,16 @@ class Trainer:
         init_drafter_weights(drafter, seed=section.init_seed)
         return drafter
 
+    def _reference(self, drafter: Eagle3Drafter, target: TargetModel, checkpoint: Path | None):
+        """GTO's frozen reference drafter: the starting drafter, or the checkpoint's copy."""
+        if self.config.training.objective != "gto":
+            return None
+        if checkpoint is not None:
+            reference = load_drafter(checkpoint / "reference", target.embed_tokens.weight.float())
+        else:
+            reference = copy.deepcopy(drafter)
+        return reference.float().to(self.device).eval().requires_grad_(False)
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg, train_cfg = self.config, self.config.training
@@ -161,6 +173,7 @@ class Trainer:
         else:
             drafter = self._new_drafter(target, train)
         drafter.to(self.device)
+        reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
         optimizer = torch.optim.AdamW(
             drafter.trainable_parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.95)
@@ -185,7 +198,7 @@ class Trainer:
         window: list[dict[str, float]] = []
         train_metrics: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
-        bar = tqdm(total=train_cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+        bar = tqdm(total=train_cfg.max_steps, initial=step, desc=train_cfg.objective, dynamic_ncols=True)
         started, tokens = time.time(), 0
         stop_at = train_cfg.max_steps
         if self.steps_this_run is not None:
@@ -197,13 +210,21 @@ class Trainer:
             drafter.train()
             optimizer.zero_grad(set_to_none=True)
             step_metrics: list[dict[str, float]] = []
+            refresh = cfg.gto.reference_refresh_every
+            if reference is not None and refresh and step > 0 and step % refresh == 0:
+                reference.load_state_dict(drafter.state_dict())
             for _ in range(train_cfg.grad_accum):
                 batch = collate([train[i] for i in order.indices(cursor)], pad_id)
+                # Rollouts run the drafter in fp32, outside autocast: CUDA-graph capture and
+                # autocast's weight cache do not mix, and the drafter is small.
+                experience = worker.make_experience(
+                    cfg, batch, drafter, reference, drafter_version=step,
+                    seed=cfg.seed * 1_000_003 + cursor,
+                )
                 cursor += 1
-                experience = worker.sft_experience(batch, drafter_version=step)
                 tokens += experience.num_tokens
                 with autocast:
-                    loss, metrics = sft_loss(drafter, experience, train_cfg.ttt_steps, train_cfg.step_weight_decay)
+                    loss, metrics = objective_loss(drafter, experience, cfg)
                 (loss / train_cfg.grad_accum).backward()
                 step_metrics.append(metrics)
             grad_norm = torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), train_cfg.grad_clip)
@@ -218,7 +239,7 @@ class Trainer:
             merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
             window.append(merged)
             bar.update(1)
-            bar.set_postfix(loss=f"{merged['loss']:.3f}", top1=f"{merged['top1/step1']:.3f}")
+            bar.set_postfix(_postfix(merged))
             if step % train_cfg.log_every == 0 or step == stop_at:
                 train_metrics = _mean(window)
                 train_metrics["tokens_per_s"] = tokens / max(1e-9, time.time() - started)
@@ -228,13 +249,14 @@ class Trainer:
                 eval_metrics = self.evaluate(drafter, worker, evaluation, pad_id)
                 log.log(step, "eval", eval_metrics)
                 tqdm.write(
-                    f"[draftrl] step {step}: eval loss {eval_metrics['loss']:.4f} "
+                    f"[draftrl] step {step}: eval TTT loss {eval_metrics['loss']:.4f} "
                     f"top1 step1 {eval_metrics['top1/step1']:.3f} "
                     f"accept-length proxy {eval_metrics['accept_length_proxy']:.3f}"
                 )
             if step % train_cfg.save_every == 0 or step == stop_at:
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor}
-                save_checkpoint(self.out / "checkpoints", step, drafter, state, train_cfg.keep_checkpoints)
+                extra = {"reference": reference} if reference is not None else {}
+                save_checkpoint(self.out / "checkpoints", step, drafter, state, train_cfg.keep_checkpoints, extra)
         bar.close()
         log.close()
 
@@ -268,6 +290,11 @@ class Trainer:
             _, metrics = sft_loss(drafter, experience, train_cfg.ttt_steps, train_cfg.step_weight_decay)
             results.append(metrics)
         return _mean(results)
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    keys = ("loss", "top1/step1", "gto/reward", "gto/clip_fraction", "rollout/tau")
+    return {k.split("/")[-1] if k != "rollout/tau" else "tau": f"{metrics[k]:.3f}" for k in keys if k in metrics}
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -46,6 +46,10 @@ class GenerationResult:
     wall_time: float  # seconds
     steps: list[VerifyStep] = field(default_factory=list)  # when ``record_steps``
     trees: list[DraftTree] = field(default_factory=list)  # when ``record_steps``
+    # when ``record_steps``: the verification logits [1 + N, Vd] at the draft vocabulary (row 0 =
+    # root), i.e. the target's view of every drafted state; Draft-OPD trains on them
+    verify_logits: list[torch.Tensor] = field(default_factory=list)
+    root_positions: list[int] = field(default_factory=list)  # when ``record_steps``
 
     @property
     def tau(self) -> float:
@@ -323,6 +327,8 @@ class SpeculativeGenerator:
             if self.record_steps:
                 result.steps.append(step)
                 result.trees.append(tree if self.compile == "off" else _clone_tree(tree))
+                result.verify_logits.append(logits[0][:, self.drafter.draft_to_target].clone())
+                result.root_positions.append(root_pos)
             result.accept_lengths.append(step.accept_length)
             new, done = self._stop(new + step.tokens, max_new_tokens, eos)
             if done:

@@ -151,3 +151,32 @@ def training_time_test(
         all_valid = all_valid * valid
     proxy = 1.0 + float((run_length * all_valid).sum() / all_valid.sum().clamp_min(1.0))
     return TTTResult(total, step_loss, step_accuracy, step_count, proxy)
+
+
+def replay_chains(
+    drafter: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    aux_hidden: torch.Tensor,
+    sequence: torch.Tensor,
+    index: torch.Tensor,
+    fed_tokens: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The drafter's logits along given chains, exactly as it computed them at inference.
+
+    Chain p starts at index ``index[p]`` of sequence ``sequence[p]`` (context x_0..x_t, root
+    x_{t+1}) and feeds ``fed_tokens[p, k-1]`` (target ids) at step k, so ``fed_tokens[p, 0]``
+    must be the root. Returns, per step k, the logits [P, Vd] of the distribution step k
+    drafted from. Chains must start at distinct (sequence, index) pairs. One unroll of
+    ``K = fed_tokens.shape[1]`` steps over the whole batch serves every chain at once.
+    """
+    steps = fed_tokens.shape[1]
+    inputs = []
+    for k in range(1, steps + 1):
+        tokens = shift_left(input_ids, k).clone()
+        tokens[sequence, index] = fed_tokens[:, k - 1]
+        inputs.append(tokens)
+    return [
+        logits[sequence, index]
+        for _, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, steps, inputs)
+    ]

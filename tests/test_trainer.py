@@ -110,3 +110,33 @@ def test_evaluate_directory_reports_ttt_metrics(tmp_path, tiny_target_dir, chat_
     assert set(metrics) >= {"loss", "top1/step1", "top1/step3", "accept_length_proxy"}
     # The exported bf16 drafter scores close to the fp32 weights it came from.
     assert metrics["loss"] == pytest.approx(result.eval_metrics["loss"], rel=0.05)
+
+
+RL_OVERRIDES = {
+    "gto": ["training.objective=gto", "gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8",
+            "gto.group_size=3", "gto.groups_per_sequence=2"],
+    "opd": ["training.objective=opd", "opd.chain_length=3", "opd.max_new_tokens=12", "opd.sft_weight=0.5"],
+}
+
+
+@pytest.mark.parametrize("objective", ["gto", "opd"])
+def test_rl_objectives_train_from_an_sft_drafter_and_resume_exactly(tmp_path, tiny_target_dir, chat_file, objective):
+    """SFT warm-up, then GTO / Draft-OPD from its drafter in the same trainer: their metrics are
+    logged, and a run stopped and resumed (GTO's frozen reference comes back from the
+    checkpoint) ends bit-identical to an uninterrupted one."""
+    sft = Trainer(_config(tmp_path / "sft", tiny_target_dir, chat_file, 4)).run()
+    extra = [f"drafter.init_from={sft.drafter_dir}", *RL_OVERRIDES[objective]]
+    straight = Trainer(_config(tmp_path / "a", tiny_target_dir, chat_file, 4, *extra)).run()
+    metrics = [json.loads(line) for line in (straight.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train_keys = set().union(*(m.keys() for m in metrics if m["split"] == "train"))
+    expected = {"gto": {"gto/reward", "gto/clip_fraction", "gto/kl_reference", "token/loss"},
+                "opd": {"opd/accepted_kl", "opd/rejected_kl", "rollout/tau", "sft/loss"}}[objective]
+    assert expected <= train_keys, train_keys
+    if objective == "gto":
+        assert (straight.output_dir / "checkpoints" / "step_000004" / "reference" / "model.safetensors").is_file()
+    Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, *extra), steps_this_run=3).run()
+    resumed = Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, *extra), resume=True).run()
+    a = load_file(straight.drafter_dir / "model.safetensors")
+    b = load_file(resumed.drafter_dir / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

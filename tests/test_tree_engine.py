@@ -293,8 +293,8 @@ def _predictable_target(seed: int = 1) -> TargetModel:
     return TargetModel(hf, aux_layer_ids=(1, 2, 3))
 
 
-def train_agreeing_pair():
-    """A drafter trained by TTT for 40 steps on the target's own greedy outputs."""
+def train_agreeing_pair(steps: int = 40):
+    """A drafter trained by TTT for ``steps`` steps on the target's own greedy outputs."""
     target = _predictable_target()
     prompts = torch.randint(0, 64, (48, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -308,7 +308,7 @@ def train_agreeing_pair():
     loss_mask = attention.clone()
     loss_mask[:, :6] = 0
     restricted = restrict_to_draft_vocab(feats.logits, drafter.draft_to_target)
-    for _ in range(40):
+    for _ in range(steps):
         result = training_time_test(
             drafter, data, attention, loss_mask, *restricted, feats.aux_hidden, 3, step_weights(3, 0.8)
         )

@@ -1,0 +1,197 @@
+"""GTO experience: trees of the current and the reference drafter at groups of positions, scored.
+
+Per sequence of the batch (GTO Sec. 3.2, Alg. 1): draw ``groups_per_sequence`` non-overlapping
+windows of ``group_size`` adjacent positions whose first drafted token is an assistant token;
+at every position build the current drafter's tree and the frozen reference drafter's tree
+(EAGLE-2 dynamic trees, the decoding policy), verify both with the target in packed forwards,
+and keep what the learner needs: the two tree rewards, the current tree's longest accepted
+path, and the reference drafter's log-probability of that path (the PPO ratio's denominator).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.experience import GTOExperience, SFTExperience
+from speculative.drafter import Eagle3Drafter
+from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
+from speculative.tree import TreeConfig, tree_size
+from speculative.tree_reward import greedy_accepted_path, score_tree
+from speculative.ttt import replay_chains
+
+
+def tree_config(gto) -> TreeConfig:
+    return TreeConfig(depth=gto.tree_depth, top_k=gto.tree_top_k, total_tokens=gto.tree_total_tokens)
+
+
+def choose_windows(
+    valid: torch.Tensor, group_size: int, num_groups: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Up to ``num_groups`` random non-overlapping windows of adjacent valid indices."""
+    ok = valid.cpu().tolist()
+    starts = [
+        s for s in range(len(ok) - group_size + 1) if all(ok[s : s + group_size])
+    ]
+    order = torch.randperm(len(starts), generator=generator).tolist()
+    taken = torch.zeros(len(ok), dtype=torch.bool)
+    windows = []
+    for i in order:
+        start = starts[i]
+        if taken[start : start + group_size].any():
+            continue
+        taken[start : start + group_size] = True
+        windows.append(list(range(start, start + group_size)))
+        if len(windows) == num_groups:
+            break
+    return sorted(windows)
+
+
+def valid_indices(loss_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[T] index t can root a training tree: x_{t+2} (its first drafted token) is supervised."""
+    valid = torch.zeros(loss_mask.shape[0], dtype=torch.bool, device=loss_mask.device)
+    if length >= 3:
+        valid[: length - 2] = loss_mask[2:length].bool()
+    return valid
+
+
+@torch.no_grad()
+def gto_experience(
+    worker,
+    config,
+    batch: dict[str, torch.Tensor],
+    drafter: Eagle3Drafter,
+    reference: Eagle3Drafter,
+    drafter_version: int = 0,
+    seed: int = 0,
+) -> GTOExperience:
+    gto = config.gto
+    trees = tree_config(gto)
+    nodes, _ = tree_size(trees, drafter.config.draft_vocab_size)
+    chunk = gto.positions_per_forward
+    device = worker.target.device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    n_seq, width = input_ids.shape
+    generator = torch.Generator().manual_seed(seed)
+    d2t = worker.draft_to_target
+    fast = worker.fast
+
+    aux = top1 = draft_logits = None
+    rows: dict[str, list[torch.Tensor]] = {key: [] for key in (
+        "sequence", "index", "group", "path_ids", "path_length", "reward", "reference_reward",
+        "expected_length", "reference_expected_length", "rollout_path_logprob",
+    )}
+    groups_so_far = 0
+    was_training = (drafter.training, reference.training)
+    drafter.eval(), reference.eval()
+    try:
+        for s in range(n_seq):
+            length = int(attention_mask[s].sum())
+            ids = input_ids[s, :length]
+            seq = prefill_sequence(fast, ids, room=2 * chunk * nodes)
+            if aux is None:
+                aux = seq.aux_hidden.new_zeros(n_seq, width, seq.aux_hidden.shape[-1])
+                draft_logits = seq.logits.new_zeros(n_seq, width, d2t.shape[0])
+                top1 = torch.zeros(n_seq, width, dtype=torch.long, device=device)
+            aux[s, :length] = seq.aux_hidden
+            draft_logits[s, :length] = seq.logits[:, d2t]
+            top1[s, :length] = seq.logits.argmax(-1)
+
+            windows = choose_windows(
+                valid_indices(loss_mask[s], length), gto.group_size, gto.groups_per_sequence, generator
+            )
+            if not windows:
+                continue
+            indices = torch.tensor([t for w in windows for t in w], device=device)
+            group = torch.tensor(
+                [groups_so_far + g for g, w in enumerate(windows) for _ in w], device=device
+            )
+            groups_so_far += len(windows)
+            current_prefix = drafter_prefix(drafter, ids, seq.aux_hidden)
+            reference_prefix = drafter_prefix(reference, ids, seq.aux_hidden)
+            for start in range(0, indices.shape[0], chunk):
+                idx = indices[start : start + chunk]
+                tree = build_trees_at(drafter, current_prefix, idx, trees)
+                ref_tree = build_trees_at(reference, reference_prefix, idx, trees)
+                # Both drafters' trees in one packed target forward.
+                logits = verify_trees_at(fast, seq, _stack(tree, ref_tree), torch.cat([idx, idx]))
+                logits, ref_logits = logits[: idx.shape[0]], logits[idx.shape[0] :]
+                score = score_tree(tree, logits, gto.reward_temperature, gto.eta, gto.reward)
+                ref_score = score_tree(ref_tree, ref_logits, gto.reward_temperature, gto.eta, gto.reward)
+                path_ids, path_nodes, path_length = greedy_accepted_path(tree, logits, trees.depth)
+                on_path = path_nodes >= 0
+                logprob = tree.logprobs.gather(1, path_nodes.clamp_min(0))
+                rows["sequence"].append(torch.full_like(idx, s))
+                rows["index"].append(idx)
+                rows["group"].append(group[start : start + chunk])
+                rows["path_ids"].append(path_ids)
+                rows["path_length"].append(path_length)
+                rows["reward"].append(score.reward)
+                rows["reference_reward"].append(ref_score.reward)
+                rows["expected_length"].append(score.expected_length)
+                rows["reference_expected_length"].append(ref_score.expected_length)
+                rows["rollout_path_logprob"].append((logprob * on_path).sum(-1))
+    finally:
+        drafter.train(was_training[0]), reference.train(was_training[1])
+
+    sft = SFTExperience(
+        input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, aux_hidden=aux,
+        target_draft_logits=draft_logits, target_top1=top1, drafter_version=drafter_version,
+    )
+    if not rows["index"]:
+        empty = torch.zeros(0, device=device)
+        fields = {key: empty.long() if key in ("sequence", "index", "group", "path_length") else empty
+                  for key in rows}
+        fields["path_ids"] = torch.zeros(0, trees.depth, dtype=torch.long, device=device)
+        return GTOExperience(sft=sft, reference_path_logprob=empty, drafter_version=drafter_version, **fields)
+    merged = {key: torch.cat(value) for key, value in rows.items()}
+    merged["reference_path_logprob"] = path_logprob(
+        reference, sft, merged["sequence"], merged["index"], merged["path_ids"], merged["path_length"]
+    )
+    return GTOExperience(sft=sft, drafter_version=drafter_version, **merged)
+
+
+def path_logprob(
+    drafter: Eagle3Drafter,
+    sft: SFTExperience,
+    sequence: torch.Tensor,
+    index: torch.Tensor,
+    path_ids: torch.Tensor,
+    path_length: torch.Tensor,
+) -> torch.Tensor:
+    """log q(path) [P] under ``drafter``: the sum over the accepted path's steps (0 if empty).
+
+    Differentiable when called with grad enabled (the learner's numerator); the same call
+    under ``no_grad`` gives the reference's denominator.
+    """
+    depth = int(path_length.max()) if path_length.numel() else 0
+    if depth == 0:
+        return torch.zeros(path_ids.shape[0], device=path_ids.device)
+    root = sft.input_ids[sequence, index + 1]
+    fed = torch.cat([root[:, None], drafter.to_target_ids(path_ids[:, : depth - 1])], dim=1)
+    logits = replay_chains(
+        drafter, sft.input_ids, sft.attention_mask, sft.aux_hidden, sequence, index, fed
+    )
+    steps = torch.stack(
+        [torch.log_softmax(step.float(), -1).gather(1, path_ids[:, k : k + 1]).squeeze(1)
+         for k, step in enumerate(logits)], dim=1,
+    )  # [P, depth]
+    on_path = torch.arange(depth, device=steps.device)[None] < path_length[:, None]
+    return (steps * on_path).sum(-1)
+
+
+def _stack(a, b):
+    """Two DraftTrees of the same node count as one batch (for one packed verification)."""
+    from dataclasses import fields as dc_fields, replace
+
+    merged = {}
+    for f in dc_fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name in ("draft_to_target", "sampled"):
+            merged[f.name] = x
+        elif f.name == "dists":
+            merged[f.name] = None  # different shapes are possible; not needed for verification
+        else:
+            merged[f.name] = torch.cat([x, y])
+    return replace(a, **merged)

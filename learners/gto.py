@@ -1,0 +1,115 @@
+"""The GTO step (arXiv 2509.22134, Sec. 3.2): group-standardised, debiased tree rewards driving a
+PPO-style clipped surrogate on the drafter's log-probability of its longest accepted path,
+added to the EAGLE-3 token loss: L = w_token * L_token + omega * L_GTO.
+
+Everything target- or reference-dependent arrives in the ``GTOExperience``; only the current
+drafter's path log-probability is recomputed here, with gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.experience import GTOExperience
+from actors.gto_rollout import path_logprob
+from learners.sft import sft_loss
+from speculative.drafter import Eagle3Drafter
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group: torch.Tensor,
+    valid: torch.Tensor,
+    std_eps: float = 1e-6,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A_i = (R_i - mean_G R) / (std_G R + eps) over the valid members of each group (Eq. 10).
+
+    Groups with fewer than two valid members have no defined spread and are dropped. Returns
+    (advantages [P], used [P] bool, dense group ids [P]); unused entries are 0.
+    """
+    _, dense = torch.unique(group, return_inverse=True)
+    n_groups = int(dense.max()) + 1 if dense.numel() else 0
+    weight = valid.float()
+    count = torch.zeros(n_groups, device=rewards.device).index_add_(0, dense, weight)
+    mean = torch.zeros(n_groups, device=rewards.device).index_add_(0, dense, rewards * weight)
+    mean = mean / count.clamp_min(1)
+    centred = (rewards - mean[dense]) * weight
+    var = torch.zeros(n_groups, device=rewards.device).index_add_(0, dense, centred**2)
+    std = (var / (count - 1).clamp_min(1)).sqrt()  # unbiased, as torch.std
+    used = valid & (count[dense] >= 2)
+    advantages = torch.where(used, centred / (std[dense] + std_eps), 0.0)
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages, used, dense
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, used: torch.Tensor, dense_group: torch.Tensor,
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-(1/|G|) sum_{i in G} min(s_i A_i, clip(s_i, 1-eps, 1+eps) A_i), averaged over groups (Eq. 12).
+
+    Returns (loss, clipped [P] bool: where the clipped branch was the active one).
+    """
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    n_groups = int(dense_group.max()) + 1 if dense_group.numel() else 0
+    weight = used.float()
+    count = torch.zeros(n_groups, device=log_ratio.device).index_add_(0, dense_group, weight)
+    per_group = torch.zeros(n_groups, device=log_ratio.device).index_add_(
+        0, dense_group, objective * weight
+    )
+    has = count > 0
+    if not bool(has.any()):
+        return log_ratio.sum() * 0.0, torch.zeros_like(used)
+    loss = -(per_group[has] / count[has]).mean()
+    return loss, used & (clipped < unclipped)
+
+
+def gto_loss(drafter: Eagle3Drafter, experience: GTOExperience, config) -> tuple[torch.Tensor, dict[str, float]]:
+    gto, training = config.gto, config.training
+    token_loss, metrics = sft_loss(drafter, experience.sft, training.ttt_steps, training.step_weight_decay)
+    metrics = {f"token/{k}" if k == "loss" else k: v for k, v in metrics.items()}
+
+    lengths = experience.path_length
+    debiased = experience.reward - experience.reference_reward  # Eq. 9
+    has_path = lengths > 0  # an empty path has ratio 1 and no gradient
+    members = has_path if gto.advantage_members == "with_path" else torch.ones_like(has_path)
+    advantages, used, dense = group_advantages(
+        debiased, experience.group, members, gto.std_eps, gto.advantage_clip
+    )
+    used = used & has_path
+    advantages = advantages * has_path
+    logprob = path_logprob(
+        drafter, experience.sft, experience.sequence, experience.index, experience.path_ids, lengths
+    )
+    per_token = (logprob - experience.reference_path_logprob) / lengths.clamp_min(1)  # Eq. 11
+    surrogate, clipped = clipped_surrogate(per_token, advantages, used, dense, gto.clip_epsilon)
+    loss = gto.token_loss_weight * token_loss + gto.loss_weight * surrogate
+
+    n_used = max(int(used.sum()), 1)
+    detached = per_token.detach()
+    drift = ((logprob.detach() - experience.rollout_path_logprob) / lengths.clamp_min(1)).abs()
+    metrics.update({
+        "loss": float(loss.detach()),
+        "gto/surrogate": float(surrogate.detach()),
+        "gto/reward": float(experience.reward.mean()) if lengths.numel() else 0.0,
+        "gto/reference_reward": float(experience.reference_reward.mean()) if lengths.numel() else 0.0,
+        "gto/debiased_reward": float(debiased.mean()) if lengths.numel() else 0.0,
+        "gto/expected_length": float(experience.expected_length.mean()) if lengths.numel() else 0.0,
+        "gto/reference_expected_length": float(experience.reference_expected_length.mean())
+        if lengths.numel() else 0.0,
+        "gto/path_length": float(lengths.float().mean()) if lengths.numel() else 0.0,
+        "gto/positions": float(lengths.numel()),
+        "gto/used_fraction": float(used.float().mean()) if lengths.numel() else 0.0,
+        "gto/advantage_abs": float((advantages.abs() * used).sum() / n_used),
+        "gto/clip_fraction": float(clipped.float().sum() / n_used),
+        "gto/ratio": float((detached.exp() * used).sum() / n_used),
+        # KL(current || reference) per path token, k3 estimator on the current drafter's path.
+        "gto/kl_reference": float(((torch.expm1(-detached) + detached) * used).sum() / n_used),
+        "gto/rollout_logprob_drift": float((drift * used).sum() / n_used),
+    })
+    return loss, metrics
