@@ -17,7 +17,7 @@ from speculative.drafter import Eagle3Drafter
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
 from speculative.tree import TreeConfig, tree_size
 from speculative.tree_reward import greedy_accepted_path, score_tree
-from speculative.ttt import replay_chains
+from speculative.ttt import path_logprob
 
 
 def tree_config(gto) -> TreeConfig:
@@ -147,38 +147,10 @@ def gto_experience(
         return GTOExperience(sft=sft, reference_path_logprob=empty, drafter_version=drafter_version, **fields)
     merged = {key: torch.cat(value) for key, value in rows.items()}
     merged["reference_path_logprob"] = path_logprob(
-        reference, sft, merged["sequence"], merged["index"], merged["path_ids"], merged["path_length"]
+        reference, sft.input_ids, sft.attention_mask, sft.aux_hidden,
+        merged["sequence"], merged["index"], merged["path_ids"], merged["path_length"],
     )
     return GTOExperience(sft=sft, drafter_version=drafter_version, **merged)
-
-
-def path_logprob(
-    drafter: Eagle3Drafter,
-    sft: SFTExperience,
-    sequence: torch.Tensor,
-    index: torch.Tensor,
-    path_ids: torch.Tensor,
-    path_length: torch.Tensor,
-) -> torch.Tensor:
-    """log q(path) [P] under ``drafter``: the sum over the accepted path's steps (0 if empty).
-
-    Differentiable when called with grad enabled (the learner's numerator); the same call
-    under ``no_grad`` gives the reference's denominator.
-    """
-    depth = int(path_length.max()) if path_length.numel() else 0
-    if depth == 0:
-        return torch.zeros(path_ids.shape[0], device=path_ids.device)
-    root = sft.input_ids[sequence, index + 1]
-    fed = torch.cat([root[:, None], drafter.to_target_ids(path_ids[:, : depth - 1])], dim=1)
-    logits = replay_chains(
-        drafter, sft.input_ids, sft.attention_mask, sft.aux_hidden, sequence, index, fed
-    )
-    steps = torch.stack(
-        [torch.log_softmax(step.float(), -1).gather(1, path_ids[:, k : k + 1]).squeeze(1)
-         for k, step in enumerate(logits)], dim=1,
-    )  # [P, depth]
-    on_path = torch.arange(depth, device=steps.device)[None] < path_length[:, None]
-    return (steps * on_path).sum(-1)
 
 
 def _stack(a, b):

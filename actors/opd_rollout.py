@@ -14,7 +14,7 @@ import torch
 
 from actors.experience import OPDExperience
 from speculative.drafter import Eagle3Drafter
-from speculative.engine import SpeculativeGenerator
+from speculative.target import stop_token_ids
 from speculative.tree import TreeConfig
 
 
@@ -27,15 +27,6 @@ def prompts_from_batch(batch: dict[str, torch.Tensor]) -> list[list[int]]:
         if supervised.numel() and int(supervised[0]) > 0:
             prompts.append(ids[: int(supervised[0])].tolist())
     return prompts
-
-
-def eos_token_ids(target) -> set[int]:
-    ids = set()
-    for source in (target.model.config, getattr(target.model, "generation_config", None)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return ids
 
 
 @torch.no_grad()
@@ -58,7 +49,7 @@ def opd_experience(
         max_len=config.data.max_length + opd.max_new_tokens,
     )
     engine.reseed(seed)
-    eos = eos_token_ids(worker.target)
+    eos = stop_token_ids(worker.target.model)
 
     sequences, response_starts = [], []
     cycles: dict[str, list] = {k: [] for k in (

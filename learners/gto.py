@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from actors.experience import GTOExperience
-from actors.gto_rollout import path_logprob
 from learners.sft import sft_loss
 from speculative.drafter import Eagle3Drafter
+from speculative.ttt import path_logprob
 
 
 def group_advantages(
@@ -83,8 +83,10 @@ def gto_loss(drafter: Eagle3Drafter, experience: GTOExperience, config) -> tuple
     )
     used = used & has_path
     advantages = advantages * has_path
+    sft = experience.sft
     logprob = path_logprob(
-        drafter, experience.sft, experience.sequence, experience.index, experience.path_ids, lengths
+        drafter, sft.input_ids, sft.attention_mask, sft.aux_hidden,
+        experience.sequence, experience.index, experience.path_ids, lengths,
     )
     per_token = (logprob - experience.reference_path_logprob) / lengths.clamp_min(1)  # Eq. 11
     surrogate, clipped = clipped_surrogate(per_token, advantages, used, dense, gto.clip_epsilon)

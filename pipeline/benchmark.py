@@ -130,20 +130,10 @@ def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], s
 
 
 def eos_token_ids(tokenizer, model=None) -> set[int]:
-    """Stop tokens: the tokenizer's EOS, the generation config's, and ChatML's ``<|im_end|>``."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None) if config is not None else None
-    if eos is not None:
-        ids.update(int(t) for t in ([eos] if isinstance(eos, int) else eos))
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if "<|im_end|>" in str(template):
-        token = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(token, int) and token != tokenizer.unk_token_id:
-            ids.add(token)
-    return ids
+    """Stop tokens of ``tokenizer`` (and ``model``): see ``speculative.target.stop_token_ids``."""
+    from speculative.target import stop_token_ids
+
+    return stop_token_ids(model, tokenizer)
 
 
 def answer_text(tokenizer, tokens: list[int], eos: set[int]) -> str:

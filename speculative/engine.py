@@ -79,6 +79,13 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
 
 
 def _as_prompt(prompt_ids) -> list[int]:
+    prompt = _prompt_list(prompt_ids)
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    return prompt
+
+
+def _prompt_list(prompt_ids) -> list[int]:
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.ndim == 2:
             if prompt_ids.shape[0] != 1:
@@ -86,7 +93,7 @@ def _as_prompt(prompt_ids) -> list[int]:
             prompt_ids = prompt_ids[0]
         return [int(t) for t in prompt_ids.tolist()]
     if hasattr(prompt_ids, "input_ids"):  # a BatchEncoding from apply_chat_template
-        return _as_prompt(torch.as_tensor(prompt_ids["input_ids"]))
+        return _prompt_list(torch.as_tensor(prompt_ids["input_ids"]))
     return [int(t) for t in prompt_ids]
 
 
@@ -304,8 +311,6 @@ class SpeculativeGenerator:
         if self.drafter is None:
             return self.generate_autoregressive(prompt_ids, max_new_tokens, eos_token_id)
         prompt = _as_prompt(prompt_ids)
-        if not prompt:
-            raise ValueError("the prompt must hold at least one token")
         eos = _eos_set(eos_token_id)
         backend = self._backend(len(prompt), max_new_tokens)
         self._sync()
@@ -353,8 +358,6 @@ class SpeculativeGenerator:
     ) -> GenerationResult:
         """The baseline: same static-cache target forward, one token per forward."""
         prompt = _as_prompt(prompt_ids)
-        if not prompt:
-            raise ValueError("the prompt must hold at least one token")
         eos = _eos_set(eos_token_id)
         backend = self._backend(len(prompt), max_new_tokens)
         self._sync()

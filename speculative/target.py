@@ -195,3 +195,21 @@ def load_tokenizer(spec: str, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_target(spec, cache_dir))
+
+
+def stop_token_ids(model, tokenizer=None) -> set[int]:
+    """Stop tokens: the model config's and generation config's EOS, and, with a tokenizer, its
+    EOS and ChatML's ``<|im_end|>`` when the chat template uses it."""
+    ids: set[int] = set()
+    for source in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(int(t) for t in ([eos] if isinstance(eos, int) else eos))
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        if "<|im_end|>" in str(getattr(tokenizer, "chat_template", None) or ""):
+            token = tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if isinstance(token, int) and token != tokenizer.unk_token_id:
+                ids.add(token)
+    return ids

@@ -180,3 +180,32 @@ def replay_chains(
         logits[sequence, index]
         for _, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, steps, inputs)
     ]
+
+
+def path_logprob(
+    drafter: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    aux_hidden: torch.Tensor,
+    sequence: torch.Tensor,
+    index: torch.Tensor,
+    path_ids: torch.Tensor,
+    path_length: torch.Tensor,
+) -> torch.Tensor:
+    """log q(path) [P] under ``drafter`` along chains rooted as in ``replay_chains``: the sum over the accepted path's steps (0 if empty).
+
+    Differentiable when called with grad enabled (the learner's numerator); the same call
+    under ``no_grad`` gives the reference's denominator.
+    """
+    depth = int(path_length.max()) if path_length.numel() else 0
+    if depth == 0:
+        return torch.zeros(path_ids.shape[0], device=path_ids.device)
+    root = input_ids[sequence, index + 1]
+    fed = torch.cat([root[:, None], drafter.to_target_ids(path_ids[:, : depth - 1])], dim=1)
+    logits = replay_chains(drafter, input_ids, attention_mask, aux_hidden, sequence, index, fed)
+    steps = torch.stack(
+        [torch.log_softmax(step.float(), -1).gather(1, path_ids[:, k : k + 1]).squeeze(1)
+         for k, step in enumerate(logits)], dim=1,
+    )  # [P, depth]
+    on_path = torch.arange(depth, device=steps.device)[None] < path_length[:, None]
+    return (steps * on_path).sum(-1)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.gto_rollout import choose_windows, gto_experience, path_logprob, tree_config
+from actors.gto_rollout import choose_windows, gto_experience, tree_config
 from actors.target_worker import TargetWorker
 from learners.gto import clipped_surrogate, group_advantages, gto_loss
 from pipeline.config import load_config
@@ -20,6 +20,7 @@ from speculative.llama import FastLlama, causal_slot_mask
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
 from speculative.tree import DraftTree, TreeConfig, ancestor_mask, build_draft_tree
 from speculative.tree_reward import greedy_accepted_path, score_tree
+from speculative.ttt import path_logprob
 from speculative.verify import verify_tree
 from tests.test_tree_engine import _predictable_target, _tiny_vocab_pair, train_agreeing_pair
 
@@ -206,7 +207,7 @@ def test_gto_experience_is_consistent_with_replay_and_the_engine(agreeing_pair):
     assert exp.drafter_version == 7 and exp.index.numel() == 12
     assert (exp.path_length > 0).float().mean() > 0.5
     with torch.no_grad():
-        replayed = path_logprob(drafter, exp.sft, exp.sequence, exp.index, exp.path_ids, exp.path_length)
+        replayed = path_logprob(drafter, exp.sft.input_ids, exp.sft.attention_mask, exp.sft.aux_hidden, exp.sequence, exp.index, exp.path_ids, exp.path_length)
     torch.testing.assert_close(replayed, exp.rollout_path_logprob, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(exp.reference_path_logprob, exp.rollout_path_logprob)
 
@@ -250,7 +251,7 @@ def test_surrogate_gradient_raises_positive_advantage_paths_and_lowers_negative_
     assert int((used & (advantages > 0.1)).sum()) >= 2 and int((used & (advantages < -0.1)).sum()) >= 2
 
     def logprob():
-        return path_logprob(drafter, exp.sft, exp.sequence, exp.index, exp.path_ids, exp.path_length)
+        return path_logprob(drafter, exp.sft.input_ids, exp.sft.attention_mask, exp.sft.aux_hidden, exp.sequence, exp.index, exp.path_ids, exp.path_length)
 
     before = logprob().detach()
     loss, _ = gto_loss(drafter, exp, config)
