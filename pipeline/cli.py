@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftrl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a drafter (single process)")
+    train = commands.add_parser("train", help="train a drafter (single process, or on Ray if distributed.enabled)")
     _config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument(
@@ -68,11 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--check", action="store_true",
                        help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
     add_model_args(bench, drafter_required=True)
+
+    from pipeline.regenerate import add_arguments as add_regenerate_args  # light: no vLLM import
+
+    regenerate = commands.add_parser(
+        "regenerate", help="rewrite a chat dataset's assistant turns with the target through vLLM (resumable)",
+    )
+    add_regenerate_args(regenerate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "regenerate":  # flags only; vLLM is imported when it starts
+        from pipeline.regenerate import run_cli
+
+        return run_cli(args)
     if args.command in ("generate", "eval"):  # no experiment config: flags only
         from pipeline.benchmark import BenchmarkError, run_eval, run_generate
 
@@ -92,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.trainer import Trainer  # heavy imports only when needed
 
     if args.command == "train":
+        if config.distributed.enabled:  # the Ray pipeline: rollout actors + DeepSpeed learners
+            from pipeline.driver import DistributedTrainer as Trainer
         result = Trainer(
             config, resume=args.resume, steps_this_run=args.steps_this_run,
             minutes_this_run=args.minutes_this_run,

@@ -29,3 +29,11 @@ class DistributedConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0.0)
     broadcast_backend: Literal["auto", "nccl", "gloo", "object_store"] = "auto"
     zero_stage: Literal[0, 1, 2] = 1
+    rollouts_in_flight_per_actor: int = Field(
+        1, ge=1, description="async: rollout calls queued on one actor at a time"
+    )
+    max_actor_restarts: int = Field(3, ge=0, description="Ray max_restarts of rollout actors")
+    resource_wait_report_s: float = Field(
+        30.0, gt=0.0, description="period of the 'waiting for resources' message (never a failure)"
+    )
+    collective_timeout_s: float = Field(300.0, gt=0.0, description="torch.distributed op timeout")

@@ -1,0 +1,171 @@
+"""The rollout actor: a Ray actor hosting the frozen target and a replica of the current drafter.
+
+It wraps ``TargetWorker`` (the same class the single-process trainer calls) plus the drafter
+replica (GTO trees and OPD rollouts are drawn from it) and, for GTO, the frozen reference
+drafter. Two concurrency groups keep weight sync off the rollout path: ``rollout`` makes
+experiences, ``sync`` receives weights into a staging buffer while a rollout runs, then swaps
+them in between rollouts under a lock, so a rollout never sees half-updated weights.
+
+Ray restarts a killed actor (``max_restarts``); ``__init__`` runs again and the driver pushes
+the current drafter to it before it gets work.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+
+from actors.target_worker import TargetWorker
+from pipeline.broadcast import (
+    BroadcastGroup,
+    drafter_checksum,
+    load_named,
+    named_tensors,
+    unflatten_into,
+)
+from pipeline.drafter_blueprint import DrafterBlueprint
+
+ROLLOUT, SYNC = "rollout", "sync"
+
+
+class NoWeightsYet(RuntimeError):
+    """Asked for work before the driver pushed a drafter (e.g. just restarted by Ray)."""
+
+
+def worker_threads(config) -> int:
+    return config.training.threads or 1
+
+
+def experience_summary(experience) -> dict[str, float]:
+    """Objective scalars worth a dashboard gauge, taken where the experience is made."""
+    summary: dict[str, float] = {}
+    reward = getattr(experience, "reward", None)
+    if isinstance(reward, torch.Tensor) and reward.numel():
+        summary["reward"] = float(reward.float().mean())
+    expected = getattr(experience, "expected_length", None)
+    if isinstance(expected, torch.Tensor) and expected.numel():
+        summary["tau"] = float(expected.float().mean())
+    forwards = getattr(experience, "target_forwards", 0)
+    if forwards:
+        summary["tau"] = float(experience.response_tokens) / float(forwards)
+    return summary
+
+
+class RolloutActor:
+    """Target + drafter replica on one GPU share (or CPU); see the module docstring."""
+
+    def __init__(self, config_json: str, blueprint: DrafterBlueprint, index: int, faults: dict | None = None):
+        from pipeline.config import ExperimentConfig
+        from pipeline.trainer import DTYPES, pick_device
+        from speculative.target import TargetModel
+
+        self.config = ExperimentConfig.model_validate_json(config_json)
+        torch.set_num_threads(worker_threads(self.config))
+        self.index = index
+        self.faults = faults or {}
+        self.device = pick_device(self.config.training.device)
+        choice = self.config.target.dtype
+        dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if choice == "auto" else DTYPES[choice]
+        self.target = TargetModel.load(
+            self.config.target.model, blueprint.config.aux_layer_ids, dtype, self.device, self.config.cache_dir
+        )
+        self.drafter = blueprint.build(self.target.embed_tokens.weight).to(self.device).eval()
+        self.drafter.requires_grad_(False)
+        self.reference = None
+        if self.config.training.objective == "gto":  # the frozen reference: the run's initial drafter
+            self.reference = copy.deepcopy(self.drafter).requires_grad_(False)
+        self.worker = TargetWorker(self.target, self.drafter.draft_to_target)
+        self.version = -1  # no weights from the learners yet
+        self.lock = threading.Lock()
+        self.group: BroadcastGroup | None = None
+        self._retired: list[BroadcastGroup] = []
+        self.pid = os.getpid()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    @ray.method(concurrency_group=SYNC)
+    def ready(self) -> dict[str, Any]:
+        return {"index": self.index, "pid": self.pid, "version": self.version,
+                "ip": ray.util.get_node_ip_address(), "gpus": ray.get_gpu_ids()}
+
+    @ray.method(concurrency_group=SYNC)
+    def checksum(self) -> tuple[int, str]:
+        with self.lock:
+            return self.version, drafter_checksum(self.drafter)
+
+    # -- weights --------------------------------------------------------------------------
+    @ray.method(concurrency_group=SYNC)
+    def join_broadcast(self, address: str, port: int, rank: int, world_size: int, backend: str,
+                       timeout_s: float) -> bool:
+        if self.group is not None:
+            self._retired.append(self.group)  # a peer died: the old group is dead too
+        self.group = BroadcastGroup(address, port, rank, world_size, backend, timeout_s)
+        return True
+
+    @ray.method(concurrency_group=SYNC)
+    def receive_broadcast(self, version: int) -> dict[str, Any]:
+        """Receive ``version`` over the collective group, swap it in, return the new checksum."""
+        start = time.perf_counter()
+        payload = self.group.receive(version)
+        received = time.perf_counter() - start
+        with self.lock:  # waits for the rollout in progress, if any
+            unflatten_into(payload.to(self.device), named_tensors(self.drafter))
+            return self._installed(version, received)
+
+    @ray.method(concurrency_group=SYNC)
+    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The object-store path (fallback transport, and the re-push after a restart)."""
+        with self.lock:
+            load_named(self.drafter, state)
+            return self._installed(version, 0.0)
+
+    def _installed(self, version: int, seconds: float) -> dict[str, Any]:
+        self.version = version
+        refresh = self.config.gto.reference_refresh_every
+        if self.reference is not None and refresh and version % refresh == 0:
+            self.reference.load_state_dict(self.drafter.state_dict())
+        if self.faults.get("corrupt_at_version") == version and self.faults.get("actor", 0) == self.index:
+            with torch.no_grad():  # injected fault: a transfer that went wrong
+                self.drafter.fc.weight.view(-1)[0] += 1e-3
+        return {"index": self.index, "version": version, "sha256": drafter_checksum(self.drafter),
+                "seconds": seconds}
+
+    # -- work -----------------------------------------------------------------------------
+    @ray.method(concurrency_group=ROLLOUT, num_returns=2)
+    def make_experience(self, batch: dict[str, torch.Tensor], batch_index: int, seed: int):
+        """(metadata, experience): the driver reads the small metadata, the learner the rest."""
+        with self.lock:
+            if self.version < 0:
+                raise NoWeightsYet(f"rollout actor {self.index} has no drafter weights yet")
+            start = time.perf_counter()
+            experience = self.worker.make_experience(
+                self.config, batch, self.drafter, self.reference, self.version, seed
+            )
+            experience = experience.to("cpu")  # CUDA tensors do not travel through the object store
+            seconds = time.perf_counter() - start
+        meta = {"actor": self.index, "batch_index": batch_index, "version": experience.drafter_version,
+                "tokens": experience.num_tokens, "bytes": experience.nbytes(), "seconds": seconds,
+                **experience_summary(experience)}
+        return meta, experience
+
+    @ray.method(concurrency_group=ROLLOUT)
+    def evaluate(self, samples: list[dict[str, Any]], pad_id: int) -> dict[str, float]:
+        """Held-out TTT metrics of the replica, exactly as the single-process trainer computes them."""
+        from pipeline.trainer import Trainer
+
+        with self.lock:
+            metrics = Trainer(self.config).evaluate(self.drafter, self.worker, samples, pad_id)
+            return {**metrics, "drafter_version": float(self.version)}
+
+
+def rollout_actor_class(max_restarts: int):
+    """``RolloutActor`` as a Ray actor class: one thread per concurrency group, restartable."""
+    return ray.remote(
+        concurrency_groups={ROLLOUT: 1, SYNC: 1}, max_restarts=max_restarts, max_task_retries=0
+    )(RolloutActor)
+

@@ -1,0 +1,244 @@
+"""The learner group: N Ray actors forming one torch.distributed group, each a DeepSpeed engine.
+
+Rank 0 picks the rendezvous address (its node's IP and a free port) inside the placement group
+and the driver hands it to the others. Each rank trains the drafter on its own shard of
+experiences through ``learners.objectives.objective_loss`` (the same step function the
+single-process trainer uses), ``engine.backward`` and ``engine.step``; DeepSpeed averages the
+gradients (ZeRO stage from the config; bf16 on GPU, fp32 on CPU over gloo).
+
+Rank 0 is also the source of every drafter broadcast to the rollout actors (``pipeline.broadcast``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
+from pipeline.drafter_blueprint import DrafterBlueprint, load_target_embedding
+
+CHECKPOINT_TAG = "state"
+
+
+class StaleExperience(RuntimeError):
+    """An experience older than ``max_staleness`` versions reached a learner (the driver drops them)."""
+
+
+def deepspeed_config(config, on_gpu: bool) -> dict[str, Any]:
+    training = config.training
+    return {
+        "train_micro_batch_size_per_gpu": training.batch_size,
+        "gradient_accumulation_steps": training.grad_accum,
+        "gradient_clipping": training.grad_clip,
+        "zero_optimization": {"stage": config.distributed.zero_stage},
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerWorker:
+    """One rank of the learner group (a Ray actor)."""
+
+    def __init__(self, config_json: str):
+        from pipeline.config import ExperimentConfig
+        from pipeline.trainer import pick_device
+
+        self.config = ExperimentConfig.model_validate_json(config_json)
+        torch.set_num_threads(self.config.training.threads or 1)
+        self.device = pick_device(self.config.training.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
+        self.rank = -1
+        self.version = 0
+        self.engine = None
+        self.group: BroadcastGroup | None = None
+        self._retired: list[BroadcastGroup] = []
+
+    # -- set-up ---------------------------------------------------------------------------
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: where the others meet it (this node's IP, a port free on it now)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, rank: int, world_size: int, address: str, port: int, blueprint: DrafterBlueprint,
+              target_path: str, target_dtype: str, resume_dir: str | None) -> dict[str, Any]:
+        import deepspeed
+
+        from pipeline.trainer import DTYPES, lr_lambda
+
+        self.rank = rank
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=address, MASTER_PORT=str(port))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
+        embed = load_target_embedding(target_path, DTYPES[target_dtype])
+        source = os.path.join(resume_dir, "..", "drafter") if resume_dir else None
+        drafter = blueprint.build(embed, source=source).to(self.device)
+        training = self.config.training
+        params = drafter.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay, betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, training.warmup_steps, training.max_steps, training.min_lr_ratio)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=drafter, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
+            config=deepspeed_config(self.config, self.device.type == "cuda"),
+        )
+        if resume_dir:
+            path, client = self.engine.load_checkpoint(resume_dir, tag=CHECKPOINT_TAG)
+            if path is None:
+                raise FileNotFoundError(f"{resume_dir}: no DeepSpeed checkpoint '{CHECKPOINT_TAG}'")
+            self.version = int(client["version"])
+            torch.set_rng_state(client["rng"][rank]["torch"])
+        return {"rank": rank, "version": self.version, "ip": ray.util.get_node_ip_address(),
+                "gpus": ray.get_gpu_ids(), "zero_stage": self.engine.zero_optimization_stage()}
+
+    @property
+    def drafter(self):
+        return self.engine.module
+
+    # -- training -------------------------------------------------------------------------
+    def train_step(self, experience_refs: list[ray.ObjectRef], max_staleness: int) -> dict[str, Any]:
+        """One optimizer step over this rank's ``grad_accum`` experiences (refs, fetched here)."""
+        from learners.objectives import objective_loss
+
+        start = time.perf_counter()
+        experiences = ray.get(list(experience_refs))
+        if len(experiences) != self.config.training.grad_accum:
+            raise ValueError(f"rank {self.rank}: {len(experiences)} experiences for "
+                             f"grad_accum {self.config.training.grad_accum}")
+        versions = [int(e.drafter_version) for e in experiences]
+        stale = [v for v in versions if self.version - v > max_staleness]
+        if stale:
+            raise StaleExperience(f"rank {self.rank} at version {self.version} got experiences of "
+                                  f"versions {stale} (max_staleness {max_staleness})")
+        self.drafter.train()
+        rows: list[dict[str, float]] = []
+        tokens = 0
+        for experience in experiences:
+            experience = experience.to(self.device)
+            loss, metrics = objective_loss(self.drafter, experience, self.config)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"rank {self.rank} version {self.version}: loss {float(loss)}")
+            self.engine.backward(loss)
+            self.engine.step()
+            rows.append(metrics)
+            tokens += experience.num_tokens
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"rank {self.rank} version {self.version}: gradient norm {grad_norm}")
+        self.version += 1
+        metrics = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+        metrics.update(grad_norm=grad_norm, lr=float(self.engine.get_lr()[0]))
+        return {"rank": self.rank, "version": self.version, "experience_versions": versions,
+                "metrics": metrics, "tokens": tokens, "samples": sum(_rows(e) for e in experiences),
+                "seconds": time.perf_counter() - start}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self, directory: str, rng_states: list[dict]) -> int:
+        """Every rank writes its ZeRO shard; ``rng_states`` are all ranks' (gathered by the driver)."""
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
+                                    client_state={"version": self.version, "rng": rng_states})
+        return self.version
+
+    def rng(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state()}
+
+    def save_drafter(self, directory: str, dtype_name: str, metadata: dict[str, Any]) -> str:
+        """Rank 0: the drafter in the EAGLE-3 layout vLLM/SGLang load."""
+        from speculative.checkpoint import save_drafter
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+        module = self.drafter
+        if next(module.parameters()).dtype != torch.float32:  # bf16 engine: export fp32 masters' view
+            module = _float_copy(module)
+        return str(save_drafter(module, directory, dtype=dtype, metadata=metadata))
+
+    # -- broadcast (rank 0) ---------------------------------------------------------------
+    def broadcast_rendezvous(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_broadcast(self, address: str, port: int, world_size: int, backend: str, timeout_s: float) -> bool:
+        if self.group is not None:
+            self._retired.append(self.group)
+        self.group = BroadcastGroup(address, port, 0, world_size, backend, timeout_s)
+        return True
+
+    def broadcast(self, version: int) -> dict[str, Any]:
+        """Send the current drafter as ``version`` over the broadcast group."""
+        if version != self.version:
+            raise ValueError(f"asked to broadcast version {version}, rank 0 is at {self.version}")
+        start = time.perf_counter()
+        sent = self.group.send(named_tensors(self.drafter), version)
+        seconds = time.perf_counter() - start
+        return {"version": version, "bytes": sent, "seconds": seconds, "sha256": drafter_checksum(self.drafter)}
+
+    @ray.method(num_returns=2)
+    def weights(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(version/checksum/bytes, CPU tensors): the object-store transport's payload."""
+        tensors = {n: t.detach().to("cpu").clone() for n, t in named_tensors(self.drafter).items()}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        return {"version": self.version, "sha256": drafter_checksum(self.drafter), "bytes": size}, tensors
+
+    def checksum(self) -> tuple[int, str]:
+        return self.version, drafter_checksum(self.drafter)
+
+
+def _rows(experience) -> int:
+    """Sequences in an experience (its SFT part: itself, GTO's ``sft``, OPD's ``rollout``)."""
+    base = getattr(experience, "sft", None) or getattr(experience, "rollout", None) or experience
+    return int(base.input_ids.shape[0])
+
+
+def _float_copy(module):
+    import copy
+
+    return copy.deepcopy(module).float()
+
+
+def learner_actor_class():
+    return ray.remote(max_restarts=0)(LearnerWorker)
+
+
+class LearnerGroup:
+    """Driver-side handle: creates the ranks in their bundles, wires the group, fans calls out."""
+
+    def __init__(self, config, blueprint: DrafterBlueprint, target_path: str, target_dtype: str,
+                 strategies: list, resume_dir: str | None):
+        dist = config.distributed
+        cls = learner_actor_class()
+        self.actors = [
+            cls.options(num_cpus=dist.cpus_per_actor, num_gpus=dist.gpus_per_learner,
+                        scheduling_strategy=strategy, name=None).remote(config.model_dump_json())
+            for strategy in strategies
+        ]
+        address, port = ray.get(self.actors[0].rendezvous.remote())
+        self.info = ray.get([
+            actor.setup.remote(rank, len(self.actors), address, port, blueprint, target_path, target_dtype,
+                               resume_dir)
+            for rank, actor in enumerate(self.actors)
+        ])
+        self.version = self.info[0]["version"]
+
+    @property
+    def rank0(self):
+        return self.actors[0]
+
+    def train_step(self, shards: list[list[ray.ObjectRef]], max_staleness: int) -> list[ray.ObjectRef]:
+        return [actor.train_step.remote(shard, max_staleness) for actor, shard in zip(self.actors, shards)]
+
+    def save(self, directory: str) -> None:
+        rngs = ray.get([actor.rng.remote() for actor in self.actors])
+        ray.get([actor.save.remote(directory, rngs) for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

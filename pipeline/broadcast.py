@@ -1,0 +1,179 @@
+"""Drafter parameters from learner rank 0 to every rollout actor, version-stamped and verified.
+
+Transport by placement (``choose_transport``): a torch.distributed broadcast group of rank 0
+plus the rollout actors (NCCL when both sides own GPUs of their own, gloo on CPU), or the Ray
+object store where a collective cannot work (learner and actor sharing one GPU: NCCL refuses
+two ranks on one device). The group is built stateless (its own TCPStore and ProcessGroup), so
+it lives beside the learners' default DeepSpeed group instead of replacing it.
+
+Every sync ends with a check: each actor hashes the weights it now runs (sha256 over the bytes
+of every broadcast tensor, in name order) and the driver compares that with rank 0's hash.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.distributed_config import DistributedConfig
+from speculative.drafter import Eagle3Drafter
+
+
+class BroadcastMismatch(RuntimeError):
+    """A rollout actor's drafter differs from learner rank 0's after a sync: never train on."""
+
+
+def choose_transport(dist: DistributedConfig) -> str:
+    """``nccl``, ``gloo`` or ``object_store`` for this layout (``broadcast_backend: auto``)."""
+    if dist.broadcast_backend != "auto":
+        return dist.broadcast_backend
+    on_gpu = dist.gpus_per_learner > 0 and dist.gpus_per_rollout_actor > 0
+    if not on_gpu:
+        return "gloo"
+    if dist.placement == "colocated":
+        return "object_store"  # rank 0 and actor 0 share a GPU
+    return "nccl"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+FROZEN_PREFIXES = ("embed_tokens.",)
+
+
+def broadcast_names(drafter: Eagle3Drafter) -> list[str]:
+    """The tensors a sync moves: all but the target's frozen embedding, which never changes."""
+    return sorted(name for name, _ in drafter.named_parameters() if not name.startswith(FROZEN_PREFIXES))
+
+
+def named_tensors(drafter: Eagle3Drafter) -> dict[str, torch.Tensor]:
+    params = dict(drafter.named_parameters())
+    return {name: params[name] for name in broadcast_names(drafter)}
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over name, dtype, shape and raw bytes of each tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def drafter_checksum(drafter: Eagle3Drafter) -> str:
+    return checksum(named_tensors(drafter))
+
+
+def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors' bytes in one uint8 buffer (one collective instead of one per tensor)."""
+    return torch.cat([tensors[n].detach().contiguous().view(torch.uint8).reshape(-1) for n in sorted(tensors)])
+
+
+@torch.no_grad()
+def unflatten_into(buffer: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+    offset = 0
+    for name in sorted(tensors):
+        target = tensors[name]
+        size = target.numel() * target.element_size()
+        chunk = buffer[offset : offset + size].view(target.dtype).view(target.shape)
+        target.copy_(chunk)
+        offset += size
+    if offset != buffer.numel():
+        raise BroadcastMismatch(f"received {buffer.numel()} bytes, the drafter holds {offset}")
+
+
+@torch.no_grad()
+def load_named(drafter: Eagle3Drafter, state: dict[str, torch.Tensor]) -> None:
+    """Copy an object-store state (CPU tensors, rank 0's dtype) into a replica."""
+    mine = named_tensors(drafter)
+    if mine.keys() != state.keys():
+        raise BroadcastMismatch(f"weights for {sorted(state)} do not match the replica's {sorted(mine)}")
+    for name, tensor in mine.items():
+        tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+
+
+@dataclass
+class SyncReport:
+    version: int
+    transport: str
+    seconds: float  # the transfer (rank 0's send; for the object store, until every actor loaded)
+    wall_seconds: float  # issue to verified, including waiting for rollouts in progress
+    bytes: int
+    source_sha256: str
+    actor_sha256: list[str]
+
+
+class BroadcastGroup:
+    """One member's end of the stateless broadcast group (rank 0 = learner rank 0, sends)."""
+
+    def __init__(self, address: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float):
+        from torch.distributed import PrefixStore, TCPStore
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = TCPStore(address, port, world_size, rank == 0, timeout=timeout)
+        store = PrefixStore("draftrl_broadcast", store)
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        if backend == "nccl":
+            from torch.distributed import ProcessGroupNCCL
+
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            options = ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.group = ProcessGroupNCCL(store, rank, world_size, options)
+        elif backend == "gloo":
+            from torch.distributed import ProcessGroupGloo
+
+            self.device = torch.device("cpu")
+            self.group = ProcessGroupGloo(store, rank, world_size, timeout)
+        else:
+            raise ValueError(f"no collective broadcast over {backend!r}")
+        self._store = store  # rank 0 serves the store: keep it alive with the group
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        self.group.broadcast(tensor, 0).wait()
+
+    def send(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+        """Rank 0: header (version, bytes) then the flat payload. Returns bytes sent."""
+        payload = flatten(tensors).to(self.device)
+        header = torch.tensor([version, payload.numel()], dtype=torch.int64, device=self.device)
+        self._broadcast(header)
+        self._broadcast(payload)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return int(payload.numel())
+
+    def receive(self, expected_version: int) -> torch.Tensor:
+        """Actors: the flat payload of ``expected_version`` (raises on any other version)."""
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._broadcast(header)
+        version, size = (int(x) for x in header.tolist())
+        payload = torch.empty(size, dtype=torch.uint8, device=self.device)
+        self._broadcast(payload)
+        if version != expected_version:
+            raise BroadcastMismatch(f"expected drafter version {expected_version}, rank 0 sent {version}")
+        return payload
+
+
+def verify(report: SyncReport) -> SyncReport:
+    """Raise ``BroadcastMismatch`` unless every actor now runs rank 0's exact weights."""
+    bad = [i for i, sha in enumerate(report.actor_sha256) if sha != report.source_sha256]
+    if bad:
+        raise BroadcastMismatch(
+            f"drafter version {report.version} over {report.transport}: rollout actors {bad} hold "
+            f"weights {[report.actor_sha256[i][:12] for i in bad]}, learner rank 0 holds "
+            f"{report.source_sha256[:12]}"
+        )
+    return report
+
+
+def timed(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,45 @@
+"""Pipeline scalars as ``ray.util.metrics`` gauges and counters, so the Ray dashboard (and the
+cluster's Prometheus endpoint) shows them next to Ray's own: tau or its proxy, reward, losses,
+staleness, rollout tokens/s, learner samples/s, broadcast seconds and bytes, queue depth."""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge
+
+GAUGES = {
+    "loss": "training loss (objective_loss), mean over ranks",
+    "tau": "accepted length: measured (GTO/OPD rollouts) or the TTT proxy (SFT)",
+    "reward": "GTO tree reward of the current drafter, mean",
+    "top1_step1": "top-1 agreement with the target at draft step 1",
+    "staleness_mean": "mean drafter-version lag of the experiences of the last step",
+    "staleness_max": "largest drafter-version lag of the experiences of the last step",
+    "rollout_tokens_per_s": "tokens scored by the rollout actors per second",
+    "learner_samples_per_s": "sequences trained per second of learner step time",
+    "broadcast_seconds": "seconds of the last drafter broadcast",
+    "queue_depth": "experiences ready and waiting for the learners",
+    "drafter_version": "learner updates so far",
+}
+COUNTERS = {
+    "experiences": "experiences made by rollout actors",
+    "dropped_stale": "experiences dropped as older than max_staleness",
+    "broadcast_bytes": "bytes of drafter weights broadcast",
+    "actor_restarts": "rollout actors restarted and re-synced",
+}
+
+
+class PipelineMetrics:
+    """One gauge/counter per scalar, tagged with the run name (``draftrl_<name>`` in Prometheus)."""
+
+    def __init__(self, run: str):
+        self.tags = {"run": run}
+        self.gauges = {n: Gauge(f"draftrl_{n}", description=d, tag_keys=("run",)) for n, d in GAUGES.items()}
+        self.counters = {n: Counter(f"draftrl_{n}", description=d, tag_keys=("run",)) for n, d in COUNTERS.items()}
+
+    def set(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            if name in self.gauges and value is not None:
+                self.gauges[name].set(float(value), tags=self.tags)
+
+    def add(self, name: str, amount: float) -> None:
+        if amount > 0:
+            self.counters[name].inc(float(amount), tags=self.tags)

@@ -1,0 +1,83 @@
+"""Driver side of the drafter broadcast: forms the group, pushes versions, verifies, re-syncs.
+
+A push is issued without blocking (``start``) and completed later (``finish``), so the async
+pipeline keeps rolling out while weights move; the sync pipeline calls ``push`` (both at once).
+A restarted rollout actor gets the current drafter through the object store (it is always
+there), and the collective group is formed again before its next use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from pipeline.broadcast import SyncReport, verify
+
+
+@dataclass
+class PendingPush:
+    version: int
+    transport: str
+    started: float
+    source: ray.ObjectRef
+    actors: list[ray.ObjectRef]
+    indices: list[int] = field(default_factory=list)
+
+
+class WeightSync:
+    def __init__(self, rank0, actors: list, transport: str, timeout_s: float):
+        self.rank0 = rank0
+        self.actors = actors  # live list, shared with the rollout pool (restarts keep handles)
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.group_formed = False
+        self.reports: list[SyncReport] = []
+
+    def form_group(self) -> None:
+        """(Re)build the collective group: rank 0 of it is learner rank 0, then each actor."""
+        if self.transport == "object_store":
+            return
+        address, port = ray.get(self.rank0.broadcast_rendezvous.remote())
+        world = len(self.actors) + 1
+        calls = [self.rank0.join_broadcast.remote(address, port, world, self.transport, self.timeout_s)]
+        calls += [actor.join_broadcast.remote(address, port, i + 1, world, self.transport, self.timeout_s)
+                  for i, actor in enumerate(self.actors)]
+        ray.get(calls)
+        self.group_formed = True
+
+    def invalidate(self) -> None:
+        """A member died: the next collective push forms a new group first."""
+        self.group_formed = False
+
+    def start(self, version: int, indices: list[int] | None = None, transport: str | None = None) -> PendingPush:
+        transport = transport or self.transport
+        indices = list(range(len(self.actors))) if indices is None else indices
+        started = time.perf_counter()
+        if transport == "object_store":
+            info, tensors = self.rank0.weights.remote()
+            calls = [self.actors[i].load_weights.remote(version, tensors) for i in indices]
+            return PendingPush(version, transport, started, info, calls, indices)
+        if not self.group_formed:
+            self.form_group()
+        source = self.rank0.broadcast.remote(version)
+        calls = [self.actors[i].receive_broadcast.remote(version) for i in indices]
+        return PendingPush(version, transport, started, source, calls, indices)
+
+    def refs(self, pending: PendingPush) -> list[ray.ObjectRef]:
+        return [pending.source, *pending.actors]
+
+    def finish(self, pending: PendingPush) -> SyncReport:
+        """Wait for the push, then raise ``BroadcastMismatch`` unless every actor matches rank 0."""
+        source = ray.get(pending.source)
+        results = ray.get(pending.actors)
+        wall = time.perf_counter() - pending.started
+        seconds = source.get("seconds", wall) if pending.transport != "object_store" else wall
+        report = SyncReport(pending.version, pending.transport, seconds, wall, int(source["bytes"]),
+                            source["sha256"], [r["sha256"] for r in results])
+        self.reports.append(report)
+        return verify(report)
+
+    def push(self, version: int, indices: list[int] | None = None, transport: str | None = None) -> SyncReport:
+        return self.finish(self.start(version, indices, transport))

@@ -1,0 +1,325 @@
+"""The Ray pipeline on a real local Ray cluster: rollout actors, DeepSpeed learners, broadcast.
+
+Tiny random targets (SmolLM2's tokenizer), a few steps each. Real Ray, real DeepSpeed engines
+over gloo, real broadcasts; the only fakes are injected faults (a killed actor, a corrupted
+receive), which the driver must notice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from pipeline.broadcast import BroadcastMismatch  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.driver import Faults, run_distributed  # noqa: E402
+from pipeline.staleness import StalenessGate  # noqa: E402
+from speculative.target import load_tokenizer  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["the sea", "prime numbers", "bread", "a robot", "jazz", "volcanoes", "chess", "rain"]
+HAS_GTO = importlib.util.find_spec("actors.gto_rollout") is not None
+HAS_OPD = importlib.util.find_spec("actors.opd_rollout") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory):
+    tokenizer = load_tokenizer("smollm2")
+    path = tmp_path_factory.mktemp("tiny_target")
+    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    with open(path, "w") as handle:
+        for i in range(64):
+            topic = TOPICS[i % len(TOPICS)]
+            messages = [
+                {"role": "user", "content": f"Tell me something about {topic}. ({i})"},
+                {"role": "assistant", "content": f"Here is a short fact about {topic}: it is interesting."},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local cluster (never one another process started on this box)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def overrides(out: Path, target_dir: Path, chat_file: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"cache_dir={out.parent / 'cache'}",
+        f"target.model={target_dir}",
+        f"data.source={chat_file}",
+        "data.max_length=48",
+        "data.eval_fraction=0.1",
+        "drafter.draft_vocab_size=256",
+        "training.ttt_steps=2",
+        "training.batch_size=2",
+        "training.lr=3e-3",
+        "training.warmup_steps=1",
+        f"training.max_steps={steps}",
+        "training.log_every=1",
+        "training.eval_every=100",
+        "training.eval_batches=1",
+        "training.save_every=2",
+        "training.device=cpu",
+        "training.threads=1",
+        "distributed.enabled=true",
+        "distributed.num_learners=2",
+        "distributed.num_rollout_actors=2",
+        "distributed.cpus_per_actor=1",
+        "distributed.collective_timeout_s=60",
+        *extra,
+    ]
+
+
+def config(tmp_path, target_dir, chat_file, steps, *extra):
+    return load_config(None, overrides(tmp_path / "run", target_dir, chat_file, steps, *extra))
+
+
+def assert_every_broadcast_bit_identical(result, versions: int) -> None:
+    broadcasts = result.broadcasts
+    assert [b["version"] for b in broadcasts if len(b["actor_sha256"]) == 2] == list(range(versions + 1))
+    for b in broadcasts:
+        assert b["actor_sha256"] and all(sha == b["source_sha256"] for sha in b["actor_sha256"]), b
+        assert b["bytes"] > 0
+    # Each update changes the drafter: successive versions hash differently.
+    full = [b["source_sha256"] for b in broadcasts if len(b["actor_sha256"]) == 2]
+    assert len(set(full)) == len(full)
+
+
+def test_sync_sft_two_learners_two_actors_bit_identical_and_survives_a_killed_actor(
+    local_ray, tmp_path, tiny_target_dir, chat_file
+):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 3, "distributed.zero_stage=2")
+    result = run_distributed(cfg, faults=Faults(kill_actor_at_step=2, kill_actor=1))
+    assert result.final_step == 3
+    assert_every_broadcast_bit_identical(result, 3)
+    assert result.actor_restarts == 1
+    # The restarted actor was re-synced through the object store and checked.
+    resync = [b for b in result.broadcasts if len(b["actor_sha256"]) == 1]
+    assert resync and resync[0]["transport"] == "object_store" and resync[0]["version"] == 2
+    # Sync mode: every experience was made by the drafter it trained; 2 ranks x 1 batch per step.
+    assert [s["experience_versions"] for s in result.steps] == [[0, 0], [1, 1], [2, 2]]
+    assert [s["batch_indices"] for s in result.steps] == [[0, 1], [2, 3], [4, 5]]
+    out = result.output_dir
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for key in ("loss", "top1/step1", "accept_length_proxy", "grad_norm", "lr", "staleness_max",
+                "broadcast_s", "rollout_tokens_per_s", "learner_samples_per_s"):
+        assert key in train[0], key
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "latest").read_text() == "step_000003"
+    assert (out / "checkpoints" / "step_000002" / "deepspeed" / "state").is_dir()
+    exported = load_file(result.drafter_dir / "model.safetensors")
+    assert exported["lm_head.weight"].dtype == torch.bfloat16
+    # The exported drafter is rank 0's final weights, which the last broadcast carried.
+    final = load_file(out / "checkpoints" / "step_000003" / "drafter" / "model.safetensors")
+    assert torch.equal(final["lm_head.weight"].to(torch.bfloat16), exported["lm_head.weight"])
+
+
+def test_a_corrupted_receive_is_caught(local_ray, tmp_path, tiny_target_dir, chat_file):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 2, "distributed.num_learners=1",
+                 "distributed.num_rollout_actors=1")
+    with pytest.raises(BroadcastMismatch, match=r"version 1 over gloo: rollout actors \[0\]"):
+        run_distributed(cfg, faults=Faults(corrupt_at_version=1, corrupt_actor=0))
+
+
+def test_async_never_trains_on_experience_older_than_max_staleness(local_ray, tmp_path, tiny_target_dir, chat_file):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 6, "distributed.mode=async", "distributed.max_staleness=1",
+                 "distributed.rollouts_in_flight_per_actor=2", "training.save_every=100")
+    result = run_distributed(cfg)
+    assert result.final_step == 6
+    lags = [s["learner_version"] - v for s in result.steps for v in s["experience_versions"]]
+    assert len(lags) == 12
+    assert max(lags) <= 1 and min(lags) >= 0
+    assert any(lag == 1 for lag in lags), "async mode never overlapped rollout with training"
+    assert_every_broadcast_bit_identical(result, 6)
+    report = json.loads((result.output_dir / "distributed_report.json").read_text())
+    assert report["dropped_stale"] == result.dropped_stale
+
+
+def test_resume_continues_from_the_checkpoint(local_ray, tmp_path, tiny_target_dir, chat_file):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 3, "distributed.num_learners=1",
+                 "distributed.num_rollout_actors=1", "distributed.broadcast_backend=object_store")
+    first = run_distributed(cfg, steps_this_run=2)
+    assert first.final_step == 2
+    resumed = run_distributed(cfg, resume=True)
+    assert resumed.final_step == 3
+    # Version counters, data cursor and the drafter all continue: version 2 is what was saved.
+    assert resumed.broadcasts[0]["version"] == 2
+    assert resumed.broadcasts[0]["source_sha256"] == first.broadcasts[-1]["source_sha256"]
+    assert [s["batch_indices"] for s in resumed.steps] == [[2]]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_distributed(cfg)
+
+
+def test_staleness_gate_admits_and_drops_by_version():
+    gate = StalenessGate(max_staleness=1, per_step=2)
+    # Learner at 5, training in flight, 2 queued: this rollout trains at version 7.
+    assert gate.consume_version(5, True, 2) == 7
+    assert gate.may_admit(5, True, 2, actor_version=6) and not gate.may_admit(5, True, 2, actor_version=5)
+    kept, dropped = gate.select(5, [{"version": 4}, {"version": 3}, {"version": 5}])
+    assert [m["version"] for m in kept] == [4, 5] and [m["version"] for m in dropped] == [3]
+    assert gate.dropped == 1
+
+
+OBJECTIVES = [
+    pytest.param("sft", [], id="sft"),
+    pytest.param("gto", ["gto.tree_depth=3", "gto.tree_top_k=2", "gto.tree_total_tokens=6",
+                         "gto.groups_per_sequence=2", "gto.group_size=2", "gto.positions_per_forward=4"],
+                 id="gto", marks=pytest.mark.skipif(not HAS_GTO, reason="actors.gto_rollout not merged yet")),
+    pytest.param("opd", ["opd.chain_length=3", "opd.max_new_tokens=8"],
+                 id="opd", marks=pytest.mark.skipif(not HAS_OPD, reason="actors.opd_rollout not merged yet")),
+]
+
+
+@pytest.mark.parametrize("objective,extra", OBJECTIVES)
+def test_each_objective_runs_on_two_learners_and_two_actors(
+    local_ray, tmp_path, tiny_target_dir, chat_file, objective, extra
+):
+    if objective == "sft":
+        pytest.skip("covered by the sync SFT test above (same path, fewer cluster start-ups)")
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 2, f"training.objective={objective}", *extra)
+    result = run_distributed(cfg)
+    assert result.final_step == 2
+    assert_every_broadcast_bit_identical(result, 2)
+    assert [s["experience_versions"] for s in result.steps] == [[0, 0], [1, 1]]
+    assert torch.isfinite(torch.tensor(result.train_metrics["loss"]))
+
+
+# -- ray job submit to a `ray start --head` cluster -----------------------------------------
+def _free_ports(n: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(n):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def test_ray_job_submit_to_a_head_node_runs_training_and_exports_metrics(tmp_path, tiny_target_dir, chat_file):
+    if ray.is_initialized():
+        ray.shutdown()
+    gcs, dashboard, metrics, client, agent_http, agent_grpc, env_agent, min_worker = _free_ports(8)
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_metrics_report_interval_ms": "1000",
+           "RAY_AUTH_MODE": "token"}  # Ray's default for new clusters, made explicit for the CLI
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path(f"/tmp/draftrl_ray_{os.getpid()}")
+    ray_cli = [str(Path(venv_bin) / "ray")]
+    start = ray_cli + [
+        "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={min_worker}",
+        f"--max-worker-port={min_worker + 200}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        job_config = overrides(tmp_path / "job_run", tiny_target_dir, chat_file, 2,
+                               "distributed.num_learners=1", "distributed.num_rollout_actors=1")
+        data: dict = {}
+        for item in job_config:
+            key, value = item.split("=", 1)
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        data["name"] = "jobtest"
+        config_path = tmp_path / "job.yaml"
+        config_path.write_text(yaml.safe_dump(data))
+        submit = ray_cli + [
+            "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+            "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
+            "python", "-m", "pipeline.train", "--config", str(config_path),
+        ]
+        job = subprocess.Popen(submit, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Scrape the head's Prometheus endpoint while the job runs, until our gauges appear.
+        scraped, deadline = "", time.time() + 240
+        while time.time() < deadline and "draftrl_drafter_version" not in scraped:
+            time.sleep(2)
+            try:
+                scraped = _scrape(f"http://127.0.0.1:{metrics}/metrics")
+            except OSError:
+                pass
+            if job.poll() is not None and "draftrl_drafter_version" not in scraped:
+                time.sleep(3)
+                scraped = _scrape(f"http://127.0.0.1:{metrics}/metrics")
+                break
+        log, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, log[-4000:]
+        assert "succeeded" in log, log[-4000:]
+        assert "[draftrl] step 2/2" in log, log[-4000:]
+        assert (tmp_path / "job_run" / "drafter" / "model.safetensors").is_file()
+        gauges = [line for line in scraped.splitlines() if line.startswith("ray_draftrl_") or
+                  line.startswith("draftrl_")]
+        assert any("drafter_version" in line and 'run="jobtest"' in line for line in gauges), scraped[-3000:]
+        assert any(line.split("{")[0].endswith("draftrl_loss") for line in gauges), gauges
+    finally:
+        _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Stop only the processes of the cluster this test started (``ray stop`` would stop every
+    Ray cluster on the machine): those whose command line names its private temp dir."""
+    def ours() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
+                        pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
+        while ours() and time.time() < deadline:
+            time.sleep(0.5)
+    shutil.rmtree(temp_dir, ignore_errors=True)
