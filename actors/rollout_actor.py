@@ -27,6 +27,7 @@ from pipeline.broadcast import (
     drafter_checksum,
     load_named,
     named_tensors,
+    replica_dtype,
     unflatten_into,
 )
 from pipeline.drafter_blueprint import DrafterBlueprint
@@ -75,7 +76,8 @@ class RolloutActor:
         self.target = TargetModel.load(
             self.config.target.model, blueprint.config.aux_layer_ids, dtype, self.device, self.config.cache_dir
         )
-        self.drafter = blueprint.build(self.target.embed_tokens.weight).to(self.device).eval()
+        self.drafter = blueprint.build(self.target.embed_tokens.weight).to(self.device, replica_dtype(self.config))
+        self.drafter.eval()
         self.drafter.requires_grad_(False)
         self.reference = None
         if self.config.training.objective == "gto":  # the frozen reference: the run's initial drafter

@@ -40,6 +40,17 @@ def choose_transport(dist: DistributedConfig) -> str:
     return "nccl"
 
 
+def learners_on_gpu(config) -> bool:
+    """Whether the learner ranks train on GPUs (then DeepSpeed holds the drafter in bf16)."""
+    return config.distributed.gpus_per_learner > 0 and config.training.device != "cpu"
+
+
+def replica_dtype(config) -> torch.dtype:
+    """The dtype rollout replicas hold the drafter in: the learners' own, so a broadcast moves
+    raw bytes and the replica is bit-identical to rank 0 (not a rounded copy of it)."""
+    return torch.bfloat16 if learners_on_gpu(config) else torch.float32
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))

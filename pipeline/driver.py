@@ -358,7 +358,8 @@ class DistributedTrainer:
             dropped_stale=float(self.gate.dropped), queue_depth=float(queue_depth),
             rollout_tokens_per_s=rollout_rate, learner_samples_per_s=samples / max(step_s, 1e-9),
             learner_step_s=step_s, broadcast_s=last.seconds, broadcast_bytes=float(last.bytes),
-            experience_bytes=float(sum(m["bytes"] for m in metas)), **rollout_metrics,
+            experience_bytes=float(sum(m["bytes"] for m in metas)),
+            experience_tokens=float(sum(m["tokens"] for m in metas)), **rollout_metrics,
         )
         self.window.append(merged)
         self.metrics.set({
