@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import types
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from pipeline.metrics_log import MetricsLog, plot_curves
 from pipeline.placement import Layout, reserve
 from pipeline.ray_metrics import PipelineMetrics
 from pipeline.staleness import StalenessGate
-from pipeline.trainer import RunResult, Trainer, seed_everything
+from pipeline.trainer import RunResult, load_datasets, seed_everything
 from pipeline.weight_sync import PendingPush, WeightSync
 from speculative.data import collate
 from speculative.files import atomic_directory
@@ -131,11 +130,6 @@ class DistributedTrainer:
         self.per_step = self.dist.num_learners * config.training.grad_accum
 
     # -- set-up ---------------------------------------------------------------------------
-    def _load_data(self, tokenizer):
-        # Trainer._load_data only reads ``config`` and ``cache_dir``; the driver may have no GPU,
-        # so it borrows the method instead of building a Trainer (which picks a device).
-        return Trainer._load_data(types.SimpleNamespace(config=self.config, cache_dir=self.cache_dir), tokenizer)
-
     def _target_dtype(self) -> str:
         choice = self.config.target.dtype
         if choice != "auto":
@@ -174,7 +168,7 @@ class DistributedTrainer:
         started_ray = self._connect()
         target_path = resolve_target(cfg.target.model, self.cache_dir)
         tokenizer = load_tokenizer(cfg.target.model, self.cache_dir)
-        train, evaluation, stats = self._load_data(tokenizer)
+        train, evaluation, stats = load_datasets(self.config, tokenizer, self.cache_dir)
         (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
         print(f"[draftrl] data: {len(train)} train / {len(evaluation)} eval samples", flush=True)
         self.train_data, self.order = train, BatchOrder(len(train), train_cfg.batch_size, cfg.seed)

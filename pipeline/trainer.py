@@ -42,6 +42,29 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def load_datasets(config, tokenizer, cache_dir: Path):
+    """(train, evaluation, stats) of ``config.data``, tokenised and cached under ``cache_dir/data``.
+
+    Shared by the single-process trainer and the Ray driver (which may hold no GPU, so it does
+    not build a Trainer). An empty evaluation split falls back to the training set.
+    """
+    data = config.data
+    dataset, stats = build_dataset(
+        data.source,
+        tokenizer,
+        format=data.format,
+        max_length=data.max_length,
+        max_records=data.max_records,
+        offset=data.offset,
+        on_error=data.on_error,
+        cache_dir=Path(cache_dir) / "data",
+    )
+    train, evaluation = split_dataset(dataset, data.eval_fraction, config.seed)
+    if len(evaluation) == 0:
+        evaluation = train
+    return train, evaluation, stats
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -93,21 +116,7 @@ class Trainer:
         return DTYPES[choice]
 
     def _load_data(self, tokenizer):
-        data = self.config.data
-        dataset, stats = build_dataset(
-            data.source,
-            tokenizer,
-            format=data.format,
-            max_length=data.max_length,
-            max_records=data.max_records,
-            offset=data.offset,
-            on_error=data.on_error,
-            cache_dir=self.cache_dir / "data",
-        )
-        train, evaluation = split_dataset(dataset, data.eval_fraction, self.config.seed)
-        if len(evaluation) == 0:
-            evaluation = train
-        return train, evaluation, stats
+        return load_datasets(self.config, tokenizer, self.cache_dir)
 
     def _load_target(self):
         cfg = self.config

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,3 +86,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TOPICS = ["the sea", "prime numbers", "bread", "a robot", "jazz", "volcanoes", "chess", "rain"]
+
+
+def write_topic_chats(path: Path, count: int) -> Path:
+    """``count`` short two-turn chats (OpenAI messages JSONL) cycling through ``TOPICS``."""
+    with open(path, "w") as handle:
+        for i in range(count):
+            topic = TOPICS[i % len(TOPICS)]
+            messages = [
+                {"role": "user", "content": f"Tell me something about {topic}. ({i})"},
+                {"role": "assistant", "content": f"Here is a short fact about {topic}: it is interesting."},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory):
+    """A random 8-layer Llama with SmolLM2's vocabulary, saved next to SmolLM2's tokenizer."""
+    from speculative.target import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    path = tmp_path_factory.mktemp("tiny_target")
+    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

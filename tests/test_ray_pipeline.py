@@ -31,36 +31,16 @@ from pipeline.broadcast import BroadcastMismatch  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.driver import Faults, run_distributed  # noqa: E402
 from pipeline.staleness import StalenessGate  # noqa: E402
-from speculative.target import load_tokenizer  # noqa: E402
-from tests.conftest import tiny_llama  # noqa: E402
+from tests.conftest import write_topic_chats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = ["the sea", "prime numbers", "bread", "a robot", "jazz", "volcanoes", "chess", "rain"]
 HAS_GTO = importlib.util.find_spec("actors.gto_rollout") is not None
 HAS_OPD = importlib.util.find_spec("actors.opd_rollout") is not None
 
 
 @pytest.fixture(scope="module")
-def tiny_target_dir(tmp_path_factory):
-    tokenizer = load_tokenizer("smollm2")
-    path = tmp_path_factory.mktemp("tiny_target")
-    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    with open(path, "w") as handle:
-        for i in range(64):
-            topic = TOPICS[i % len(TOPICS)]
-            messages = [
-                {"role": "user", "content": f"Tell me something about {topic}. ({i})"},
-                {"role": "assistant", "content": f"Here is a short fact about {topic}: it is interesting."},
-            ]
-            handle.write(json.dumps({"messages": messages}) + "\n")
-    return path
+    return write_topic_chats(tmp_path_factory.mktemp("data") / "chats.jsonl", 64)
 
 
 @pytest.fixture(scope="module")

@@ -10,34 +10,12 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.trainer import Trainer
-from speculative.target import load_tokenizer
-from tests.conftest import tiny_llama
-
-TOPICS = ["the sea", "prime numbers", "bread", "a robot", "jazz", "volcanoes", "chess", "rain"]
-
-
-@pytest.fixture(scope="module")
-def tiny_target_dir(tmp_path_factory):
-    """A random 4-layer Llama with SmolLM2's vocabulary, saved next to SmolLM2's tokenizer."""
-    tokenizer = load_tokenizer("smollm2")
-    path = tmp_path_factory.mktemp("tiny_target")
-    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from tests.conftest import write_topic_chats
 
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    with open(path, "w") as handle:
-        for i in range(48):
-            topic = TOPICS[i % len(TOPICS)]
-            messages = [
-                {"role": "user", "content": f"Tell me something about {topic}. ({i})"},
-                {"role": "assistant", "content": f"Here is a short fact about {topic}: it is interesting."},
-            ]
-            handle.write(json.dumps({"messages": messages}) + "\n")
-    return path
+    return write_topic_chats(tmp_path_factory.mktemp("data") / "chats.jsonl", 48)
 
 
 def _config(tmp_path, target_dir, chat_file, max_steps, *extra):
