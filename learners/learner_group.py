@@ -26,6 +26,10 @@ from pipeline.drafter_blueprint import DrafterBlueprint, load_target_embedding
 CHECKPOINT_TAG = "state"
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank's process is gone: the group's collectives cannot go on without it."""
+
+
 class StaleExperience(RuntimeError):
     """An experience older than ``max_staleness`` versions reached a learner (the driver drops them)."""
 
@@ -46,7 +50,7 @@ def deepspeed_config(config, on_gpu: bool) -> dict[str, Any]:
 class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
-    def __init__(self, config_json: str):
+    def __init__(self, config_json: str, faults: dict | None = None):
         from pipeline.config import ExperimentConfig
         from pipeline.trainer import pick_device
 
@@ -58,6 +62,7 @@ class LearnerWorker:
         self.rank = -1
         self.version = 0
         self.engine = None
+        self.faults = faults or {}  # injected faults (tests): {"nan_loss_at_version": v, "rank": r}
         self.group: BroadcastGroup | None = None
         self._retired: list[BroadcastGroup] = []
 
@@ -104,6 +109,15 @@ class LearnerWorker:
     def drafter(self):
         return self.engine.module
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every rank's loss for this micro-batch is finite (one all-reduce of a flag)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bool(torch.isfinite(loss)))], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
     # -- training -------------------------------------------------------------------------
     def train_step(self, experience_refs: list[ray.ObjectRef], max_staleness: int) -> dict[str, Any]:
         """One optimizer step over this rank's ``grad_accum`` experiences (refs, fetched here)."""
@@ -122,23 +136,31 @@ class LearnerWorker:
         self.drafter.train()
         rows: list[dict[str, float]] = []
         tokens = 0
+        skipped = 0
         for experience in experiences:
             experience = experience.to(self.device)
             loss, metrics = objective_loss(self.drafter, experience, self.config)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"rank {self.rank} version {self.version}: loss {float(loss)}")
+            if self.faults.get("nan_loss_at_version") == self.version and self.faults.get("rank", 0) == self.rank:
+                loss = loss * float("nan")  # injected fault
+            if not self._all_finite(loss):
+                # Every rank drops this micro-batch together (a lone rank skipping its backward would
+                # desynchronise the gradient collectives): a zero-gradient backward keeps them aligned.
+                skipped += 1
+                loss = sum((p * 0.0).sum() for p in self.drafter.trainable_parameters())
+            else:
+                rows.append(metrics)
+                tokens += experience.num_tokens
             self.engine.backward(loss)
             self.engine.step()
-            rows.append(metrics)
-            tokens += experience.num_tokens
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"rank {self.rank} version {self.version}: gradient norm {grad_norm}")
         self.version += 1
-        metrics = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+        metrics = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
         metrics.update(grad_norm=grad_norm, lr=float(self.engine.get_lr()[0]))
         return {"rank": self.rank, "version": self.version, "experience_versions": versions,
+                "skipped_nonfinite": skipped,
                 "metrics": metrics, "tokens": tokens, "samples": sum(_rows(e) for e in experiences),
                 "seconds": time.perf_counter() - start}
 
@@ -212,12 +234,12 @@ class LearnerGroup:
     """Driver-side handle: creates the ranks in their bundles, wires the group, fans calls out."""
 
     def __init__(self, config, blueprint: DrafterBlueprint, target_path: str, target_dtype: str,
-                 strategies: list, resume_dir: str | None):
+                 strategies: list, resume_dir: str | None, faults: dict | None = None):
         dist = config.distributed
         cls = learner_actor_class()
         self.actors = [
             cls.options(num_cpus=dist.cpus_per_actor, num_gpus=dist.gpus_per_learner,
-                        scheduling_strategy=strategy, name=None).remote(config.model_dump_json())
+                        scheduling_strategy=strategy, name=None).remote(config.model_dump_json(), faults)
             for strategy in strategies
         ]
         address, port = ray.get(self.actors[0].rendezvous.remote())
@@ -234,6 +256,26 @@ class LearnerGroup:
 
     def train_step(self, shards: list[list[ray.ObjectRef]], max_staleness: int) -> list[ray.ObjectRef]:
         return [actor.train_step.remote(shard, max_staleness) for actor, shard in zip(self.actors, shards)]
+
+    def gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """Results of one call per rank, failing at the first dead rank instead of waiting for the
+        survivors, who would sit in a collective with it until ``collective_timeout_s``."""
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            rank = pending.pop(done[0])
+            results[rank] = self.result(rank, done[0])
+        return [results[rank] for rank in range(len(refs))]
+
+    def result(self, rank: int, ref: ray.ObjectRef) -> Any:
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            raise LearnerDied(
+                f"learner rank {rank} died ({type(error).__name__}); the learner group cannot continue "
+                "without it. Restart the job with --resume: it continues from the last checkpoint."
+            ) from error
 
     def save(self, directory: str) -> None:
         rngs = ray.get([actor.rng.remote() for actor in self.actors])

@@ -3,6 +3,7 @@
 ``checkpoints/step_NNNNNN/`` holds ``drafter/`` and ``trainer_state.pt`` (optimizer, scheduler,
 step, data cursor, RNG states). A checkpoint is written to a temporary directory and renamed,
 and ``checkpoints/latest`` is updated last, so a crash mid-save leaves the previous one intact.
+Every file's sha256 goes into ``MANIFEST.json``; a checkpoint is verified against it before use.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from speculative.checkpoint import save_drafter
 from speculative.drafter import Eagle3Drafter
-from speculative.files import atomic_directory
+from speculative.files import atomic_directory, verify_manifest, write_manifest
 
 STATE_FILE = "trainer_state.pt"
 
@@ -52,11 +53,17 @@ def save_checkpoint(
         for name, extra in (extra_drafters or {}).items():
             save_drafter(extra, staging / name, dtype=torch.float32, metadata={"step": step, "role": name})
         torch.save({**state, "step": step, "rng": rng_state()}, staging / STATE_FILE)
+        write_manifest(staging)
+    commit_checkpoint(root, final, keep)
+    return final
+
+
+def commit_checkpoint(root: Path, final: Path, keep: int) -> None:
+    """Point ``root/latest`` at ``final`` (atomically) and prune all but the newest ``keep``."""
     (root / "latest.tmp").write_text(final.name)
     (root / "latest.tmp").replace(root / "latest")
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -66,6 +73,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     path = root / pointer.read_text().strip()
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which is incomplete or missing")
+    verify_manifest(path)  # before anything reads it
     return path
 
 

@@ -99,6 +99,9 @@ class TrainingConfig(Section):
     max_steps: int = Field(1000, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(0.5, gt=0.0)
+    max_nonfinite: int = Field(
+        10, ge=0, description="NaN/inf losses or gradients skipped (and counted) before the run aborts"
+    )
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(200, ge=1)
     eval_batches: int = Field(8, ge=1)

@@ -11,7 +11,6 @@ optimizer, data cursor, RNG, version counters), the exported drafter, curves.png
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from actors.rollout_actor import NoWeightsYet, rollout_actor_class
 from learners.learner_group import LearnerGroup
 from pipeline.batches import BatchOrder
 from pipeline.broadcast import SyncReport, choose_transport
-from pipeline.checkpointing import STATE_FILE, latest_checkpoint, load_state, rng_state, set_rng_state
+from pipeline.checkpointing import STATE_FILE, commit_checkpoint, latest_checkpoint, load_state, rng_state, set_rng_state
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.drafter_blueprint import (
     DrafterBlueprint,
@@ -42,7 +41,7 @@ from pipeline.staleness import StalenessGate
 from pipeline.trainer import RunResult, load_datasets, seed_everything
 from pipeline.weight_sync import PendingPush, WeightSync
 from speculative.data import collate
-from speculative.files import atomic_directory
+from speculative.files import atomic_directory, write_manifest
 from speculative.target import default_cache_dir, load_tokenizer, resolve_target
 
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -59,12 +58,17 @@ class DistributedResult(RunResult):
 
 @dataclass
 class Faults:
-    """Injected faults (tests only): kill a rollout actor, corrupt a received drafter."""
+    """Injected faults (tests only): kill a rollout actor or a learner rank, corrupt a received
+    drafter, make a learner's loss NaN."""
 
     kill_actor_at_step: int | None = None
     kill_actor: int = 0
     corrupt_at_version: int | None = None
     corrupt_actor: int = 0
+    kill_learner_at_step: int | None = None
+    kill_learner: int = 0
+    nan_loss_at_step: int | None = None
+    nan_loss_rank: int = 0
 
 
 class RolloutPool:
@@ -180,6 +184,7 @@ class DistributedTrainer:
             state = load_state(checkpoint)
             set_rng_state(state["rng"])
         self.version, self.cursor = int(state["step"]), int(state["cursor"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         # Sync mode: weights lag by at most the updates between broadcasts.
         bound = self.dist.max_staleness if self.dist.mode == "async" else self.dist.broadcast_every - 1
         if bound < self.dist.broadcast_every - 1:
@@ -197,8 +202,9 @@ class DistributedTrainer:
         try:
             resume_dir = str(checkpoint / "deepspeed") if checkpoint is not None else None
             self.pool = RolloutPool(cfg, blueprint, layout.rollouts, self.faults)  # loads targets meanwhile
+            learner_faults = {"nan_loss_at_version": self.faults.nan_loss_at_step, "rank": self.faults.nan_loss_rank}
             self.learners = LearnerGroup(cfg, blueprint, target_path, self._target_dtype(), layout.learners,
-                                         resume_dir)
+                                         resume_dir, learner_faults)
             if self.learners.version != self.version:
                 raise RuntimeError(f"checkpoint says step {self.version}, DeepSpeed state says "
                                    f"{self.learners.version}")
@@ -245,6 +251,10 @@ class DistributedTrainer:
         return int(ray.get(self.learners.rank0.checksum.remote())[0])
 
     def _maybe_inject_kill(self) -> None:
+        if self.faults.kill_learner_at_step == self.version and not getattr(self, "_killed_learner", False):
+            self._killed_learner = True
+            print(f"[draftrl] fault injection: killing learner rank {self.faults.kill_learner}", flush=True)
+            ray.kill(self.learners.actors[self.faults.kill_learner], no_restart=True)
         if self.faults.kill_actor_at_step == self.version and not getattr(self, "_killed", False):
             self._killed = True
             print(f"[draftrl] fault injection: killing rollout actor {self.faults.kill_actor}", flush=True)
@@ -328,19 +338,31 @@ class DistributedTrainer:
         accum = self.config.training.grad_accum
         shards = [[ref for _, ref in ready[r * accum:(r + 1) * accum]] for r in range(self.dist.num_learners)]
         metas = [meta for meta, _ in ready]
-        results = ray.get(self.learners.train_step(shards, self.gate.max_staleness))
+        results = self.learners.gather(self.learners.train_step(shards, self.gate.max_staleness))
         self._finish_step(results, metas, rollout_rate, queue_depth)
 
     def _finish_step(self, results: list[dict], metas: list[dict], rollout_rate: float, queue_depth: int) -> None:
         """Book-keeping of one update: staleness record, metrics window, dashboard gauges."""
         trained_at = self.version
         self.version = results[0]["version"]
+        # Ranks skip non-finite micro-batches together, so any rank's count is the group's.
+        skipped = max(int(r.get("skipped_nonfinite", 0)) for r in results)
+        if skipped:
+            self.skipped_nonfinite += skipped
+            limit = self.config.training.max_nonfinite
+            print(f"[draftrl] update {self.version}: skipped {skipped} micro-batches with a non-finite loss "
+                  f"({self.skipped_nonfinite} so far, at most training.max_nonfinite = {limit})", flush=True)
+            if self.skipped_nonfinite > limit:
+                raise FloatingPointError(
+                    f"{self.skipped_nonfinite} non-finite losses, more than training.max_nonfinite = {limit}; "
+                    "the run stops (resume from the last checkpoint after fixing the data or lowering training.lr)")
         versions = [v for r in results for v in r["experience_versions"]]
         self.gate.record(trained_at, versions)
         staleness = [trained_at - v for v in versions]
         self.steps.append({"learner_version": trained_at, "experience_versions": versions,
                            "batch_indices": [m["batch_index"] for m in metas]})
-        merged = {key: float(np.mean([r["metrics"][key] for r in results])) for key in results[0]["metrics"]}
+        keys = dict.fromkeys(key for r in results for key in r["metrics"])  # a rank that skipped all has none
+        merged = {key: float(np.mean([r["metrics"][key] for r in results if key in r["metrics"]])) for key in keys}
         self.tokens_trained += sum(r["tokens"] for r in results)
         samples = sum(r["samples"] for r in results)
         step_s = max(r["seconds"] for r in results)
@@ -353,7 +375,8 @@ class DistributedTrainer:
             rollout_tokens_per_s=rollout_rate, learner_samples_per_s=samples / max(step_s, 1e-9),
             learner_step_s=step_s, broadcast_s=last.seconds, broadcast_bytes=float(last.bytes),
             experience_bytes=float(sum(m["bytes"] for m in metas)),
-            experience_tokens=float(sum(m["tokens"] for m in metas)), **rollout_metrics,
+            experience_tokens=float(sum(m["tokens"] for m in metas)),
+            skipped_nonfinite=float(self.skipped_nonfinite), **rollout_metrics,
         )
         self.window.append(merged)
         self.metrics.set({
@@ -379,7 +402,7 @@ class DistributedTrainer:
             self.stop_at = step
         if step % train_cfg.log_every == 0 or step == self.stop_at:
             self.train_metrics = {k: float(np.mean([row[k] for row in self.window if k in row]))
-                                  for k in self.window[-1]}
+                                  for k in dict.fromkeys(k for row in self.window for k in row)}
             self.train_metrics["tokens_per_s"] = self.tokens_trained / max(1e-9, time.time() - self.started)
             self.log.log(step, "train", self.train_metrics)
             self.window = []
@@ -412,11 +435,10 @@ class DistributedTrainer:
                                                             {"step": self.version}))
             torch.save({"step": self.version, "cursor": cursor, "rng": rng_state(),
                         "dropped_stale": self.gate.dropped, "actor_restarts": self.pool.restarts,
+                        "skipped_nonfinite": self.skipped_nonfinite,
                         "drafter_version": self.version}, staging / STATE_FILE)
-        (root / "latest.tmp").write_text(final.name)
-        (root / "latest.tmp").replace(root / "latest")
-        for old in sorted(root.glob("step_*"))[: -self.config.training.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            write_manifest(staging)
+        commit_checkpoint(root, final, self.config.training.keep_checkpoints)
         return final
 
     # -- async ----------------------------------------------------------------------------
@@ -475,13 +497,17 @@ class DistributedTrainer:
                     continue
                 window_tokens += meta["tokens"]
                 ready.append((meta, exp_ref))
+            if training:
+                for rank, ref in enumerate(training[0]):
+                    if ref in done_set or _ready(ref):
+                        self.learners.result(rank, ref)  # raises LearnerDied at once for a dead rank
             if training and all(r in done_set or _ready(r) for r in training[0]):
                 refs, metas = training
                 training = None
                 # Rollout throughput: tokens made since the previous update over its wall time.
                 rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 window_start, window_tokens = time.perf_counter(), 0
-                self._finish_step(ray.get(refs), metas, rate, len(ready))
+                self._finish_step(self.learners.gather(refs), metas, rate, len(ready))
                 if self.version % self.dist.broadcast_every == 0 or self.version == self.stop_at:
                     if push is not None:
                         self._complete_push(push)

@@ -42,12 +42,13 @@ def plot_curves(metrics_path: Path, out_png: Path, ttt_steps: int) -> Path:
         rows = [r for r in records if r["split"] == split]
         if not rows:
             continue
+        # An update whose every batch was skipped (non-finite loss) logs no loss: a gap, not a crash.
         steps = [r["step"] for r in rows]
-        ax_loss.plot(steps, [r["loss"] for r in rows], style, label=split)
+        ax_loss.plot(steps, [r.get("loss", float("nan")) for r in rows], style, label=split)
         for k in (1, 2, ttt_steps):
             key = f"top1/step{k}"
-            if key in rows[0]:
-                ax_acc.plot(steps, [r[key] for r in rows], style, label=f"{split} step {k}")
+            if any(key in r for r in rows):
+                ax_acc.plot(steps, [r.get(key, float("nan")) for r in rows], style, label=f"{split} step {k}")
     ax_loss.set(xlabel="step", ylabel="TTT loss (weighted KL)", title="loss")
     ax_acc.set(xlabel="step", ylabel="top-1 agreement with target", title="acceptance proxy")
     for ax in (ax_loss, ax_acc):

@@ -65,6 +65,31 @@ def load_datasets(config, tokenizer, cache_dir: Path):
     return train, evaluation, stats
 
 
+class NonFiniteGuard:
+    """Skips NaN/inf losses and gradients, counts them, and aborts after ``limit`` of them.
+
+    One bad batch (a corrupt sample, an overflow) should not kill a multi-hour run, nor poison
+    the weights; a run that keeps producing them is broken and must stop with a clear error.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.skipped = 0
+
+    def skip(self, value: torch.Tensor, what: str) -> bool:
+        if bool(torch.isfinite(value).all()):
+            return False
+        self.skipped += 1
+        print(f"[draftrl] skipped non-finite {what} = {float(value.detach())} ({self.skipped} of at most "
+              f"{self.limit}: training.max_nonfinite)", flush=True)
+        if self.skipped > self.limit:
+            raise FloatingPointError(
+                f"{what} is {float(value.detach())}: {self.skipped} non-finite losses/gradients, more than "
+                f"training.max_nonfinite = {self.limit}; the run stops (resume from the last checkpoint "
+                "after fixing the data or lowering training.lr)")
+        return True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -193,11 +218,13 @@ class Trainer:
         )
         order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed)
         step, cursor = 0, 0
+        nonfinite = NonFiniteGuard(train_cfg.max_nonfinite)
         if checkpoint is not None:
             state = load_state(checkpoint)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, cursor = state["step"], state["cursor"]
+            nonfinite.skipped = int(state.get("skipped_nonfinite", 0))
             set_rng_state(state["rng"])
             print(f"[draftrl] resumed from {checkpoint} at step {step}", flush=True)
 
@@ -234,18 +261,21 @@ class Trainer:
                 tokens += experience.num_tokens
                 with autocast:
                     loss, metrics = objective_loss(drafter, experience, cfg)
+                if nonfinite.skip(loss, f"step {step} batch {cursor - 1}: loss"):
+                    continue  # this batch contributes nothing
                 (loss / train_cfg.grad_accum).backward()
                 step_metrics.append(metrics)
             grad_norm = torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), train_cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
+            if not step_metrics or nonfinite.skip(grad_norm, f"step {step}: gradient norm"):
+                continue  # no update: the same step is tried again on the next batches
             optimizer.step()
             scheduler.step()
             step += 1
             if self.minutes_this_run is not None and time.time() - started > 60 * self.minutes_this_run:
                 stop_at = step  # out of time: checkpoint and export below
             merged = _mean(step_metrics)
-            merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
+            merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
+                          skipped_nonfinite=float(nonfinite.skipped))
             window.append(merged)
             bar.update(1)
             bar.set_postfix(_postfix(merged))
@@ -263,7 +293,8 @@ class Trainer:
                     f"accept-length proxy {eval_metrics['accept_length_proxy']:.3f}"
                 )
             if step % train_cfg.save_every == 0 or step == stop_at:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor}
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor,
+                         "skipped_nonfinite": nonfinite.skipped}
                 extra = {"reference": reference} if reference is not None else {}
                 save_checkpoint(self.out / "checkpoints", step, drafter, state, train_cfg.keep_checkpoints, extra)
         bar.close()

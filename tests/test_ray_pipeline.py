@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,6 +30,7 @@ pytest.importorskip("deepspeed")
 
 from pipeline.broadcast import BroadcastMismatch  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from learners.learner_group import LearnerDied  # noqa: E402
 from pipeline.driver import Faults, run_distributed  # noqa: E402
 from pipeline.staleness import StalenessGate  # noqa: E402
 from tests.conftest import write_topic_chats  # noqa: E402
@@ -162,6 +164,38 @@ def test_resume_continues_from_the_checkpoint(local_ray, tmp_path, tiny_target_d
     assert [s["batch_indices"] for s in resumed.steps] == [[2]]
     with pytest.raises(FileExistsError, match="--resume"):
         run_distributed(cfg)
+
+
+def test_a_killed_learner_stops_the_job_and_resume_matches_an_uninterrupted_run(
+    local_ray, tmp_path, tiny_target_dir, chat_file
+):
+    extra = ("distributed.num_rollout_actors=1", "training.save_every=1", "distributed.collective_timeout_s=600")
+    straight = run_distributed(config(tmp_path / "a", tiny_target_dir, chat_file, 3, *extra))
+    cfg = config(tmp_path / "b", tiny_target_dir, chat_file, 3, *extra)
+    started = time.time()
+    with pytest.raises(LearnerDied, match="learner rank 1 died.*--resume"):
+        run_distributed(cfg, faults=Faults(kill_learner_at_step=2, kill_learner=1))
+    # It stopped at once, not when rank 0's collective with the dead rank timed out (600 s).
+    assert time.time() - started < 300
+    resumed = run_distributed(cfg, resume=True)
+    assert resumed.final_step == 3 and [s["batch_indices"] for s in resumed.steps] == [[4, 5]]
+    a = load_file(straight.drafter_dir / "model.safetensors")
+    b = load_file(resumed.drafter_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_on_one_rank_is_skipped_by_every_rank_and_counted(local_ray, tmp_path, tiny_target_dir, chat_file):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 2, "distributed.num_rollout_actors=1")
+    result = run_distributed(cfg, faults=Faults(nan_loss_at_step=1, nan_loss_rank=1))
+    assert result.final_step == 2
+    # The ranks stayed in step and the actor runs rank 0's exact weights.
+    assert [b["version"] for b in result.broadcasts] == [0, 1, 2]
+    assert all(b["actor_sha256"] == [b["source_sha256"]] for b in result.broadcasts)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["skipped_nonfinite"] for r in train] == [0, 1] and all(np.isfinite(r["loss"]) for r in train if "loss" in r)
+    weights = load_file(result.drafter_dir / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
 
 
 def test_staleness_gate_admits_and_drops_by_version():

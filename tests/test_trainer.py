@@ -118,3 +118,50 @@ def test_rl_objectives_train_from_an_sft_drafter_and_resume_exactly(tmp_path, ti
     b = load_file(resumed.drafter_dir / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_nonfinite_losses_are_skipped_and_counted_then_abort(tmp_path, tiny_target_dir, chat_file, monkeypatch):
+    import pipeline.trainer as trainer_module
+
+    real = trainer_module.objective_loss
+    calls = {"n": 0}
+    poison = {"from": 2, "to": 2}
+
+    def injected(drafter, experience, config):  # an injected fault: NaN losses on chosen batches
+        calls["n"] += 1
+        loss, metrics = real(drafter, experience, config)
+        if poison["from"] <= calls["n"] <= poison["to"]:
+            loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(trainer_module, "objective_loss", injected)
+    result = Trainer(_config(tmp_path / "a", tiny_target_dir, chat_file, 4, "training.max_nonfinite=1")).run()
+    assert result.final_step == 4  # the NaN batch was skipped, not the run
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in rows if r["split"] == "train"][-1] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(result.drafter_dir / "model.safetensors").values())
+
+    calls["n"], poison["to"] = 0, 10**9  # from the 2nd batch on, every loss is NaN
+    with pytest.raises(FloatingPointError, match="training.max_nonfinite = 2"):
+        Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, "training.max_nonfinite=2")).run()
+
+
+def test_a_corrupted_checkpoint_is_refused_before_use(tmp_path, tiny_target_dir, chat_file):
+    from speculative.files import CorruptedFiles
+
+    Trainer(_config(tmp_path, tiny_target_dir, chat_file, 6), steps_this_run=3).run()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000003"
+    state, weights = checkpoint / "trainer_state.pt", checkpoint / "drafter" / "model.safetensors"
+    original = state.read_bytes()
+    state.write_bytes(original[:-100])  # a truncated write
+    with pytest.raises(CorruptedFiles, match="trainer_state.pt.*truncated"):
+        Trainer(_config(tmp_path, tiny_target_dir, chat_file, 6), resume=True).run()
+    state.write_bytes(original)
+    flipped = bytearray(weights.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, one bit pattern changed: only the hash sees it
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptedFiles, match="model.safetensors.*corrupted"):
+        Trainer(_config(tmp_path, tiny_target_dir, chat_file, 6), resume=True).run()
+    weights.write_bytes(bytes(flipped[: len(flipped) // 2]) + bytes([flipped[len(flipped) // 2] ^ 0xFF])
+                        + bytes(flipped[len(flipped) // 2 + 1:]))
+    assert Trainer(_config(tmp_path, tiny_target_dir, chat_file, 6), resume=True).run().final_step == 6
