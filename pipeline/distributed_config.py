@@ -37,3 +37,7 @@ class DistributedConfig(Section):
         30.0, gt=0.0, description="period of the 'waiting for resources' message (never a failure)"
     )
     collective_timeout_s: float = Field(300.0, gt=0.0, description="torch.distributed op timeout")
+    resource_wait_timeout_s: float | None = Field(
+        None, gt=0.0, description="give up waiting for the placement groups after this long (None: wait "
+        "for an autoscaler forever, with progress messages)"
+    )

@@ -52,11 +52,18 @@ def bundles(dist: DistributedConfig) -> dict[str, list[dict[str, float]]]:
     }
 
 
-def wait_until_ready(group: PlacementGroup, name: str, needed: list[dict[str, float]], report_s: float) -> None:
-    """Block until ``group`` is placed, printing progress every ``report_s`` seconds."""
+class ResourcesUnavailable(RuntimeError):
+    """The cluster did not provide the placement groups within ``resource_wait_timeout_s``."""
+
+
+def wait_until_ready(group: PlacementGroup, name: str, needed: list[dict[str, float]], report_s: float,
+                     timeout_s: float | None = None) -> None:
+    """Block until ``group`` is placed, printing progress every ``report_s`` seconds (and giving up
+    after ``timeout_s``, if set)."""
     started = time.time()
     while True:
-        done, _ = ray.wait([group.ready()], timeout=report_s)
+        wait = report_s if timeout_s is None else max(0.0, min(report_s, timeout_s - (time.time() - started)))
+        done, _ = ray.wait([group.ready()], timeout=wait)
         if done:
             return
         total: dict[str, float] = {}
@@ -64,8 +71,16 @@ def wait_until_ready(group: PlacementGroup, name: str, needed: list[dict[str, fl
             for key, value in bundle.items():
                 total[key] = total.get(key, 0.0) + value
         available = {k: v for k, v in ray.available_resources().items() if k in total}
+        waited = time.time() - started
+        if timeout_s is not None and waited >= timeout_s:
+            cluster = {k: v for k, v in ray.cluster_resources().items() if k in total}
+            raise ResourcesUnavailable(
+                f"placement group '{name}' needs {len(needed)} bundles {needed}, {total} in all "
+                f"(distributed.num_learners / num_rollout_actors x gpus_per_learner / gpus_per_rollout_actor / "
+                f"cpus_per_actor); the cluster has {cluster} in all and {available} free after "
+                f"{waited:.0f}s (distributed.resource_wait_timeout_s = {timeout_s:g})")
         print(
-            f"[draftrl] waiting {time.time() - started:.0f}s for placement group '{name}': needs "
+            f"[draftrl] waiting {waited:.0f}s for placement group '{name}': needs "
             f"{len(needed)} bundles, {total} in all; cluster has {available} free "
             f"(an autoscaler can add nodes; still waiting)",
             flush=True,
@@ -78,8 +93,13 @@ def reserve(dist: DistributedConfig) -> Layout:
     groups: dict[str, PlacementGroup] = {}
     for name, spec in wanted.items():
         groups[name] = placement_group(spec, strategy="PACK", name="")
-    for name, group in groups.items():
-        wait_until_ready(group, name, wanted[name], dist.resource_wait_report_s)
+    try:
+        for name, group in groups.items():
+            wait_until_ready(group, name, wanted[name], dist.resource_wait_report_s, dist.resource_wait_timeout_s)
+    except BaseException:
+        for group in groups.values():
+            remove_placement_group(group)  # a pending request would hold the autoscaler's demand
+        raise
 
     def strategy(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index,

@@ -84,8 +84,10 @@ def test_aux_layers_must_ascend_like_vllm_captures_them():
 
 def test_checkpoint_refuses_corruption_and_wrong_target(tmp_path, tiny_target):
     out = save_drafter(tiny_drafter(tiny_target), tmp_path / "drafter")
-    with pytest.raises(ValueError, match="target embedding|vocab"):
+    with pytest.raises(ValueError, match="config.json: drafter is for vocab .* but the target embedding"):
         load_drafter(out, torch.zeros(tiny_target.vocab_size + 1, tiny_target.hidden_size))
+    with pytest.raises(ValueError, match=r"config.json: drafter is for .* hidden 32, but the target embedding is \(96, 40\)"):
+        load_drafter(out, torch.zeros(tiny_target.vocab_size, tiny_target.hidden_size + 8))
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="checksum"):

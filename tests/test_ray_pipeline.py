@@ -32,6 +32,7 @@ from pipeline.broadcast import BroadcastMismatch  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from learners.learner_group import LearnerDied  # noqa: E402
 from pipeline.driver import Faults, run_distributed  # noqa: E402
+from pipeline.placement import ResourcesUnavailable  # noqa: E402
 from pipeline.staleness import StalenessGate  # noqa: E402
 from tests.conftest import write_topic_chats  # noqa: E402
 
@@ -184,6 +185,33 @@ def test_a_killed_learner_stops_the_job_and_resume_matches_an_uninterrupted_run(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_killed_driver_resumes_to_the_uninterrupted_result(local_ray, tmp_path, tiny_target_dir, chat_file):
+    from pipeline.config import dump_config
+
+    extra = ("distributed.num_learners=1", "distributed.num_rollout_actors=1", "training.save_every=1",
+             f"distributed.address={ray.get_runtime_context().gcs_address}")  # the driver joins this cluster
+    straight = run_distributed(config(tmp_path / "a", tiny_target_dir, chat_file, 8, *extra))
+    cfg = config(tmp_path / "b", tiny_target_dir, chat_file, 8, *extra)
+    path = tmp_path / "b.yaml"
+    path.write_text(dump_config(cfg))
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", str(path)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "b" / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text() >= "step_000002") and time.time() < deadline:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, between two checkpoints
+    driver.wait()
+    killed_at = int(latest.read_text().removeprefix("step_"))
+    assert killed_at < 8
+    resumed = run_distributed(cfg, resume=True)
+    assert resumed.final_step == 8 and resumed.steps[0]["learner_version"] == killed_at
+    a = load_file(straight.drafter_dir / "model.safetensors")
+    b = load_file(resumed.drafter_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_nan_loss_on_one_rank_is_skipped_by_every_rank_and_counted(local_ray, tmp_path, tiny_target_dir, chat_file):
     cfg = config(tmp_path, tiny_target_dir, chat_file, 2, "distributed.num_rollout_actors=1")
     result = run_distributed(cfg, faults=Faults(nan_loss_at_step=1, nan_loss_rank=1))
@@ -196,6 +224,19 @@ def test_a_nan_loss_on_one_rank_is_skipped_by_every_rank_and_counted(local_ray, 
     assert [r["skipped_nonfinite"] for r in train] == [0, 1] and all(np.isfinite(r["loss"]) for r in train if "loss" in r)
     weights = load_file(result.drafter_dir / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def test_a_gpu_request_the_cluster_cannot_satisfy_fails_clearly_after_the_wait_timeout(
+    local_ray, tmp_path, tiny_target_dir, chat_file, capsys
+):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 2, "distributed.gpus_per_learner=1",
+                 "distributed.resource_wait_report_s=1", "distributed.resource_wait_timeout_s=3")
+    with pytest.raises(ResourcesUnavailable, match=r"'GPU': 2\.0.*resource_wait_timeout_s = 3"):
+        run_distributed(cfg)
+    assert "waiting" in capsys.readouterr().out  # it waited (for an autoscaler) before giving up
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "drafter").exists()
+    assert ray.util.placement_group_table() == {} or all(
+        g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
 
 
 def test_staleness_gate_admits_and_drops_by_version():
