@@ -113,6 +113,8 @@ class RolloutActor:
     def receive_broadcast(self, version: int) -> dict[str, Any]:
         """Receive ``version`` over the collective group, swap it in, return the new checksum."""
         start = time.perf_counter()
+        if self.faults.get("fail_receive_at_version") == version and self.faults.get("actor", 0) == self.index:
+            raise RuntimeError(f"injected fault: rollout actor {self.index} drops out of the version {version} sync")
         payload = self.group.receive(version)
         received = time.perf_counter() - start
         with self.lock:  # waits for the rollout in progress, if any

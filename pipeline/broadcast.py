@@ -28,6 +28,10 @@ class BroadcastMismatch(RuntimeError):
     """A rollout actor's drafter differs from learner rank 0's after a sync: never train on."""
 
 
+class BroadcastFailed(RuntimeError):
+    """A member of a drafter sync raised or timed out: some actor may still run old weights."""
+
+
 def choose_transport(dist: DistributedConfig) -> str:
     """``nccl``, ``gloo`` or ``object_store`` for this layout (``broadcast_backend: auto``)."""
     if dist.broadcast_backend != "auto":

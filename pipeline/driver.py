@@ -65,6 +65,7 @@ class Faults:
     kill_actor: int = 0
     corrupt_at_version: int | None = None
     corrupt_actor: int = 0
+    fail_receive_at_version: int | None = None  # the actor is ``corrupt_actor``
     kill_learner_at_step: int | None = None
     kill_learner: int = 0
     nan_loss_at_step: int | None = None
@@ -77,7 +78,8 @@ class RolloutPool:
     def __init__(self, config: ExperimentConfig, blueprint: DrafterBlueprint, strategies: list, faults: Faults):
         dist = config.distributed
         cls = rollout_actor_class(dist.max_actor_restarts)
-        actor_faults = {"corrupt_at_version": faults.corrupt_at_version, "actor": faults.corrupt_actor}
+        actor_faults = {"corrupt_at_version": faults.corrupt_at_version, "actor": faults.corrupt_actor,
+                        "fail_receive_at_version": faults.fail_receive_at_version}
         self.actors = [
             cls.options(num_cpus=dist.cpus_per_actor, num_gpus=dist.gpus_per_rollout_actor,
                         scheduling_strategy=strategy).remote(config.model_dump_json(), blueprint, i, actor_faults)

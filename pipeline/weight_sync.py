@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pipeline.broadcast import SyncReport, verify
+from pipeline.broadcast import BroadcastFailed, SyncReport, verify
 
 
 @dataclass
@@ -69,9 +69,28 @@ class WeightSync:
         return [pending.source, *pending.actors]
 
     def finish(self, pending: PendingPush) -> SyncReport:
-        """Wait for the push, then raise ``BroadcastMismatch`` unless every actor matches rank 0."""
-        source = ray.get(pending.source)
-        results = ray.get(pending.actors)
+        """Wait for the push, then raise ``BroadcastMismatch`` unless every actor matches rank 0.
+
+        A member whose call fails (an error, a collective timeout) raises ``BroadcastFailed`` at
+        once, naming it: an actor must never be left running old weights without anyone knowing.
+        """
+        pending_refs = {ref: index for index, ref in zip(pending.indices, pending.actors)}
+        pending_refs[pending.source] = -1
+        results: dict[int, dict] = {}
+        while pending_refs:
+            [ref], _ = ray.wait(list(pending_refs), num_returns=1)
+            index = pending_refs.pop(ref)
+            try:
+                results[index] = ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                who = "learner rank 0 (sending)" if index < 0 else f"rollout actor {index} (receiving)"
+                self.invalidate()
+                raise BroadcastFailed(
+                    f"drafter version {pending.version} over {pending.transport}: {who} failed: "
+                    f"{error.cause!r}. The rollout actors may still hold an older drafter, so the run "
+                    "stops; resume from the last checkpoint with --resume") from error
+        source = results.pop(-1)
+        results = [results[i] for i in pending.indices]
         wall = time.perf_counter() - pending.started
         seconds = source.get("seconds", wall) if pending.transport != "object_store" else wall
         report = SyncReport(pending.version, pending.transport, seconds, wall, int(source["bytes"]),

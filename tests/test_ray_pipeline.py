@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from pipeline.broadcast import BroadcastMismatch  # noqa: E402
+from pipeline.broadcast import BroadcastFailed, BroadcastMismatch  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from learners.learner_group import LearnerDied  # noqa: E402
 from pipeline.driver import Faults, run_distributed  # noqa: E402
@@ -136,6 +136,16 @@ def test_a_corrupted_receive_is_caught(local_ray, tmp_path, tiny_target_dir, cha
                  "distributed.num_rollout_actors=1")
     with pytest.raises(BroadcastMismatch, match=r"version 1 over gloo: rollout actors \[0\]"):
         run_distributed(cfg, faults=Faults(corrupt_at_version=1, corrupt_actor=0))
+
+
+def test_a_failed_broadcast_is_reported_at_once(local_ray, tmp_path, tiny_target_dir, chat_file):
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 3, "distributed.num_learners=1",
+                 "distributed.collective_timeout_s=600")
+    started = time.time()
+    # Actor 1 drops out of the version-2 sync (gloo): rank 0 would wait 600 s in the collective.
+    with pytest.raises(BroadcastFailed, match="version 2 over gloo: rollout actor 1 .*failed.*--resume"):
+        run_distributed(cfg, faults=Faults(fail_receive_at_version=2, corrupt_actor=1))
+    assert time.time() - started < 300
 
 
 def test_async_never_trains_on_experience_older_than_max_staleness(local_ray, tmp_path, tiny_target_dir, chat_file):
