@@ -106,6 +106,9 @@ class OPDExperience(_Movable):
     target_forwards: int = 0  # verification forwards of the rollout (tau = tokens / forwards)
     data: SFTExperience | None = None  # the offline batch, when the EAGLE-3 loss is mixed in
     drafter_version: int = 0
+    # opd.engine 'vllm': how the recomputed cycles agree with the text and with vLLM's own
+    # acceptance counters (``actors.vllm_rollout``); None for draftrl's engine
+    engine_report: dict | None = None
 
     @property
     def num_tokens(self) -> int:

