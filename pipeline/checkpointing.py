@@ -66,6 +66,19 @@ def commit_checkpoint(root: Path, final: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def open_run(out: Path, resume: bool, config_text: str) -> Path | None:
+    """Create ``out`` for a run and return the checkpoint to resume from (None: a fresh run).
+
+    A fresh run never writes over an existing one: that needs ``--resume`` or another output_dir.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if not resume and (out / "checkpoints" / "latest").exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or pick another output_dir")
+    (out / "config.yaml").write_text(config_text)
+    return checkpoint
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.is_file():

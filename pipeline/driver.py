@@ -25,7 +25,7 @@ from actors.rollout_actor import NoWeightsYet, rollout_actor_class
 from learners.learner_group import LearnerGroup
 from pipeline.batches import BatchOrder
 from pipeline.broadcast import SyncReport, choose_transport
-from pipeline.checkpointing import STATE_FILE, commit_checkpoint, latest_checkpoint, load_state, rng_state, set_rng_state
+from pipeline.checkpointing import STATE_FILE, commit_checkpoint, load_state, open_run, rng_state, set_rng_state
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.drafter_blueprint import (
     DrafterBlueprint,
@@ -165,12 +165,7 @@ class DistributedTrainer:
     def run(self) -> DistributedResult:
         cfg, train_cfg = self.config, self.config.training
         seed_everything(cfg.seed)
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = latest_checkpoint(self.out / "checkpoints") if self.resume else None
-        if not self.resume and (self.out / "checkpoints" / "latest").exists():
-            raise FileExistsError(
-                f"{self.out} already holds a run; pass --resume to continue it or pick another output_dir")
-        (self.out / "config.yaml").write_text(dump_config(cfg))
+        checkpoint = open_run(self.out, self.resume, dump_config(cfg))
         started_ray = self._connect()
         target_path = resolve_target(cfg.target.model, self.cache_dir)
         tokenizer = load_tokenizer(cfg.target.model, self.cache_dir)

@@ -22,7 +22,7 @@ from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
 from learners.sft import sft_loss
 from pipeline.batches import BatchOrder
-from pipeline.checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rng_state
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.metrics_log import MetricsLog, plot_curves
 from speculative.checkpoint import load_drafter, save_drafter
@@ -189,13 +189,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, train_cfg = self.config, self.config.training
         seed_everything(cfg.seed)
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = latest_checkpoint(self.out / "checkpoints") if self.resume else None
-        if not self.resume and (self.out / "checkpoints" / "latest").exists():
-            raise FileExistsError(
-                f"{self.out} already holds a run; pass --resume to continue it or pick another output_dir"
-            )
-        (self.out / "config.yaml").write_text(dump_config(cfg))
+        checkpoint = open_run(self.out, self.resume, dump_config(cfg))
 
         target, tokenizer = self._load_target()
         train, evaluation, stats = self._load_data(tokenizer)

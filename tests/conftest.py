@@ -114,3 +114,15 @@ def tiny_target_dir(tmp_path_factory):
     tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_vllm_dir() -> Path:
+    """The real SmolLM2 target as a safetensors directory, for the vLLM tests (skipped without vLLM)."""
+    pytest.importorskip("vllm")
+    from speculative.target import resolve_target
+
+    try:
+        return Path(resolve_target("smollm2"))
+    except (FileNotFoundError, ImportError) as missing:
+        pytest.skip(f"SmolLM2 target unavailable: {missing}")

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from pipeline.benchmark import (
     TREE_DEFAULTS,

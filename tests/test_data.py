@@ -23,7 +23,6 @@ from speculative.data import (
     supervised_token_counts,
     template_token_ids,
 )
-from speculative.data import cache as cache_module
 from speculative.data import sources
 from speculative.vocab import DraftVocab
 

@@ -23,7 +23,7 @@ from speculative.tree import DraftTree, TreeConfig, ancestor_mask, build_draft_t
 from speculative.tree_reward import greedy_accepted_path, score_tree
 from speculative.ttt import path_logprob
 from speculative.verify import verify_tree
-from tests.test_tree_engine import _predictable_target, _tiny_vocab_pair, train_agreeing_pair
+from tests.test_tree_engine import _tiny_vocab_pair, train_agreeing_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

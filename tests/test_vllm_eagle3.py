@@ -38,14 +38,14 @@ PROMPTS = [
 ]
 
 
-def saved_random_drafter(target_dir: Path, out_dir: Path, draft_vocab_size: int) -> Path:
+def saved_random_drafter(smollm2_vllm_dir: Path, out_dir: Path, draft_vocab_size: int) -> Path:
     """A random drafter written by draftrl's own saver (``speculative.checkpoint.save_drafter``)."""
     from speculative.checkpoint import save_drafter
     from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
     from speculative.target import TargetModel
     from speculative.vocab import DraftVocab
 
-    target = TargetModel.load(str(target_dir))
+    target = TargetModel.load(str(smollm2_vllm_dir))
     vocab = DraftVocab(torch.arange(draft_vocab_size), target.vocab_size)
     config = DrafterConfig.from_target(target.config, draft_vocab_size, target.aux_layer_ids)
     drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight)
@@ -59,7 +59,7 @@ def saved_random_drafter(target_dir: Path, out_dir: Path, draft_vocab_size: int)
 # layout vLLM's llama_eagle3.py loads.
 # --------------------------------------------------------------------------------------------
 def make_drafter_dir(
-    target_dir: Path,
+    smollm2_vllm_dir: Path,
     out_dir: Path,
     *,
     draft_vocab_size: int | None = None,
@@ -68,7 +68,7 @@ def make_drafter_dir(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ) -> Path:
-    """Write an EAGLE-3 drafter for the target at ``target_dir``.
+    """Write an EAGLE-3 drafter for the target at ``smollm2_vllm_dir``.
 
     ``draft_vocab_size`` None = the full target vocabulary (then no ``d2t``/``t2d`` is written:
     vLLM has no ``draft_id_to_target_id`` parameter to load it into); otherwise the draft
@@ -81,7 +81,7 @@ def make_drafter_dir(
     are zero, ``norm`` = the target's final norm and ``lm_head`` = the target's (tied)
     embedding rows. On repetitive text it is accepted, so the acceptance path is exercised.
     """
-    config = json.loads((target_dir / "config.json").read_text())
+    config = json.loads((smollm2_vllm_dir / "config.json").read_text())
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads
@@ -109,7 +109,7 @@ def make_drafter_dir(
     if init == "last_hidden":
         if aux_layer_ids[-1] != config["num_hidden_layers"]:
             raise ValueError("init='last_hidden' needs the last aux id = the target's layer count")
-        with safe_open(target_dir / "model.safetensors", "pt") as target:
+        with safe_open(smollm2_vllm_dir / "model.safetensors", "pt") as target:
             embed = target.get_tensor("model.embed_tokens.weight").float()
             final_norm = target.get_tensor("model.norm.weight").float()
         weights["fc.weight"] = torch.cat(
@@ -197,21 +197,10 @@ def test_load_prompts_accepts_chats_messages_and_strings(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def target_dir() -> Path:
-    pytest.importorskip("vllm")
-    from speculative.target import resolve_target
-
-    try:
-        return Path(resolve_target("smollm2"))
-    except (FileNotFoundError, ImportError) as missing:
-        pytest.skip(f"SmolLM2 target unavailable: {missing}")
-
-
-@pytest.fixture(scope="module")
-def baseline(target_dir: Path):
+def baseline(smollm2_vllm_dir: Path):
     """vLLM greedy output of the target alone, shared by every drafter case."""
     return run_vllm_isolated(
-        target_dir, PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True, seed=0
+        smollm2_vllm_dir, PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True, seed=0
     )
 
 
@@ -237,10 +226,10 @@ def _check(report: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_random_drafter_with_draft_vocab_is_lossless(target_dir, baseline, tmp_path):
-    drafter = saved_random_drafter(target_dir, tmp_path / "drafter", draft_vocab_size=8192)
+def test_random_drafter_with_draft_vocab_is_lossless(smollm2_vllm_dir, baseline, tmp_path):
+    drafter = saved_random_drafter(smollm2_vllm_dir, tmp_path / "drafter", draft_vocab_size=8192)
     report = compare(
-        target_dir, drafter, PROMPTS, baseline=baseline,
+        smollm2_vllm_dir, drafter, PROMPTS, baseline=baseline,
         num_speculative_tokens=NUM_SPECULATIVE_TOKENS, max_tokens=MAX_TOKENS, ignore_eos=True,
     )
     _check(report)
@@ -248,14 +237,14 @@ def test_random_drafter_with_draft_vocab_is_lossless(target_dir, baseline, tmp_p
 
 
 @pytest.mark.slow
-def test_full_vocab_drafter_is_accepted_and_lossless(target_dir, baseline, tmp_path):
+def test_full_vocab_drafter_is_accepted_and_lossless(smollm2_vllm_dir, baseline, tmp_path):
     """Full draft vocabulary (no d2t); a drafter that vLLM actually accepts on repeats."""
-    layers = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
+    layers = json.loads((smollm2_vllm_dir / "config.json").read_text())["num_hidden_layers"]
     drafter = make_drafter_dir(
-        target_dir, tmp_path / "drafter", init="last_hidden", aux_layer_ids=(2, 15, layers)
+        smollm2_vllm_dir, tmp_path / "drafter", init="last_hidden", aux_layer_ids=(2, 15, layers)
     )
     report = compare(
-        target_dir, drafter, PROMPTS, baseline=baseline,
+        smollm2_vllm_dir, drafter, PROMPTS, baseline=baseline,
         num_speculative_tokens=NUM_SPECULATIVE_TOKENS, max_tokens=MAX_TOKENS, ignore_eos=True,
     )
     spec = _check(report)

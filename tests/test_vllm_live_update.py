@@ -109,18 +109,7 @@ def test_vllm_pins_are_bounded():
 # --------------------------------------------------------------------------------------------
 # Slow: a real engine
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def target_dir() -> Path:
-    pytest.importorskip("vllm")
-    from speculative.target import resolve_target
-
-    try:
-        return Path(resolve_target("smollm2"))
-    except (FileNotFoundError, ImportError) as missing:
-        pytest.skip(f"SmolLM2 target unavailable: {missing}")
-
-
-def _repeat_drafter(target_dir: Path):
+def _repeat_drafter(smollm2_vllm_dir: Path):
     """An EAGLE-3 drafter (draftrl's class) that proposes the target's current token again.
 
     ``fc`` passes through the last aux state, which is the target's final pre-norm residual
@@ -131,7 +120,7 @@ def _repeat_drafter(target_dir: Path):
     from speculative.target import TargetModel
     from speculative.vocab import DraftVocab
 
-    target = TargetModel.load(str(target_dir), dtype=torch.float32)
+    target = TargetModel.load(str(smollm2_vllm_dir), dtype=torch.float32)
     layers, hidden = target.num_layers, target.hidden_size
     config = DrafterConfig.from_target(target.config, DRAFT_VOCAB, (2, layers // 2, layers))
     vocab = DraftVocab(torch.arange(DRAFT_VOCAB), target.vocab_size)
@@ -167,12 +156,12 @@ def _probe_of(step: dict) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def session(target_dir: Path, tmp_path_factory):
+def session(smollm2_vllm_dir: Path, tmp_path_factory):
     """One engine: good -> bad -> malformed (refused) -> good, probing and generating between."""
     from speculative.checkpoint import save_drafter
 
     tmp = tmp_path_factory.mktemp("live_update")
-    good = _repeat_drafter(target_dir)
+    good = _repeat_drafter(smollm2_vllm_dir)
     bad = _perturbed(good)
     good_dir = save_drafter(good, tmp / "good", dtype=torch.float32)
     save_file(drafter_state(bad), tmp / "bad.safetensors")
@@ -200,7 +189,7 @@ def session(target_dir: Path, tmp_path_factory):
         {"op": "probe", "seed": 0},                                        # 10
         {"op": "generate", "max_tokens": 24},                              # 11
     ]
-    result = run_session_isolated(target_dir, good_dir, steps, prompts=PROMPTS, engine=ENGINE)
+    result = run_session_isolated(smollm2_vllm_dir, good_dir, steps, prompts=PROMPTS, engine=ENGINE)
     return {"good": good, "bad": bad, "steps": result["steps"]}
 
 
@@ -262,13 +251,13 @@ def test_malformed_updates_are_refused_and_write_nothing(session):
 
 
 @pytest.mark.slow
-def test_engine_without_drafter_refuses_loudly(target_dir, tmp_path):
+def test_engine_without_drafter_refuses_loudly(smollm2_vllm_dir, tmp_path):
     """No speculative_config: there is no drafter module, and an update must say so."""
     from speculative.checkpoint import save_drafter
 
-    good_dir = save_drafter(_repeat_drafter(target_dir), tmp_path / "good", dtype=torch.float32)
+    good_dir = save_drafter(_repeat_drafter(smollm2_vllm_dir), tmp_path / "good", dtype=torch.float32)
     result = run_session_isolated(
-        target_dir, good_dir,
+        smollm2_vllm_dir, good_dir,
         [{"op": "update", "weights": str(good_dir)}, {"op": "probe"}, {"op": "locate"}],
         engine={**ENGINE, "speculative": False},
     )

@@ -46,17 +46,6 @@ def _report(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(line.removeprefix("[draftrl] report: "))
 
 
-@pytest.fixture(scope="module")
-def target_dir() -> Path:
-    pytest.importorskip("vllm")
-    from speculative.target import resolve_target
-
-    try:
-        return Path(resolve_target("smollm2"))
-    except (FileNotFoundError, ImportError) as missing:
-        pytest.skip(f"SmolLM2 target unavailable: {missing}")
-
-
 # --------------------------------------------------------------------------------------------
 # No engine needed
 # --------------------------------------------------------------------------------------------
@@ -82,7 +71,7 @@ def test_malformed_record_is_named_before_vllm_starts(tmp_path, capsys):
 # A killed run and its resumption (two engine starts)
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def killed_and_resumed(target_dir, tmp_path_factory):
+def killed_and_resumed(smollm2_vllm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("regen") / "out"
     # Records 1-5: shards [1, 2], [3, 4], [5]; records 3, 4 and 5 are multi-turn (6, 3, 2 answers).
     args = ["--source", "sharegpt", "--offset", "1", "--max-records", "5", "--shard-size", "2",
@@ -143,7 +132,7 @@ def test_resume_continues_where_the_killed_run_stopped(killed_and_resumed, capsy
 
 
 @pytest.mark.slow
-def test_output_is_the_targets_answers_and_reads_back(killed_and_resumed, target_dir):
+def test_output_is_the_targets_answers_and_reads_back(killed_and_resumed, smollm2_vllm_dir):
     from transformers import AutoTokenizer
 
     from speculative.data import build_dataset, read_conversations, resolve_source
@@ -169,7 +158,7 @@ def test_output_is_the_targets_answers_and_reads_back(killed_and_resumed, target
         multi_turn += len(answers) > 1
     assert multi_turn == 3
 
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_vllm_dir)
     dataset, stats = build_dataset(out / OUTPUT_FILE, tokenizer, max_length=2048,
                                    cache_dir=out.parent / "cache", progress=False)
     assert stats["samples"] == len(rows) == len(dataset) and not stats["skipped"]
@@ -182,7 +171,7 @@ def test_output_is_the_targets_answers_and_reads_back(killed_and_resumed, target
 
 
 @pytest.mark.slow
-def test_every_turn_answers_the_regenerated_history(killed_and_resumed, target_dir, one_thread):
+def test_every_turn_answers_the_regenerated_history(killed_and_resumed, smollm2_vllm_dir, one_thread):
     """Greedy: each answer equals what the (HF) target says after the *regenerated* history,
     so turn 2 was generated after the target's own turn 1, not after the dataset's."""
     import torch
@@ -191,8 +180,8 @@ def test_every_turn_answers_the_regenerated_history(killed_and_resumed, target_d
     from speculative.target import TargetModel
 
     rows = pq.read_table(killed_and_resumed["out"] / OUTPUT_FILE).to_pylist()
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    model = TargetModel.load(str(target_dir), dtype=torch.float32).model
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_vllm_dir)
+    model = TargetModel.load(str(smollm2_vllm_dir), dtype=torch.float32).model
     checked = 0
     for row in rows:
         messages = row["messages"]
