@@ -55,6 +55,10 @@ def experience_summary(experience) -> dict[str, float]:
     forwards = getattr(experience, "target_forwards", 0)
     if forwards:
         summary["tau"] = float(experience.response_tokens) / float(forwards)
+    report = getattr(experience, "engine_report", None) or {}  # opd.engine: vllm
+    for key in ("acceptance_gap", "probe_max_abs_diff", "cut_sequences"):
+        if key in report:
+            summary[f"vllm_{key}"] = float(report[key])
     return summary
 
 

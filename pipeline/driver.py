@@ -44,6 +44,8 @@ from speculative.data import collate
 from speculative.files import atomic_directory, write_manifest
 from speculative.target import default_cache_dir, load_tokenizer, resolve_target
 
+# What rollout actors report per experience (actors.rollout_actor.experience_summary).
+ROLLOUT_SCALARS = ("reward", "tau", "vllm_acceptance_gap", "vllm_probe_max_abs_diff", "vllm_cut_sequences")
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 RESTART_ERRORS = (*ACTOR_ERRORS, NoWeightsYet)  # a restarted actor answers before it is re-synced
 
@@ -364,7 +366,7 @@ class DistributedTrainer:
         samples = sum(r["samples"] for r in results)
         step_s = max(r["seconds"] for r in results)
         rollout_metrics = {k: float(np.mean([m[k] for m in metas if k in m]))
-                           for k in ("reward", "tau") if any(k in m for m in metas)}
+                           for k in ROLLOUT_SCALARS if any(k in m for m in metas)}
         last = self._last_broadcast
         merged.update(
             staleness_mean=float(np.mean(staleness)), staleness_max=float(max(staleness)),
