@@ -115,4 +115,23 @@ class OPDExperience(_Movable):
         return self.rollout.num_tokens
 
 
-Experience = SFTExperience | GTOExperience | OPDExperience
+@dataclass
+class CombinedExperience(_Movable):
+    """``objective: gto_opd``: GTO trees and Draft-OPD rollouts made from the same data batch by
+    the same drafter version, trained on together in one update."""
+
+    gto: GTOExperience
+    opd: OPDExperience
+    drafter_version: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.gto.num_tokens + self.opd.num_tokens
+
+
+Experience = SFTExperience | GTOExperience | OPDExperience | CombinedExperience
+
+
+def uses_reference(objective: str) -> bool:
+    """Whether an objective needs GTO's frozen reference drafter on the rollout side."""
+    return objective in ("gto", "gto_opd")

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.experience import CombinedExperience, uses_reference
 from actors.target_worker import TargetWorker
 from pipeline.broadcast import (
     BroadcastGroup,
@@ -45,6 +46,8 @@ def worker_threads(config) -> int:
 
 def experience_summary(experience) -> dict[str, float]:
     """Objective scalars worth a dashboard gauge, taken where the experience is made."""
+    if isinstance(experience, CombinedExperience):  # GTO's reward, the OPD rollout's tau
+        return {**experience_summary(experience.gto), **experience_summary(experience.opd)}
     summary: dict[str, float] = {}
     reward = getattr(experience, "reward", None)
     if isinstance(reward, torch.Tensor) and reward.numel():
@@ -84,7 +87,7 @@ class RolloutActor:
         self.drafter.eval()
         self.drafter.requires_grad_(False)
         self.reference = None
-        if self.config.training.objective == "gto":  # the frozen reference: the run's initial drafter
+        if uses_reference(self.config.training.objective):  # the frozen reference: the run's initial drafter
             self.reference = copy.deepcopy(self.drafter).requires_grad_(False)
         self.worker = TargetWorker(self.target, self.drafter.draft_to_target)
         self.version = -1  # no weights from the learners yet

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import Experience, SFTExperience
+from actors.experience import CombinedExperience, Experience, SFTExperience
 from speculative.drafter import Eagle3Drafter
 from speculative.target import TargetModel
 from speculative.ttt import restrict_to_draft_vocab
@@ -124,4 +124,15 @@ class TargetWorker:
             from actors.opd_rollout import opd_experience
 
             return opd_experience(self, config, batch, drafter, drafter_version, seed)
+        if objective == "gto_opd":
+            from actors.gto_rollout import gto_experience
+            from actors.opd_rollout import opd_experience
+
+            if reference is None:
+                raise ValueError("objective 'gto_opd' needs the frozen reference drafter on the worker")
+            return CombinedExperience(
+                gto=gto_experience(self, config, batch, drafter, reference, drafter_version, seed),
+                opd=opd_experience(self, config, batch, drafter, drafter_version, seed),
+                drafter_version=drafter_version,
+            )
         raise ValueError(f"unknown objective {objective!r}")

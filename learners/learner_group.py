@@ -216,6 +216,8 @@ class LearnerWorker:
 
 def _rows(experience) -> int:
     """Sequences in an experience (its SFT part: itself, GTO's ``sft``, OPD's ``rollout``)."""
+    if hasattr(experience, "gto"):  # gto_opd: the data batch both parts came from
+        experience = experience.gto
     base = getattr(experience, "sft", None) or getattr(experience, "rollout", None) or experience
     return int(base.input_ids.shape[0])
 

@@ -131,8 +131,21 @@ class OPDSection(Section):
         return self
 
 
+class CombinedSection(Section):
+    """``objective: gto_opd``: L = gto_weight * L_GTO + opd_weight * L_OPD on one data batch.
+
+    L_GTO (token loss + clipped tree surrogate) acts on teacher-forced dataset contexts, L_OPD on
+    the drafter's own rollout states; see docs/methods/combined.md for why they are summed.
+    """
+
+    gto_weight: float = Field(1.0, ge=0.0, description="weight of the GTO loss (its token loss included)")
+    opd_weight: float = Field(1.0, ge=0.0, description="weight of the Draft-OPD distillation loss")
+
+
 class TrainingConfig(Section):
-    objective: Literal["sft", "gto", "opd"] = "sft"
+    objective: Literal["sft", "gto", "opd", "gto_opd"] = Field(
+        "sft", description="gto_opd: GTO and Draft-OPD losses summed on the same batch (section combined)"
+    )
     ttt_steps: int = Field(7, ge=1, le=32)
     step_weight_decay: float = Field(0.8, gt=0.0, le=1.0)
     batch_size: int = Field(4, ge=1)
@@ -166,6 +179,7 @@ class ExperimentConfig(Section):
     training: TrainingConfig = TrainingConfig()
     gto: GTOSection = GTOSection()
     opd: OPDSection = OPDSection()
+    combined: CombinedSection = CombinedSection()
     distributed: DistributedConfig = DistributedConfig()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from actors.experience import uses_reference
 from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
 from learners.sft import sft_loss
@@ -177,7 +178,7 @@ class Trainer:
 
     def _reference(self, drafter: Eagle3Drafter, target: TargetModel, checkpoint: Path | None):
         """GTO's frozen reference drafter: the starting drafter, or the checkpoint's copy."""
-        if self.config.training.objective != "gto":
+        if not uses_reference(self.config.training.objective):
             return None
         if checkpoint is not None:
             reference = load_drafter(checkpoint / "reference", target.embed_tokens.weight.float())

@@ -94,10 +94,12 @@ RL_OVERRIDES = {
     "gto": ["training.objective=gto", "gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8",
             "gto.group_size=3", "gto.groups_per_sequence=2"],
     "opd": ["training.objective=opd", "opd.chain_length=3", "opd.max_new_tokens=12", "opd.sft_weight=0.5"],
+    "gto_opd": ["training.objective=gto_opd", "gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8",
+                "gto.group_size=3", "gto.groups_per_sequence=2", "opd.chain_length=3", "opd.max_new_tokens=12"],
 }
 
 
-@pytest.mark.parametrize("objective", ["gto", "opd"])
+@pytest.mark.parametrize("objective", ["gto", "opd", "gto_opd"])
 def test_rl_objectives_train_from_an_sft_drafter_and_resume_exactly(tmp_path, tiny_target_dir, chat_file, objective):
     """SFT warm-up, then GTO / Draft-OPD from its drafter in the same trainer: their metrics are
     logged, and a run stopped and resumed (GTO's frozen reference comes back from the
@@ -108,9 +110,11 @@ def test_rl_objectives_train_from_an_sft_drafter_and_resume_exactly(tmp_path, ti
     metrics = [json.loads(line) for line in (straight.output_dir / "metrics.jsonl").read_text().splitlines()]
     train_keys = set().union(*(m.keys() for m in metrics if m["split"] == "train"))
     expected = {"gto": {"gto/reward", "gto/clip_fraction", "gto/kl_reference", "token/loss"},
-                "opd": {"opd/accepted_kl", "opd/rejected_kl", "rollout/tau", "sft/loss"}}[objective]
+                "opd": {"opd/accepted_kl", "opd/rejected_kl", "rollout/tau", "sft/loss"},
+                "gto_opd": {"gto/reward", "gto/loss", "token/loss", "opd/loss", "opd/rejected_kl", "rollout/tau"},
+                }[objective]
     assert expected <= train_keys, train_keys
-    if objective == "gto":
+    if objective in ("gto", "gto_opd"):
         assert (straight.output_dir / "checkpoints" / "step_000004" / "reference" / "model.safetensors").is_file()
     Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, *extra), steps_this_run=3).run()
     resumed = Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, *extra), resume=True).run()
