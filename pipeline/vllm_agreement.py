@@ -91,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the report here (atomically: its presence means a finished check)")
     args = parser.parse_args(argv)
     prompts = load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     report = agreement(
         args.target, args.drafter, prompts, num_speculative_tokens=args.num_speculative_tokens,
         max_tokens=args.max_tokens, dtype=args.dtype,
     )
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    print(text)
     return 0
 
 

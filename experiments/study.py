@@ -1,0 +1,655 @@
+"""A results study as one command per stage: arms trained from one SFT drafter, evaluated, reported.
+
+    python -m experiments.study train  --study experiments/smollm2_study.yaml --out DIR [--minutes 9]
+    python -m experiments.study eval   --study ... --out DIR [--minutes 9]
+    python -m experiments.study report --study ... --out DIR
+    python -m experiments.study vllm   --study ... --out DIR        # CPU, needs vLLM
+    python -m experiments.study all    --study ... --out DIR        # train, eval, report
+
+Every arm (sft, gto, opd, ...) starts from the same drafter (``start_drafter`` or ``--start``)
+and trains for the same wall-clock ``minutes_per_arm`` per seed, ``parallel`` runs at once.
+GPU time comes in slots, so every stage resumes: ``train`` credits a run's minutes in
+``DIR/runs/ARM-sS/study_state.json`` only after its process exits cleanly and continues a run
+from its checkpoint; ``eval`` and ``vllm`` skip drafters already scored. ``--minutes`` is this
+invocation's budget: nothing is started that would not end inside it. Exit status: 0 done,
+1 a run failed, 2 bad input, 75 unfinished (run the stage again in the next slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+UNFINISHED = 75  # EX_TEMPFAIL: the stage stopped for want of time; run it again
+STATE_FILE = "study_state.json"
+EPSILON = 1e-6
+
+
+class StudyError(ValueError):
+    """A study that cannot run; the message names the file (and field)."""
+
+
+# ---------------------------------------------------------------------------------- the study file
+
+
+def repo_path(value: str | Path) -> Path:
+    """A path as given if it exists from here, else relative to the repository root."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def _check_assignments(items: list[str]) -> list[str]:
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0].strip()]
+    if bad:
+        raise ValueError(f"expected key=value, got {bad[0]!r}")
+    return items
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArmSpec(Strict):
+    """One training arm: a pipeline config plus ``--set`` overrides."""
+
+    config: Path
+    set: list[str] = Field(default_factory=list, description="key=value overrides of this arm")
+    paper_gain: str | None = Field(None, description="the gain its paper reports, for the report")
+
+    @field_validator("config")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        path = repo_path(value)
+        if not path.is_file():
+            raise ValueError(f"config file {value} does not exist")
+        return path.resolve()
+
+    _sets = field_validator("set")(_check_assignments)
+
+
+class EvalSpec(Strict):
+    """Tree-engine tau (bench/compare_drafters.py) of every drafter, one process per temperature."""
+
+    num_prompts: int = Field(20, ge=1)
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
+    max_new_tokens: int = Field(256, ge=1)
+    bench: str = "mt_bench,humaneval,gsm8k"
+    bench_dir: Path | None = None
+    target: str | None = Field(None, description="default: the arms' target.model")
+
+    @field_validator("bench_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else repo_path(value).resolve()
+
+
+class VllmSpec(Strict):
+    """vLLM's acceptance vs draftrl's (chain drafting) for the drafters of one seed."""
+
+    seed: int = 1
+    num_prompts: int = Field(5, ge=1, description="first-turn questions per bench")
+    max_tokens: int = Field(64, ge=1)
+    num_speculative_tokens: int = Field(3, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    tolerance: float = Field(0.05, ge=0.0, description="largest |vLLM - draftrl| that counts as agreement")
+
+
+class Study(Strict):
+    name: str
+    start_drafter: Path | None = Field(None, description="the SFT drafter every arm starts from")
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    minutes_per_arm: float = Field(gt=0.0, description="training wall-clock per arm and seed")
+    parallel: int = Field(1, ge=1, description="runs at once (host-bound runs share one GPU)")
+    overhead_minutes: float = Field(
+        1.0, ge=0.0, description="per run, outside the training clock (loading, export): reserved "
+        "inside a --minutes budget")
+    min_run_minutes: float = Field(0.5, gt=0.0, description="shortest training slice worth starting")
+    overrides: list[str] = Field(default_factory=list, description="key=value given to every arm")
+    arms: dict[str, ArmSpec] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+    vllm: VllmSpec = VllmSpec()
+
+    _overrides = field_validator("overrides")(_check_assignments)
+
+    @field_validator("start_drafter")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Absolute: the runs' processes work in the repository root, not here."""
+        return None if value is None else value.expanduser().resolve()
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, ArmSpec]) -> dict[str, ArmSpec]:
+        bad = [name for name in arms if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "start"]
+        if bad:
+            raise ValueError(f"arm name {bad[0]!r}: letters, digits and _ only, and not 'start'")
+        return arms
+
+    @model_validator(mode="after")
+    def _seeds(self) -> Study:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: repeated seed in {self.seeds}")
+        if self.vllm.seed not in self.seeds:
+            raise ValueError(f"vllm.seed: {self.vllm.seed} is not one of the seeds {self.seeds}")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise StudyError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_study(path: str | Path, sets: Sequence[str] = (), start: str | Path | None = None) -> Study:
+    """Read and validate a study YAML (``--set`` and ``--start`` applied); errors name file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise StudyError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: the top level must be a mapping")
+    for item in sets:
+        if "=" not in item:
+            raise StudyError(f"--set {item!r}: expected field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    if start is not None:
+        data["start_drafter"] = str(start)
+    try:
+        return Study.model_validate(data)
+    except ValidationError as error:
+        lines = [f"  {'.'.join(str(p) for p in issue['loc']) or '(top level)'}: {issue['msg']} "
+                 f"(got {issue.get('input')!r})" for issue in error.errors()]
+        raise StudyError(f"{path}: invalid study\n" + "\n".join(lines)) from None
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (arm, seed) training run of the study."""
+
+    arm: str
+    seed: int
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+
+def study_runs(study: Study, out: Path) -> list[Run]:
+    """Seed-major order: with fewer slots than runs, every arm gets its first seed first."""
+    return [Run(arm, seed, out / "runs" / f"{arm}-s{seed}") for seed in study.seeds for arm in study.arms]
+
+
+def run_overrides(study: Study, run: Run) -> list[str]:
+    """The study's overrides, then the arm's, then what the study itself fixes (last wins)."""
+    return [*study.overrides, *study.arms[run.arm].set, f"seed={run.seed}",
+            f"output_dir={run.directory}", f"drafter.init_from={study.start_drafter}"]
+
+
+def validate_arms(study: Study, study_file: Path, out: Path) -> dict[str, Any]:
+    """Every run's full training config, validated now: a typo fails before any GPU time is spent."""
+    from pipeline.config import ConfigError, load_config
+
+    configs = {}
+    for run in study_runs(study, out):
+        try:
+            configs[run.name] = load_config(study.arms[run.arm].config, run_overrides(study, run))
+        except ConfigError as error:
+            raise StudyError(f"{study_file}: arms.{run.arm} ({run.name}): {error}") from None
+    return configs
+
+
+def require_start(study: Study, study_file: Path) -> Path:
+    start = study.start_drafter
+    if start is None:
+        raise StudyError(f"{study_file}: start_drafter: not set (set it, or pass --start DIR)")
+    if not (start / "config.json").is_file():
+        raise StudyError(f"{study_file}: start_drafter: {start} is not a drafter directory (no config.json)")
+    return start
+
+
+def read_state(run: Run) -> dict[str, Any]:
+    path = run.directory / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"minutes": 0.0, "slots": []}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write-then-rename: a killed stage never leaves half a file that later reads as finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def checkpoint_step(run: Run) -> int:
+    """Step of the run's latest checkpoint (0 before the first)."""
+    pointer = run.directory / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return 0
+    return int(pointer.read_text().strip().rsplit("_", 1)[1])
+
+
+def remaining_minutes(study: Study, run: Run, max_steps: int) -> float:
+    """Training minutes still owed to ``run`` (0 once credited in full or at ``max_steps``)."""
+    if checkpoint_step(run) >= max_steps:
+        return 0.0
+    left = study.minutes_per_arm - read_state(run)["minutes"]
+    return left if left > EPSILON else 0.0
+
+
+def finished_runs(study: Study, out: Path, configs: dict[str, Any]) -> list[Run]:
+    """Runs trained in full whose exported drafter exists."""
+    return [run for run in study_runs(study, out)
+            if remaining_minutes(study, run, configs[run.name].training.max_steps) == 0
+            and (run.directory / "drafter" / "config.json").is_file()]
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Job:
+    """One subprocess of a stage. ``argv()`` is built at launch (None: it no longer fits the
+    budget, left for the next slot); ``done(code, seconds)`` runs when the process exits."""
+
+    name: str
+    log: Path
+    argv: Callable[[], list[str] | None]
+    done: Callable[[int, float], None]
+
+
+@dataclass
+class _Live:
+    job: Job
+    proc: subprocess.Popen
+    started: float
+    handle: Any
+
+
+@dataclass
+class PoolResult:
+    failed: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+
+
+def child_env(parallel: int) -> dict[str, str]:
+    """Threads split between the runs that share the host; the repository importable."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TQDM_MININTERVAL", "30")
+    return env
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = None) -> PoolResult:
+    """Run ``jobs`` as subprocesses, ``parallel`` at once; a failure does not stop the others.
+
+    On SIGTERM/Ctrl-C (the GPU slot ends) the children are terminated: their minutes are not
+    credited and they continue from their last checkpoint next time.
+    """
+    env, result = child_env(parallel), PoolResult()
+    pending, live = list(jobs), []
+    live_pids = live_pids if live_pids is not None else {}
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        while pending or live:
+            while pending and len(live) < parallel:
+                job = pending.pop(0)
+                argv = job.argv()
+                if argv is None:
+                    result.deferred.append(job.name)
+                    continue
+                live.append(_launch(job, argv, env))
+                live_pids[live[-1].proc.pid] = job.name
+            for item in [item for item in live if item.proc.poll() is not None]:
+                live.remove(item)
+                live_pids.pop(item.proc.pid, None)
+                item.handle.close()
+                code = item.proc.returncode
+                if code != 0:
+                    result.failed.append(item.job.name)
+                    print(f"[study] {item.job.name} FAILED (exit {code}); last lines of {item.job.log}:\n"
+                          f"{log_tail(item.job.log)}", flush=True)
+                item.job.done(code, time.time() - item.started)
+            time.sleep(0.2)
+    except (KeyboardInterrupt, _Terminated):
+        for item in live:
+            item.proc.terminate()
+        for item in live:
+            item.proc.wait(timeout=60)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return result
+
+
+def _launch(job: Job, argv: list[str], env: dict[str, str]) -> _Live:
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(job.log, "a")  # noqa: SIM115 - the child writes to it; closed when it exits
+    handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+    handle.flush()
+    proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    return _Live(job, proc, time.time(), handle)
+
+
+class Budget:
+    """This invocation's wall-clock budget (``--minutes``); None: unlimited."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.time() + 60 * minutes
+
+    def left(self) -> float:
+        """Minutes left (infinite without a budget)."""
+        return float("inf") if self.deadline is None else (self.deadline - time.time()) / 60
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+def prepare_targets(configs: dict[str, Any]) -> None:
+    """Convert each target (a GGUF) once here, so parallel runs do not race to write the cache."""
+    from speculative.target import resolve_target
+
+    for spec, cache in {(c.target.model, c.cache_dir) for c in configs.values()}:
+        resolve_target(spec, Path(cache) if cache else None)
+
+
+def train_job(study: Study, run: Run, config: Path, budget: Budget, out: Path) -> Job:
+    """A training slice of ``run``: its remaining minutes, or what the budget still allows."""
+    slot: dict[str, Any] = {}
+
+    def argv() -> list[str] | None:
+        owed = study.minutes_per_arm - read_state(run)["minutes"]
+        minutes = min(owed, budget.left() - study.overhead_minutes)
+        if minutes < min(owed, study.min_run_minutes):
+            return None
+        slot.update(minutes=minutes, start_step=checkpoint_step(run), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        args = [sys.executable, "-m", "pipeline.train", "--config", str(config),
+                "--minutes-this-run", f"{minutes:.4f}"]
+        for item in run_overrides(study, run):
+            args += ["--set", item]
+        return args + (["--resume"] if (run.directory / "checkpoints" / "latest").is_file() else [])
+
+    def done(code: int, seconds: float) -> None:
+        state = read_state(run)
+        step = checkpoint_step(run)
+        if code == 0:
+            state["minutes"] += slot["minutes"]
+            state["slots"].append({**slot, "end_step": step, "wall_s": round(seconds, 1)})
+            state.update(arm=run.arm, seed=run.seed, step=step)
+            write_json(run.directory / STATE_FILE, state)
+        print(f"[study] {run.name}: exit {code}, steps {slot['start_step']} -> {step}, "
+              f"credited {state['minutes']:.2f}/{study.minutes_per_arm:g} min "
+              f"(this slice {slot['minutes']:.2f} min, {seconds / 60:.2f} min wall)", flush=True)
+
+    return Job(run.name, out / "logs" / f"{run.name}.log", argv, done)
+
+
+def check_start_unchanged(study: Study, out: Path) -> None:
+    """Runs of one study directory must share the start drafter they were begun from."""
+    record = out / "study.json"
+    if record.is_file():
+        before = json.loads(record.read_text()).get("start_drafter")
+        begun = any(read_state(run)["minutes"] > 0 for run in study_runs(study, out))
+        if begun and before != str(study.start_drafter):
+            raise StudyError(f"{out} holds runs started from {before}, not {study.start_drafter}: "
+                             "use another --out for another start drafter")
+    write_json(record, study.model_dump(mode="json"))
+
+
+def stage_train(study: Study, study_file: Path, out: Path, budget: Budget) -> int:
+    require_start(study, study_file)
+    configs = validate_arms(study, study_file, out)
+    check_start_unchanged(study, out)
+    owed = [run for run in study_runs(study, out)
+            if remaining_minutes(study, run, configs[run.name].training.max_steps) > 0]
+    if not owed:
+        print("[study] train: every run has its minutes", flush=True)
+        return 0
+    print(f"[study] train: {len(owed)} runs to (continue to) train: {[r.name for r in owed]}, "
+          f"{study.parallel} at once", flush=True)
+    prepare_targets(configs)
+    jobs = [train_job(study, run, study.arms[run.arm].config, budget, out) for run in owed]
+    live: dict[int, str] = {}
+    monitor = _start_monitor(out, live)
+    try:
+        result = run_pool(jobs, study.parallel, live)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+    return _outcome("train", result)
+
+
+def _start_monitor(out: Path, live: dict[int, str]):
+    from experiments import gpu_monitor
+
+    if not gpu_monitor.available():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    return gpu_monitor.GpuMonitor(out / "gpu_samples.jsonl", lambda: live, "train").start()
+
+
+def _outcome(stage: str, result: PoolResult) -> int:
+    if result.failed:
+        print(f"[study] {stage}: failed: {result.failed}", flush=True)
+        return 1
+    if result.deferred:
+        print(f"[study] {stage}: no time left for {result.deferred}: run `{stage}` again", flush=True)
+        return UNFINISHED
+    return 0
+
+
+# ---------------------------------------------------------------------------------- eval
+
+
+def temperature_key(value: float) -> str:
+    return f"T{value:g}"
+
+
+def study_target(study: Study, configs: dict[str, Any]) -> str:
+    """The target as a local directory (a GGUF converted into the runs' cache)."""
+    from speculative.target import resolve_target
+
+    first = next(iter(configs.values()))
+    cache = Path(first.cache_dir) if first.cache_dir else None
+    return resolve_target(study.eval.target or first.target.model, cache)
+
+
+def scored_drafters(study: Study, study_file: Path, out: Path, configs: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(name, drafter dir): ``start``, then every run trained in full."""
+    done = finished_runs(study, out, configs)
+    skipped = [run.name for run in study_runs(study, out) if run not in done]
+    if skipped:
+        print(f"[study] not trained in full yet (left out): {skipped}", flush=True)
+    return [("start", require_start(study, study_file))] + [(r.name, r.directory / "drafter") for r in done]
+
+
+def eval_job(study: Study, name: str, drafter: Path, temperature: float, target: str, out: Path,
+             budget: Budget, longest: list[float]) -> Job:
+    folder = out / "eval" / f"{name}-{temperature_key(temperature)}"
+    spec = study.eval
+
+    def argv() -> list[str] | None:
+        if budget.left() * 60 < max(longest, default=0.0):
+            return None
+        args = [sys.executable, str(REPO_ROOT / "bench" / "compare_drafters.py"), "--target", target,
+                "--out", str(folder), "--temperature", f"{temperature:g}", "--num-prompts", str(spec.num_prompts),
+                "--max-new-tokens", str(spec.max_new_tokens), "--bench", spec.bench]
+        if spec.bench_dir is not None:
+            args += ["--bench-dir", str(spec.bench_dir)]
+        return args + [f"{name}={drafter}"]
+
+    def done(code: int, seconds: float) -> None:
+        longest.append(seconds)
+        if code == 0:
+            print(f"[study] eval {folder.name}: done in {seconds / 60:.2f} min", flush=True)
+
+    return Job(f"eval-{folder.name}", out / "logs" / f"eval-{folder.name}.log", argv, done)
+
+
+def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int:
+    require_start(study, study_file)
+    configs = validate_arms(study, study_file, out)
+    drafters = scored_drafters(study, study_file, out, configs)
+    todo = [(name, path, t) for name, path in drafters for t in study.eval.temperatures
+            if not (out / "eval" / f"{name}-{temperature_key(t)}" / "compare.json").is_file()]
+    if not todo:
+        print("[study] eval: every drafter is scored", flush=True)
+        return 0
+    target, longest = study_target(study, configs), []
+    jobs = [eval_job(study, name, path, t, target, out, budget, longest) for name, path, t in todo]
+    print(f"[study] eval: {len(jobs)} scorings, {study.parallel} at once", flush=True)
+    return _outcome("eval", run_pool(jobs, study.parallel))
+
+
+# ---------------------------------------------------------------------------------- vllm
+
+
+def write_vllm_prompts(study: Study, path: Path) -> Path:
+    """The first turn of the first ``vllm.num_prompts`` questions of each bench, as chats."""
+    from pipeline.benchmark import default_bench_dir, load_questions, resolve_bench
+
+    lines = []
+    for item in study.eval.bench.split(","):
+        name, source = resolve_bench(item, study.eval.bench_dir or default_bench_dir())
+        for question in load_questions(source, study.vllm.num_prompts, name):
+            lines.append(json.dumps({"messages": [{"role": "user", "content": question.turns[0]}]}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def vllm_job(study: Study, name: str, drafter: Path, target: str, prompts: Path, out: Path, budget: Budget) -> Job:
+    result = out / "vllm" / f"{name}.json"
+    spec = study.vllm
+
+    def argv() -> list[str] | None:
+        if budget.left() <= 0:
+            return None
+        return [sys.executable, "-m", "pipeline.vllm_agreement", "--target", target, "--drafter", str(drafter),
+                "--prompts", str(prompts), "--max-tokens", str(spec.max_tokens),
+                "--num-speculative-tokens", str(spec.num_speculative_tokens), "--dtype", spec.dtype,
+                "--out", str(result)]
+
+    def done(code: int, seconds: float) -> None:
+        if code == 0:
+            print(f"[study] vllm {name}: done in {seconds / 60:.2f} min", flush=True)
+
+    return Job(f"vllm-{name}", out / "logs" / f"vllm-{name}.log", argv, done)
+
+
+def stage_vllm(study: Study, study_file: Path, out: Path, budget: Budget) -> int:
+    require_start(study, study_file)
+    configs = validate_arms(study, study_file, out)
+    finished = {run.name for run in finished_runs(study, out, configs)}
+    drafters = [("start", require_start(study, study_file))] + [
+        (f"{arm}-s{study.vllm.seed}", out / "runs" / f"{arm}-s{study.vllm.seed}" / "drafter")
+        for arm in study.arms if f"{arm}-s{study.vllm.seed}" in finished]
+    todo = [(name, path) for name, path in drafters if not (out / "vllm" / f"{name}.json").is_file()]
+    code = 0
+    if todo:
+        prompts = write_vllm_prompts(study, out / "vllm" / "prompts.jsonl")
+        target = study_target(study, configs)
+        jobs = [vllm_job(study, name, path, target, prompts, out, budget) for name, path in todo]
+        code = _outcome("vllm", run_pool(jobs, 1))  # vLLM-CPU pins the host's threads: one at a time
+    from experiments.study_report import write_vllm_ranking
+
+    write_vllm_ranking(study, out, [name for name, _ in drafters])
+    return code
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def stage_report(study: Study, study_file: Path, out: Path, budget: Budget) -> int:
+    from experiments.study_report import write_report
+
+    paths = write_report(study, out)
+    print("[study] report: " + ", ".join(str(p) for p in paths), flush=True)
+    return 0
+
+
+def stage_all(study: Study, study_file: Path, out: Path, budget: Budget) -> int:
+    for stage in (stage_train, stage_eval, stage_report):
+        code = stage(study, study_file, out, budget)
+        if code != 0:
+            return code
+    return 0
+
+
+STAGES = {"train": stage_train, "eval": stage_eval, "report": stage_report, "vllm": stage_vllm, "all": stage_all}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--study", type=Path, required=True, help="study YAML (experiments/smollm2_study.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="the study's directory (runs, eval, report)")
+    parser.add_argument("--start", type=Path, default=None, help="start drafter (overrides start_drafter)")
+    parser.add_argument("--minutes", type=float, default=None, help="this invocation's wall-clock budget")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a study field, e.g. --set minutes_per_arm=20 (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        study = load_study(args.study, args.sets, args.start)
+        return STAGES[args.stage](study, args.study, args.out.resolve(), Budget(args.minutes))
+    except StudyError as error:
+        print(f"study: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""experiments/study.py end to end on a tiny target: train (twice: the second does nothing), eval,
+report; and a bad study file refused, naming the file and the field, before any run starts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import gpu_monitor
+from experiments.study import REPO_ROOT, UNFINISHED, StudyError, load_study, main
+from pipeline.config import load_config
+from pipeline.trainer import Trainer
+from tests.conftest import write_topic_chats
+
+TINY = ["data.max_length=64", "data.eval_fraction=0.1", "training.ttt_steps=3", "training.batch_size=4",
+        "training.warmup_steps=1", "training.log_every=1", "training.eval_every=1", "training.eval_batches=1",
+        "training.save_every=1", "training.device=cpu"]
+TINY_GTO = ["gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8", "gto.group_size=3",
+            "gto.groups_per_sequence=2"]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, tiny_target_dir) -> dict[str, Path]:
+    """Chats, a 3-step SFT start drafter, two tiny benches (one with a second turn)."""
+    root = tmp_path_factory.mktemp("study")
+    chats = write_topic_chats(root / "chats.jsonl", 48)
+    common = [f"target.model={tiny_target_dir}", f"data.source={chats}", f"cache_dir={root / 'cache'}", *TINY]
+    start = Trainer(load_config(None, [*common, f"output_dir={root / 'sft'}", "drafter.draft_vocab_size=512",
+                                       "training.lr=3e-3", "training.max_steps=3"])).run().drafter_dir
+    benches = root / "bench"
+    benches.mkdir()
+    questions = {"mini_chat": [["Tell me about the sea.", "And about rain?"], ["Say hi."]],
+                 "mini_math": [["What is 2 + 2?"], ["What is 3 + 5?"]]}
+    for name, items in questions.items():
+        (benches / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question_id": i, "category": name, "turns": turns}) + "\n" for i, turns in enumerate(items)))
+    return {"root": root, "common": common, "start": start, "benches": benches}
+
+
+def _study(setting: dict[str, Path], path: Path, **changes) -> Path:
+    study = {
+        "name": "tiny_study", "start_drafter": str(setting["start"]), "seeds": [1], "minutes_per_arm": 3,
+        "parallel": 2, "overhead_minutes": 0.5, "overrides": setting["common"],
+        "arms": {"sft": {"config": "configs/gto_smollm2.yaml",
+                         "set": ["training.objective=sft", "training.max_steps=2"]},
+                 "gto": {"config": "configs/gto_smollm2.yaml", "set": [*TINY_GTO, "training.max_steps=2"],
+                         "paper_gain": "+7.4%"}},
+        "eval": {"num_prompts": 2, "temperatures": [0, 1], "max_new_tokens": 6, "bench": "mini_chat,mini_math",
+                 "bench_dir": str(setting["benches"])},
+        "vllm": {"seed": 1, "num_prompts": 1},
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def _snapshot(out: Path) -> dict[str, str]:
+    files = [*out.glob("runs/*/study_state.json"), *out.glob("logs/*.log")]
+    return {str(p.relative_to(out)): p.read_text() for p in files}
+
+
+def test_train_twice_eval_report(setting, tmp_path):
+    study, out = _study(setting, tmp_path / "study.yaml"), tmp_path / "out"
+    args = ["--study", str(study), "--out", str(out)]
+    assert main(["train", *args]) == 0
+    for name in ("sft-s1", "gto-s1"):
+        state = json.loads((out / "runs" / name / "study_state.json").read_text())
+        assert state["step"] == 2 and len(state["slots"]) == 1 and state["minutes"] > 0
+        assert (out / "runs" / name / "drafter" / "model.safetensors").is_file()
+    before = _snapshot(out)
+    assert main(["train", *args]) == 0  # finished: nothing runs, nothing is credited or logged
+    assert _snapshot(out) == before
+
+    assert main(["eval", *args]) == 0
+    for name in ("start", "sft-s1", "gto-s1"):
+        for t in ("T0", "T1"):
+            scores = json.loads((out / "eval" / f"{name}-{t}" / "compare.json").read_text())["results"][name]
+            assert set(scores) == {"mini_chat", "mini_math"} and all(s["tau"] >= 1 for s in scores.values())
+    logs = _snapshot(out)
+    assert main(["eval", *args]) == 0 and _snapshot(out) == logs  # all scored: skipped
+
+    assert main(["report", *args]) == 0
+    report = out / "report"
+    for name in ("results.json", "results.md", "curves.png", "tau.png"):
+        assert (report / name).stat().st_size > 0, name
+    results = json.loads((report / "results.json").read_text())
+    assert {r["steps"] for r in results["runs"].values()} == {2}
+    markdown = (report / "results.md").read_text()
+    assert markdown.count("## T = ") == 2
+    number = r"\d+\.\d{3}"
+    for row in ("start", "sft", "gto"):
+        lines = [line for line in markdown.splitlines() if line.startswith(f"| {row} |")]
+        assert len(lines) == 2 and all(len(re.findall(number, line)) >= 3 for line in lines), lines
+    assert "+7.4%" in markdown and "s1: 2" in markdown
+
+
+def test_no_budget_left_starts_nothing(setting, tmp_path):
+    study, out = _study(setting, tmp_path / "study.yaml"), tmp_path / "out"
+    assert main(["train", "--study", str(study), "--out", str(out), "--minutes", "0.1"]) == UNFINISHED
+    assert not list(out.glob("logs/*")) and not list(out.glob("runs/*/study_state.json"))
+
+
+def test_a_bad_study_is_refused_before_any_run(setting, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = _study(setting, tmp_path / "bad.yaml", minutes_per_arm="lots",
+                 arms={"sft": {"config": "configs/missing.yaml"}})
+    assert main(["train", "--study", str(bad), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert str(bad) in error and "minutes_per_arm" in error
+    assert "arms.sft.config" in error and "configs/missing.yaml does not exist" in error
+
+    typo = _study(setting, tmp_path / "typo.yaml",
+                  arms={"gto": {"config": "configs/gto_smollm2.yaml", "set": ["gto.tree_dept=3"]}})
+    assert main(["train", "--study", str(typo), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert str(typo) in error and "arms.gto" in error and "tree_dept" in error
+    assert not out.exists() or not list(out.rglob("*.log"))
+
+
+def test_the_shipped_study_validates():
+    shipped = REPO_ROOT / "experiments" / "smollm2_study.yaml"
+    sets = [] if (REPO_ROOT / "configs" / "gto_opd_smollm2.yaml").is_file() else [
+        "arms.gto_opd.config=configs/gto_smollm2.yaml"]  # the gto_opd arm's config lands separately
+    study = load_study(shipped, sets, start="/tmp/sft_drafter")
+    assert list(study.arms) == ["sft", "gto", "opd", "gto_opd"] and study.seeds == [1, 2]
+    assert study.eval.temperatures == [0, 1] and study.vllm.num_speculative_tokens == 3
+    with pytest.raises(StudyError, match="vllm.seed.*not one of the seeds"):
+        load_study(shipped, [*sets, "vllm.seed=3"])
+
+
+def test_pmon_samples_are_attributed_to_runs():
+    text = ("# gpu         pid   type     sm    mem    enc    dec    jpg    ofa    command\n"
+            "# Idx           #    C/G      %      %      %      %      %      %    name\n"
+            "    0       4242     C     37     10      -      -      -      -    python\n"
+            "    0       4343     C      -      -      -      -      -      -    python\n")
+    usage = gpu_monitor.parse_pmon(text)
+    assert usage == {4242: 37.0, 4343: 0.0}
+    assert gpu_monitor.attribute(usage, {4242: "gto-s1"}) == {"gto-s1": 37.0}
+    assert gpu_monitor.parse_query("0, 85, 20123\n") == [{"index": 0, "util": 85.0, "memory_mib": 20123.0}]
+
+
+def test_report_of_two_seeds_shows_the_spread_and_gpu_share(tmp_path):
+    """The report alone, on a study directory laid out as the stages leave it (two seeds)."""
+    out = tmp_path / "out"
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "two_seeds", "seeds": [1, 2], "minutes_per_arm": 1, "arms": {
+            "sft": {"config": "configs/gto_smollm2.yaml"},
+            "gto": {"config": "configs/gto_smollm2.yaml", "paper_gain": "+7.4%"}},
+        "eval": {"temperatures": [0]}}, sort_keys=False))
+    taus = {"start": (2.0, 2.0), "sft-s1": (2.1, 2.1), "sft-s2": (2.1, 2.1), "gto-s1": (2.0, 3.0),
+            "gto-s2": (2.2, 3.2)}
+    for name, (b1, b2) in taus.items():
+        folder = out / "eval" / f"{name}-T0"
+        folder.mkdir(parents=True)
+        (folder / "compare.json").write_text(json.dumps({"results": {name: {"b1": {"tau": b1}, "b2": {"tau": b2}}}}))
+        if name != "start":
+            run = out / "runs" / name
+            (run / "checkpoints").mkdir(parents=True)
+            (run / "checkpoints" / "latest").write_text("step_000040")
+            (run / "study_state.json").write_text(json.dumps({"minutes": 1.0, "slots": []}))
+            rows = [{"step": s, "split": "eval", "accept_length_proxy": 1 + s / 100} for s in (0, 20, 40, 40)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    samples = [{"running": ["gto-s1", "sft-s1"], "runs": {"gto-s1": 40.0}, "gpus": [{"util": 80.0}]},
+               {"running": ["gto-s1"], "runs": {"gto-s1": 60.0}, "gpus": [{"util": 60.0}]}]
+    (out / "gpu_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+    assert main(["report", "--study", str(study), "--out", str(out)]) == 0
+    markdown = (out / "report" / "results.md").read_text()
+    gto = next(line for line in markdown.splitlines() if line.startswith("| gto |"))
+    cells = [cell.strip() for cell in gto.strip("|").split("|")]
+    assert cells == ["gto", "2.100 (2.000–2.200)", "3.100 (3.000–3.200)", "2.600 (2.500–2.700)", "+30.0%",
+                     "+7.4%", "s1: 40, s2: 40", "50"]  # s2 was never sampled: not a 0
+    sft = next(line for line in markdown.splitlines() if line.startswith("| sft |"))
+    assert sft.endswith("| 0 |") and "+5.0%" in sft  # sampled while running, no SM use
+    assert "Mean GPU utilisation while training: 70%" in markdown
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert results["summary"]["0"]["rows"]["sft"]["mean"]["n"] == 2
+    assert (out / "report" / "curves.png").stat().st_size > 0
