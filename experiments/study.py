@@ -329,11 +329,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated(signum)
 
 
-def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = None) -> PoolResult:
+def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = None,
+             budget: Budget | None = None) -> PoolResult:
     """Run ``jobs`` as subprocesses, ``parallel`` at once; a failure does not stop the others.
 
     On SIGTERM/Ctrl-C (the GPU slot ends) the children are terminated: their minutes are not
-    credited and they continue from their last checkpoint next time.
+    credited and they continue from their last checkpoint next time. With ``budget``, jobs still
+    running when it is spent are stopped the same way and reported as deferred (scorings have no
+    clock of their own: without this, a slow first wave would outlive the GPU slot).
     """
     env, result = child_env(parallel), PoolResult()
     pending, live = list(jobs), []
@@ -341,6 +344,16 @@ def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = 
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         while pending or live:
+            if budget is not None and budget.left() <= 0:
+                for item in live:
+                    item.proc.terminate()
+                for item in live:
+                    item.proc.wait(timeout=60)
+                    item.handle.close()
+                    live_pids.pop(item.proc.pid, None)
+                    print(f"[study] {item.job.name}: out of time, stopped (run the stage again)", flush=True)
+                result.deferred += [item.job.name for item in live] + [job.name for job in pending]
+                break
             while pending and len(live) < parallel:
                 job = pending.pop(0)
                 argv = job.argv()
@@ -547,7 +560,7 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
     target, longest = study_target(study, configs), []
     jobs = [eval_job(study, name, path, t, target, out, budget, longest) for name, path, t in todo]
     print(f"[study] eval: {len(jobs)} scorings, {study.parallel} at once", flush=True)
-    return _outcome("eval", run_pool(jobs, study.parallel))
+    return _outcome("eval", run_pool(jobs, study.parallel, budget=budget))
 
 
 # ---------------------------------------------------------------------------------- vllm
@@ -599,7 +612,7 @@ def stage_vllm(study: Study, study_file: Path, out: Path, budget: Budget) -> int
         prompts = write_vllm_prompts(study, out / "vllm" / "prompts.jsonl")
         target = study_target(study, configs)
         jobs = [vllm_job(study, name, path, target, prompts, out, budget) for name, path in todo]
-        code = _outcome("vllm", run_pool(jobs, 1))  # vLLM-CPU pins the host's threads: one at a time
+        code = _outcome("vllm", run_pool(jobs, 1, budget=budget))  # vLLM-CPU pins the host's threads: one at a time
     from experiments.study_report import write_vllm_ranking
 
     write_vllm_ranking(study, out, [name for name, _ in drafters])

@@ -77,13 +77,17 @@ def collect(study: Study, out: Path) -> dict[str, Any]:
     for run in study_runs(study, out):
         state = read_state(run)
         runs[run.name] = {
-            "arm": run.arm, "seed": run.seed, "minutes": state["minutes"], "steps": checkpoint_step(run),
+            "arm": run.arm, "seed": run.seed, "minutes": state["minutes"],
+            # the step the last slice ended at (its export), else the latest checkpoint's
+            "steps": state.get("step", checkpoint_step(run)),
             "slots": state["slots"], "gpu_sm_percent": shares.get(run.name),
             "tau": {f"{t:g}": read_taus(out, run.name, t) for t in study.eval.temperatures},
         }
     start = {"tau": {f"{t:g}": read_taus(out, "start", t) for t in study.eval.temperatures}}
     summary = {f"{t:g}": summarise(study, runs, start, f"{t:g}") for t in study.eval.temperatures}
-    return {"study": study.model_dump(mode="json"), "start": start, "runs": runs, "summary": summary,
+    record = out / "study.json"  # what train recorded, e.g. the --start it was given
+    begun_from = json.loads(record.read_text()).get("start_drafter") if record.is_file() else None
+    return {"study": study.model_dump(mode="json"), "start_drafter": begun_from, "start": start, "runs": runs, "summary": summary,
             "gpu_mean_util_percent": util}
 
 
@@ -131,7 +135,8 @@ def _cell(spread: dict[str, float] | None) -> str:
 
 
 def markdown(study: Study, data: dict[str, Any]) -> str:
-    intro = (f"Every arm starts from `{study.start_drafter}` and trains {study.minutes_per_arm:g} minutes "
+    start = study.start_drafter or data.get("start_drafter")
+    intro = (f"Every arm starts from `{start}` and trains {study.minutes_per_arm:g} minutes "
              f"(wall clock) per seed, seeds {study.seeds}, {study.parallel} runs at once. tau = mean tokens per "
              f"target verification forward (tree engine), first {study.eval.num_prompts} questions per bench, "
              f"{study.eval.max_new_tokens} new tokens; cells: mean over seeds (min–max).")
@@ -141,7 +146,9 @@ def markdown(study: Study, data: dict[str, Any]) -> str:
                "'GPU SM %' is a run's mean SM share (nvidia-smi pmon), averaged over seeds.")
         lines += [gpu, ""]
     for key, summary in data["summary"].items():
-        lines += [f"## T = {key}", "", *table(study, data, summary), ""]
+        scored = any(cells["mean"] is not None for cells in summary["rows"].values())
+        body = table(study, data, summary) if scored else [f"Not scored at T = {key} (no eval results)."]
+        lines += [f"## T = {key}", "", *body, ""]
     return "\n".join(lines)
 
 
@@ -206,7 +213,8 @@ def seed_taus(data: dict[str, Any], row: str, key: str) -> list[dict[str, float]
 def plot_tau(study: Study, data: dict[str, Any], png: Path) -> Path:
     """Per temperature: bars = mean tau over seeds per bench (and the bench mean), dots = the seeds."""
     plt = _pyplot()
-    keys = list(data["summary"])
+    keys = [k for k in data["summary"]  # temperatures with at least one scored drafter
+            if any(cells["mean"] is not None for cells in data["summary"][k]["rows"].values())] or list(data["summary"])
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     rows = ["start", *study.arms]
     width = 0.8 / len(rows)

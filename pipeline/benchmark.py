@@ -346,8 +346,9 @@ def markdown_table(config: dict[str, Any], blocks: list[dict[str, Any]]) -> str:
             "",
             "T=0 mismatches: the first differing token index per mismatching generation is in "
             "results.json (`first_mismatch_at`). In bf16/fp16 a verification chunk and a single-token "
-            "decode round differently, so near-ties can flip late in a generation; in float32 "
-            "there should be (almost) none, and a mismatch at index 0-2 points to a bug.",
+            "decode round differently, so near-ties of the target can flip, at any index; in float32 "
+            "there should be none. `python bench/bf16_divergence.py` measures the target's float32 "
+            "logit gap at each split: a split that is not a near-tie points to a bug.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -181,3 +181,25 @@ def test_report_of_two_seeds_shows_the_spread_and_gpu_share(tmp_path):
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["summary"]["0"]["rows"]["sft"]["mean"]["n"] == 2
     assert (out / "report" / "curves.png").stat().st_size > 0
+
+
+def test_jobs_still_running_when_the_budget_is_spent_are_stopped_and_deferred(tmp_path):
+    """A scoring has no clock of its own: the pool stops it at the slot's end instead of
+    outliving the GPU lease, and reports it as deferred."""
+    import sys
+    import time
+
+    from experiments.study import Budget, Job, run_pool
+
+    finished: list[int] = []
+
+    def job(name: str, seconds: float) -> Job:
+        return Job(name, tmp_path / f"{name}.log",
+                   lambda: [sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                   lambda code, _: finished.append(code))
+
+    started = time.time()
+    result = run_pool([job("quick", 0), job("slow", 120), job("queued", 120)], 2, budget=Budget(0.1))
+    assert time.time() - started < 60
+    assert finished == [0]  # only the quick one ran to its end
+    assert result.failed == [] and result.deferred == ["slow", "queued"]
