@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import CombinedExperience, Experience, SFTExperience
+from actors.experience import CombinedExperience, Experience, SFTExperience, uses_reference
 from speculative.drafter import Eagle3Drafter
 from speculative.target import TargetModel
 from speculative.ttt import restrict_to_draft_vocab
@@ -114,22 +114,16 @@ class TargetWorker:
             return self.sft_experience(batch, drafter_version)
         if drafter is None:
             raise ValueError(f"objective {objective!r} needs the current drafter on the worker")
-        if objective == "gto":
-            from actors.gto_rollout import gto_experience
+        if uses_reference(objective) and reference is None:
+            raise ValueError(f"objective {objective!r} needs the frozen reference drafter on the worker")
+        from actors.gto_rollout import gto_experience
+        from actors.opd_rollout import opd_experience
 
-            if reference is None:
-                raise ValueError("objective 'gto' needs the frozen reference drafter on the worker")
+        if objective == "gto":
             return gto_experience(self, config, batch, drafter, reference, drafter_version, seed)
         if objective == "opd":
-            from actors.opd_rollout import opd_experience
-
             return opd_experience(self, config, batch, drafter, drafter_version, seed)
         if objective == "gto_opd":
-            from actors.gto_rollout import gto_experience
-            from actors.opd_rollout import opd_experience
-
-            if reference is None:
-                raise ValueError("objective 'gto_opd' needs the frozen reference drafter on the worker")
             return CombinedExperience(
                 gto=gto_experience(self, config, batch, drafter, reference, drafter_version, seed),
                 opd=opd_experience(self, config, batch, drafter, drafter_version, seed),

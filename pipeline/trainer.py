@@ -25,12 +25,12 @@ from learners.sft import sft_loss
 from pipeline.batches import BatchOrder
 from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rng_state
 from pipeline.config import ExperimentConfig, dump_config
+from pipeline.drafter_blueprint import make_blueprint
 from pipeline.metrics_log import MetricsLog, plot_curves
 from speculative.checkpoint import load_drafter, save_drafter
-from speculative.data import build_dataset, collate, split_dataset, supervised_token_counts
-from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
-from speculative.target import TargetModel, default_cache_dir, load_tokenizer
-from speculative.vocab import DraftVocab
+from speculative.data import build_dataset, collate, split_dataset
+from speculative.drafter import Eagle3Drafter
+from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,28 +153,10 @@ class Trainer:
         return target, load_tokenizer(cfg.target.model, self.cache_dir)
 
     def _new_drafter(self, target: TargetModel, train) -> Eagle3Drafter:
-        section = self.config.drafter
-        if section.init_from:
-            drafter = load_drafter(section.init_from, target.embed_tokens.weight, target.aux_layer_ids)
-            if tuple(drafter.config.aux_layer_ids) != tuple(target.aux_layer_ids):
-                raise ValueError(
-                    f"drafter.init_from {section.init_from} fuses target layers "
-                    f"{drafter.config.aux_layer_ids}, the target is set to {target.aux_layer_ids}"
-                )
-            return drafter.float()
-        counts = supervised_token_counts(train, target.vocab_size)
-        vocab = DraftVocab.from_counts(counts, section.draft_vocab_size)
-        print(
-            f"[draftrl] draft vocabulary: {vocab.size} of {target.vocab_size} tokens, covering "
-            f"{vocab.coverage(counts):.2%} of supervised training tokens",
-            flush=True,
-        )
-        config = DrafterConfig.from_target(
-            target.config, vocab.size, target.aux_layer_ids, section.intermediate_size
-        )
-        drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight.float())
-        init_drafter_weights(drafter, seed=section.init_seed)
-        return drafter
+        """``drafter.init_from``, else a seeded drafter over a draft vocabulary from the data:
+        the same blueprint the Ray driver ships to its learners and rollout actors."""
+        target_path = resolve_target(self.config.target.model, self.cache_dir)
+        return make_blueprint(self.config, target_path, train).build(target.embed_tokens.weight)
 
     def _reference(self, drafter: Eagle3Drafter, target: TargetModel, checkpoint: Path | None):
         """GTO's frozen reference drafter: the starting drafter, or the checkpoint's copy."""
