@@ -91,7 +91,8 @@ class ArmSpec(Strict):
 
 
 class EvalSpec(Strict):
-    """Tree-engine tau (bench/compare_drafters.py) of every drafter, one process per temperature."""
+    """Tree-engine tau and speed-up (bench/compare_drafters.py) of every drafter, one process per
+    temperature, the scorings one after another."""
 
     num_prompts: int = Field(20, ge=1)
     temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
@@ -525,42 +526,65 @@ def scored_drafters(study: Study, study_file: Path, out: Path, configs: dict[str
     return [("start", require_start(study, study_file))] + [(r.name, r.directory / "drafter") for r in done]
 
 
-def eval_job(study: Study, name: str, drafter: Path, temperature: float, target: str, out: Path,
-             budget: Budget, longest: list[float]) -> Job:
-    folder = out / "eval" / f"{name}-{temperature_key(temperature)}"
-    spec = study.eval
+EVAL_MIN_MINUTES = 1.5  # loading, the AR baseline and one drafter: no scoring is started with less
+
+
+def eval_folder(out: Path, name: str, temperature: float) -> Path:
+    return out / "eval" / f"{name}-{temperature_key(temperature)}"
+
+
+def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]], target: str, out: Path,
+             budget: Budget) -> Job:
+    """One process scores every drafter still unscored at ``temperature``, one after another, and
+    times the target's AR decoding first: speed-ups are ratios measured in one process on an
+    otherwise idle GPU. Each drafter's result is written as it finishes; ``--deadline`` stops
+    the process before a drafter it could not finish inside the budget."""
+    spec, key = study.eval, temperature_key(temperature)
 
     def argv() -> list[str] | None:
-        if budget.left() * 60 < max(longest, default=0.0):
+        if budget.left() < EVAL_MIN_MINUTES:
             return None
         args = [sys.executable, str(REPO_ROOT / "bench" / "compare_drafters.py"), "--target", target,
-                "--out", str(folder), "--temperature", f"{temperature:g}", "--num-prompts", str(spec.num_prompts),
-                "--max-new-tokens", str(spec.max_new_tokens), "--bench", spec.bench]
+                "--out", str(out / "eval" / f"{{name}}-{key}"), "--temperature", f"{temperature:g}",
+                "--num-prompts", str(spec.num_prompts), "--max-new-tokens", str(spec.max_new_tokens),
+                "--bench", spec.bench, "--baseline"]
+        if budget.deadline is not None:
+            args += ["--deadline", f"{budget.deadline:.0f}"]
         if spec.bench_dir is not None:
             args += ["--bench-dir", str(spec.bench_dir)]
-        return args + [f"{name}={drafter}"]
+        return args + [f"{name}={path}" for name, path in drafters]
 
     def done(code: int, seconds: float) -> None:
-        longest.append(seconds)
+        scored = [name for name, _ in drafters if (eval_folder(out, name, temperature) / "compare.json").is_file()]
         if code == 0:
-            print(f"[study] eval {folder.name}: done in {seconds / 60:.2f} min", flush=True)
+            print(f"[study] eval {key}: {len(scored)} of {len(drafters)} scored in {seconds / 60:.2f} min", flush=True)
 
-    return Job(f"eval-{folder.name}", out / "logs" / f"eval-{folder.name}.log", argv, done)
+    return Job(f"eval-{key}", out / "logs" / f"eval-{key}.log", argv, done)
 
 
 def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int:
     require_start(study, study_file)
     configs = validate_arms(study, study_file, out)
     drafters = scored_drafters(study, study_file, out, configs)
-    todo = [(name, path, t) for name, path in drafters for t in study.eval.temperatures
-            if not (out / "eval" / f"{name}-{temperature_key(t)}" / "compare.json").is_file()]
+
+    def unscored(temperature: float) -> list[tuple[str, Path]]:
+        return [(name, path) for name, path in drafters
+                if not (eval_folder(out, name, temperature) / "compare.json").is_file()]
+
+    todo = {t: unscored(t) for t in study.eval.temperatures if unscored(t)}
     if not todo:
         print("[study] eval: every drafter is scored", flush=True)
         return 0
-    target, longest = study_target(study, configs), []
-    jobs = [eval_job(study, name, path, t, target, out, budget, longest) for name, path, t in todo]
-    print(f"[study] eval: {len(jobs)} scorings, {study.parallel} at once", flush=True)
-    return _outcome("eval", run_pool(jobs, study.parallel, budget=budget))
+    target = study_target(study, configs)
+    jobs = [eval_job(study, t, pending, target, out, budget) for t, pending in todo.items()]
+    print(f"[study] eval: {sum(map(len, todo.values()))} scorings, one at a time", flush=True)
+    # One at a time: scorings sharing a GPU time-slice it, so their tokens/s would mean nothing.
+    code = _outcome("eval", run_pool(jobs, 1, budget=budget))
+    left = [f"{name}-{temperature_key(t)}" for t in study.eval.temperatures for name, _ in unscored(t)]
+    if code == 0 and left:
+        print(f"[study] eval: no time left for {left}: run `eval` again", flush=True)
+        return UNFINISHED
+    return code
 
 
 # ---------------------------------------------------------------------------------- vllm

@@ -41,15 +41,36 @@ def metric_series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[lis
     return steps, [by_step[s] for s in steps]
 
 
+def _scores(out: Path, name: str, temperature: float) -> dict[str, Any] | None:
+    from experiments.study import eval_folder
+
+    path = eval_folder(out, name, temperature) / "compare.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_taus(out: Path, name: str, temperature: float) -> dict[str, float] | None:
     """bench -> tau of drafter ``name`` at ``temperature`` (None: not scored)."""
-    from experiments.study import temperature_key
+    record = _scores(out, name, temperature)
+    return None if record is None else {bench: s["tau"] for bench, s in record["results"][name].items()}
 
-    path = out / "eval" / f"{name}-{temperature_key(temperature)}" / "compare.json"
-    if not path.is_file():
+
+def read_speedups(out: Path, name: str, temperature: float) -> dict[str, float] | None:
+    """bench -> tokens/s over the AR baseline timed in the same process (None: not timed)."""
+    record = _scores(out, name, temperature)
+    if record is None or not all("speedup" in s for s in record["results"][name].values()):
         return None
-    results = json.loads(path.read_text())["results"]
-    return {bench: scores["tau"] for bench, scores in results[name].items()}
+    return {bench: s["speedup"] for bench, s in record["results"][name].items()}
+
+
+def read_baseline(out: Path, names: list[str], temperature: float) -> dict[str, list[float]]:
+    """bench -> the AR tokens/s of every process that timed one at ``temperature``."""
+    seen: dict[str, list[float]] = {}
+    for name in names:
+        record = _scores(out, name, temperature)
+        for bench, scores in ((record or {}).get("baseline") or {}).items():
+            if scores["tokens_per_s"] not in seen.setdefault(bench, []):
+                seen[bench].append(scores["tokens_per_s"])
+    return seen
 
 
 def gpu_shares(out: Path) -> tuple[dict[str, float], float | None]:
@@ -82,9 +103,13 @@ def collect(study: Study, out: Path) -> dict[str, Any]:
             "steps": state.get("step", checkpoint_step(run)),
             "slots": state["slots"], "gpu_sm_percent": shares.get(run.name),
             "tau": {f"{t:g}": read_taus(out, run.name, t) for t in study.eval.temperatures},
+            "speedup": {f"{t:g}": read_speedups(out, run.name, t) for t in study.eval.temperatures},
         }
-    start = {"tau": {f"{t:g}": read_taus(out, "start", t) for t in study.eval.temperatures}}
+    start = {"tau": {f"{t:g}": read_taus(out, "start", t) for t in study.eval.temperatures},
+             "speedup": {f"{t:g}": read_speedups(out, "start", t) for t in study.eval.temperatures}}
     summary = {f"{t:g}": summarise(study, runs, start, f"{t:g}") for t in study.eval.temperatures}
+    for t in study.eval.temperatures:
+        summary[f"{t:g}"]["ar_tokens_per_s"] = read_baseline(out, ["start", *runs], t)
     record = out / "study.json"  # what train recorded, e.g. the --start it was given
     begun_from = json.loads(record.read_text()).get("start_drafter") if record.is_file() else None
     return {"study": study.model_dump(mode="json"), "start_drafter": begun_from, "start": start, "runs": runs, "summary": summary,
@@ -116,6 +141,10 @@ def summarise(study: Study, runs: dict[str, Any], start: dict[str, Any], key: st
         scored = [taus for taus in scored if taus and all(b in taus for b in benches)]
         rows[row] = {bench: _spread([taus[bench] for taus in scored]) for bench in benches}
         rows[row]["mean"] = _spread([sum(taus[b] for b in benches) / len(benches) for taus in scored] if benches else [])
+        timed = [start["speedup"][key]] if row == "start" else [
+            r["speedup"][key] for r in runs.values() if r["arm"] == row]
+        timed = [s for s in timed if s and all(b in s for b in benches)]
+        rows[row]["speedup"] = _spread([sum(s[b] for b in benches) / len(benches) for s in timed] if benches else [])
     base = rows["start"]["mean"]
     for row in rows.values():
         mean = row["mean"]
@@ -139,7 +168,8 @@ def markdown(study: Study, data: dict[str, Any]) -> str:
     intro = (f"Every arm starts from `{start}` and trains {study.minutes_per_arm:g} minutes "
              f"(wall clock) per seed, seeds {study.seeds}, {study.parallel} runs at once. tau = mean tokens per "
              f"target verification forward (tree engine), first {study.eval.num_prompts} questions per bench, "
-             f"{study.eval.max_new_tokens} new tokens; cells: mean over seeds (min–max).")
+             f"{study.eval.max_new_tokens} new tokens; cells: mean over seeds (min–max). Scorings ran one at a "
+             "time on the GPU.")
     lines = [f"# {study.name}", "", intro, ""]
     if data["gpu_mean_util_percent"] is not None:
         gpu = (f"Mean GPU utilisation while training: {data['gpu_mean_util_percent']:.0f}%; "
@@ -154,7 +184,7 @@ def markdown(study: Study, data: dict[str, Any]) -> str:
 
 def table(study: Study, data: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     benches = summary["benches"]
-    head = ["arm", *benches, "mean", "vs start", "paper", "steps per seed", "GPU SM %"]
+    head = ["arm", *benches, "mean", "vs start", "speed-up vs AR", "paper", "steps per seed", "GPU SM %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, cells in summary["rows"].items():
         runs = [r for r in data["runs"].values() if r["arm"] == row]
@@ -164,8 +194,22 @@ def table(study: Study, data: dict[str, Any], summary: dict[str, Any]) -> list[s
         paper = (study.arms[row].paper_gain if row in study.arms else None) or "—"
         share = f"{sum(shares) / len(shares):.0f}" if shares else "—"
         lines.append("| " + " | ".join([row, *(_cell(cells[b]) for b in benches), _cell(cells["mean"]), gain,
-                                        paper, steps, share]) + " |")
+                                        _speed(cells.get("speedup")), paper, steps, share]) + " |")
+    baseline = summary.get("ar_tokens_per_s") or {}
+    if baseline:
+        lines += ["", "Speed-up: a drafter's tokens/s over the target's own autoregressive decoding (same "
+                  "static-cache engine and CUDA graphs), timed in the same process, mean over benches; "
+                  "AR tokens/s per process: " + "; ".join(
+                      f"{b} " + ", ".join(f"{v:.1f}" for v in values) for b, values in baseline.items()) + "."]
     return lines
+
+
+def _speed(spread: dict[str, float] | None) -> str:
+    if spread is None:
+        return "—"
+    if spread["n"] == 1:
+        return f"{spread['mean']:.2f}x"
+    return f"{spread['mean']:.2f}x ({spread['min']:.2f}–{spread['max']:.2f})"
 
 
 def _pyplot():

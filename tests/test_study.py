@@ -76,10 +76,15 @@ def test_train_twice_eval_report(setting, tmp_path):
     assert _snapshot(out) == before
 
     assert main(["eval", *args]) == 0
+    assert sorted(p.name for p in out.glob("logs/eval-*.log")) == ["eval-T0.log", "eval-T1.log"]  # one process per T
     for name in ("start", "sft-s1", "gto-s1"):
         for t in ("T0", "T1"):
-            scores = json.loads((out / "eval" / f"{name}-{t}" / "compare.json").read_text())["results"][name]
-            assert set(scores) == {"mini_chat", "mini_math"} and all(s["tau"] >= 1 for s in scores.values())
+            record = json.loads((out / "eval" / f"{name}-{t}" / "compare.json").read_text())
+            scores, baseline = record["results"][name], record["baseline"]
+            assert set(scores) == set(baseline) == {"mini_chat", "mini_math"}
+            for bench, s in scores.items():
+                assert s["tau"] >= 1 and baseline[bench]["tau"] == 1
+                assert s["speedup"] == pytest.approx(s["tokens_per_s"] / baseline[bench]["tokens_per_s"])
     logs = _snapshot(out)
     assert main(["eval", *args]) == 0 and _snapshot(out) == logs  # all scored: skipped
 
@@ -96,6 +101,31 @@ def test_train_twice_eval_report(setting, tmp_path):
         lines = [line for line in markdown.splitlines() if line.startswith(f"| {row} |")]
         assert len(lines) == 2 and all(len(re.findall(number, line)) >= 3 for line in lines), lines
     assert "+7.4%" in markdown and "s1: 2" in markdown
+    assert len(re.findall(r"\| \d+\.\d\dx \|", markdown)) == 6  # a speed-up per row and temperature
+    assert markdown.count("AR tokens/s per process: mini_chat ") == 2
+
+
+def test_eval_without_time_for_one_scoring_starts_nothing(setting, tmp_path):
+    study, out = _study(setting, tmp_path / "study.yaml"), tmp_path / "out"
+    assert main(["eval", "--study", str(study), "--out", str(out), "--minutes", "1"]) == UNFINISHED
+    assert not list(out.glob("eval/*"))
+
+
+def test_a_scoring_past_its_deadline_starts_no_drafter(setting, tmp_path):
+    """``--deadline`` (the GPU slot's end, set by ``eval``) is checked before every drafter."""
+    import subprocess
+    import sys
+    import time
+
+    from experiments.study import child_env
+
+    argv = [sys.executable, str(REPO_ROOT / "bench" / "compare_drafters.py"), "--target",
+            str(setting["common"][0].split("=", 1)[1]), "--out", str(tmp_path / "{name}"), "--num-prompts", "1",
+            "--max-new-tokens", "4", "--bench", "mini_chat", "--bench-dir", str(setting["benches"]),
+            "--deadline", f"{time.time() - 1:.0f}", f"a={setting['start']}", f"b={setting['start']}"]
+    done = subprocess.run(argv, env=child_env(1), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unscored: ['a', 'b']" in done.stdout and not list(tmp_path.glob("*/compare.json"))
 
 
 def test_no_budget_left_starts_nothing(setting, tmp_path):
@@ -157,7 +187,14 @@ def test_report_of_two_seeds_shows_the_spread_and_gpu_share(tmp_path):
     for name, (b1, b2) in taus.items():
         folder = out / "eval" / f"{name}-T0"
         folder.mkdir(parents=True)
-        (folder / "compare.json").write_text(json.dumps({"results": {name: {"b1": {"tau": b1}, "b2": {"tau": b2}}}}))
+        scores = {"b1": {"tau": b1}, "b2": {"tau": b2}}
+        record = {"results": {name: scores}}
+        if name.startswith("gto"):  # timed against an AR baseline in the same process; the others not
+            fast = 0.3 if name == "gto-s2" else 0.0
+            scores["b1"]["speedup"], scores["b2"]["speedup"] = 1.0 + fast, 1.2 + fast
+            record["baseline"] = {"b1": {"tau": 1.0, "tokens_per_s": 100.0 + 10 * fast},
+                                  "b2": {"tau": 1.0, "tokens_per_s": 90.0}}
+        (folder / "compare.json").write_text(json.dumps(record))
         if name != "start":
             run = out / "runs" / name
             (run / "checkpoints").mkdir(parents=True)
@@ -174,9 +211,10 @@ def test_report_of_two_seeds_shows_the_spread_and_gpu_share(tmp_path):
     gto = next(line for line in markdown.splitlines() if line.startswith("| gto |"))
     cells = [cell.strip() for cell in gto.strip("|").split("|")]
     assert cells == ["gto", "2.100 (2.000–2.200)", "3.100 (3.000–3.200)", "2.600 (2.500–2.700)", "+30.0%",
-                     "+7.4%", "s1: 40, s2: 40", "50"]  # s2 was never sampled: not a 0
+                     "1.25x (1.10–1.40)", "+7.4%", "s1: 40, s2: 40", "50"]  # s2 was never sampled: not a 0
     sft = next(line for line in markdown.splitlines() if line.startswith("| sft |"))
-    assert sft.endswith("| 0 |") and "+5.0%" in sft  # sampled while running, no SM use
+    assert sft.endswith("| 0 |") and "+5.0% | — |" in sft  # sampled while running, no SM use; not timed
+    assert "AR tokens/s per process: b1 100.0, 103.0; b2 90.0." in markdown
     assert "Mean GPU utilisation while training: 70%" in markdown
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["summary"]["0"]["rows"]["sft"]["mean"]["n"] == 2
