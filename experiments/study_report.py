@@ -155,12 +155,12 @@ def summarise(study: Study, runs: dict[str, Any], start: dict[str, Any], key: st
 # ---------------------------------------------------------------------------------- writing
 
 
-def _cell(spread: dict[str, float] | None) -> str:
+def _cell(spread: dict[str, float] | None, digits: int = 3, unit: str = "") -> str:
+    """``mean (min–max)`` over seeds; the mean alone for one seed; a dash for none."""
     if spread is None:
         return "—"
-    if spread["n"] == 1:
-        return f"{spread['mean']:.3f}"
-    return f"{spread['mean']:.3f} ({spread['min']:.3f}–{spread['max']:.3f})"
+    mean = f"{spread['mean']:.{digits}f}{unit}"
+    return mean if spread["n"] == 1 else f"{mean} ({spread['min']:.{digits}f}–{spread['max']:.{digits}f})"
 
 
 def markdown(study: Study, data: dict[str, Any]) -> str:
@@ -194,7 +194,7 @@ def table(study: Study, data: dict[str, Any], summary: dict[str, Any]) -> list[s
         paper = (study.arms[row].paper_gain if row in study.arms else None) or "—"
         share = f"{sum(shares) / len(shares):.0f}" if shares else "—"
         lines.append("| " + " | ".join([row, *(_cell(cells[b]) for b in benches), _cell(cells["mean"]), gain,
-                                        _speed(cells.get("speedup")), paper, steps, share]) + " |")
+                                        _cell(cells.get("speedup"), 2, "x"), paper, steps, share]) + " |")
     baseline = summary.get("ar_tokens_per_s") or {}
     if baseline:
         lines += ["", "Speed-up: a drafter's tokens/s over the target's own autoregressive decoding (same "
@@ -202,14 +202,6 @@ def table(study: Study, data: dict[str, Any], summary: dict[str, Any]) -> list[s
                   "AR tokens/s per process: " + "; ".join(
                       f"{b} " + ", ".join(f"{v:.1f}" for v in values) for b, values in baseline.items()) + "."]
     return lines
-
-
-def _speed(spread: dict[str, float] | None) -> str:
-    if spread is None:
-        return "—"
-    if spread["n"] == 1:
-        return f"{spread['mean']:.2f}x"
-    return f"{spread['mean']:.2f}x ({spread['min']:.2f}–{spread['max']:.2f})"
 
 
 def _pyplot():
