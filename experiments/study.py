@@ -571,7 +571,7 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
         return [(name, path) for name, path in drafters
                 if not (eval_folder(out, name, temperature) / "compare.json").is_file()]
 
-    todo = {t: unscored(t) for t in study.eval.temperatures if unscored(t)}
+    todo = {t: pending for t in study.eval.temperatures if (pending := unscored(t))}
     if not todo:
         print("[study] eval: every drafter is scored", flush=True)
         return 0
