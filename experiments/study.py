@@ -223,7 +223,7 @@ def run_overrides(study: Study, run: Run) -> list[str]:
 
 def validate_arms(study: Study, study_file: Path, out: Path) -> dict[str, Any]:
     """Every run's full training config, validated now: a typo fails before any GPU time is spent."""
-    from pipeline.config import ConfigError, load_config
+    from speculative.config import ConfigError, load_config
 
     configs = {}
     for run in study_runs(study, out):

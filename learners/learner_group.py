@@ -51,8 +51,8 @@ class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
     def __init__(self, config_json: str, faults: dict | None = None):
-        from pipeline.config import ExperimentConfig
         from pipeline.trainer import pick_device
+        from speculative.config import ExperimentConfig
 
         self.config = ExperimentConfig.model_validate_json(config_json)
         torch.set_num_threads(self.config.training.threads or 1)

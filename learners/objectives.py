@@ -12,7 +12,7 @@ import torch
 
 from actors.experience import CombinedExperience, Experience, GTOExperience, OPDExperience, SFTExperience
 from learners.sft import sft_loss
-from pipeline.config import ExperimentConfig
+from speculative.config import ExperimentConfig
 from speculative.drafter import Eagle3Drafter
 
 

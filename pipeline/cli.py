@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, dump_config, load_config
+from speculative.config import ConfigError, dump_config, load_config
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:

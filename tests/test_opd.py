@@ -11,7 +11,7 @@ import torch
 from actors.opd_rollout import opd_experience
 from actors.target_worker import TargetWorker
 from learners.opd import distillation_terms, opd_loss, stream_masks
-from pipeline.config import load_config
+from speculative.config import load_config
 from speculative.engine import SpeculativeGenerator
 from speculative.tree import TreeConfig
 from speculative.ttt import replay_chains

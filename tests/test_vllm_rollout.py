@@ -24,7 +24,7 @@ from actors.opd_rollout import (
     walk_cycles,
 )
 from actors.target_worker import TargetWorker
-from pipeline.config import ConfigError, load_config
+from speculative.config import ConfigError, load_config
 
 CYCLE_FIELDS = ("sequence", "index", "accepted", "step_inputs", "proposals")
 

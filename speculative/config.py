@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.distributed_config import DistributedConfig, Section
+from speculative.distributed_config import DistributedConfig, Section
 
 
 class TargetConfig(Section):
