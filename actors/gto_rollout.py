@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import GTOExperience, SFTExperience
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import GTOExperience, SFTExperience
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
 from speculative.tree import TreeConfig, tree_size
 from speculative.tree_reward import greedy_accepted_path, score_tree

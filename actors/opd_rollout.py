@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.experience import OPDExperience, SFTExperience
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import OPDExperience, SFTExperience
 from speculative.llama import FastLlama
 from speculative.target import stop_token_ids
 from speculative.tree import TreeConfig

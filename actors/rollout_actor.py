@@ -21,7 +21,6 @@ from typing import Any
 import ray
 import torch
 
-from actors.experience import CombinedExperience, uses_reference
 from actors.target_worker import TargetWorker
 from pipeline.broadcast import (
     BroadcastGroup,
@@ -32,6 +31,7 @@ from pipeline.broadcast import (
     unflatten_into,
 )
 from pipeline.drafter_blueprint import DrafterBlueprint
+from speculative.experience import CombinedExperience, uses_reference
 
 ROLLOUT, SYNC = "rollout", "sync"
 

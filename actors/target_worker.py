@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import CombinedExperience, Experience, SFTExperience, uses_reference
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import CombinedExperience, Experience, SFTExperience, uses_reference
 from speculative.target import TargetModel
 from speculative.ttt import restrict_to_draft_vocab
 

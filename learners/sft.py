@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import SFTExperience
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import SFTExperience
 from speculative.ttt import step_weights, training_time_test
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from actors.experience import uses_reference
 from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
 from learners.sft import sft_loss
@@ -30,6 +29,7 @@ from speculative.checkpoint import load_drafter, save_drafter
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import build_dataset, collate, split_dataset
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import uses_reference
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from actors.experience import CombinedExperience
+from speculative.experience import CombinedExperience
 from actors.target_worker import TargetWorker
 from learners.gto import gto_loss
 from learners.objectives import objective_loss
