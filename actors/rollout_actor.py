@@ -22,7 +22,8 @@ import ray
 import torch
 
 from actors.target_worker import TargetWorker
-from pipeline.broadcast import (
+from pipeline.drafter_blueprint import DrafterBlueprint
+from speculative.broadcast import (
     BroadcastGroup,
     drafter_checksum,
     load_named,
@@ -30,7 +31,6 @@ from pipeline.broadcast import (
     replica_dtype,
     unflatten_into,
 )
-from pipeline.drafter_blueprint import DrafterBlueprint
 from speculative.experience import CombinedExperience, uses_reference
 
 ROLLOUT, SYNC = "rollout", "sync"

@@ -6,7 +6,7 @@ experiences through ``learners.objectives.objective_loss`` (the same step functi
 single-process trainer uses), ``engine.backward`` and ``engine.step``; DeepSpeed averages the
 gradients (ZeRO stage from the config; bf16 on GPU, fp32 on CPU over gloo).
 
-Rank 0 is also the source of every drafter broadcast to the rollout actors (``pipeline.broadcast``).
+Rank 0 is also the source of every drafter broadcast to the rollout actors (``speculative.broadcast``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
 from pipeline.drafter_blueprint import DrafterBlueprint, load_target_embedding
+from speculative.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
 
 CHECKPOINT_TAG = "state"
 

@@ -24,7 +24,6 @@ import torch
 from actors.rollout_actor import NoWeightsYet, rollout_actor_class
 from learners.learner_group import LearnerGroup
 from pipeline.batches import BatchOrder
-from pipeline.broadcast import SyncReport, choose_transport
 from pipeline.checkpointing import STATE_FILE, commit_checkpoint, load_state, open_run, rng_state, set_rng_state
 from pipeline.drafter_blueprint import (
     DrafterBlueprint,
@@ -39,6 +38,7 @@ from pipeline.ray_metrics import PipelineMetrics
 from pipeline.staleness import StalenessGate
 from pipeline.trainer import RunResult, load_datasets, seed_everything
 from pipeline.weight_sync import PendingPush, WeightSync
+from speculative.broadcast import SyncReport, choose_transport
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import collate
 from speculative.files import atomic_directory, write_manifest

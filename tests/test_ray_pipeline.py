@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from pipeline.broadcast import BroadcastFailed, BroadcastMismatch  # noqa: E402
+from speculative.broadcast import BroadcastFailed, BroadcastMismatch  # noqa: E402
 from speculative.config import load_config  # noqa: E402
 from learners.learner_group import LearnerDied  # noqa: E402
 from pipeline.driver import Faults, run_distributed  # noqa: E402
