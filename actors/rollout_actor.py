@@ -22,7 +22,6 @@ import ray
 import torch
 
 from actors.target_worker import TargetWorker
-from pipeline.drafter_blueprint import DrafterBlueprint
 from speculative.broadcast import (
     BroadcastGroup,
     drafter_checksum,
@@ -31,6 +30,7 @@ from speculative.broadcast import (
     replica_dtype,
     unflatten_into,
 )
+from speculative.drafter_blueprint import DrafterBlueprint
 from speculative.experience import CombinedExperience, uses_reference
 
 ROLLOUT, SYNC = "rollout", "sync"

@@ -20,8 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.drafter_blueprint import DrafterBlueprint, load_target_embedding
 from speculative.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
+from speculative.drafter_blueprint import DrafterBlueprint, load_target_embedding
 
 CHECKPOINT_TAG = "state"
 

@@ -25,13 +25,6 @@ from actors.rollout_actor import NoWeightsYet, rollout_actor_class
 from learners.learner_group import LearnerGroup
 from pipeline.batches import BatchOrder
 from pipeline.checkpointing import STATE_FILE, commit_checkpoint, load_state, open_run, rng_state, set_rng_state
-from pipeline.drafter_blueprint import (
-    DrafterBlueprint,
-    blueprint_from_directory,
-    make_blueprint,
-    read_target_config,
-    target_aux_layer_ids,
-)
 from pipeline.metrics_log import MetricsLog, plot_curves
 from pipeline.placement import Layout, reserve
 from pipeline.ray_metrics import PipelineMetrics
@@ -41,6 +34,13 @@ from pipeline.weight_sync import PendingPush, WeightSync
 from speculative.broadcast import SyncReport, choose_transport
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import collate
+from speculative.drafter_blueprint import (
+    DrafterBlueprint,
+    blueprint_from_directory,
+    make_blueprint,
+    read_target_config,
+    target_aux_layer_ids,
+)
 from speculative.files import atomic_directory, write_manifest
 from speculative.target import default_cache_dir, load_tokenizer, resolve_target
 
