@@ -69,8 +69,8 @@ class RolloutActor:
     """Target + drafter replica on one GPU share (or CPU); see the module docstring."""
 
     def __init__(self, config_json: str, blueprint: DrafterBlueprint, index: int, faults: dict | None = None):
-        from pipeline.trainer import DTYPES, pick_device
         from speculative.config import ExperimentConfig
+        from speculative.runtime import DTYPES, pick_device
         from speculative.target import TargetModel
 
         self.config = ExperimentConfig.model_validate_json(config_json)

@@ -51,8 +51,8 @@ class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
     def __init__(self, config_json: str, faults: dict | None = None):
-        from pipeline.trainer import pick_device
         from speculative.config import ExperimentConfig
+        from speculative.runtime import pick_device
 
         self.config = ExperimentConfig.model_validate_json(config_json)
         torch.set_num_threads(self.config.training.threads or 1)
@@ -75,7 +75,7 @@ class LearnerWorker:
               target_path: str, target_dtype: str, resume_dir: str | None) -> dict[str, Any]:
         import deepspeed
 
-        from pipeline.trainer import DTYPES, lr_lambda
+        from speculative.runtime import DTYPES, lr_lambda
 
         self.rank = rank
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",

@@ -29,7 +29,7 @@ from pipeline.metrics_log import MetricsLog, plot_curves
 from pipeline.placement import Layout, reserve
 from pipeline.ray_metrics import PipelineMetrics
 from pipeline.staleness import StalenessGate
-from pipeline.trainer import RunResult, load_datasets, seed_everything
+from pipeline.trainer import RunResult, load_datasets
 from pipeline.weight_sync import PendingPush, WeightSync
 from speculative.broadcast import SyncReport, choose_transport
 from speculative.config import ExperimentConfig, dump_config
@@ -42,6 +42,7 @@ from speculative.drafter_blueprint import (
     target_aux_layer_ids,
 )
 from speculative.files import atomic_directory, write_manifest
+from speculative.runtime import seed_everything
 from speculative.target import default_cache_dir, load_tokenizer, resolve_target
 
 # What rollout actors report per experience (actors.rollout_actor.experience_summary).

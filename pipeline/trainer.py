@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +28,8 @@ from speculative.data import build_dataset, collate, split_dataset
 from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
 from speculative.experience import uses_reference
+from speculative.runtime import DTYPES, lr_lambda, pick_device, seed_everything
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA device is visible")
-    return torch.device(choice)
 
 
 def load_datasets(config, tokenizer, cache_dir: Path):
@@ -89,20 +78,6 @@ class NonFiniteGuard:
                 f"training.max_nonfinite = {self.limit}; the run stops (resume from the last checkpoint "
                 "after fixing the data or lowering training.lr)")
         return True
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
