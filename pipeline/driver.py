@@ -23,7 +23,6 @@ import torch
 
 from actors.rollout_actor import NoWeightsYet, rollout_actor_class
 from learners.learner_group import LearnerGroup
-from pipeline.batches import BatchOrder
 from pipeline.checkpointing import STATE_FILE, commit_checkpoint, load_state, open_run, rng_state, set_rng_state
 from pipeline.metrics_log import MetricsLog, plot_curves
 from pipeline.placement import Layout, reserve
@@ -34,6 +33,7 @@ from pipeline.weight_sync import PendingPush, WeightSync
 from speculative.broadcast import SyncReport, choose_transport
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import collate
+from speculative.data.batches import BatchOrder
 from speculative.drafter_blueprint import (
     DrafterBlueprint,
     blueprint_from_directory,

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
 from learners.sft import sft_loss
-from pipeline.batches import BatchOrder
 from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rng_state
 from pipeline.metrics_log import MetricsLog, plot_curves
 from speculative.checkpoint import load_drafter, save_drafter
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import build_dataset, collate, split_dataset
+from speculative.data.batches import BatchOrder
 from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
 from speculative.experience import uses_reference
