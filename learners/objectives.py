@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from learners.sft import sft_loss
 from speculative.config import ExperimentConfig
 from speculative.drafter import Eagle3Drafter
 from speculative.experience import CombinedExperience, Experience, GTOExperience, OPDExperience, SFTExperience
+from speculative.sft import sft_loss
 
 
 def objective_loss(

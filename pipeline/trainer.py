@@ -1,7 +1,7 @@
 """The single-process trainer: target worker -> experience -> learner step, in one loop.
 
 It runs the same pieces the Ray pipeline distributes (``actors.TargetWorker`` makes
-experiences, ``learners.sft.sft_loss`` is the step), so what is tested here is what runs there.
+experiences, ``speculative.sft.sft_loss`` is the step), so what is tested here is what runs there.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
-from learners.sft import sft_loss
 from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rng_state
 from pipeline.metrics_log import MetricsLog, plot_curves
 from speculative.checkpoint import load_drafter, save_drafter
@@ -29,6 +28,7 @@ from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
 from speculative.experience import uses_reference
 from speculative.runtime import DTYPES, lr_lambda, pick_device, seed_everything
+from speculative.sft import sft_loss
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
 
 

@@ -1,4 +1,8 @@
-"""The EAGLE-3 supervised step (training-time test), as a plain function of (drafter, experience)."""
+"""The EAGLE-3 supervised step (training-time test), as a plain function of (drafter, experience).
+
+In the core, not in ``learners/``: the learners' objectives build on it, and so does the held-out
+evaluation that rollout actors run on their drafter replicas.
+"""
 
 from __future__ import annotations
 
