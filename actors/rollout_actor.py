@@ -31,6 +31,7 @@ from speculative.broadcast import (
     unflatten_into,
 )
 from speculative.drafter_blueprint import DrafterBlueprint
+from speculative.evaluation import evaluate_ttt
 from speculative.experience import CombinedExperience, uses_reference
 
 ROLLOUT, SYNC = "rollout", "sync"
@@ -167,10 +168,8 @@ class RolloutActor:
     @ray.method(concurrency_group=ROLLOUT)
     def evaluate(self, samples: list[dict[str, Any]], pad_id: int) -> dict[str, float]:
         """Held-out TTT metrics of the replica, exactly as the single-process trainer computes them."""
-        from pipeline.trainer import Trainer
-
         with self.lock:
-            metrics = Trainer(self.config).evaluate(self.drafter, self.worker, samples, pad_id)
+            metrics = evaluate_ttt(self.drafter, self.worker, samples, pad_id, self.config.training)
             return {**metrics, "drafter_version": float(self.version)}
 
 

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -26,9 +25,9 @@ from speculative.data import build_dataset, collate, split_dataset
 from speculative.data.batches import BatchOrder
 from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
+from speculative.evaluation import evaluate_ttt, mean_metrics
 from speculative.experience import uses_reference
 from speculative.runtime import DTYPES, lr_lambda, pick_device, seed_everything
-from speculative.sft import sft_loss
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
 
 
@@ -225,14 +224,14 @@ class Trainer:
             step += 1
             if self.minutes_this_run is not None and time.time() - started > 60 * self.minutes_this_run:
                 stop_at = step  # out of time: checkpoint and export below
-            merged = _mean(step_metrics)
+            merged = mean_metrics(step_metrics)
             merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
                           skipped_nonfinite=float(nonfinite.skipped))
             window.append(merged)
             bar.update(1)
             bar.set_postfix(_postfix(merged))
             if step % train_cfg.log_every == 0 or step == stop_at:
-                train_metrics = _mean(window)
+                train_metrics = mean_metrics(window)
                 train_metrics["tokens_per_s"] = tokens / max(1e-9, time.time() - started)
                 log.log(step, "train", train_metrics)
                 window = []
@@ -268,26 +267,11 @@ class Trainer:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return self.evaluate(drafter, TargetWorker(target, drafter.draft_to_target), evaluation, pad_id)
 
-    @torch.no_grad()
     def evaluate(self, drafter: Eagle3Drafter, worker: TargetWorker, dataset, pad_id: int) -> dict[str, float]:
         """Held-out TTT metrics over the first ``eval_batches`` batches (a fixed set)."""
-        train_cfg = self.config.training
-        drafter.eval()
-        size = min(train_cfg.batch_size, len(dataset))
-        order = BatchOrder(len(dataset), size, seed=0, shuffle=False)
-        results = []
-        for index in range(min(train_cfg.eval_batches, order.batches_per_epoch)):
-            batch = collate([dataset[i] for i in order.indices(index)], pad_id)
-            experience = worker.sft_experience(batch)
-            _, metrics = sft_loss(drafter, experience, train_cfg.ttt_steps, train_cfg.step_weight_decay)
-            results.append(metrics)
-        return _mean(results)
+        return evaluate_ttt(drafter, worker, dataset, pad_id, self.config.training)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
     keys = ("loss", "top1/step1", "gto/reward", "gto/clip_fraction", "rollout/tau")
     return {k.split("/")[-1] if k != "rollout/tau" else "tau": f"{metrics[k]:.3f}" for k in keys if k in metrics}
-
-
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
