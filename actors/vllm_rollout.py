@@ -62,7 +62,7 @@ def require_vllm(import_it: bool) -> None:
 @dataclass
 class VllmGeneration:
     token_ids: list[list[int]]  # per prompt, the stop token kept
-    spec: Any  # pipeline.vllm_check.SpecDecodeStats of this call
+    spec: Any  # actors.vllm_engine.SpecDecodeStats of this call
     seconds: float  # generation only
     probe: dict[str, float]  # vLLM's drafter vs ours on the probe input (compare_probe)
     process: str
@@ -146,7 +146,7 @@ class VllmRollouts:
 
     def _generate_isolated(self, drafter, prompts, request) -> VllmGeneration:
         from actors.vllm_drafter import run_session_isolated
-        from pipeline.vllm_check import SpecDecodeStats
+        from actors.vllm_engine import SpecDecodeStats
 
         session = run_session_isolated(
             self.target_dir, self._export(drafter),

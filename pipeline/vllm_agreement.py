@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.vllm_check import Prompt, load_prompts, run_vllm_isolated
+from actors.vllm_engine import Prompt
+from pipeline.vllm_check import load_prompts, run_vllm_isolated
 from speculative.checkpoint import load_drafter
 from speculative.engine import generate
 from speculative.target import TargetModel, resolve_target

@@ -16,10 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from actors.vllm_engine import SpecDecodeStats, _spec_counters, _stats_delta
 from pipeline.vllm_check import (
-    SpecDecodeStats,
-    _spec_counters,
-    _stats_delta,
     compare,
     load_prompts,
     run_vllm_isolated,
