@@ -139,8 +139,6 @@ def opd_experience(
     if not prompts:
         raise ValueError("no sample in the batch has a prompt followed by supervised tokens")
     if opd.engine == "vllm":
-        from actors.vllm_rollout import vllm_opd_experience
-
         return vllm_opd_experience(worker, config, batch, prompts, drafter, drafter_version)
     chain = TreeConfig.chain(opd.chain_length)
     engine = worker.rollout_engine(
@@ -354,3 +352,59 @@ def cycles_from_text(
                 logprobs[s, root - 1], drafter,
             )
     return TextCycles(cycles, rollout, sequences, off_target, cut, mismatches, past_end)
+
+
+@torch.no_grad()
+def vllm_opd_experience(
+    worker,
+    config,
+    batch: dict[str, torch.Tensor],
+    prompts: list[list[int]],
+    drafter: Eagle3Drafter,
+    drafter_version: int = 0,
+):
+    """``opd_experience`` with vLLM generating the rollouts (see ``actors.vllm_rollout``'s docstring)."""
+    opd = config.opd
+    engine = worker.vllm_rollouts(config)
+    eos = stop_token_ids(worker.target.model)
+    was_training = drafter.training
+    drafter.eval()
+    try:
+        generated = engine.generate(drafter, drafter_version, prompts, opd.max_new_tokens, eos)
+        if len(generated.token_ids) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(generated.token_ids)} rollouts for {len(prompts)} prompts")
+        sequences = [prompt + list(tokens) for prompt, tokens in zip(prompts, generated.token_ids)]
+        found = cycles_from_text(
+            worker, drafter, sequences, [len(p) for p in prompts], opd.chain_length, drafter_version
+        )
+    finally:
+        drafter.train(was_training)
+    accepted = sum(found.cycles.accepted)
+    spec = generated.spec
+    report = {
+        "process": generated.process,
+        "generate_seconds": generated.seconds,
+        "probe_max_abs_diff": generated.probe["max_abs_diff"],
+        "cycles": len(found.cycles),
+        "accepted_tokens": accepted,
+        "vllm_num_drafts": spec.num_drafts,
+        "vllm_num_accepted_tokens": spec.num_accepted_tokens,
+        "vllm_accepted_per_position": list(spec.accepted_per_position),
+        "off_target_tokens": found.off_target_tokens,
+        "cut_sequences": found.cut_sequences,
+        "verify_mismatches": found.verify_mismatches,
+        "accepted_past_end": found.accepted_past_end,
+    }
+    # Cut sequences lose cycles vLLM did count, so the counters compare only on whole rollouts.
+    # The gap is measured in committed tokens (accepted + one target token per cycle).
+    if not found.cut_sequences:
+        gap = abs(spec.num_accepted_tokens - accepted) / max(accepted + len(found.cycles), 1)
+        report["acceptance_gap"] = gap
+        if gap > opd.vllm.acceptance_tolerance:
+            raise RuntimeError(
+                f"vLLM accepted {spec.num_accepted_tokens} drafted tokens in {spec.num_drafts} "
+                f"drafts, the recomputed cycles {accepted} in {len(found.cycles)} (gap {gap:.3f} "
+                f"of the committed tokens > opd.vllm.acceptance_tolerance "
+                f"{opd.vllm.acceptance_tolerance}): vLLM is not drafting with the worker's drafter"
+            )
+    return assemble_experience(worker, config, batch, found.rollout, found.cycles, drafter_version, report)
