@@ -1,7 +1,7 @@
 """What every vLLM engine in draftrl is started and read with: settings, environment, counters.
 
 Shared by the rollout workers (``actors.vllm_drafter``, ``actors.vllm_rollout``) and the vLLM
-tools (``pipeline.vllm_check``, ``pipeline.regenerate``); nothing here imports vLLM.
+tools (``tools.vllm_check``, ``tools.regenerate``); nothing here imports vLLM.
 
 Counters come from vLLM's in-process Prometheus metrics (``LLM.get_metrics()``, which needs
 ``disable_log_stats=False``), defined in ``vllm/v1/spec_decode/metrics.py``:

@@ -24,5 +24,5 @@ fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.version.cuda)"
-python3 -m pipeline.cli eval --drafter "$drafter" --target "$target" --out "$out" \
+python3 -m tools.cli eval --drafter "$drafter" --target "$target" --out "$out" \
   ${bench_dir:+--bench-dir "$bench_dir"} "$@" 2>&1 | tee "$out/log.txt"

@@ -399,7 +399,7 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
 
 def write_vllm_prompts(study: Study, path: Path) -> Path:
     """The first turn of the first ``vllm.num_prompts`` questions of each bench, as chats."""
-    from pipeline.benchmark import default_bench_dir, load_questions, resolve_bench
+    from tools.benchmark import default_bench_dir, load_questions, resolve_bench
 
     lines = []
     for item in study.eval.bench.split(","):
@@ -418,7 +418,7 @@ def vllm_job(study: Study, name: str, drafter: Path, target: str, prompts: Path,
     def argv() -> list[str] | None:
         if budget.left() <= 0:
             return None
-        return [sys.executable, "-m", "pipeline.vllm_agreement", "--target", target, "--drafter", str(drafter),
+        return [sys.executable, "-m", "tools.vllm_agreement", "--target", target, "--drafter", str(drafter),
                 "--prompts", str(prompts), "--max-tokens", str(spec.max_tokens),
                 "--num-speculative-tokens", str(spec.num_speculative_tokens), "--dtype", spec.dtype,
                 "--out", str(result)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.benchmark import (
+from tools.benchmark import (
     TREE_DEFAULTS,
     BenchmarkError,
     BenchQuestion,
@@ -18,7 +18,7 @@ from pipeline.benchmark import (
     resolve_bench,
     run_conversation,
 )
-from pipeline.cli import main
+from tools.cli import main
 from speculative.checkpoint import save_drafter
 from speculative.target import TargetModel, load_tokenizer
 from speculative.tree import TreeConfig

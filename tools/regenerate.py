@@ -474,7 +474,7 @@ def regenerate(
 # Command line (``draftrl regenerate``)
 # --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``regenerate`` flags (kept here so pipeline/cli.py stays a thin dispatcher)."""
+    """The ``regenerate`` flags (kept here so tools/cli.py stays a thin dispatcher)."""
     parser.add_argument("--source", required=True,
                         help="chat data: 'sharegpt' or a ShareGPT/OpenAI JSON, JSONL or Parquet file")
     parser.add_argument("--out", type=Path, required=True,

@@ -9,7 +9,7 @@ exactly that, token for token, and reads vLLM's own acceptance counters back
 vLLM is heavy to start and leaves process-wide state behind (Prometheus registry, gloo
 process group, on CPU with in-process engines also OpenMP/NUMA binding of the process).
 :func:`run_vllm` runs an engine in the calling process; :func:`run_vllm_isolated` (what
-:func:`compare` uses by default) runs it in a fresh ``python -m pipeline.vllm_check --worker``
+:func:`compare` uses by default) runs it in a fresh ``python -m tools.vllm_check --worker``
 subprocess and passes the result back as JSON, so callers such as pytest or a trainer are
 never touched by vLLM.
 
@@ -20,7 +20,7 @@ greedy output is lossless in bf16 and in fp32, but the two dtypes produce differ
 compare acceptance only between runs of one dtype. On x86 CPUs without AVX512-BF16/AMX, bf16
 is emulated and fp32 runs 2-3x faster. Run as a script::
 
-    python -m pipeline.vllm_check --target DIR --drafter DIR [--prompts FILE.jsonl] --max-tokens N
+    python -m tools.vllm_check --target DIR --drafter DIR [--prompts FILE.jsonl] --max-tokens N
 
 Each line of ``FILE.jsonl`` is a chat (a list of ``{"role", "content"}``), an object with a
 ``messages`` (or ``conversations``) list, an object with a ``prompt`` string, or a JSON string.
@@ -213,7 +213,7 @@ def run_vllm_isolated(
         env = {**WORKER_ENV, **os.environ}
         with open(log_path, "w") as log:
             proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.vllm_check", "--worker",
+                [sys.executable, "-m", "tools.vllm_check", "--worker",
                  str(request_path), str(result_path)],
                 stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env,
                 cwd=Path(__file__).resolve().parent.parent,
@@ -334,7 +334,7 @@ def _worker(request_path: str, result_path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.vllm_check",
+        prog="python -m tools.vllm_check",
         description="Greedy vLLM output with and without an EAGLE-3 drafter: identical? accepted?",
     )
     parser.add_argument("--worker", nargs=2, metavar=("REQUEST", "RESULT"), help=argparse.SUPPRESS)

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the validated config (defaults filled in)")
     _config_args(show)
 
-    from pipeline.benchmark import add_model_args  # light: no model code imported
+    from tools.benchmark import add_model_args  # light: no model code imported
 
     generate = commands.add_parser(
         "generate", help="decode a prompt (or a question JSONL) with the target, speculatively with --drafter",
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
     add_model_args(bench, drafter_required=True)
 
-    from pipeline.regenerate import add_arguments as add_regenerate_args  # light: no vLLM import
+    from tools.regenerate import add_arguments as add_regenerate_args  # light: no vLLM import
 
     regenerate = commands.add_parser(
         "regenerate", help="rewrite a chat dataset's assistant turns with the target through vLLM (resumable)",
@@ -81,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "regenerate":  # flags only; vLLM is imported when it starts
-        from pipeline.regenerate import run_cli
+        from tools.regenerate import run_cli
 
         return run_cli(args)
     if args.command in ("generate", "eval"):  # no experiment config: flags only
-        from pipeline.benchmark import BenchmarkError, run_eval, run_generate
+        from tools.benchmark import BenchmarkError, run_eval, run_generate
 
         try:
             return run_generate(args) if args.command == "generate" else run_eval(args)
