@@ -71,7 +71,7 @@ class RolloutActor:
 
     def __init__(self, config_json: str, blueprint: DrafterBlueprint, index: int, faults: dict | None = None):
         from speculative.config import ExperimentConfig
-        from speculative.runtime import DTYPES, pick_device
+        from speculative.runtime import pick_device, target_dtype
         from speculative.target import TargetModel
 
         self.config = ExperimentConfig.model_validate_json(config_json)
@@ -79,8 +79,7 @@ class RolloutActor:
         self.index = index
         self.faults = faults or {}
         self.device = pick_device(self.config.training.device)
-        choice = self.config.target.dtype
-        dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if choice == "auto" else DTYPES[choice]
+        dtype = target_dtype(self.config.target.dtype, self.device)
         self.target = TargetModel.load(
             self.config.target.model, blueprint.config.aux_layer_ids, dtype, self.device, self.config.cache_dir
         )

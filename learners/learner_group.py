@@ -75,7 +75,7 @@ class LearnerWorker:
               target_path: str, target_dtype: str, resume_dir: str | None) -> dict[str, Any]:
         import deepspeed
 
-        from speculative.runtime import DTYPES, lr_lambda
+        from speculative.runtime import DTYPES, adamw_with_schedule
 
         self.rank = rank
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -88,10 +88,7 @@ class LearnerWorker:
         drafter = blueprint.build(embed, source=source).to(self.device)
         training = self.config.training
         params = drafter.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay, betas=(0.9, 0.95))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, training.warmup_steps, training.max_steps, training.min_lr_ratio)
-        )
+        optimizer, scheduler = adamw_with_schedule(params, training)
         self.engine, _, _, _ = deepspeed.initialize(
             model=drafter, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
             config=deepspeed_config(self.config, self.device.type == "cuda"),

@@ -27,7 +27,7 @@ from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
 from speculative.evaluation import evaluate_ttt, mean_metrics
 from speculative.experience import uses_reference
-from speculative.runtime import DTYPES, lr_lambda, pick_device, seed_everything
+from speculative.runtime import adamw_with_schedule, pick_device, seed_everything, target_dtype
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
 
 
@@ -110,10 +110,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     def _target_dtype(self) -> torch.dtype:
-        choice = self.config.target.dtype
-        if choice == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return DTYPES[choice]
+        return target_dtype(self.config.target.dtype, self.device)
 
     def _load_data(self, tokenizer):
         return load_datasets(self.config, tokenizer, self.cache_dir)
@@ -160,13 +157,7 @@ class Trainer:
         drafter.to(self.device)
         reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
-        optimizer = torch.optim.AdamW(
-            drafter.trainable_parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.95)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_lambda(s, train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio),
-        )
+        optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)
         order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed)
         step, cursor = 0, 0
         nonfinite = NonFiniteGuard(train_cfg.max_nonfinite)

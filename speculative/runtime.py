@@ -35,3 +35,19 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def target_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """``target.dtype``: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[choice]
+
+
+def adamw_with_schedule(params, training) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The drafter's optimizer and LR schedule from ``training``: AdamW, warm-up then cosine."""
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, training.warmup_steps, training.max_steps, training.min_lr_ratio)
+    )
+    return optimizer, scheduler
