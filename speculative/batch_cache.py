@@ -45,15 +45,14 @@ class BatchKVCache:
     def rows(self, count: int) -> BatchKVCache:
         return BatchKVCache(self.storage[:, :, :count])
 
-    def write(self, layer: int, slots: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k/v ``[B, T, kv_heads, d]`` to ``slots [B, T]`` (per sequence) or ``slots .. slots+T-1``."""
+    def write_kv(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor] | int, kv: torch.Tensor) -> None:
+        """``kv [B, T, 2, kv_heads, d]`` (keys, values) to (rows ``[B, 1]``, slots ``[B, T]``), or to
+        the T slots from an int: one copy for both."""
         if isinstance(slots, int):
-            kv = torch.stack([k, v]).transpose(2, 3)  # [2, B, kv_heads, T, d]
-            self.storage[:, layer, :, :, slots : slots + k.shape[1]] = kv
+            self.storage[:, layer, :, :, slots : slots + kv.shape[1]] = kv.permute(2, 0, 3, 1, 4)
             return
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        # advanced indices on dims 1 and 3 (split by a slice) index as [B, T, 2, kv_heads, d]
-        self.storage[:, layer][:, rows, :, slots] = torch.stack([k, v], dim=2)
+        rows, slots = slots
+        self.storage[:, layer][:, rows, :, slots] = kv
 
     def copy_rows_from(self, rows: torch.Tensor, other: BatchKVCache) -> None:
         """Put ``other``'s sequences (its slots ``0 .. other.max_len-1``) into rows ``rows``."""

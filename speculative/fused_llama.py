@@ -7,12 +7,13 @@ layer (more where SDPA falls back to its math path). This forward computes the s
 with about half as many:
 
 * q/k/v in ONE matmul and gate/up in ONE matmul (merged copies of the frozen weights);
-* RoPE on q and k together, with the sign of ``rotate_half`` folded into ``sin``;
-* keys and values written to the cache in one indexed copy (``BatchKVCache`` keeps both);
+* RoPE on the q/k/v row at once (identity on v), with the sign of ``rotate_half`` folded into
+  ``sin``, so keys and values go to the cache in one indexed copy (``BatchKVCache`` keeps both);
 * grouped-query attention folded into the query length: the g query heads that share a
   key/value head become g x T query rows of that head, so SDPA runs without expanding the
   cache g times and, with a mask, on its memory-efficient kernel instead of the math path.
-* the residual adds fused into the output projections (``addmm``), RMSNorm as ``F.rms_norm``.
+* the residual adds fused into the output projections (``addmm``), RMSNorm as ``F.rms_norm``
+  (one kernel on GPU).
 
 Prefills (an empty cache, right-padded prompts) attend causally within the chunk instead of
 through a mask: padding sits after every real token, so a causal mask never shows it to a real
@@ -79,8 +80,9 @@ class FusedLlama(nn.Module):
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # LlamaRMSNorm's arithmetic: normalise in fp32, round, then scale
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+        # LlamaRMSNorm's function in one fused kernel where torch has one (it rounds once, at the
+        # end, where Hugging Face rounds before the weight: a rounding-level difference in bf16)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     @staticmethod
     def _add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -114,8 +116,17 @@ class FusedLlama(nn.Module):
         hidden = fast.embed_tokens(input_ids)
         cos, sin = fast.rotary_emb(hidden, position_ids)  # [B, T, d]
         half = dim // 2
-        cos = cos[:, :, None]
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, :, None]  # rotate_half's sign
+        # RoPE over the whole q/k/v row: rotated q and k heads, identity on the v heads (cos 1,
+        # sin 0), so the k/v heads of the result go to the cache as they are, in one copy.
+        # ``rotate_half(x) * sin == roll(x, d/2) * sin'`` with the sign folded into sin'.
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        rotated = heads + kv_heads
+        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
+                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
+                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        if not isinstance(cache_slots, int):
+            cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
         if attn_mask is not None:
             span = attn_mask.shape[-1]
             if span > cache.max_len:
@@ -135,14 +146,13 @@ class FusedLlama(nn.Module):
             eps_in, eps_post = self.norm_eps[index]
             x = self._norm(hidden, layer.input_layernorm.weight, eps_in)
             qkv = F.linear(x, *self.qkv[index]).view(batch, length, heads + 2 * kv_heads, dim)
-            qk = qkv[:, :, : heads + kv_heads]
-            qk = qk * cos + torch.roll(qk, half, -1) * sin
-            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
-            cache.write(index, cache_slots, k, v)
+            qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
+            q, kv = qkv[:, :, :heads], qkv[:, :, heads:].view(batch, length, 2, kv_heads, dim)
+            cache.write_kv(index, cache_slots, kv)
             if attn_mask is None:
                 out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                    scale=self.scaling, enable_gqa=groups > 1,
+                    q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+                    is_causal=True, scale=self.scaling, enable_gqa=groups > 1,
                 ).transpose(1, 2)  # [B, T, heads, d]
             else:
                 grouped = q.view(batch, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
