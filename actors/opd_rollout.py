@@ -25,7 +25,7 @@ the ``OPDExperience`` out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -124,6 +124,11 @@ def assemble_experience(
     def longs(values: list[int] | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.long).to(device)
 
+    # The OPD loss replays the drafter over the rollout's aux states and reads the target's
+    # distributions from the verification records; the teacher-forced draft-vocabulary logits
+    # ([B, T, Vd], gigabytes at a batch of 64 rollouts) are not shipped.
+    rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
+        *rollout.target_draft_logits.shape[:2], 0))
     return OPDExperience(
         rollout=rollout,
         sequence=longs(cycles.sequence),

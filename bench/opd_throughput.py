@@ -202,7 +202,7 @@ def time_experience(worker, config, prompts: list[list[int]], drafter, device) -
     cycles = int(experience.accepted.numel())
     return {
         "prompts": len(prompts), "tokens": experience.num_tokens, "response_tokens": experience.response_tokens,
-        "cycles": cycles, "tau": experience.response_tokens / max(cycles, 1),
+        "cycles": cycles, "tokens_per_cycle": experience.response_tokens / max(cycles, 1),
         "seconds_on_device": made, "seconds_with_cpu_copy": total,
         "tok_s_on_device": experience.num_tokens / made, "tok_s": experience.num_tokens / total,
         "experience_mb": experience.nbytes() / 1e6,
@@ -222,7 +222,8 @@ def opd_batched(args, worker, drafter, prompts, batch: int, compile: str, device
     eos = stop_token_ids(worker.target.model)
     generated = engine.generate(chunk, args.max_new_tokens, eos)
     return {
-        "batch": batch, "compile": engine.compile, "compile_errors": engine.compile_errors,
+        "batch": batch, "requested_compile": compile, "compile": engine.compile,
+        "compile_errors": engine.compile_errors,
         "tok_s": statistics.median(r["tok_s"] for r in runs),
         "tok_s_on_device": statistics.median(r["tok_s_on_device"] for r in runs),
         "engine_new_tok_s": generated.tokens_per_second, "engine_tau": generated.tau,
@@ -316,22 +317,28 @@ def markdown(data: dict[str, Any]) -> str:
     ceiling = (data.get("prefill") or {}).get("prefill_ceiling_tok_s")
     if ceiling:
         lines += [f"Prefill ceiling: {ceiling:,.0f} tokens/s", ""]
-    lines += ["| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | engine new tok/s | tau | cycles | MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Experience tok/s: prompt + response tokens of `opd_experience` per second, its copy to the CPU "
+              "included (the pipeline's rollout_tokens_per_s); on device: without that copy.", "",
+              "| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | ratio | "
+              "engine new tok/s | engine tau | tokens/cycle | cycles | MB shipped |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(value):
+        return f"{value / ceiling:.2%}" if ceiling else "n/a"
 
     def row(label, batch, r, engine_tok_s, tau):
-        ratio = f"{r['tok_s'] / ceiling:.2%}" if ceiling else "n/a"
-        lines.append(f"| {label} | {batch} | {r['tok_s']:,.0f} | {ratio} | {r['tok_s_on_device']:,.0f} | "
-                     f"{engine_tok_s} | {tau:.2f} | {r['cycles'] if 'cycles' in r else ''} | "
-                     f"{r.get('experience_mb', float('nan')):.0f} |")
+        lines.append(f"| {label} | {batch} | {r['tok_s']:,.0f} | {ratio(r['tok_s'])} | {r['tok_s_on_device']:,.0f} | "
+                     f"{ratio(r['tok_s_on_device'])} | {engine_tok_s} | {tau} | {r['tokens_per_cycle']:.2f} | "
+                     f"{r['cycles']} | {r['experience_mb']:,.0f} |")
 
     if data.get("opd_reference"):
         r = data["opd_reference"]
-        row(f"reference ({r['compile']})", 1, r, "", r["tau"])
+        row(f"single-sequence ({r['compile']})", 1, r, "", "")
     for key, r in sorted((k, v) for k, v in data.items() if k.startswith("opd_batched")):
         last = r["runs"][-1]
-        row(f"batched ({r['compile']})", r["batch"], {**last, "tok_s": r["tok_s"], "tok_s_on_device": r["tok_s_on_device"]},
-            f"{r['engine_new_tok_s']:,.0f}", r["engine_tau"])
+        mode = r["compile"] if r["compile"] == r["requested_compile"] else f"{r['requested_compile']} -> {r['compile']}"
+        row(f"batched ({mode})", r["batch"], {**last, "tok_s": r["tok_s"], "tok_s_on_device": r["tok_s_on_device"]},
+            f"{r['engine_new_tok_s']:,.0f}", f"{r['engine_tau']:.2f}")
     for key in sorted(k for k in data if k.startswith("autoregressive")):
         a = data[key]
         reference = f"{a['reference_tok_s']:,.0f}" if a["reference_tok_s"] else "n/a"
