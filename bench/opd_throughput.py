@@ -54,6 +54,7 @@ from speculative.target import TargetModel, load_tokenizer, stop_token_ids  # no
 from speculative.vocab import DraftVocab  # noqa: E402
 
 BENCH_FILES = ("mt_bench.jsonl", "humaneval.jsonl", "gsm8k.jsonl")
+SECTIONS = ("prefill", "reference", "batched", "ar")
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -390,14 +391,21 @@ def run(args) -> dict[str, Any]:
     }
     report = Report(out, meta)
     worker = TargetWorker(target, drafter.draft_to_target)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.ceiling_shapes.split(",")]
-    report.add("prefill", prefill_ceiling(target, shapes))
-    report.add("opd_reference", opd_reference(args, worker, drafter, prompts, device))
+    sections = set(args.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
+    if "prefill" in sections:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.ceiling_shapes.split(",")]
+        report.add("prefill", prefill_ceiling(target, shapes))
+    if "reference" in sections:
+        report.add("opd_reference", opd_reference(args, worker, drafter, prompts, device))
     compile = args.compile
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in [int(b) for b in args.batches.split(",")] if "batched" in sections else []:
         report.add(f"opd_batched_b{batch:04d}", opd_batched(args, worker, drafter, prompts, batch, compile, device))
         worker._batch_engine = None  # free its caches before the next size
-    report.add("autoregressive_b1", autoregressive(args, target, prompts, device, compile))
+    if "ar" in sections:
+        report.add("autoregressive_b1", autoregressive(args, target, prompts, device, compile))
     if args.inductor:
         report.add("autoregressive_b1_inductor", autoregressive(args, target, prompts, device, "inductor"))
         batch = args.inductor_batch
@@ -430,6 +438,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--chain-length", type=int, default=7)
     p.add_argument("--draft-vocab", type=int, default=32000)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"which of {SECTIONS} to run")
     p.add_argument("--batches", default="1,16,64,128")
     p.add_argument("--repeats", type=int, default=2, help="timed experiences per batch size (median)")
     p.add_argument("--reference-prompts", type=int, default=4, help="prompts through the single-sequence path")

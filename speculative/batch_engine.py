@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speculative.batch_cache import BatchDraftCache, BatchKVCache, PrefillDraftCache, visible_up_to
+from speculative.batch_cache import BatchDraftCache, PrefillDraftCache, visible_up_to
 from speculative.engine import _as_prompt, _eos_set, resolve_compile_mode
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama
