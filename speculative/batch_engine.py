@@ -596,14 +596,24 @@ class BatchGenerator:
         return out
 
     def _result(self, prompts, tokens, gathered, steps: int, wall: float, setup: float) -> BatchGenerationResult:
-        merged = {name: torch.cat([g[name] for g in gathered]) for name in gathered[0]} if gathered else {}
         accept_lengths: list[list[int]] = [[] for _ in prompts]
-        cycles = None
-        if self.chain_length and merged:
-            order = torch.argsort(merged["sequence"] * (steps + 1) + merged["step"])
-            merged = {name: value[order] for name, value in merged.items()}
+        merged: dict[str, torch.Tensor] = {}
+        if self.chain_length and gathered:
+            # (sequence, cycle) order; each window's records go straight to their rows of the
+            # output (the target log-probs are large: no concatenated copy of them)
+            sizes = [g["sequence"].shape[0] for g in gathered]
+            key = torch.cat([g["sequence"] * (steps + 1) + g["step"] for g in gathered])
+            destination = torch.empty_like(key)
+            destination[torch.argsort(key)] = torch.arange(key.shape[0], device=key.device)
+            for name in list(gathered[0]):
+                first = gathered[0][name]
+                out = first.new_empty((key.shape[0], *first.shape[1:]))
+                for rows, window in zip(destination.split(sizes), gathered):
+                    out.index_copy_(0, rows, window.pop(name))
+                merged[name] = out
             for s, a in zip(merged["sequence"].tolist(), merged["accepted"].tolist()):
                 accept_lengths[s].append(a)
+        cycles = None
         if self.record_cycles:
             k, vocab = self.chain_length, self.drafter.config.draft_vocab_size
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
