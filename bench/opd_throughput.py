@@ -12,7 +12,7 @@ Measures in one process, on the same device and prompts:
   (the whole step one CUDA graph) against ``SpeculativeGenerator.generate_autoregressive``.
 
     python bench/opd_throughput.py --target /tmp/kit/smollm2.gguf --out OUT [--drafter DIR]
-        [--batches 1,16,64,128] [--inductor] [--profile]
+        [--batches 1,16,64,128] [--train-drafter-steps 200] [--inductor ar,opd] [--profile]
     python bench/opd_throughput.py --device cpu --tiny --threads 1 --out /tmp/opd_tiny --batches 1,4 \
         --max-new-tokens 16 --max-prompt-tokens 128 --num-prompts 16 --draft-vocab 2048 \
         --reference-prompts 2 --ar-tokens 16 --ceiling-shapes 2x64 --repeats 1   # a quick CPU check
@@ -447,8 +447,12 @@ def run(args) -> dict[str, Any]:
         worker._batch_engine = None  # free its caches before the next size
     if "ar" in sections:
         report.add("autoregressive_b1", autoregressive(args, target, prompts, device, compile))
-    if args.inductor:
+    inductor = set(filter(None, args.inductor.split(",")))
+    if inductor - {"ar", "opd"}:
+        raise ValueError(f"--inductor: a list of ar, opd; got {args.inductor!r}")
+    if "ar" in inductor:
         report.add("autoregressive_b1_inductor", autoregressive(args, target, prompts, device, "inductor"))
+    if "opd" in inductor:
         batch = args.inductor_batch
         report.add(f"opd_batched_b{batch:04d}_inductor",
                    opd_batched(args, worker, drafter, prompts, batch, "inductor", device))
@@ -490,8 +494,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-prompts", type=int, default=3)
     p.add_argument("--ar-sync-every", type=int, default=32)
     p.add_argument("--ceiling-shapes", default="16x2048,64x2048", help="BxT shapes of the prefill ceiling")
-    p.add_argument("--inductor", action="store_true", help="also AR batch 1 and OPD at --inductor-batch "
-                   "compiled by Inductor (minutes of compiling)")
+    p.add_argument("--inductor", default="", help="also compiled by Inductor (minutes of compiling): "
+                   "'ar' (batch-1 decoding), 'opd' (rollouts at --inductor-batch) or 'ar,opd'")
     p.add_argument("--inductor-batch", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="torch.profiler tables and Chrome traces")
     p.add_argument("--profile-tokens", type=int, default=32)
