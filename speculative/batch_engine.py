@@ -166,7 +166,8 @@ class BatchGenerator:
 
     ``sync_every``: steps replayed between host checks. ``span_step``: attention reads only the
     first S slots of the caches, S a multiple of ``span_step`` that covers every live sequence
-    until the next check (one graph per S; ``None``: always the whole cache, one graph).
+    until the next check (one graph per S; ``None``, and always with ``inductor``, which would
+    compile each S: the whole cache, one graph).
     """
 
     def __init__(
