@@ -103,8 +103,13 @@ class OPDSection(Section):
         "suffix", description="rejected states: the first rejection and its drafted suffix, or the first only"
     )
     sft_weight: float = Field(0.0, ge=0.0, description="mix in the EAGLE-3 loss on the data batch")
-    compile: Literal["auto", "off", "static", "graph"] = Field(
-        "auto", description="rollout engine: CUDA graphs on GPU (auto), eager on CPU"
+    compile: Literal["auto", "off", "static", "graph", "inductor"] = Field(
+        "auto", description="rollout engine: CUDA graphs on GPU (auto), eager on CPU; inductor: "
+        "torch.compile, then CUDA graphs (minutes of compiling)"
+    )
+    rollout_batch_size: int = Field(
+        64, ge=0, description="opd.engine hf: sequences the batched engine advances at once "
+        "(speculative.batch_engine); 0: the single-sequence reference engine, one prompt at a time"
     )
     engine: Literal["hf", "vllm"] = Field(
         "hf", description="who generates the rollouts: draftrl's own speculative engine (hf), or "

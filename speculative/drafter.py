@@ -231,11 +231,25 @@ class Eagle3Drafter(nn.Module):
         cache: AttentionCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft step. Returns (logits over the draft vocab, pre-norm hidden for the next step)."""
+        prenorm = self.hidden_step(input_ids, hidden, position_ids, cache)
+        return self.draft_logits(prenorm), prenorm
+
+    def hidden_step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: AttentionCache,
+    ) -> torch.Tensor:
+        """``forward`` without the lm_head: the pre-norm hidden only. Callers that need logits at a
+        few rows (the last prompt token of a prefill) then call ``draft_logits`` on those rows."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         cos, sin = self.rotary(hidden, position_ids)
-        prenorm = self.midlayer(embeds, hidden, cos, sin, cache)
-        logits = self.lm_head(self.norm(prenorm))
-        return logits, prenorm
+        return self.midlayer(embeds, hidden, cos, sin, cache)
+
+    def draft_logits(self, prenorm: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary from pre-norm hidden states."""
+        return self.lm_head(self.norm(prenorm))
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target[draft_ids]
