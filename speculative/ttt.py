@@ -99,7 +99,7 @@ def shift_left(x: torch.Tensor, by: int, fill: int | float = 0) -> torch.Tensor:
 def make_ttt_cache(drafter: Eagle3Drafter, attention_mask: torch.Tensor):
     """The attention of one unroll: ``drafter.ttt_attention`` picks the dense reference or flex."""
     backend = getattr(drafter, "ttt_attention", "dense")
-    window = drafter.config.sliding_window
+    window = getattr(getattr(drafter, "config", None), "sliding_window", None)
     if backend == "flex":
         from speculative.flex_ttt import FlexTTTCache
 
