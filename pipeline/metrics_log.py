@@ -29,7 +29,12 @@ class MlflowTracker:
     def __init__(self, tracking: Any, run_name: str, output_dir: Path, params: dict[str, Any]):
         import mlflow
 
-        uri = tracking.mlflow_tracking_uri or (output_dir / "mlruns").resolve().as_uri()
+        uri = tracking.mlflow_tracking_uri
+        if uri is None:  # the run's own folder; MLflow 3 wants an opt-in for its file store
+            import os
+
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (output_dir / "mlruns").resolve().as_uri()
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(tracking.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(tracking.project)

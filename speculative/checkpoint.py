@@ -119,8 +119,13 @@ def export_drafter(source: str | Path, out_dir: str | Path, fmt: str, *, layout:
     source = Path(source)
     data = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     config, tensors, _ = read_checkpoint(source, layout)
-    verifier = verifier or (data.get("draftrl") or {}).get("verifier") or (
+    recorded = data.get("draftrl") or {}
+    verifier = verifier or recorded.get("verifier") or (
         ((data.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path"))
+    if not verifier and recorded.get("target"):  # drafters saved before the verifier was recorded
+        from speculative.target import verifier_id
+
+        verifier = verifier_id(recorded["target"])
     if verifier_architectures is None:
         verifier_architectures = (data.get("draftrl") or {}).get("verifier_architectures") or (
             ((data.get("speculators_config") or {}).get("verifier") or {}).get("architectures"))

@@ -88,7 +88,7 @@ def _formula(w, layer, flags, embed, aux, ids, steps):
 
 
 # -- building the other tools' checkpoints ------------------------------------------------------------
-def _random_weights(layer: str, flags: dict, seed: int) -> dict[str, torch.Tensor]:
+def _random_weights(layer: str, flags: dict, seed: int, n: int = N) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=0.08):
@@ -98,7 +98,7 @@ def _random_weights(layer: str, flags: dict, seed: int) -> dict[str, torch.Tenso
         return 1.0 + rnd(size, scale=0.1)
 
     w = {
-        "fc.weight": rnd(H, 3 * H), "norm.weight": norm(H), "lm_head.weight": rnd(N, H),
+        "fc.weight": rnd(H, 3 * H), "norm.weight": norm(H), "lm_head.weight": rnd(n, H),
         layer + "hidden_norm.weight": norm(H), layer + "input_layernorm.weight": norm(H),
         layer + "post_attention_layernorm.weight": norm(H),
         layer + "self_attn.q_proj.weight": rnd(HEADS * D, 2 * H), layer + "self_attn.k_proj.weight": rnd(KV * D, 2 * H),
@@ -116,20 +116,20 @@ def _random_weights(layer: str, flags: dict, seed: int) -> dict[str, torch.Tenso
 VOCAB = DraftVocab(torch.arange(0, 2 * N, 2), V)  # every other target token
 
 
-def _shape() -> dict:
+def _shape(vocab_size: int = V) -> dict:
     return {"hidden_size": H, "intermediate_size": I, "num_attention_heads": HEADS, "num_key_value_heads": KV,
-            "head_dim": D, "vocab_size": V, "rms_norm_eps": EPS, "rope_theta": THETA, "hidden_act": "silu",
+            "head_dim": D, "vocab_size": vocab_size, "rms_norm_eps": EPS, "rope_theta": THETA, "hidden_act": "silu",
             "max_position_embeddings": 256, "num_hidden_layers": 1, "tie_word_embeddings": False}
 
 
-def make_specforge_dir(path: Path, target, seed=1, **extra) -> tuple[Path, dict]:
+def make_specforge_dir(path: Path, target, seed=1, vocab: DraftVocab = VOCAB, **extra) -> tuple[Path, dict]:
     """What SpecForge's trainer exports for an EAGLE 3.1 drafter: LlamaForCausalLMEagle3, fc_norm,
     norm_output (SpecForge's meaning: the logits see the final norm), output-numbered aux ids."""
     flags = {"fc_norm": True}
-    weights = {**_random_weights("midlayer.", flags, seed), "d2t": VOCAB.d2t, "t2d": VOCAB.t2d}
+    weights = {**_random_weights("midlayer.", flags, seed, vocab.size), "d2t": vocab.d2t, "t2d": vocab.t2d}
     aux_out = [i - 1 for i in target.aux_layer_ids]  # SpecForge numbers layer outputs
-    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", **_shape(),
-              "draft_vocab_size": N, "fc_norm": True, "norm_output": True,
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", **_shape(vocab.target_vocab_size),
+              "draft_vocab_size": vocab.size, "fc_norm": True, "norm_output": True,
               "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux_out, "use_aux_hidden_state": True}, **extra}
     path.mkdir(parents=True)
     save_file(weights, path / "model.safetensors")
