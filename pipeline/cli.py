@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             config, resume=args.resume, steps_this_run=args.steps_this_run,
             minutes_this_run=args.minutes_this_run,
         ).run()
-        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM/SGLang): {result.drafter_dir}")
+        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM; draftrl export for SGLang/speculators): {result.drafter_dir}")
         print(f"[draftrl] checkpoints: {result.output_dir / 'checkpoints'}")
         print(f"[draftrl] TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
         print(f"[draftrl] curves: {result.output_dir / 'curves.png'}")
