@@ -35,7 +35,7 @@ from speculative.experience import OPDExperience, SFTExperience
 from speculative.llama import FastLlama
 from speculative.target import stop_token_ids
 from speculative.tree import TreeConfig
-from speculative.ttt import TTTCache, shift_left
+from speculative.ttt import make_ttt_cache, shift_left
 
 
 def prompts_from_batch(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -235,7 +235,7 @@ def greedy_chains(drafter: Eagle3Drafter, rollout: SFTExperience, steps: int) ->
     """
     ids = rollout.input_ids
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    cache = TTTCache(rollout.attention_mask)
+    cache = make_ttt_cache(drafter, rollout.attention_mask)
     hidden = drafter.fuse_target_hidden(rollout.aux_hidden)
     tokens = shift_left(ids, 1)
     proposals, logprobs = [], []

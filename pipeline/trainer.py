@@ -19,7 +19,7 @@ from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
 from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rng_state
 from pipeline.metrics_log import MetricsLog, plot_curves
-from speculative.checkpoint import load_drafter, save_drafter
+from speculative.checkpoint import export_drafter, load_drafter, save_drafter
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import build_dataset, collate, split_dataset
 from speculative.data.batches import BatchOrder
@@ -28,7 +28,7 @@ from speculative.drafter_blueprint import make_blueprint
 from speculative.evaluation import evaluate_ttt, mean_metrics
 from speculative.experience import uses_reference
 from speculative.runtime import adamw_with_schedule, pick_device, seed_everything, target_dtype
-from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
+from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target, verifier_id
 
 
 def load_datasets(config, tokenizer, cache_dir: Path):
@@ -42,6 +42,9 @@ def load_datasets(config, tokenizer, cache_dir: Path):
         data.source,
         tokenizer,
         format=data.format,
+        split=data.split,
+        subset=data.subset,
+        num_proc=data.num_proc,
         max_length=data.max_length,
         max_records=data.max_records,
         offset=data.offset,
@@ -155,6 +158,7 @@ class Trainer:
         else:
             drafter = self._new_drafter(target, train)
         drafter.to(self.device)
+        drafter.ttt_attention = train_cfg.attention
         reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
         optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)
@@ -170,7 +174,7 @@ class Trainer:
             set_rng_state(state["rng"])
             print(f"[draftrl] resumed from {checkpoint} at step {step}", flush=True)
 
-        log = MetricsLog(self.out)
+        log = MetricsLog(self.out, cfg.tracking, cfg.name, cfg.model_dump(mode="json"))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         window: list[dict[str, float]] = []
@@ -245,7 +249,10 @@ class Trainer:
         drafter_dir = save_drafter(
             drafter, self.out / "drafter", dtype=torch.bfloat16,
             metadata={"step": step, "target": cfg.target.model, "objective": train_cfg.objective},
+            verifier=verifier_id(cfg.target.model),
         )
+        for fmt in cfg.drafter.export_formats:  # the same weights in other tools' layouts
+            export_drafter(drafter_dir, self.out / f"drafter_{fmt}", fmt, speculative_tokens=train_cfg.ttt_steps)
         plot_curves(log.path, self.out / "curves.png", train_cfg.ttt_steps)
         return RunResult(self.out, drafter_dir, step, train_metrics, eval_metrics)
 

@@ -11,34 +11,135 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 
 from speculative.distributed_config import DistributedConfig, Section
 
+# Names other trainers give these settings, accepted as aliases: field -> {alias: the tool using it}.
+# Documented in the README ("Coming from SpecForge or speculators"); giving an alias and the
+# field's own name together is an error, so no setting is silently overridden.
+ALIASES: dict[str, dict[str, dict[str, str]]] = {
+    "TargetConfig": {
+        "model": {"target_model_path": "SpecForge", "verifier_name_or_path": "speculators"},
+        "aux_layer_ids": {"target_layer_ids": "speculators"},
+    },
+    "DataConfig": {
+        "source": {"train_data_path": "SpecForge", "prompts_path": "SpecForge", "data_path": "speculators"},
+        "num_proc": {"build_dataset_num_proc": "SpecForge", "num_preprocessing_workers": "speculators"},
+        "max_length": {"seq_length": "speculators"},
+    },
+    "DrafterSection": {
+        "init_from": {"draft_checkpoint_path": "SpecForge", "from_pretrained": "speculators"},
+        "vocab_mapping": {"vocab_mapping_path": "SpecForge", "d2t_path": "speculators"},
+        "t2d_mapping": {"t2d_path": "speculators"},
+    },
+    "TrainingConfig": {
+        "ttt_steps": {"ttt_length": "SpecForge"},
+        "lr": {"learning_rate": "SpecForge"},
+        "grad_clip": {"max_grad_norm": "SpecForge"},
+        "step_weight_decay": {"ttt_step_loss_decay": "speculators"},
+    },
+    "TrackingSection": {
+        "backends": {"report_to": "SpecForge", "logger": "speculators"},
+    },
+}
 
-class TargetConfig(Section):
-    model: str = Field("smollm2", description="built-in name, .gguf file, HF directory or hub id")
+
+def _aliased(section: str, field: str) -> AliasChoices:
+    return AliasChoices(field, *ALIASES[section][field])
+
+
+class AliasedSection(Section):
+    """A section whose fields also answer to other tools' names (``ALIASES``)."""
+
+    model_config = {**Section.model_config, "populate_by_name": True}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_field(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for field, aliases in ALIASES.get(cls.__name__, {}).items():
+            given = [name for name in (field, *aliases) if name in data]
+            if len(given) > 1:
+                tools = ", ".join(f"'{n}'" + (f" ({aliases[n]})" if n in aliases else "") for n in given)
+                raise ValueError(f"{tools} name the same setting '{field}': give one of them")
+        return data
+
+
+class TargetConfig(AliasedSection):
+    model: str = Field("smollm2", description="built-in name, .gguf file, HF directory or hub id",
+                       validation_alias=_aliased("TargetConfig", "model"))
     aux_layer_ids: tuple[int, int, int] | None = Field(
-        None, description="target layers fused by the drafter; default EAGLE-3's (2, L/2, L-3)"
+        None, description="target layers fused by the drafter, numbered by layer input as vLLM does; "
+        "default EAGLE-3's (2, L/2, L-3)", validation_alias=_aliased("TargetConfig", "aux_layer_ids"),
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _output_numbered_ids(cls, data: Any) -> Any:
+        """SpecForge's ``aux_hidden_state_layer_ids`` number layer outputs: one less than ours."""
+        if isinstance(data, dict) and "aux_hidden_state_layer_ids" in data:
+            data = dict(data)
+            ids = data.pop("aux_hidden_state_layer_ids")
+            if "aux_layer_ids" in data or "target_layer_ids" in data:
+                raise ValueError("'aux_hidden_state_layer_ids' (SpecForge) and 'aux_layer_ids' name the same layers: "
+                                 "give one of them")
+            if ids is not None:
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+                    raise ValueError(f"'aux_hidden_state_layer_ids' must be a list of layer ids, not {ids!r}")
+                data["aux_layer_ids"] = [i + 1 for i in ids]  # output of layer i = input of layer i + 1
+        return data
 
-class DataConfig(Section):
-    source: str = Field("sharegpt", description="'sharegpt' (bundled), or a JSON/JSONL/Parquet path")
-    format: Literal["auto", "sharegpt", "openai"] = "auto"
-    max_length: int = Field(2048, ge=8)
+
+class DataConfig(AliasedSection):
+    source: str = Field(
+        "sharegpt", description="'sharegpt' (bundled); a JSON/JSONL/Parquet file of conversations or of "
+        "pre-tokenised input_ids/loss_mask rows; a datasets directory (save_to_disk or data files); or "
+        "'hf:org/name[:config][:split]'", validation_alias=_aliased("DataConfig", "source"),
+    )
+    format: Literal["auto", "sharegpt", "openai", "pretokenized"] = Field(
+        "auto", description="auto: from the first record (conversations from/value or role/content, "
+        "messages, or input_ids + loss_mask)",
+    )
+    split: str | None = Field(None, description="Hugging Face dataset split (default train)")
+    subset: str | None = Field(None, description="Hugging Face dataset configuration name")
+    num_proc: int = Field(1, ge=1, description="processes that tokenise (through datasets' map)",
+                          validation_alias=_aliased("DataConfig", "num_proc"))
+    max_length: int = Field(2048, ge=8, validation_alias=_aliased("DataConfig", "max_length"))
     max_records: int | None = Field(None, ge=1)
     offset: int = Field(0, ge=0)
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     on_error: Literal["raise", "skip"] = "raise"
 
 
-class DrafterSection(Section):
-    init_from: str | None = Field(None, description="existing EAGLE-3 drafter directory to start from")
+class DrafterSection(AliasedSection):
+    init_from: str | None = Field(
+        None, description="existing EAGLE-3 drafter directory to start from (draftrl, vLLM, SpecForge or "
+        "speculators layout)", validation_alias=_aliased("DrafterSection", "init_from"),
+    )
+    init_layout: Literal["auto", "draftrl", "vllm", "specforge", "speculators"] = Field(
+        "auto", description="how to read init_from's config.json (auto: from its keys; README rule)",
+    )
+    vocab_mapping: str | None = Field(
+        None, description="an existing draft vocabulary: SpecForge's .pt (d2t + t2d) or speculators' d2t.npy",
+        validation_alias=_aliased("DrafterSection", "vocab_mapping"),
+    )
+    t2d_mapping: str | None = Field(None, description="speculators' t2d.npy, checked against vocab_mapping",
+                                    validation_alias=_aliased("DrafterSection", "t2d_mapping"))
     draft_vocab_size: int = Field(32000, ge=2)
     intermediate_size: int | None = Field(None, ge=1)
     init_seed: int = 0
+    export_formats: list[Literal["speculators", "specforge", "sglang"]] = Field(
+        default_factory=list, description="extra layouts the final drafter is written in (output_dir/drafter_<format>)",
+    )
+
+    @model_validator(mode="after")
+    def _mapping_pairs(self) -> DrafterSection:
+        if self.t2d_mapping and not self.vocab_mapping:
+            raise ValueError("t2d_mapping (t2d_path) needs vocab_mapping (d2t_path) too")
+        return self
 
 
 class GTOSection(Section):
@@ -147,20 +248,62 @@ class CombinedSection(Section):
     opd_weight: float = Field(1.0, ge=0.0, description="weight of the Draft-OPD distillation loss")
 
 
-class TrainingConfig(Section):
+class TrackingSection(AliasedSection):
+    """Experiment trackers beside TensorBoard and metrics.jsonl; none by default."""
+
+    backends: list[Literal["wandb", "mlflow"]] = Field(
+        default_factory=list, validation_alias=_aliased("TrackingSection", "backends"),
+        description="wandb and/or mlflow (installed separately); tensorboard is always written",
+    )
+    project: str = Field("draftrl", description="W&B project / MLflow experiment")
+    run_name: str | None = Field(None, description="default: the config's name")
+    mlflow_tracking_uri: str | None = Field(None, description="default: file store under output_dir/mlruns")
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_as_list(cls, data: Any) -> Any:
+        """SpecForge's report_to and speculators' logger take one name or a comma-separated list."""
+        if isinstance(data, dict):
+            for key in ("backends", "report_to", "logger"):
+                value = data.get(key)
+                if isinstance(value, str):
+                    value = [part.strip() for part in value.split(",") if part.strip()]
+                if isinstance(value, list):  # tensorboard is always on; "none" is SpecForge's "off"
+                    value = [v for v in dict.fromkeys(value) if v not in ("none", "tensorboard")]
+                    data = {**data, key: value}
+        return data
+
+    @model_validator(mode="after")
+    def _installed(self) -> TrackingSection:
+        import importlib.util
+
+        for backend in self.backends:
+            if importlib.util.find_spec(backend) is None:
+                package = "mlflow-skinny" if backend == "mlflow" else backend
+                raise ValueError(f"tracking backend '{backend}' is not installed: pip install {package}")
+        return self
+
+
+class TrainingConfig(AliasedSection):
     objective: Literal["sft", "gto", "opd", "gto_opd"] = Field(
         "sft", description="gto_opd: GTO and Draft-OPD losses summed on the same batch (section combined)"
     )
-    ttt_steps: int = Field(7, ge=1, le=32)
-    step_weight_decay: float = Field(0.8, gt=0.0, le=1.0)
+    ttt_steps: int = Field(7, ge=1, le=32, validation_alias=_aliased("TrainingConfig", "ttt_steps"))
+    step_weight_decay: float = Field(0.8, gt=0.0, le=1.0,
+                                     validation_alias=_aliased("TrainingConfig", "step_weight_decay"))
+    attention: Literal["dense", "flex"] = Field(
+        "dense", description="TTT attention: the dense fp32 reference, or FlexAttention on packed sequences "
+        "(CUDA only: torch has no FlexAttention backward on CPU)",
+    )
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0, validation_alias=_aliased("TrainingConfig", "lr"))
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(50, ge=0)
     max_steps: int = Field(1000, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(0.5, gt=0.0)
+    grad_clip: float = Field(0.5, gt=0.0, validation_alias=_aliased("TrainingConfig", "grad_clip"))
     max_nonfinite: int = Field(
         10, ge=0, description="NaN/inf losses or gradients skipped (and counted) before the run aborts"
     )
@@ -186,6 +329,7 @@ class ExperimentConfig(Section):
     opd: OPDSection = OPDSection()
     combined: CombinedSection = CombinedSection()
     distributed: DistributedConfig = DistributedConfig()
+    tracking: TrackingSection = TrackingSection()
 
 
 class ConfigError(ValueError):

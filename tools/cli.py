@@ -38,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(evaluate)
     evaluate.add_argument("--drafter", type=Path, required=True)
 
+    export = commands.add_parser(
+        "export", help="rewrite a drafter directory for vLLM, speculators or SpecForge/SGLang",
+    )
+    export.add_argument("--drafter", type=Path, required=True, help="a drafter directory (any layout)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--format", required=True, choices=["vllm", "speculators", "specforge", "sglang"],
+                        help="sglang = specforge: LlamaForCausalLMEagle3 with output-numbered aux ids")
+    export.add_argument("--verifier", default=None,
+                        help="the target's model id for speculators_config.verifier (default: the one the "
+                             "drafter recorded; built-in aliases such as smollm2 become their hub id)")
+    export.add_argument("--speculative-tokens", type=int, default=3, help="speculators' proposal length")
+    export.add_argument("--layout", default="auto", choices=["auto", "draftrl", "vllm", "specforge", "speculators"],
+                        help="how to read --drafter's config.json (default: from its keys)")
+
     show = commands.add_parser("config", help="print the validated config (defaults filled in)")
     _config_args(show)
 
@@ -84,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         from tools.regenerate import run_cli
 
         return run_cli(args)
+    if args.command == "export":  # file level: no target, no experiment config
+        from speculative.checkpoint import export_drafter
+        from speculative.target import verifier_id
+
+        try:
+            out = export_drafter(args.drafter, args.out, args.format, layout=args.layout,
+                                 verifier=verifier_id(args.verifier) if args.verifier else None,
+                                 speculative_tokens=args.speculative_tokens)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"draftrl: {error}", file=sys.stderr)
+            return 2
+        print(f"[draftrl] {args.format} drafter: {out}")
+        return 0
     if args.command in ("generate", "eval"):  # no experiment config: flags only
         from tools.benchmark import BenchmarkError, run_eval, run_generate
 
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             config, resume=args.resume, steps_this_run=args.steps_this_run,
             minutes_this_run=args.minutes_this_run,
         ).run()
-        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM/SGLang): {result.drafter_dir}")
+        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM; draftrl export for SGLang/speculators): {result.drafter_dir}")
         print(f"[draftrl] checkpoints: {result.output_dir / 'checkpoints'}")
         print(f"[draftrl] TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
         print(f"[draftrl] curves: {result.output_dir / 'curves.png'}")
