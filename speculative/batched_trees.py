@@ -1,0 +1,416 @@
+"""GTO's trees at every chosen position of every sequence of a batch, in a few large forwards.
+
+``speculative.position_trees`` scores the trees of one sequence at a time: one prefill, then a
+Python loop over chunks of positions. That keeps a 135M target at well under 1 % of what the GPU
+does for a prefill (issue 17), because every call is small. Here the same trees come out of a
+handful of calls whose sizes grow with the batch:
+
+1. **Target prefill** of ``S`` sequences at once ([S, T], right-padded): the learner's features
+   (aux hidden states, draft-vocabulary logits, top-1) and the target's KV cache, which keeps
+   room for tree nodes behind the T slots. Computed once; the trees and the learner share it.
+2. **Drafter step 1** over [S, T] for each drafter: the keys every tree of a sequence attends to,
+   and the drafter's output at every root.
+3. **Tree search for all S x P roots at once** per drafter (``grow_draft_tree``, unchanged): row
+   (s, p) attends to sequence s's step-1 keys up to its root index plus its own tree entries.
+   The prefix part is one [S, heads, P*w, T] product (queries of one sequence share its keys),
+   the tree part one [S*P, heads, w, F] product; a joint softmax over both is exact.
+4. **Verification**: per chunk of C positions, S x (C current + C reference trees) x N nodes in
+   one target forward behind the prefix slots (a node sees its sequence up to its root, and
+   its ancestors). Each forward's [.., V] logits are reduced at once to what scoring reads
+   (``speculative.tree_reward.log_acceptance``), so the full logits never pile up.
+5. **Scoring** of all trees of the chunk of sequences in one call.
+
+Shapes depend only on (S, C, N, the padded width), never on values: the width is rounded up to
+``length_multiple`` and the position chunk count only changes the number of identical forwards,
+so each forward can be captured (CUDA graphs) or compiled. Sequences are processed longest first
+so that a chunk's padded width fits its members; results come back in batch order.
+
+Index convention (``speculative.position_trees``): "position t" is the state after the target
+read x_0..x_t; the tree's root is x_{t+1} at position t+1, and its nodes draft x_{t+2}, ...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speculative.drafter import Eagle3Drafter
+from speculative.llama import FastLlama, causal_slot_mask
+from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
+from speculative.tree_reward import AGGREGATIONS, accepted_path, log_acceptance, score_log_acceptance
+
+
+@dataclass(frozen=True)
+class BatchedTreeOptions:
+    """How the batched scorer builds, verifies and scores trees (``config.gto`` maps onto it)."""
+
+    tree: TreeConfig
+    reward_temperature: float = 1.0
+    eta: float = 1.0
+    aggregation: str = "lse"
+    sequences_per_forward: int = 16  # S: sequences in one prefill / tree search / verification
+    positions_per_forward: int = 8  # C: positions of each sequence per verification forward
+    length_multiple: int = 64  # pad each chunk's width to a multiple (a few static shapes)
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if min(self.sequences_per_forward, self.positions_per_forward, self.length_multiple) < 1:
+            raise ValueError(f"chunk sizes must be >= 1: {self}")
+
+
+@dataclass
+class BatchedTrees:
+    """Everything GTO keeps of a batch: the learner's features and, per (sequence, position
+    slot) [B, P], the two trees' scores and the current tree's greedy-accepted path. Slots
+    without a position (``indices`` padding) hold zeros."""
+
+    aux_hidden: torch.Tensor  # [B, T, n_aux * H] (0 past each sequence's length)
+    target_draft_logits: torch.Tensor  # [B, T, Vd]
+    target_top1: torch.Tensor  # [B, T]
+    reward: torch.Tensor  # [B, P]
+    reference_reward: torch.Tensor  # [B, P]
+    expected_length: torch.Tensor  # [B, P]
+    reference_expected_length: torch.Tensor  # [B, P]
+    path_ids: torch.Tensor  # [B, P, depth] draft ids, 0-padded
+    path_length: torch.Tensor  # [B, P]
+    rollout_path_logprob: torch.Tensor  # [B, P] log q(path) under the current drafter
+    verified_nodes: int = 0  # tree nodes the target verified (padding slots included)
+
+
+class _SequenceKeys:
+    """Drafter attention for step 1: causal over one padded batch of sequences, fp32 like
+    ``MaskedKVCache``; keeps the keys/values that every tree of a sequence attends to."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.keys, self.values = k, v
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        return out.to(q.dtype)
+
+
+class RootedTreeCache:
+    """Drafter attention for S*P tree rows grown together: row r = (s, p) sees sequence s's
+    step-1 keys at indices <= its root index (``visible [S, P, T]``) and the entries of its own
+    tree that ``tree_mask [S*P, w, F]`` allows (set before each call).
+
+    The two parts are scored separately (the prefix once per sequence for all its rows, the tree
+    part per row) and normalised by one softmax over both, which is exactly attention over their
+    union. fp32 arithmetic, as ``MaskedKVCache``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor):
+        self.prefix_keys = keys.float()  # [S, h, T, d]
+        self.prefix_values = values.float()
+        self.visible = visible  # [S, P, T]
+        self.tree_keys: torch.Tensor | None = None  # [S*P, h, F, d]
+        self.tree_values: torch.Tensor | None = None
+        self.tree_mask: torch.Tensor | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.tree_keys = k if self.tree_keys is None else torch.cat([self.tree_keys, k], dim=-2)
+        self.tree_values = v if self.tree_values is None else torch.cat([self.tree_values, v], dim=-2)
+        rows, heads, width, dim = q.shape
+        seqs, positions, length = self.visible.shape
+        root = math.sqrt(dim)
+        qf = q.float()
+        # Prefix: the P*w queries of a sequence against its T keys, in one product.
+        q_seq = qf.view(seqs, positions, heads, width, dim).transpose(1, 2)
+        prefix = torch.matmul(q_seq.reshape(seqs, heads, positions * width, dim),
+                              self.prefix_keys.transpose(-1, -2)) / root
+        prefix = prefix.view(seqs, heads, positions, width, length)
+        prefix = prefix.masked_fill(~self.visible[:, None, :, None, :], float("-inf"))
+        # Tree: each row against its own entries.
+        tree = torch.matmul(qf, self.tree_keys.float().transpose(-1, -2)) / root  # [R, h, w, F]
+        tree = tree.masked_fill(~self.tree_mask[:, None], float("-inf"))
+        fed = tree.shape[-1]
+        tree = tree.view(seqs, positions, heads, width, fed).transpose(1, 2)
+        probs = torch.softmax(torch.cat([prefix, tree], dim=-1), dim=-1)
+        out = torch.matmul(probs[..., :length].reshape(seqs, heads, positions * width, length),
+                           self.prefix_values)
+        out = out.view(seqs, heads, positions, width, dim).transpose(1, 2).reshape(rows, heads, width, dim)
+        tree_probs = probs[..., length:].transpose(1, 2).reshape(rows, heads, width, fed)
+        out = out + torch.matmul(tree_probs, self.tree_values.float())
+        return out.to(q.dtype)
+
+
+@dataclass
+class _DrafterStepOne:
+    keys: torch.Tensor  # [S, h, T, d]
+    values: torch.Tensor
+    logits: torch.Tensor  # [S, T, Vd] at index t: the distribution over x_{t+2}
+    hidden: torch.Tensor  # [S, T, H]
+
+
+@torch.no_grad()
+def drafter_step_one(drafter: Eagle3Drafter, input_ids: torch.Tensor, aux_hidden: torch.Tensor) -> _DrafterStepOne:
+    """Index t feeds x_{t+1} at position t+1 with fc(aux_t), causally (TTT step 1 = inference),
+    for every sequence of ``input_ids [S, T]`` at once."""
+    seqs, length = input_ids.shape
+    tokens = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last index has no next token
+    positions = torch.arange(1, length + 1, device=input_ids.device).expand(seqs, length)
+    cache = _SequenceKeys()
+    logits, hidden = drafter(tokens, drafter.fuse_target_hidden(aux_hidden), positions, cache)
+    return _DrafterStepOne(cache.keys, cache.values, logits, hidden)
+
+
+@torch.no_grad()
+def grow_trees_at(
+    drafter: Eagle3Drafter, step_one: _DrafterStepOne, indices: torch.Tensor, config: TreeConfig
+) -> DraftTree:
+    """One tree per root index in ``indices [S, P]`` (tree row s*P + p), all grown together;
+    the same trees as ``speculative.position_trees.build_trees_at`` per sequence."""
+    seqs, positions = indices.shape
+    length = step_one.keys.shape[-2]
+    device = indices.device
+    visible = torch.arange(length, device=device)[None, None] <= indices[..., None]  # [S, P, T]
+    cache = RootedTreeCache(step_one.keys, step_one.values, visible)
+    rows = torch.arange(seqs, device=device)[:, None]
+    root_logits = step_one.logits[rows, indices].reshape(seqs * positions, -1)
+    root_hidden = step_one.hidden[rows, indices].reshape(seqs * positions, -1)
+
+    def feed(ids, hidden, pos, tree_mask):
+        cache.tree_mask = tree_mask
+        return drafter(ids, hidden, pos, cache)
+
+    tree, closed = grow_draft_tree(
+        drafter, feed, root_logits, root_hidden, (indices + 1).reshape(-1), config, keep_dists=False
+    )
+    if not bool(closed):
+        raise RuntimeError("draft tree selection is not ancestor-closed")
+    return tree
+
+
+def _rows(tree: DraftTree, rows: torch.Tensor) -> DraftTree:
+    """The trees at ``rows`` of a batch of trees (only what verification and scoring read)."""
+    return DraftTree(
+        tokens=tree.tokens[rows], draft_ids=tree.draft_ids[rows], parents=tree.parents[rows],
+        depths=tree.depths[rows], mask=tree.mask[rows], scores=tree.scores[rows],
+        logprobs=tree.logprobs[rows], dists=None, parent_dist=tree.parent_dist[rows],
+        node_dist=tree.node_dist[rows], root_positions=tree.root_positions[rows],
+        draft_to_target=tree.draft_to_target, sampled=tree.sampled,
+    )
+
+
+@dataclass
+class _TargetAtTrees:
+    """What scoring reads of the verification logits, per tree row: ``log_acceptance``'s inputs."""
+
+    token_logit: torch.Tensor  # [R, N]
+    log_norm: torch.Tensor | None  # [R, 1 + N]
+    argmax: torch.Tensor  # [R, 1 + N]
+
+
+def _reduce_logits(
+    root_logits: torch.Tensor, node_logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+    temperature: float,
+) -> _TargetAtTrees:
+    """``root_logits [R, V]`` and ``node_logits [R, N, V]`` -> the token logit at each node's
+    parent, the log-normaliser and the argmax per row (row 0 = root)."""
+    rows, n, vocab = node_logits.shape
+    at_node = node_logits.reshape(rows, n * vocab).gather(1, parents.clamp_min(0) * vocab + tokens)
+    at_root = root_logits.gather(1, tokens)
+    token_logit = torch.where(parents < 0, at_root, at_node)
+    argmax = torch.cat([root_logits.argmax(-1)[:, None], node_logits.argmax(-1)], dim=1)
+    log_norm = None
+    if temperature > 0:
+        # As ``node_log_acceptance``: fp32 logits / temperature, one copy of the big tensor.
+        scaled = node_logits.to(torch.float32, copy=True).div_(temperature)
+        log_norm = torch.cat([
+            torch.logsumexp(root_logits.float() / temperature, dim=-1)[:, None],
+            torch.logsumexp(scaled, dim=-1),
+        ], dim=1)
+    return _TargetAtTrees(token_logit, log_norm, argmax)
+
+
+def verification_mask(
+    roots: torch.Tensor, tree_masks: torch.Tensor, prefix_slots: int
+) -> torch.Tensor:
+    """Attention mask [S, M*N, prefix_slots + M*N] for M trees per sequence packed behind its
+    ``prefix_slots`` cache slots: a node of the tree whose root token sits at slot ``roots[s, m]``
+    sees slots 0..roots[s, m] and its own ancestors (``tree_masks [S, M, N, N]``)."""
+    seqs, trees, n, _ = tree_masks.shape
+    device = roots.device
+    prefix = torch.arange(prefix_slots, device=device)[None, None] <= roots[..., None]  # [S, M, T]
+    prefix = prefix[:, :, None].expand(seqs, trees, n, prefix_slots)
+    same_tree = torch.eye(trees, dtype=torch.bool, device=device)[None, :, None, :, None]
+    tree_part = same_tree & tree_masks[:, :, :, None, :]  # [S, M, N, M, N]: block diagonal
+    return torch.cat([prefix, tree_part.reshape(seqs, trees, n, trees * n)], dim=-1).reshape(
+        seqs, trees * n, prefix_slots + trees * n
+    )
+
+
+@torch.no_grad()
+def score_trees_at_positions(
+    fast: FastLlama,
+    drafter: Eagle3Drafter,
+    reference: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    lengths: list[int],
+    indices: torch.Tensor,
+    counts: list[int],
+    draft_to_target: torch.Tensor,
+    options: BatchedTreeOptions,
+) -> BatchedTrees:
+    """Build, verify and score both drafters' trees at ``indices [B, P]`` of ``input_ids [B, T]``.
+
+    Sequence b holds ``lengths[b]`` real tokens (right-padded) and ``counts[b]`` positions, in
+    ``indices[b, :counts[b]]`` (each t <= length - 3, so that x_{t+2} exists); the rest of a row
+    is padding and comes back as zeros. Drafters run in their own dtype, the target in its own.
+    """
+    device = fast.device
+    batch, width = input_ids.shape
+    positions_per_seq = indices.shape[1]
+    tree_cfg = options.tree
+    n_nodes, _ = tree_size(tree_cfg, drafter.config.draft_vocab_size)
+    depth = tree_cfg.depth
+    chunk_pos = options.positions_per_forward
+    vocab_map = draft_to_target.to(device)
+    indices = indices.to(device)
+
+    out = _empty_result(batch, width, positions_per_seq, depth, drafter, fast, vocab_map, device)
+    order = sorted(range(batch), key=lambda b: -lengths[b])  # longest first: tight chunk widths
+    for start in range(0, batch, options.sequences_per_forward):
+        members = order[start : start + options.sequences_per_forward]
+        rows = torch.tensor(members, device=device)
+        chunk_len = max(lengths[b] for b in members)
+        padded = _round_up(max(chunk_len, 1), options.length_multiple)
+        used = max(counts[b] for b in members)
+        span = _round_up(used, chunk_pos)  # position slots worth verifying in this chunk
+        room = 2 * chunk_pos * n_nodes if used else 0
+        ids = torch.zeros(len(members), padded, dtype=input_ids.dtype, device=device)
+        copy = min(padded, width)
+        ids[:, :copy] = input_ids[rows, :copy].to(device)
+
+        # 1. Target prefill: the learner's features and the cache the trees are verified against.
+        cache = fast.new_cache(len(members), padded + room)
+        seq_pos = torch.arange(padded, device=device)
+        prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0,
+                       causal_slot_mask(0, padded, padded, len(members), device=device))
+        real = (seq_pos[None] < torch.tensor([lengths[b] for b in members], device=device)[:, None])
+        real = real[:, :copy]
+        logits = prefill.logits[:, :copy]
+        out.aux_hidden[rows, :copy] = torch.where(real[..., None], prefill.aux_hidden[:, :copy], 0)
+        out.target_draft_logits[rows, :copy] = torch.where(real[..., None], logits[..., vocab_map], 0)
+        out.target_top1[rows, :copy] = torch.where(real, logits.argmax(-1), 0)
+        if not used:
+            continue
+        # [S, span]; padding slots index 0 (computed, then dropped). span may exceed P.
+        keep = min(span, positions_per_seq)
+        idx = torch.zeros(len(members), span, dtype=torch.long, device=device)
+        idx[:, :keep] = indices[rows, :keep]
+        seq_rows = torch.arange(len(members), device=device)[:, None]
+        root_logits = prefill.logits[seq_rows, idx + 1]  # [S, span, V]: the target at each root
+        aux = prefill.aux_hidden
+        del prefill, logits
+
+        # 2-3. Both drafters' step 1 and all their trees.
+        trees = []
+        for model in (drafter, reference):
+            trees.append(grow_trees_at(model, drafter_step_one(model, ids, aux), idx, tree_cfg))
+        current, ref = trees
+        del aux
+
+        # 4. Verification, C positions of every sequence per forward: per sequence the C current
+        # trees, then the C reference trees, each N nodes, behind the sequence's own slots.
+        at = [_allocate_target_at(len(members) * span, n_nodes, root_logits, options) for _ in range(2)]
+        seqs = len(members)
+        for first in range(0, span, chunk_pos):
+            slots = torch.arange(first, first + chunk_pos, device=device)
+            tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
+            chunk_trees = [_rows(current, tree_rows), _rows(ref, tree_rows)]
+            shape = (seqs, chunk_pos, n_nodes)
+            tokens = torch.cat([t.tokens.view(shape) for t in chunk_trees], dim=1)  # [S, 2C, N]
+            parents = torch.cat([t.parents.view(shape) for t in chunk_trees], dim=1)
+            node_pos = torch.cat([t.positions().view(shape) for t in chunk_trees], dim=1)
+            masks = torch.cat([t.mask.view(*shape, n_nodes) for t in chunk_trees], dim=1)
+            roots = (idx[:, first : first + chunk_pos] + 1).repeat(1, 2)  # root token slots [S, 2C]
+            logits = fast(tokens.reshape(seqs, -1), node_pos.reshape(seqs, -1), cache, padded,
+                          verification_mask(roots, masks, padded)).logits
+            vocab = logits.shape[-1]
+            chunk_roots = root_logits[:, first : first + chunk_pos].repeat(1, 2, 1)  # [S, 2C, V]
+            reduced = _reduce_logits(
+                chunk_roots.reshape(-1, vocab), logits.view(seqs * 2 * chunk_pos, n_nodes, vocab),
+                tokens.reshape(-1, n_nodes), parents.reshape(-1, n_nodes), options.reward_temperature,
+            )
+            del logits
+            for which in range(2):  # current, reference
+                _store(at[which], tree_rows, _half(reduced, seqs, chunk_pos, which))
+        out.verified_nodes += 2 * seqs * span * n_nodes
+
+        # 5. Scoring.
+        scores = [_score(tree, target_at, options) for tree, target_at in zip((current, ref), at)]
+        greedy = log_acceptance(current, at[0].token_logit, None, at[0].argmax, 0.0)
+        path_ids, path_nodes, path_length = accepted_path(current, greedy, depth)
+        logprob = (current.logprobs.gather(1, path_nodes.clamp_min(0)) * (path_nodes >= 0)).sum(-1)
+        view = (len(members), span)
+        out.reward[rows, :keep] = scores[0].reward.view(view)[:, :keep]
+        out.reference_reward[rows, :keep] = scores[1].reward.view(view)[:, :keep]
+        out.expected_length[rows, :keep] = scores[0].expected_length.view(view)[:, :keep]
+        out.reference_expected_length[rows, :keep] = scores[1].expected_length.view(view)[:, :keep]
+        out.path_ids[rows, :keep] = path_ids.view(*view, depth)[:, :keep]
+        out.path_length[rows, :keep] = path_length.view(view)[:, :keep]
+        out.rollout_path_logprob[rows, :keep] = logprob.view(view)[:, :keep]
+
+    # Padding slots were computed with index 0: zero them.
+    slot = torch.arange(positions_per_seq, device=device)[None]
+    pad = slot >= torch.tensor(counts, device=device)[:, None]
+    for name in ("reward", "reference_reward", "expected_length", "reference_expected_length",
+                 "path_length", "rollout_path_logprob"):
+        getattr(out, name).masked_fill_(pad, 0)
+    out.path_ids.masked_fill_(pad[..., None], 0)
+    return out
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _half(reduced: _TargetAtTrees, seqs: int, chunk_pos: int, which: int) -> _TargetAtTrees:
+    """Rows of the current (0) or reference (1) trees of a verification forward, [S*C, ...]."""
+
+    def pick(x):
+        return None if x is None else x.view(seqs, 2, chunk_pos, -1)[:, which].reshape(seqs * chunk_pos, -1)
+
+    return _TargetAtTrees(pick(reduced.token_logit), pick(reduced.log_norm), pick(reduced.argmax))
+
+
+def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, device) -> BatchedTrees:
+    hidden = len(fast.aux_layer_ids) * fast.config.hidden_size
+    per_slot = lambda dtype=torch.float32: torch.zeros(batch, positions, dtype=dtype, device=device)  # noqa: E731
+    return BatchedTrees(
+        aux_hidden=torch.zeros(batch, width, hidden, dtype=fast.dtype, device=device),
+        target_draft_logits=torch.zeros(batch, width, vocab_map.shape[0], dtype=fast.dtype, device=device),
+        target_top1=torch.zeros(batch, width, dtype=torch.long, device=device),
+        reward=per_slot(), reference_reward=per_slot(), expected_length=per_slot(),
+        reference_expected_length=per_slot(),
+        path_ids=torch.zeros(batch, positions, depth, dtype=torch.long, device=device),
+        path_length=per_slot(torch.long), rollout_path_logprob=per_slot(),
+    )
+
+
+def _allocate_target_at(rows: int, n_nodes: int, like: torch.Tensor, options: BatchedTreeOptions) -> _TargetAtTrees:
+    device = like.device
+    return _TargetAtTrees(
+        token_logit=torch.zeros(rows, n_nodes, dtype=like.dtype, device=device),
+        log_norm=torch.zeros(rows, 1 + n_nodes, device=device) if options.reward_temperature > 0 else None,
+        argmax=torch.zeros(rows, 1 + n_nodes, dtype=torch.long, device=device),
+    )
+
+
+def _store(target_at: _TargetAtTrees, rows: torch.Tensor, part: _TargetAtTrees) -> None:
+    target_at.token_logit[rows] = part.token_logit
+    target_at.argmax[rows] = part.argmax
+    if part.log_norm is not None:
+        target_at.log_norm[rows] = part.log_norm
+
+
+def _score(tree: DraftTree, target_at: _TargetAtTrees, options: BatchedTreeOptions):
+    log_accept = log_acceptance(
+        tree, target_at.token_logit, target_at.log_norm, target_at.argmax, options.reward_temperature
+    )
+    return score_log_acceptance(tree, log_accept, options.eta, options.aggregation)
