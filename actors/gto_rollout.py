@@ -63,7 +63,7 @@ def batched_tree_options(gto) -> BatchedTreeOptions:
     return BatchedTreeOptions(
         tree=tree_config(gto), reward_temperature=gto.reward_temperature, eta=gto.eta,
         aggregation=gto.reward, sequences_per_forward=gto.sequences_per_forward,
-        positions_per_forward=gto.positions_per_forward,
+        positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
     )
 
 

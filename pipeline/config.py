@@ -73,6 +73,9 @@ class GTOSection(Section):
     sequences_per_forward: int = Field(
         16, ge=1, description="sequences prefilled, tree-searched and verified together (memory: "
         "the drafter's level logits are S * groups_per_sequence * group_size * top_k * draft_vocab floats)")
+    share_reference_nodes: bool = Field(
+        True, description="verify a reference-tree node once when the current tree has the same "
+        "path (the same target context): exact, halves verification at M = M0; off only to measure")
 
 
 class VllmRolloutSection(Section):

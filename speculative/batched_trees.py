@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from speculative.drafter import Eagle3Drafter
 from speculative.llama import FastLlama, causal_slot_mask
+from speculative.packed_verification import TargetAtTrees, TreeNodes, pack_tree_pairs, verify_packed
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
 from speculative.tree_reward import AGGREGATIONS, accepted_path, log_acceptance, score_log_acceptance
 
@@ -54,6 +55,7 @@ class BatchedTreeOptions:
     sequences_per_forward: int = 16  # S: sequences in one prefill / tree search / verification
     positions_per_forward: int = 8  # C: positions of each sequence per verification forward
     length_multiple: int = 64  # pad each chunk's width to a multiple (a few static shapes)
+    share_nodes: bool = True  # verify a reference node once when the current tree has it too
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -78,7 +80,8 @@ class BatchedTrees:
     path_ids: torch.Tensor  # [B, P, depth] draft ids, 0-padded
     path_length: torch.Tensor  # [B, P]
     rollout_path_logprob: torch.Tensor  # [B, P] log q(path) under the current drafter
-    verified_nodes: int = 0  # tree nodes the target verified (padding slots included)
+    verified_nodes: int = 0  # tree slots the target verified (padding slots included)
+    shared_nodes: int = 0  # reference-tree nodes read from the current tree's rows
 
 
 class _SequenceKeys:
@@ -185,65 +188,6 @@ def grow_trees_at(
     return tree
 
 
-def _rows(tree: DraftTree, rows: torch.Tensor) -> DraftTree:
-    """The trees at ``rows`` of a batch of trees (only what verification and scoring read)."""
-    return DraftTree(
-        tokens=tree.tokens[rows], draft_ids=tree.draft_ids[rows], parents=tree.parents[rows],
-        depths=tree.depths[rows], mask=tree.mask[rows], scores=tree.scores[rows],
-        logprobs=tree.logprobs[rows], dists=None, parent_dist=tree.parent_dist[rows],
-        node_dist=tree.node_dist[rows], root_positions=tree.root_positions[rows],
-        draft_to_target=tree.draft_to_target, sampled=tree.sampled,
-    )
-
-
-@dataclass
-class _TargetAtTrees:
-    """What scoring reads of the verification logits, per tree row: ``log_acceptance``'s inputs."""
-
-    token_logit: torch.Tensor  # [R, N]
-    log_norm: torch.Tensor | None  # [R, 1 + N]
-    argmax: torch.Tensor  # [R, 1 + N]
-
-
-def _reduce_logits(
-    root_logits: torch.Tensor, node_logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
-    temperature: float,
-) -> _TargetAtTrees:
-    """``root_logits [R, V]`` and ``node_logits [R, N, V]`` -> the token logit at each node's
-    parent, the log-normaliser and the argmax per row (row 0 = root)."""
-    rows, n, vocab = node_logits.shape
-    at_node = node_logits.reshape(rows, n * vocab).gather(1, parents.clamp_min(0) * vocab + tokens)
-    at_root = root_logits.gather(1, tokens)
-    token_logit = torch.where(parents < 0, at_root, at_node)
-    argmax = torch.cat([root_logits.argmax(-1)[:, None], node_logits.argmax(-1)], dim=1)
-    log_norm = None
-    if temperature > 0:
-        # As ``node_log_acceptance``: fp32 logits / temperature, one copy of the big tensor.
-        scaled = node_logits.to(torch.float32, copy=True).div_(temperature)
-        log_norm = torch.cat([
-            torch.logsumexp(root_logits.float() / temperature, dim=-1)[:, None],
-            torch.logsumexp(scaled, dim=-1),
-        ], dim=1)
-    return _TargetAtTrees(token_logit, log_norm, argmax)
-
-
-def verification_mask(
-    roots: torch.Tensor, tree_masks: torch.Tensor, prefix_slots: int
-) -> torch.Tensor:
-    """Attention mask [S, M*N, prefix_slots + M*N] for M trees per sequence packed behind its
-    ``prefix_slots`` cache slots: a node of the tree whose root token sits at slot ``roots[s, m]``
-    sees slots 0..roots[s, m] and its own ancestors (``tree_masks [S, M, N, N]``)."""
-    seqs, trees, n, _ = tree_masks.shape
-    device = roots.device
-    prefix = torch.arange(prefix_slots, device=device)[None, None] <= roots[..., None]  # [S, M, T]
-    prefix = prefix[:, :, None].expand(seqs, trees, n, prefix_slots)
-    same_tree = torch.eye(trees, dtype=torch.bool, device=device)[None, :, None, :, None]
-    tree_part = same_tree & tree_masks[:, :, :, None, :]  # [S, M, N, M, N]: block diagonal
-    return torch.cat([prefix, tree_part.reshape(seqs, trees, n, trees * n)], dim=-1).reshape(
-        seqs, trees * n, prefix_slots + trees * n
-    )
-
-
 @torch.no_grad()
 def score_trees_at_positions(
     fast: FastLlama,
@@ -316,31 +260,21 @@ def score_trees_at_positions(
         del aux
 
         # 4. Verification, C positions of every sequence per forward: per sequence the C current
-        # trees, then the C reference trees, each N nodes, behind the sequence's own slots.
-        at = [_allocate_target_at(len(members) * span, n_nodes, root_logits, options) for _ in range(2)]
+        # trees, then the reference trees' nodes that the current ones lack.
         seqs = len(members)
+        at = [_allocate_target_at(seqs * span, n_nodes, root_logits, options) for _ in range(2)]
         for first in range(0, span, chunk_pos):
             slots = torch.arange(first, first + chunk_pos, device=device)
             tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
-            chunk_trees = [_rows(current, tree_rows), _rows(ref, tree_rows)]
-            shape = (seqs, chunk_pos, n_nodes)
-            tokens = torch.cat([t.tokens.view(shape) for t in chunk_trees], dim=1)  # [S, 2C, N]
-            parents = torch.cat([t.parents.view(shape) for t in chunk_trees], dim=1)
-            node_pos = torch.cat([t.positions().view(shape) for t in chunk_trees], dim=1)
-            masks = torch.cat([t.mask.view(*shape, n_nodes) for t in chunk_trees], dim=1)
-            roots = (idx[:, first : first + chunk_pos] + 1).repeat(1, 2)  # root token slots [S, 2C]
-            logits = fast(tokens.reshape(seqs, -1), node_pos.reshape(seqs, -1), cache, padded,
-                          verification_mask(roots, masks, padded)).logits
-            vocab = logits.shape[-1]
-            chunk_roots = root_logits[:, first : first + chunk_pos].repeat(1, 2, 1)  # [S, 2C, V]
-            reduced = _reduce_logits(
-                chunk_roots.reshape(-1, vocab), logits.view(seqs * 2 * chunk_pos, n_nodes, vocab),
-                tokens.reshape(-1, n_nodes), parents.reshape(-1, n_nodes), options.reward_temperature,
-            )
-            del logits
-            for which in range(2):  # current, reference
-                _store(at[which], tree_rows, _half(reduced, seqs, chunk_pos, which))
-        out.verified_nodes += 2 * seqs * span * n_nodes
+            pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
+            packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, padded,
+                                     dedupe=options.share_nodes)
+            found = verify_packed(fast, cache, padded, packed, pair, root_logits[:, first : first + chunk_pos],
+                                  options.reward_temperature)
+            for target_at, part in zip(at, found):
+                _store(target_at, tree_rows, part)
+            out.verified_nodes += int(packed.tokens.numel())
+            out.shared_nodes += packed.shared
 
         # 5. Scoring.
         scores = [_score(tree, target_at, options) for tree, target_at in zip((current, ref), at)]
@@ -370,15 +304,6 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _half(reduced: _TargetAtTrees, seqs: int, chunk_pos: int, which: int) -> _TargetAtTrees:
-    """Rows of the current (0) or reference (1) trees of a verification forward, [S*C, ...]."""
-
-    def pick(x):
-        return None if x is None else x.view(seqs, 2, chunk_pos, -1)[:, which].reshape(seqs * chunk_pos, -1)
-
-    return _TargetAtTrees(pick(reduced.token_logit), pick(reduced.log_norm), pick(reduced.argmax))
-
-
 def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, device) -> BatchedTrees:
     hidden = len(fast.aux_layer_ids) * fast.config.hidden_size
     per_slot = lambda dtype=torch.float32: torch.zeros(batch, positions, dtype=dtype, device=device)  # noqa: E731
@@ -393,23 +318,30 @@ def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, devi
     )
 
 
-def _allocate_target_at(rows: int, n_nodes: int, like: torch.Tensor, options: BatchedTreeOptions) -> _TargetAtTrees:
+def _nodes(tree: DraftTree, rows: torch.Tensor, seqs: int) -> TreeNodes:
+    """Trees at ``rows`` (sequence-major) as [S, C, ...] for packing."""
+    shape = (seqs, -1, tree.num_nodes)
+    return TreeNodes(tokens=tree.tokens[rows].view(shape), parents=tree.parents[rows].view(shape),
+                     depths=tree.depths[rows].view(shape), mask=tree.mask[rows].view(*shape, tree.num_nodes))
+
+
+def _allocate_target_at(rows: int, n_nodes: int, like: torch.Tensor, options: BatchedTreeOptions) -> TargetAtTrees:
     device = like.device
-    return _TargetAtTrees(
+    return TargetAtTrees(
         token_logit=torch.zeros(rows, n_nodes, dtype=like.dtype, device=device),
         log_norm=torch.zeros(rows, 1 + n_nodes, device=device) if options.reward_temperature > 0 else None,
         argmax=torch.zeros(rows, 1 + n_nodes, dtype=torch.long, device=device),
     )
 
 
-def _store(target_at: _TargetAtTrees, rows: torch.Tensor, part: _TargetAtTrees) -> None:
+def _store(target_at: TargetAtTrees, rows: torch.Tensor, part: TargetAtTrees) -> None:
     target_at.token_logit[rows] = part.token_logit
     target_at.argmax[rows] = part.argmax
     if part.log_norm is not None:
         target_at.log_norm[rows] = part.log_norm
 
 
-def _score(tree: DraftTree, target_at: _TargetAtTrees, options: BatchedTreeOptions):
+def _score(tree: DraftTree, target_at: TargetAtTrees, options: BatchedTreeOptions):
     log_accept = log_acceptance(
         tree, target_at.token_logit, target_at.log_norm, target_at.argmax, options.reward_temperature
     )

@@ -15,7 +15,12 @@ import torch
 from actors.gto_rollout import gto_experience, per_sequence_gto_experience
 from actors.target_worker import TargetWorker
 from pipeline.config import load_config
-from speculative.batched_trees import drafter_step_one, grow_trees_at
+from speculative.batched_trees import (
+    BatchedTreeOptions,
+    drafter_step_one,
+    grow_trees_at,
+    score_trees_at_positions,
+)
 from speculative.llama import FastLlama
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence
 from speculative.tree import TreeConfig
@@ -135,6 +140,32 @@ def test_batch_without_any_window_gives_the_same_empty_experience(pair):
     old = per_sequence_gto_experience(worker, config, batch, drafter, reference)
     assert new.index.numel() == 0 and new.path_ids.shape == (0, 3)
     assert_same_experience(new, old)
+
+
+@torch.no_grad()
+def test_sharing_reference_nodes_changes_nothing(pair):
+    """Reference nodes read from the current tree's rows (same path, same target context) give
+    the scores that verifying them separately gives; and sharing really happened."""
+    target, drafter, reference = pair
+    batch = _ragged(_sequences(target, 4, 24, 4, seed=7), [24, 19, 22, 13])
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    indices = torch.tensor([[2, 3, 4, 9, 10, 11], [5, 6, 7, 12, 13, 14], [1, 2, 3, 15, 16, 17], [4, 5, 6, 0, 0, 0]])
+    counts = [6, 6, 6, 3]
+    fast = FastLlama.from_target(target)
+    results = {}
+    for share in (True, False):
+        options = BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=3,
+                                     positions_per_forward=2, share_nodes=share)
+        results[share] = score_trees_at_positions(fast, drafter, reference, batch["input_ids"], lengths, indices,
+                                                  counts, drafter.draft_to_target, options)
+    shared, alone = results[True], results[False]
+    total = 2 * sum(counts) * 12  # 2 trees x 12 nodes per position (padding slots aside)
+    assert alone.shared_nodes == 0 and 0 < shared.shared_nodes < total // 2
+    assert shared.verified_nodes < alone.verified_nodes
+    for name in ("path_ids", "path_length", "target_top1"):
+        assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+    for name in ("reward", "reference_reward", "expected_length", "reference_expected_length", "rollout_path_logprob"):
+        torch.testing.assert_close(getattr(shared, name), getattr(alone, name), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -1,0 +1,365 @@
+"""GTO experience throughput on one device, against the target's prefill ceiling, in one run.
+
+    python bench/gto_throughput.py --target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl --out OUT
+    python bench/gto_throughput.py --device cpu --tiny --out OUT      # CPU smoke run, small sizes
+
+Measures, with the target in the experience's own code path (``FastLlama``, bf16 on GPU):
+
+* the **prefill ceiling**: tokens/s of one target forward (logits included) over [B, L] random
+  tokens, at its best B among ``--ceiling-batches``;
+* **GTO tokens scored/s** of ``actors.gto_rollout.gto_experience`` (the batched path) at each
+  batch size and chunking (``S x C`` = ``gto.sequences_per_forward`` x
+  ``gto.positions_per_forward``), and of ``per_sequence_gto_experience`` (the old path) in the
+  same process. "Tokens" is the pipeline's metric (``rollout_tokens_per_s``): the experience's
+  ``num_tokens``, the real tokens of the batch's sequences. The whole experience is timed
+  (prefill, both drafters' trees, verification, scoring, the reference path replay);
+* the ratio of each to the ceiling, and the **target work** behind it: the tree nodes verified
+  per second (2 trees x N nodes per position) and (sequence + tree tokens)/s, which is what the
+  ceiling bounds. GTO verifies 2 * K * m * N tree tokens per sequence (15 104 with the paper's
+  K = 16, m = 8, N = 59), so tokens scored/s can reach at most about
+  L / (L + 15 104) of the ceiling for sequences of L tokens, whatever the implementation;
+* optionally (``--graphs``, CUDA) whether a CUDA graph pays for one verification forward of the
+  best chunking (eager vs replay), and (``--profile``) a torch.profiler table of one batch.
+
+Writes ``gto_throughput.json`` and ``gto_throughput.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from actors.gto_rollout import gto_experience, per_sequence_gto_experience, tree_config  # noqa: E402
+from actors.target_worker import TargetWorker  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.drafter_blueprint import make_blueprint  # noqa: E402
+from speculative.data import build_dataset, collate  # noqa: E402
+from speculative.llama import FastLlama, causal_slot_mask  # noqa: E402
+from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target  # noqa: E402
+from speculative.tree import tree_size  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+# --tiny: sizes for a CPU smoke run of the very same code (the real target, small everything).
+TINY = {
+    "max_length": 96, "max_records": 64, "batch_sizes": "2", "chunks": "2x2,1x4", "batches": 1,
+    "old_batch_size": 2, "old_positions_per_forward": 4, "ceiling_batches": "1,2", "ceiling_length": 64, "draft_vocab_size": 512,
+    "set": ["gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8", "gto.group_size=3",
+            "gto.groups_per_sequence=2"],
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn, *args, **kwargs) -> tuple[Any, float]:
+    sync(device)
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill_ceiling(fast: FastLlama, batch_sizes: list[int], length: int, repeats: int = 3) -> dict[int, float]:
+    """Target forward tokens/s (logits included) over [B, length] random tokens, per B."""
+    device = fast.device
+    vocab = fast.config.vocab_size
+    rates = {}
+    for batch in batch_sizes:
+        try:
+            ids = torch.randint(0, vocab, (batch, length), device=device)
+            positions = torch.arange(length, device=device).expand(batch, length)
+            mask = causal_slot_mask(0, length, length, batch, device=device)
+            cache = fast.new_cache(batch, length)
+            fast(ids, positions, cache, 0, mask)  # warm-up
+            seconds = min(timed(device, fast, ids, positions, cache, 0, mask)[1] for _ in range(repeats))
+            rates[batch] = batch * length / seconds
+            del ids, cache
+        except torch.OutOfMemoryError:
+            rates[batch] = float("nan")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rates
+
+
+def sample_batches(dataset, pad_id: int, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of distinct random samples (seeded), collated as the trainer does."""
+    order = random.Random(seed).sample(range(len(dataset)), min(len(dataset), batch_size * count))
+    if len(order) < batch_size * count:
+        raise ValueError(f"the data has {len(dataset)} samples, {batch_size * count} needed")
+    return [collate([dataset[i] for i in order[k * batch_size : (k + 1) * batch_size]], pad_id)
+            for k in range(count)]
+
+
+def measure_gto(worker, config, batches, drafter, reference, make) -> dict[str, float]:
+    """Time ``make`` (an experience function) over ``batches[1:]``; ``batches[0]`` warms up
+    (allocator, kernels) untimed."""
+    device = worker.target.device
+    make(worker, config, batches[0], drafter, reference, seed=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens = positions = 0
+    seconds = 0.0
+    batches = batches[1:]
+    for i, batch in enumerate(batches):
+        exp, took = timed(device, make, worker, config, batch, drafter, reference, seed=i + 1)
+        tokens += exp.num_tokens
+        positions += exp.index.numel()
+        seconds += took
+    nodes, _ = tree_size(tree_config(config.gto), drafter.config.draft_vocab_size)
+    tree_tokens = 2 * nodes * positions
+    return {
+        "batches": len(batches), "seconds": seconds, "tokens": tokens, "positions": positions,
+        "tok_s": tokens / seconds, "tree_tokens_per_s": tree_tokens / seconds,
+        "target_tokens_per_s": (tokens + tree_tokens) / seconds,
+        "seconds_per_batch": seconds / len(batches),
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+    }
+
+
+@torch.no_grad()
+def verification_graph_gain(fast: FastLlama, seqs: int, width: int, nodes: int, repeats: int = 10) -> dict[str, float]:
+    """Eager vs CUDA-graph replay of one verification-shaped forward ([S, nodes] behind a
+    ``width``-slot prefix, static shapes): whether graphs pay at this size."""
+    device = fast.device
+    ids = torch.randint(0, fast.config.vocab_size, (seqs, nodes), device=device)
+    positions = (width + torch.arange(nodes, device=device) % 8).expand(seqs, nodes).contiguous()
+    mask = torch.ones(seqs, nodes, width + nodes, dtype=torch.bool, device=device)
+    cache = fast.new_cache(seqs, width + nodes)
+
+    def step():
+        return fast(ids, positions, cache, width, mask).logits
+
+    step()
+    eager = min(timed(device, step)[1] for _ in range(repeats))
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    replay = min(timed(device, graph.replay)[1] for _ in range(repeats))
+    return {"seqs": seqs, "width": width, "nodes_per_seq": nodes, "eager_s": eager, "graph_s": replay,
+            "graph_speedup": eager / replay}
+
+
+def profile_batch(worker, config, batch, drafter, reference, out: Path) -> Path:
+    """torch.profiler over one batched experience; the top ops and the gto/* stages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = worker.target.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        gto_experience(worker, config, batch, drafter, reference, seed=0)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path = out / "gto_profile.txt"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    return path
+
+
+def with_chunks(config, seqs: int, positions: int):
+    gto = config.gto.model_copy(update={"sequences_per_forward": seqs, "positions_per_forward": positions})
+    return config.model_copy(update={"gto": gto})
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    overrides = ["training.objective=gto", f"target.model={args.target}", f"data.max_length={args.max_length}",
+                 f"drafter.draft_vocab_size={args.draft_vocab_size}", *args.set]
+    if args.drafter:
+        overrides.append(f"drafter.init_from={args.drafter}")
+    config = load_config(None, overrides)
+
+    target = TargetModel.load(args.target, config.target.aux_layer_ids, dtype, device, cache_dir)
+    tokenizer = load_tokenizer(args.target, cache_dir)
+    dataset, _ = build_dataset(args.data, tokenizer, max_length=args.max_length, max_records=args.max_records,
+                               on_error="skip", cache_dir=cache_dir / "data", progress=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    target_path = resolve_target(args.target, cache_dir)
+    drafter = make_blueprint(config, target_path, dataset).build(target.embed_tokens.weight)
+    drafter = drafter.to(DTYPES[args.drafter_dtype]).to(device).eval()
+    reference = copy.deepcopy(drafter)  # M = M0, as at the start of GTO's phase II
+    worker = TargetWorker(target, drafter.draft_to_target)
+    print(f"[bench] target {args.target} ({dtype}) on {device}; {len(dataset)} samples; "
+          f"drafter {'from ' + args.drafter if args.drafter else 'random init'} ({args.drafter_dtype})", flush=True)
+
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "target": args.target, "dtype": str(dtype), "drafter_dtype": args.drafter_dtype,
+        "drafter": args.drafter or "random init", "data": str(args.data), "max_length": args.max_length,
+        "gto": config.gto.model_dump(), "tree_nodes": tree_size(tree_config(config.gto), drafter.config.draft_vocab_size)[0],
+    }
+    ceiling = prefill_ceiling(worker.fast, [int(b) for b in args.ceiling_batches.split(",")], args.ceiling_length)
+    result["prefill_ceiling_by_batch"] = {str(b): r for b, r in ceiling.items()}
+    result["prefill_ceiling_tok_s"] = max((r for r in ceiling.values() if r == r), default=float("nan"))
+    result["prefill_ceiling_length"] = args.ceiling_length
+    print(f"[bench] prefill ceiling {result['prefill_ceiling_tok_s']:.0f} tok/s ({ceiling})", flush=True)
+
+    rows = []
+    seed = 0
+    old_batches = sample_batches(dataset, pad_id, args.old_batch_size, args.batches + 1, seed=1000)
+    for size in [int(b) for b in args.batch_sizes.split(",")]:
+        batches = sample_batches(dataset, pad_id, size, args.batches + 1, seed=seed)
+        seed += 1
+        for chunk in args.chunks.split(","):
+            seqs, positions = (int(x) for x in chunk.split("x"))
+            cfg = with_chunks(config, seqs, positions)
+            try:
+                row = measure_gto(worker, cfg, batches, drafter, reference, gto_experience)
+            except torch.OutOfMemoryError as error:
+                row = {"error": f"out of memory: {str(error).splitlines()[0]}"}
+                torch.cuda.empty_cache()
+            row.update(path="batched", batch_size=size, chunk=chunk)
+            rows.append(row)
+            print(f"[bench] {row}", flush=True)
+    if args.old_batch_size:
+        # Old path vs the batched path on the very same batches (the config's batch size).
+        for name, make in (("per_sequence", per_sequence_gto_experience), ("batched", gto_experience)):
+            if name == "per_sequence":  # as it ran before (positions_per_forward was 32)
+                cfg = with_chunks(config, 1, args.old_positions_per_forward)
+            else:
+                cfg = with_chunks(config, *_best_chunk(rows, config))
+            row = measure_gto(worker, cfg, old_batches, drafter, reference, make)
+            row.update(path=name, batch_size=args.old_batch_size,
+                       chunk=f"{cfg.gto.sequences_per_forward}x{cfg.gto.positions_per_forward}", same_batches=True)
+            rows.append(row)
+            print(f"[bench] {row}", flush=True)
+    ceiling_rate = result["prefill_ceiling_tok_s"]
+    for row in rows:
+        if "tok_s" in row:
+            row["ceiling_ratio"] = row["tok_s"] / ceiling_rate
+            row["target_work_ratio"] = row["target_tokens_per_s"] / ceiling_rate
+    result["rows"] = rows
+    best = max((r for r in rows if r["path"] == "batched" and "tok_s" in r), key=lambda r: r["tok_s"])
+    result["gto_tok_s"] = best["tok_s"]
+    result["gto_ceiling_ratio"] = best["ceiling_ratio"]
+    result["gto_best"] = {k: best[k] for k in ("batch_size", "chunk")}
+    same = {r["path"]: r for r in rows if r.get("same_batches")}
+    if len(same) == 2:
+        result["batched_over_per_sequence"] = same["batched"]["tok_s"] / same["per_sequence"]["tok_s"]
+    mean_len = sum(r["tokens"] for r in rows if "tokens" in r) / max(1, sum(r["batches"] * r["batch_size"] for r in rows if "tokens" in r))
+    per_seq_tree = 2 * result["tree_nodes"] * config.gto.groups_per_sequence * config.gto.group_size
+    result["mean_sequence_tokens"] = mean_len
+    result["work_bound_ratio"] = mean_len / (mean_len + per_seq_tree)  # if tree tokens cost a prefill token
+
+    if args.graphs and device.type == "cuda":
+        seqs, positions = (int(x) for x in best["chunk"].split("x"))
+        try:
+            result["verification_graph"] = verification_graph_gain(
+                worker.fast, min(seqs, best["batch_size"]), args.max_length, 2 * positions * result["tree_nodes"])
+        except Exception as error:  # report, do not lose the run
+            result["verification_graph"] = {"error": repr(error)}
+        print(f"[bench] graphs: {result['verification_graph']}", flush=True)
+    if args.profile:
+        seqs, positions = (int(x) for x in best["chunk"].split("x"))
+        batch = sample_batches(dataset, pad_id, best["batch_size"], 1, seed=999)[0]
+        result["profile"] = str(profile_batch(worker, with_chunks(config, seqs, positions), batch, drafter, reference, out))
+
+    (out / "gto_throughput.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "gto_throughput.md").write_text(markdown(result))
+    print(markdown(result), flush=True)
+    return result
+
+
+def _best_chunk(rows: list[dict], config) -> tuple[int, int]:
+    done = [r for r in rows if r["path"] == "batched" and "tok_s" in r]
+    if not done:
+        return config.gto.sequences_per_forward, config.gto.positions_per_forward
+    seqs, positions = max(done, key=lambda r: r["tok_s"])["chunk"].split("x")
+    return int(seqs), int(positions)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# GTO experience throughput ({result['device']}, target {result['dtype']}, drafter {result['drafter_dtype']})",
+        "",
+        f"Prefill ceiling: **{result['prefill_ceiling_tok_s']:.0f} tok/s** (best of B in "
+        f"{list(result['prefill_ceiling_by_batch'])} x {result['prefill_ceiling_length']} tokens). "
+        f"GTO tree: {result['tree_nodes']} nodes, {result['gto']['groups_per_sequence']} x "
+        f"{result['gto']['group_size']} positions per sequence, 2 trees each.",
+        "",
+        "| path | batch | S x C | GTO tok/s | / ceiling | tree tok/s | (seq + tree) tok/s / ceiling | s / batch | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['path']} | {r['batch_size']} | {r['chunk']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['path']}{' (same batches)' if r.get('same_batches') else ''} | {r['batch_size']} | {r['chunk']} | "
+            f"{r['tok_s']:.0f} | {r['ceiling_ratio']:.2%} | {r['tree_tokens_per_s']:.0f} | "
+            f"{r['target_work_ratio']:.1%} | {r['seconds_per_batch']:.3f} | {r['peak_gb']:.1f} |"
+        )
+    lines += ["", f"Best GTO: {result['gto_tok_s']:.0f} tok/s = {result['gto_ceiling_ratio']:.2%} of the ceiling "
+              f"(batch {result['gto_best']['batch_size']}, S x C {result['gto_best']['chunk']})."]
+    if "batched_over_per_sequence" in result:
+        lines.append(f"Batched over per-sequence on the same batches: {result['batched_over_per_sequence']:.1f}x.")
+    lines.append(f"Work bound: sequences average {result['mean_sequence_tokens']:.0f} tokens; if a tree token "
+                 f"cost what a prefill token costs, GTO could reach {result['work_bound_ratio']:.1%} of the ceiling.")
+    if "verification_graph" in result:
+        g = result["verification_graph"]
+        lines.append(f"CUDA graph of one verification forward: {g}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="smollm2", help="built-in name, .gguf file or HF directory")
+    parser.add_argument("--drafter", default=None, help="EAGLE-3 drafter directory (default: random init)")
+    parser.add_argument("--data", default="sharegpt", help="'sharegpt' or a conversations file (JSONL/JSON/parquet)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="target dtype (default bf16 on GPU)")
+    parser.add_argument("--drafter-dtype", default="float32", choices=sorted(DTYPES),
+                        help="the trainer's rollouts run the drafter in fp32")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-records", type=int, default=2000)
+    parser.add_argument("--draft-vocab-size", type=int, default=32000)
+    parser.add_argument("--batch-sizes", default="4,16,32", help="GTO batch sizes of the batched path")
+    parser.add_argument("--chunks", default="16x8,32x4,16x16", help="S x C settings (sequences x positions per forward)")
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per setting (after one warm-up)")
+    parser.add_argument("--old-batch-size", type=int, default=4, help="batch size of the old-vs-new comparison (0: skip)")
+    parser.add_argument("--old-positions-per-forward", type=int, default=32,
+                        help="the old path's positions per forward (its default before the batched path)")
+    parser.add_argument("--ceiling-batches", default="8,16,32,64")
+    parser.add_argument("--ceiling-length", type=int, default=2048)
+    parser.add_argument("--set", action="append", default=[], help="config override, e.g. gto.tree_depth=6")
+    parser.add_argument("--graphs", action="store_true", help="eager vs CUDA-graph replay of one verification forward")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of one batch")
+    parser.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        for key, value in TINY.items():
+            setattr(args, key, value if key != "set" else value + args.set)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
