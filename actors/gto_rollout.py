@@ -64,6 +64,7 @@ def batched_tree_options(gto) -> BatchedTreeOptions:
         tree=tree_config(gto), reward_temperature=gto.reward_temperature, eta=gto.eta,
         aggregation=gto.reward, sequences_per_forward=gto.sequences_per_forward,
         positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
+        tree_autocast=gto.tree_precision == "bf16",
     )
 
 
@@ -77,6 +78,20 @@ def batch_windows(
         choose_windows(valid_indices(loss_mask[s], length), gto.group_size, gto.groups_per_sequence, generator)
         for s, length in enumerate(lengths)
     ]
+
+
+def position_slots(windows: list[list[list[int]]], slots: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """(indices [B, slots] 0-padded, positions per sequence, group id of every position in
+    batch order): groups are numbered across the batch, window by window."""
+    indices = torch.zeros(len(windows), slots, dtype=torch.long)
+    counts, group, next_group = [], [], 0
+    for s, chosen in enumerate(windows):
+        flat = [t for w in chosen for t in w]
+        indices[s, : len(flat)] = torch.tensor(flat, dtype=torch.long)
+        counts.append(len(flat))
+        group += [next_group + g for g, w in enumerate(chosen) for _ in w]
+        next_group += len(chosen)
+    return indices, counts, torch.tensor(group, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -96,16 +111,9 @@ def gto_experience(
     attention_mask = batch["attention_mask"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     lengths = [int(n) for n in attention_mask.sum(-1).tolist()]
-    windows = batch_windows(loss_mask, lengths, gto, seed)
+    windows = batch_windows(batch["loss_mask"].cpu(), lengths, gto, seed)  # host-side choices
     slots = gto.groups_per_sequence * gto.group_size
-    indices = torch.zeros(len(lengths), slots, dtype=torch.long)
-    counts, groups, group_of = [], 0, []  # group_of[s]: the group id of each position of s
-    for s, chosen in enumerate(windows):
-        flat = [t for w in chosen for t in w]
-        indices[s, : len(flat)] = torch.tensor(flat, dtype=torch.long)
-        counts.append(len(flat))
-        group_of.append([groups + g for g, w in enumerate(chosen) for _ in w])
-        groups += len(chosen)
+    indices, counts, groups = position_slots(windows, slots)
 
     was_training = (drafter.training, reference.training)
     drafter.eval(), reference.eval()
@@ -127,30 +135,32 @@ def gto_experience(
     rows = {
         "sequence": torch.arange(len(lengths), device=device)[:, None].expand(-1, slots)[used],
         "index": indices.to(device)[used],
-        "group": torch.tensor([g for per_seq in group_of for g in per_seq], dtype=torch.long, device=device),
+        "group": groups.to(device),
         "path_ids": trees.path_ids[used],
     }
     for key in ("path_length", "reward", "reference_reward", "expected_length",
-                "reference_expected_length", "rollout_path_logprob"):
+                "reference_expected_length", "rollout_path_logprob", "reference_path_logprob"):
         rows[key] = getattr(trees, key)[used]
     return _finish(sft, rows, reference, gto, drafter_version)
 
 
 def _finish(sft: SFTExperience, rows: dict[str, torch.Tensor], reference: Eagle3Drafter, gto,
             drafter_version: int) -> GTOExperience:
-    """The experience from its per-position rows; the reference drafter's log-probability of
-    each accepted path is one batched replay over the whole batch."""
+    """The experience from its per-position rows; unless the rows bring it, the reference
+    drafter's log-probability of each accepted path is one batched replay over the whole batch."""
     device = sft.input_ids.device
     if rows["index"].numel() == 0:
         empty = torch.zeros(0, device=device)
         fields = {key: empty.long() if key in ("sequence", "index", "group", "path_length") else empty
                   for key in rows}
         fields["path_ids"] = torch.zeros(0, gto.tree_depth, dtype=torch.long, device=device)
-        return GTOExperience(sft=sft, reference_path_logprob=empty, drafter_version=drafter_version, **fields)
-    rows["reference_path_logprob"] = path_logprob(
-        reference, sft.input_ids, sft.attention_mask, sft.aux_hidden,
-        rows["sequence"], rows["index"], rows["path_ids"], rows["path_length"],
-    )
+        fields["reference_path_logprob"] = empty
+        return GTOExperience(sft=sft, drafter_version=drafter_version, **fields)
+    if "reference_path_logprob" not in rows:
+        rows["reference_path_logprob"] = path_logprob(
+            reference, sft.input_ids, sft.attention_mask, sft.aux_hidden,
+            rows["sequence"], rows["index"], rows["path_ids"], rows["path_length"],
+        )
     return GTOExperience(sft=sft, drafter_version=drafter_version, **rows)
 
 

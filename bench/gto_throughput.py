@@ -42,10 +42,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from actors.gto_rollout import gto_experience, per_sequence_gto_experience, tree_config  # noqa: E402
+from actors.gto_rollout import (  # noqa: E402
+    batch_windows,
+    batched_tree_options,
+    gto_experience,
+    per_sequence_gto_experience,
+    position_slots,
+    tree_config,
+)
 from actors.target_worker import TargetWorker  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.drafter_blueprint import make_blueprint  # noqa: E402
+from speculative.batched_trees import score_trees_at_positions  # noqa: E402
 from speculative.data import build_dataset, collate  # noqa: E402
 from speculative.llama import FastLlama, causal_slot_mask  # noqa: E402
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target  # noqa: E402
@@ -55,8 +63,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 # --tiny: sizes for a CPU smoke run of the very same code (the real target, small everything).
 TINY = {
-    "max_length": 96, "max_records": 64, "batch_sizes": "2", "chunks": "2x2,1x4", "batches": 1,
-    "old_batch_size": 2, "old_positions_per_forward": 4, "ceiling_batches": "1,2", "ceiling_length": 64, "draft_vocab_size": 512,
+    "max_length": 64, "max_records": 48, "batch_sizes": "2", "chunks": "2x2", "precisions": "fp32,bf16",
+    "batches": 1, "old_batch_size": 2, "old_positions_per_forward": 4, "ceiling_batches": "2",
+    "ceiling_length": 32, "draft_vocab_size": 256,
     "set": ["gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8", "gto.group_size=3",
             "gto.groups_per_sequence=2"],
 }
@@ -163,6 +172,30 @@ def verification_graph_gain(fast: FastLlama, seqs: int, width: int, nodes: int, 
             "graph_speedup": eager / replay}
 
 
+@torch.no_grad()
+def sharing_stats(worker, config, batch, drafter, reference) -> dict[str, float]:
+    """How many reference-tree nodes the packed verification read from the current trees."""
+    gto = config.gto
+    lengths = [int(n) for n in batch["attention_mask"].sum(-1).tolist()]
+    indices, counts, _ = position_slots(batch_windows(batch["loss_mask"], lengths, gto, 0),
+                                        gto.groups_per_sequence * gto.group_size)
+    trees = score_trees_at_positions(worker.fast, drafter, reference, batch["input_ids"].to(worker.target.device),
+                                     lengths, indices, counts, worker.draft_to_target, batched_tree_options(gto))
+    nodes = tree_size(tree_config(gto), drafter.config.draft_vocab_size)[0]
+    return {"shared_fraction": trees.shared_nodes / max(1, sum(counts) * nodes),
+            "verified_slots": trees.verified_nodes, "tree_nodes": 2 * sum(counts) * nodes}
+
+
+def perturbed(drafter, noise: float, seed: int = 0):
+    """A copy of ``drafter`` with every trainable weight moved by ``noise`` x its mean |w|."""
+    copy_ = copy.deepcopy(drafter)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in copy_.trainable_parameters():
+            p.add_((noise * p.abs().mean()) * torch.randn(p.shape, generator=generator).to(p))
+    return copy_
+
+
 def profile_batch(worker, config, batch, drafter, reference, out: Path) -> Path:
     """torch.profiler over one batched experience; the top ops and the gto/* stages."""
     from torch.profiler import ProfilerActivity, profile
@@ -178,9 +211,10 @@ def profile_batch(worker, config, batch, drafter, reference, out: Path) -> Path:
     return path
 
 
-def with_chunks(config, seqs: int, positions: int):
-    gto = config.gto.model_copy(update={"sequences_per_forward": seqs, "positions_per_forward": positions})
-    return config.model_copy(update={"gto": gto})
+def with_gto(config, **gto):
+    """``config`` with ``gto.*`` fields replaced (validated)."""
+    section = type(config.gto).model_validate({**config.gto.model_dump(), **gto})
+    return config.model_copy(update={"gto": section})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,50 +256,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     seed = 0
-    old_batches = sample_batches(dataset, pad_id, args.old_batch_size, args.batches + 1, seed=1000)
+    old_batches = sample_batches(dataset, pad_id, args.old_batch_size or 1, args.batches + 1, seed=1000)
     for size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = sample_batches(dataset, pad_id, size, args.batches + 1, seed=seed)
         seed += 1
-        for chunk in args.chunks.split(","):
-            seqs, positions = (int(x) for x in chunk.split("x"))
-            cfg = with_chunks(config, seqs, positions)
-            try:
-                row = measure_gto(worker, cfg, batches, drafter, reference, gto_experience)
-            except torch.OutOfMemoryError as error:
-                row = {"error": f"out of memory: {str(error).splitlines()[0]}"}
-                torch.cuda.empty_cache()
-            row.update(path="batched", batch_size=size, chunk=chunk)
-            rows.append(row)
-            print(f"[bench] {row}", flush=True)
+        for precision in args.precisions.split(","):
+            for chunk in args.chunks.split(","):
+                seqs, positions = (int(x) for x in chunk.split("x"))
+                cfg = with_gto(config, sequences_per_forward=seqs, positions_per_forward=positions,
+                               tree_precision=precision)
+                rows.append(measured("batched", size, chunk, precision,
+                                     lambda: measure_gto(worker, cfg, batches, drafter, reference, gto_experience)))
+    best = _best(rows)
+    if best is not None and args.reference_noise > 0:
+        # The worst case for node sharing: a reference that has drifted from the drafter.
+        size, chunk, precision = best["batch_size"], best["chunk"], best["precision"]
+        seqs, positions = (int(x) for x in chunk.split("x"))
+        cfg = with_gto(config, sequences_per_forward=seqs, positions_per_forward=positions, tree_precision=precision)
+        batches = sample_batches(dataset, pad_id, size, args.batches + 1, seed=2000)
+        drifted = perturbed(reference, args.reference_noise).eval()
+        row = measured("batched, reference drifted", size, chunk, precision,
+                       lambda: measure_gto(worker, cfg, batches, drafter, drifted, gto_experience))
+        row["reference_noise"] = args.reference_noise
+        rows.append(row)
+        result["sharing"] = {"reference = drafter": sharing_stats(worker, cfg, batches[0], drafter, reference),
+                             f"reference noise {args.reference_noise}": sharing_stats(worker, cfg, batches[0], drafter, drifted)}
+        print(f"[bench] sharing {result['sharing']}", flush=True)
+        del drifted
     if args.old_batch_size:
         # Old path vs the batched path on the very same batches (the config's batch size).
-        for name, make in (("per_sequence", per_sequence_gto_experience), ("batched", gto_experience)):
-            if name == "per_sequence":  # as it ran before (positions_per_forward was 32)
-                cfg = with_chunks(config, 1, args.old_positions_per_forward)
-            else:
-                cfg = with_chunks(config, *_best_chunk(rows, config))
-            row = measure_gto(worker, cfg, old_batches, drafter, reference, make)
-            row.update(path=name, batch_size=args.old_batch_size,
-                       chunk=f"{cfg.gto.sequences_per_forward}x{cfg.gto.positions_per_forward}", same_batches=True)
-            rows.append(row)
-            print(f"[bench] {row}", flush=True)
+        old_cfg = with_gto(config, sequences_per_forward=1, positions_per_forward=args.old_positions_per_forward,
+                           tree_precision="fp32")
+        rows.append(measured("per_sequence", args.old_batch_size, f"1x{args.old_positions_per_forward}", "fp32",
+                             lambda: measure_gto(worker, old_cfg, old_batches, drafter, reference,
+                                                 per_sequence_gto_experience), same_batches=True))
+        for precision in sorted({"fp32", best["precision"] if best else "fp32"}):
+            chunk = best["chunk"] if best else "16x8"
+            seqs, positions = (int(x) for x in chunk.split("x"))
+            cfg = with_gto(config, sequences_per_forward=seqs, positions_per_forward=positions, tree_precision=precision)
+            rows.append(measured("batched", args.old_batch_size, chunk, precision,
+                                 lambda: measure_gto(worker, cfg, old_batches, drafter, reference, gto_experience),
+                                 same_batches=True))
     ceiling_rate = result["prefill_ceiling_tok_s"]
     for row in rows:
         if "tok_s" in row:
             row["ceiling_ratio"] = row["tok_s"] / ceiling_rate
             row["target_work_ratio"] = row["target_tokens_per_s"] / ceiling_rate
     result["rows"] = rows
-    best = max((r for r in rows if r["path"] == "batched" and "tok_s" in r), key=lambda r: r["tok_s"])
+    best = _best(rows)
     result["gto_tok_s"] = best["tok_s"]
     result["gto_ceiling_ratio"] = best["ceiling_ratio"]
-    result["gto_best"] = {k: best[k] for k in ("batch_size", "chunk")}
-    same = {r["path"]: r for r in rows if r.get("same_batches")}
-    if len(same) == 2:
-        result["batched_over_per_sequence"] = same["batched"]["tok_s"] / same["per_sequence"]["tok_s"]
-    mean_len = sum(r["tokens"] for r in rows if "tokens" in r) / max(1, sum(r["batches"] * r["batch_size"] for r in rows if "tokens" in r))
+    result["gto_best"] = {k: best[k] for k in ("batch_size", "chunk", "precision")}
+    same = [r for r in rows if r.get("same_batches") and "tok_s" in r]
+    old = [r for r in same if r["path"] == "per_sequence"]
+    new = [r for r in same if r["path"] == "batched"]
+    if old and new:
+        result["batched_over_per_sequence"] = {r["precision"]: r["tok_s"] / old[0]["tok_s"] for r in new}
+    timed_rows = [r for r in rows if "tokens" in r]
+    mean_len = sum(r["tokens"] for r in timed_rows) / max(1, sum(r["batches"] * r["batch_size"] for r in timed_rows))
     per_seq_tree = 2 * result["tree_nodes"] * config.gto.groups_per_sequence * config.gto.group_size
     result["mean_sequence_tokens"] = mean_len
     result["work_bound_ratio"] = mean_len / (mean_len + per_seq_tree)  # if tree tokens cost a prefill token
+    result["work_bound_ratio_shared"] = mean_len / (mean_len + per_seq_tree / 2)  # reference fully shared
 
     if args.graphs and device.type == "cuda":
         seqs, positions = (int(x) for x in best["chunk"].split("x"))
@@ -278,7 +330,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         seqs, positions = (int(x) for x in best["chunk"].split("x"))
         batch = sample_batches(dataset, pad_id, best["batch_size"], 1, seed=999)[0]
-        result["profile"] = str(profile_batch(worker, with_chunks(config, seqs, positions), batch, drafter, reference, out))
+        cfg = with_gto(config, sequences_per_forward=seqs, positions_per_forward=positions,
+                       tree_precision=best["precision"])
+        result["profile"] = str(profile_batch(worker, cfg, batch, drafter, reference, out))
 
     (out / "gto_throughput.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "gto_throughput.md").write_text(markdown(result))
@@ -286,44 +340,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _best_chunk(rows: list[dict], config) -> tuple[int, int]:
-    done = [r for r in rows if r["path"] == "batched" and "tok_s" in r]
-    if not done:
-        return config.gto.sequences_per_forward, config.gto.positions_per_forward
-    seqs, positions = max(done, key=lambda r: r["tok_s"])["chunk"].split("x")
-    return int(seqs), int(positions)
+def _best(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if r["path"] == "batched" and "tok_s" in r and not r.get("same_batches")]
+    return max(done, key=lambda r: r["tok_s"]) if done else None
+
+
+def measured(path: str, size: int, chunk: str, precision: str, measure, **extra) -> dict[str, Any]:
+    """One table row: ``measure()``'s figures, or the out-of-memory error that stopped it."""
+    try:
+        row = measure()
+    except torch.OutOfMemoryError as error:
+        row = {"error": f"out of memory: {str(error).splitlines()[0][:120]}"}
+        torch.cuda.empty_cache()
+    row.update(path=path, batch_size=size, chunk=chunk, precision=precision, **extra)
+    print(f"[bench] {row}", flush=True)
+    return row
 
 
 def markdown(result: dict[str, Any]) -> str:
+    gto = result["gto"]
     lines = [
-        f"# GTO experience throughput ({result['device']}, target {result['dtype']}, drafter {result['drafter_dtype']})",
+        f"# GTO experience throughput ({result['device']}, target {result['dtype']}, drafter weights "
+        f"{result['drafter_dtype']})",
         "",
-        f"Prefill ceiling: **{result['prefill_ceiling_tok_s']:.0f} tok/s** (best of B in "
-        f"{list(result['prefill_ceiling_by_batch'])} x {result['prefill_ceiling_length']} tokens). "
-        f"GTO tree: {result['tree_nodes']} nodes, {result['gto']['groups_per_sequence']} x "
-        f"{result['gto']['group_size']} positions per sequence, 2 trees each.",
+        f"Prefill ceiling: **{result['prefill_ceiling_tok_s']:.0f} tok/s** (best B of "
+        f"{list(result['prefill_ceiling_by_batch'])} x {result['prefill_ceiling_length']} tokens; per B: "
+        + ", ".join(f"{b}: {r:.0f}" for b, r in result["prefill_ceiling_by_batch"].items()) + "). "
+        f"GTO: {result['tree_nodes']}-node trees (depth {gto['tree_depth']}, top-{gto['tree_top_k']}), "
+        f"{gto['groups_per_sequence']} x {gto['group_size']} positions per sequence, 2 trees each; "
+        f"data max_length {result['max_length']}, drafter {result['drafter']}.",
         "",
-        "| path | batch | S x C | GTO tok/s | / ceiling | tree tok/s | (seq + tree) tok/s / ceiling | s / batch | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "S x C = sequences x positions per forward; precision = gto.tree_precision; GTO tok/s = the "
+        "pipeline's rollout_tokens_per_s (real sequence tokens); tree tok/s = 2 x N x positions per "
+        "second; work / ceiling = (sequence + tree tokens)/s over the ceiling.",
+        "",
+        "| path | batch | S x C | precision | GTO tok/s | / ceiling | tree tok/s | work / ceiling | s / batch | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        name = r["path"] + (" (same batches)" if r.get("same_batches") else "")
+        head = f"| {name} | {r['batch_size']} | {r['chunk']} | {r['precision']} |"
         if "error" in r:
-            lines.append(f"| {r['path']} | {r['batch_size']} | {r['chunk']} | {r['error']} | | | | | |")
+            lines.append(f"{head} {r['error']} | | | | | |")
             continue
         lines.append(
-            f"| {r['path']}{' (same batches)' if r.get('same_batches') else ''} | {r['batch_size']} | {r['chunk']} | "
-            f"{r['tok_s']:.0f} | {r['ceiling_ratio']:.2%} | {r['tree_tokens_per_s']:.0f} | "
+            f"{head} {r['tok_s']:.0f} | {r['ceiling_ratio']:.2%} | {r['tree_tokens_per_s']:.0f} | "
             f"{r['target_work_ratio']:.1%} | {r['seconds_per_batch']:.3f} | {r['peak_gb']:.1f} |"
         )
-    lines += ["", f"Best GTO: {result['gto_tok_s']:.0f} tok/s = {result['gto_ceiling_ratio']:.2%} of the ceiling "
-              f"(batch {result['gto_best']['batch_size']}, S x C {result['gto_best']['chunk']})."]
+    best = result["gto_best"]
+    lines += ["", f"Best GTO: **{result['gto_tok_s']:.0f} tok/s = {result['gto_ceiling_ratio']:.2%} of the "
+              f"ceiling** (batch {best['batch_size']}, S x C {best['chunk']}, {best['precision']})."]
     if "batched_over_per_sequence" in result:
-        lines.append(f"Batched over per-sequence on the same batches: {result['batched_over_per_sequence']:.1f}x.")
-    lines.append(f"Work bound: sequences average {result['mean_sequence_tokens']:.0f} tokens; if a tree token "
-                 f"cost what a prefill token costs, GTO could reach {result['work_bound_ratio']:.1%} of the ceiling.")
+        ratios = ", ".join(f"{p}: {x:.1f}x" for p, x in result["batched_over_per_sequence"].items())
+        lines.append(f"Batched over per-sequence on the same batches: {ratios}.")
+    lines.append(
+        f"Work bound: sequences average {result['mean_sequence_tokens']:.0f} tokens; if a tree token cost "
+        f"what a prefill token costs, GTO could reach {result['work_bound_ratio']:.1%} of the ceiling "
+        f"({result['work_bound_ratio_shared']:.1%} with the reference tree fully shared).")
+    if "sharing" in result:
+        lines.append("Reference nodes read from the current tree: " + ", ".join(
+            f"{k}: {v['shared_fraction']:.0%}" for k, v in result["sharing"].items()) + ".")
     if "verification_graph" in result:
-        g = result["verification_graph"]
-        lines.append(f"CUDA graph of one verification forward: {g}")
+        lines.append(f"CUDA graph of one verification-sized forward: {result['verification_graph']}")
     return "\n".join(lines) + "\n"
 
 
@@ -341,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-records", type=int, default=2000)
     parser.add_argument("--draft-vocab-size", type=int, default=32000)
-    parser.add_argument("--batch-sizes", default="4,16,32", help="GTO batch sizes of the batched path")
-    parser.add_argument("--chunks", default="16x8,32x4,16x16", help="S x C settings (sequences x positions per forward)")
+    parser.add_argument("--batch-sizes", default="8,32,64", help="GTO batch sizes of the batched path")
+    parser.add_argument("--chunks", default="16x8,32x8,64x4", help="S x C settings (sequences x positions per forward)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="gto.tree_precision values to measure")
+    parser.add_argument("--reference-noise", type=float, default=0.05,
+                        help="also time the best setting against a reference moved by this x mean|w| (0: skip)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per setting (after one warm-up)")
     parser.add_argument("--old-batch-size", type=int, default=4, help="batch size of the old-vs-new comparison (0: skip)")
     parser.add_argument("--old-positions-per-forward", type=int, default=32,

@@ -73,6 +73,10 @@ class GTOSection(Section):
     sequences_per_forward: int = Field(
         16, ge=1, description="sequences prefilled, tree-searched and verified together (memory: "
         "the drafter's level logits are S * groups_per_sequence * group_size * top_k * draft_vocab floats)")
+    tree_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="drafter arithmetic while growing the trees: fp32 (the drafter's own "
+        "weights, as the engine's tests run) or bf16 autocast (as the drafter is served and as "
+        "the learner replays paths; ~10x less drafter time on GPU, trees can differ at near-ties)")
     share_reference_nodes: bool = Field(
         True, description="verify a reference-tree node once when the current tree has the same "
         "path (the same target context): exact, halves verification at M = M0; off only to measure")

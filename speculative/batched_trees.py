@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from speculative.drafter import Eagle3Drafter
 from speculative.llama import FastLlama, causal_slot_mask
@@ -56,6 +57,7 @@ class BatchedTreeOptions:
     positions_per_forward: int = 8  # C: positions of each sequence per verification forward
     length_multiple: int = 64  # pad each chunk's width to a multiple (a few static shapes)
     share_nodes: bool = True  # verify a reference node once when the current tree has it too
+    tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -80,6 +82,7 @@ class BatchedTrees:
     path_ids: torch.Tensor  # [B, P, depth] draft ids, 0-padded
     path_length: torch.Tensor  # [B, P]
     rollout_path_logprob: torch.Tensor  # [B, P] log q(path) under the current drafter
+    reference_path_logprob: torch.Tensor  # [B, P] log q0(path) under the reference drafter
     verified_nodes: int = 0  # tree slots the target verified (padding slots included)
     shared_nodes: int = 0  # reference-tree nodes read from the current tree's rows
 
@@ -142,50 +145,78 @@ class RootedTreeCache:
 
 
 @dataclass
-class _DrafterStepOne:
-    keys: torch.Tensor  # [S, h, T, d]
+class RootedStepOne:
+    """A drafter's step 1 over S sequences, seen from P roots each: what every tree (and every
+    replayed path) of those roots starts from."""
+
+    keys: torch.Tensor  # [S, h, T, d] step-1 keys of every index
     values: torch.Tensor
-    logits: torch.Tensor  # [S, T, Vd] at index t: the distribution over x_{t+2}
-    hidden: torch.Tensor  # [S, T, H]
+    indices: torch.Tensor  # [S, P] root indices t (the root token x_{t+1} sits at t + 1)
+    root_logits: torch.Tensor  # [S*P, Vd] the drafter at index t: its distribution over x_{t+2}
+    root_hidden: torch.Tensor  # [S*P, H] its pre-norm output there
+
+    def cache(self) -> RootedTreeCache:
+        visible = torch.arange(self.keys.shape[-2], device=self.indices.device)[None, None] <= self.indices[..., None]
+        return RootedTreeCache(self.keys, self.values, visible)
 
 
 @torch.no_grad()
-def drafter_step_one(drafter: Eagle3Drafter, input_ids: torch.Tensor, aux_hidden: torch.Tensor) -> _DrafterStepOne:
+def drafter_step_one(
+    drafter: Eagle3Drafter, input_ids: torch.Tensor, aux_hidden: torch.Tensor, indices: torch.Tensor
+) -> RootedStepOne:
     """Index t feeds x_{t+1} at position t+1 with fc(aux_t), causally (TTT step 1 = inference),
-    for every sequence of ``input_ids [S, T]`` at once."""
+    for every sequence of ``input_ids [S, T]`` at once; kept at the roots ``indices [S, P]``."""
     seqs, length = input_ids.shape
     tokens = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last index has no next token
     positions = torch.arange(1, length + 1, device=input_ids.device).expand(seqs, length)
     cache = _SequenceKeys()
     logits, hidden = drafter(tokens, drafter.fuse_target_hidden(aux_hidden), positions, cache)
-    return _DrafterStepOne(cache.keys, cache.values, logits, hidden)
+    rows = torch.arange(seqs, device=input_ids.device)[:, None]
+    return RootedStepOne(cache.keys, cache.values, indices, logits[rows, indices].flatten(0, 1),
+                         hidden[rows, indices].flatten(0, 1))
 
 
 @torch.no_grad()
-def grow_trees_at(
-    drafter: Eagle3Drafter, step_one: _DrafterStepOne, indices: torch.Tensor, config: TreeConfig
-) -> DraftTree:
-    """One tree per root index in ``indices [S, P]`` (tree row s*P + p), all grown together;
-    the same trees as ``speculative.position_trees.build_trees_at`` per sequence."""
-    seqs, positions = indices.shape
-    length = step_one.keys.shape[-2]
-    device = indices.device
-    visible = torch.arange(length, device=device)[None, None] <= indices[..., None]  # [S, P, T]
-    cache = RootedTreeCache(step_one.keys, step_one.values, visible)
-    rows = torch.arange(seqs, device=device)[:, None]
-    root_logits = step_one.logits[rows, indices].reshape(seqs * positions, -1)
-    root_hidden = step_one.hidden[rows, indices].reshape(seqs * positions, -1)
+def grow_trees_at(drafter: Eagle3Drafter, step_one: RootedStepOne, config: TreeConfig) -> DraftTree:
+    """One tree per root (tree row s*P + p), all grown together; the same trees as
+    ``speculative.position_trees.build_trees_at`` per sequence."""
+    cache = step_one.cache()
 
     def feed(ids, hidden, pos, tree_mask):
         cache.tree_mask = tree_mask
         return drafter(ids, hidden, pos, cache)
 
     tree, closed = grow_draft_tree(
-        drafter, feed, root_logits, root_hidden, (indices + 1).reshape(-1), config, keep_dists=False
+        drafter, feed, step_one.root_logits, step_one.root_hidden, (step_one.indices + 1).reshape(-1),
+        config, keep_dists=False,
     )
     if not bool(closed):
         raise RuntimeError("draft tree selection is not ancestor-closed")
     return tree
+
+
+@torch.no_grad()
+def path_logprob_at(
+    drafter: Eagle3Drafter, step_one: RootedStepOne, path_ids: torch.Tensor, path_length: torch.Tensor
+) -> torch.Tensor:
+    """log q(path) [S*P] of each root's path (draft ids ``path_ids [S*P, D]``, the first
+    ``path_length`` count) under ``drafter``: ``speculative.ttt.path_logprob``'s chain, replayed
+    at the roots only (width-1 steps over the step-1 keys) instead of at every index."""
+    total = torch.zeros(path_ids.shape[0], device=path_ids.device)
+    steps = int(path_length.max()) if path_length.numel() else 0
+    if steps == 0:
+        return total
+    cache = step_one.cache()
+    logits, hidden = step_one.root_logits, step_one.root_hidden
+    roots = (step_one.indices + 1).reshape(-1, 1)
+    for k in range(steps):
+        if k > 0:  # feed the path's (k-1)th node at its position, after its ancestors
+            cache.tree_mask = torch.ones(path_ids.shape[0], 1, k, dtype=torch.bool, device=path_ids.device)
+            out, prenorm = drafter(drafter.to_target_ids(path_ids[:, k - 1 : k]), hidden[:, None], roots + k, cache)
+            logits, hidden = out[:, 0], prenorm[:, 0]
+        step = torch.log_softmax(logits.float(), dim=-1).gather(1, path_ids[:, k : k + 1]).squeeze(1)
+        total = total + step * (k < path_length)
+    return total
 
 
 @torch.no_grad()
@@ -233,8 +264,9 @@ def score_trees_at_positions(
         # 1. Target prefill: the learner's features and the cache the trees are verified against.
         cache = fast.new_cache(len(members), padded + room)
         seq_pos = torch.arange(padded, device=device)
-        prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0,
-                       causal_slot_mask(0, padded, padded, len(members), device=device))
+        with record_function("gto/prefill"):
+            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0,
+                           causal_slot_mask(0, padded, padded, len(members), device=device))
         real = (seq_pos[None] < torch.tensor([lengths[b] for b in members], device=device)[:, None])
         real = real[:, :copy]
         logits = prefill.logits[:, :copy]
@@ -253,11 +285,15 @@ def score_trees_at_positions(
         del prefill, logits
 
         # 2-3. Both drafters' step 1 and all their trees.
-        trees = []
-        for model in (drafter, reference):
-            trees.append(grow_trees_at(model, drafter_step_one(model, ids, aux), idx, tree_cfg))
+        trees, step_ones = [], []
+        with record_function("gto/trees"), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                          enabled=options.tree_autocast):
+            for model in (drafter, reference):
+                step_ones.append(drafter_step_one(model, ids, aux, idx))
+                trees.append(grow_trees_at(model, step_ones[-1], tree_cfg))
         current, ref = trees
-        del aux
+        ref_step_one = None if options.tree_autocast else step_ones[1]  # reused by the path replay
+        del step_ones
 
         # 4. Verification, C positions of every sequence per forward: per sequence the C current
         # trees, then the reference trees' nodes that the current ones lack.
@@ -267,10 +303,12 @@ def score_trees_at_positions(
             slots = torch.arange(first, first + chunk_pos, device=device)
             tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
             pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
-            packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, padded,
-                                     dedupe=options.share_nodes)
-            found = verify_packed(fast, cache, padded, packed, pair, root_logits[:, first : first + chunk_pos],
-                                  options.reward_temperature)
+            with record_function("gto/pack"):
+                packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, padded,
+                                         dedupe=options.share_nodes)
+            with record_function("gto/verify"):
+                found = verify_packed(fast, cache, padded, packed, pair,
+                                      root_logits[:, first : first + chunk_pos], options.reward_temperature)
             for target_at, part in zip(at, found):
                 _store(target_at, tree_rows, part)
             out.verified_nodes += int(packed.tokens.numel())
@@ -289,12 +327,21 @@ def score_trees_at_positions(
         out.path_ids[rows, :keep] = path_ids.view(*view, depth)[:, :keep]
         out.path_length[rows, :keep] = path_length.view(view)[:, :keep]
         out.rollout_path_logprob[rows, :keep] = logprob.view(view)[:, :keep]
+        # The PPO ratio's denominator: the reference drafter along the current tree's path, in
+        # the reference's own dtype (as ``speculative.ttt.path_logprob`` computes it).
+        with record_function("gto/reference_path_logprob"):
+            if ref_step_one is None:
+                ref_step_one = drafter_step_one(reference, ids, aux, idx)
+            ref_logprob = path_logprob_at(reference, ref_step_one, path_ids, path_length)
+            del ref_step_one
+        out.reference_path_logprob[rows, :keep] = ref_logprob.view(view)[:, :keep]
+        del aux
 
     # Padding slots were computed with index 0: zero them.
     slot = torch.arange(positions_per_seq, device=device)[None]
     pad = slot >= torch.tensor(counts, device=device)[:, None]
     for name in ("reward", "reference_reward", "expected_length", "reference_expected_length",
-                 "path_length", "rollout_path_logprob"):
+                 "path_length", "rollout_path_logprob", "reference_path_logprob"):
         getattr(out, name).masked_fill_(pad, 0)
     out.path_ids.masked_fill_(pad[..., None], 0)
     return out
@@ -314,7 +361,7 @@ def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, devi
         reward=per_slot(), reference_reward=per_slot(), expected_length=per_slot(),
         reference_expected_length=per_slot(),
         path_ids=torch.zeros(batch, positions, depth, dtype=torch.long, device=device),
-        path_length=per_slot(torch.long), rollout_path_logprob=per_slot(),
+        path_length=per_slot(torch.long), rollout_path_logprob=per_slot(), reference_path_logprob=per_slot(),
     )
 
 

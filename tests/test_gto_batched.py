@@ -178,7 +178,7 @@ def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair):
     indices = torch.tensor([[0, 5, 9, 13], [2, 3, 4, 12], [13, 1, 7, 0]])
     config = TreeConfig(depth=4, top_k=3, total_tokens=14)
     aux = torch.stack([prefill_sequence(fast, row, room=0).aux_hidden for row in ids])
-    batched = grow_trees_at(drafter, drafter_step_one(drafter, ids, aux), indices, config)
+    batched = grow_trees_at(drafter, drafter_step_one(drafter, ids, aux, indices), config)
     for s in range(3):
         per_seq = build_trees_at(drafter, drafter_prefix(drafter, ids[s], aux[s]), indices[s], config)
         rows = slice(4 * s, 4 * s + 4)
@@ -188,3 +188,19 @@ def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair):
         torch.testing.assert_close(batched.scores[rows], per_seq.scores, atol=1e-5, rtol=1e-5)
     assert batched.dists is None  # not kept for thousands of trees
 
+
+
+def test_bf16_trees_stay_close_to_fp32_trees(pair):
+    """``gto.tree_precision: bf16`` grows the trees under bf16 autocast: the arithmetic really
+    changes (log-probs differ) while the trees, paths and rewards stay nearly the same."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 3, 24, 4, seed=11)
+    worker = TargetWorker(target, drafter.draft_to_target)
+    common = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=3)
+    fp32 = gto_experience(worker, _config(**common), batch, drafter, reference, seed=2)
+    bf16 = gto_experience(worker, _config(tree_precision="bf16", **common), batch, drafter, reference, seed=2)
+    assert torch.equal(fp32.index, bf16.index)
+    assert not torch.equal(fp32.rollout_path_logprob, bf16.rollout_path_logprob)
+    assert float((fp32.path_length == bf16.path_length).float().mean()) >= 0.75
+    assert float((fp32.reward - bf16.reward).abs().mean()) < 0.1
+    torch.testing.assert_close(fp32.sft.aux_hidden, bf16.sft.aux_hidden)  # the target is untouched
