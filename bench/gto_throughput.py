@@ -236,7 +236,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     target_path = resolve_target(args.target, cache_dir)
     drafter = make_blueprint(config, target_path, dataset).build(target.embed_tokens.weight)
-    drafter = drafter.to(DTYPES[args.drafter_dtype]).to(device).eval()
+    drafter = drafter.to(device).eval()
+    for param in drafter.parameters():  # parameters only: RoPE's inv_freq stays fp32
+        param.data = param.data.to(DTYPES[args.drafter_dtype])
     reference = copy.deepcopy(drafter)  # M = M0, as at the start of GTO's phase II
     worker = TargetWorker(target, drafter.draft_to_target)
     print(f"[bench] target {args.target} ({dtype}) on {device}; {len(dataset)} samples; "
@@ -254,12 +256,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["prefill_ceiling_length"] = args.ceiling_length
     print(f"[bench] prefill ceiling {result['prefill_ceiling_tok_s']:.0f} tok/s ({ceiling})", flush=True)
 
+    PARTIAL.append((out / "gto_throughput.partial.json", dict(result)))
     rows = []
-    seed = 0
     old_batches = sample_batches(dataset, pad_id, args.old_batch_size or 1, args.batches + 1, seed=1000)
-    for size in [int(b) for b in args.batch_sizes.split(",")]:
-        batches = sample_batches(dataset, pad_id, size, args.batches + 1, seed=seed)
-        seed += 1
+    batches_of: dict[int, list] = {}
+    for seed, size in enumerate(int(b) for b in args.batch_sizes.split(",")):
+        batches = batches_of[size] = sample_batches(dataset, pad_id, size, args.batches + 1, seed=seed)
         for precision in args.precisions.split(","):
             for chunk in args.chunks.split(","):
                 seqs, positions = (int(x) for x in chunk.split("x"))
@@ -273,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size, chunk, precision = best["batch_size"], best["chunk"], best["precision"]
         seqs, positions = (int(x) for x in chunk.split("x"))
         cfg = with_gto(config, sequences_per_forward=seqs, positions_per_forward=positions, tree_precision=precision)
-        batches = sample_batches(dataset, pad_id, size, args.batches + 1, seed=2000)
+        batches = batches_of[size]  # the best row's own batches
         drifted = perturbed(reference, args.reference_noise).eval()
         row = measured("batched, reference drifted", size, chunk, precision,
                        lambda: measure_gto(worker, cfg, batches, drafter, drifted, gto_experience))
@@ -345,6 +347,9 @@ def _best(rows: list[dict]) -> dict | None:
     return max(done, key=lambda r: r["tok_s"]) if done else None
 
 
+PARTIAL: list[tuple[Path, dict]] = []  # (file, result) rewritten after every row: a run cut short keeps its rows
+
+
 def measured(path: str, size: int, chunk: str, precision: str, measure, **extra) -> dict[str, Any]:
     """One table row: ``measure()``'s figures, or the out-of-memory error that stopped it."""
     try:
@@ -354,6 +359,9 @@ def measured(path: str, size: int, chunk: str, precision: str, measure, **extra)
         torch.cuda.empty_cache()
     row.update(path=path, batch_size=size, chunk=chunk, precision=precision, **extra)
     print(f"[bench] {row}", flush=True)
+    for file, result in PARTIAL:
+        result.setdefault("rows", []).append(row)
+        file.write_text(json.dumps(result, indent=2, default=str))
     return row
 
 

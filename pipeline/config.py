@@ -68,8 +68,8 @@ class GTOSection(Section):
     reference_refresh_every: int = Field(0, ge=0, description="0: frozen reference (the paper)")
     positions_per_forward: int = Field(
         8, ge=1, description="positions of each sequence whose two trees (current, reference) are "
-        "verified in one packed target forward; with sequences_per_forward S, one forward holds "
-        "S * 2 * positions_per_forward trees")
+        "verified in one packed target forward; with sequences_per_forward S, one forward holds up to "
+        "S * 2 * positions_per_forward trees (fewer when reference nodes are shared)")
     sequences_per_forward: int = Field(
         16, ge=1, description="sequences prefilled, tree-searched and verified together (memory: "
         "the drafter's level logits are S * groups_per_sequence * group_size * top_k * draft_vocab floats)")

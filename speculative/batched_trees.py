@@ -245,9 +245,11 @@ def score_trees_at_positions(
     depth = tree_cfg.depth
     chunk_pos = options.positions_per_forward
     vocab_map = draft_to_target.to(device)
+    host_indices = indices.cpu()  # root positions known on the host: no sync to size a forward
     indices = indices.to(device)
 
     out = _empty_result(batch, width, positions_per_seq, depth, drafter, fast, vocab_map, device)
+    shared = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
     order = sorted(range(batch), key=lambda b: -lengths[b])  # longest first: tight chunk widths
     for start in range(0, batch, options.sequences_per_forward):
         members = order[start : start + options.sequences_per_forward]
@@ -299,20 +301,27 @@ def score_trees_at_positions(
         # trees, then the reference trees' nodes that the current ones lack.
         seqs = len(members)
         at = [_allocate_target_at(seqs * span, n_nodes, root_logits, options) for _ in range(2)]
-        for first in range(0, span, chunk_pos):
+        # Position chunks go last to first. A sequence's roots only grow along its slots (its
+        # padding slots, index 0, come last), so a forward may overwrite the cache slots past the
+        # largest root any sequence has in this or an earlier chunk (no later forward reads them)
+        # and attend to a prefix cut there instead of the full width.
+        host_idx = host_indices[members]
+        for first in reversed(range(0, span, chunk_pos)):
             slots = torch.arange(first, first + chunk_pos, device=device)
             tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
             pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
+            needed = host_idx[:, : min(first + chunk_pos, positions_per_seq)]
+            prefix = min(padded, _round_up(int(needed.max()) + 2, options.length_multiple))
             with record_function("gto/pack"):
-                packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, padded,
-                                         dedupe=options.share_nodes)
+                packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, prefix,
+                                         dedupe=options.share_nodes, max_depth=depth)
             with record_function("gto/verify"):
-                found = verify_packed(fast, cache, padded, packed, pair,
+                found = verify_packed(fast, cache, prefix, packed, pair,
                                       root_logits[:, first : first + chunk_pos], options.reward_temperature)
             for target_at, part in zip(at, found):
                 _store(target_at, tree_rows, part)
             out.verified_nodes += int(packed.tokens.numel())
-            out.shared_nodes += packed.shared
+            shared = shared + packed.shared
 
         # 5. Scoring.
         scores = [_score(tree, target_at, options) for tree, target_at in zip((current, ref), at)]
@@ -337,6 +346,7 @@ def score_trees_at_positions(
         out.reference_path_logprob[rows, :keep] = ref_logprob.view(view)[:, :keep]
         del aux
 
+    out.shared_nodes = int(shared)
     # Padding slots were computed with index 0: zero them.
     slot = torch.arange(positions_per_seq, device=device)[None]
     pad = slot >= torch.tensor(counts, device=device)[:, None]

@@ -43,15 +43,14 @@ class TreeNodes:
     mask: torch.Tensor
 
 
-def match_nodes(a: TreeNodes, b: TreeNodes) -> torch.Tensor:
+def match_nodes(a: TreeNodes, b: TreeNodes, depth: int) -> torch.Tensor:
     """For every node of B, the node of A on the same token path from the root, else -1 [S, C, N].
 
     Level by level: a node matches when its token equals an A node's token and their parents
     match (both children of the root, or B's parent matched A's parent). Siblings carry distinct
     tokens, so a match is unique."""
     match = torch.full_like(b.tokens, -1)
-    depth = int(b.depths.max()) if b.depths.numel() else 0
-    for level in range(1, depth + 1):
+    for level in range(1, depth + 1):  # ``depth``: the trees' configured depth (no host sync)
         of_parent = match.gather(-1, b.parents.clamp_min(0))
         # The A node that B's parent matched: -1 for the root, -2 (matches nothing) if none.
         parent_match = torch.where(b.parents < 0, -1, torch.where(of_parent < 0, -2, of_parent))
@@ -72,7 +71,7 @@ class PackedTrees:
     slot_a: torch.Tensor  # [S, C, N] slot of each A node
     slot_b: torch.Tensor  # [S, C, N] slot of each B node (an A slot where matched)
     has_logits: torch.Tensor  # [S, Q] slots whose logits scoring reads (nodes with children)
-    shared: int  # B nodes that read an A node's row
+    shared: torch.Tensor  # 0-d: B nodes that read an A node's row
 
 
 def _has_child(parents: torch.Tensor) -> torch.Tensor:
@@ -84,17 +83,19 @@ def _has_child(parents: torch.Tensor) -> torch.Tensor:
 
 def pack_tree_pairs(
     a: TreeNodes, b: TreeNodes, roots: torch.Tensor, prefix_slots: int, dedupe: bool = True,
-    multiple: int = 16,
+    multiple: int = 16, max_depth: int | None = None,
 ) -> PackedTrees:
     """Lay out A's and B's trees rooted at slots ``roots [S, C]`` behind ``prefix_slots`` slots.
 
     A node sees the prefix up to its root's slot and its own ancestors (wherever they sit: a
     new B node's ancestors may be A slots). B's extra slots are padded to a multiple of
     ``multiple`` (a few static shapes); padding slots see only themselves and are never read.
+    ``max_depth``: the trees' depth (from their config), bounds the matching loop.
     """
     seqs, chunk, n = a.tokens.shape
     device = a.tokens.device
-    match = match_nodes(a, b) if dedupe else torch.full_like(b.tokens, -1)
+    levels = max_depth if max_depth is not None else n  # N bounds the depth too, without a sync
+    match = match_nodes(a, b, levels) if dedupe else torch.full_like(b.tokens, -1)
     new_b = (match < 0).reshape(seqs, chunk * n)
     # At most C * N (no node shared): the room a cache keeps for one forward is 2 * C * N.
     extra = min(_round_up(int(new_b.sum(-1).max()), multiple), chunk * n) if new_b.numel() else 0
@@ -108,11 +109,11 @@ def pack_tree_pairs(
 
     def place(values_a, values_b, fill):
         """[S, Q] with A's values at A slots, new B nodes' at theirs, ``fill`` elsewhere."""
-        out = torch.full((seqs, width), fill, dtype=values_a.dtype, device=device)
+        out = torch.full((seqs, width + 1), fill, dtype=values_a.dtype, device=device)  # last: dump
         out.scatter_(1, slot_a.reshape(seqs, -1), values_a.reshape(seqs, -1))
-        keep = new_b.reshape(seqs, -1)
-        out[torch.nonzero(keep, as_tuple=True)[0], slot_b.reshape(seqs, -1)[keep]] = values_b.reshape(seqs, -1)[keep]
-        return out
+        own = torch.where(new_b, slot_b, width)  # matched B nodes go to the dump column
+        out.scatter_(1, own.reshape(seqs, -1), values_b.reshape(seqs, -1))
+        return out[:, :width]
 
     root_b = roots[..., None].expand(seqs, chunk, n)
     tokens = place(a.tokens, b.tokens, 0)
@@ -136,7 +137,7 @@ def pack_tree_pairs(
     for slots, parents in ((slot_a, a.parents), (slot_b, b.parents)):
         index = torch.where(_has_child(parents), slots, width)
         has.scatter_(1, index.reshape(seqs, -1), True)
-    return PackedTrees(tokens, positions, mask, slot_a, slot_b, has[:, :width], int((match >= 0).sum()))
+    return PackedTrees(tokens, positions, mask, slot_a, slot_b, has[:, :width], (match >= 0).sum())
 
 
 @torch.no_grad()

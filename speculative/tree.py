@@ -252,7 +252,8 @@ def grow_draft_tree(
         logits, prenorm = feed(
             drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
         )
-        logq_level = torch.log_softmax(logits.float() * scale, dim=-1)  # [B, width, Vd]
+        # (no "* 1.0" when greedy: it would copy [B, width, Vd] floats per level for nothing)
+        logq_level = torch.log_softmax(logits.float() * scale if sample else logits.float(), dim=-1)
         dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
         if keep_dists:
             dists.append(logq_level)

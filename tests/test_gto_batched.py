@@ -169,6 +169,30 @@ def test_sharing_reference_nodes_changes_nothing(pair):
 
 
 @torch.no_grad()
+def test_sequences_with_windows_far_apart_share_a_chunk(pair):
+    """A chunk holding a sequence with many early positions and one with few late ones (whose
+    position slots run out first) scores each exactly as when it is alone in its chunk: the
+    cache slots a forward overwrites behind its roots are never read by a later forward."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 2, 24, 4, seed=3)
+    indices = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [19, 20, 21, 0, 0, 0, 0, 0]])
+    counts, lengths = [8, 3], [24, 24]
+    fast = FastLlama.from_target(target)
+    results = [
+        score_trees_at_positions(
+            fast, drafter, reference, batch["input_ids"], lengths, indices, counts, drafter.draft_to_target,
+            BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=seqs,
+                               positions_per_forward=3, length_multiple=4))
+        for seqs in (2, 1)
+    ]
+    together, alone = results
+    assert torch.equal(together.path_length, alone.path_length)
+    for name in ("reward", "reference_reward", "expected_length", "rollout_path_logprob", "reference_path_logprob"):
+        torch.testing.assert_close(getattr(together, name), getattr(alone, name), atol=1e-5, rtol=1e-5)
+    assert float(together.reward[1, :3].abs().sum()) > 0
+
+
+@torch.no_grad()
 def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair):
     """The joint prefix/tree attention of ``RootedTreeCache`` grows the very trees that
     ``build_trees_at`` grows one sequence at a time (and their log-probabilities)."""
