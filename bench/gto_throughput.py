@@ -205,9 +205,16 @@ def profile_batch(worker, config, batch, drafter, reference, out: Path) -> Path:
     with profile(activities=activities) as prof:
         gto_experience(worker, config, batch, drafter, reference, seed=0)
         sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    averages = prof.key_averages()
+    prefix = "device" if device.type == "cuda" else "cpu"
+    parts = []
+    for key in (f"{prefix}_time_total", f"self_{prefix}_time_total"):
+        try:
+            parts.append(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40))
+        except (AttributeError, KeyError, RuntimeError) as error:  # older torch names
+            parts.append(f"sorted by {key}: {error!r}")
     path = out / "gto_profile.txt"
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    path.write_text("\n\n".join(parts))
     return path
 
 

@@ -129,7 +129,8 @@ def pack_tree_pairs(
         tree_part.scatter_(1, torch.where(value, index, cells).reshape(seqs, -1), True)
     tree_part = tree_part[:, :cells].view(seqs, width, width)
     padding = root_slot < 0
-    tree_part = tree_part | torch.diag_embed(padding)  # padding slots see themselves (no empty rows)
+    eye = torch.eye(width, dtype=torch.bool, device=device)
+    tree_part = tree_part | (eye[None] & padding[..., None])  # padding slots see themselves only
     prefix = torch.arange(prefix_slots, device=device)[None, None] <= root_slot[..., None]
     mask = torch.cat([prefix, tree_part], dim=-1)
 
