@@ -40,7 +40,13 @@ from torch.profiler import record_function
 
 from speculative.drafter import Eagle3Drafter
 from speculative.llama import FastLlama, causal_slot_mask
-from speculative.packed_verification import TargetAtTrees, TreeNodes, pack_tree_pairs, verify_packed
+from speculative.packed_verification import (
+    TargetAtTrees,
+    TreeNodes,
+    pack_tree_pairs,
+    packed_width,
+    verify_packed,
+)
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
 from speculative.tree_reward import AGGREGATIONS, accepted_path, log_acceptance, score_log_acceptance
 
@@ -258,7 +264,7 @@ def score_trees_at_positions(
         padded = _round_up(max(chunk_len, 1), options.length_multiple)
         used = max(counts[b] for b in members)
         span = _round_up(used, chunk_pos)  # position slots worth verifying in this chunk
-        room = 2 * chunk_pos * n_nodes if used else 0
+        room = packed_width(chunk_pos, n_nodes) if used else 0
         ids = torch.zeros(len(members), padded, dtype=input_ids.dtype, device=device)
         copy = min(padded, width)
         ids[:, :copy] = input_ids[rows, :copy].to(device)

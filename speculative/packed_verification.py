@@ -90,6 +90,7 @@ def pack_tree_pairs(
     A node sees the prefix up to its root's slot and its own ancestors (wherever they sit: a
     new B node's ancestors may be A slots). B's extra slots are padded to a multiple of
     ``multiple`` (a few static shapes); padding slots see only themselves and are never read.
+    The result is at most ``packed_width(C, N, multiple)`` slots wide.
     ``max_depth``: the trees' depth (from their config), bounds the matching loop.
     """
     seqs, chunk, n = a.tokens.shape
@@ -97,9 +98,9 @@ def pack_tree_pairs(
     levels = max_depth if max_depth is not None else n  # N bounds the depth too, without a sync
     match = match_nodes(a, b, levels) if dedupe else torch.full_like(b.tokens, -1)
     new_b = (match < 0).reshape(seqs, chunk * n)
-    # At most C * N (no node shared): the room a cache keeps for one forward is 2 * C * N.
-    extra = min(_round_up(int(new_b.sum(-1).max()), multiple), chunk * n) if new_b.numel() else 0
-    width = chunk * n + extra
+    # The width is a multiple of ``multiple`` (static shapes; aligned attention masks), at most
+    # ``packed_width(C, N)``: the room a cache keeps for one forward.
+    width = min(_round_up(chunk * n + int(new_b.sum(-1).max()), multiple), packed_width(chunk, n, multiple))
     slot_a = torch.arange(chunk * n, device=device).view(1, chunk, n).expand(seqs, chunk, n)
     rank = new_b.long().cumsum(-1) - 1
     own_b = (chunk * n + rank).view(seqs, chunk, n)
@@ -178,6 +179,11 @@ def verify_packed(
             log_norm = torch.cat([root_norm[..., None], row_norm[rows]], dim=-1).reshape(seqs * chunk, 1 + n)
         results.append(TargetAtTrees(token_logit.reshape(seqs * chunk, n), log_norm, argmax.reshape(seqs * chunk, 1 + n)))
     return results[0], results[1]
+
+
+def packed_width(chunk: int, n: int, multiple: int = 16) -> int:
+    """The widest packing of C tree pairs of N nodes: nothing shared, rounded up."""
+    return _round_up(2 * chunk * n, multiple)
 
 
 def _round_up(value: int, multiple: int) -> int:
