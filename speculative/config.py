@@ -167,7 +167,20 @@ class GTOSection(Section):
     loss_weight: float = Field(0.5, ge=0.0, description="omega in L = L_token + omega * L_GTO")
     token_loss_weight: float = Field(1.0, ge=0.0)
     reference_refresh_every: int = Field(0, ge=0, description="0: frozen reference (the paper)")
-    positions_per_forward: int = Field(32, ge=1, description="trees verified per packed target forward")
+    positions_per_forward: int = Field(
+        8, ge=1, description="positions of each sequence whose two trees (current, reference) are "
+        "verified in one packed target forward; with sequences_per_forward S, one forward holds up to "
+        "S * 2 * positions_per_forward trees (fewer when reference nodes are shared)")
+    sequences_per_forward: int = Field(
+        16, ge=1, description="sequences prefilled, tree-searched and verified together (memory: "
+        "the drafter's level logits are S * groups_per_sequence * group_size * top_k * draft_vocab floats)")
+    tree_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="drafter arithmetic while growing the trees: fp32 (the drafter's own "
+        "weights, as the engine's tests run) or bf16 autocast (as the drafter is served and as "
+        "the learner replays paths; ~10x less drafter time on GPU, trees can differ at near-ties)")
+    share_reference_nodes: bool = Field(
+        True, description="verify a reference-tree node once when the current tree has the same "
+        "path (the same target context): exact, halves verification at M = M0; off only to measure")
 
 
 class VllmRolloutSection(Section):
