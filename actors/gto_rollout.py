@@ -6,14 +6,19 @@ at every position build the current drafter's tree and the frozen reference draf
 (EAGLE-2 dynamic trees, the decoding policy), verify both with the target in packed forwards,
 and keep what the learner needs: the two tree rewards, the current tree's longest accepted
 path, and the reference drafter's log-probability of that path (the PPO ratio's denominator).
+
+``gto_experience`` does all of it for the whole batch in a few large forwards
+(``speculative.batched_trees``); ``per_sequence_gto_experience`` is the original sequence-by-
+sequence loop, kept as the reference implementation the batched one is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 
-from actors.experience import GTOExperience, SFTExperience
+from speculative.batched_trees import BatchedTreeOptions, score_trees_at_positions
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import GTOExperience, SFTExperience
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
 from speculative.tree import TreeConfig, tree_size
 from speculative.tree_reward import greedy_accepted_path, score_tree
@@ -54,6 +59,41 @@ def valid_indices(loss_mask: torch.Tensor, length: int) -> torch.Tensor:
     return valid
 
 
+def batched_tree_options(gto) -> BatchedTreeOptions:
+    return BatchedTreeOptions(
+        tree=tree_config(gto), reward_temperature=gto.reward_temperature, eta=gto.eta,
+        aggregation=gto.reward, sequences_per_forward=gto.sequences_per_forward,
+        positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
+        tree_autocast=gto.tree_precision == "bf16",
+    )
+
+
+def batch_windows(
+    loss_mask: torch.Tensor, lengths: list[int], gto, seed: int
+) -> list[list[list[int]]]:
+    """Every sequence's windows, drawn in batch order from one generator seeded by ``seed`` (so a
+    resumed run repeats them; both implementations draw exactly these)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        choose_windows(valid_indices(loss_mask[s], length), gto.group_size, gto.groups_per_sequence, generator)
+        for s, length in enumerate(lengths)
+    ]
+
+
+def position_slots(windows: list[list[list[int]]], slots: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """(indices [B, slots] 0-padded, positions per sequence, group id of every position in
+    batch order): groups are numbered across the batch, window by window."""
+    indices = torch.zeros(len(windows), slots, dtype=torch.long)
+    counts, group, next_group = [], [], 0
+    for s, chosen in enumerate(windows):
+        flat = [t for w in chosen for t in w]
+        indices[s, : len(flat)] = torch.tensor(flat, dtype=torch.long)
+        counts.append(len(flat))
+        group += [next_group + g for g, w in enumerate(chosen) for _ in w]
+        next_group += len(chosen)
+    return indices, counts, torch.tensor(group, dtype=torch.long)
+
+
 @torch.no_grad()
 def gto_experience(
     worker,
@@ -64,6 +104,79 @@ def gto_experience(
     drafter_version: int = 0,
     seed: int = 0,
 ) -> GTOExperience:
+    """The GTO experience of one data batch, every tree of every sequence in a few large forwards."""
+    gto = config.gto
+    device = worker.target.device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    lengths = [int(n) for n in attention_mask.sum(-1).tolist()]
+    windows = batch_windows(batch["loss_mask"].cpu(), lengths, gto, seed)  # host-side choices
+    slots = gto.groups_per_sequence * gto.group_size
+    indices, counts, groups = position_slots(windows, slots)
+
+    was_training = (drafter.training, reference.training)
+    drafter.eval(), reference.eval()
+    try:
+        trees = score_trees_at_positions(
+            worker.fast, drafter, reference, input_ids, lengths, indices, counts,
+            worker.draft_to_target, batched_tree_options(gto),
+        )
+    finally:
+        drafter.train(was_training[0]), reference.train(was_training[1])
+
+    sft = SFTExperience(
+        input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+        aux_hidden=trees.aux_hidden, target_draft_logits=trees.target_draft_logits,
+        target_top1=trees.target_top1, drafter_version=drafter_version,
+    )
+    used = torch.arange(slots)[None] < torch.tensor(counts)[:, None]  # [B, P] on the host
+    used = used.to(device)
+    rows = {
+        "sequence": torch.arange(len(lengths), device=device)[:, None].expand(-1, slots)[used],
+        "index": indices.to(device)[used],
+        "group": groups.to(device),
+        "path_ids": trees.path_ids[used],
+    }
+    for key in ("path_length", "reward", "reference_reward", "expected_length",
+                "reference_expected_length", "rollout_path_logprob", "reference_path_logprob"):
+        rows[key] = getattr(trees, key)[used]
+    return _finish(sft, rows, reference, gto, drafter_version)
+
+
+def _finish(sft: SFTExperience, rows: dict[str, torch.Tensor], reference: Eagle3Drafter, gto,
+            drafter_version: int) -> GTOExperience:
+    """The experience from its per-position rows; unless the rows bring it, the reference
+    drafter's log-probability of each accepted path is one batched replay over the whole batch."""
+    device = sft.input_ids.device
+    if rows["index"].numel() == 0:
+        empty = torch.zeros(0, device=device)
+        fields = {key: empty.long() if key in ("sequence", "index", "group", "path_length") else empty
+                  for key in rows}
+        fields["path_ids"] = torch.zeros(0, gto.tree_depth, dtype=torch.long, device=device)
+        fields["reference_path_logprob"] = empty
+        return GTOExperience(sft=sft, drafter_version=drafter_version, **fields)
+    if "reference_path_logprob" not in rows:
+        rows["reference_path_logprob"] = path_logprob(
+            reference, sft.input_ids, sft.attention_mask, sft.aux_hidden,
+            rows["sequence"], rows["index"], rows["path_ids"], rows["path_length"],
+        )
+    return GTOExperience(sft=sft, drafter_version=drafter_version, **rows)
+
+
+@torch.no_grad()
+def per_sequence_gto_experience(
+    worker,
+    config,
+    batch: dict[str, torch.Tensor],
+    drafter: Eagle3Drafter,
+    reference: Eagle3Drafter,
+    drafter_version: int = 0,
+    seed: int = 0,
+) -> GTOExperience:
+    """The reference implementation: one target prefill per sequence, then a loop over chunks of
+    ``positions_per_forward`` positions (``speculative.position_trees``). Slow; tests hold
+    ``gto_experience`` to it field by field."""
     gto = config.gto
     trees = tree_config(gto)
     nodes, _ = tree_size(trees, drafter.config.draft_vocab_size)
@@ -73,7 +186,7 @@ def gto_experience(
     attention_mask = batch["attention_mask"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     n_seq, width = input_ids.shape
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the same draws as ``batch_windows``
     d2t = worker.draft_to_target
     fast = worker.fast
 
@@ -139,18 +252,8 @@ def gto_experience(
         input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, aux_hidden=aux,
         target_draft_logits=draft_logits, target_top1=top1, drafter_version=drafter_version,
     )
-    if not rows["index"]:
-        empty = torch.zeros(0, device=device)
-        fields = {key: empty.long() if key in ("sequence", "index", "group", "path_length") else empty
-                  for key in rows}
-        fields["path_ids"] = torch.zeros(0, trees.depth, dtype=torch.long, device=device)
-        return GTOExperience(sft=sft, reference_path_logprob=empty, drafter_version=drafter_version, **fields)
-    merged = {key: torch.cat(value) for key, value in rows.items()}
-    merged["reference_path_logprob"] = path_logprob(
-        reference, sft.input_ids, sft.attention_mask, sft.aux_hidden,
-        merged["sequence"], merged["index"], merged["path_ids"], merged["path_length"],
-    )
-    return GTOExperience(sft=sft, drafter_version=drafter_version, **merged)
+    merged = {key: torch.cat(value) if value else torch.zeros(0, device=device) for key, value in rows.items()}
+    return _finish(sft, merged, reference, gto, drafter_version)
 
 
 def _stack(a, b):

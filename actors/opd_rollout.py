@@ -9,8 +9,10 @@ The learner replays drafting from those anchors (``learners.opd``).
 
 Two engines generate the rollouts (``opd.engine``):
 
-* ``hf``: draftrl's own speculative engine (``speculative.engine``, ``record_steps=True``)
-  records every cycle as it verifies it.
+* ``hf``: draftrl's own speculative engines record every cycle as they verify it: the batched
+  engine (``speculative.batch_engine``, ``opd.rollout_batch_size`` sequences at once, the
+  records kept on the device), or with ``opd.rollout_batch_size: 0`` the single-sequence
+  reference engine (``speculative.engine``, ``record_steps=True``), one prompt at a time.
 * ``vllm``: vLLM generates the text with EAGLE-3 speculation by the same drafter
   (``actors.vllm_rollout``) and exposes no verification detail, so :func:`cycles_from_text`
   recomputes it. At T = 0 that is exact: the text is the target's greedy continuation, the
@@ -23,16 +25,17 @@ the ``OPDExperience`` out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from actors.experience import OPDExperience, SFTExperience
+from speculative.batch_engine import ChainCycles
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import OPDExperience, SFTExperience
 from speculative.llama import FastLlama
 from speculative.target import stop_token_ids
 from speculative.tree import TreeConfig
-from speculative.ttt import TTTCache, shift_left
+from speculative.ttt import make_ttt_cache, shift_left
 
 
 def prompts_from_batch(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -74,6 +77,14 @@ class Cycles:
     def __len__(self) -> int:
         return len(self.accepted)
 
+    @classmethod
+    def from_chain_cycles(cls, chains: ChainCycles, drafter: Eagle3Drafter) -> Cycles:
+        """The batched engine's records, as tensors (``assemble_experience`` takes either form)."""
+        fed = torch.cat([chains.root_token[:, None], drafter.to_target_ids(chains.proposals[:, :-1])], 1)
+        return cls(sequence=chains.sequence, index=chains.root_pos - 1, accepted=chains.accepted,
+                   step_inputs=fed, proposals=chains.proposals, target_logprobs=chains.target_logprobs,
+                   rollout_logprobs=chains.rollout_logprobs)
+
 
 def rollout_batch(sequences: list[list[int]], response_starts: list[int]) -> dict[str, torch.Tensor]:
     """Prompt + response per row, right-padded; ``loss_mask`` marks the response."""
@@ -104,15 +115,25 @@ def assemble_experience(
     data = worker.sft_experience(batch, drafter_version) if config.opd.sft_weight > 0 else None
     k, vocab = config.opd.chain_length, len(worker.draft_to_target)
 
-    def stacked(rows: list[torch.Tensor], *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    def stacked(rows: list[torch.Tensor] | torch.Tensor, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):  # already stacked (the batched engine)
+            return rows.to(device=device, dtype=dtype).reshape(-1, *shape)
         # no cycle at all (every response ended at its first token): empty, correctly shaped
         return torch.stack(rows).to(device) if rows else torch.zeros(0, *shape, dtype=dtype, device=device)
 
+    def longs(values: list[int] | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.long).to(device)
+
+    # The OPD loss replays the drafter over the rollout's aux states and reads the target's
+    # distributions from the verification records; the teacher-forced draft-vocabulary logits
+    # ([B, T, Vd], gigabytes at a batch of 64 rollouts) are not shipped.
+    rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
+        *rollout.target_draft_logits.shape[:2], 0))
     return OPDExperience(
         rollout=rollout,
-        sequence=torch.tensor(cycles.sequence, device=device, dtype=torch.long),
-        index=torch.tensor(cycles.index, device=device, dtype=torch.long),
-        accepted=torch.tensor(cycles.accepted, device=device, dtype=torch.long),
+        sequence=longs(cycles.sequence),
+        index=longs(cycles.index),
+        accepted=longs(cycles.accepted),
         step_inputs=stacked(cycles.step_inputs, k, dtype=torch.long),
         proposals=stacked(cycles.proposals, k, dtype=torch.long),
         target_logprobs=stacked(cycles.target_logprobs, k, vocab, dtype=rollout.target_draft_logits.dtype),
@@ -139,9 +160,11 @@ def opd_experience(
     if not prompts:
         raise ValueError("no sample in the batch has a prompt followed by supervised tokens")
     if opd.engine == "vllm":
-        from actors.vllm_rollout import vllm_opd_experience
-
         return vllm_opd_experience(worker, config, batch, prompts, drafter, drafter_version)
+    if opd.rollout_batch_size > 0:
+        sequences, cycles = batched_rollouts(worker, config, prompts, drafter, seed)
+        rollout = worker.sft_experience(rollout_batch(sequences, [len(p) for p in prompts]), drafter_version)
+        return assemble_experience(worker, config, batch, rollout, cycles, drafter_version)
     chain = TreeConfig.chain(opd.chain_length)
     engine = worker.rollout_engine(
         drafter, chain, opd.rollout_temperature, compile=opd.compile,
@@ -175,6 +198,28 @@ def opd_experience(
     return assemble_experience(worker, config, batch, rollout, cycles, drafter_version)
 
 
+@torch.no_grad()
+def batched_rollouts(worker, config, prompts: list[list[int]], drafter: Eagle3Drafter,
+                     seed: int = 0) -> tuple[list[list[int]], Cycles]:
+    """The rollouts of ``prompts`` by the batched engine (``speculative.batch_engine``):
+    ``opd.rollout_batch_size`` sequences advance at once. Returns prompt + response per prompt
+    and every verification cycle, recorded on the device as the steps run."""
+    opd = config.opd
+    engine = worker.batch_rollout_engine(
+        drafter, opd.chain_length, opd.rollout_temperature, compile=opd.compile,
+        max_batch=opd.rollout_batch_size, max_len=config.data.max_length + opd.max_new_tokens,
+    )
+    engine.reseed(seed)
+    was_training = drafter.training
+    drafter.eval()
+    try:
+        result = engine.generate(prompts, opd.max_new_tokens, stop_token_ids(worker.target.model))
+    finally:
+        drafter.train(was_training)
+    sequences = [prompt + tokens for prompt, tokens in zip(prompts, result.tokens)]
+    return sequences, Cycles.from_chain_cycles(result.cycles, drafter)
+
+
 # ------------------------------------------------------------------------------------------
 # The verification detail of a greedy rollout, recomputed from its text
 # ------------------------------------------------------------------------------------------
@@ -190,7 +235,7 @@ def greedy_chains(drafter: Eagle3Drafter, rollout: SFTExperience, steps: int) ->
     """
     ids = rollout.input_ids
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    cache = TTTCache(rollout.attention_mask)
+    cache = make_ttt_cache(drafter, rollout.attention_mask)
     hidden = drafter.fuse_target_hidden(rollout.aux_hidden)
     tokens = shift_left(ids, 1)
     proposals, logprobs = [], []
@@ -354,3 +399,59 @@ def cycles_from_text(
                 logprobs[s, root - 1], drafter,
             )
     return TextCycles(cycles, rollout, sequences, off_target, cut, mismatches, past_end)
+
+
+@torch.no_grad()
+def vllm_opd_experience(
+    worker,
+    config,
+    batch: dict[str, torch.Tensor],
+    prompts: list[list[int]],
+    drafter: Eagle3Drafter,
+    drafter_version: int = 0,
+):
+    """``opd_experience`` with vLLM generating the rollouts (see ``actors.vllm_rollout``'s docstring)."""
+    opd = config.opd
+    engine = worker.vllm_rollouts(config)
+    eos = stop_token_ids(worker.target.model)
+    was_training = drafter.training
+    drafter.eval()
+    try:
+        generated = engine.generate(drafter, drafter_version, prompts, opd.max_new_tokens, eos)
+        if len(generated.token_ids) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(generated.token_ids)} rollouts for {len(prompts)} prompts")
+        sequences = [prompt + list(tokens) for prompt, tokens in zip(prompts, generated.token_ids)]
+        found = cycles_from_text(
+            worker, drafter, sequences, [len(p) for p in prompts], opd.chain_length, drafter_version
+        )
+    finally:
+        drafter.train(was_training)
+    accepted = sum(found.cycles.accepted)
+    spec = generated.spec
+    report = {
+        "process": generated.process,
+        "generate_seconds": generated.seconds,
+        "probe_max_abs_diff": generated.probe["max_abs_diff"],
+        "cycles": len(found.cycles),
+        "accepted_tokens": accepted,
+        "vllm_num_drafts": spec.num_drafts,
+        "vllm_num_accepted_tokens": spec.num_accepted_tokens,
+        "vllm_accepted_per_position": list(spec.accepted_per_position),
+        "off_target_tokens": found.off_target_tokens,
+        "cut_sequences": found.cut_sequences,
+        "verify_mismatches": found.verify_mismatches,
+        "accepted_past_end": found.accepted_past_end,
+    }
+    # Cut sequences lose cycles vLLM did count, so the counters compare only on whole rollouts.
+    # The gap is measured in committed tokens (accepted + one target token per cycle).
+    if not found.cut_sequences:
+        gap = abs(spec.num_accepted_tokens - accepted) / max(accepted + len(found.cycles), 1)
+        report["acceptance_gap"] = gap
+        if gap > opd.vllm.acceptance_tolerance:
+            raise RuntimeError(
+                f"vLLM accepted {spec.num_accepted_tokens} drafted tokens in {spec.num_drafts} "
+                f"drafts, the recomputed cycles {accepted} in {len(found.cycles)} (gap {gap:.3f} "
+                f"of the committed tokens > opd.vllm.acceptance_tolerance "
+                f"{opd.vllm.acceptance_tolerance}): vLLM is not drafting with the worker's drafter"
+            )
+    return assemble_experience(worker, config, batch, found.rollout, found.cycles, drafter_version, report)

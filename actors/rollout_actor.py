@@ -21,9 +21,8 @@ from typing import Any
 import ray
 import torch
 
-from actors.experience import CombinedExperience, uses_reference
 from actors.target_worker import TargetWorker
-from pipeline.broadcast import (
+from speculative.broadcast import (
     BroadcastGroup,
     drafter_checksum,
     load_named,
@@ -31,7 +30,9 @@ from pipeline.broadcast import (
     replica_dtype,
     unflatten_into,
 )
-from pipeline.drafter_blueprint import DrafterBlueprint
+from speculative.drafter_blueprint import DrafterBlueprint
+from speculative.evaluation import evaluate_ttt
+from speculative.experience import CombinedExperience, uses_reference
 
 ROLLOUT, SYNC = "rollout", "sync"
 
@@ -69,8 +70,8 @@ class RolloutActor:
     """Target + drafter replica on one GPU share (or CPU); see the module docstring."""
 
     def __init__(self, config_json: str, blueprint: DrafterBlueprint, index: int, faults: dict | None = None):
-        from pipeline.config import ExperimentConfig
-        from pipeline.trainer import DTYPES, pick_device
+        from speculative.config import ExperimentConfig
+        from speculative.runtime import pick_device, target_dtype
         from speculative.target import TargetModel
 
         self.config = ExperimentConfig.model_validate_json(config_json)
@@ -78,8 +79,7 @@ class RolloutActor:
         self.index = index
         self.faults = faults or {}
         self.device = pick_device(self.config.training.device)
-        choice = self.config.target.dtype
-        dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if choice == "auto" else DTYPES[choice]
+        dtype = target_dtype(self.config.target.dtype, self.device)
         self.target = TargetModel.load(
             self.config.target.model, blueprint.config.aux_layer_ids, dtype, self.device, self.config.cache_dir
         )
@@ -167,10 +167,8 @@ class RolloutActor:
     @ray.method(concurrency_group=ROLLOUT)
     def evaluate(self, samples: list[dict[str, Any]], pad_id: int) -> dict[str, float]:
         """Held-out TTT metrics of the replica, exactly as the single-process trainer computes them."""
-        from pipeline.trainer import Trainer
-
         with self.lock:
-            metrics = Trainer(self.config).evaluate(self.drafter, self.worker, samples, pad_id)
+            metrics = evaluate_ttt(self.drafter, self.worker, samples, pad_id, self.config.training)
             return {**metrics, "drafter_version": float(self.version)}
 
 

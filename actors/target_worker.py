@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import CombinedExperience, Experience, SFTExperience, uses_reference
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import CombinedExperience, Experience, SFTExperience, uses_reference
 from speculative.target import TargetModel
 from speculative.ttt import restrict_to_draft_vocab
 
@@ -23,6 +23,8 @@ class TargetWorker:
         self._fast = None
         self._engine = None
         self._engine_key = None
+        self._batch_engine = None
+        self._batch_engine_key = None
         self._vllm = None
         self._vllm_key = None
 
@@ -50,6 +52,22 @@ class TargetWorker:
             )
             self._engine_key = key
         return self._engine
+
+    def batch_rollout_engine(self, drafter: Eagle3Drafter, chain_length: int, temperature: float,
+                             compile: str = "auto", max_batch: int = 64, max_len: int | None = None):
+        """The batched chain-speculative engine recording every cycle, kept across calls like
+        ``rollout_engine`` (its caches and CUDA graphs read the drafter's parameters in place)."""
+        from speculative.batch_engine import BatchGenerator
+
+        key = (id(drafter), chain_length, temperature, compile, max_batch)
+        if self._batch_engine is None or self._batch_engine_key != key:
+            self._batch_engine = None  # free the old caches and graphs first
+            self._batch_engine = BatchGenerator(
+                self.target, drafter, chain_length, temperature, record_cycles=True, compile=compile,
+                max_batch=max_batch, max_len=max_len,
+            )
+            self._batch_engine_key = key
+        return self._batch_engine
 
     def vllm_rollouts(self, config):
         """The vLLM engine of ``opd.engine: vllm`` (``actors.vllm_rollout``), kept across calls

@@ -559,7 +559,7 @@ class LiveDrafterEngine:
         speculative: bool = True,
         llm_options: Mapping[str, Any] | None = None,
     ) -> None:
-        from pipeline.vllm_check import CPU_ENGINE_ENV, engine_kwargs
+        from actors.vllm_engine import CPU_ENGINE_ENV, engine_kwargs
 
         for key, value in CPU_ENGINE_ENV.items():
             os.environ.setdefault(key, value)
@@ -641,7 +641,7 @@ class LiveDrafterEngine:
         """
         from vllm import SamplingParams
 
-        from pipeline.vllm_check import _spec_counters, _stats_delta, render_prompts
+        from actors.vllm_engine import _spec_counters, _stats_delta, render_prompts
 
         tokenizer = self.llm.get_tokenizer()
         prompt_ids = [
@@ -659,7 +659,7 @@ class LiveDrafterEngine:
         return [list(out.outputs[0].token_ids) for out in outputs], stats
 
     def close(self) -> None:
-        from pipeline.vllm_check import _shutdown
+        from actors.vllm_engine import _shutdown
 
         _shutdown(self.llm)
 
@@ -732,7 +732,7 @@ def run_session_isolated(
     Uses one in-process engine core (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the session's
     worker is then that subprocess itself, and nothing of vLLM's global state reaches the caller.
     """
-    from pipeline.vllm_check import WORKER_ENV
+    from actors.vllm_engine import WORKER_ENV
 
     request = {"target_dir": str(target_dir), "drafter_dir": str(drafter_dir),
                "steps": list(steps), "prompts": list(prompts), "engine": dict(engine or {})}

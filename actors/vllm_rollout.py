@@ -13,6 +13,9 @@ both are functions of the text and the drafter, and two checks tie them together
   the recomputed cycles (within ``opd.vllm.acceptance_tolerance``, for engines whose drafter
   numerics differ, e.g. bf16 on GPU), and its draft count the number of cycles.
 
+``actors.opd_rollout.vllm_opd_experience`` runs both checks and builds the experience; this
+module is the engine it draws the text from.
+
 The engine (:class:`VllmRollouts`) runs one of two ways (``opd.vllm.process``):
 
 * ``inline``: one ``actors.vllm_drafter.LiveDrafterEngine`` kept in the worker process; each new
@@ -34,10 +37,8 @@ from typing import Any
 
 import torch
 
-from actors.opd_rollout import assemble_experience, cycles_from_text
 from actors.vllm_drafter import DrafterUpdateError, compare_probe, reference_probe
 from speculative.drafter import Eagle3Drafter
-from speculative.target import stop_token_ids
 
 # Probe tolerance per vLLM dtype (the drafter's logits on a fixed input, vLLM's vs ours).
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
@@ -62,7 +63,7 @@ def require_vllm(import_it: bool) -> None:
 @dataclass
 class VllmGeneration:
     token_ids: list[list[int]]  # per prompt, the stop token kept
-    spec: Any  # pipeline.vllm_check.SpecDecodeStats of this call
+    spec: Any  # actors.vllm_engine.SpecDecodeStats of this call
     seconds: float  # generation only
     probe: dict[str, float]  # vLLM's drafter vs ours on the probe input (compare_probe)
     process: str
@@ -146,7 +147,7 @@ class VllmRollouts:
 
     def _generate_isolated(self, drafter, prompts, request) -> VllmGeneration:
         from actors.vllm_drafter import run_session_isolated
-        from pipeline.vllm_check import SpecDecodeStats
+        from actors.vllm_engine import SpecDecodeStats
 
         session = run_session_isolated(
             self.target_dir, self._export(drafter),
@@ -186,59 +187,3 @@ def vllm_process(choice: str, device: torch.device) -> str:
 
 def vllm_dtype(choice: str, target_dtype: torch.dtype) -> str:
     return str(target_dtype).removeprefix("torch.") if choice == "auto" else choice
-
-
-@torch.no_grad()
-def vllm_opd_experience(
-    worker,
-    config,
-    batch: dict[str, torch.Tensor],
-    prompts: list[list[int]],
-    drafter: Eagle3Drafter,
-    drafter_version: int = 0,
-):
-    """``opd_experience`` with vLLM generating the rollouts (see the module docstring)."""
-    opd = config.opd
-    engine = worker.vllm_rollouts(config)
-    eos = stop_token_ids(worker.target.model)
-    was_training = drafter.training
-    drafter.eval()
-    try:
-        generated = engine.generate(drafter, drafter_version, prompts, opd.max_new_tokens, eos)
-        if len(generated.token_ids) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(generated.token_ids)} rollouts for {len(prompts)} prompts")
-        sequences = [prompt + list(tokens) for prompt, tokens in zip(prompts, generated.token_ids)]
-        found = cycles_from_text(
-            worker, drafter, sequences, [len(p) for p in prompts], opd.chain_length, drafter_version
-        )
-    finally:
-        drafter.train(was_training)
-    accepted = sum(found.cycles.accepted)
-    spec = generated.spec
-    report = {
-        "process": generated.process,
-        "generate_seconds": generated.seconds,
-        "probe_max_abs_diff": generated.probe["max_abs_diff"],
-        "cycles": len(found.cycles),
-        "accepted_tokens": accepted,
-        "vllm_num_drafts": spec.num_drafts,
-        "vllm_num_accepted_tokens": spec.num_accepted_tokens,
-        "vllm_accepted_per_position": list(spec.accepted_per_position),
-        "off_target_tokens": found.off_target_tokens,
-        "cut_sequences": found.cut_sequences,
-        "verify_mismatches": found.verify_mismatches,
-        "accepted_past_end": found.accepted_past_end,
-    }
-    # Cut sequences lose cycles vLLM did count, so the counters compare only on whole rollouts.
-    # The gap is measured in committed tokens (accepted + one target token per cycle).
-    if not found.cut_sequences:
-        gap = abs(spec.num_accepted_tokens - accepted) / max(accepted + len(found.cycles), 1)
-        report["acceptance_gap"] = gap
-        if gap > opd.vllm.acceptance_tolerance:
-            raise RuntimeError(
-                f"vLLM accepted {spec.num_accepted_tokens} drafted tokens in {spec.num_drafts} "
-                f"drafts, the recomputed cycles {accepted} in {len(found.cycles)} (gap {gap:.3f} "
-                f"of the committed tokens > opd.vllm.acceptance_tolerance "
-                f"{opd.vllm.acceptance_tolerance}): vLLM is not drafting with the worker's drafter"
-            )
-    return assemble_experience(worker, config, batch, found.rollout, found.cycles, drafter_version, report)

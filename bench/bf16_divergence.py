@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.benchmark import (
+from tools.benchmark import (
     chat_prompt,
     default_bench_dir,
     eos_token_ids,

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.benchmark import (
+from tools.benchmark import (
     BUILTIN_PROMPTS,
     BenchQuestion,
     chat_prompt,

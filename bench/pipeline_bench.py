@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
+from speculative.config import load_config  # noqa: E402
 
 
 class GpuSampler:

@@ -18,4 +18,4 @@ export PYTHONPATH=/tmp/kit/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.version.cuda)"
-python3 -m pipeline.cli eval --drafter "$drafter" --target "$target" --out "$out" "$@" 2>&1 | tee "$out/log.txt"
+python3 -m tools.cli eval --drafter "$drafter" --target "$target" --out "$out" "$@" 2>&1 | tee "$out/log.txt"

@@ -6,7 +6,7 @@
 Speculation verifies k+1 tokens per target forward, plain decoding one, so the two runs round
 differently; a split is harmless when the target scores the two tokens within that rounding
 (a near-tie) and a loss otherwise. For the run's dtype this records, with a float32 Hugging
-Face copy of the target as the judge (``pipeline.vllm_check.Float32Reference``):
+Face copy of the target as the judge (``tools.vllm_check.Float32Reference``):
 
 * the dtype vLLM actually ran in (from its log) and its torch thread count;
 * for the baseline (no drafter): every generated token that is not the float32 argmax, with
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.vllm_check import (  # noqa: E402
+from tools.vllm_check import (  # noqa: E402
     DEFAULT_PROMPTS,
     Float32Reference,
     find_mismatches,

@@ -20,199 +20,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from experiments.study_spec import (
+    REPO_ROOT,
+    STATE_FILE,
+    Run,
+    Study,
+    StudyError,
+    checkpoint_step,
+    eval_folder,
+    load_study,
+    read_state,
+    study_runs,
+    temperature_key,
+    write_json,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 UNFINISHED = 75  # EX_TEMPFAIL: the stage stopped for want of time; run it again
-STATE_FILE = "study_state.json"
 EPSILON = 1e-6
 
 
-class StudyError(ValueError):
-    """A study that cannot run; the message names the file (and field)."""
-
-
-# ---------------------------------------------------------------------------------- the study file
-
-
-def repo_path(value: str | Path) -> Path:
-    """A path as given if it exists from here, else relative to the repository root."""
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO_ROOT / path
-
-
-def _check_assignments(items: list[str]) -> list[str]:
-    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0].strip()]
-    if bad:
-        raise ValueError(f"expected key=value, got {bad[0]!r}")
-    return items
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ArmSpec(Strict):
-    """One training arm: a pipeline config plus ``--set`` overrides."""
-
-    config: Path
-    set: list[str] = Field(default_factory=list, description="key=value overrides of this arm")
-    paper_gain: str | None = Field(None, description="the gain its paper reports, for the report")
-
-    @field_validator("config")
-    @classmethod
-    def _exists(cls, value: Path) -> Path:
-        path = repo_path(value)
-        if not path.is_file():
-            raise ValueError(f"config file {value} does not exist")
-        return path.resolve()
-
-    _sets = field_validator("set")(_check_assignments)
-
-
-class EvalSpec(Strict):
-    """Tree-engine tau and speed-up (bench/compare_drafters.py) of every drafter, one process per
-    temperature, the scorings one after another."""
-
-    num_prompts: int = Field(20, ge=1)
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
-    max_new_tokens: int = Field(256, ge=1)
-    bench: str = "mt_bench,humaneval,gsm8k"
-    bench_dir: Path | None = None
-    target: str | None = Field(None, description="default: the arms' target.model")
-
-    @field_validator("bench_dir")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else repo_path(value).resolve()
-
-
-class VllmSpec(Strict):
-    """vLLM's acceptance vs draftrl's (chain drafting) for the drafters of one seed."""
-
-    seed: int = 1
-    num_prompts: int = Field(5, ge=1, description="first-turn questions per bench")
-    max_tokens: int = Field(64, ge=1)
-    num_speculative_tokens: int = Field(3, ge=1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    tolerance: float = Field(0.05, ge=0.0, description="largest |vLLM - draftrl| that counts as agreement")
-
-
-class Study(Strict):
-    name: str
-    start_drafter: Path | None = Field(None, description="the SFT drafter every arm starts from")
-    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    minutes_per_arm: float = Field(gt=0.0, description="training wall-clock per arm and seed")
-    parallel: int = Field(1, ge=1, description="runs at once (host-bound runs share one GPU)")
-    overhead_minutes: float = Field(
-        1.0, ge=0.0, description="per run, outside the training clock (loading, export): reserved "
-        "inside a --minutes budget")
-    min_run_minutes: float = Field(0.5, gt=0.0, description="shortest training slice worth starting")
-    overrides: list[str] = Field(default_factory=list, description="key=value given to every arm")
-    arms: dict[str, ArmSpec] = Field(min_length=1)
-    eval: EvalSpec = EvalSpec()
-    vllm: VllmSpec = VllmSpec()
-
-    _overrides = field_validator("overrides")(_check_assignments)
-
-    @field_validator("start_drafter")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        """Absolute: the runs' processes work in the repository root, not here."""
-        return None if value is None else value.expanduser().resolve()
-
-    @field_validator("arms")
-    @classmethod
-    def _arm_names(cls, arms: dict[str, ArmSpec]) -> dict[str, ArmSpec]:
-        bad = [name for name in arms if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "start"]
-        if bad:
-            raise ValueError(f"arm name {bad[0]!r}: letters, digits and _ only, and not 'start'")
-        return arms
-
-    @model_validator(mode="after")
-    def _seeds(self) -> Study:
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: repeated seed in {self.seeds}")
-        if self.vllm.seed not in self.seeds:
-            raise ValueError(f"vllm.seed: {self.vllm.seed} is not one of the seeds {self.seeds}")
-        return self
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise StudyError(f"--set {dotted}: '{key}' is not a section")
-    node[keys[-1]] = value
-
-
-def load_study(path: str | Path, sets: Sequence[str] = (), start: str | Path | None = None) -> Study:
-    """Read and validate a study YAML (``--set`` and ``--start`` applied); errors name file and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise StudyError(f"{path}: invalid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise StudyError(f"{path}: the top level must be a mapping")
-    for item in sets:
-        if "=" not in item:
-            raise StudyError(f"--set {item!r}: expected field=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    if start is not None:
-        data["start_drafter"] = str(start)
-    try:
-        return Study.model_validate(data)
-    except ValidationError as error:
-        lines = [f"  {'.'.join(str(p) for p in issue['loc']) or '(top level)'}: {issue['msg']} "
-                 f"(got {issue.get('input')!r})" for issue in error.errors()]
-        raise StudyError(f"{path}: invalid study\n" + "\n".join(lines)) from None
-
-
 # ---------------------------------------------------------------------------------- runs
-
-
-@dataclass(frozen=True)
-class Run:
-    """One (arm, seed) training run of the study."""
-
-    arm: str
-    seed: int
-    directory: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.arm}-s{self.seed}"
-
-
-def study_runs(study: Study, out: Path) -> list[Run]:
-    """Seed-major order: with fewer slots than runs, every arm gets its first seed first."""
-    return [Run(arm, seed, out / "runs" / f"{arm}-s{seed}") for seed in study.seeds for arm in study.arms]
 
 
 def run_overrides(study: Study, run: Run) -> list[str]:
@@ -223,7 +59,7 @@ def run_overrides(study: Study, run: Run) -> list[str]:
 
 def validate_arms(study: Study, study_file: Path, out: Path) -> dict[str, Any]:
     """Every run's full training config, validated now: a typo fails before any GPU time is spent."""
-    from pipeline.config import ConfigError, load_config
+    from speculative.config import ConfigError, load_config
 
     configs = {}
     for run in study_runs(study, out):
@@ -241,27 +77,6 @@ def require_start(study: Study, study_file: Path) -> Path:
     if not (start / "config.json").is_file():
         raise StudyError(f"{study_file}: start_drafter: {start} is not a drafter directory (no config.json)")
     return start
-
-
-def read_state(run: Run) -> dict[str, Any]:
-    path = run.directory / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"minutes": 0.0, "slots": []}
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write-then-rename: a killed stage never leaves half a file that later reads as finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def checkpoint_step(run: Run) -> int:
-    """Step of the run's latest checkpoint (0 before the first)."""
-    pointer = run.directory / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return 0
-    return int(pointer.read_text().strip().rsplit("_", 1)[1])
 
 
 def remaining_minutes(study: Study, run: Run, max_steps: int) -> float:
@@ -504,10 +319,6 @@ def _outcome(stage: str, result: PoolResult) -> int:
 # ---------------------------------------------------------------------------------- eval
 
 
-def temperature_key(value: float) -> str:
-    return f"T{value:g}"
-
-
 def study_target(study: Study, configs: dict[str, Any]) -> str:
     """The target as a local directory (a GGUF converted into the runs' cache)."""
     from speculative.target import resolve_target
@@ -527,10 +338,6 @@ def scored_drafters(study: Study, study_file: Path, out: Path, configs: dict[str
 
 
 EVAL_MIN_MINUTES = 1.5  # loading, the AR baseline and one drafter: no scoring is started with less
-
-
-def eval_folder(out: Path, name: str, temperature: float) -> Path:
-    return out / "eval" / f"{name}-{temperature_key(temperature)}"
 
 
 def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]], target: str, out: Path,
@@ -592,7 +399,7 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
 
 def write_vllm_prompts(study: Study, path: Path) -> Path:
     """The first turn of the first ``vllm.num_prompts`` questions of each bench, as chats."""
-    from pipeline.benchmark import default_bench_dir, load_questions, resolve_bench
+    from tools.benchmark import default_bench_dir, load_questions, resolve_bench
 
     lines = []
     for item in study.eval.bench.split(","):
@@ -611,7 +418,7 @@ def vllm_job(study: Study, name: str, drafter: Path, target: str, prompts: Path,
     def argv() -> list[str] | None:
         if budget.left() <= 0:
             return None
-        return [sys.executable, "-m", "pipeline.vllm_agreement", "--target", target, "--drafter", str(drafter),
+        return [sys.executable, "-m", "tools.vllm_agreement", "--target", target, "--drafter", str(drafter),
                 "--prompts", str(prompts), "--max-tokens", str(spec.max_tokens),
                 "--num-speculative-tokens", str(spec.num_speculative_tokens), "--dtype", spec.dtype,
                 "--out", str(result)]

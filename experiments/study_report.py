@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from experiments.study import Study
+from experiments.study_spec import Study, checkpoint_step, eval_folder, read_state, study_runs, write_json
 
 CURVES = (("eval", "accept_length_proxy"), ("eval", "top1/step1"), ("train", "gto/reward"),
           ("train", "rollout/tau"))
@@ -42,8 +41,6 @@ def metric_series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[lis
 
 
 def _scores(out: Path, name: str, temperature: float) -> dict[str, Any] | None:
-    from experiments.study import eval_folder
-
     path = eval_folder(out, name, temperature) / "compare.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -91,8 +88,6 @@ def gpu_shares(out: Path) -> tuple[dict[str, float], float | None]:
 
 def collect(study: Study, out: Path) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict (results.json)."""
-    from experiments.study import checkpoint_step, read_state, study_runs
-
     shares, util = gpu_shares(out)
     runs = {}
     for run in study_runs(study, out):
@@ -215,8 +210,6 @@ def _pyplot():
 
 def plot_curves(study: Study, out: Path, png: Path) -> Path:
     """One panel per metric; colour = arm, line style = seed."""
-    from experiments.study import study_runs
-
     plt = _pyplot()
     series = {run.name: (run, read_jsonl(run.directory / "metrics.jsonl")) for run in study_runs(study, out)}
     panels = [(split, key) for split, key in CURVES
@@ -279,8 +272,6 @@ def plot_tau(study: Study, data: dict[str, Any], png: Path) -> Path:
 
 
 def write_report(study: Study, out: Path) -> list[Path]:
-    from experiments.study import write_json
-
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     data = collect(study, out)
@@ -333,8 +324,6 @@ def write_vllm_ranking(study: Study, out: Path, names: list[str]) -> dict[str, A
             "pairs_ordered_alike": None if alike is None else f"{alike[0]}/{alike[1]}",
             "rankings_equal": None if alike is None else alike[0] == alike[1]}
     folder = out / "report"
-    from experiments.study import write_json
-
     write_json(folder / "vllm_ranking.json", data)
     (folder / "vllm_ranking.md").write_text(vllm_markdown(data))
     return data

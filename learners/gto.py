@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import GTOExperience
-from learners.sft import sft_loss
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import GTOExperience
+from speculative.sft import sft_loss
 from speculative.ttt import path_logprob
 
 

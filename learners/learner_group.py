@@ -6,7 +6,7 @@ experiences through ``learners.objectives.objective_loss`` (the same step functi
 single-process trainer uses), ``engine.backward`` and ``engine.step``; DeepSpeed averages the
 gradients (ZeRO stage from the config; bf16 on GPU, fp32 on CPU over gloo).
 
-Rank 0 is also the source of every drafter broadcast to the rollout actors (``pipeline.broadcast``).
+Rank 0 is also the source of every drafter broadcast to the rollout actors (``speculative.broadcast``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
-from pipeline.drafter_blueprint import DrafterBlueprint, load_target_embedding
+from speculative.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
+from speculative.drafter_blueprint import DrafterBlueprint, load_target_embedding
 
 CHECKPOINT_TAG = "state"
 
@@ -51,8 +51,8 @@ class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
     def __init__(self, config_json: str, faults: dict | None = None):
-        from pipeline.config import ExperimentConfig
-        from pipeline.trainer import pick_device
+        from speculative.config import ExperimentConfig
+        from speculative.runtime import pick_device
 
         self.config = ExperimentConfig.model_validate_json(config_json)
         torch.set_num_threads(self.config.training.threads or 1)
@@ -75,7 +75,7 @@ class LearnerWorker:
               target_path: str, target_dtype: str, resume_dir: str | None) -> dict[str, Any]:
         import deepspeed
 
-        from pipeline.trainer import DTYPES, lr_lambda
+        from speculative.runtime import DTYPES, adamw_with_schedule
 
         self.rank = rank
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -88,10 +88,7 @@ class LearnerWorker:
         drafter = blueprint.build(embed, source=source).to(self.device)
         training = self.config.training
         params = drafter.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay, betas=(0.9, 0.95))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, training.warmup_steps, training.max_steps, training.min_lr_ratio)
-        )
+        optimizer, scheduler = adamw_with_schedule(params, training)
         self.engine, _, _, _ = deepspeed.initialize(
             model=drafter, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
             config=deepspeed_config(self.config, self.device.type == "cuda"),

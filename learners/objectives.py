@@ -1,7 +1,7 @@
 """One entry point for every training objective: ``objective_loss(drafter, experience, config)``.
 
 The single-process trainer and the Ray learner group both call this, so an objective behaves
-the same wherever it runs. Experiences are self-contained (``actors.experience``): whatever a
+the same wherever it runs. Experiences are self-contained (``speculative.experience``): whatever a
 loss needs from the target or from the frozen reference drafter was computed by the rollout
 side, so a learner holds nothing but the drafter it trains.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import CombinedExperience, Experience, GTOExperience, OPDExperience, SFTExperience
-from learners.sft import sft_loss
-from pipeline.config import ExperimentConfig
+from speculative.config import ExperimentConfig
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import CombinedExperience, Experience, GTOExperience, OPDExperience, SFTExperience
+from speculative.sft import sft_loss
 
 
 def objective_loss(

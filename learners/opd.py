@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from actors.experience import OPDExperience
-from learners.sft import sft_loss
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import OPDExperience
+from speculative.sft import sft_loss
 from speculative.ttt import replay_chains
 
 

@@ -23,25 +23,28 @@ import torch
 
 from actors.rollout_actor import NoWeightsYet, rollout_actor_class
 from learners.learner_group import LearnerGroup
-from pipeline.batches import BatchOrder
-from pipeline.broadcast import SyncReport, choose_transport
 from pipeline.checkpointing import STATE_FILE, commit_checkpoint, load_state, open_run, rng_state, set_rng_state
-from pipeline.config import ExperimentConfig, dump_config
-from pipeline.drafter_blueprint import (
+from pipeline.metrics_log import MetricsLog, plot_curves
+from pipeline.placement import Layout, reserve
+from pipeline.ray_metrics import PipelineMetrics
+from pipeline.staleness import StalenessGate
+from pipeline.trainer import RunResult, load_datasets
+from pipeline.weight_sync import PendingPush, WeightSync
+from speculative.broadcast import SyncReport, choose_transport
+from speculative.checkpoint import export_drafter
+from speculative.config import ExperimentConfig, dump_config
+from speculative.data import collate
+from speculative.data.batches import BatchOrder
+from speculative.target import verifier_id
+from speculative.drafter_blueprint import (
     DrafterBlueprint,
     blueprint_from_directory,
     make_blueprint,
     read_target_config,
     target_aux_layer_ids,
 )
-from pipeline.metrics_log import MetricsLog, plot_curves
-from pipeline.placement import Layout, reserve
-from pipeline.ray_metrics import PipelineMetrics
-from pipeline.staleness import StalenessGate
-from pipeline.trainer import RunResult, load_datasets, seed_everything
-from pipeline.weight_sync import PendingPush, WeightSync
-from speculative.data import collate
 from speculative.files import atomic_directory, write_manifest
+from speculative.runtime import seed_everything
 from speculative.target import default_cache_dir, load_tokenizer, resolve_target
 
 # What rollout actors report per experience (actors.rollout_actor.experience_summary).
@@ -154,6 +157,8 @@ class DistributedTrainer:
         # The GTO reference stays the run's initial drafter, not the checkpoint's.
         blueprint.init_from = self.config.drafter.init_from
         blueprint.init_seed = self.config.drafter.init_seed
+        blueprint.init_layout = self.config.drafter.init_layout
+        blueprint.ttt_attention = self.config.training.attention
         return blueprint
 
     def _connect(self) -> bool:
@@ -262,7 +267,7 @@ class DistributedTrainer:
     # -- the loop -------------------------------------------------------------------------
     def _loop(self, resumed: bool, evaluation) -> DistributedResult:
         cfg, train_cfg = self.config, self.config.training
-        self.log = MetricsLog(self.out)
+        self.log = MetricsLog(self.out, self.config.tracking, self.config.name, self.config.model_dump(mode="json"))
         self.metrics = PipelineMetrics(cfg.name)
         self.eval_samples = [evaluation[i] for i in range(min(len(evaluation), train_cfg.eval_batches
                                                               * min(train_cfg.batch_size, len(evaluation))))]
@@ -283,7 +288,10 @@ class DistributedTrainer:
         drafter_dir = self.out / "drafter"
         ray.get(self.learners.rank0.save_drafter.remote(
             str(drafter_dir), "bfloat16",
-            {"step": self.version, "target": cfg.target.model, "objective": train_cfg.objective}))
+            {"step": self.version, "target": cfg.target.model, "objective": train_cfg.objective,
+             "verifier": verifier_id(cfg.target.model)}))
+        for fmt in cfg.drafter.export_formats:  # the same weights in other tools' layouts
+            export_drafter(drafter_dir, self.out / f"drafter_{fmt}", fmt, speculative_tokens=train_cfg.ttt_steps)
         plot_curves(self.log.path, self.out / "curves.png", train_cfg.ttt_steps)
         result = DistributedResult(
             self.out, drafter_dir, self.version, self.train_metrics, self.eval_metrics,

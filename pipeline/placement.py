@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline.distributed_config import DistributedConfig
+from speculative.distributed_config import DistributedConfig
 
 
 @dataclass

@@ -1,46 +1,34 @@
 """The single-process trainer: target worker -> experience -> learner step, in one loop.
 
 It runs the same pieces the Ray pipeline distributes (``actors.TargetWorker`` makes
-experiences, ``learners.sft.sft_loss`` is the step), so what is tested here is what runs there.
+experiences, ``speculative.sft.sft_loss`` is the step), so what is tested here is what runs there.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from actors.experience import uses_reference
 from actors.target_worker import TargetWorker
 from learners.objectives import objective_loss
-from learners.sft import sft_loss
-from pipeline.batches import BatchOrder
 from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rng_state
-from pipeline.config import ExperimentConfig, dump_config
-from pipeline.drafter_blueprint import make_blueprint
 from pipeline.metrics_log import MetricsLog, plot_curves
-from speculative.checkpoint import load_drafter, save_drafter
+from speculative.checkpoint import export_drafter, load_drafter, save_drafter
+from speculative.config import ExperimentConfig, dump_config
 from speculative.data import build_dataset, collate, split_dataset
+from speculative.data.batches import BatchOrder
 from speculative.drafter import Eagle3Drafter
-from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA device is visible")
-    return torch.device(choice)
+from speculative.drafter_blueprint import make_blueprint
+from speculative.evaluation import evaluate_ttt, mean_metrics
+from speculative.experience import uses_reference
+from speculative.runtime import adamw_with_schedule, pick_device, seed_everything, target_dtype
+from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target, verifier_id
 
 
 def load_datasets(config, tokenizer, cache_dir: Path):
@@ -54,6 +42,9 @@ def load_datasets(config, tokenizer, cache_dir: Path):
         data.source,
         tokenizer,
         format=data.format,
+        split=data.split,
+        subset=data.subset,
+        num_proc=data.num_proc,
         max_length=data.max_length,
         max_records=data.max_records,
         offset=data.offset,
@@ -91,20 +82,6 @@ class NonFiniteGuard:
         return True
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 @dataclass
 class RunResult:
     output_dir: Path
@@ -136,10 +113,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     def _target_dtype(self) -> torch.dtype:
-        choice = self.config.target.dtype
-        if choice == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return DTYPES[choice]
+        return target_dtype(self.config.target.dtype, self.device)
 
     def _load_data(self, tokenizer):
         return load_datasets(self.config, tokenizer, self.cache_dir)
@@ -184,15 +158,10 @@ class Trainer:
         else:
             drafter = self._new_drafter(target, train)
         drafter.to(self.device)
+        drafter.ttt_attention = train_cfg.attention
         reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
-        optimizer = torch.optim.AdamW(
-            drafter.trainable_parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.95)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_lambda(s, train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio),
-        )
+        optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)
         order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed)
         step, cursor = 0, 0
         nonfinite = NonFiniteGuard(train_cfg.max_nonfinite)
@@ -205,7 +174,7 @@ class Trainer:
             set_rng_state(state["rng"])
             print(f"[draftrl] resumed from {checkpoint} at step {step}", flush=True)
 
-        log = MetricsLog(self.out)
+        log = MetricsLog(self.out, cfg.tracking, cfg.name, cfg.model_dump(mode="json"))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         window: list[dict[str, float]] = []
@@ -250,14 +219,14 @@ class Trainer:
             step += 1
             if self.minutes_this_run is not None and time.time() - started > 60 * self.minutes_this_run:
                 stop_at = step  # out of time: checkpoint and export below
-            merged = _mean(step_metrics)
+            merged = mean_metrics(step_metrics)
             merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
                           skipped_nonfinite=float(nonfinite.skipped))
             window.append(merged)
             bar.update(1)
             bar.set_postfix(_postfix(merged))
             if step % train_cfg.log_every == 0 or step == stop_at:
-                train_metrics = _mean(window)
+                train_metrics = mean_metrics(window)
                 train_metrics["tokens_per_s"] = tokens / max(1e-9, time.time() - started)
                 log.log(step, "train", train_metrics)
                 window = []
@@ -280,7 +249,10 @@ class Trainer:
         drafter_dir = save_drafter(
             drafter, self.out / "drafter", dtype=torch.bfloat16,
             metadata={"step": step, "target": cfg.target.model, "objective": train_cfg.objective},
+            verifier=verifier_id(cfg.target.model),
         )
+        for fmt in cfg.drafter.export_formats:  # the same weights in other tools' layouts
+            export_drafter(drafter_dir, self.out / f"drafter_{fmt}", fmt, speculative_tokens=train_cfg.ttt_steps)
         plot_curves(log.path, self.out / "curves.png", train_cfg.ttt_steps)
         return RunResult(self.out, drafter_dir, step, train_metrics, eval_metrics)
 
@@ -293,26 +265,11 @@ class Trainer:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return self.evaluate(drafter, TargetWorker(target, drafter.draft_to_target), evaluation, pad_id)
 
-    @torch.no_grad()
     def evaluate(self, drafter: Eagle3Drafter, worker: TargetWorker, dataset, pad_id: int) -> dict[str, float]:
         """Held-out TTT metrics over the first ``eval_batches`` batches (a fixed set)."""
-        train_cfg = self.config.training
-        drafter.eval()
-        size = min(train_cfg.batch_size, len(dataset))
-        order = BatchOrder(len(dataset), size, seed=0, shuffle=False)
-        results = []
-        for index in range(min(train_cfg.eval_batches, order.batches_per_epoch)):
-            batch = collate([dataset[i] for i in order.indices(index)], pad_id)
-            experience = worker.sft_experience(batch)
-            _, metrics = sft_loss(drafter, experience, train_cfg.ttt_steps, train_cfg.step_weight_decay)
-            results.append(metrics)
-        return _mean(results)
+        return evaluate_ttt(drafter, worker, dataset, pad_id, self.config.training)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
     keys = ("loss", "top1/step1", "gto/reward", "gto/clip_fraction", "rollout/tau")
     return {k.split("/")[-1] if k != "rollout/tau" else "tau": f"{metrics[k]:.3f}" for k in keys if k in metrics}
-
-
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}

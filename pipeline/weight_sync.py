@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pipeline.broadcast import BroadcastFailed, SyncReport, verify
+from speculative.broadcast import BroadcastFailed, SyncReport, verify
 
 
 @dataclass

@@ -10,6 +10,15 @@ arithmetic exactly, so a drafter trained here proposes the same tokens when vLLM
     r      = r + mlp(post_attention_layernorm(r))
     logits = lm_head(norm(r))     and r (pre-norm) is the hidden fed to the next draft step.
 
+Other trainers add normalisations, each a flag of ``DrafterConfig`` computed as vLLM's
+``llama_eagle3.py`` and speculators' ``Eagle3DraftModel`` compute it (all off = EAGLE-3):
+
+    norm_before_fc        g = fc(input_norm(concat(aux)))           one RMSNorm over the concatenation
+    fc_norm               g = fc(concat(fc_norm_i(aux_i)))          one RMSNorm per auxiliary state
+    norm_before_residual  r = hidden_norm(h) + attn(x)              the residual is the normalised h
+    norm_output           the hidden fed to the next step is norm(r), not r (logits unchanged)
+    sliding_window        step-1 keys older than the window are not attended (training-time test)
+
 Attention is delegated to a cache object (``attend(q, k, v)``) so that the same layer serves
 training-time test (``speculative.ttt``), and tree drafting with a KV cache at inference.
 """
@@ -47,6 +56,26 @@ class DrafterConfig:
     )
     max_position_embeddings: int = 8192
     hidden_act: str = "silu"
+    norm_before_residual: bool = False
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
+    sliding_window: int | None = None
+
+    VARIANT_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+
+    def __post_init__(self) -> None:
+        if self.norm_before_fc and self.fc_norm:
+            raise ValueError("norm_before_fc and fc_norm exclude each other (one norm over the "
+                             "concatenated auxiliary states, or one per state)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not implemented (the drafter's MLP is SiLU-gated)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, not {self.sliding_window}")
+
+    def active_variants(self) -> list[str]:
+        """The non-EAGLE-3 flags this drafter computes (empty for a plain EAGLE-3 drafter)."""
+        return [name for name in self.VARIANT_FLAGS if getattr(self, name)]
 
     @classmethod
     def from_target(
@@ -170,6 +199,7 @@ class DraftDecoderLayer(nn.Module):
         self.self_attn = DraftAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DraftMLP(config)
+        self.norm_before_residual = config.norm_before_residual
 
     def forward(
         self,
@@ -180,8 +210,9 @@ class DraftDecoderLayer(nn.Module):
         cache: AttentionCache,
     ) -> torch.Tensor:
         """Returns the pre-norm residual stream (vLLM's ``hidden_prenorm``)."""
-        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        residual = hidden + self.self_attn(x, cos, sin, cache)
+        normed = self.hidden_norm(hidden)
+        x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
+        residual = (normed if self.norm_before_residual else hidden) + self.self_attn(x, cos, sin, cache)
         return residual + self.mlp(self.post_attention_layernorm(residual))
 
 
@@ -205,12 +236,21 @@ class Eagle3Drafter(nn.Module):
         self.embed_tokens.weight = nn.Parameter(embed_weight.detach(), requires_grad=False)
         n_aux = len(config.aux_layer_ids)
         self.fc = nn.Linear(n_aux * config.target_hidden_size, config.hidden_size, bias=False)
+        # Created only when their flag is on, so a plain EAGLE-3 drafter has exactly EAGLE-3's tensors.
+        if config.norm_before_fc:
+            self.input_norm = RMSNorm(n_aux * config.target_hidden_size, config.rms_norm_eps)
+        if config.fc_norm:
+            self.fc_norm = nn.ModuleList(
+                RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in range(n_aux)
+            )
         self.midlayer = DraftDecoderLayer(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(config.llama_config())
         self.register_buffer("draft_to_target", vocab.draft_to_target.clone(), persistent=False)
         self.register_buffer("target_to_draft", vocab.target_to_draft.clone(), persistent=False)
+        # How training-time test attends ("dense" reference or "flex"); a run setting, not saved.
+        self.ttt_attention = "dense"
 
     @property
     def vocab(self) -> DraftVocab:
@@ -221,7 +261,13 @@ class Eagle3Drafter(nn.Module):
 
     def fuse_target_hidden(self, aux_hidden: torch.Tensor) -> torch.Tensor:
         """Project the concatenated aux hidden states of the target to the drafter width."""
-        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+        x = aux_hidden.to(self.fc.weight.dtype)
+        if self.config.norm_before_fc:
+            x = self.input_norm(x)
+        if self.config.fc_norm:
+            chunks = x.chunk(len(self.fc_norm), dim=-1)
+            x = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks)], dim=-1)
+        return self.fc(x)
 
     def forward(
         self,
@@ -230,12 +276,36 @@ class Eagle3Drafter(nn.Module):
         position_ids: torch.Tensor,
         cache: AttentionCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft step. Returns (logits over the draft vocab, pre-norm hidden for the next step)."""
+        """One draft step. Returns (logits over the draft vocab, the hidden for the next step):
+        the pre-norm residual stream, or its normalised form with ``norm_output``."""
+        following = self.hidden_step(input_ids, hidden, position_ids, cache)
+        return self.draft_logits(following), following
+
+    def hidden_step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: AttentionCache,
+    ) -> torch.Tensor:
+        """``forward`` without the lm_head: the hidden fed to the next step only. Callers that need
+        logits at a few rows (the last prompt token of a prefill) then call ``draft_logits`` on them."""
+        window = self.config.sliding_window
+        if window is not None and not getattr(cache, "applies_sliding_window", False):
+            if int(position_ids.max()) >= window:  # inference caches attend the whole context
+                raise NotImplementedError(
+                    f"the drafter was trained with sliding_window {window}; drafting at positions past "
+                    "it is only implemented in training-time test"
+                )
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         cos, sin = self.rotary(hidden, position_ids)
         prenorm = self.midlayer(embeds, hidden, cos, sin, cache)
-        logits = self.lm_head(self.norm(prenorm))
-        return logits, prenorm
+        return self.norm(prenorm) if self.config.norm_output else prenorm
+
+    def draft_logits(self, following: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary from ``hidden_step``'s output (normalised here unless
+        ``norm_output`` already did)."""
+        return self.lm_head(following if self.config.norm_output else self.norm(following))
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target[draft_ids]

@@ -88,8 +88,9 @@ class StaticKVCache:
 
 @dataclass
 class FastLlamaOutput:
-    logits: torch.Tensor  # [B, T', V] (T' = rows asked for with ``logits_rows``, else T)
+    logits: torch.Tensor | None  # [B, T', V] (T' = rows asked for with ``logits_rows``, else T)
     aux_hidden: torch.Tensor  # [B, T, n_aux * H]
+    hidden: torch.Tensor | None = None  # [B, T, H] final-norm output, with ``apply_lm_head=False``
 
 
 class FastLlama(nn.Module):
@@ -148,6 +149,7 @@ class FastLlama(nn.Module):
         cache_slots: torch.Tensor | int,
         attn_mask: torch.Tensor,
         logits_rows: torch.Tensor | slice | None = None,
+        apply_lm_head: bool = True,
     ) -> FastLlamaOutput:
         """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v to ``cache_slots``.
 
@@ -157,7 +159,9 @@ class FastLlama(nn.Module):
         ``attn_mask [B, T, S]`` (True = may attend) covers cache slots ``0 .. S-1``; it must
         include each token's own slot. Pass ``S = cache.max_len`` for fully static shapes, or
         the used length for less work. ``logits_rows [T']`` restricts the lm_head to some rows
-        (e.g. only the last one after a prefill).
+        (e.g. only the last one after a prefill); ``apply_lm_head=False`` skips it and returns the
+        final-norm hidden states instead, for callers that need logits at data-dependent rows
+        (GTO's tree verification reads them only at nodes with children).
         """
         batch, length = input_ids.shape
         span = attn_mask.shape[-1]
@@ -190,6 +194,8 @@ class FastLlama(nn.Module):
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         final = self.norm(hidden)
+        if not apply_lm_head:
+            return FastLlamaOutput(logits=None, aux_hidden=torch.cat(aux, dim=-1), hidden=final)
         if logits_rows is not None:
             final = final[:, logits_rows]
         logits = self.lm_head(final)

@@ -27,6 +27,24 @@ BUILTIN_TARGETS = {
 }
 
 
+# The model each built-in target is a copy of: what other tools must be told the verifier is.
+BUILTIN_UPSTREAM = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def verifier_id(model: str) -> str:
+    """The id another tool (vLLM, speculators, SpecForge) loads the target by: a built-in alias's
+    upstream hub id, a local HF directory's recorded ``_name_or_path`` when it names a hub id,
+    else ``model`` as given (a hub id or a path)."""
+    if model in BUILTIN_UPSTREAM:
+        return BUILTIN_UPSTREAM[model]
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        recorded = json.loads(config.read_text()).get("_name_or_path") or ""
+        if recorded and not Path(recorded).expanduser().exists() and recorded.count("/") == 1:
+            return recorded
+    return model
+
+
 def default_cache_dir() -> Path:
     """Where converted targets and tokenised data live (``DRAFTRL_CACHE`` overrides)."""
     return Path(os.environ.get("DRAFTRL_CACHE", Path.home() / ".cache" / "draftrl"))

@@ -73,7 +73,8 @@ class DraftTree:
     mask: torch.Tensor  # [B, N, N] bool, mask[b, i, j] = j is i or an ancestor of i
     scores: torch.Tensor  # [B, N] cumulative draft log-prob from the root
     logprobs: torch.Tensor  # [B, N] log q(node) under the distribution it was drawn from
-    dists: torch.Tensor  # [B, E, Vd] draft log-probs at each expanded node; row 0 = root
+    dists: torch.Tensor | None  # [B, E, Vd] draft log-probs at each expanded node; row 0 = root
+    # (None when grown with ``keep_dists=False``: GTO's batched trees need only ``logprobs``)
     parent_dist: torch.Tensor  # [B, N] row of ``dists`` the node was drawn from
     node_dist: torch.Tensor  # [B, N] row of ``dists`` of the node's own children, -1 if unexpanded
     root_positions: torch.Tensor  # [B] position of the root token
@@ -211,12 +212,15 @@ def grow_draft_tree(
     root_positions: torch.Tensor,
     config: TreeConfig,
     generator: torch.Generator | None = None,
+    keep_dists: bool = True,
 ) -> tuple[DraftTree, torch.Tensor]:
     """The tree search itself, with fixed shapes and no host synchronisation.
 
     Returns the tree and a 0-d bool tensor, True when the selection is ancestor-closed (it is
     by construction; callers check it when a sync is cheap, the CUDA-graph path once per
     sequence). Every shape depends only on ``config`` and the batch, never on values.
+    ``keep_dists=False`` drops the per-node draft distributions (``dists`` is None): for
+    thousands of trees at once ([B, E, Vd] floats would not fit), when only ``logprobs`` count.
     """
     batch, vocab = root_logits.shape
     device = root_logits.device
@@ -248,9 +252,11 @@ def grow_draft_tree(
         logits, prenorm = feed(
             drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
         )
-        logq_level = torch.log_softmax(logits.float() * scale, dim=-1)  # [B, width, Vd]
+        # (no "* 1.0" when greedy: it would copy [B, width, Vd] floats per level for nothing)
+        logq_level = torch.log_softmax(logits.float() * scale if sample else logits.float(), dim=-1)
         dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
-        dists.append(logq_level)
+        if keep_dists:
+            dists.append(logq_level)
         node_dist_rows.append((frontier, dist_rows))
 
         child_ids, child_logq = _choose(logq_level, k, sample, generator)  # [B, width, k]
@@ -299,7 +305,7 @@ def grow_draft_tree(
         mask=ancestor_mask(parents, config.depth),
         scores=score_all.gather(1, chosen),
         logprobs=torch.cat(cand_logq, 1).gather(1, chosen),
-        dists=torch.cat(dists, 1),
+        dists=torch.cat(dists, 1) if keep_dists else None,
         parent_dist=torch.cat(cand_pdist, 1).gather(1, chosen),
         node_dist=node_dist_all.gather(1, chosen),
         root_positions=root_positions,

@@ -35,15 +35,32 @@ def node_log_acceptance(tree: DraftTree, target_logits: torch.Tensor, temperatur
     ``target_logits [B, 1 + N, V]``: row 0 at the root, row 1 + i at node i (the verification
     forward's layout). At temperature 0 the value is 0 for the argmax token and -inf otherwise.
     """
-    batch, n = tree.tokens.shape
-    rows = torch.arange(batch, device=tree.tokens.device)[:, None]
-    parent_row = tree.parents + 1  # root (-1) -> row 0
-    token_logit = target_logits[rows, parent_row, tree.tokens].float()  # [B, N]
+    rows = torch.arange(tree.tokens.shape[0], device=tree.tokens.device)[:, None]
+    token_logit = target_logits[rows, tree.parents + 1, tree.tokens]  # [B, N]
     if temperature <= 0:
-        best = target_logits.argmax(-1).gather(1, parent_row)
-        return torch.where(best == tree.tokens, 0.0, float("-inf")).to(token_logit)
+        return log_acceptance(tree, token_logit, None, target_logits.argmax(-1), temperature)
     log_norm = torch.logsumexp(target_logits.float() / temperature, dim=-1)  # [B, 1 + N]
-    return token_logit / temperature - log_norm.gather(1, parent_row)
+    return log_acceptance(tree, token_logit, log_norm, None, temperature)
+
+
+def log_acceptance(
+    tree: DraftTree,
+    token_logit: torch.Tensor,
+    row_log_norm: torch.Tensor | None,
+    row_argmax: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """``node_log_acceptance`` from the three things it reads of the logits, so that a caller
+    verifying thousands of trees can reduce each forward's [.., V] logits right away:
+    ``token_logit [B, N]`` (node i's token's logit at its parent's row), ``row_log_norm
+    [B, 1 + N]`` (logsumexp(logits / temperature) per row; read at temperature > 0) and
+    ``row_argmax [B, 1 + N]`` (the target's argmax per row; read at temperature 0)."""
+    parent_row = tree.parents + 1  # root (-1) -> row 0
+    token_logit = token_logit.float()
+    if temperature <= 0:
+        best = row_argmax.gather(1, parent_row)
+        return torch.where(best == tree.tokens, 0.0, float("-inf")).to(token_logit)
+    return token_logit / temperature - row_log_norm.gather(1, parent_row)
 
 
 def path_probability(tree: DraftTree, log_accept: torch.Tensor) -> torch.Tensor:
@@ -79,7 +96,16 @@ def score_tree(
     """Branch values, the exact expected accepted length, and the reward ``aggregation`` of them."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    prob = path_probability(tree, node_log_acceptance(tree, target_logits, temperature))
+    return score_log_acceptance(tree, node_log_acceptance(tree, target_logits, temperature), eta, aggregation)
+
+
+def score_log_acceptance(
+    tree: DraftTree, log_accept: torch.Tensor, eta: float = 1.0, aggregation: str = "lse"
+) -> TreeScore:
+    """``score_tree`` from the nodes' log acceptance probabilities [B, N]."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    prob = path_probability(tree, log_accept)
     branch = torch.bmm(tree.mask.float(), prob[..., None]).squeeze(-1)  # sum over the path
     is_leaf = leaves(tree)
     expected = prob.sum(-1)
@@ -103,7 +129,14 @@ def greedy_accepted_path(
     [B]). It is the path ``speculative.verify.verify_greedy`` accepts: the nodes whose every
     ancestor-or-self token is the target's argmax at its parent.
     """
-    accepted = path_probability(tree, node_log_acceptance(tree, target_logits, 0.0)) > 0.5
+    return accepted_path(tree, node_log_acceptance(tree, target_logits, 0.0), max_depth)
+
+
+def accepted_path(
+    tree: DraftTree, greedy_log_accept: torch.Tensor, max_depth: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``greedy_accepted_path`` from the nodes' log acceptance at temperature 0 [B, N]."""
+    accepted = path_probability(tree, greedy_log_accept) > 0.5
     depth = torch.where(accepted, tree.depths, 0)  # [B, N]; one accepted node per depth
     batch = tree.tokens.shape[0]
     device = tree.tokens.device

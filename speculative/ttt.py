@@ -26,12 +26,19 @@ from speculative.drafter import Eagle3Drafter
 
 
 class TTTCache:
-    """Keys/values of each unrolled step; step 1 is attended causally, later steps diagonally."""
+    """Keys/values of each unrolled step; step 1 is attended causally, later steps diagonally.
 
-    def __init__(self, key_padding_mask: torch.Tensor | None = None):
+    The dense fp32 reference: it builds [B, heads, T, T] scores at every step. ``FlexTTTCache``
+    (``speculative.flex_ttt``) computes the same attention with block-sparse FlexAttention.
+    """
+
+    applies_sliding_window = True
+
+    def __init__(self, key_padding_mask: torch.Tensor | None = None, sliding_window: int | None = None):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.key_padding_mask = key_padding_mask  # [B, T] True on real tokens
+        self.sliding_window = sliding_window  # step-1 keys at most this many indices back
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.keys.append(k)
@@ -40,9 +47,13 @@ class TTTCache:
         length = q.shape[-2]
         scores = torch.matmul(q.float(), self.keys[0].float().transpose(-1, -2)) * scale
         allowed = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        if self.sliding_window is not None:
+            allowed = allowed.triu(1 - self.sliding_window)
         if self.key_padding_mask is not None:
             allowed = allowed & self.key_padding_mask[:, None, None, :].bool()
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        # The most negative finite value, not -inf: a padded query whose window holds no real key
+        # then gets a finite (unused) output instead of NaN, which the loss mask cannot cancel.
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         diagonal = [(q.float() * key.float()).sum(-1, keepdim=True) * scale for key in self.keys[1:]]
         probs = torch.softmax(torch.cat([scores, *diagonal], dim=-1), dim=-1)
         out = torch.matmul(probs[..., :length], self.values[0].float())
@@ -85,6 +96,19 @@ def shift_left(x: torch.Tensor, by: int, fill: int | float = 0) -> torch.Tensor:
     return torch.cat([x[:, by:], pad], dim=1)
 
 
+def make_ttt_cache(drafter: Eagle3Drafter, attention_mask: torch.Tensor):
+    """The attention of one unroll: ``drafter.ttt_attention`` picks the dense reference or flex."""
+    backend = getattr(drafter, "ttt_attention", "dense")
+    window = getattr(getattr(drafter, "config", None), "sliding_window", None)
+    if backend == "flex":
+        from speculative.flex_ttt import FlexTTTCache
+
+        return FlexTTTCache(attention_mask, sliding_window=window)
+    if backend != "dense":
+        raise ValueError(f"unknown TTT attention {backend!r} (dense or flex)")
+    return TTTCache(attention_mask, sliding_window=window)
+
+
 def unroll(
     drafter: Eagle3Drafter,
     input_ids: torch.Tensor,
@@ -101,7 +125,7 @@ def unroll(
     its rollouts, both with exactly the attention the drafter had at inference.
     """
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    cache = TTTCache(attention_mask)
+    cache = make_ttt_cache(drafter, attention_mask)
     hidden = drafter.fuse_target_hidden(aux_hidden)
     for k in range(1, num_steps + 1):
         tokens = shift_left(input_ids, k) if step_inputs is None else step_inputs[k - 1]

@@ -9,6 +9,8 @@ is in the draft vocabulary); vLLM skips it, SGLang and EAGLE's own code read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,3 +79,60 @@ class DraftVocab:
         """Fraction of the counted (supervised) tokens the draft vocabulary can produce."""
         total = counts.sum()
         return float(counts[self.draft_to_target].sum() / total) if total > 0 else 0.0
+
+
+def _load_tensor_file(path: Path, what: str) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if suffix in (".pt", ".pth", ".bin"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    raise ValueError(f"{path}: {what} must be .pt (SpecForge), .npy (speculators) or .safetensors")
+
+
+def load_vocab_mapping(path: str | Path, target_vocab_size: int, t2d_path: str | Path | None = None) -> DraftVocab:
+    """An existing draft vocabulary: SpecForge's ``vocab_mapping_path`` (a ``.pt`` dict with ``d2t``
+    and ``t2d``), speculators' ``d2t.npy`` (+ ``t2d.npy``), or a safetensors file with ``d2t``.
+
+    Both tools store ``d2t`` as offsets (target id = draft id + d2t) and ``t2d`` as a boolean mask
+    over the target vocabulary; the two must describe the same tokens, and fit the target.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary mapping not found: {path}")
+    loaded = _load_tensor_file(path, "a vocabulary mapping")
+    t2d = None
+    if isinstance(loaded, dict):
+        if "d2t" not in loaded:
+            raise ValueError(f"{path}: field 'd2t' missing (has {sorted(loaded)})")
+        d2t, t2d = loaded["d2t"], loaded.get("t2d")
+    else:
+        d2t = loaded
+    if t2d_path is not None:
+        t2d_file = Path(t2d_path).expanduser()
+        if not t2d_file.is_file():
+            raise FileNotFoundError(f"t2d mapping not found: {t2d_file}")
+        t2d = _load_tensor_file(t2d_file, "a t2d mapping")
+        t2d = t2d["t2d"] if isinstance(t2d, dict) else t2d
+    d2t = torch.as_tensor(d2t)
+    if d2t.ndim != 1 or d2t.is_floating_point() or d2t.dtype == torch.bool:
+        raise ValueError(f"{path}: field 'd2t' must be a 1-D integer tensor, not {d2t.dtype} {tuple(d2t.shape)}")
+    try:
+        vocab = DraftVocab.from_d2t(d2t, target_vocab_size)
+    except ValueError as error:
+        raise ValueError(f"{path}: field 'd2t': {error} (is it for this target?)") from None
+    if t2d is not None:
+        t2d = torch.as_tensor(t2d).bool()
+        if tuple(t2d.shape) != (target_vocab_size,):
+            raise ValueError(f"{t2d_path or path}: field 't2d' has shape {tuple(t2d.shape)}, the target "
+                             f"vocabulary has {target_vocab_size} tokens")
+        if not torch.equal(t2d, vocab.t2d):
+            raise ValueError(f"{t2d_path or path}: field 't2d' marks {int(t2d.sum())} tokens that differ from "
+                             f"the {vocab.size} tokens d2t maps to")
+    return vocab

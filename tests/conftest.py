@@ -49,7 +49,7 @@ def smollm2_sft_run(tmp_path_factory):
 
     Shared by the training integration test and the vLLM acceptance-agreement test.
     """
-    from pipeline.config import load_config
+    from speculative.config import load_config
     from pipeline.trainer import Trainer
 
     out = tmp_path_factory.mktemp("smollm2_sft")

@@ -10,7 +10,7 @@ import pytest
 
 import speculative.data
 
-from pipeline.benchmark import (
+from tools.benchmark import (
     TREE_DEFAULTS,
     BenchmarkError,
     BenchQuestion,
@@ -21,7 +21,7 @@ from pipeline.benchmark import (
     resolve_bench,
     run_conversation,
 )
-from pipeline.cli import main
+from tools.cli import main
 from speculative.checkpoint import save_drafter
 from speculative.target import TargetModel, load_tokenizer
 from speculative.tree import TreeConfig

@@ -30,8 +30,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.runtime_env import RuntimeEnv
 
-from pipeline.cli import build_parser
-from pipeline.config import ConfigError, load_config
+from tools.cli import build_parser
+from speculative.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from actors.experience import CombinedExperience
+from speculative.experience import CombinedExperience
 from actors.target_worker import TargetWorker
 from learners.gto import gto_loss
 from learners.objectives import objective_loss
 from learners.opd import opd_loss
-from pipeline.config import ConfigError, load_config
+from speculative.config import ConfigError, load_config
 from tests.test_gto import _sequences
 from tests.test_tree_engine import train_agreeing_pair
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from tools.cli import main
+from speculative.config import ConfigError, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -32,8 +32,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 
 def test_unknown_key_names_the_field(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("training:\n  learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*\n.*training\.learning_rate"):
+    path.write_text("training:\n  learnin_rate: 0.1\n")  # (learning_rate is SpecForge's alias of lr)
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*\n.*training\.learnin_rate"):
         load_config(path)
 
 

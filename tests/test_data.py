@@ -230,7 +230,8 @@ def test_malformed_record_index_in_json_and_parquet(tokenizer, tmp_path):
     pq.write_table(table, tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad\.parquet, record 1, field 'messages\[0\]\.content'"):
         build(tmp_path / "bad.parquet", tokenizer, tmp_path)
-    with pytest.raises(DataError, match=r"record 0, field 'messages'"):  # forced format
+    # forced format: role/content turns are looked for under 'conversations' too (SpecForge's name)
+    with pytest.raises(DataError, match=r"record 0, field 'conversations\[0\]\.role'"):
         build(array, tokenizer, tmp_path, format="openai")
 
 

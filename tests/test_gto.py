@@ -15,7 +15,7 @@ import torch
 from actors.gto_rollout import choose_windows, gto_experience, tree_config, valid_indices
 from actors.target_worker import TargetWorker
 from learners.gto import clipped_surrogate, group_advantages, gto_loss
-from pipeline.config import load_config
+from speculative.config import load_config
 from speculative.kv_cache import MaskedKVCache
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at

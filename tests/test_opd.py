@@ -11,7 +11,7 @@ import torch
 from actors.opd_rollout import opd_experience
 from actors.target_worker import TargetWorker
 from learners.opd import distillation_terms, opd_loss, stream_masks
-from pipeline.config import load_config
+from speculative.config import load_config
 from speculative.engine import SpeculativeGenerator
 from speculative.tree import TreeConfig
 from speculative.ttt import replay_chains
@@ -77,6 +77,26 @@ def test_rollouts_follow_the_target_and_record_the_verifiers_error_positions(pai
         accepted_total += expected
     assert int((exp.accepted >= 2).sum()) >= 3  # multi-token cycles are exercised
     assert bool((exp.accepted < CHAIN).any())  # and errs sometimes: there are error positions
+
+
+def test_batched_rollouts_equal_reference_rollouts(pair, experience):
+    """The batched engine's experience (64 rows, and 2 rows that take the next prompt as one
+    finishes) equals the single-sequence reference engine's: same text, cycles, error positions,
+    and (to rounding) the same target and drafter log-probs."""
+    target, drafter = pair
+    worker = TargetWorker(target, drafter.draft_to_target)
+    reference = opd_experience(worker, _config("opd.rollout_batch_size=0"), _batch(), drafter, drafter_version=5)
+    two_rows = opd_experience(worker, _config("opd.rollout_batch_size=2"), _batch(), drafter, drafter_version=5)
+    for exp in (experience, two_rows):
+        for name in ("input_ids", "attention_mask", "loss_mask", "target_top1"):
+            assert torch.equal(getattr(exp.rollout, name), getattr(reference.rollout, name)), name
+        for name in ("sequence", "index", "accepted", "step_inputs", "proposals"):
+            assert torch.equal(getattr(exp, name), getattr(reference, name)), name
+        torch.testing.assert_close(exp.target_logprobs, reference.target_logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exp.rollout_logprobs, reference.rollout_logprobs, atol=1e-5, rtol=1e-5)
+        assert exp.target_logprobs.dtype == reference.target_logprobs.dtype
+        assert (exp.response_tokens, exp.target_forwards, exp.num_tokens) == (
+            reference.response_tokens, reference.target_forwards, reference.num_tokens)
 
 
 def test_replay_reproduces_inference_states_and_proposals(pair, experience):

@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from pipeline.broadcast import BroadcastFailed, BroadcastMismatch  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from speculative.broadcast import BroadcastFailed, BroadcastMismatch  # noqa: E402
+from speculative.config import load_config  # noqa: E402
 from learners.learner_group import LearnerDied  # noqa: E402
 from pipeline.driver import Faults, run_distributed  # noqa: E402
 from pipeline.placement import ResourcesUnavailable  # noqa: E402
@@ -196,7 +196,7 @@ def test_a_killed_learner_stops_the_job_and_resume_matches_an_uninterrupted_run(
 
 
 def test_a_killed_driver_resumes_to_the_uninterrupted_result(local_ray, tmp_path, tiny_target_dir, chat_file):
-    from pipeline.config import dump_config
+    from speculative.config import dump_config
 
     extra = ("distributed.num_learners=1", "distributed.num_rollout_actors=1", "training.save_every=1",
              f"distributed.address={ray.get_runtime_context().gcs_address}")  # the driver joins this cluster

@@ -12,7 +12,7 @@ import yaml
 
 from experiments import gpu_monitor
 from experiments.study import REPO_ROOT, UNFINISHED, StudyError, load_study, main
-from pipeline.config import load_config
+from speculative.config import load_config
 from pipeline.trainer import Trainer
 from tests.conftest import write_topic_chats
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
+from speculative.config import load_config
 from pipeline.trainer import Trainer
 from tests.conftest import write_topic_chats
 

@@ -1,6 +1,6 @@
 """Drafters in draftrl's checkpoint layout load in real vLLM (eagle3) and are lossless.
 
-Each vLLM engine runs in its own subprocess (``pipeline.vllm_check.run_vllm_isolated``), so
+Each vLLM engine runs in its own subprocess (``tools.vllm_check.run_vllm_isolated``), so
 pytest never holds vLLM's process-wide state. One baseline run (no drafter) is shared by the
 drafter cases. On an idle 2-core CPU each engine subprocess takes ~25-35 s (mostly importing
 vLLM) plus 5-15 s of generation; the whole file runs in about 4 minutes.
@@ -25,13 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.vllm_check import (
+from actors.vllm_engine import SpecDecodeStats, _spec_counters, _stats_delta
+from tools.vllm_check import (
     Completion,
     Float32Reference,
-    SpecDecodeStats,
     VllmResult,
-    _spec_counters,
-    _stats_delta,
     compare,
     find_mismatches,
     load_prompts,
@@ -325,7 +323,7 @@ def test_a_lossy_verifier_fails_the_check(baseline, reference):
 def test_trained_drafter_accepts_in_vllm_as_in_draftrl(smollm2_sft_run):
     """A drafter trained and saved by draftrl gets the same acceptance in vLLM as in our engine."""
     pytest.importorskip("vllm")
-    from pipeline.vllm_agreement import agreement
+    from tools.vllm_agreement import agreement
 
     report = agreement("smollm2", smollm2_sft_run.drafter_dir, max_tokens=32, dtype="float32")
     ours, theirs = report["draftrl"], report["vllm"]

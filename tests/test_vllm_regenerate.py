@@ -21,21 +21,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.regenerate import FAULT_ENV, MANIFEST, OUTPUT_FILE, SHARDS_DIR, request_seed
+from tools.cli import main
+from tools.regenerate import FAULT_ENV, MANIFEST, OUTPUT_FILE, SHARDS_DIR, request_seed
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8", "--no-progress"]
 
 
 def _cli(*args: str, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m pipeline.cli regenerate ARGS`` with an in-process engine core (faster start)."""
+    """``python -m tools.cli regenerate ARGS`` with an in-process engine core (faster start)."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "regenerate", *args],
+        [sys.executable, "-m", "tools.cli", "regenerate", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
 

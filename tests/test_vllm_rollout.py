@@ -24,7 +24,7 @@ from actors.opd_rollout import (
     walk_cycles,
 )
 from actors.target_worker import TargetWorker
-from pipeline.config import ConfigError, load_config
+from speculative.config import ConfigError, load_config
 
 CYCLE_FIELDS = ("sequence", "index", "accepted", "step_inputs", "proposals")
 
@@ -141,7 +141,7 @@ def smollm2(one_thread):
     target's own greedy answers to the test prompts (the target's features are computed once, so
     this takes seconds instead of a full SFT run)."""
     pytest.importorskip("vllm")
-    from pipeline.vllm_check import render_prompts
+    from actors.vllm_engine import render_prompts
     from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
     from speculative.target import (
         TargetModel,

@@ -5,7 +5,8 @@ Ray-free, so it can be used (and tested) on its own:
 * :mod:`.sources` streams ShareGPT / OpenAI-messages records from JSON, JSONL or Parquet and
   validates them (:class:`DataError` names the file, record and field);
 * :mod:`.render` applies the target's chat template and marks the assistant tokens;
-* :mod:`.cache` builds the tokenised Parquet cache and serves it as a torch ``Dataset``.
+* :mod:`.cache` builds the tokenised Parquet cache and serves it as a torch ``Dataset``;
+* :mod:`.batches` orders them into resumable batches (``BatchOrder``: batch ``i`` from the seed).
 
 Typical use::
 

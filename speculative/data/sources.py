@@ -3,11 +3,15 @@
 Two record formats are understood:
 
 * ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value": str}, ...]}``
-* ``openai``:   ``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``
+* ``openai``:   ``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``, or
+  the same turns under ``conversations`` - what SpecForge's and speculators' ``prepare_data`` write
+
+(pre-tokenised rows, ``input_ids`` + ``loss_mask``, are read by :mod:`.pretokenized`)
 
 in three containers, sniffed from the file's first bytes: a JSON array (``[...]``), JSONL (one
 record per line) or Parquet (one record per row). ``format="auto"`` picks the record format from
-the first record that carries ``conversations`` or ``messages``.
+the first record that carries ``conversations`` or ``messages``: ``messages``, or ``conversations``
+whose first turn has a ``role``, is ``openai``; ``conversations`` of ``from``/``value`` is ``sharegpt``.
 
 Records are *streamed* (a JSON array is decoded element by element) so that a slice such as
 ``max_records=20`` never reads the rest of a large file, and so that a file whose tail is cut off
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-Format = Literal["auto", "sharegpt", "openai"]
+Format = Literal["auto", "sharegpt", "openai", "pretokenized"]
 OnError = Literal["raise", "skip"]
 
 SHAREGPT_ALIAS = "sharegpt"
@@ -52,6 +56,22 @@ ROLE_MAP = {
 
 # Per record format: the list field and the role/content keys of each turn.
 FIELDS = {"sharegpt": ("conversations", "from", "value"), "openai": ("messages", "role", "content")}
+TOKEN_FIELDS = ("input_ids", "loss_mask")
+
+
+def record_format(raw: Any) -> str | None:
+    """The format of one record: 'openai', 'sharegpt', 'pretokenized', or None if it shows none."""
+    if not isinstance(raw, dict):
+        return None
+    if raw.get("messages") is not None:
+        return "openai"
+    turns = raw.get("conversations")
+    if turns is not None:
+        first = turns[0] if isinstance(turns, list) and turns else None
+        return "openai" if isinstance(first, dict) and "role" in first and "from" not in first else "sharegpt"
+    if all(raw.get(name) is not None for name in TOKEN_FIELDS):
+        return "pretokenized"
+    return None
 
 
 class DataError(ValueError):
@@ -189,11 +209,12 @@ def _iter_json_array(path: Path, chunk: int = 1 << 20) -> Iterator[tuple[int, st
             index += 1
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, str, Any]]:
+def _iter_parquet(path: Path, wanted: tuple[str, ...] | None = None) -> Iterator[tuple[int, str, Any]]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    columns = [name for name in ("conversations", "messages") if name in parquet.schema_arrow.names]
+    wanted = wanted or ("conversations", "messages")
+    columns = [name for name in wanted if name in parquet.schema_arrow.names]
     if not columns:
         raise DataError(path, "schema", "messages", "missing_field",
                         "Parquet file has neither a 'messages' nor a 'conversations' column")
@@ -220,6 +241,8 @@ def normalise(raw: Any, fmt: str, path: Path, where: str) -> list[dict[str, str]
     list_key, role_key, content_key = FIELDS[fmt]
     if not isinstance(raw, dict):
         raise fail(None, "not_an_object", f"record is a {type(raw).__name__}, not an object")
+    if fmt == "openai" and raw.get(list_key) is None and raw.get("conversations") is not None:
+        list_key = "conversations"  # SpecForge's and speculators' name for role/content turns
     turns = raw.get(list_key)
     if turns is None:
         raise fail(list_key, "missing_field", f"record has no '{list_key}' list")
@@ -232,17 +255,21 @@ def normalise(raw: Any, fmt: str, path: Path, where: str) -> list[dict[str, str]
         name = f"{list_key}[{i}]"
         if not isinstance(turn, dict):
             raise fail(name, "bad_turn", "turn is not an object")
-        role, content = turn.get(role_key), turn.get(content_key)
+        rk, ck = role_key, content_key
+        if fmt == "sharegpt" and "from" not in turn and "role" in turn:
+            rk, ck = "role", "content"  # SpecForge/speculators' conversations: role/content turns
+        role, content = turn.get(rk), turn.get(ck)
         if role is None:
-            raise fail(f"{name}.{role_key}", "bad_turn", f"turn has no '{role_key}'")
+            hint = " (ShareGPT) or 'role'" if fmt == "sharegpt" else ""
+            raise fail(f"{name}.{rk}", "bad_turn", f"turn has no '{rk}'{hint}")
         if content is None:
-            raise fail(f"{name}.{content_key}", "bad_turn", f"turn has no '{content_key}'")
+            raise fail(f"{name}.{ck}", "bad_turn", f"turn has no '{ck}'")
         if not isinstance(content, str):
-            raise fail(f"{name}.{content_key}", "bad_turn",
+            raise fail(f"{name}.{ck}", "bad_turn",
                        f"content is a {type(content).__name__}, not a string")
         mapped = ROLE_MAP.get(str(role).lower())
         if mapped is None:
-            raise fail(f"{name}.{role_key}", "unknown_role", f"unknown role {role!r}")
+            raise fail(f"{name}.{rk}", "unknown_role", f"unknown role {role!r}")
         messages.append({"role": mapped, "content": content})
     # Drop assistant turns that precede any user turn, and whatever follows the last answer.
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
@@ -268,20 +295,41 @@ def read_conversations(
     records (``on_error="skip"``) are counted by reason in ``stats.skipped``.
     """
     if format not in ("auto", "sharegpt", "openai"):
-        raise ValueError(f"format must be 'auto', 'sharegpt' or 'openai', not {format!r}")
+        raise ValueError(f"format must be 'auto', 'sharegpt' or 'openai' for conversations, not {format!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
+    records = iter_file_records(path, offset, max_records, on_error)
+    return _validated(records, path, format, offset, max_records, on_error, stats)
+
+
+def iter_file_records(path: Path, offset: int = 0, max_records: int | None = None,
+                      on_error: OnError = "raise", columns: tuple[str, ...] | None = None
+                      ) -> Iterator[tuple[int, str, Any]]:
+    """(ordinal, where, raw record or its JSON error) of a JSON/JSONL/Parquet file."""
     container = sniff_container(path)
     if container == "json" and max_records is None and on_error == "raise":
         if not _json_array_is_complete(path):  # fail now, not after tokenising the whole file
             raise DataError(path, "end of file", None, "invalid_json",
                             "the JSON array is truncated (no closing ']'); its last record is "
                             "incomplete - pass on_error='skip' or a max_records slice")
-    records = {"jsonl": lambda: _iter_jsonl(path, offset), "json": lambda: _iter_json_array(path),
-               "parquet": lambda: _iter_parquet(path)}[container]()
-    return _validated(records, path, format, offset, max_records, on_error, stats)
+    if container == "jsonl":
+        return _iter_jsonl(path, offset)
+    if container == "json":
+        return _iter_json_array(path)
+    return _iter_parquet(path, columns)
+
+
+def first_record(path: Path) -> Any:
+    """The file's first record (None if empty), to tell its format; Parquet: its column names."""
+    if sniff_container(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        return {name: [] for name in pq.ParquetFile(path).schema_arrow.names}
+    for _, _, raw in iter_file_records(path, max_records=1):
+        return raw
+    return None
 
 
 def _validated(records: Iterator[tuple[int, str, Any]], path: Path, format: Format, offset: int,
@@ -297,8 +345,9 @@ def _validated(records: Iterator[tuple[int, str, Any]], path: Path, format: Form
         try:
             if isinstance(raw, json.JSONDecodeError):
                 raise DataError(path, where, None, "invalid_json", f"invalid JSON: {raw.msg}")
-            if fmt is None and isinstance(raw, dict):
-                fmt = next((f for f, keys in FIELDS.items() if raw.get(keys[0]) is not None), None)
+            if fmt is None:
+                fmt = record_format(raw)
+                fmt = None if fmt == "pretokenized" else fmt
             if fmt is None:
                 raise DataError(path, where, "conversations|messages", "missing_field",
                                 "record has neither 'conversations' (ShareGPT) nor 'messages' "

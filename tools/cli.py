@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, dump_config, load_config
+from speculative.config import ConfigError, dump_config, load_config
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(evaluate)
     evaluate.add_argument("--drafter", type=Path, required=True)
 
+    export = commands.add_parser(
+        "export", help="rewrite a drafter directory for vLLM, speculators or SpecForge/SGLang",
+    )
+    export.add_argument("--drafter", type=Path, required=True, help="a drafter directory (any layout)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--format", required=True, choices=["vllm", "speculators", "specforge", "sglang"],
+                        help="sglang = specforge: LlamaForCausalLMEagle3 with output-numbered aux ids")
+    export.add_argument("--verifier", default=None,
+                        help="the target's model id for speculators_config.verifier (default: the one the "
+                             "drafter recorded; built-in aliases such as smollm2 become their hub id)")
+    export.add_argument("--speculative-tokens", type=int, default=3, help="speculators' proposal length")
+    export.add_argument("--layout", default="auto", choices=["auto", "draftrl", "vllm", "specforge", "speculators"],
+                        help="how to read --drafter's config.json (default: from its keys)")
+
     show = commands.add_parser("config", help="print the validated config (defaults filled in)")
     _config_args(show)
 
-    from pipeline.benchmark import add_model_args  # light: no model code imported
+    from tools.benchmark import add_model_args  # light: no model code imported
 
     generate = commands.add_parser(
         "generate", help="decode a prompt (or a question JSONL) with the target, speculatively with --drafter",
@@ -69,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
     add_model_args(bench, drafter_required=True)
 
-    from pipeline.regenerate import add_arguments as add_regenerate_args  # light: no vLLM import
+    from tools.regenerate import add_arguments as add_regenerate_args  # light: no vLLM import
 
     regenerate = commands.add_parser(
         "regenerate", help="rewrite a chat dataset's assistant turns with the target through vLLM (resumable)",
@@ -81,11 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "regenerate":  # flags only; vLLM is imported when it starts
-        from pipeline.regenerate import run_cli
+        from tools.regenerate import run_cli
 
         return run_cli(args)
+    if args.command == "export":  # file level: no target, no experiment config
+        from speculative.checkpoint import export_drafter
+        from speculative.target import verifier_id
+
+        try:
+            out = export_drafter(args.drafter, args.out, args.format, layout=args.layout,
+                                 verifier=verifier_id(args.verifier) if args.verifier else None,
+                                 speculative_tokens=args.speculative_tokens)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"draftrl: {error}", file=sys.stderr)
+            return 2
+        print(f"[draftrl] {args.format} drafter: {out}")
+        return 0
     if args.command in ("generate", "eval"):  # no experiment config: flags only
-        from pipeline.benchmark import BenchmarkError, run_eval, run_generate
+        from tools.benchmark import BenchmarkError, run_eval, run_generate
 
         try:
             return run_generate(args) if args.command == "generate" else run_eval(args)
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             config, resume=args.resume, steps_this_run=args.steps_this_run,
             minutes_this_run=args.minutes_this_run,
         ).run()
-        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM/SGLang): {result.drafter_dir}")
+        print(f"[draftrl] drafter (EAGLE-3, loads in vLLM; draftrl export for SGLang/speculators): {result.drafter_dir}")
         print(f"[draftrl] checkpoints: {result.output_dir / 'checkpoints'}")
         print(f"[draftrl] TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
         print(f"[draftrl] curves: {result.output_dir / 'curves.png'}")

@@ -6,7 +6,7 @@ same dtype: vLLM (its own EAGLE-3 proposer, acceptance read from its counters) a
 feature layers or its vocabulary mapping were wrong, vLLM would accept far less than we
 measure, so this pins "the drafter we train is the drafter vLLM serves".
 
-    python -m pipeline.vllm_agreement --target smollm2 --drafter DIR [--prompts FILE] --max-tokens 64
+    python -m tools.vllm_agreement --target smollm2 --drafter DIR [--prompts FILE] --max-tokens 64
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.vllm_check import Prompt, load_prompts, run_vllm_isolated
+from actors.vllm_engine import Prompt
 from speculative.checkpoint import load_drafter
 from speculative.engine import generate
 from speculative.target import TargetModel, resolve_target
 from speculative.tree import TreeConfig
+from tools.vllm_check import load_prompts, run_vllm_isolated
 
 DEFAULT_PROMPTS: list[Prompt] = [
     [{"role": "user", "content": "Write a short poem about the ocean."}],

@@ -87,7 +87,8 @@ class OPDExperience(_Movable):
     """Target-assisted rollouts (speculative decoding with the current drafter) and their cycles.
 
     ``rollout`` holds prompt + generated response per sequence (its ``loss_mask`` marks the
-    response). Cycle m anchors at index ``index[m]`` of sequence ``sequence[m]``: the drafter fed
+    response) and the target's aux states over them; its ``target_draft_logits`` is empty
+    ``[B, T, 0]`` (the loss reads ``target_logprobs``, not teacher-forced logits). Cycle m anchors at index ``index[m]`` of sequence ``sequence[m]``: the drafter fed
     ``step_inputs[m, 0]`` (the committed root token) then its own proposals, drafting
     ``proposals[m, k]``; the target accepted the first ``accepted[m]``. ``target_logprobs[m, k]``
     is the target's log-distribution (draft vocabulary, T = 1) at step k's state, from the

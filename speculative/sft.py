@@ -1,11 +1,15 @@
-"""The EAGLE-3 supervised step (training-time test), as a plain function of (drafter, experience)."""
+"""The EAGLE-3 supervised step (training-time test), as a plain function of (drafter, experience).
+
+In the core, not in ``learners/``: the learners' objectives build on it, and so does the held-out
+evaluation that rollout actors run on their drafter replicas.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from actors.experience import SFTExperience
 from speculative.drafter import Eagle3Drafter
+from speculative.experience import SFTExperience
 from speculative.ttt import step_weights, training_time_test
 
 

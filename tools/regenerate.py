@@ -349,7 +349,7 @@ def _merge(out_dir: Path, manifest: dict[str, Any], count: int) -> Path:
 
 def _engine(target_dir: str, *, dtype: str, max_model_len: int, seed: int, max_num_seqs: int,
             enforce_eager: bool | None) -> Any:
-    from pipeline.vllm_check import CPU_ENGINE_ENV
+    from actors.vllm_engine import CPU_ENGINE_ENV
 
     for key, value in CPU_ENGINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -449,7 +449,7 @@ def regenerate(
                     bar.set_postfix(shards=f"{len(done)}/{count}")
             finally:
                 bar.close()
-                from pipeline.vllm_check import _shutdown
+                from actors.vllm_engine import _shutdown
 
                 _shutdown(llm)
         if not manifest.get("complete") or not (out_dir / OUTPUT_FILE).is_file():
@@ -474,7 +474,7 @@ def regenerate(
 # Command line (``draftrl regenerate``)
 # --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``regenerate`` flags (kept here so pipeline/cli.py stays a thin dispatcher)."""
+    """The ``regenerate`` flags (kept here so tools/cli.py stays a thin dispatcher)."""
     parser.add_argument("--source", required=True,
                         help="chat data: 'sharegpt' or a ShareGPT/OpenAI JSON, JSONL or Parquet file")
     parser.add_argument("--out", type=Path, required=True,

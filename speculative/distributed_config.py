@@ -1,6 +1,6 @@
 """The ``distributed`` section: how the Ray pipeline lays out rollout actors and learners.
 
-Kept apart from ``pipeline.config`` so the pipeline's own settings evolve in one place.
+Kept apart from ``speculative.config`` so the pipeline's own settings evolve in one place.
 ``enabled: false`` (the default) runs the single-process trainer.
 """
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.distributed_config import DistributedConfig
+from speculative.distributed_config import DistributedConfig
 from speculative.drafter import Eagle3Drafter
 
 

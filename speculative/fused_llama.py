@@ -1,0 +1,171 @@
+"""The target's Llama forward with fewer, larger kernels: what the batched engine's step graphs run.
+
+A CUDA graph removes launch overhead, not kernel count: a decode step of a small model is a
+long string of tiny kernels, each costing a few microseconds however little it computes.
+``FastLlama`` (the reference) runs the Hugging Face modules one by one, about 40 kernels a
+layer (more where SDPA falls back to its math path). This forward computes the same function
+with about half as many:
+
+* q/k/v in ONE matmul and gate/up in ONE matmul (merged copies of the frozen weights);
+* RoPE on the q/k/v row at once (identity on v), with the sign of ``rotate_half`` folded into
+  ``sin``, so keys and values go to the cache in one indexed copy (``BatchKVCache`` keeps both);
+* grouped-query attention folded into the query length: the g query heads that share a
+  key/value head become g x T query rows of that head, so SDPA runs without expanding the
+  cache g times and, with a mask, on its memory-efficient kernel instead of the math path.
+* the residual adds fused into the output projections (``addmm``), RMSNorm as ``F.rms_norm``
+  (one kernel on GPU).
+
+Prefills (an empty cache, right-padded prompts) attend causally within the chunk instead of
+through a mask: padding sits after every real token, so a causal mask never shows it to a real
+query, and SDPA can use its flash kernel.
+
+The arithmetic is the Hugging Face model's up to rounding (tests compare it with ``FastLlama``
+and with the target's own greedy decoding). The merged weights are copies: the target is frozen,
+so they never go stale, and they cost one more copy of the layer weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speculative.batch_cache import BatchKVCache
+from speculative.llama import FastLlama, FastLlamaOutput
+
+
+class FusedLlama(nn.Module):
+    """``FastLlama``'s function (same aux-hidden convention) with merged projections."""
+
+    def __init__(self, fast: FastLlama):
+        super().__init__()
+        self.fast = fast
+        self.num_layers, self.head_dim = fast.num_layers, fast.head_dim
+        self.num_heads, self.num_kv_heads = fast.num_heads, fast.num_kv_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.scaling = fast.scaling
+        self.aux_layer_ids = fast.aux_layer_ids
+        self.norm_eps = [
+            (layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
+            for layer in fast.layers
+        ]
+        self.final_eps = fast.norm.variance_epsilon
+        with torch.no_grad():
+            self.qkv = [self._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                        for layer in fast.layers]
+            self.gate_up = [self._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers]
+
+    @staticmethod
+    def _merged(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = torch.cat([linear.weight for linear in linears], 0).contiguous()
+        biases = [linear.bias for linear in linears]
+        if all(b is None for b in biases):
+            return weight, None
+        return weight, torch.cat([b if b is not None else torch.zeros(l.out_features, dtype=weight.dtype,
+                                                                      device=weight.device)
+                                  for b, l in zip(biases, linears)])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fast.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.fast.device
+
+    def new_cache(self, batch_size: int, max_len: int) -> BatchKVCache:
+        fast = self.fast
+        return BatchKVCache.empty(fast.num_layers, batch_size, fast.num_kv_heads, max_len, fast.head_dim,
+                                  fast.dtype, fast.device)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # LlamaRMSNorm's function in one fused kernel where torch has one (it rounds once, at the
+        # end, where Hugging Face rounds before the weight: a rounding-level difference in bf16)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    @staticmethod
+    def _add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """residual + linear(x) in one kernel."""
+        shape = residual.shape
+        out = torch.addmm(residual.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+        if linear.bias is not None:
+            out = out + linear.bias
+        return out.view(shape)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: BatchKVCache,
+        cache_slots: torch.Tensor | int,
+        attn_mask: torch.Tensor | None,
+        logits_index: torch.Tensor | None = None,
+    ) -> FastLlamaOutput:
+        """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v at ``cache_slots``.
+
+        ``attn_mask [B, T, S]`` (True = may attend, own slot included) covers cache slots
+        ``0 .. S-1``; ``None`` is a prefill from slot 0: causal attention within the chunk
+        (``cache_slots`` must then be 0). ``logits_index [B, T']`` picks, per sequence, the rows
+        the lm_head runs on (e.g. each prompt's last token); default: every row.
+        """
+        fast = self.fast
+        batch, length = input_ids.shape
+        heads, kv_heads, dim, groups = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
+        hidden = fast.embed_tokens(input_ids)
+        cos, sin = fast.rotary_emb(hidden, position_ids)  # [B, T, d]
+        half = dim // 2
+        # RoPE over the whole q/k/v row: rotated q and k heads, identity on the v heads (cos 1,
+        # sin 0), so the k/v heads of the result go to the cache as they are, in one copy.
+        # ``rotate_half(x) * sin == roll(x, d/2) * sin'`` with the sign folded into sin'.
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        rotated = heads + kv_heads
+        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
+                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
+                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        if not isinstance(cache_slots, int):
+            cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
+        if attn_mask is not None:
+            span = attn_mask.shape[-1]
+            if span > cache.max_len:
+                raise ValueError(f"mask covers {span} slots, the cache has {cache.max_len}")
+            bias = torch.zeros(attn_mask.shape, dtype=hidden.dtype, device=hidden.device)
+            bias = bias.masked_fill_(~attn_mask, float("-inf"))  # [B, T, S]
+            # query rows of a kv head: (group member, token), group-major
+            bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
+        elif cache_slots != 0:
+            raise ValueError("a prefill (attn_mask=None) writes from slot 0")
+        aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
+        for index, layer in enumerate(fast.layers):
+            for j, layer_id in enumerate(self.aux_layer_ids):
+                if layer_id == index:
+                    aux[j] = hidden
+            attn = layer.self_attn
+            eps_in, eps_post = self.norm_eps[index]
+            x = self._norm(hidden, layer.input_layernorm.weight, eps_in)
+            qkv = F.linear(x, *self.qkv[index]).view(batch, length, heads + 2 * kv_heads, dim)
+            qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
+            q, kv = qkv[:, :, :heads], qkv[:, :, heads:].view(batch, length, 2, kv_heads, dim)
+            cache.write_kv(index, cache_slots, kv)
+            if attn_mask is None:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+                    is_causal=True, scale=self.scaling, enable_gqa=groups > 1,
+                ).transpose(1, 2)  # [B, T, heads, d]
+            else:
+                grouped = q.view(batch, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
+                grouped = grouped.reshape(batch, kv_heads, groups * length, dim)
+                keys = cache.storage[0, index, :, :, :span]
+                values = cache.storage[1, index, :, :, :span]
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=self.scaling)
+                out = out.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
+            hidden = self._add_linear(hidden, out.reshape(batch, length, heads * dim), attn.o_proj)
+            x = self._norm(hidden, layer.post_attention_layernorm.weight, eps_post)
+            gate, up = F.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
+            hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
+        if logits_index is not None:
+            hidden = hidden[torch.arange(batch, device=hidden.device)[:, None], logits_index]
+        logits = fast.lm_head(self._norm(hidden, fast.norm.weight, self.final_eps))
+        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1))

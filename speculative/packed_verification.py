@@ -1,0 +1,190 @@
+"""Verify two drafters' trees at many positions of many sequences in one target forward.
+
+GTO verifies, at every position, the current drafter's tree A and the reference drafter's tree
+B. Both hang from the same root, and the reference starts as a copy of the current drafter and
+moves away slowly, so most of B's nodes are nodes of A: the same token path from the same root
+means the same target context, hence the same logits. Packing therefore lays out, per sequence,
+the C trees A (C * N slots) and behind them only B's nodes that A lacks (padded to the chunk's
+longest such list), and B's matched nodes read A's rows. At M = M0 that halves the work, and
+the two trees' rewards are bit-for-bit equal by construction.
+
+The target's logits are only ever read at a node's parent (``speculative.tree_reward``), so
+the lm_head runs on the rows of nodes that have children (and the root's come from the
+prefill): the forward returns hidden states, and a compact [M, V] logits block is reduced at
+once to argmax, log-normaliser and the token logits scoring needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from speculative.llama import FastLlama, StaticKVCache
+
+
+@dataclass
+class TargetAtTrees:
+    """What scoring reads of the verification logits, per tree row (``log_acceptance``'s
+    inputs). Rows of nodes without children hold 0: scoring never reads them."""
+
+    token_logit: torch.Tensor  # [R, N] logit of node i's token at its parent's row
+    log_norm: torch.Tensor | None  # [R, 1 + N] logsumexp(logits / temperature), row 0 = root
+    argmax: torch.Tensor  # [R, 1 + N]
+
+
+@dataclass
+class TreeNodes:
+    """The parts of C trees per sequence that packing reads: [S, C, N] (mask [S, C, N, N])."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    mask: torch.Tensor
+
+
+def match_nodes(a: TreeNodes, b: TreeNodes, depth: int) -> torch.Tensor:
+    """For every node of B, the node of A on the same token path from the root, else -1 [S, C, N].
+
+    Level by level: a node matches when its token equals an A node's token and their parents
+    match (both children of the root, or B's parent matched A's parent). Siblings carry distinct
+    tokens, so a match is unique."""
+    match = torch.full_like(b.tokens, -1)
+    for level in range(1, depth + 1):  # ``depth``: the trees' configured depth (no host sync)
+        of_parent = match.gather(-1, b.parents.clamp_min(0))
+        # The A node that B's parent matched: -1 for the root, -2 (matches nothing) if none.
+        parent_match = torch.where(b.parents < 0, -1, torch.where(of_parent < 0, -2, of_parent))
+        same = (b.tokens[..., :, None] == a.tokens[..., None, :]) & (
+            parent_match[..., :, None] == a.parents[..., None, :])  # [S, C, N(b), N(a)]
+        found = same.any(-1) & (b.depths == level)
+        match = torch.where(found, same.int().argmax(-1), match)
+    return match
+
+
+@dataclass
+class PackedTrees:
+    """One verification forward's layout: per sequence the C trees A, then B's own nodes."""
+
+    tokens: torch.Tensor  # [S, Q]
+    positions: torch.Tensor  # [S, Q]
+    mask: torch.Tensor  # [S, Q, prefix + Q]
+    slot_a: torch.Tensor  # [S, C, N] slot of each A node
+    slot_b: torch.Tensor  # [S, C, N] slot of each B node (an A slot where matched)
+    has_logits: torch.Tensor  # [S, Q] slots whose logits scoring reads (nodes with children)
+    shared: torch.Tensor  # 0-d: B nodes that read an A node's row
+
+
+def _has_child(parents: torch.Tensor) -> torch.Tensor:
+    n = parents.shape[-1]
+    has = torch.zeros(*parents.shape[:-1], n + 1, dtype=torch.bool, device=parents.device)
+    has.scatter_(-1, torch.where(parents < 0, n, parents), True)
+    return has[..., :n]
+
+
+def pack_tree_pairs(
+    a: TreeNodes, b: TreeNodes, roots: torch.Tensor, prefix_slots: int, dedupe: bool = True,
+    multiple: int = 16, max_depth: int | None = None,
+) -> PackedTrees:
+    """Lay out A's and B's trees rooted at slots ``roots [S, C]`` behind ``prefix_slots`` slots.
+
+    A node sees the prefix up to its root's slot and its own ancestors (wherever they sit: a
+    new B node's ancestors may be A slots). B's extra slots are padded to a multiple of
+    ``multiple`` (a few static shapes); padding slots see only themselves and are never read.
+    The result is at most ``packed_width(C, N, multiple)`` slots wide.
+    ``max_depth``: the trees' depth (from their config), bounds the matching loop.
+    """
+    seqs, chunk, n = a.tokens.shape
+    device = a.tokens.device
+    levels = max_depth if max_depth is not None else n  # N bounds the depth too, without a sync
+    match = match_nodes(a, b, levels) if dedupe else torch.full_like(b.tokens, -1)
+    new_b = (match < 0).reshape(seqs, chunk * n)
+    # The width is a multiple of ``multiple`` (static shapes; aligned attention masks), at most
+    # ``packed_width(C, N)``: the room a cache keeps for one forward.
+    width = min(_round_up(chunk * n + int(new_b.sum(-1).max()), multiple), packed_width(chunk, n, multiple))
+    slot_a = torch.arange(chunk * n, device=device).view(1, chunk, n).expand(seqs, chunk, n)
+    rank = new_b.long().cumsum(-1) - 1
+    own_b = (chunk * n + rank).view(seqs, chunk, n)
+    matched_a = slot_a.gather(-1, match.clamp_min(0))
+    slot_b = torch.where(match >= 0, matched_a, own_b)
+    new_b = new_b.view(seqs, chunk, n)
+
+    def place(values_a, values_b, fill):
+        """[S, Q] with A's values at A slots, new B nodes' at theirs, ``fill`` elsewhere."""
+        out = torch.full((seqs, width + 1), fill, dtype=values_a.dtype, device=device)  # last: dump
+        out.scatter_(1, slot_a.reshape(seqs, -1), values_a.reshape(seqs, -1))
+        own = torch.where(new_b, slot_b, width)  # matched B nodes go to the dump column
+        out.scatter_(1, own.reshape(seqs, -1), values_b.reshape(seqs, -1))
+        return out[:, :width]
+
+    root_b = roots[..., None].expand(seqs, chunk, n)
+    tokens = place(a.tokens, b.tokens, 0)
+    root_slot = place(roots[..., None].expand(seqs, chunk, n), root_b, -1)
+    positions = place(roots[..., None] + a.depths, roots[..., None] + b.depths, 0)
+
+    # Tree part: A's block-diagonal ancestor masks and new B nodes' rows over mixed slots.
+    cells = width * width
+    tree_part = torch.zeros(seqs, cells + 1, dtype=torch.bool, device=device)  # last: a dump cell
+    for slots, mask, rows in ((slot_a, a.mask, None), (slot_b, b.mask, new_b)):
+        index = slots[..., :, None] * width + slots[..., None, :]  # [S, C, N, N]
+        value = mask if rows is None else mask & rows[..., None]
+        tree_part.scatter_(1, torch.where(value, index, cells).reshape(seqs, -1), True)
+    tree_part = tree_part[:, :cells].view(seqs, width, width)
+    padding = root_slot < 0
+    eye = torch.eye(width, dtype=torch.bool, device=device)
+    tree_part = tree_part | (eye[None] & padding[..., None])  # padding slots see themselves only
+    prefix = torch.arange(prefix_slots, device=device)[None, None] <= root_slot[..., None]
+    mask = torch.cat([prefix, tree_part], dim=-1)
+
+    has = torch.zeros(seqs, width + 1, dtype=torch.bool, device=device)
+    for slots, parents in ((slot_a, a.parents), (slot_b, b.parents)):
+        index = torch.where(_has_child(parents), slots, width)
+        has.scatter_(1, index.reshape(seqs, -1), True)
+    return PackedTrees(tokens, positions, mask, slot_a, slot_b, has[:, :width], (match >= 0).sum())
+
+
+@torch.no_grad()
+def verify_packed(
+    fast: FastLlama, cache: StaticKVCache, prefix_slots: int, packed: PackedTrees, trees: tuple[TreeNodes, TreeNodes],
+    root_logits: torch.Tensor, temperature: float,
+) -> tuple[TargetAtTrees, TargetAtTrees]:
+    """One target forward over ``packed`` behind ``prefix_slots`` cache slots; the root's logits
+    ``root_logits [S, C, V]`` come from the prefill. Returns what scoring reads, for A and B,
+    as [S*C] tree rows."""
+    hidden = fast(packed.tokens, packed.positions, cache, prefix_slots, packed.mask, apply_lm_head=False).hidden
+    need = packed.has_logits
+    # Logits only where a child reads them, plus one zero row M for every slot without.
+    picked = hidden[need]
+    logits = fast.lm_head(torch.cat([picked, picked.new_zeros(1, picked.shape[-1])]))  # [M + 1, V]
+    del hidden, picked
+    rows_with_logits = logits.shape[0] - 1
+    compact = torch.where(need, need.reshape(-1).long().cumsum(0).view_as(need) - 1, rows_with_logits)
+    vocab = logits.shape[-1]
+    row_argmax = logits.argmax(-1)
+    root_argmax = root_logits.argmax(-1)  # [S, C]
+    row_norm = root_norm = None
+    if temperature > 0:  # as ``node_log_acceptance``: fp32 logits / temperature
+        row_norm = torch.logsumexp(logits.to(torch.float32, copy=True).div_(temperature), dim=-1)
+        root_norm = torch.logsumexp(root_logits.float() / temperature, dim=-1)
+    flat_logits = logits.reshape(-1)
+    seqs, chunk, n = packed.slot_a.shape
+    results = []
+    for tree, slots in zip(trees, (packed.slot_a, packed.slot_b)):
+        rows = compact.gather(1, slots.reshape(seqs, -1)).view(seqs, chunk, n)
+        parent_row = torch.where(tree.parents >= 0, rows.gather(-1, tree.parents.clamp_min(0)), rows_with_logits)
+        at_node = flat_logits[parent_row * vocab + tree.tokens]
+        token_logit = torch.where(tree.parents < 0, root_logits.gather(-1, tree.tokens), at_node)
+        argmax = torch.cat([root_argmax[..., None], row_argmax[rows]], dim=-1)
+        log_norm = None
+        if row_norm is not None:
+            log_norm = torch.cat([root_norm[..., None], row_norm[rows]], dim=-1).reshape(seqs * chunk, 1 + n)
+        results.append(TargetAtTrees(token_logit.reshape(seqs * chunk, n), log_norm, argmax.reshape(seqs * chunk, 1 + n)))
+    return results[0], results[1]
+
+
+def packed_width(chunk: int, n: int, multiple: int = 16) -> int:
+    """The widest packing of C tree pairs of N nodes: nothing shared, rounded up."""
+    return _round_up(2 * chunk * n, multiple)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -1,0 +1,53 @@
+"""Run-time choices every process makes the same way: device, dtype, seeds, the LR schedule.
+
+The single-process trainer, the rollout actors and the learner ranks all call these, so they
+live in the core rather than in one of those callers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but no CUDA device is visible")
+    return torch.device(choice)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def target_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """``target.dtype``: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[choice]
+
+
+def adamw_with_schedule(params, training) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The drafter's optimizer and LR schedule from ``training``: AdamW, warm-up then cosine."""
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, training.warmup_steps, training.max_steps, training.min_lr_ratio)
+    )
+    return optimizer, scheduler

@@ -1,0 +1,249 @@
+"""The batched engine: fused target forward, lossless batched chain speculation (T = 0 and T > 0),
+batched autoregressive decoding, and cycle records equal to the single-sequence engine's.
+
+On GPU ``compile="graph"`` captures exactly the step function these tests run eagerly
+(``static``), so they are what keeps the graph path lossless.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speculative.batch_engine import BatchGenerator, accept_chain
+from speculative.engine import SpeculativeGenerator
+from speculative.llama import FastLlama, causal_slot_mask
+from speculative.fused_llama import FusedLlama
+from speculative.target import TargetModel
+from speculative.tree import TreeConfig
+from speculative.vocab import DraftVocab
+from tests.conftest import tiny_drafter
+from tests.test_tree_engine import (
+    _exact_joint, _tiny_vocab_pair, chi_square_pvalue, hf_greedy, small_llama, train_agreeing_pair,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def agreeing_pair():
+    """A drafter trained by TTT on the target's own greedy outputs: long acceptances."""
+    return train_agreeing_pair(steps=25)
+
+
+@pytest.fixture(scope="module")
+def greedy_64(agreeing_pair):
+    """64 ragged prompts and the target's own greedy continuations (24 tokens), computed once."""
+    prompts = _prompts(64, 5, longest=9)
+    return prompts, _greedy(agreeing_pair[0].model, prompts, 24)
+
+
+def _prompts(count: int, seed: int, longest: int = 12, vocab: int = 64) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (count,), generator=gen)
+    return [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in lengths]
+
+
+def _greedy(model, prompts, n):
+    return [hf_greedy(model, p, n) for p in prompts]
+
+
+# --------------------------------------------------------------------------------------------
+# The fused target forward
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # GQA 4/2
+        {"head_dim": 16, "num_key_value_heads": 4, "tie_word_embeddings": True,  # MHA, head_dim != H/heads
+         "rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+        {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},  # MQA, biases
+    ],
+    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases"],
+)
+def test_fused_llama_matches_fast_llama(overrides):
+    """Ragged causal prefill, then per-sequence chunks at different positions through a mask."""
+    target = TargetModel(small_llama(0, layers=3, **overrides))
+    fast = FastLlama.from_target(target)
+    fused = FusedLlama(fast)
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(10).expand(3, -1)
+    reference_cache, cache = fast.new_cache(3, 32), fused.new_cache(3, 32)
+    want = fast(ids, positions, reference_cache, 0, causal_slot_mask(0, 10, 10, 3))
+    last = torch.tensor([[9], [4], [6]])
+    got = fused(ids, positions, cache, 0, None, logits_index=last)
+    torch.testing.assert_close(got.logits[:, 0], want.logits[torch.arange(3), last[:, 0]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.aux_hidden, want.aux_hidden, atol=1e-5, rtol=1e-5)
+    # The next chunk of each sequence starts right after its own (ragged) prefix.
+    positions = last + 1 + torch.arange(3)
+    chunk = torch.randint(0, 64, (3, 3), generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(32)[None, None] <= positions[..., None]
+    want = fast(chunk, positions, reference_cache, positions, mask)
+    got = fused(chunk, positions, cache, positions, mask)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.aux_hidden, want.aux_hidden, atol=1e-5, rtol=1e-5)
+    keys = torch.stack([torch.stack(reference_cache.keys), torch.stack(reference_cache.values)])
+    for b in range(3):
+        used = list(range(int(last[b]) + 1)) + positions[b].tolist()
+        torch.testing.assert_close(cache.storage[:, :, b, :, used], keys[:, :, b, :, used], atol=1e-5, rtol=1e-5)
+    # and both equal the Hugging Face forward of the whole sequence
+    hf = target.model(torch.cat([ids[:1, : int(last[0]) + 1], chunk[:1]], 1)).logits[0, -3:]
+    torch.testing.assert_close(got.logits[0], hf, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Losslessness at T = 0
+
+
+def test_batched_greedy_equals_target_greedy_random_drafters():
+    """Mostly rejections (the correction path), ragged prompts, scattered draft vocabularies,
+    fewer rows than prompts (finished rows take the next prompt), small attention spans."""
+    for seed in range(3):
+        target = TargetModel(small_llama(300 + seed, layers=3))
+        vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
+        drafter = tiny_drafter(target, vocab, seed=seed)
+        prompts = _prompts(8, seed)
+        engine = BatchGenerator(target, drafter, chain_length=1 + 2 * seed, max_batch=4 + 4 * (seed % 2),
+                                span_step=16, sync_every=1 + seed)
+        result = engine.generate(prompts, 16)
+        assert result.tokens == _greedy(target.model, prompts, 16), seed
+        assert [len(a) for a in result.accept_lengths] == [f - 1 for f in result.target_forwards]
+
+
+@pytest.mark.parametrize("chain_length", [2, 5])
+def test_batched_greedy_equals_target_greedy_trained_drafter(agreeing_pair, greedy_64, chain_length):
+    """Long acceptances, 64 sequences at once."""
+    target, drafter = agreeing_pair
+    prompts, want = greedy_64
+    engine = BatchGenerator(target, drafter, chain_length, max_batch=64, span_step=32, sync_every=4)
+    result = engine.generate(prompts, 24)
+    assert result.tokens == want
+    assert result.tau > 1.5, result.tau
+    # every sequence's committed tokens: one per verification plus the accepted drafts
+    for tokens, accepted in zip(result.tokens, result.accept_lengths):
+        assert len(tokens) <= 1 + sum(a + 1 for a in accepted)
+
+
+def test_eos_and_max_new_tokens_mid_batch(agreeing_pair, greedy_64):
+    """Stop tokens end some sequences early (inside a multi-token step too), others run to the
+    limit; max_new_tokens = 1 and a first token that is EOS end at the prefill."""
+    target, drafter = agreeing_pair
+    prompts, full = greedy_64[0][:12], [t[:20] for t in greedy_64[1][:12]]
+    eos = {full[0][6], full[3][11]}
+    want = []
+    for tokens in full:
+        cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+        want.append(tokens if cut is None else tokens[: cut + 1])
+    assert any(len(w) < 20 for w in want) and any(len(w) == 20 for w in want)
+    engine = BatchGenerator(target, drafter, 4, max_batch=8, span_step=16, sync_every=3)
+    assert engine.generate(prompts, 20, eos).tokens == want
+    for k in (7, 1):
+        assert engine.generate(prompts, k).tokens == [t[:k] for t in full]
+    firsts = {t[0] for t in full[:2]}
+    result = engine.generate(prompts, 20, firsts)
+    assert result.tokens[:2] == [[full[0][0]], [full[1][0]]] and result.accept_lengths[:2] == [[], []]
+    autoregressive = BatchGenerator(target, None, 0, max_batch=8, span_step=16, sync_every=3)
+    assert autoregressive.generate(prompts, 20, eos).tokens == want
+
+
+def test_batched_autoregressive_equals_target_greedy():
+    target = TargetModel(small_llama(7, layers=3))
+    prompts = _prompts(20, 3)
+    want = _greedy(target.model, prompts, 16)
+    for batch, sync in ((1, 1), (8, 5), (32, 16)):
+        engine = BatchGenerator(target, None, 0, max_batch=batch, span_step=16, sync_every=sync)
+        result = engine.generate(prompts if batch > 1 else prompts[:4], 16)
+        assert result.tokens == (want if batch > 1 else want[:4]), batch
+    with pytest.raises(ValueError, match="chain_length"):
+        BatchGenerator(target, None, 3)
+    with pytest.raises(ValueError, match="CUDA"):
+        BatchGenerator(target, None, 0, compile="graph")
+
+
+def test_batched_cycles_equal_single_sequence_cycles(agreeing_pair, greedy_64):
+    """At T = 0 the records are the reference engine's: roots, proposals, accepted counts, and
+    (to rounding) the drafter's and the target's log-probs at every drafted state."""
+    target, drafter = agreeing_pair
+    chain = 4
+    prompts = greedy_64[0][20:29]
+    batched = BatchGenerator(target, drafter, chain, record_cycles=True, max_batch=4, span_step=16)
+    result = batched.generate(prompts, 24)
+    cycles = result.cycles
+    reference = SpeculativeGenerator(target, drafter, TreeConfig.chain(chain), record_steps=True)
+    m = 0
+    d2t = drafter.draft_to_target
+    for s, prompt in enumerate(prompts):
+        want = reference.generate(prompt, 24)
+        assert result.tokens[s] == want.tokens and result.accept_lengths[s] == want.accept_lengths
+        for step, tree, logits, root in zip(want.steps, want.trees, want.verify_logits, want.root_positions):
+            assert int(cycles.sequence[m]) == s and int(cycles.root_pos[m]) == root
+            assert int(cycles.accepted[m]) == step.accept_length
+            assert int(cycles.root_token[m]) == (prompt + want.tokens)[root]
+            assert torch.equal(cycles.proposals[m], tree.draft_ids[0])
+            assert torch.equal(d2t[cycles.proposals[m]], tree.tokens[0])
+            torch.testing.assert_close(cycles.rollout_logprobs[m], tree.logprobs[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cycles.target_logprobs[m], torch.log_softmax(logits[:chain].float(), -1),
+                                       atol=1e-5, rtol=1e-5)
+            m += 1
+    assert m == len(cycles) and int((cycles.accepted >= 2).sum()) > 5 and bool((cycles.accepted < chain).any())
+
+
+# --------------------------------------------------------------------------------------------
+# Losslessness at T > 0
+
+
+def _continuation_counts(engine: BatchGenerator, prompt: list[int], n: int) -> tuple[torch.Tensor, int]:
+    result = engine.generate([prompt] * n, 3)
+    counts = torch.zeros(8, 8, 8)
+    for t1, t2, t3 in result.tokens:
+        counts[t1, t2, t3] += 1
+    return counts, sum(a > 0 for row in result.accept_lengths for a in row)
+
+
+def test_batched_sampling_matches_target_distribution(monkeypatch):
+    """End to end at T = 0.8: 3-token continuations from the batched engine (prefill sample,
+    vectorised rejection sampling, catch-up, refilled rows) vs the target's exact law; the
+    autoregressive mode too. A verifier that accepts every proposal fails the same test."""
+    target, drafter = _tiny_vocab_pair(seed=3)
+    prompt, temperature = [2, 7, 1, 6], 0.8
+    joint = _exact_joint(target, prompt, temperature, 8)
+    engine = BatchGenerator(target, drafter, 2, temperature=temperature, seed=11, max_batch=256, sync_every=2)
+    counts, accepting = _continuation_counts(engine, prompt, 1200)
+    assert accepting > 300
+    assert chi_square_pvalue(counts, joint) > 1e-3
+    autoregressive = BatchGenerator(target, None, 0, temperature=temperature, seed=12, max_batch=256)
+    assert chi_square_pvalue(_continuation_counts(autoregressive, prompt, 1200)[0], joint) > 1e-3
+
+    def always_accept(logits, drafted, temperature, uniforms):
+        accepted, _ = accept_chain(logits, drafted, 0.0, None)
+        full = torch.full_like(accepted, drafted.shape[1])
+        probs = torch.softmax(logits[:, -1].float() / temperature, -1)
+        return full, torch.multinomial(probs, 1)[:, 0]
+
+    monkeypatch.setattr("speculative.batch_engine.accept_chain", always_accept)
+    assert chi_square_pvalue(_continuation_counts(engine, prompt, 600)[0], joint) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Real model
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_target_greedy():
+    from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
+    from speculative.target import load_tokenizer
+
+    target = TargetModel.load("smollm2")
+    tokenizer = load_tokenizer("smollm2")
+    vocab = DraftVocab(torch.arange(4096), target.vocab_size)
+    config = DrafterConfig.from_target(target.config, vocab.size, target.aux_layer_ids)
+    drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight)
+    init_drafter_weights(drafter, seed=0)
+    questions = ("What is the capital of France?", "Write a haiku about the sea.")
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+                    ["input_ids"]) for q in questions]
+    want = _greedy(target.model, prompts, 20)
+    assert BatchGenerator(target, drafter.eval(), 3, max_batch=2).generate(prompts, 20).tokens == want
+    assert BatchGenerator(target, None, 0, max_batch=2).generate(prompts, 20).tokens == want

@@ -1,0 +1,230 @@
+"""The batched GTO experience (``speculative.batched_trees``) against the per-sequence reference
+implementation (``actors.gto_rollout.per_sequence_gto_experience``), field by field, in float32:
+same windows, trees, rewards, expected lengths, accepted paths and log-probabilities, and the
+same learner features, over seeds, batch sizes, ragged lengths, chunkings that do not divide
+the batch, sequences without any window, both reward temperatures and a draft vocabulary
+smaller than the target's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from actors.gto_rollout import gto_experience, per_sequence_gto_experience
+from actors.target_worker import TargetWorker
+from speculative.config import load_config
+from speculative.batched_trees import (
+    BatchedTreeOptions,
+    drafter_step_one,
+    grow_trees_at,
+    score_trees_at_positions,
+)
+from speculative.llama import FastLlama
+from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence
+from speculative.tree import TreeConfig
+from speculative.vocab import DraftVocab
+from speculative.target import TargetModel
+from tests.conftest import tiny_drafter, tiny_llama
+from tests.test_gto import _sequences
+from tests.test_tree_engine import train_agreeing_pair
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAD = 5
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The agreeing pair (real multi-token accepted paths) and a reference that differs from it."""
+    target, drafter = train_agreeing_pair()
+    reference = copy.deepcopy(drafter)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in reference.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return target, drafter, reference
+
+
+def _config(**gto):
+    return load_config(None, ["training.objective=gto", "training.ttt_steps=3",
+                              *[f"gto.{k}={v}" for k, v in gto.items()]])
+
+
+def _ragged(batch: dict[str, torch.Tensor], lengths: list[int], unsupervised: tuple[int, ...] = ()):
+    """Cut sequence b to ``lengths[b]`` tokens (right padding with PAD); rows in
+    ``unsupervised`` lose their loss mask (no valid window)."""
+    out = {k: v.clone() for k, v in batch.items()}
+    for b, n in enumerate(lengths):
+        out["input_ids"][b, n:] = PAD
+        out["attention_mask"][b, n:] = 0
+        out["loss_mask"][b, n:] = 0
+        if b in unsupervised:
+            out["loss_mask"][b] = 0
+    return out
+
+
+def assert_same_experience(batched, reference, atol: float = 1e-5) -> None:
+    for name in ("sequence", "index", "group", "path_ids", "path_length"):
+        assert torch.equal(getattr(batched, name), getattr(reference, name)), name
+    for name in ("reward", "reference_reward", "expected_length", "reference_expected_length",
+                 "rollout_path_logprob", "reference_path_logprob"):
+        torch.testing.assert_close(getattr(batched, name), getattr(reference, name), atol=atol, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    for name in ("input_ids", "attention_mask", "loss_mask", "target_top1"):
+        assert torch.equal(getattr(batched.sft, name), getattr(reference.sft, name)), name
+    for name in ("aux_hidden", "target_draft_logits"):
+        torch.testing.assert_close(getattr(batched.sft, name), getattr(reference.sft, name), atol=atol, rtol=1e-5)
+    assert batched.drafter_version == reference.drafter_version
+
+
+CASES = [
+    # seed, batch, lengths (None = full 24), sequences_per_forward, positions_per_forward, gto overrides
+    (0, 3, [24, 17, 11], 2, 4, {}),
+    (1, 5, [24, 9, 20, 6, 15], 3, 5, {"reward_temperature": 0.0, "reward": "max"}),
+    (2, 4, None, 4, 8, {"reward": "expected"}),
+    (3, 6, [12, 24, 5, 24, 8, 19], 16, 3, {"reward": "mean", "reward_temperature": 0.7}),
+]
+
+
+@pytest.mark.parametrize("seed,batch_size,lengths,seqs,positions,overrides", CASES)
+def test_batched_experience_equals_the_per_sequence_reference(pair, seed, batch_size, lengths, seqs,
+                                                              positions, overrides):
+    target, drafter, reference = pair
+    config = _config(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3,
+                     groups_per_sequence=3, sequences_per_forward=seqs,
+                     positions_per_forward=positions, **overrides)
+    batch = _sequences(target, batch_size, 24, 4, seed=seed)
+    if lengths is not None:
+        batch = _ragged(batch, lengths, unsupervised=(1,) if batch_size > 4 else ())
+    worker = TargetWorker(target, drafter.draft_to_target)
+    new = gto_experience(worker, config, batch, drafter, reference, drafter_version=3, seed=seed)
+    old = per_sequence_gto_experience(worker, config, batch, drafter, reference, drafter_version=3, seed=seed)
+    assert_same_experience(new, old)
+    # The comparison saw real work: several windows, accepted paths, and trees that differ.
+    assert new.index.numel() >= 3 * batch_size
+    assert int((new.path_length >= 2).sum()) >= 2
+    assert not torch.allclose(new.rollout_path_logprob, new.reference_path_logprob)
+    if config.gto.reward_temperature > 0:
+        assert not torch.allclose(new.reward, new.reference_reward)
+    if lengths is not None and batch_size > 4:  # sequences 1 (no loss mask) and the 5-5-token one
+        assert 1 not in new.sequence.tolist()
+        short = [b for b, n in enumerate(lengths) if n <= 6]
+        assert short and all(b not in new.sequence.tolist() for b in short)
+
+
+def test_batched_experience_with_a_reduced_draft_vocabulary():
+    """Draft ids differ from target ids (d2t is not the identity): features, trees and paths."""
+    target = TargetModel(tiny_llama(vocab_size=96, layers=4, seed=2), aux_layer_ids=(1, 2, 3))
+    counts = torch.rand(96, generator=torch.Generator().manual_seed(0))
+    vocab = DraftVocab.from_counts(counts, 40)
+    drafter = tiny_drafter(target, vocab, seed=3)
+    reference = tiny_drafter(target, vocab, seed=4)
+    config = _config(tree_depth=3, tree_top_k=4, tree_total_tokens=10, group_size=2,
+                     groups_per_sequence=4, sequences_per_forward=2, positions_per_forward=3)
+    batch = _ragged(_sequences(target, 3, 20, 3, seed=5), [20, 14, 18])
+    worker = TargetWorker(target, drafter.draft_to_target)
+    new = gto_experience(worker, config, batch, drafter, reference, seed=9)
+    old = per_sequence_gto_experience(worker, config, batch, drafter, reference, seed=9)
+    assert_same_experience(new, old)
+    assert new.sft.target_draft_logits.shape[-1] == 40 and new.index.numel() == 24
+
+
+def test_batch_without_any_window_gives_the_same_empty_experience(pair):
+    target, drafter, reference = pair
+    config = _config(tree_depth=3, tree_top_k=2, tree_total_tokens=5, group_size=4, groups_per_sequence=2)
+    batch = _ragged(_sequences(target, 2, 12, 4, seed=0), [12, 7], unsupervised=(0,))
+    worker = TargetWorker(target, drafter.draft_to_target)
+    new = gto_experience(worker, config, batch, drafter, reference)
+    old = per_sequence_gto_experience(worker, config, batch, drafter, reference)
+    assert new.index.numel() == 0 and new.path_ids.shape == (0, 3)
+    assert_same_experience(new, old)
+
+
+@torch.no_grad()
+def test_sharing_reference_nodes_changes_nothing(pair):
+    """Reference nodes read from the current tree's rows (same path, same target context) give
+    the scores that verifying them separately gives; and sharing really happened."""
+    target, drafter, reference = pair
+    batch = _ragged(_sequences(target, 4, 24, 4, seed=7), [24, 19, 22, 13])
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    indices = torch.tensor([[2, 3, 4, 9, 10, 11], [5, 6, 7, 12, 13, 14], [1, 2, 3, 15, 16, 17], [4, 5, 6, 0, 0, 0]])
+    counts = [6, 6, 6, 3]
+    fast = FastLlama.from_target(target)
+    results = {}
+    for share in (True, False):
+        options = BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=3,
+                                     positions_per_forward=2, share_nodes=share)
+        results[share] = score_trees_at_positions(fast, drafter, reference, batch["input_ids"], lengths, indices,
+                                                  counts, drafter.draft_to_target, options)
+    shared, alone = results[True], results[False]
+    total = 2 * sum(counts) * 12  # 2 trees x 12 nodes per position (padding slots aside)
+    assert alone.shared_nodes == 0 and 0 < shared.shared_nodes < total // 2
+    assert shared.verified_nodes < alone.verified_nodes
+    for name in ("path_ids", "path_length", "target_top1"):
+        assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+    for name in ("reward", "reference_reward", "expected_length", "reference_expected_length", "rollout_path_logprob"):
+        torch.testing.assert_close(getattr(shared, name), getattr(alone, name), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_sequences_with_windows_far_apart_share_a_chunk(pair):
+    """A chunk holding a sequence with many early positions and one with few late ones (whose
+    position slots run out first) scores each exactly as when it is alone in its chunk: the
+    cache slots a forward overwrites behind its roots are never read by a later forward."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 2, 24, 4, seed=3)
+    indices = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [19, 20, 21, 0, 0, 0, 0, 0]])
+    counts, lengths = [8, 3], [24, 24]
+    fast = FastLlama.from_target(target)
+    results = [
+        score_trees_at_positions(
+            fast, drafter, reference, batch["input_ids"], lengths, indices, counts, drafter.draft_to_target,
+            BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=seqs,
+                               positions_per_forward=3, length_multiple=4))
+        for seqs in (2, 1)
+    ]
+    together, alone = results
+    assert torch.equal(together.path_length, alone.path_length)
+    for name in ("reward", "reference_reward", "expected_length", "rollout_path_logprob", "reference_path_logprob"):
+        torch.testing.assert_close(getattr(together, name), getattr(alone, name), atol=1e-5, rtol=1e-5)
+    assert float(together.reward[1, :3].abs().sum()) > 0
+
+
+@torch.no_grad()
+def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair):
+    """The joint prefix/tree attention of ``RootedTreeCache`` grows the very trees that
+    ``build_trees_at`` grows one sequence at a time (and their log-probabilities)."""
+    target, drafter, _ = pair
+    fast = FastLlama.from_target(target)
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(4))
+    indices = torch.tensor([[0, 5, 9, 13], [2, 3, 4, 12], [13, 1, 7, 0]])
+    config = TreeConfig(depth=4, top_k=3, total_tokens=14)
+    aux = torch.stack([prefill_sequence(fast, row, room=0).aux_hidden for row in ids])
+    batched = grow_trees_at(drafter, drafter_step_one(drafter, ids, aux, indices), config)
+    for s in range(3):
+        per_seq = build_trees_at(drafter, drafter_prefix(drafter, ids[s], aux[s]), indices[s], config)
+        rows = slice(4 * s, 4 * s + 4)
+        for name in ("tokens", "parents", "depths", "mask", "root_positions"):
+            assert torch.equal(getattr(batched, name)[rows], getattr(per_seq, name)), name
+        torch.testing.assert_close(batched.logprobs[rows], per_seq.logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.scores[rows], per_seq.scores, atol=1e-5, rtol=1e-5)
+    assert batched.dists is None  # not kept for thousands of trees
+
+
+
+def test_bf16_trees_stay_close_to_fp32_trees(pair):
+    """``gto.tree_precision: bf16`` grows the trees under bf16 autocast: the arithmetic really
+    changes (log-probs differ) while the trees, paths and rewards stay nearly the same."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 3, 24, 4, seed=11)
+    worker = TargetWorker(target, drafter.draft_to_target)
+    common = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=3)
+    fp32 = gto_experience(worker, _config(**common), batch, drafter, reference, seed=2)
+    bf16 = gto_experience(worker, _config(tree_precision="bf16", **common), batch, drafter, reference, seed=2)
+    assert torch.equal(fp32.index, bf16.index)
+    assert not torch.equal(fp32.rollout_path_logprob, bf16.rollout_path_logprob)
+    assert float((fp32.path_length == bf16.path_length).float().mean()) >= 0.75
+    assert float((fp32.reward - bf16.reward).abs().mean()) < 0.1
+    torch.testing.assert_close(fp32.sft.aux_hidden, bf16.sft.aux_hidden)  # the target is untouched
