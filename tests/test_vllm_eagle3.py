@@ -6,13 +6,14 @@ drafter cases. On an idle 2-core CPU each engine subprocess takes ~25-35 s (most
 vLLM) plus 5-15 s of generation; the whole file runs in about 4 minutes.
 
 The engines run in float32, where "lossless" can be checked token for token. In bf16 the
-speculative path (k+1 tokens verified per forward) and plain decoding round differently, and
-where the target's two best tokens lie within a bf16 step of each other they may pick
+speculative path (k+1 tokens verified per forward) and plain decoding may round differently,
+and where the target's two best tokens lie within a bf16 step of each other they may pick
 differently: on SmolLM2 the haiku prompt has such a tie at token 17 (" shore" over " ocean" by
-0.091 logit in float32, at logits ~16.2 where one bf16 step is 0.125), and whether a bf16 run
-splits there depends on the CPU's kernels and thread count. The float32 premise is checked
-too: the baseline is the float32 target's own greedy choice at every token, each chosen by a
-clear margin, and a forged lossy output is caught (the negative control).
+0.091 logit in float32, at logits ~16.2 where one bf16 step is 0.125; vLLM's bf16 logits for
+the two are exactly equal), and whether a bf16 run splits there depends on the CPU's kernels.
+The float32 premise is checked too: the baseline is the float32 target's own greedy choice at
+every token, each chosen by a clear margin, and a forged lossy output is caught (the negative
+control).
 """
 
 from __future__ import annotations
