@@ -24,6 +24,6 @@ if [ "$stage" = train ]; then
   done
 else
   python3 bench/compare_drafters.py --target /tmp/kit/smollm2.gguf --out "$out" --num-prompts "$arg" \
-    --bench-dir .kit/bench start="$start" sft=/tmp/runs/sft/drafter gto=/tmp/runs/gto/drafter \
+    start="$start" sft=/tmp/runs/sft/drafter gto=/tmp/runs/gto/drafter \
     opd=/tmp/runs/opd/drafter 2>&1 | tee "$out/compare.log"
 fi

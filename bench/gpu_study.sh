@@ -5,7 +5,7 @@
 #   bash bench/gpu_study.sh train 9 [--set FIELD=VALUE ...]   # first call: also unpacks data + start
 #   bash bench/gpu_study.sh eval 9 [--set ...]                # again until it prints "every drafter is scored"
 #   bash bench/gpu_study.sh pack "$OUT" [RUN]                 # results (no weights) + RUN's drafter in parts
-# Carry .kit/drafter_sft, .kit/data and .kit/bench with the train call, .kit/bench with eval calls.
+# Carry .kit/drafter_sft and .kit/data with the train call (the benchmark prompts ship in the repo).
 # A drafter (47 MB) comes back as 15 MiB parts, one drafter per call (8 files, 64 MiB per call);
 # rejoin here with: cat RUN.drafter.tar.part-* | tar xf - -C STUDY/runs/RUN
 set -uo pipefail

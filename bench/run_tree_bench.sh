@@ -10,19 +10,12 @@
 # Otherwise a full `draftrl eval` (MT-Bench, HumanEval, GSM8K; T=0 and T=1; 256 new tokens;
 # bf16; CUDA graphs); add e.g. --max-minutes 6 to fit a 10-minute slot, --num-prompts N,
 # --compile inductor (torch.compile + graphs: faster, minutes of compiling), --dtype float32.
-# Benchmarks: $DRAFTRL_BENCH_DIR, else .kit/bench, else ../shared/data/bench.
+# Benchmarks: $DRAFTRL_BENCH_DIR, else the copies shipped in speculative/data/bench.
 # Writes OUT_DIR/{results.json,results.md,results.png,generations.jsonl,log.txt} (or check.json).
 set -euo pipefail
 drafter=${1:?DRAFTER_DIR}; target=${2:?TARGET}; out=${3:?OUT_DIR}; shift 3
 export PYTHONPATH=/tmp/kit/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
-bench_dir=${DRAFTRL_BENCH_DIR:-}
-if [ -z "$bench_dir" ]; then
-  for d in .kit/bench ../shared/data/bench shared/data/bench; do
-    if [ -f "$d/mt_bench.jsonl" ]; then bench_dir=$d; break; fi
-  done
-fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.version.cuda)"
-python3 -m tools.cli eval --drafter "$drafter" --target "$target" --out "$out" \
-  ${bench_dir:+--bench-dir "$bench_dir"} "$@" 2>&1 | tee "$out/log.txt"
+python3 -m tools.cli eval --drafter "$drafter" --target "$target" --out "$out" "$@" 2>&1 | tee "$out/log.txt"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+import speculative.data
 
 from tools.benchmark import (
     TREE_DEFAULTS,
@@ -94,15 +97,30 @@ def test_malformed_question_names_file_and_line(tmp_path, bad, message):
     assert f"{path}:2:" in str(error.value)
 
 
-def test_shipped_benchmarks_load():
-    try:
-        paths = [resolve_bench(name)[1] for name in SHIPPED]
-    except BenchmarkError:
-        pytest.skip("the shared benchmark folder is not next to this checkout")
+def test_shipped_benchmarks_load(monkeypatch):
+    """The prompts ship inside the package: found with no flag, no env var and no folder beside the clone."""
+    monkeypatch.delenv("DRAFTRL_BENCH_DIR", raising=False)
+    package_dir = Path(speculative.data.__file__).parent / "bench"
+    paths = [resolve_bench(name)[1] for name in SHIPPED]
+    assert all(path.parent == package_dir for path in paths), paths
+    assert (package_dir / "LICENSES.md").is_file()
     for path in paths:
         questions = load_questions(path)
-        assert len(questions) == 80
+        assert len(questions) == 80 and len({q.question_id for q in questions}) == 80
     assert all(len(q.turns) == 2 for q in load_questions(paths[0]))  # MT-Bench: two turns
+
+
+def test_eval_runs_on_the_shipped_benchmarks_by_default(tmp_path, models, monkeypatch):
+    """``draftrl eval`` with no --bench and no --bench-dir: what a fresh clone runs."""
+    monkeypatch.delenv("DRAFTRL_BENCH_DIR", raising=False)
+    target_dir, drafter_dir = models
+    out = tmp_path / "eval"
+    assert main(["eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--num-prompts", "1",
+                 "--temperature", "0", "--max-new-tokens", "3", "--out", str(out), *TREE_ARGS]) == 0
+    blocks = json.loads((out / "results.json").read_text())["results"]
+    assert [b["bench"] for b in blocks] == list(SHIPPED)
+    assert [b["generations"] for b in blocks] == [2, 1, 1]  # MT-Bench's question has two turns
+    assert all(b["mismatches"] == 0 for b in blocks)
 
 
 def test_tree_defaults_match_the_engine():

@@ -3,7 +3,17 @@
 Each vLLM engine runs in its own subprocess (``tools.vllm_check.run_vllm_isolated``), so
 pytest never holds vLLM's process-wide state. One baseline run (no drafter) is shared by the
 drafter cases. On an idle 2-core CPU each engine subprocess takes ~25-35 s (mostly importing
-vLLM) plus 5-15 s of generation; the whole file runs in about 2 minutes.
+vLLM) plus 5-15 s of generation; the whole file runs in about 4 minutes.
+
+The engines run in float32, where "lossless" can be checked token for token. In bf16 the
+speculative path (k+1 tokens verified per forward) and plain decoding may round differently,
+and where the target's two best tokens lie within a bf16 step of each other they may pick
+differently: on SmolLM2 the haiku prompt has such a tie at token 17 (" shore" over " ocean" by
+0.091 logit in float32, at logits ~16.2 where one bf16 step is 0.125; vLLM's bf16 logits for
+the two are exactly equal), and whether a bf16 run splits there depends on the CPU's kernels.
+The float32 premise is checked too: the baseline is the float32 target's own greedy choice at
+every token, each chosen by a clear margin, and a forged lossy output is caught (the negative
+control).
 """
 
 from __future__ import annotations
@@ -18,13 +28,22 @@ from safetensors.torch import save_file
 
 from actors.vllm_engine import SpecDecodeStats, _spec_counters, _stats_delta
 from tools.vllm_check import (
+    Completion,
+    Float32Reference,
+    VllmResult,
     compare,
+    find_mismatches,
     load_prompts,
+    rounding_step,
     run_vllm_isolated,
 )
 
 NUM_SPECULATIVE_TOKENS = 3
 MAX_TOKENS = 32
+DTYPE = "float32"  # exact equality is a float32 property (see the module docstring)
+# Smallest float32 top-1/top-2 logit gap the baseline may have at a generated token for token
+# equality to be the right test: ~1000x the difference float32 kernels make to a logit.
+MIN_MARGIN = 0.01
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
@@ -198,12 +217,25 @@ def test_load_prompts_accepts_chats_messages_and_strings(tmp_path):
 def baseline(smollm2_vllm_dir: Path):
     """vLLM greedy output of the target alone, shared by every drafter case."""
     return run_vllm_isolated(
-        smollm2_vllm_dir, PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True, seed=0
+        smollm2_vllm_dir, PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True, seed=0, dtype=DTYPE
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_vllm_dir: Path) -> Float32Reference:
+    return Float32Reference(smollm2_vllm_dir)
+
+
+def _compare(smollm2_vllm_dir: Path, drafter: Path, baseline: VllmResult) -> dict:
+    return compare(
+        smollm2_vllm_dir, drafter, PROMPTS, baseline=baseline, dtype=DTYPE,
+        num_speculative_tokens=NUM_SPECULATIVE_TOKENS, max_tokens=MAX_TOKENS, ignore_eos=True,
     )
 
 
 def _check(report: dict) -> dict:
     spec = report["spec"]
+    # On a mismatch, compare() adds the float32 logit gap between the two tokens at the split.
     assert report["identical"], (
         "greedy output with EAGLE-3 speculation differs from the target alone: "
         f"{json.dumps(report['mismatches'], indent=1)}"
@@ -226,12 +258,11 @@ def _check(report: dict) -> dict:
 @pytest.mark.slow
 def test_random_drafter_with_draft_vocab_is_lossless(smollm2_vllm_dir, baseline, tmp_path):
     drafter = saved_random_drafter(smollm2_vllm_dir, tmp_path / "drafter", draft_vocab_size=8192)
-    report = compare(
-        smollm2_vllm_dir, drafter, PROMPTS, baseline=baseline,
-        num_speculative_tokens=NUM_SPECULATIVE_TOKENS, max_tokens=MAX_TOKENS, ignore_eos=True,
-    )
-    _check(report)
+    report = _compare(smollm2_vllm_dir, drafter, baseline)
+    spec = _check(report)
     assert report["num_output_tokens"] == len(PROMPTS) * MAX_TOKENS
+    # A useless drafter is (next to) never accepted: the counters tell drafters apart.
+    assert spec["num_accepted_tokens"] <= 0.05 * spec["num_draft_tokens"], spec
 
 
 @pytest.mark.slow
@@ -241,12 +272,52 @@ def test_full_vocab_drafter_is_accepted_and_lossless(smollm2_vllm_dir, baseline,
     drafter = make_drafter_dir(
         smollm2_vllm_dir, tmp_path / "drafter", init="last_hidden", aux_layer_ids=(2, 15, layers)
     )
-    report = compare(
-        smollm2_vllm_dir, drafter, PROMPTS, baseline=baseline,
-        num_speculative_tokens=NUM_SPECULATIVE_TOKENS, max_tokens=MAX_TOKENS, ignore_eos=True,
-    )
+    report = _compare(smollm2_vllm_dir, drafter, baseline)
     spec = _check(report)
     assert spec["num_accepted_tokens"] > 0, spec
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_baseline_is_the_float32_targets_greedy_by_clear_margins(baseline, reference):
+    """The premise of exact equality: vLLM's float32 target is Hugging Face's float32 target at
+    every generated token, and no token was a near-tie another kernel could order otherwise."""
+    for i, completion in enumerate(baseline.outputs):
+        margins = reference.greedy_margins(completion)
+        assert not margins["not_fp32_argmax"], (i, margins)
+        assert margins["min_top_gap"] >= MIN_MARGIN, (
+            f"prompt {i} has a float32 near-tie at generated token {margins['min_top_gap_position']} "
+            f"(gap {margins['min_top_gap']:.2e}): exact equality could flip there; pick other prompts"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_lossy_verifier_fails_the_check(baseline, reference):
+    """Negative control: the output a verifier would give if it kept a drafted token that the
+    target ranks second (injected at the target's most decisive token) is caught, at that
+    token, with a float32 gap far beyond any rounding."""
+    prompt = 2
+    completion = baseline.outputs[prompt]
+    ids = list(completion.prompt_token_ids) + list(completion.token_ids)
+    logits = reference.logits(ids)[len(completion.prompt_token_ids) - 1 : -1]
+    top = logits.topk(2, dim=-1)
+    position = int((top.values[:, 0] - top.values[:, 1]).argmax())
+    forged_tokens = list(completion.token_ids)
+    forged_tokens[position] = int(top.indices[position, 1])
+    forged = VllmResult(
+        outputs=[
+            Completion(out.prompt_token_ids, forged_tokens if i == prompt else out.token_ids, out.text)
+            for i, out in enumerate(baseline.outputs)
+        ],
+        spec=None, load_seconds=0.0, generate_seconds=0.0,
+    )
+    mismatches = find_mismatches(baseline, forged)
+    assert [(m["prompt"], m["first_diff"]) for m in mismatches] == [(prompt, position)]
+    split = reference.split_gap(completion, forged.outputs[prompt], DTYPE)
+    assert split["fp32_argmax"] == completion.token_ids[position]
+    # Several bf16 steps: not a tie that even bf16 rounding could explain.
+    assert split["fp32_gap"] > 4 * rounding_step(split["logit"], "bfloat16"), split
 
 
 @pytest.mark.slow

@@ -54,10 +54,18 @@ class BenchQuestion:
     bench: str = ""
 
 
+def shipped_bench_dir() -> Path:
+    """The MT-Bench, HumanEval and GSM8K prompts that ship inside the package (see LICENSES.md
+    there), so a clone or an installed wheel can measure τ without fetching anything."""
+    from importlib.resources import files
+
+    return Path(str(files("speculative.data") / "bench"))
+
+
 def default_bench_dir() -> Path:
-    """``DRAFTRL_BENCH_DIR``, else the shared data folder beside the repository."""
+    """``DRAFTRL_BENCH_DIR`` if set, else the shipped prompts."""
     env = os.environ.get("DRAFTRL_BENCH_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "bench"
+    return Path(env) if env else shipped_bench_dir()
 
 
 def resolve_bench(spec: str, bench_dir: str | Path | None = None) -> tuple[str, Path]:
@@ -714,7 +722,8 @@ def add_model_args(parser, drafter_required: bool) -> None:
                         help="auto: CUDA graphs on GPU (graph), eager on CPU (off); static: fixed shapes, "
                              "no graphs; inductor: torch.compile + CUDA graphs (compiles for minutes)")
     parser.add_argument("--bench-dir", type=Path, default=None,
-                        help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR or ../shared/data/bench)")
+                        help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR, else the shipped "
+                             "speculative/data/bench)")
     parser.add_argument("--num-prompts", type=int, default=None, metavar="N", help="first N questions only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

