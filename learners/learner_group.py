@@ -22,6 +22,7 @@ import torch
 
 from speculative.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
 from speculative.drafter_blueprint import DrafterBlueprint, load_target_embedding
+from speculative.experience import concat_experiences
 
 CHECKPOINT_TAG = "state"
 
@@ -37,8 +38,9 @@ class StaleExperience(RuntimeError):
 def deepspeed_config(config, on_gpu: bool) -> dict[str, Any]:
     training = config.training
     return {
-        "train_micro_batch_size_per_gpu": training.batch_size,
-        "gradient_accumulation_steps": training.grad_accum,
+        # One micro-batch = experiences_per_micro_batch experiences merged (training.micro_batch_size).
+        "train_micro_batch_size_per_gpu": training.micro_batch_size or training.batch_size,
+        "gradient_accumulation_steps": training.micro_batches,
         "gradient_clipping": training.grad_clip,
         "zero_optimization": {"stage": config.distributed.zero_stage},
         "bf16": {"enabled": on_gpu},
@@ -134,7 +136,10 @@ class LearnerWorker:
         rows: list[dict[str, float]] = []
         tokens = 0
         skipped = 0
-        for experience in experiences:
+        fetched = time.perf_counter() - start
+        per = self.config.training.experiences_per_micro_batch
+        micro_batches = [concat_experiences(experiences[i:i + per]) for i in range(0, len(experiences), per)]
+        for experience in micro_batches:
             experience = experience.to(self.device)
             loss, metrics = objective_loss(self.drafter, experience, self.config)
             if self.faults.get("nan_loss_at_version") == self.version and self.faults.get("rank", 0) == self.rank:
@@ -159,6 +164,7 @@ class LearnerWorker:
         return {"rank": self.rank, "version": self.version, "experience_versions": versions,
                 "skipped_nonfinite": skipped,
                 "metrics": metrics, "tokens": tokens, "samples": sum(_rows(e) for e in experiences),
+                "micro_batches": len(micro_batches), "fetch_seconds": fetched,
                 "seconds": time.perf_counter() - start}
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -59,6 +59,7 @@ class DistributedResult(RunResult):
     steps: list[dict] = field(default_factory=list)  # per update: version, experience versions
     dropped_stale: int = 0
     actor_restarts: int = 0
+    learner_busy: float = float("nan")  # learner step seconds / wall seconds over all updates
 
 
 @dataclass
@@ -113,9 +114,10 @@ class RolloutPool:
     def restarted(self) -> list[int]:
         """Actors whose process changed since we last synced them (a silent restart)."""
         found = []
-        for index, actor in enumerate(self.actors):
+        refs = [actor.ready.remote() for actor in self.actors]  # one round trip for all actors
+        for index, ref in enumerate(refs):
             try:
-                info = ray.get(actor.ready.remote())
+                info = ray.get(ref)
             except ACTOR_ERRORS:
                 found.append(index)
                 continue
@@ -275,6 +277,9 @@ class DistributedTrainer:
         if self.steps_this_run is not None:
             self.stop_at = min(self.stop_at, self.version + self.steps_this_run)
         self.started, self.window, self.steps = time.time(), [], []
+        # Learner busy fraction: time inside train_step over the wall time between updates.
+        self._last_update = time.perf_counter()
+        self.learner_busy_s, self.learner_wall_s = 0.0, 0.0
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self.tokens_trained = 0
@@ -296,7 +301,8 @@ class DistributedTrainer:
         result = DistributedResult(
             self.out, drafter_dir, self.version, self.train_metrics, self.eval_metrics,
             broadcasts=[asdict(r) for r in self.sync.reports], steps=self.steps,
-            dropped_stale=self.gate.dropped, actor_restarts=self.pool.restarts)
+            dropped_stale=self.gate.dropped, actor_restarts=self.pool.restarts,
+            learner_busy=self.learner_busy_s / self.learner_wall_s if self.learner_wall_s else float("nan"))
         report = {k: v for k, v in asdict(result).items() if k not in ("output_dir", "drafter_dir")}
         (self.out / "distributed_report.json").write_text(json.dumps(report, indent=1, default=str))
         return result
@@ -373,6 +379,10 @@ class DistributedTrainer:
         self.tokens_trained += sum(r["tokens"] for r in results)
         samples = sum(r["samples"] for r in results)
         step_s = max(r["seconds"] for r in results)
+        now = time.perf_counter()
+        interval, self._last_update = max(now - self._last_update, 1e-9), now
+        self.learner_busy_s += step_s
+        self.learner_wall_s += interval
         rollout_metrics = {k: float(np.mean([m[k] for m in metas if k in m]))
                            for k in ROLLOUT_SCALARS if any(k in m for m in metas)}
         last = self._last_broadcast
@@ -380,7 +390,11 @@ class DistributedTrainer:
             staleness_mean=float(np.mean(staleness)), staleness_max=float(max(staleness)),
             dropped_stale=float(self.gate.dropped), queue_depth=float(queue_depth),
             rollout_tokens_per_s=rollout_rate, learner_samples_per_s=samples / max(step_s, 1e-9),
-            learner_step_s=step_s, broadcast_s=last.seconds, broadcast_bytes=float(last.bytes),
+            learner_step_s=step_s, learner_fetch_s=max(r.get("fetch_seconds", 0.0) for r in results),
+            learner_busy=min(step_s / interval, 1.0), update_interval_s=interval,
+            broadcast_s=last.seconds, broadcast_bytes=float(last.bytes),
+            broadcast_gb_s=last.bytes / 1e9 / max(last.seconds, 1e-9),
+            broadcast_step_share=last.seconds / interval,
             experience_bytes=float(sum(m["bytes"] for m in metas)),
             experience_tokens=float(sum(m["tokens"] for m in metas)),
             skipped_nonfinite=float(self.skipped_nonfinite), **rollout_metrics,
@@ -393,6 +407,7 @@ class DistributedTrainer:
             "rollout_tokens_per_s": merged["rollout_tokens_per_s"],
             "learner_samples_per_s": merged["learner_samples_per_s"], "broadcast_seconds": last.seconds,
             "queue_depth": queue_depth, "drafter_version": self.version,
+            "learner_busy": merged["learner_busy"], "broadcast_gb_s": merged["broadcast_gb_s"],
         })
         self.metrics.add("experiences", len(metas))
 

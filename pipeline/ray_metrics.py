@@ -18,6 +18,8 @@ GAUGES = {
     "broadcast_seconds": "seconds of the last drafter broadcast",
     "queue_depth": "experiences ready and waiting for the learners",
     "drafter_version": "learner updates so far",
+    "learner_busy": "learner step time over the wall time between updates (last update)",
+    "broadcast_gb_s": "GB/s of the last drafter broadcast's transfer",
 }
 COUNTERS = {
     "experiences": "experiences made by rollout actors",

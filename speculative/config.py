@@ -311,6 +311,12 @@ class TrainingConfig(AliasedSection):
     )
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Ray learners: sequences per forward/backward. A multiple of batch_size "
+        "dividing batch_size x grad_accum: that many experiences are merged into one micro-batch, so one "
+        "learner forward fills the GPU (DeepSpeed train_micro_batch_size_per_gpu; gradient_accumulation_steps "
+        "= batch_size x grad_accum / micro_batch_size). None: one experience per micro-batch",
+    )
     lr: float = Field(1e-4, gt=0.0, validation_alias=_aliased("TrainingConfig", "lr"))
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(50, ge=0)
@@ -327,6 +333,23 @@ class TrainingConfig(AliasedSection):
     keep_checkpoints: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
+
+    @model_validator(mode="after")
+    def _micro_batches(self):
+        size = self.micro_batch_size
+        if size is not None and (size % self.batch_size or (self.batch_size * self.grad_accum) % size):
+            raise ValueError(f"training.micro_batch_size {size} must be a multiple of batch_size {self.batch_size} "
+                             f"dividing batch_size x grad_accum = {self.batch_size * self.grad_accum}")
+        return self
+
+    @property
+    def experiences_per_micro_batch(self) -> int:
+        return (self.micro_batch_size or self.batch_size) // self.batch_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Learner micro-batches (DeepSpeed gradient_accumulation_steps) per update and rank."""
+        return self.grad_accum // self.experiences_per_micro_batch
 
 
 class ExperimentConfig(Section):

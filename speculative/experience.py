@@ -7,13 +7,63 @@ target or the frozen reference drafter, so a learner holds only the drafter it t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 
+def _to_array(tensor: torch.Tensor) -> tuple[str, np.ndarray]:
+    """A CPU tensor as (dtype name, numpy array of its bytes' element type): numpy arrays cross
+    Ray's object store without a copy (pickle protocol 5 out-of-band buffers), torch tensors do
+    not (they are pickled through ``torch.save`` into bytes, several copies each way)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    name = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        return name, tensor.view(torch.int16).numpy()
+    return name, tensor.numpy()
+
+
+def _from_array(name: str, array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # a read-only object-store buffer: the learner only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
+
+
+class _PackedTensor:
+    """Pickled stand-in of a tensor field (see ``_Movable.__getstate__``)."""
+
+    __slots__ = ("dtype", "array")
+
+    def __init__(self, dtype: str, array: np.ndarray):
+        self.dtype, self.array = dtype, array
+
+    def __reduce__(self):
+        return (_PackedTensor, (self.dtype, self.array))
+
+
 class _Movable:
-    """``.to(device)`` and ``.pin()``-free moving of every tensor field (nested experiences too)."""
+    """``.to(device)`` and ``.pin()``-free moving of every tensor field (nested experiences too).
+
+    Pickling (the object store, between a rollout actor and a learner) ships every CPU tensor
+    field as a numpy array, so Ray moves its bytes without copying them through ``torch.save``;
+    unpickling wraps the received buffer again without a copy (read-only: learners do not write
+    into experiences; ``.to(device)`` copies to the GPU)."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                state[key] = _PackedTensor(*_to_array(value))
+        return state
+
+    def __setstate__(self, state):
+        for key, value in state.items():
+            if isinstance(value, _PackedTensor):
+                state[key] = _from_array(value.dtype, value.array)
+        self.__dict__.update(state)
 
     def to(self, device: torch.device | str):
         moved = {}
@@ -136,3 +186,88 @@ Experience = SFTExperience | GTOExperience | OPDExperience | CombinedExperience
 def uses_reference(objective: str) -> bool:
     """Whether an objective needs GTO's frozen reference drafter on the rollout side."""
     return objective in ("gto", "gto_opd")
+
+
+# -- micro-batches: several experiences as one (training.micro_batch_size) --------------------
+def _pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T, ...] zero-padded to [B, length, ...]."""
+    if tensor.shape[1] == length:
+        return tensor
+    pad = torch.zeros((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]),
+                      dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, pad], dim=1)
+
+
+def _rows(experience: SFTExperience) -> int:
+    return int(experience.input_ids.shape[0])
+
+
+def _concat_sft(parts: list[SFTExperience]) -> SFTExperience:
+    length = max(int(p.input_ids.shape[1]) for p in parts)
+    names = ("input_ids", "attention_mask", "loss_mask", "aux_hidden", "target_draft_logits", "target_top1")
+    merged = {name: torch.cat([_pad_time(getattr(p, name), length) for p in parts]) for name in names}
+    return SFTExperience(**merged, drafter_version=parts[0].drafter_version)
+
+
+def _offsets(parts: list[SFTExperience]) -> list[int]:
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += _rows(part)
+    return offsets
+
+
+def _concat_gto(parts: list[GTOExperience]) -> GTOExperience:
+    offsets = _offsets([p.sft for p in parts])
+    group_base, groups = 0, []
+    for part in parts:  # window numbers stay distinct across the merged experiences
+        groups.append(part.group + group_base)
+        if part.group.numel():
+            group_base += int(part.group.max()) + 1
+    per_position = ("index", "path_ids", "path_length", "reward", "reference_reward", "expected_length",
+                    "reference_expected_length", "rollout_path_logprob", "reference_path_logprob")
+    return GTOExperience(
+        sft=_concat_sft([p.sft for p in parts]),
+        sequence=torch.cat([p.sequence + o for p, o in zip(parts, offsets)]),
+        group=torch.cat(groups),
+        drafter_version=parts[0].drafter_version,
+        **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_position},
+    )
+
+
+def _concat_opd(parts: list[OPDExperience]) -> OPDExperience:
+    offsets = _offsets([p.rollout for p in parts])
+    per_cycle = ("index", "accepted", "step_inputs", "proposals", "target_logprobs", "rollout_logprobs")
+    data = [p.data for p in parts]
+    return OPDExperience(
+        rollout=_concat_sft([p.rollout for p in parts]),
+        sequence=torch.cat([p.sequence + o for p, o in zip(parts, offsets)]),
+        response_tokens=sum(p.response_tokens for p in parts),
+        target_forwards=sum(p.target_forwards for p in parts),
+        data=_concat_sft(data) if all(d is not None for d in data) else None,
+        drafter_version=parts[0].drafter_version,
+        engine_report=parts[0].engine_report,
+        **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_cycle},
+    )
+
+
+def concat_experiences(parts: list) -> Experience:
+    """One experience holding the sequences of ``parts`` (same type, same drafter version), so a
+    learner runs one forward over all of them: sequences are padded to the longest, and the
+    per-position / per-cycle rows are re-indexed into the merged batch."""
+    if len(parts) == 1:
+        return parts[0]
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1:
+        raise TypeError(f"cannot merge experiences of types {sorted(k.__name__ for k in kinds)}")
+    first = parts[0]
+    if isinstance(first, SFTExperience):
+        return _concat_sft(parts)
+    if isinstance(first, GTOExperience):
+        return _concat_gto(parts)
+    if isinstance(first, OPDExperience):
+        return _concat_opd(parts)
+    if isinstance(first, CombinedExperience):
+        return CombinedExperience(gto=_concat_gto([p.gto for p in parts]), opd=_concat_opd([p.opd for p in parts]),
+                                  drafter_version=first.drafter_version)
+    raise TypeError(f"cannot merge experiences of type {type(first).__name__}")
