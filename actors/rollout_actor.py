@@ -24,9 +24,11 @@ import torch
 from actors.target_worker import TargetWorker
 from speculative.broadcast import (
     BroadcastGroup,
+    BroadcastMismatch,
     drafter_checksum,
     load_named,
     named_tensors,
+    receive_ipc,
     replica_dtype,
     unflatten_into,
 )
@@ -129,7 +131,18 @@ class RolloutActor:
             return self._installed(version, received)
 
     @ray.method(concurrency_group=SYNC)
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def load_ipc(self, version: int, source: dict[str, Any]) -> dict[str, Any]:
+        """The cuda_ipc path: copy rank 0's published GPU buffer (``source`` is its
+        ``ipc_weights`` answer, resolved by Ray) into the replica."""
+        if source["version"] != version:
+            raise BroadcastMismatch(f"expected drafter version {version}, rank 0 published {source['version']}")
+        with self.lock:  # waits for the rollout in progress, if any
+            start = time.perf_counter()
+            receive_ipc(source["handle"], named_tensors(self.drafter))
+            return self._installed(version, time.perf_counter() - start)
+
+    @ray.method(concurrency_group=SYNC)
+    def load_weights(self, version: int, state) -> dict[str, Any]:
         """The object-store path (fallback transport, and the re-push after a restart)."""
         with self.lock:
             load_named(self.drafter, state)

@@ -52,7 +52,7 @@ from actors.gto_rollout import (  # noqa: E402
 )
 from actors.target_worker import TargetWorker  # noqa: E402
 from speculative.config import load_config  # noqa: E402
-from pipeline.drafter_blueprint import make_blueprint  # noqa: E402
+from speculative.drafter_blueprint import make_blueprint  # noqa: E402
 from speculative.batched_trees import score_trees_at_positions  # noqa: E402
 from speculative.data import build_dataset, collate  # noqa: E402
 from speculative.llama import FastLlama, causal_slot_mask  # noqa: E402

@@ -20,7 +20,14 @@ import numpy as np
 import ray
 import torch
 
-from speculative.broadcast import BroadcastGroup, drafter_checksum, free_port, named_tensors
+from speculative.broadcast import (
+    BroadcastGroup,
+    IpcSource,
+    drafter_checksum,
+    flat_array,
+    free_port,
+    named_tensors,
+)
 from speculative.drafter_blueprint import DrafterBlueprint, load_target_embedding
 from speculative.experience import concat_experiences
 
@@ -67,6 +74,7 @@ class LearnerWorker:
         self.faults = faults or {}  # injected faults (tests): {"nan_loss_at_version": v, "rank": r}
         self.group: BroadcastGroup | None = None
         self._retired: list[BroadcastGroup] = []
+        self._ipc: IpcSource | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -207,11 +215,25 @@ class LearnerWorker:
         return {"version": version, "bytes": sent, "seconds": seconds, "sha256": drafter_checksum(self.drafter)}
 
     @ray.method(num_returns=2)
-    def weights(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(version/checksum/bytes, CPU tensors): the object-store transport's payload."""
-        tensors = {n: t.detach().to("cpu").clone() for n, t in named_tensors(self.drafter).items()}
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        return {"version": self.version, "sha256": drafter_checksum(self.drafter), "bytes": size}, tensors
+    def weights(self) -> tuple[dict[str, Any], Any]:
+        """(version/checksum/bytes, one flat numpy buffer): the object-store transport's payload."""
+        start = time.perf_counter()
+        payload = flat_array(named_tensors(self.drafter))
+        seconds = time.perf_counter() - start
+        return {"version": self.version, "sha256": drafter_checksum(self.drafter), "bytes": int(payload.nbytes),
+                "seconds": seconds}, payload
+
+    def ipc_weights(self, version: int) -> dict[str, Any]:
+        """The cuda_ipc transport: the drafter in a GPU buffer of this process and its IPC handle."""
+        if version != self.version:
+            raise ValueError(f"asked to publish version {version}, rank 0 is at {self.version}")
+        start = time.perf_counter()
+        if self._ipc is None:
+            self._ipc = IpcSource()
+        handle, size = self._ipc.publish(named_tensors(self.drafter))
+        seconds = time.perf_counter() - start
+        return {"version": version, "bytes": size, "seconds": seconds, "handle": handle,
+                "sha256": drafter_checksum(self.drafter)}
 
     def checksum(self) -> tuple[int, str]:
         return self.version, drafter_checksum(self.drafter)

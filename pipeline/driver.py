@@ -30,7 +30,7 @@ from pipeline.ray_metrics import PipelineMetrics
 from pipeline.staleness import StalenessGate
 from pipeline.trainer import RunResult, load_datasets
 from pipeline.weight_sync import PendingPush, WeightSync
-from speculative.broadcast import SyncReport, choose_transport
+from speculative.broadcast import BroadcastFailed, BroadcastMismatch, SyncReport, choose_transport
 from speculative.checkpoint import export_drafter
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import collate
@@ -215,9 +215,10 @@ class DistributedTrainer:
                 raise RuntimeError(f"checkpoint says step {self.version}, DeepSpeed state says "
                                    f"{self.learners.version}")
             self.pool.wait_ready()
+            transport = self._check_ipc(transport)
             self.sync = WeightSync(self.learners.rank0, self.pool.actors, transport, self.dist.collective_timeout_s)
             self.pool.restarts = int(state.get("actor_restarts", 0))
-            self._record_push(self.sync.push(self.version))
+            self._record_push(self._first_push())
             result = self._loop(checkpoint is not None, evaluation)
         finally:
             for group in (self.learners, self.pool):
@@ -227,6 +228,33 @@ class DistributedTrainer:
             if started_ray:
                 ray.shutdown()
         return result
+
+    def _check_ipc(self, transport: str) -> str:
+        """cuda_ipc needs every rollout actor on learner rank 0's GPU; ``auto`` falls back."""
+        if transport != "cuda_ipc":
+            return transport
+        mine = sorted(str(g) for g in self.learners.info[0]["gpus"])
+        others = [sorted(str(g) for g in info["gpus"]) for info in self.pool.info]
+        if mine and all(gpus == mine for gpus in others):
+            return transport
+        if self.dist.broadcast_backend == "cuda_ipc":
+            raise ValueError(f"distributed.broadcast_backend cuda_ipc: learner rank 0 holds GPUs {mine}, the "
+                             f"rollout actors {others}; CUDA IPC needs them on one GPU")
+        print(f"[draftrl] rollout actors on GPUs {others}, learner rank 0 on {mine}: broadcast over the object "
+              "store instead of CUDA IPC", flush=True)
+        return "object_store"
+
+    def _first_push(self) -> SyncReport:
+        """The initial push; under ``broadcast_backend: auto`` a CUDA IPC failure falls back to the
+        object store (said once, in the log and in the report's transport)."""
+        try:
+            return self.sync.push(self.version)
+        except (BroadcastFailed, BroadcastMismatch) as error:
+            if self.sync.transport != "cuda_ipc" or self.dist.broadcast_backend == "cuda_ipc":
+                raise
+            print(f"[draftrl] CUDA IPC broadcast failed ({error}); using the object store", flush=True)
+            self.sync.transport = "object_store"
+            return self.sync.push(self.version)
 
     def _record_push(self, report: SyncReport) -> None:
         for index in range(len(self.pool.versions)):

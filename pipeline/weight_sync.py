@@ -59,6 +59,10 @@ class WeightSync:
             info, tensors = self.rank0.weights.remote()
             calls = [self.actors[i].load_weights.remote(version, tensors) for i in indices]
             return PendingPush(version, transport, started, info, calls, indices)
+        if transport == "cuda_ipc":  # each actor's call starts once rank 0 has published the handle
+            source = self.rank0.ipc_weights.remote(version)
+            calls = [self.actors[i].load_ipc.remote(version, source) for i in indices]
+            return PendingPush(version, transport, started, source, calls, indices)
         if not self.group_formed:
             self.form_group()
         source = self.rank0.broadcast.remote(version)
@@ -92,7 +96,12 @@ class WeightSync:
         source = results.pop(-1)
         results = [results[i] for i in pending.indices]
         wall = time.perf_counter() - pending.started
-        seconds = source.get("seconds", wall) if pending.transport != "object_store" else wall
+        if pending.transport == "object_store":
+            seconds = wall
+        elif pending.transport == "cuda_ipc":  # rank 0 fills its buffer, then the actors copy (in parallel)
+            seconds = float(source["seconds"]) + max((float(r.get("seconds", 0.0)) for r in results), default=0.0)
+        else:
+            seconds = source.get("seconds", wall)
         report = SyncReport(pending.version, pending.transport, seconds, wall, int(source["bytes"]),
                             source["sha256"], [r["sha256"] for r in results])
         self.reports.append(report)

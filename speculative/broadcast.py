@@ -1,9 +1,11 @@
 """Drafter parameters from learner rank 0 to every rollout actor, version-stamped and verified.
 
 Transport by placement (``choose_transport``): a torch.distributed broadcast group of rank 0
-plus the rollout actors (NCCL when both sides own GPUs of their own, gloo on CPU), or the Ray
-object store where a collective cannot work (learner and actor sharing one GPU: NCCL refuses
-two ranks on one device). The group is built stateless (its own TCPStore and ProcessGroup), so
+plus the rollout actors (NCCL when both sides own GPUs of their own, gloo on CPU); CUDA IPC
+where learner and actor share one GPU (NCCL refuses two ranks on one device): rank 0 flattens
+the drafter into a persistent GPU buffer and hands out an IPC handle of it, and each actor
+copies device-to-device from it; or the Ray object store (one flat numpy buffer, zero-copy in
+the store), the fallback and the re-sync path of a restarted actor. The group is built stateless (its own TCPStore and ProcessGroup), so
 it lives beside the learners' default DeepSpeed group instead of replacing it.
 
 Every sync ends with a check: each actor hashes the weights it now runs (sha256 over the bytes
@@ -16,8 +18,11 @@ import datetime
 import hashlib
 import socket
 import time
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from speculative.distributed_config import DistributedConfig
@@ -40,8 +45,49 @@ def choose_transport(dist: DistributedConfig) -> str:
     if not on_gpu:
         return "gloo"
     if dist.placement == "colocated":
-        return "object_store"  # rank 0 and actor 0 share a GPU
+        return "cuda_ipc"  # rank 0 and the actors share a GPU
     return "nccl"
+
+
+class IpcSource:
+    """Rank 0's end of the CUDA IPC transport: one persistent GPU buffer, refilled per version.
+
+    The buffer outlives every handle given out (an actor copies out of it before the driver
+    completes the push, and the next version is written only after that)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def publish(self, tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        flat = flatten(tensors)
+        if not flat.is_cuda:
+            raise RuntimeError("cuda_ipc broadcast needs the learner's drafter on a GPU")
+        if self.buffer is None or self.buffer.numel() != flat.numel():
+            self.buffer = torch.empty_like(flat)
+        self.buffer.copy_(flat)
+        torch.cuda.synchronize(self.buffer.device)
+        return reduce_tensor(self.buffer), int(flat.numel())
+
+
+@torch.no_grad()
+def receive_ipc(handle: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """An actor: open rank 0's buffer from its IPC handle and copy it into ``tensors``."""
+    rebuild, args = handle
+    source = rebuild(*args)
+    device = next(iter(tensors.values())).device
+    if source.device.index != device.index and device.type == "cuda":
+        raise BroadcastMismatch(f"CUDA IPC buffer on {source.device}, replica on {device}")
+    unflatten_into(source, tensors)
+    torch.cuda.synchronize(source.device)
+    del source
+
+
+def flat_array(tensors: dict[str, torch.Tensor]):
+    """The object-store payload: every tensor's bytes in one numpy uint8 array (Ray ships numpy
+    without copying it through pickle)."""
+    return flatten({n: t.detach().to("cpu") for n, t in tensors.items()}).numpy()
 
 
 def learners_on_gpu(config) -> bool:
@@ -107,9 +153,17 @@ def unflatten_into(buffer: torch.Tensor, tensors: dict[str, torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def load_named(drafter: Eagle3Drafter, state: dict[str, torch.Tensor]) -> None:
-    """Copy an object-store state (CPU tensors, rank 0's dtype) into a replica."""
+def load_named(drafter: Eagle3Drafter, state) -> None:
+    """Copy an object-store state into a replica: ``flat_array``'s buffer, or a dict of CPU
+    tensors in rank 0's dtype."""
     mine = named_tensors(drafter)
+    if not isinstance(state, dict):
+        device = next(iter(mine.values())).device
+        with warnings.catch_warnings():  # a read-only object-store buffer, only read here
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(np.asarray(state))
+        unflatten_into(flat.to(device), mine)
+        return
     if mine.keys() != state.keys():
         raise BroadcastMismatch(f"weights for {sorted(state)} do not match the replica's {sorted(mine)}")
     for name, tensor in mine.items():

@@ -27,7 +27,12 @@ class DistributedConfig(Section):
     gpus_per_learner: float = Field(0.0, ge=0.0)
     gpus_per_rollout_actor: float = Field(0.0, ge=0.0)
     cpus_per_actor: float = Field(1.0, gt=0.0)
-    broadcast_backend: Literal["auto", "nccl", "gloo", "object_store"] = "auto"
+    broadcast_backend: Literal["auto", "nccl", "gloo", "cuda_ipc", "object_store"] = Field(
+        "auto", description="drafter broadcast: nccl (own GPUs), gloo (CPU), cuda_ipc (learner rank 0 and the "
+        "actors on one GPU: actors copy from rank 0's GPU buffer through a CUDA IPC handle), object_store; "
+        "auto picks nccl / gloo / cuda_ipc by placement (cuda_ipc falls back to object_store if the GPUs differ "
+        "or the first push fails)"
+    )
     zero_stage: Literal[0, 1, 2] = 1
     rollouts_in_flight_per_actor: int = Field(
         1, ge=1, description="async: rollout calls queued on one actor at a time"

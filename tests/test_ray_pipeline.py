@@ -391,3 +391,28 @@ def _stop_cluster(temp_dir: Path) -> None:
         while ours() and time.time() < deadline:
             time.sleep(0.5)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_micro_batches_merge_experiences_and_the_learner_reports_its_busy_fraction(
+    local_ray, tmp_path, tiny_target_dir, chat_file
+):
+    """GTO async, one learner rank merging 2 experiences per micro-batch (training.micro_batch_size):
+    staleness stays bounded, every broadcast verified, learner_busy and the broadcast rates logged."""
+    gto = ["gto.tree_depth=3", "gto.tree_top_k=2", "gto.tree_total_tokens=6", "gto.groups_per_sequence=2",
+           "gto.group_size=2", "gto.positions_per_forward=4"]
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 3, "training.objective=gto", *gto,
+                 "distributed.num_learners=1", "distributed.mode=async", "distributed.max_staleness=1",
+                 "training.grad_accum=2", "training.micro_batch_size=4", "training.save_every=100",
+                 "distributed.broadcast_backend=object_store")
+    result = run_distributed(cfg)
+    assert result.final_step == 3
+    lags = [s["learner_version"] - v for s in result.steps for v in s["experience_versions"]]
+    assert len(lags) == 6 and 0 <= min(lags) and max(lags) <= 1
+    assert_every_broadcast_bit_identical(result, 3)
+    assert 0.0 < result.learner_busy <= 1.0
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") == "train"]
+    assert train and all(0.0 < r["learner_busy"] <= 1.0 for r in train)
+    assert all(r["broadcast_gb_s"] > 0 and r["broadcast_step_share"] >= 0 for r in train)
+    report = json.loads((result.output_dir / "distributed_report.json").read_text())
+    assert report["learner_busy"] == pytest.approx(result.learner_busy)

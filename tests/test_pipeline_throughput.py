@@ -1,0 +1,87 @@
+"""Pieces of issue 17 items 3-4 and 6 that run without Ray: merged micro-batches, the zero-copy
+pickling of experiences, the flat broadcast payload, and the CPU smoke run of bench/throughput.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from speculative.broadcast import checksum, flat_array, load_named, named_tensors
+from speculative.experience import GTOExperience, SFTExperience, concat_experiences
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sft(rows: int, length: int, seed: int) -> SFTExperience:
+    g = torch.Generator().manual_seed(seed)
+    return SFTExperience(
+        input_ids=torch.randint(0, 50, (rows, length), generator=g),
+        attention_mask=torch.ones(rows, length, dtype=torch.long),
+        loss_mask=torch.ones(rows, length, dtype=torch.long),
+        aux_hidden=torch.randn(rows, length, 6, generator=g).to(torch.bfloat16),
+        target_draft_logits=torch.randn(rows, length, 5, generator=g),
+        target_top1=torch.randint(0, 50, (rows, length), generator=g),
+        drafter_version=3,
+    )
+
+
+def gto(rows: int, length: int, positions: int, seed: int) -> GTOExperience:
+    per = {name: torch.rand(positions) for name in ("reward", "reference_reward", "expected_length",
+                                                    "reference_expected_length", "rollout_path_logprob",
+                                                    "reference_path_logprob")}
+    return GTOExperience(sft=sft(rows, length, seed), sequence=torch.arange(positions) % rows,
+                         index=torch.arange(positions), group=torch.arange(positions) // 2,
+                         path_ids=torch.ones(positions, 3, dtype=torch.long),
+                         path_length=torch.full((positions,), 2), drafter_version=3, **per)
+
+
+def test_concat_pads_sequences_and_reindexes_positions():
+    a, b = gto(2, 5, 4, 0), gto(3, 7, 6, 1)
+    merged = concat_experiences([a, b])
+    assert merged.sft.input_ids.shape == (5, 7) and merged.sft.aux_hidden.dtype == torch.bfloat16
+    assert torch.equal(merged.sft.input_ids[:2, :5], a.sft.input_ids)
+    assert int(merged.sft.attention_mask[:2, 5:].sum()) == 0  # padding is not a real token
+    assert merged.sequence.tolist() == a.sequence.tolist() + (b.sequence + 2).tolist()
+    assert set(merged.group[:4].tolist()).isdisjoint(merged.group[4:].tolist())
+    assert merged.num_tokens == a.num_tokens + b.num_tokens and merged.drafter_version == 3
+
+
+def test_experiences_pickle_as_numpy_and_come_back_equal():
+    e = gto(2, 5, 4, 0)
+    back = pickle.loads(pickle.dumps(e, protocol=5))
+    for name in ("input_ids", "aux_hidden", "target_draft_logits"):
+        left, right = getattr(e.sft, name), getattr(back.sft, name)
+        assert left.dtype == right.dtype and torch.equal(left, right)
+    assert torch.equal(back.reward, e.reward) and back.drafter_version == 3
+
+
+def test_flat_object_store_payload_loads_bit_identical():
+    from speculative.drafter import Eagle3Drafter  # noqa: F401  (the module the payload targets)
+
+    source = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    replica = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    tensors = dict(source.named_parameters())
+    payload = flat_array(tensors)
+    assert payload.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    load_named(replica, payload)  # named_tensors reads named_parameters (no frozen embedding here)
+    assert checksum(named_tensors(replica)) == checksum(named_tensors(source))
+
+
+def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
+    out = tmp_path / "throughput"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--device", "cpu",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("prefill_ceiling_tok_s", "gto_tok_s", "opd_tok_s", "gto_ceiling_ratio", "opd_ceiling_ratio",
+                "ray_updates_per_s_gto", "single_process_updates_per_s_gto", "learner_busy_async",
+                "broadcast_gb_s", "broadcast_step_share", "gpu", "errors"):
+        assert key in summary, key
+    assert summary["prefill_ceiling_tok_s"] > 0 and summary["gto_tok_s"] > 0
+    assert (out / "README.md").is_file()
