@@ -249,11 +249,13 @@ class DistributedTrainer:
         object store (said once, in the log and in the report's transport)."""
         try:
             return self.sync.push(self.version)
-        except (BroadcastFailed, BroadcastMismatch) as error:
+        except (BroadcastFailed, BroadcastMismatch, *ACTOR_ERRORS) as error:
             if self.sync.transport != "cuda_ipc" or self.dist.broadcast_backend == "cuda_ipc":
                 raise
-            print(f"[draftrl] CUDA IPC broadcast failed ({error}); using the object store", flush=True)
+            print(f"[draftrl] CUDA IPC broadcast failed ({error!r}); using the object store", flush=True)
             self.sync.transport = "object_store"
+            for index in self.pool.restarted():  # an actor that crashed opening the handle
+                self.pool.info[index] = self.pool.wait_alive(index, self.dist.resource_wait_report_s)
             return self.sync.push(self.version)
 
     def _record_push(self, report: SyncReport) -> None:
