@@ -24,6 +24,7 @@ class PendingPush:
     source: ray.ObjectRef
     actors: list[ray.ObjectRef]
     indices: list[int] = field(default_factory=list)
+    source_checksum: ray.ObjectRef | None = None  # cuda_ipc: rank 0's (version, sha256), hashed meanwhile
 
 
 class WeightSync:
@@ -61,8 +62,9 @@ class WeightSync:
             return PendingPush(version, transport, started, info, calls, indices)
         if transport == "cuda_ipc":  # each actor's call starts once rank 0 has published the handle
             source = self.rank0.ipc_weights.remote(version)
+            digest = self.rank0.checksum.remote()  # runs on rank 0 after the publish, while actors copy
             calls = [self.actors[i].load_ipc.remote(version, source) for i in indices]
-            return PendingPush(version, transport, started, source, calls, indices)
+            return PendingPush(version, transport, started, source, calls, indices, digest)
         if not self.group_formed:
             self.form_group()
         source = self.rank0.broadcast.remote(version)
@@ -70,7 +72,8 @@ class WeightSync:
         return PendingPush(version, transport, started, source, calls, indices)
 
     def refs(self, pending: PendingPush) -> list[ray.ObjectRef]:
-        return [pending.source, *pending.actors]
+        extra = [pending.source_checksum] if pending.source_checksum is not None else []
+        return [pending.source, *pending.actors, *extra]
 
     def finish(self, pending: PendingPush) -> SyncReport:
         """Wait for the push, then raise ``BroadcastMismatch`` unless every actor matches rank 0.
@@ -80,6 +83,8 @@ class WeightSync:
         """
         pending_refs = {ref: index for index, ref in zip(pending.indices, pending.actors)}
         pending_refs[pending.source] = -1
+        if pending.source_checksum is not None:
+            pending_refs[pending.source_checksum] = -2
         results: dict[int, dict] = {}
         while pending_refs:
             [ref], _ = ray.wait(list(pending_refs), num_returns=1)
@@ -94,6 +99,11 @@ class WeightSync:
                     f"{error.cause!r}. The rollout actors may still hold an older drafter, so the run "
                     "stops; resume from the last checkpoint with --resume") from error
         source = results.pop(-1)
+        if pending.source_checksum is not None:
+            version, digest = results.pop(-2)
+            if int(version) != pending.version:
+                raise BroadcastFailed(f"drafter version {pending.version}: rank 0 hashed version {version}")
+            source = {**source, "sha256": digest}
         results = [results[i] for i in pending.indices]
         wall = time.perf_counter() - pending.started
         if pending.transport == "object_store":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speculative.broadcast import checksum, flat_array, load_named, named_tensors
+from speculative.broadcast import IpcSource, checksum, flat_array, load_named, named_tensors
 from speculative.experience import GTOExperience, SFTExperience, concat_experiences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +71,32 @@ def test_flat_object_store_payload_loads_bit_identical():
     assert payload.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
     load_named(replica, payload)  # named_tensors reads named_parameters (no frozen embedding here)
     assert checksum(named_tensors(replica)) == checksum(named_tensors(source))
+
+
+def _open_ipc_and_hash(handle, sizes: dict[str, int], queue) -> None:
+    """Child process: an actor's side of the cuda_ipc broadcast."""
+    from speculative.broadcast import receive_ipc
+
+    tensors = {name: torch.zeros(n, dtype=torch.bfloat16, device="cuda") for name, n in sizes.items()}
+    receive_ipc(handle, tensors)
+    queue.put(checksum(tensors))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+def test_cuda_ipc_moves_rank0_bytes_into_another_process_bit_identical():
+    context = torch.multiprocessing.get_context("spawn")
+    tensors = {"a.weight": torch.randn(4096, device="cuda").bfloat16(), "b.bias": torch.randn(77, device="cuda").bfloat16()}
+    source = IpcSource()
+    for version in range(2):  # the buffer is refilled and handed out again
+        tensors["a.weight"].add_(1.0)
+        handle, size = source.publish(tensors)
+        assert size == 2 * (4096 + 77)
+        queue = context.Queue()
+        child = context.Process(target=_open_ipc_and_hash, args=(handle, {k: v.numel() for k, v in tensors.items()}, queue))
+        child.start()
+        received = queue.get(timeout=180)
+        child.join(60)
+        assert received == checksum(tensors), version
 
 
 def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
