@@ -77,6 +77,12 @@ class PartTimeout(Exception):
 @contextlib.contextmanager
 def guard(summary: dict[str, Any], part: str, minutes: float, write):
     """Run one part: past ``minutes`` it is interrupted (SIGALRM); any error is recorded, not raised."""
+    if minutes <= 0.1:
+        summary["errors"][part] = "skipped: no time left of --total-minutes"
+        write()
+        yield
+        return
+
     def expire(signum, frame):
         raise PartTimeout(f"part {part} ran past --max-minutes {minutes}")
 
@@ -414,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {PARTS}")
     parser.add_argument("--max-minutes", type=float, default=None, help="guard per part (default 2.5 GPU, 1 CPU)")
+    parser.add_argument("--total-minutes", type=float, default=8.5,
+                        help="the whole run: a part gets at most what is left (default 8.5)")
     parser.add_argument("--train-minutes", type=float, default=1.0, help="training minutes per trainer/Ray run")
     parser.add_argument("--train-steps", type=int, default=None, help="or updates per run (CPU default 3)")
     parser.add_argument("--ray-modes", default="async,sync")
@@ -451,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
                    ray_available=importlib.util.find_spec("ray") is not None,
                    deepspeed_available=importlib.util.find_spec("deepspeed") is not None)
 
+    def budget(per_part: float) -> float:
+        left = args.total_minutes - (time.perf_counter() - started) / 60.0
+        return min(per_part, left)
+
     def write() -> None:
         ceiling = summary.get("prefill_ceiling_tok_s")
         for key, rate in (("gto_ceiling_ratio", "gto_tok_s"), ("opd_ceiling_ratio", "opd_tok_s")):
@@ -466,12 +478,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--parts: unknown {sorted(unknown)}")
     models = None
     if set(parts) & {"prefill", "gto", "opd", "sft"}:
-        with guard(summary, "load", minutes, write):
+        with guard(summary, "load", budget(minutes), write):
             models = load_models(args, sizes, device)
             models.args = args
     for part in ("prefill", "gto", "opd", "sft"):
         if part in parts and models is not None:
-            with guard(summary, part, minutes, write):
+            with guard(summary, part, budget(minutes), write):
+                if part in summary["errors"]:
+                    continue
                 {"prefill": lambda: part_prefill(models, sizes, summary),
                  "gto": lambda: part_gto(models, sizes, summary),
                  "opd": lambda: part_opd(models, sizes, summary, device),
@@ -481,12 +495,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if "single" in parts:
-        with guard(summary, "single", minutes, write):
-            part_single(args, sizes, summary, out)
+        with guard(summary, "single", budget(minutes), write):
+            if "single" not in summary["errors"]:
+                part_single(args, sizes, summary, out)
     if "ray" in parts:
         modes = len(args.ray_modes.split(","))
-        with guard(summary, "ray", minutes * modes, write):
-            part_ray(args, sizes, summary, out, device)
+        with guard(summary, "ray", budget(minutes * modes), write):
+            if "ray" not in summary["errors"]:
+                left = budget(minutes * modes)
+                # each mode's training gets what is left after start-ups (about a minute per run)
+                args.train_minutes = max(0.25, min(args.train_minutes, (left - 1.0 * modes) / modes))
+                part_ray(args, sizes, summary, out, device)
     write()
     print(readme(summary), flush=True)
     return 0
