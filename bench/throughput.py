@@ -479,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     models = None
     if set(parts) & {"prefill", "gto", "opd", "sft"}:
         with guard(summary, "load", budget(minutes), write):
-            models = load_models(args, sizes, device)
-            models.args = args
+            if "load" not in summary["errors"]:
+                models = load_models(args, sizes, device)
+                models.args = args
     for part in ("prefill", "gto", "opd", "sft"):
         if part in parts and models is not None:
             with guard(summary, part, budget(minutes), write):
