@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         with guard(summary, "single", budget(minutes), write):
             if "single" not in summary["errors"]:
                 part_single(args, sizes, summary, out)
+        gc.collect()  # the trainer's target and drafter: the Ray actors need the GPU
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if "ray" in parts:
         modes = len(args.ray_modes.split(","))
         with guard(summary, "ray", budget(minutes * modes), write):

@@ -146,9 +146,10 @@ class LearnerWorker:
         skipped = 0
         fetched = time.perf_counter() - start
         per = self.config.training.experiences_per_micro_batch
-        micro_batches = [concat_experiences(experiences[i:i + per]) for i in range(0, len(experiences), per)]
-        for experience in micro_batches:
-            experience = experience.to(self.device)
+        micro_batches = [experiences[i:i + per] for i in range(0, len(experiences), per)]
+        for group in micro_batches:
+            # Each experience goes to the device first: the merge (padding + cat) runs there.
+            experience = concat_experiences([e.to(self.device) for e in group])
             loss, metrics = objective_loss(self.drafter, experience, self.config)
             if self.faults.get("nan_loss_at_version") == self.version and self.faults.get("rank", 0) == self.rank:
                 loss = loss * float("nan")  # injected fault
