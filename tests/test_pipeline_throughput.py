@@ -62,7 +62,6 @@ def test_experiences_pickle_as_numpy_and_come_back_equal():
 
 
 def test_flat_object_store_payload_loads_bit_identical():
-    from speculative.drafter import Eagle3Drafter  # noqa: F401  (the module the payload targets)
 
     source = torch.nn.Linear(4, 3).to(torch.bfloat16)
     replica = torch.nn.Linear(4, 3).to(torch.bfloat16)
