@@ -124,11 +124,13 @@ def assemble_experience(
     def longs(values: list[int] | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.long).to(device)
 
-    # The OPD loss replays the drafter over the rollout's aux states and reads the target's
-    # distributions from the verification records; the teacher-forced draft-vocabulary logits
-    # ([B, T, Vd], gigabytes at a batch of 64 rollouts) are not shipped.
-    rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
-        *rollout.target_draft_logits.shape[:2], 0))
+    # The cycle losses replay the drafter over the rollout's aux states and read the target's
+    # distributions from the verification records. The teacher-forced draft-vocabulary logits
+    # ([B, T, Vd], gigabytes at a batch of 64 rollouts) are shipped only for the response TTT
+    # term (opd.response_ttt_weight > 0, the authors' EAGLE-3 recipe).
+    if config.opd.response_ttt_weight <= 0:
+        rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
+            *rollout.target_draft_logits.shape[:2], 0))
     return OPDExperience(
         rollout=rollout,
         sequence=longs(cycles.sequence),
