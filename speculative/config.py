@@ -151,15 +151,28 @@ class GTOSection(Section):
     groups_per_sequence: int = Field(16, ge=1, description="K windows of adjacent positions per sequence")
     group_size: int = Field(8, ge=2, description="m adjacent positions per group")
     eta: float = Field(1.0, gt=0.0, description="log-sum-exp temperature of the tree reward")
-    reward: Literal["lse", "max", "mean", "expected"] = Field(
-        "lse", description="aggregation over branches; 'expected' = exact expected accepted length"
+    reward: Literal["lse", "soft", "greedy_integer", "max", "mean", "expected"] = Field(
+        "lse", description="tree reward: 'lse' (= 'soft', the paper's Eq. 5: log-sum-exp over branches "
+        "of expected accepted lengths at reward_temperature); 'greedy_integer': the integer length "
+        "greedy verification accepts (target temperature 0, best branch), an ablation; 'max', "
+        "'mean': other aggregations over branches; 'expected': exact expected accepted length"
     )
     reward_temperature: float = Field(
         1.0, ge=0.0, description="target temperature of acceptance probabilities (0 = greedy)"
     )
     clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
     std_eps: float = Field(1e-6, gt=0.0)
+    std_floor: float = Field(
+        0.0, ge=0.0, description="floor on each group's reward std, as a fraction of the batch's "
+        "reward scale (std of the current trees' rewards over the batch's positions): "
+        "A = (R - mean) / (max(std_G, std_floor * scale) + std_eps). 0 = the paper's form (std_eps only)")
     advantage_clip: float | None = Field(None, gt=0.0)
+    advantage_clip_negative: bool = Field(
+        False, description="A = max(A, 0): only better-than-group trees push (ablation; off = the paper)")
+    train_tree_depth: int | Literal["eval"] | None = Field(
+        None, description="tree depth of the training trees, replacing tree_depth: an int, or 'eval' "
+        "for the evaluation tree's depth (speculative.tree.TreeConfig, what tools/benchmark.py uses); "
+        "None: tree_depth (the paper's)")
     advantage_members: Literal["all", "with_path"] = Field(
         "all", description="group statistics over every position (paper Eq. 10) or only those "
         "with an accepted path (the unofficial port)"
@@ -181,6 +194,23 @@ class GTOSection(Section):
     share_reference_nodes: bool = Field(
         True, description="verify a reference-tree node once when the current tree has the same "
         "path (the same target context): exact, halves verification at M = M0; off only to measure")
+
+    @property
+    def training_depth(self) -> int:
+        """The training trees' depth: ``train_tree_depth`` when set ('eval': the benchmark's), else ``tree_depth``."""
+        if self.train_tree_depth == "eval":
+            from speculative.tree import TreeConfig
+
+            return TreeConfig().depth
+        return self.train_tree_depth if self.train_tree_depth is not None else self.tree_depth
+
+    def reward_scoring(self) -> tuple[float, str]:
+        """(target temperature, aggregation over branches) of the tree reward ``reward`` names."""
+        if self.reward in ("lse", "soft"):
+            return self.reward_temperature, "lse"
+        if self.reward == "greedy_integer":
+            return 0.0, "max"
+        return self.reward_temperature, self.reward
 
 
 class VllmRolloutSection(Section):
