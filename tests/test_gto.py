@@ -437,3 +437,21 @@ def test_train_tree_depth_knob_matches_the_evaluation_tree(agreeing_pair):
     assert exp.path_ids.shape[1] == 2 and int(exp.path_length.max()) <= 2
     _, deep, _ = _drifted_experience(agreeing_pair)
     assert deep.path_ids.shape[1] == 4 and int(deep.path_length.max()) > 2
+
+
+def test_plot_gto_diagnostics_draws_every_logged_statistic(tmp_path):
+    import json
+
+    from bench.plot_gto_diagnostics import plot
+
+    keys = ("gto/debiased_reward", "gto/debiased_reward_std", "gto/advantage_mean", "gto/advantage_std",
+            "gto/advantage_abs", "gto/kl_reference", "gto/ratio", "gto/ratio_min", "gto/ratio_max",
+            "gto/clip_fraction", "gto/reward", "gto/reference_reward")
+    rows = [{"step": s, "split": "train", **{k: 0.01 * s + i for i, k in enumerate(keys)}} for s in range(1, 6)]
+    rows.append({"step": 5, "split": "eval", "loss": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "figure.png"
+    last = plot([tmp_path], out, ["run"])
+    assert out.stat().st_size > 10_000
+    assert set(last["run"]) == set(keys) - {"gto/debiased_reward_std"}  # the std is drawn as a band
+    assert last["run"]["gto/kl_reference"] == pytest.approx(0.05 + keys.index("gto/kl_reference"))
