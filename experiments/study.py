@@ -114,6 +114,7 @@ class _Live:
     proc: subprocess.Popen
     started: float
     handle: Any
+    gpu: int | None = None  # the CUDA device it is pinned to (Study.gpus > 1)
 
 
 @dataclass
@@ -146,13 +147,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = None,
-             budget: Budget | None = None) -> PoolResult:
+             budget: Budget | None = None, gpus: int = 1) -> PoolResult:
     """Run ``jobs`` as subprocesses, ``parallel`` at once; a failure does not stop the others.
 
     On SIGTERM/Ctrl-C (the GPU slot ends) the children are terminated: their minutes are not
     credited and they continue from their last checkpoint next time. With ``budget``, jobs still
     running when it is spent are stopped the same way and reported as deferred (scorings have no
-    clock of their own: without this, a slow first wave would outlive the GPU slot).
+    clock of their own: without this, a slow first wave would outlive the GPU slot). With
+    ``gpus`` > 1 each job is pinned (CUDA_VISIBLE_DEVICES) to the GPU with the fewest live jobs.
     """
     env, result = child_env(parallel), PoolResult()
     pending, live = list(jobs), []
@@ -176,7 +178,13 @@ def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = 
                 if argv is None:
                     result.deferred.append(job.name)
                     continue
-                live.append(_launch(job, argv, env))
+                gpu, job_env = None, env
+                if gpus > 1:
+                    load = [sum(item.gpu == g for item in live) for g in range(gpus)]
+                    gpu = load.index(min(load))
+                    job_env = {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                live.append(_launch(job, argv, job_env))
+                live[-1].gpu = gpu
                 live_pids[live[-1].proc.pid] = job.name
             for item in [item for item in live if item.proc.poll() is not None]:
                 live.remove(item)
@@ -290,7 +298,7 @@ def stage_train(study: Study, study_file: Path, out: Path, budget: Budget) -> in
     live: dict[int, str] = {}
     monitor = _start_monitor(out, live)
     try:
-        result = run_pool(jobs, study.parallel, live)
+        result = run_pool(jobs, study.parallel, live, gpus=study.gpus)
     finally:
         if monitor is not None:
             monitor.stop()
@@ -384,9 +392,10 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
         return 0
     target = study_target(study, configs)
     jobs = [eval_job(study, t, pending, target, out, budget) for t, pending in todo.items()]
-    print(f"[study] eval: {sum(map(len, todo.values()))} scorings, one at a time", flush=True)
-    # One at a time: scorings sharing a GPU time-slice it, so their tokens/s would mean nothing.
-    code = _outcome("eval", run_pool(jobs, 1, budget=budget))
+    at_once = min(study.gpus, len(jobs))
+    print(f"[study] eval: {sum(map(len, todo.values()))} scorings, one at a time per GPU ({at_once} GPU)", flush=True)
+    # One process per GPU: scorings sharing a GPU time-slice it, so their tokens/s would mean nothing.
+    code = _outcome("eval", run_pool(jobs, at_once, budget=budget, gpus=study.gpus))
     left = [f"{name}-{temperature_key(t)}" for t in study.eval.temperatures for name, _ in unscored(t)]
     if code == 0 and left:
         print(f"[study] eval: no time left for {left}: run `eval` again", flush=True)

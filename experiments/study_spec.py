@@ -106,6 +106,10 @@ class Study(Strict):
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     minutes_per_arm: float = Field(gt=0.0, description="training wall-clock per arm and seed")
     parallel: int = Field(1, ge=1, description="runs at once (host-bound runs share one GPU)")
+    gpus: int = Field(
+        1, ge=1, description="GPUs of the host: each run (and each eval process) is pinned to the "
+        "GPU with the fewest live jobs through CUDA_VISIBLE_DEVICES; with parallel == gpus every "
+        "run trains alone on its own GPU, and eval scores one temperature per GPU at once")
     overhead_minutes: float = Field(
         1.0, ge=0.0, description="per run, outside the training clock (loading, export): reserved "
         "inside a --minutes budget")

@@ -4,7 +4,9 @@ report; and a bad study file refused, naming the file and the field, before any 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,23 @@ def test_jobs_still_running_when_the_budget_is_spent_are_stopped_and_deferred(tm
     assert time.time() - started < 60
     assert finished == [0]  # only the quick one ran to its end
     assert result.failed == [] and result.deferred == ["slow", "queued"]
+
+
+def test_pool_pins_each_job_to_the_least_loaded_gpu(tmp_path):
+    """``gpus`` > 1: every job gets its own CUDA_VISIBLE_DEVICES, spread over the GPUs."""
+    from experiments.study import Job, run_pool
+
+    seen: dict[str, str] = {}
+
+    def job(name: str) -> Job:
+        out = tmp_path / f"{name}.txt"
+        argv = [sys.executable, "-c", f"import os, time; open({str(out)!r}, 'w').write("
+                "os.environ.get('CUDA_VISIBLE_DEVICES', '-')); time.sleep(0.5)"]
+        return Job(name, tmp_path / f"{name}.log", lambda: argv,
+                   lambda code, seconds: seen.__setitem__(name, out.read_text()))
+
+    result = run_pool([job(f"j{i}") for i in range(4)], parallel=2, gpus=2)
+    assert not result.failed and sorted(seen.values()) == ["0", "0", "1", "1"]
+    seen.clear()
+    run_pool([job("solo")], parallel=1)
+    assert seen == {"solo": os.environ.get("CUDA_VISIBLE_DEVICES", "-")}
