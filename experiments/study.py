@@ -40,7 +40,6 @@ from experiments.study_spec import (
     load_study,
     read_state,
     study_runs,
-    temperature_key,
     write_json,
 )
 
@@ -349,12 +348,13 @@ EVAL_MIN_MINUTES = 1.5  # loading, the AR baseline and one drafter: no scoring i
 
 
 def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]], target: str, out: Path,
-             budget: Budget) -> Job:
+             budget: Budget, chain: int = 0) -> Job:
     """One process scores every drafter still unscored at ``temperature``, one after another, and
     times the target's AR decoding first: speed-ups are ratios measured in one process on an
     otherwise idle GPU. Each drafter's result is written as it finishes; ``--deadline`` stops
     the process before a drafter it could not finish inside the budget."""
-    spec, key = study.eval, temperature_key(temperature)
+    spec = study.eval
+    key = eval_folder(out, "", temperature, chain).name.lstrip("-")  # T0, T1, T0-chain7, ...
 
     def argv() -> list[str] | None:
         if budget.left() < EVAL_MIN_MINUTES:
@@ -362,7 +362,7 @@ def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]],
         args = [sys.executable, str(REPO_ROOT / "bench" / "compare_drafters.py"), "--target", target,
                 "--out", str(out / "eval" / f"{{name}}-{key}"), "--temperature", f"{temperature:g}",
                 "--num-prompts", str(spec.num_prompts), "--max-new-tokens", str(spec.max_new_tokens),
-                "--bench", spec.bench, "--baseline"]
+                "--bench", spec.bench, "--baseline", "--chain", str(chain)]
         if budget.deadline is not None:
             args += ["--deadline", f"{budget.deadline:.0f}"]
         if spec.bench_dir is not None:
@@ -370,7 +370,8 @@ def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]],
         return args + [f"{name}={path}" for name, path in drafters]
 
     def done(code: int, seconds: float) -> None:
-        scored = [name for name, _ in drafters if (eval_folder(out, name, temperature) / "compare.json").is_file()]
+        scored = [name for name, _ in drafters
+                  if (eval_folder(out, name, temperature, chain) / "compare.json").is_file()]
         if code == 0:
             print(f"[study] eval {key}: {len(scored)} of {len(drafters)} scored in {seconds / 60:.2f} min", flush=True)
 
@@ -382,21 +383,23 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
     configs = validate_arms(study, study_file, out)
     drafters = scored_drafters(study, study_file, out, configs)
 
-    def unscored(temperature: float) -> list[tuple[str, Path]]:
+    def unscored(temperature: float, chain: int = 0) -> list[tuple[str, Path]]:
         return [(name, path) for name, path in drafters
-                if not (eval_folder(out, name, temperature) / "compare.json").is_file()]
+                if not (eval_folder(out, name, temperature, chain) / "compare.json").is_file()]
 
-    todo = {t: pending for t in study.eval.temperatures if (pending := unscored(t))}
+    shapes = [0, *study.eval.chain_lengths]  # 0: EAGLE-3's tree
+    todo = {(t, c): pending for c in shapes for t in study.eval.temperatures if (pending := unscored(t, c))}
     if not todo:
         print("[study] eval: every drafter is scored", flush=True)
         return 0
     target = study_target(study, configs)
-    jobs = [eval_job(study, t, pending, target, out, budget) for t, pending in todo.items()]
+    jobs = [eval_job(study, t, pending, target, out, budget, c) for (t, c), pending in todo.items()]
     at_once = min(study.gpus, len(jobs))
     print(f"[study] eval: {sum(map(len, todo.values()))} scorings, one at a time per GPU ({at_once} GPU)", flush=True)
     # One process per GPU: scorings sharing a GPU time-slice it, so their tokens/s would mean nothing.
     code = _outcome("eval", run_pool(jobs, at_once, budget=budget, gpus=study.gpus))
-    left = [f"{name}-{temperature_key(t)}" for t in study.eval.temperatures for name, _ in unscored(t)]
+    left = [eval_folder(out, name, t, c).name for c in shapes for t in study.eval.temperatures
+            for name, _ in unscored(t, c)]
     if code == 0 and left:
         print(f"[study] eval: no time left for {left}: run `eval` again", flush=True)
         return UNFINISHED

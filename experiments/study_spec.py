@@ -80,6 +80,9 @@ class EvalSpec(Strict):
     temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
     max_new_tokens: int = Field(256, ge=1)
     bench: str = "mt_bench,humaneval,gsm8k"
+    chain_lengths: list[int] = Field(
+        default_factory=list, description="also score with draft chains of these lengths (e.g. [7]), "
+        "each in its own folder eval/NAME-T{t}-chain{n}; the tree scoring stays the report's")
     bench_dir: Path | None = None
     target: str | None = Field(None, description="default: the arms' target.model")
 
@@ -229,5 +232,7 @@ def temperature_key(value: float) -> str:
     return f"T{value:g}"
 
 
-def eval_folder(out: Path, name: str, temperature: float) -> Path:
-    return out / "eval" / f"{name}-{temperature_key(temperature)}"
+def eval_folder(out: Path, name: str, temperature: float, chain: int = 0) -> Path:
+    """Where ``name``'s scoring at ``temperature`` lives: EAGLE-3's tree, or chains of ``chain``."""
+    suffix = f"-chain{chain}" if chain > 0 else ""
+    return out / "eval" / f"{name}-{temperature_key(temperature)}{suffix}"

@@ -263,3 +263,20 @@ def test_pool_pins_each_job_to_the_least_loaded_gpu(tmp_path):
     seen.clear()
     run_pool([job("solo")], parallel=1)
     assert seen == {"solo": os.environ.get("CUDA_VISIBLE_DEVICES", "-")}
+
+
+def test_chain_scorings_get_their_own_folders_and_flag(tmp_path):
+    from experiments.study import Budget, eval_job
+    from experiments.study_spec import eval_folder
+
+    shipped = REPO_ROOT / "experiments" / "smollm2_study.yaml"
+    study = load_study(shipped, ["eval.chain_lengths=[7]"], start="/tmp/sft_drafter")
+    assert study.eval.chain_lengths == [7]
+    assert eval_folder(tmp_path, "gto-s1", 0.0).name == "gto-s1-T0"
+    assert eval_folder(tmp_path, "gto-s1", 1.0, 7).name == "gto-s1-T1-chain7"
+    job = eval_job(study, 1.0, [("a", tmp_path)], "smollm2", tmp_path, Budget(None), chain=7)
+    argv = job.argv()
+    assert job.name == "eval-T1-chain7" and argv[argv.index("--chain") + 1] == "7"
+    assert argv[argv.index("--out") + 1].endswith("{name}-T1-chain7")
+    tree_job = eval_job(study, 0.0, [("a", tmp_path)], "smollm2", tmp_path, Budget(None))
+    assert tree_job.name == "eval-T0" and tree_job.argv()[tree_job.argv().index("--chain") + 1] == "0"
