@@ -280,3 +280,15 @@ def test_chain_scorings_get_their_own_folders_and_flag(tmp_path):
     assert argv[argv.index("--out") + 1].endswith("{name}-T1-chain7")
     tree_job = eval_job(study, 0.0, [("a", tmp_path)], "smollm2", tmp_path, Budget(None))
     assert tree_job.name == "eval-T0" and tree_job.argv()[tree_job.argv().index("--chain") + 1] == "0"
+
+
+def test_study_v2_validates_with_equal_minutes_three_seeds_and_enough_updates():
+    study = load_study(REPO_ROOT / "experiments" / "smollm2_study_v2.yaml", start="/tmp/sft_drafter")
+    assert list(study.arms) == ["sft", "gto", "opd", "gto_opd"] and study.seeds == [1, 2, 3]
+    assert study.gpus == study.parallel == 2 and study.eval.num_prompts == 80 and study.eval.chain_lengths == [7]
+    configs = {name: load_config(arm.config, [*study.overrides, *arm.set]) for name, arm in study.arms.items()}
+    assert configs["gto"].training.max_steps >= 1000
+    for name in ("opd", "gto_opd"):
+        training = configs[name].training
+        assert training.max_steps >= 300 and training.batch_size * training.grad_accum >= 64
+        assert configs[name].opd.rejected_weight == 0.0 and configs[name].opd.max_new_tokens >= 1024
