@@ -287,8 +287,8 @@ def test_study_v2_validates_with_equal_minutes_three_seeds_and_enough_updates():
     assert list(study.arms) == ["sft", "gto", "opd", "gto_opd"] and study.seeds == [1, 2, 3]
     assert study.gpus == study.parallel == 2 and study.eval.num_prompts == 80 and study.eval.chain_lengths == [7]
     configs = {name: load_config(arm.config, [*study.overrides, *arm.set]) for name, arm in study.arms.items()}
-    assert configs["gto"].training.max_steps >= 1000
-    for name in ("opd", "gto_opd"):
+    assert configs["gto"].training.max_steps >= 1000 and configs["opd"].training.max_steps >= 300
+    for name in ("opd", "gto_opd"):  # gto_opd gets fewer updates at equal minutes (docs/results.md)
         training = configs[name].training
-        assert training.max_steps >= 300 and training.batch_size * training.grad_accum >= 64
+        assert training.batch_size * training.grad_accum >= 64
         assert configs[name].opd.rejected_weight == 0.0 and configs[name].opd.max_new_tokens >= 1024
