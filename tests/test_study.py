@@ -292,3 +292,30 @@ def test_study_v2_validates_with_equal_minutes_three_seeds_and_enough_updates():
         training = configs[name].training
         assert training.batch_size * training.grad_accum >= 64
         assert configs[name].opd.rejected_weight == 0.0 and configs[name].opd.max_new_tokens >= 1024
+
+
+def test_summary_json_has_issue_18s_schema(tmp_path):
+    from experiments.study_report import collect, summary_json
+    from experiments.study_spec import eval_folder, study_runs, write_json
+
+    study = load_study(REPO_ROOT / "experiments" / "smollm2_study_v2.yaml", start="/tmp/sft_drafter")
+    out = tmp_path
+
+    def scored(name: str, t: float, chain: int, tau: float) -> None:
+        write_json(eval_folder(out, name, t, chain) / "compare.json",
+                   {"results": {name: {b: {"tau": tau + i} for i, b in enumerate(("mt_bench", "humaneval", "gsm8k"))}}})
+
+    scored("start", 0.0, 0, 2.0)
+    scored("start", 1.0, 0, 1.5)
+    scored("start", 0.0, 7, 1.8)
+    for run in study_runs(study, out):
+        write_json(run.directory / "study_state.json", {"minutes": 70.0, "slots": [], "step": 100 * run.seed})
+        if run.arm == "gto":
+            scored(run.name, 0.0, 0, 2.0 + 0.1 * run.seed)
+    summary = summary_json(study, out, collect(study, out))
+    assert summary["start"]["tau_t0"] == pytest.approx(3.0) and summary["start"]["tau_t1"] == pytest.approx(2.5)
+    assert summary["start"]["tau_t0_chain7"] == pytest.approx(2.8) and summary["start"]["tau_t1_chain7"] is None
+    gto = summary["arms"]["gto"]
+    assert gto["tau_t0"] == pytest.approx([3.1, 3.2, 3.3]) and gto["tau_t1"] == [None, None, None]
+    assert gto["updates"] == [100, 200, 300] and gto["gpu_minutes"] == [70.0] * 3 and gto["seeds"] == [1, 2, 3]
+    assert set(summary["arms"]) == {"sft", "gto", "opd", "gto_opd"}
