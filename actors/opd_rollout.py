@@ -25,7 +25,7 @@ the ``OPDExperience`` out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -146,6 +146,38 @@ def assemble_experience(
         drafter_version=drafter_version,
         engine_report=engine_report,
     )
+
+
+def split_experience(experience: OPDExperience, parts: int) -> list[OPDExperience]:
+    """``experience`` cut into ``parts`` experiences of contiguous sequences, each trimmed to its
+    own longest sequence: for one batched rollout of a whole update, learned on in micro-batches.
+    Cycles go with their sequence (renumbered); ``data`` rows are split the same way."""
+    rollout = experience.rollout
+    rows = rollout.input_ids.shape[0]
+    bounds = torch.linspace(0, rows, parts + 1).round().long().tolist()
+
+    def rows_of(sft: SFTExperience, lo: int, hi: int) -> SFTExperience:
+        width = int(sft.attention_mask[lo:hi].sum(-1).max()) if hi > lo else 0
+        return replace(sft, **{f.name: getattr(sft, f.name)[lo:hi, :width] for f in fields(sft)
+                               if isinstance(getattr(sft, f.name), torch.Tensor)})
+
+    out = []
+    data_rows = experience.data.input_ids.shape[0] if experience.data is not None else 0
+    data_bounds = torch.linspace(0, data_rows, parts + 1).round().long().tolist()
+    for k in range(parts):
+        lo, hi = bounds[k], bounds[k + 1]
+        keep = (experience.sequence >= lo) & (experience.sequence < hi)
+        part = rows_of(rollout, lo, hi)
+        out.append(replace(
+            experience, rollout=part, sequence=experience.sequence[keep] - lo, index=experience.index[keep],
+            accepted=experience.accepted[keep], step_inputs=experience.step_inputs[keep],
+            proposals=experience.proposals[keep], target_logprobs=experience.target_logprobs[keep],
+            rollout_logprobs=experience.rollout_logprobs[keep],
+            response_tokens=int((part.loss_mask.bool() & part.attention_mask.bool()).sum()),
+            target_forwards=int(keep.sum()),
+            data=None if experience.data is None else rows_of(experience.data, data_bounds[k], data_bounds[k + 1]),
+        ))
+    return out
 
 
 @torch.no_grad()

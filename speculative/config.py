@@ -273,6 +273,11 @@ class OPDSection(Section):
         "suffix", description="rejected states: the first rejection and its drafted suffix, or the first only"
     )
     sft_weight: float = Field(0.0, ge=0.0, description="mix in the EAGLE-3 loss on the data batch")
+    rollout_per_update: bool = Field(
+        False, description="objective opd, single-process trainer: roll out the prompts of all "
+        "training.grad_accum micro-batches in ONE batched call, then split the experience into "
+        "grad_accum parts for the backward passes (one longest-answer tail per update instead of "
+        "one per micro-batch; the split parts equal per-micro-batch rollouts at T = 0)")
     compile: Literal["auto", "off", "static", "graph", "inductor"] = Field(
         "auto", description="rollout engine: CUDA graphs on GPU (auto), eager on CPU; inductor: "
         "torch.compile, then CUDA graphs (minutes of compiling)"

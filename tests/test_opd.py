@@ -189,6 +189,7 @@ def test_recipe_is_the_default_and_the_shipped_config():
     training = shipped.training
     assert training.batch_size * training.grad_accum >= 64  # prompts per update
     assert 1024 <= shipped.opd.max_new_tokens <= 2048 and shipped.opd.rejected_weight == 0.0
+    assert shipped.opd.rollout_per_update  # the update's prompts rolled out together
     assert training.lr == 1e-4 and training.warmup_ratio == 0.015 and training.min_lr_ratio == 0.0
     assert training.max_steps >= 300
     with pytest.raises(Exception):
@@ -326,3 +327,37 @@ def test_clamps_hold_on_extreme_logits(pair, experience):
     _, unclamped = opd_loss(loud, experience, _config("opd.rejected_weight=1", "opd.response_ttt_weight=0",
                                                       "opd.log_prob_min_clamp=null"))
     assert unclamped["opd/correction_ce"] > 10.0
+
+
+def test_one_rollout_per_update_splits_into_the_micro_batches_own_rollouts(pair):
+    """opd.rollout_per_update: one batched rollout of 6 prompts, split in 3, equals the three
+    micro-batches rolled out on their own (T = 0), cycles, logits and loss included."""
+    from actors.opd_rollout import split_experience
+
+    target, drafter = pair
+    worker = TargetWorker(target, drafter.draft_to_target)
+    config = _config("opd.sft_weight=0.5")
+    whole = _batch(n=6, seed=7)
+    # uneven prompt lengths: sequence widths differ, so the parts are trimmed differently
+    whole["attention_mask"][1, -3:] = 0
+    whole["loss_mask"][1, -3:] = 0
+    merged = opd_experience(worker, config, whole, drafter, drafter_version=2)
+    parts = split_experience(merged, 3)
+    assert sum(p.accepted.numel() for p in parts) == merged.accepted.numel()
+    for k, part in enumerate(parts):
+        alone = opd_experience(worker, config, {key: v[2 * k : 2 * k + 2] for key, v in whole.items()},
+                               drafter, drafter_version=2)
+        width = alone.rollout.input_ids.shape[1]
+        assert part.rollout.input_ids.shape[1] == width
+        for name in ("input_ids", "attention_mask", "loss_mask", "target_top1"):
+            assert torch.equal(getattr(part.rollout, name), getattr(alone.rollout, name)), name
+        for name in ("sequence", "index", "accepted", "step_inputs", "proposals"):
+            assert torch.equal(getattr(part, name), getattr(alone, name)), name
+        torch.testing.assert_close(part.target_logprobs, alone.target_logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(part.rollout.target_draft_logits, alone.rollout.target_draft_logits,
+                                   atol=1e-4, rtol=1e-4)
+        assert (part.response_tokens, part.target_forwards) == (alone.response_tokens, alone.target_forwards)
+        assert part.data.input_ids.shape[0] == 2
+        loss_part, _ = opd_loss(drafter, part, config)
+        loss_alone, _ = opd_loss(drafter, alone, config)
+        assert float(loss_part) == pytest.approx(float(loss_alone), rel=1e-4)
