@@ -203,6 +203,31 @@ def parse_drafters(items: list[str]) -> list[tuple[str, str]]:
     return named
 
 
+def baseline_key(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """What an AR timing depends on: the machine (host and GPU), the target, the questions and
+    the decoding settings. The draft tree does not enter AR decoding."""
+    import socket
+
+    return {"host": socket.gethostname(), "device": meta["device"], "dtype": meta["dtype"],
+            "target": args.target, "bench": args.bench, "bench_dir": str(args.bench_dir),
+            "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "compile": args.compile}
+
+
+def read_baseline_cache(path: Path | None, key: dict[str, Any]) -> Scores | None:
+    if path is None or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["baseline"] if record.get("key") == key else None
+
+
+def write_baseline_cache(path: Path, key: dict[str, Any], baseline: Scores) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "baseline": baseline, "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    tmp.replace(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("drafters", nargs="+", metavar="NAME=DIR")
@@ -220,6 +245,10 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--baseline", action="store_true",
                         help="time the target's autoregressive decoding first; record each drafter's speed-up")
+    parser.add_argument("--baseline-cache", type=Path, default=None, metavar="FILE",
+                        help="with --baseline: reuse the AR timing in FILE when it was measured on this "
+                        "host and GPU with the same settings (a later call on the same machine), else "
+                        "time it and write FILE")
     parser.add_argument("--deadline", type=float, default=None, metavar="UNIX_TIME",
                         help="start no drafter that would not finish by then (judged by the slowest so far)")
     args = parser.parse_args()
@@ -238,7 +267,14 @@ def main() -> int:
                "tree": tree}
     baseline = None
     if args.baseline:
-        baseline = score_autoregressive(target, tokenizer, named[0][1], benches, **options)
+        key = baseline_key(args, meta)
+        baseline = read_baseline_cache(args.baseline_cache, key)
+        if baseline is None:
+            baseline = score_autoregressive(target, tokenizer, named[0][1], benches, **options)
+            if args.baseline_cache is not None:
+                write_baseline_cache(args.baseline_cache, key, baseline)
+        else:
+            print(f"[compare] AR baseline reused from {args.baseline_cache} (same host, GPU and settings)", flush=True)
     results: dict[str, Scores] = {}
     slowest = 0.0
     for position, (name, directory) in enumerate(named):

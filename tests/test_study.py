@@ -278,6 +278,7 @@ def test_chain_scorings_get_their_own_folders_and_flag(tmp_path):
     argv = job.argv()
     assert job.name == "eval-T1-chain7" and argv[argv.index("--chain") + 1] == "7"
     assert argv[argv.index("--out") + 1].endswith("{name}-T1-chain7")
+    assert argv[argv.index("--baseline-cache") + 1].endswith("eval/ar-baseline-T1.json")
     tree_job = eval_job(study, 0.0, [("a", tmp_path)], "smollm2", tmp_path, Budget(None))
     assert tree_job.name == "eval-T0" and tree_job.argv()[tree_job.argv().index("--chain") + 1] == "0"
 
@@ -319,3 +320,18 @@ def test_summary_json_has_issue_18s_schema(tmp_path):
     assert gto["tau_t0"] == pytest.approx([3.1, 3.2, 3.3]) and gto["tau_t1"] == [None, None, None]
     assert gto["updates"] == [100, 200, 300] and gto["gpu_minutes"] == [70.0] * 3 and gto["seeds"] == [1, 2, 3]
     assert set(summary["arms"]) == {"sft", "gto", "opd", "gto_opd"}
+
+
+def test_ar_baseline_cache_is_reused_only_on_the_same_machine_and_settings(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_drafters", REPO_ROOT / "bench" / "compare_drafters.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    key = {"host": "h", "device": "NVIDIA H200", "temperature": 0.0, "num_prompts": 80}
+    path = tmp_path / "ar.json"
+    assert compare.read_baseline_cache(path, key) is None
+    compare.write_baseline_cache(path, key, {"gsm8k": {"tokens_per_s": 318.0}})
+    assert compare.read_baseline_cache(path, key) == {"gsm8k": {"tokens_per_s": 318.0}}
+    assert compare.read_baseline_cache(path, {**key, "host": "other"}) is None  # a fresh machine times again
+    assert compare.read_baseline_cache(None, key) is None
