@@ -26,7 +26,7 @@ from speculative.ttt import path_logprob
 
 
 def tree_config(gto) -> TreeConfig:
-    return TreeConfig(depth=gto.tree_depth, top_k=gto.tree_top_k, total_tokens=gto.tree_total_tokens)
+    return TreeConfig(depth=gto.training_depth, top_k=gto.tree_top_k, total_tokens=gto.tree_total_tokens)
 
 
 def choose_windows(
@@ -61,8 +61,8 @@ def valid_indices(loss_mask: torch.Tensor, length: int) -> torch.Tensor:
 
 def batched_tree_options(gto) -> BatchedTreeOptions:
     return BatchedTreeOptions(
-        tree=tree_config(gto), reward_temperature=gto.reward_temperature, eta=gto.eta,
-        aggregation=gto.reward, sequences_per_forward=gto.sequences_per_forward,
+        tree=tree_config(gto), reward_temperature=gto.reward_scoring()[0], eta=gto.eta,
+        aggregation=gto.reward_scoring()[1], sequences_per_forward=gto.sequences_per_forward,
         positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
         tree_autocast=gto.tree_precision == "bf16",
     )
@@ -153,7 +153,7 @@ def _finish(sft: SFTExperience, rows: dict[str, torch.Tensor], reference: Eagle3
         empty = torch.zeros(0, device=device)
         fields = {key: empty.long() if key in ("sequence", "index", "group", "path_length") else empty
                   for key in rows}
-        fields["path_ids"] = torch.zeros(0, gto.tree_depth, dtype=torch.long, device=device)
+        fields["path_ids"] = torch.zeros(0, gto.training_depth, dtype=torch.long, device=device)
         fields["reference_path_logprob"] = empty
         return GTOExperience(sft=sft, drafter_version=drafter_version, **fields)
     if "reference_path_logprob" not in rows:
@@ -230,8 +230,9 @@ def per_sequence_gto_experience(
                 # Both drafters' trees in one packed target forward.
                 logits = verify_trees_at(fast, seq, _stack(tree, ref_tree), torch.cat([idx, idx]))
                 logits, ref_logits = logits[: idx.shape[0]], logits[idx.shape[0] :]
-                score = score_tree(tree, logits, gto.reward_temperature, gto.eta, gto.reward)
-                ref_score = score_tree(ref_tree, ref_logits, gto.reward_temperature, gto.eta, gto.reward)
+                temperature, aggregation = gto.reward_scoring()
+                score = score_tree(tree, logits, temperature, gto.eta, aggregation)
+                ref_score = score_tree(ref_tree, ref_logits, temperature, gto.eta, aggregation)
                 path_ids, path_nodes, path_length = greedy_accepted_path(tree, logits, trees.depth)
                 on_path = path_nodes >= 0
                 logprob = tree.logprobs.gather(1, path_nodes.clamp_min(0))

@@ -25,7 +25,7 @@ the ``OPDExperience`` out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -124,11 +124,13 @@ def assemble_experience(
     def longs(values: list[int] | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.long).to(device)
 
-    # The OPD loss replays the drafter over the rollout's aux states and reads the target's
-    # distributions from the verification records; the teacher-forced draft-vocabulary logits
-    # ([B, T, Vd], gigabytes at a batch of 64 rollouts) are not shipped.
-    rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
-        *rollout.target_draft_logits.shape[:2], 0))
+    # The cycle losses replay the drafter over the rollout's aux states and read the target's
+    # distributions from the verification records. The teacher-forced draft-vocabulary logits
+    # ([B, T, Vd], gigabytes at a batch of 64 rollouts) are shipped only for the response TTT
+    # term (opd.response_ttt_weight > 0, the authors' EAGLE-3 recipe).
+    if config.opd.response_ttt_weight <= 0:
+        rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
+            *rollout.target_draft_logits.shape[:2], 0))
     return OPDExperience(
         rollout=rollout,
         sequence=longs(cycles.sequence),
@@ -144,6 +146,38 @@ def assemble_experience(
         drafter_version=drafter_version,
         engine_report=engine_report,
     )
+
+
+def split_experience(experience: OPDExperience, parts: int) -> list[OPDExperience]:
+    """``experience`` cut into ``parts`` experiences of contiguous sequences, each trimmed to its
+    own longest sequence: for one batched rollout of a whole update, learned on in micro-batches.
+    Cycles go with their sequence (renumbered); ``data`` rows are split the same way."""
+    rollout = experience.rollout
+    rows = rollout.input_ids.shape[0]
+    bounds = torch.linspace(0, rows, parts + 1).round().long().tolist()
+
+    def rows_of(sft: SFTExperience, lo: int, hi: int) -> SFTExperience:
+        width = int(sft.attention_mask[lo:hi].sum(-1).max()) if hi > lo else 0
+        return replace(sft, **{f.name: getattr(sft, f.name)[lo:hi, :width] for f in fields(sft)
+                               if isinstance(getattr(sft, f.name), torch.Tensor)})
+
+    out = []
+    data_rows = experience.data.input_ids.shape[0] if experience.data is not None else 0
+    data_bounds = torch.linspace(0, data_rows, parts + 1).round().long().tolist()
+    for k in range(parts):
+        lo, hi = bounds[k], bounds[k + 1]
+        keep = (experience.sequence >= lo) & (experience.sequence < hi)
+        part = rows_of(rollout, lo, hi)
+        out.append(replace(
+            experience, rollout=part, sequence=experience.sequence[keep] - lo, index=experience.index[keep],
+            accepted=experience.accepted[keep], step_inputs=experience.step_inputs[keep],
+            proposals=experience.proposals[keep], target_logprobs=experience.target_logprobs[keep],
+            rollout_logprobs=experience.rollout_logprobs[keep],
+            response_tokens=int((part.loss_mask.bool() & part.attention_mask.bool()).sum()),
+            target_forwards=int(keep.sum()),
+            data=None if experience.data is None else rows_of(experience.data, data_bounds[k], data_bounds[k + 1]),
+        ))
+    return out
 
 
 @torch.no_grad()

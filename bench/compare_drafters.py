@@ -65,14 +65,16 @@ def load_benches(spec: str, bench_dir: Path | None, num_prompts: int) -> dict[st
 
 
 def _engine(target: TargetModel, tokenizer: Any, drafter_dir: str | Path, benches: dict[str, list[BenchQuestion]],
-            temperature: float, max_new_tokens: int, compile: str) -> SpeculativeGenerator:
-    """The tree engine for one drafter, in the target's device and dtype, warmed up (untimed)."""
+            temperature: float, max_new_tokens: int, compile: str,
+            tree: TreeConfig | None = None) -> SpeculativeGenerator:
+    """The tree engine for one drafter (EAGLE-3's default tree unless ``tree``), in the target's
+    device and dtype, warmed up (untimed)."""
     device, dtype = target.embed_tokens.weight.device, target.embed_tokens.weight.dtype
     budget = max(context_budget(tokenizer, qs, max_new_tokens) for qs in benches.values())
     drafter = load_drafter(drafter_dir, target.embed_tokens.weight, target.aux_layer_ids).to(device)
     for param in drafter.parameters():  # parameters only: RoPE's inv_freq stays fp32
         param.data = param.data.to(dtype)
-    engine = SpeculativeGenerator(target, drafter.eval(), TreeConfig(), temperature,
+    engine = SpeculativeGenerator(target, drafter.eval(), tree or TreeConfig(), temperature,
                                   compile=compile, max_len=budget + 8)
     warm_ids, _ = chat_prompt(tokenizer, [{"role": "user", "content": BUILTIN_PROMPTS[0]}])
     eos = eos_token_ids(tokenizer, target.model)
@@ -90,7 +92,7 @@ def _free_cuda(device: torch.device) -> None:
 def score_drafter(
     target: TargetModel, tokenizer: Any, drafter_dir: str | Path, benches: dict[str, list[BenchQuestion]], *,
     temperature: float, max_new_tokens: int, compile: str = "auto", label: str = "",
-    baseline: Scores | None = None,
+    baseline: Scores | None = None, tree: TreeConfig | None = None,
 ) -> Scores:
     """tau (1 + accepted drafts per verification forward) of one drafter on every bench.
 
@@ -99,7 +101,7 @@ def score_drafter(
     autoregressive scores from this process), each bench also gets ``speedup``.
     """
     eos = eos_token_ids(tokenizer, target.model)
-    engine = _engine(target, tokenizer, drafter_dir, benches, temperature, max_new_tokens, compile)
+    engine = _engine(target, tokenizer, drafter_dir, benches, temperature, max_new_tokens, compile, tree)
     results: Scores = {}
     for bench, questions in benches.items():
         results[bench] = _score_bench(engine, tokenizer, questions, eos, max_new_tokens)
@@ -116,12 +118,12 @@ def score_drafter(
 
 def score_autoregressive(
     target: TargetModel, tokenizer: Any, drafter_dir: str | Path, benches: dict[str, list[BenchQuestion]], *,
-    temperature: float, max_new_tokens: int, compile: str = "auto",
+    temperature: float, max_new_tokens: int, compile: str = "auto", tree: TreeConfig | None = None,
 ) -> Scores:
     """The target's own decoding, one token per forward, on the same engine (static cache and
     CUDA graphs) the drafters use: the speed-up baseline. ``drafter_dir`` only sizes the engine."""
     eos = eos_token_ids(tokenizer, target.model)
-    engine = _engine(target, tokenizer, drafter_dir, benches, temperature, max_new_tokens, compile)
+    engine = _engine(target, tokenizer, drafter_dir, benches, temperature, max_new_tokens, compile, tree)
     results = {bench: _score_bench(engine, tokenizer, questions, eos, max_new_tokens, autoregressive=True)
                for bench, questions in benches.items()}
     for bench, scores in results.items():
@@ -201,6 +203,31 @@ def parse_drafters(items: list[str]) -> list[tuple[str, str]]:
     return named
 
 
+def baseline_key(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """What an AR timing depends on: the machine (host and GPU), the target, the questions and
+    the decoding settings. The draft tree does not enter AR decoding."""
+    import socket
+
+    return {"host": socket.gethostname(), "device": meta["device"], "dtype": meta["dtype"],
+            "target": args.target, "bench": args.bench, "bench_dir": str(args.bench_dir),
+            "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "compile": args.compile}
+
+
+def read_baseline_cache(path: Path | None, key: dict[str, Any]) -> Scores | None:
+    if path is None or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["baseline"] if record.get("key") == key else None
+
+
+def write_baseline_cache(path: Path, key: dict[str, Any], baseline: Scores) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "baseline": baseline, "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    tmp.replace(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("drafters", nargs="+", metavar="NAME=DIR")
@@ -212,10 +239,16 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chain", type=int, default=0,
+                        help="draft chains of this many tokens instead of EAGLE-3's default tree (0)")
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--baseline", action="store_true",
                         help="time the target's autoregressive decoding first; record each drafter's speed-up")
+    parser.add_argument("--baseline-cache", type=Path, default=None, metavar="FILE",
+                        help="with --baseline: reuse the AR timing in FILE when it was measured on this "
+                        "host and GPU with the same settings (a later call on the same machine), else "
+                        "time it and write FILE")
     parser.add_argument("--deadline", type=float, default=None, metavar="UNIX_TIME",
                         help="start no drafter that would not finish by then (judged by the slowest so far)")
     args = parser.parse_args()
@@ -226,13 +259,22 @@ def main() -> int:
     dtype = pick_dtype(args.dtype, device)
     target, _, tokenizer = load_models(args.target, named[0][1], device, dtype)
     benches = load_benches(args.bench, args.bench_dir, args.num_prompts)
+    tree = TreeConfig.chain(args.chain) if args.chain > 0 else TreeConfig()
     meta = {"target": args.target, "temperature": args.temperature, "num_prompts": args.num_prompts,
-            "max_new_tokens": args.max_new_tokens, "tree": vars(TreeConfig()), "dtype": str(dtype),
+            "max_new_tokens": args.max_new_tokens, "tree": vars(tree), "dtype": str(dtype),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    options = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "compile": args.compile}
+    options = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
+               "tree": tree}
     baseline = None
     if args.baseline:
-        baseline = score_autoregressive(target, tokenizer, named[0][1], benches, **options)
+        key = baseline_key(args, meta)
+        baseline = read_baseline_cache(args.baseline_cache, key)
+        if baseline is None:
+            baseline = score_autoregressive(target, tokenizer, named[0][1], benches, **options)
+            if args.baseline_cache is not None:
+                write_baseline_cache(args.baseline_cache, key, baseline)
+        else:
+            print(f"[compare] AR baseline reused from {args.baseline_cache} (same host, GPU and settings)", flush=True)
     results: dict[str, Scores] = {}
     slowest = 0.0
     for position, (name, directory) in enumerate(named):

@@ -40,7 +40,6 @@ from experiments.study_spec import (
     load_study,
     read_state,
     study_runs,
-    temperature_key,
     write_json,
 )
 
@@ -114,6 +113,7 @@ class _Live:
     proc: subprocess.Popen
     started: float
     handle: Any
+    gpu: int | None = None  # the CUDA device it is pinned to (Study.gpus > 1)
 
 
 @dataclass
@@ -146,13 +146,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = None,
-             budget: Budget | None = None) -> PoolResult:
+             budget: Budget | None = None, gpus: int = 1) -> PoolResult:
     """Run ``jobs`` as subprocesses, ``parallel`` at once; a failure does not stop the others.
 
     On SIGTERM/Ctrl-C (the GPU slot ends) the children are terminated: their minutes are not
     credited and they continue from their last checkpoint next time. With ``budget``, jobs still
     running when it is spent are stopped the same way and reported as deferred (scorings have no
-    clock of their own: without this, a slow first wave would outlive the GPU slot).
+    clock of their own: without this, a slow first wave would outlive the GPU slot). With
+    ``gpus`` > 1 each job is pinned (CUDA_VISIBLE_DEVICES) to the GPU with the fewest live jobs.
     """
     env, result = child_env(parallel), PoolResult()
     pending, live = list(jobs), []
@@ -176,7 +177,13 @@ def run_pool(jobs: list[Job], parallel: int, live_pids: dict[int, str] | None = 
                 if argv is None:
                     result.deferred.append(job.name)
                     continue
-                live.append(_launch(job, argv, env))
+                gpu, job_env = None, env
+                if gpus > 1:
+                    load = [sum(item.gpu == g for item in live) for g in range(gpus)]
+                    gpu = load.index(min(load))
+                    job_env = {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                live.append(_launch(job, argv, job_env))
+                live[-1].gpu = gpu
                 live_pids[live[-1].proc.pid] = job.name
             for item in [item for item in live if item.proc.poll() is not None]:
                 live.remove(item)
@@ -290,7 +297,7 @@ def stage_train(study: Study, study_file: Path, out: Path, budget: Budget) -> in
     live: dict[int, str] = {}
     monitor = _start_monitor(out, live)
     try:
-        result = run_pool(jobs, study.parallel, live)
+        result = run_pool(jobs, study.parallel, live, gpus=study.gpus)
     finally:
         if monitor is not None:
             monitor.stop()
@@ -341,12 +348,13 @@ EVAL_MIN_MINUTES = 1.5  # loading, the AR baseline and one drafter: no scoring i
 
 
 def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]], target: str, out: Path,
-             budget: Budget) -> Job:
+             budget: Budget, chain: int = 0) -> Job:
     """One process scores every drafter still unscored at ``temperature``, one after another, and
     times the target's AR decoding first: speed-ups are ratios measured in one process on an
     otherwise idle GPU. Each drafter's result is written as it finishes; ``--deadline`` stops
     the process before a drafter it could not finish inside the budget."""
-    spec, key = study.eval, temperature_key(temperature)
+    spec = study.eval
+    key = eval_folder(out, "", temperature, chain).name.lstrip("-")  # T0, T1, T0-chain7, ...
 
     def argv() -> list[str] | None:
         if budget.left() < EVAL_MIN_MINUTES:
@@ -354,7 +362,9 @@ def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]],
         args = [sys.executable, str(REPO_ROOT / "bench" / "compare_drafters.py"), "--target", target,
                 "--out", str(out / "eval" / f"{{name}}-{key}"), "--temperature", f"{temperature:g}",
                 "--num-prompts", str(spec.num_prompts), "--max-new-tokens", str(spec.max_new_tokens),
-                "--bench", spec.bench, "--baseline"]
+                "--bench", spec.bench, "--baseline", "--chain", str(chain),
+                # one AR timing per temperature and machine, reused by later calls on that machine
+                "--baseline-cache", str(out / "eval" / f"ar-baseline-T{temperature:g}.json")]
         if budget.deadline is not None:
             args += ["--deadline", f"{budget.deadline:.0f}"]
         if spec.bench_dir is not None:
@@ -362,7 +372,8 @@ def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]],
         return args + [f"{name}={path}" for name, path in drafters]
 
     def done(code: int, seconds: float) -> None:
-        scored = [name for name, _ in drafters if (eval_folder(out, name, temperature) / "compare.json").is_file()]
+        scored = [name for name, _ in drafters
+                  if (eval_folder(out, name, temperature, chain) / "compare.json").is_file()]
         if code == 0:
             print(f"[study] eval {key}: {len(scored)} of {len(drafters)} scored in {seconds / 60:.2f} min", flush=True)
 
@@ -374,20 +385,23 @@ def stage_eval(study: Study, study_file: Path, out: Path, budget: Budget) -> int
     configs = validate_arms(study, study_file, out)
     drafters = scored_drafters(study, study_file, out, configs)
 
-    def unscored(temperature: float) -> list[tuple[str, Path]]:
+    def unscored(temperature: float, chain: int = 0) -> list[tuple[str, Path]]:
         return [(name, path) for name, path in drafters
-                if not (eval_folder(out, name, temperature) / "compare.json").is_file()]
+                if not (eval_folder(out, name, temperature, chain) / "compare.json").is_file()]
 
-    todo = {t: pending for t in study.eval.temperatures if (pending := unscored(t))}
+    shapes = [0, *study.eval.chain_lengths]  # 0: EAGLE-3's tree
+    todo = {(t, c): pending for c in shapes for t in study.eval.temperatures if (pending := unscored(t, c))}
     if not todo:
         print("[study] eval: every drafter is scored", flush=True)
         return 0
     target = study_target(study, configs)
-    jobs = [eval_job(study, t, pending, target, out, budget) for t, pending in todo.items()]
-    print(f"[study] eval: {sum(map(len, todo.values()))} scorings, one at a time", flush=True)
-    # One at a time: scorings sharing a GPU time-slice it, so their tokens/s would mean nothing.
-    code = _outcome("eval", run_pool(jobs, 1, budget=budget))
-    left = [f"{name}-{temperature_key(t)}" for t in study.eval.temperatures for name, _ in unscored(t)]
+    jobs = [eval_job(study, t, pending, target, out, budget, c) for (t, c), pending in todo.items()]
+    at_once = min(study.gpus, len(jobs))
+    print(f"[study] eval: {sum(map(len, todo.values()))} scorings, one at a time per GPU ({at_once} GPU)", flush=True)
+    # One process per GPU: scorings sharing a GPU time-slice it, so their tokens/s would mean nothing.
+    code = _outcome("eval", run_pool(jobs, at_once, budget=budget, gpus=study.gpus))
+    left = [eval_folder(out, name, t, c).name for c in shapes for t in study.eval.temperatures
+            for name, _ in unscored(t, c)]
     if code == 0 and left:
         print(f"[study] eval: no time left for {left}: run `eval` again", flush=True)
         return UNFINISHED

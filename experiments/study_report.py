@@ -40,14 +40,15 @@ def metric_series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[lis
     return steps, [by_step[s] for s in steps]
 
 
-def _scores(out: Path, name: str, temperature: float) -> dict[str, Any] | None:
-    path = eval_folder(out, name, temperature) / "compare.json"
+def _scores(out: Path, name: str, temperature: float, chain: int = 0) -> dict[str, Any] | None:
+    path = eval_folder(out, name, temperature, chain) / "compare.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_taus(out: Path, name: str, temperature: float) -> dict[str, float] | None:
-    """bench -> tau of drafter ``name`` at ``temperature`` (None: not scored)."""
-    record = _scores(out, name, temperature)
+def read_taus(out: Path, name: str, temperature: float, chain: int = 0) -> dict[str, float] | None:
+    """bench -> tau of drafter ``name`` at ``temperature``, EAGLE-3's tree or chains of ``chain``
+    (None: not scored)."""
+    record = _scores(out, name, temperature, chain)
     return None if record is None else {bench: s["tau"] for bench, s in record["results"][name].items()}
 
 
@@ -271,11 +272,37 @@ def plot_tau(study: Study, data: dict[str, Any], png: Path) -> Path:
     return png
 
 
+def summary_json(study: Study, out: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Issue 18's ``summary.json``: tau = the mean over the benches of one scoring, per seed.
+
+    ``{"start": {"tau_t0", "tau_t1"}, "arms": {arm: {"tau_t0": [per seed], "tau_t1": [...],
+    "updates": [...], "gpu_minutes": [...], "seeds": [...]}}}`` at EAGLE-3's tree; chain scorings
+    (``eval.chain_lengths``) add ``tau_t0_chainN`` / ``tau_t1_chainN``. None where not scored.
+    """
+    def mean_tau(name: str, temperature: float, chain: int = 0) -> float | None:
+        taus = read_taus(out, name, temperature, chain)
+        return sum(taus.values()) / len(taus) if taus else None
+
+    def keys() -> list[tuple[str, float, int]]:
+        return [(f"tau_t{t:g}" + (f"_chain{c}" if c else ""), t, c)
+                for c in [0, *study.eval.chain_lengths] for t in study.eval.temperatures]
+
+    summary: dict[str, Any] = {"start": {key: mean_tau("start", t, c) for key, t, c in keys()}, "arms": {}}
+    for arm in study.arms:
+        runs = sorted((r for r in data["runs"].items() if r[1]["arm"] == arm), key=lambda item: item[1]["seed"])
+        entry: dict[str, Any] = {key: [mean_tau(name, t, c) for name, _ in runs] for key, t, c in keys()}
+        entry.update(updates=[r["steps"] for _, r in runs], gpu_minutes=[r["minutes"] for _, r in runs],
+                     seeds=[r["seed"] for _, r in runs])
+        summary["arms"][arm] = entry
+    return summary
+
+
 def write_report(study: Study, out: Path) -> list[Path]:
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     data = collect(study, out)
     write_json(folder / "results.json", data)
+    write_json(folder / "summary.json", summary_json(study, out, data))
     (folder / "results.md").write_text(markdown(study, data))
     return [folder / "results.json", folder / "results.md",
             plot_curves(study, out, folder / "curves.png"), plot_tau(study, data, folder / "tau.png")]

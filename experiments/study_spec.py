@@ -80,6 +80,9 @@ class EvalSpec(Strict):
     temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
     max_new_tokens: int = Field(256, ge=1)
     bench: str = "mt_bench,humaneval,gsm8k"
+    chain_lengths: list[int] = Field(
+        default_factory=list, description="also score with draft chains of these lengths (e.g. [7]), "
+        "each in its own folder eval/NAME-T{t}-chain{n}; the tree scoring stays the report's")
     bench_dir: Path | None = None
     target: str | None = Field(None, description="default: the arms' target.model")
 
@@ -106,6 +109,10 @@ class Study(Strict):
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     minutes_per_arm: float = Field(gt=0.0, description="training wall-clock per arm and seed")
     parallel: int = Field(1, ge=1, description="runs at once (host-bound runs share one GPU)")
+    gpus: int = Field(
+        1, ge=1, description="GPUs of the host: each run (and each eval process) is pinned to the "
+        "GPU with the fewest live jobs through CUDA_VISIBLE_DEVICES; with parallel == gpus every "
+        "run trains alone on its own GPU, and eval scores one temperature per GPU at once")
     overhead_minutes: float = Field(
         1.0, ge=0.0, description="per run, outside the training clock (loading, export): reserved "
         "inside a --minutes budget")
@@ -225,5 +232,7 @@ def temperature_key(value: float) -> str:
     return f"T{value:g}"
 
 
-def eval_folder(out: Path, name: str, temperature: float) -> Path:
-    return out / "eval" / f"{name}-{temperature_key(temperature)}"
+def eval_folder(out: Path, name: str, temperature: float, chain: int = 0) -> Path:
+    """Where ``name``'s scoring at ``temperature`` lives: EAGLE-3's tree, or chains of ``chain``."""
+    suffix = f"-chain{chain}" if chain > 0 else ""
+    return out / "eval" / f"{name}-{temperature_key(temperature)}{suffix}"

@@ -22,11 +22,16 @@ def group_advantages(
     valid: torch.Tensor,
     std_eps: float = 1e-6,
     clip: float | None = None,
+    std_floor: float = 0.0,
+    positive_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A_i = (R_i - mean_G R) / (std_G R + eps) over the valid members of each group (Eq. 10).
 
-    Groups with fewer than two valid members have no defined spread and are dropped. Returns
-    (advantages [P], used [P] bool, dense group ids [P]); unused entries are 0.
+    ``std_floor`` (absolute, 0 = the paper) floors std_G before eps is added, so groups whose
+    rewards differ by less than the floor get advantages below unit scale instead of amplified
+    noise; ``positive_only`` keeps max(A, 0). Groups with fewer than two valid members have no
+    defined spread and are dropped. Returns (advantages [P], used [P] bool, dense group ids [P]);
+    unused entries are 0.
     """
     _, dense = torch.unique(group, return_inverse=True)
     n_groups = int(dense.max()) + 1 if dense.numel() else 0
@@ -38,10 +43,28 @@ def group_advantages(
     var = torch.zeros(n_groups, device=rewards.device).index_add_(0, dense, centred**2)
     std = (var / (count - 1).clamp_min(1)).sqrt()  # unbiased, as torch.std
     used = valid & (count[dense] >= 2)
-    advantages = torch.where(used, centred / (std[dense] + std_eps), 0.0)
+    advantages = torch.where(used, centred / (std.clamp_min(std_floor)[dense] + std_eps), 0.0)
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
+    if positive_only:
+        advantages = advantages.clamp_min(0.0)
     return advantages, used, dense
+
+
+def reward_scale(rewards: torch.Tensor, members: torch.Tensor) -> float:
+    """The batch's reward scale for ``gto.std_floor``: the std of the current trees' rewards over
+    the batch's member positions (how much tree quality varies between states), 0 below two."""
+    values = rewards[members].float()
+    return float(values.std()) if values.numel() >= 2 else 0.0
+
+
+def _stats(values: torch.Tensor, prefix: str) -> dict[str, float]:
+    """mean, std (population), abs-mean of ``values`` under ``prefix``; zeros when empty."""
+    values = values.float()
+    if values.numel() == 0:
+        return {f"{prefix}_mean": 0.0, f"{prefix}_std": 0.0, f"{prefix}_abs": 0.0}
+    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_std": float(values.std(unbiased=False)),
+            f"{prefix}_abs": float(values.abs().mean())}
 
 
 def clipped_surrogate(
@@ -78,8 +101,9 @@ def gto_loss(drafter: Eagle3Drafter, experience: GTOExperience, config) -> tuple
     debiased = experience.reward - experience.reference_reward  # Eq. 9
     has_path = lengths > 0  # an empty path has ratio 1 and no gradient
     members = has_path if gto.advantage_members == "with_path" else torch.ones_like(has_path)
+    floor = gto.std_floor * reward_scale(experience.reward, members) if gto.std_floor > 0 else 0.0
     advantages, used, dense = group_advantages(
-        debiased, experience.group, members, gto.std_eps, gto.advantage_clip
+        debiased, experience.group, members, gto.std_eps, gto.advantage_clip, floor, gto.advantage_clip_negative
     )
     used = used & has_path
     advantages = advantages * has_path
@@ -110,8 +134,17 @@ def gto_loss(drafter: Eagle3Drafter, experience: GTOExperience, config) -> tuple
         "gto/advantage_abs": float((advantages.abs() * used).sum() / n_used),
         "gto/clip_fraction": float(clipped.float().sum() / n_used),
         "gto/ratio": float((detached.exp() * used).sum() / n_used),
+        # min/max over the update (mean_metrics reduces *_min / *_max keys with min / max)
+        "gto/ratio_min": float(detached.exp()[used].min()) if bool(used.any()) else 1.0,
+        "gto/ratio_max": float(detached.exp()[used].max()) if bool(used.any()) else 1.0,
+        "gto/std_floor_abs": float(floor),
         # KL(current || reference) per path token, k3 estimator on the current drafter's path.
         "gto/kl_reference": float(((torch.expm1(-detached) + detached) * used).sum() / n_used),
         "gto/rollout_logprob_drift": float((drift * used).sum() / n_used),
     })
+    # Debiased reward over every position, advantages over the positions that drive the update.
+    debiased_stats = _stats(debiased, "gto/debiased_reward")
+    debiased_stats.pop("gto/debiased_reward_mean")  # logged above as gto/debiased_reward
+    metrics.update(debiased_stats)
+    metrics.update(_stats(advantages[used], "gto/advantage"))
     return loss, metrics

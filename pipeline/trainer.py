@@ -195,14 +195,29 @@ class Trainer:
             refresh = cfg.gto.reference_refresh_every
             if reference is not None and refresh and step > 0 and step % refresh == 0:
                 reference.load_state_dict(drafter.state_dict())
-            for _ in range(train_cfg.grad_accum):
-                batch = collate([train[i] for i in order.indices(cursor)], pad_id)
-                # Rollouts run the drafter in fp32, outside autocast: CUDA-graph capture and
-                # autocast's weight cache do not mix, and the drafter is small.
-                experience = worker.make_experience(
-                    cfg, batch, drafter, reference, drafter_version=step,
+            # opd.rollout_per_update: the whole update's prompts in one batched rollout, split
+            # into the grad_accum micro-batches the backward passes take.
+            shared = None
+            if train_cfg.objective == "opd" and cfg.opd.rollout_per_update and train_cfg.grad_accum > 1:
+                from actors.opd_rollout import split_experience
+
+                merged = collate([train[i] for c in range(cursor, cursor + train_cfg.grad_accum)
+                                  for i in order.indices(c)], pad_id)
+                shared = split_experience(worker.make_experience(
+                    cfg, merged, drafter, reference, drafter_version=step,
                     seed=cfg.seed * 1_000_003 + cursor,
-                )
+                ), train_cfg.grad_accum)
+            for micro in range(train_cfg.grad_accum):
+                if shared is not None:
+                    experience = shared[micro]
+                else:
+                    batch = collate([train[i] for i in order.indices(cursor)], pad_id)
+                    # Rollouts run the drafter in fp32, outside autocast: CUDA-graph capture and
+                    # autocast's weight cache do not mix, and the drafter is small.
+                    experience = worker.make_experience(
+                        cfg, batch, drafter, reference, drafter_version=step,
+                        seed=cfg.seed * 1_000_003 + cursor,
+                    )
                 cursor += 1
                 tokens += experience.num_tokens
                 with autocast:

@@ -151,15 +151,28 @@ class GTOSection(Section):
     groups_per_sequence: int = Field(16, ge=1, description="K windows of adjacent positions per sequence")
     group_size: int = Field(8, ge=2, description="m adjacent positions per group")
     eta: float = Field(1.0, gt=0.0, description="log-sum-exp temperature of the tree reward")
-    reward: Literal["lse", "max", "mean", "expected"] = Field(
-        "lse", description="aggregation over branches; 'expected' = exact expected accepted length"
+    reward: Literal["lse", "soft", "greedy_integer", "max", "mean", "expected"] = Field(
+        "lse", description="tree reward: 'lse' (= 'soft', the paper's Eq. 5: log-sum-exp over branches "
+        "of expected accepted lengths at reward_temperature); 'greedy_integer': the integer length "
+        "greedy verification accepts (target temperature 0, best branch), an ablation; 'max', "
+        "'mean': other aggregations over branches; 'expected': exact expected accepted length"
     )
     reward_temperature: float = Field(
         1.0, ge=0.0, description="target temperature of acceptance probabilities (0 = greedy)"
     )
     clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
     std_eps: float = Field(1e-6, gt=0.0)
+    std_floor: float = Field(
+        0.0, ge=0.0, description="floor on each group's reward std, as a fraction of the batch's "
+        "reward scale (std of the current trees' rewards over the batch's positions): "
+        "A = (R - mean) / (max(std_G, std_floor * scale) + std_eps). 0 = the paper's form (std_eps only)")
     advantage_clip: float | None = Field(None, gt=0.0)
+    advantage_clip_negative: bool = Field(
+        False, description="A = max(A, 0): only better-than-group trees push (ablation; off = the paper)")
+    train_tree_depth: int | Literal["eval"] | None = Field(
+        None, description="tree depth of the training trees, replacing tree_depth: an int, or 'eval' "
+        "for the evaluation tree's depth (speculative.tree.TreeConfig, what tools/benchmark.py uses); "
+        "None: tree_depth (the paper's)")
     advantage_members: Literal["all", "with_path"] = Field(
         "all", description="group statistics over every position (paper Eq. 10) or only those "
         "with an accepted path (the unofficial port)"
@@ -181,6 +194,23 @@ class GTOSection(Section):
     share_reference_nodes: bool = Field(
         True, description="verify a reference-tree node once when the current tree has the same "
         "path (the same target context): exact, halves verification at M = M0; off only to measure")
+
+    @property
+    def training_depth(self) -> int:
+        """The training trees' depth: ``train_tree_depth`` when set ('eval': the benchmark's), else ``tree_depth``."""
+        if self.train_tree_depth == "eval":
+            from speculative.tree import TreeConfig
+
+            return TreeConfig().depth
+        return self.train_tree_depth if self.train_tree_depth is not None else self.tree_depth
+
+    def reward_scoring(self) -> tuple[float, str]:
+        """(target temperature, aggregation over branches) of the tree reward ``reward`` names."""
+        if self.reward in ("lse", "soft"):
+            return self.reward_temperature, "lse"
+        if self.reward == "greedy_integer":
+            return 0.0, "max"
+        return self.reward_temperature, self.reward
 
 
 class VllmRolloutSection(Section):
@@ -205,18 +235,49 @@ class VllmRolloutSection(Section):
 
 
 class OPDSection(Section):
-    """Draft-OPD (on-policy distillation); defaults follow the paper (docs/methods/draft_opd.md)."""
+    """Draft-OPD (on-policy distillation). Defaults follow the authors' EAGLE-3 recipe
+    (``run_qwen_eagle3.sh`` of the official code): no rejected stream, the full TTT loss on every
+    response position, draft-vocabulary masking; see docs/methods/draft_opd.md §8 for the table
+    of every setting against the paper and the code. The paper's own loss (forward KL on accepted
+    states, reverse KL on rejected ones, lambda = 1 each) is ``rejected_weight=1
+    correction_weight=0 response_ttt_weight=0``."""
 
     chain_length: int = Field(7, ge=1, description="drafted tokens per verification (K)")
-    max_new_tokens: int = Field(256, ge=1, description="rollout length per prompt")
+    max_new_tokens: int = Field(2048, ge=1, description="rollout length per prompt (authors' EAGLE-3 "
+                                "script: up to 3583 after a 512-token prompt)")
     rollout_temperature: float = Field(0.0, ge=0.0)
     gamma: float = Field(0.8, gt=0.0, le=1.0, description="weight gamma^(k-1) of rejected offset k")
     accepted_weight: float = Field(1.0, ge=0.0, description="lambda_acc (forward KL, accepted states)")
-    rejected_weight: float = Field(1.0, ge=0.0, description="lambda_rej (reverse KL, rejected states)")
+    rejected_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="lambda_rej (reverse KL, rejected states); 0 = the authors' "
+        "EAGLE-3 recipe (rejected_draft_stream_weight=0.0), <= 0.2 suggested as an ablation, 1 = the paper")
+    correction_weight: float = Field(
+        1.0, ge=0.0, description="cross-entropy to the target's token at each cycle's first-error state "
+        "(the correction token), added to the loss; the official code's response stream covers it")
+    response_ttt_weight: float = Field(
+        1.0, ge=0.0, description="EAGLE-3 training-time-test loss (training.ttt_steps, "
+        "training.step_weight_decay) over every response position of the rollouts, teacher-forced on "
+        "the target's own text: the authors' EAGLE-3 'full_ttt' response stream. > 0 keeps the "
+        "rollouts' teacher-forced draft-vocabulary logits in the experience ([B, T, Vd]: size the "
+        "batch with training.batch_size and training.grad_accum)")
+    draft_vocab_mask: bool = Field(
+        True, description="drop states whose target token is outside the draft vocabulary (TTT "
+        "positions whose target argmax is outside it, correction tokens outside it), as the authors do")
+    log_prob_min_clamp: float | None = Field(
+        -10.0, description="floor on the log-probs of the cycle losses (forward/reverse KL, correction "
+        "CE), as the official code's log_prob_min_clamp; None: no floor. The TTT term is not clamped")
+    loss_max_clamp: float | None = Field(
+        None, gt=0.0, description="ceiling on each state's cycle loss (official code: 10 for its "
+        "token estimators, null in its EAGLE-3 script); None: no ceiling")
     rejected: Literal["suffix", "first"] = Field(
         "suffix", description="rejected states: the first rejection and its drafted suffix, or the first only"
     )
     sft_weight: float = Field(0.0, ge=0.0, description="mix in the EAGLE-3 loss on the data batch")
+    rollout_per_update: bool = Field(
+        False, description="objective opd, single-process trainer: roll out the prompts of all "
+        "training.grad_accum micro-batches in ONE batched call, then split the experience into "
+        "grad_accum parts for the backward passes (one longest-answer tail per update instead of "
+        "one per micro-batch; the split parts equal per-micro-batch rollouts at T = 0)")
     compile: Literal["auto", "off", "static", "graph", "inductor"] = Field(
         "auto", description="rollout engine: CUDA graphs on GPU (auto), eager on CPU; inductor: "
         "torch.compile, then CUDA graphs (minutes of compiling)"
@@ -320,6 +381,9 @@ class TrainingConfig(AliasedSection):
     lr: float = Field(1e-4, gt=0.0, validation_alias=_aliased("TrainingConfig", "lr"))
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(50, ge=0)
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="warm-up as a fraction of max_steps (rounded up), replacing "
+        "warmup_steps when set (Draft-OPD's EAGLE-3 script: 0.015)")
     max_steps: int = Field(1000, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(0.5, gt=0.0, validation_alias=_aliased("TrainingConfig", "grad_clip"))

@@ -36,5 +36,9 @@ def evaluate_ttt(
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Per-key mean of metric dicts (all with the keys of the first); {} for no rows."""
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
+    """Per-key mean of metric dicts (all with the keys of the first); {} for no rows. Keys ending
+    in ``_min`` / ``_max`` (extremes, e.g. ``gto/ratio_min``) are reduced by min / max instead."""
+    if not rows:
+        return {}
+    reduce = {"_min": np.min, "_max": np.max}
+    return {key: float(reduce.get(key[-4:], np.mean)([row[key] for row in rows])) for key in rows[0]}

@@ -47,7 +47,16 @@ def target_dtype(choice: str, device: torch.device) -> torch.dtype:
 def adamw_with_schedule(params, training) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The drafter's optimizer and LR schedule from ``training``: AdamW, warm-up then cosine."""
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay, betas=(0.9, 0.95))
+    warmup = warmup_steps(training)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, training.warmup_steps, training.max_steps, training.min_lr_ratio)
+        optimizer, lambda s: lr_lambda(s, warmup, training.max_steps, training.min_lr_ratio)
     )
     return optimizer, scheduler
+
+
+def warmup_steps(training) -> int:
+    """``training.warmup_ratio`` of ``max_steps`` (rounded up) when set, else ``warmup_steps``."""
+    ratio = getattr(training, "warmup_ratio", None)
+    if ratio is None:
+        return training.warmup_steps
+    return math.ceil(ratio * training.max_steps)

@@ -14,7 +14,8 @@ from speculative.ttt import step_weights, training_time_test
 
 
 def sft_loss(
-    drafter: Eagle3Drafter, experience: SFTExperience, ttt_steps: int, step_weight_decay: float
+    drafter: Eagle3Drafter, experience: SFTExperience, ttt_steps: int, step_weight_decay: float,
+    mask_outside_draft_vocab: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss to backpropagate and the scalars worth logging (per-step KL and top-1 agreement)."""
     result = training_time_test(
@@ -27,6 +28,7 @@ def sft_loss(
         experience.aux_hidden,
         ttt_steps,
         step_weights(ttt_steps, step_weight_decay),
+        drafter.target_to_draft >= 0 if mask_outside_draft_vocab else None,
     )
     metrics = {"loss": float(result.loss.detach()), "accept_length_proxy": result.accept_length_proxy}
     for k, (kl, acc) in enumerate(zip(result.step_loss, result.step_accuracy), start=1):

@@ -143,6 +143,7 @@ def training_time_test(
     aux_hidden: torch.Tensor,
     num_steps: int,
     weights: list[float],
+    in_draft_vocab: torch.Tensor | None = None,
 ) -> TTTResult:
     """Unroll ``num_steps`` draft steps over a batch; KL from the target restricted to the draft vocab.
 
@@ -150,6 +151,8 @@ def training_time_test(
     ``target_top1`` its argmax over the full vocabulary (see ``restrict_to_draft_vocab``).
     ``loss_mask[b, j]`` marks tokens the drafter should learn to propose (assistant tokens);
     step k at index t predicts x_{t+k+1}, so it counts where ``loss_mask[t+k+1]`` is set.
+    ``in_draft_vocab`` ([target vocab] bool), when given, also drops the states whose target
+    argmax is outside the draft vocabulary (SpecForge's and Draft-OPD's EAGLE-3 position mask).
     """
     target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
     mask = loss_mask.float() * attention_mask.float()
@@ -161,6 +164,8 @@ def training_time_test(
     all_valid = torch.ones_like(run_length)
     for k, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps):
         valid = shift_left(mask, k + 1, 0.0)
+        if in_draft_vocab is not None:
+            valid = valid * shift_left(in_draft_vocab[target_top1].float(), k, 0.0)
         p_logp = shift_left(target_logp, k, 0.0)
         kl = (p_logp.exp() * (p_logp - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
         count = valid.sum()

@@ -348,3 +348,110 @@ def test_surrogate_on_credited_paths_raises_tree_reward(agreeing_pair):
     assert 1.0 < before < 3.0  # neither hopeless nor saturated (max 4)
     assert credited > before + 0.15, (before, credited)
     assert debited < before - 0.3, (before, debited)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 18: per-update statistics and the ablation knobs (each test fails if its knob is ignored)
+# ------------------------------------------------------------------------------------------
+def _drifted_experience(agreeing_pair, **gto):
+    target, trained = agreeing_pair
+    drafter, reference = copy.deepcopy(trained), copy.deepcopy(trained)
+    with torch.no_grad():  # the current drafter drifts from the reference: debiased rewards != 0
+        generator = torch.Generator().manual_seed(3)
+        for p in drafter.trainable_parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=generator))
+    settings = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=4, groups_per_sequence=3)
+    config = _gto_config(**{**settings, **gto})
+    worker = TargetWorker(target, drafter.draft_to_target)
+    exp = gto_experience(worker, config, _sequences(target, 4, 24, 4, seed=0), drafter, reference)
+    return drafter, exp, config
+
+
+def test_gto_logs_reward_advantage_kl_and_ratio_statistics(agreeing_pair):
+    from speculative.evaluation import mean_metrics
+
+    drafter, exp, config = _drifted_experience(agreeing_pair)
+    _, metrics = gto_loss(drafter, exp, config)
+    debiased = exp.reward - exp.reference_reward
+    assert metrics["gto/debiased_reward"] == pytest.approx(float(debiased.mean()), abs=1e-6)
+    assert metrics["gto/debiased_reward_std"] == pytest.approx(float(debiased.std(unbiased=False)), abs=1e-6)
+    assert metrics["gto/debiased_reward_abs"] == pytest.approx(float(debiased.abs().mean()), abs=1e-6)
+    assert abs(metrics["gto/advantage_mean"]) < 0.5 and metrics["gto/advantage_std"] > 0.3  # group-centred
+    assert metrics["gto/advantage_abs"] > 0
+    for key in ("gto/kl_reference", "gto/clip_fraction", "gto/ratio_min", "gto/ratio_max"):
+        assert key in metrics and math.isfinite(metrics[key])
+    assert metrics["gto/ratio_min"] <= metrics["gto/ratio"] <= metrics["gto/ratio_max"]
+    merged = mean_metrics([{"gto/ratio_min": 0.9, "gto/ratio_max": 1.1, "gto/ratio": 1.0},
+                           {"gto/ratio_min": 0.7, "gto/ratio_max": 1.05, "gto/ratio": 0.9}])
+    assert merged == {"gto/ratio_min": 0.7, "gto/ratio_max": 1.1, "gto/ratio": pytest.approx(0.95)}
+
+
+def test_reward_knob_soft_is_the_paper_and_greedy_integer_is_the_greedy_length(agreeing_pair):
+    _, paper, _ = _drifted_experience(agreeing_pair)
+    _, soft, _ = _drifted_experience(agreeing_pair, reward="soft")
+    _, greedy, _ = _drifted_experience(agreeing_pair, reward="greedy_integer")
+    assert torch.equal(soft.reward, paper.reward)
+    assert not torch.equal(paper.reward, paper.reward.round())  # soft: not integers
+    assert torch.equal(greedy.reward, greedy.reward.round())
+    assert torch.equal(greedy.reward.long(), greedy.path_length)  # the greedy verifier's accepted length
+    assert torch.equal(greedy.reference_reward, greedy.reference_reward.round())
+
+
+def test_std_floor_knob_damps_groups_of_near_equal_rewards(agreeing_pair):
+    rewards = torch.tensor([0.001, -0.001, 0.002, 0.0, 1.0, 2.0, 3.0, 4.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    valid = torch.ones(8, dtype=torch.bool)
+    plain, _, _ = group_advantages(rewards, group, valid)
+    floored, _, _ = group_advantages(rewards, group, valid, std_floor=0.1)
+    assert float(plain[:4].abs().mean()) > 0.5  # noise amplified to unit scale (the paper's form)
+    assert float(floored[:4].abs().max()) < 0.02  # damped below the floor
+    torch.testing.assert_close(floored[4:], plain[4:])  # groups with real spread are untouched
+    drafter, exp, config = _drifted_experience(agreeing_pair)
+    _, metrics = gto_loss(drafter, exp, config)
+    high = config.model_copy(update={"gto": config.gto.model_copy(update={"std_floor": 1000.0})})
+    _, damped = gto_loss(drafter, exp, high)
+    assert metrics["gto/std_floor_abs"] == 0.0 and damped["gto/std_floor_abs"] > 0
+    assert damped["gto/advantage_abs"] < 0.01 * metrics["gto/advantage_abs"]
+
+
+def test_advantage_clip_negative_knob_keeps_only_positive_advantages(agreeing_pair):
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    adv, used, _ = group_advantages(rewards, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool))
+    pos, _, _ = group_advantages(rewards, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool),
+                                 positive_only=True)
+    assert bool((adv < 0).any()) and torch.equal(pos, adv.clamp_min(0))
+    drafter, exp, config = _drifted_experience(agreeing_pair, advantage_clip_negative=True)
+    _, metrics = gto_loss(drafter, exp, config)
+    assert metrics["gto/advantage_mean"] > 0
+    assert metrics["gto/advantage_mean"] == pytest.approx(metrics["gto/advantage_abs"], rel=1e-6)
+
+
+def test_train_tree_depth_knob_matches_the_evaluation_tree(agreeing_pair):
+    from tools.benchmark import TREE_DEFAULTS
+
+    eval_config = _gto_config(tree_depth=4, train_tree_depth="eval").gto
+    assert eval_config.training_depth == TreeConfig().depth == TREE_DEFAULTS["depth"]
+    assert tree_config(eval_config).depth == TREE_DEFAULTS["depth"]
+    assert _gto_config(tree_depth=4).gto.training_depth == 4  # unset: the paper's tree_depth
+    _, exp, _ = _drifted_experience(agreeing_pair, train_tree_depth=2)
+    assert exp.path_ids.shape[1] == 2 and int(exp.path_length.max()) <= 2
+    _, deep, _ = _drifted_experience(agreeing_pair)
+    assert deep.path_ids.shape[1] == 4 and int(deep.path_length.max()) > 2
+
+
+def test_plot_gto_diagnostics_draws_every_logged_statistic(tmp_path):
+    import json
+
+    from bench.plot_gto_diagnostics import plot
+
+    keys = ("gto/debiased_reward", "gto/debiased_reward_std", "gto/advantage_mean", "gto/advantage_std",
+            "gto/advantage_abs", "gto/kl_reference", "gto/ratio", "gto/ratio_min", "gto/ratio_max",
+            "gto/clip_fraction", "gto/reward", "gto/reference_reward")
+    rows = [{"step": s, "split": "train", **{k: 0.01 * s + i for i, k in enumerate(keys)}} for s in range(1, 6)]
+    rows.append({"step": 5, "split": "eval", "loss": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "figure.png"
+    last = plot([tmp_path], out, ["run"])
+    assert out.stat().st_size > 10_000
+    assert set(last["run"]) == set(keys) - {"gto/debiased_reward_std"}  # the std is drawn as a band
+    assert last["run"]["gto/kl_reference"] == pytest.approx(0.05 + keys.index("gto/kl_reference"))

@@ -3,6 +3,7 @@ drafter's inference-time states, and the distillation loss vanishes exactly at a
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from actors.opd_rollout import opd_experience
 from actors.target_worker import TargetWorker
-from learners.opd import distillation_terms, opd_loss, stream_masks
+from learners.opd import correction_targets, distillation_terms, opd_loss, stream_masks
 from speculative.config import load_config
 from speculative.engine import SpeculativeGenerator
 from speculative.tree import TreeConfig
@@ -120,9 +121,13 @@ def test_replay_reproduces_inference_states_and_proposals(pair, experience):
     assert m == exp.accepted.numel()
 
 
+PAPER_LOSS = ("opd.rejected_weight=1", "opd.correction_weight=0", "opd.response_ttt_weight=0")
+
+
 def test_loss_is_zero_at_agreement_and_positive_otherwise(pair, experience):
+    """The paper's loss (forward KL on accepted states, reverse KL on rejected ones) alone."""
     _, drafter = pair
-    config = _config()
+    config = _config(*PAPER_LOSS)
     loss, metrics = opd_loss(drafter, experience, config)
     assert float(loss) > 1e-3 and metrics["opd/replay_same_proposals"] == 1.0
     assert metrics["opd/accepted_states"] > 0 and metrics["opd/rejected_states"] > 0
@@ -168,3 +173,191 @@ def test_opd_steps_raise_rollout_acceptance():
         loss.backward()
         optimizer.step()
     assert tau() > before + 0.04, before
+
+
+# ------------------------------------------------------------------------------------------
+# The authors' EAGLE-3 recipe (docs/methods/draft_opd.md §8): each piece does what it says
+# ------------------------------------------------------------------------------------------
+def test_recipe_is_the_default_and_the_shipped_config():
+    from speculative.runtime import adamw_with_schedule
+
+    opd = load_config(None).opd
+    assert (opd.rejected_weight, opd.correction_weight, opd.response_ttt_weight) == (0.0, 1.0, 1.0)
+    assert opd.draft_vocab_mask and opd.log_prob_min_clamp == -10.0 and opd.loss_max_clamp is None
+    assert opd.chain_length == 7 and opd.rollout_temperature == 0.0
+    shipped = load_config("configs/opd_smollm2.yaml")
+    training = shipped.training
+    assert training.batch_size * training.grad_accum >= 64  # prompts per update
+    assert 1024 <= shipped.opd.max_new_tokens <= 2048 and shipped.opd.rejected_weight == 0.0
+    assert shipped.opd.rollout_per_update  # the update's prompts rolled out together
+    assert training.lr == 1e-4 and training.warmup_ratio == 0.015 and training.min_lr_ratio == 0.0
+    assert training.max_steps >= 300
+    with pytest.raises(Exception):
+        load_config(None, ["opd.rejected_weight=1.5"])
+    # warm-up as a fraction of the run: ceil(0.015 * 300) = 5 steps, then cosine to 0
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = adamw_with_schedule([param], training)
+    lrs = []
+    for _ in range(training.max_steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4 / 5) and lrs[4] == pytest.approx(1e-4) and lrs[5] == pytest.approx(1e-4)
+    assert lrs[-1] < 1e-7
+
+
+def _grads(drafter, experience, config) -> tuple[float, list[torch.Tensor]]:
+    drafter.zero_grad(set_to_none=True)
+    loss, _ = opd_loss(drafter, experience, config)
+    loss.backward()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in drafter.trainable_parameters()]
+    drafter.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def test_rejected_weight_zero_gives_rejected_states_no_gradient(pair, experience):
+    """Default (rejected_weight 0): the target's distributions at rejected states, however wrong,
+    change neither the loss nor its gradient; at weight 0.2 they do."""
+    _, drafter = pair
+    acc, rej = stream_masks(experience.accepted, CHAIN, "suffix")
+    assert bool(rej.any())
+    noise = torch.randn(experience.target_logprobs.shape, generator=torch.Generator().manual_seed(1)) * 5
+    scrambled = replace(experience, target_logprobs=torch.where(
+        rej[..., None], torch.log_softmax(noise, -1), experience.target_logprobs))
+    config = _config()
+    loss, grads = _grads(drafter, experience, config)
+    loss2, grads2 = _grads(drafter, scrambled, config)
+    assert loss == loss2
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    weighted = _config("opd.rejected_weight=0.2")
+    loss3, _ = _grads(drafter, experience, weighted)
+    loss4, _ = _grads(drafter, scrambled, weighted)
+    assert abs(loss3 - loss4) > 1e-3
+
+
+def test_correction_token_cross_entropy(pair, experience):
+    """The first-error state is trained toward the token the target committed there: the
+    target's greedy token, which the drafter did not propose."""
+    target, drafter = pair
+    exp = experience
+    only = _config("opd.accepted_weight=0", "opd.response_ttt_weight=0")
+    label, has = correction_targets(exp, drafter)
+    assert int(has.sum()) >= 3 and bool((exp.accepted[has] < CHAIN).all())
+    greedy = target.features(exp.rollout.input_ids).logits.argmax(-1)
+    rows = has.nonzero().squeeze(-1)
+    s, t, r = exp.sequence[rows], exp.index[rows], exp.accepted[rows]
+    assert torch.equal(drafter.to_target_ids(label[rows]), greedy[s, t + 1 + r])  # the target's token
+    assert bool((label[rows] != exp.proposals[rows, r]).all())  # not the drafter's proposal
+    with torch.no_grad():
+        logits = torch.stack(replay_chains(drafter, exp.rollout.input_ids, exp.rollout.attention_mask,
+                                           exp.rollout.aux_hidden, exp.sequence, exp.index, exp.step_inputs), 1)
+    expected = -torch.log_softmax(logits[rows, r].float(), -1).gather(-1, label[rows, None]).clamp_min(-10).mean()
+    loss, metrics = opd_loss(drafter, exp, only)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert metrics["opd/correction_ce"] == pytest.approx(float(expected), rel=1e-5)
+    assert metrics["opd/correction_states"] == float(has.sum())
+    off, _ = opd_loss(drafter, exp, _config("opd.accepted_weight=0", "opd.response_ttt_weight=0",
+                                            "opd.correction_weight=0"))
+    assert float(off) == 0.0
+    # A correction token outside the draft vocabulary has no label: its state is dropped.
+    outside = int(drafter.to_target_ids(label[rows[0]]))
+    clipped = copy.deepcopy(drafter)
+    clipped.target_to_draft[outside] = -1
+    _, has_clipped = correction_targets(exp, clipped)
+    gone = has & (drafter.to_target_ids(label) == outside)
+    assert bool(gone.any()) and torch.equal(has_clipped, has & ~gone)
+
+
+def test_response_ttt_covers_the_response_and_masks_targets_outside_the_draft_vocab(pair, experience):
+    """The response TTT term is EAGLE-3's loss on the rollout text; states whose target argmax is
+    outside the draft vocabulary are dropped (their target logits do not matter)."""
+    from speculative.sft import sft_loss
+
+    _, drafter = pair
+    exp = experience
+    rollout = exp.rollout
+    assert rollout.target_draft_logits.shape[-1] == drafter.draft_to_target.numel()
+    only = _config("opd.accepted_weight=0", "opd.correction_weight=0")
+    loss, metrics = opd_loss(drafter, exp, only)
+    plain, plain_metrics = sft_loss(drafter, rollout, 3, 0.8)
+    assert float(loss) == pytest.approx(float(plain), rel=1e-6)  # full draft vocabulary: nothing masked
+    assert metrics["opd/response_ttt_states"] == plain_metrics["supervised_tokens"] > 0
+    # Take the most frequent target argmax out of the draft vocabulary.
+    response = (rollout.loss_mask * rollout.attention_mask).bool()
+    common = int(rollout.target_top1[response].mode().values)
+    clipped = copy.deepcopy(drafter)
+    clipped.target_to_draft[common] = -1
+    masked, masked_metrics = sft_loss(clipped, rollout, 3, 0.8, mask_outside_draft_vocab=True)
+    # step 1 at index t is supervised by row t + 1 (predicting x_{t+2}), counted where x_{t+2} is a response token
+    step1_rows = torch.zeros_like(response)
+    step1_rows[:, 1:-1] = response[:, 2:]
+    dropped = int((step1_rows & (rollout.target_top1 == common)).sum())
+    assert dropped > 0
+    assert masked_metrics["supervised_tokens"] == plain_metrics["supervised_tokens"] - dropped
+    hit = rollout.target_top1 == common
+    scrambled = replace(rollout, target_draft_logits=torch.where(
+        hit[..., None], torch.randn_like(rollout.target_draft_logits) * 10, rollout.target_draft_logits))
+    again, _ = sft_loss(clipped, scrambled, 3, 0.8, mask_outside_draft_vocab=True)
+    assert float(again) == pytest.approx(float(masked), rel=1e-6)
+    unmasked, _ = sft_loss(clipped, scrambled, 3, 0.8)
+    assert abs(float(unmasked) - float(plain)) > 1e-3
+
+
+def test_clamps_hold_on_extreme_logits(pair, experience):
+    big = torch.zeros(2, 3, 16)
+    big[..., 0], big[1, :, 5] = 3e4, 6e4
+    other = torch.zeros(2, 3, 16)
+    other[..., 7] = -3e4
+    other[..., 3] = 4e4
+    forward, reverse = distillation_terms(big, other)
+    assert float(forward.max()) > 1e3 and float(reverse.max()) > 1e3  # no clamp: unbounded
+    forward, reverse = distillation_terms(big, other, log_prob_min=-10.0)
+    assert bool(torch.isfinite(forward).all() and torch.isfinite(reverse).all())
+    assert float(forward.max()) <= 10.0 + 1e-4 and float(reverse.max()) <= 10.0 + 1e-4
+    forward, reverse = distillation_terms(big, other, log_prob_min=None, loss_max=5.0)
+    assert float(forward.max()) <= 5.0 and float(reverse.max()) <= 5.0
+    # Through the whole loss: a drafter with huge logits costs at most 10 per correction state.
+    _, drafter = pair
+    loud = copy.deepcopy(drafter)
+    with torch.no_grad():
+        loud.lm_head.weight.mul_(1e4)
+    _, metrics = opd_loss(loud, experience, _config("opd.rejected_weight=1", "opd.response_ttt_weight=0"))
+    assert 0 < metrics["opd/correction_ce"] <= 10.0 + 1e-4
+    assert metrics["opd/accepted_kl"] <= 10.0 + 1e-4 and metrics["opd/rejected_kl"] <= 10.0 + 1e-4
+    _, unclamped = opd_loss(loud, experience, _config("opd.rejected_weight=1", "opd.response_ttt_weight=0",
+                                                      "opd.log_prob_min_clamp=null"))
+    assert unclamped["opd/correction_ce"] > 10.0
+
+
+def test_one_rollout_per_update_splits_into_the_micro_batches_own_rollouts(pair):
+    """opd.rollout_per_update: one batched rollout of 6 prompts, split in 3, equals the three
+    micro-batches rolled out on their own (T = 0), cycles, logits and loss included."""
+    from actors.opd_rollout import split_experience
+
+    target, drafter = pair
+    worker = TargetWorker(target, drafter.draft_to_target)
+    config = _config("opd.sft_weight=0.5")
+    whole = _batch(n=6, seed=7)
+    # uneven prompt lengths: sequence widths differ, so the parts are trimmed differently
+    whole["attention_mask"][1, -3:] = 0
+    whole["loss_mask"][1, -3:] = 0
+    merged = opd_experience(worker, config, whole, drafter, drafter_version=2)
+    parts = split_experience(merged, 3)
+    assert sum(p.accepted.numel() for p in parts) == merged.accepted.numel()
+    for k, part in enumerate(parts):
+        alone = opd_experience(worker, config, {key: v[2 * k : 2 * k + 2] for key, v in whole.items()},
+                               drafter, drafter_version=2)
+        width = alone.rollout.input_ids.shape[1]
+        assert part.rollout.input_ids.shape[1] == width
+        for name in ("input_ids", "attention_mask", "loss_mask", "target_top1"):
+            assert torch.equal(getattr(part.rollout, name), getattr(alone.rollout, name)), name
+        for name in ("sequence", "index", "accepted", "step_inputs", "proposals"):
+            assert torch.equal(getattr(part, name), getattr(alone, name)), name
+        torch.testing.assert_close(part.target_logprobs, alone.target_logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(part.rollout.target_draft_logits, alone.rollout.target_draft_logits,
+                                   atol=1e-4, rtol=1e-4)
+        assert (part.response_tokens, part.target_forwards) == (alone.response_tokens, alone.target_forwards)
+        assert part.data.input_ids.shape[0] == 2
+        loss_part, _ = opd_loss(drafter, part, config)
+        loss_alone, _ = opd_loss(drafter, alone, config)
+        assert float(loss_part) == pytest.approx(float(loss_alone), rel=1e-4)

@@ -4,7 +4,9 @@ report; and a bad study file refused, naming the file and the field, before any 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,95 @@ def test_jobs_still_running_when_the_budget_is_spent_are_stopped_and_deferred(tm
     assert time.time() - started < 60
     assert finished == [0]  # only the quick one ran to its end
     assert result.failed == [] and result.deferred == ["slow", "queued"]
+
+
+def test_pool_pins_each_job_to_the_least_loaded_gpu(tmp_path):
+    """``gpus`` > 1: every job gets its own CUDA_VISIBLE_DEVICES, spread over the GPUs."""
+    from experiments.study import Job, run_pool
+
+    seen: dict[str, str] = {}
+
+    def job(name: str) -> Job:
+        out = tmp_path / f"{name}.txt"
+        argv = [sys.executable, "-c", f"import os, time; open({str(out)!r}, 'w').write("
+                "os.environ.get('CUDA_VISIBLE_DEVICES', '-')); time.sleep(0.5)"]
+        return Job(name, tmp_path / f"{name}.log", lambda: argv,
+                   lambda code, seconds: seen.__setitem__(name, out.read_text()))
+
+    result = run_pool([job(f"j{i}") for i in range(4)], parallel=2, gpus=2)
+    assert not result.failed and sorted(seen.values()) == ["0", "0", "1", "1"]
+    seen.clear()
+    run_pool([job("solo")], parallel=1)
+    assert seen == {"solo": os.environ.get("CUDA_VISIBLE_DEVICES", "-")}
+
+
+def test_chain_scorings_get_their_own_folders_and_flag(tmp_path):
+    from experiments.study import Budget, eval_job
+    from experiments.study_spec import eval_folder
+
+    shipped = REPO_ROOT / "experiments" / "smollm2_study.yaml"
+    study = load_study(shipped, ["eval.chain_lengths=[7]"], start="/tmp/sft_drafter")
+    assert study.eval.chain_lengths == [7]
+    assert eval_folder(tmp_path, "gto-s1", 0.0).name == "gto-s1-T0"
+    assert eval_folder(tmp_path, "gto-s1", 1.0, 7).name == "gto-s1-T1-chain7"
+    job = eval_job(study, 1.0, [("a", tmp_path)], "smollm2", tmp_path, Budget(None), chain=7)
+    argv = job.argv()
+    assert job.name == "eval-T1-chain7" and argv[argv.index("--chain") + 1] == "7"
+    assert argv[argv.index("--out") + 1].endswith("{name}-T1-chain7")
+    assert argv[argv.index("--baseline-cache") + 1].endswith("eval/ar-baseline-T1.json")
+    tree_job = eval_job(study, 0.0, [("a", tmp_path)], "smollm2", tmp_path, Budget(None))
+    assert tree_job.name == "eval-T0" and tree_job.argv()[tree_job.argv().index("--chain") + 1] == "0"
+
+
+def test_study_v2_validates_with_equal_minutes_three_seeds_and_enough_updates():
+    study = load_study(REPO_ROOT / "experiments" / "smollm2_study_v2.yaml", start="/tmp/sft_drafter")
+    assert list(study.arms) == ["sft", "gto", "opd", "gto_opd"] and study.seeds == [1, 2, 3]
+    assert study.gpus == study.parallel == 2 and study.eval.num_prompts == 80 and study.eval.chain_lengths == [7]
+    configs = {name: load_config(arm.config, [*study.overrides, *arm.set]) for name, arm in study.arms.items()}
+    assert configs["gto"].training.max_steps >= 1000 and configs["opd"].training.max_steps >= 300
+    for name in ("opd", "gto_opd"):  # gto_opd gets fewer updates at equal minutes (docs/results.md)
+        training = configs[name].training
+        assert training.batch_size * training.grad_accum >= 64
+        assert configs[name].opd.rejected_weight == 0.0 and configs[name].opd.max_new_tokens >= 1024
+
+
+def test_summary_json_has_issue_18s_schema(tmp_path):
+    from experiments.study_report import collect, summary_json
+    from experiments.study_spec import eval_folder, study_runs, write_json
+
+    study = load_study(REPO_ROOT / "experiments" / "smollm2_study_v2.yaml", start="/tmp/sft_drafter")
+    out = tmp_path
+
+    def scored(name: str, t: float, chain: int, tau: float) -> None:
+        write_json(eval_folder(out, name, t, chain) / "compare.json",
+                   {"results": {name: {b: {"tau": tau + i} for i, b in enumerate(("mt_bench", "humaneval", "gsm8k"))}}})
+
+    scored("start", 0.0, 0, 2.0)
+    scored("start", 1.0, 0, 1.5)
+    scored("start", 0.0, 7, 1.8)
+    for run in study_runs(study, out):
+        write_json(run.directory / "study_state.json", {"minutes": 70.0, "slots": [], "step": 100 * run.seed})
+        if run.arm == "gto":
+            scored(run.name, 0.0, 0, 2.0 + 0.1 * run.seed)
+    summary = summary_json(study, out, collect(study, out))
+    assert summary["start"]["tau_t0"] == pytest.approx(3.0) and summary["start"]["tau_t1"] == pytest.approx(2.5)
+    assert summary["start"]["tau_t0_chain7"] == pytest.approx(2.8) and summary["start"]["tau_t1_chain7"] is None
+    gto = summary["arms"]["gto"]
+    assert gto["tau_t0"] == pytest.approx([3.1, 3.2, 3.3]) and gto["tau_t1"] == [None, None, None]
+    assert gto["updates"] == [100, 200, 300] and gto["gpu_minutes"] == [70.0] * 3 and gto["seeds"] == [1, 2, 3]
+    assert set(summary["arms"]) == {"sft", "gto", "opd", "gto_opd"}
+
+
+def test_ar_baseline_cache_is_reused_only_on_the_same_machine_and_settings(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_drafters", REPO_ROOT / "bench" / "compare_drafters.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    key = {"host": "h", "device": "NVIDIA H200", "temperature": 0.0, "num_prompts": 80}
+    path = tmp_path / "ar.json"
+    assert compare.read_baseline_cache(path, key) is None
+    compare.write_baseline_cache(path, key, {"gsm8k": {"tokens_per_s": 318.0}})
+    assert compare.read_baseline_cache(path, key) == {"gsm8k": {"tokens_per_s": 318.0}}
+    assert compare.read_baseline_cache(path, {**key, "host": "other"}) is None  # a fresh machine times again
+    assert compare.read_baseline_cache(None, key) is None

@@ -169,3 +169,32 @@ def test_a_corrupted_checkpoint_is_refused_before_use(tmp_path, tiny_target_dir,
         Trainer(_config(tmp_path, tiny_target_dir, chat_file, 6), resume=True).run()
     weights.write_bytes(intact)
     assert Trainer(_config(tmp_path, tiny_target_dir, chat_file, 6), resume=True).run().final_step == 6
+
+
+def test_opd_one_rollout_per_update_feeds_every_micro_batch(tmp_path, tiny_target_dir, chat_file, monkeypatch):
+    """opd.rollout_per_update: one make_experience call per update (the grad_accum micro-batches'
+    prompts together), split into grad_accum experiences, and the data cursor still advances by
+    grad_accum per update (so a resumed run reads the same batches)."""
+    import pipeline.trainer as trainer_module
+    from actors.target_worker import TargetWorker
+
+    calls, losses = [], []
+    real_make, real_loss = TargetWorker.make_experience, trainer_module.objective_loss
+
+    def make(self, config, batch, *args, **kwargs):
+        calls.append(int(batch["input_ids"].shape[0]))
+        return real_make(self, config, batch, *args, **kwargs)
+
+    def loss(drafter, experience, config):
+        losses.append(int(experience.rollout.input_ids.shape[0]))
+        return real_loss(drafter, experience, config)
+
+    monkeypatch.setattr(TargetWorker, "make_experience", make)
+    monkeypatch.setattr(trainer_module, "objective_loss", loss)
+    config = _config(tmp_path, tiny_target_dir, chat_file, 2, "training.objective=opd", "training.batch_size=2",
+                     "training.grad_accum=2", "opd.chain_length=3", "opd.max_new_tokens=6",
+                     "opd.rollout_per_update=true", "training.eval_every=100", "training.save_every=2")
+    result = trainer_module.Trainer(config).run()
+    assert calls == [4, 4] and losses == [2, 2, 2, 2]
+    state = torch.load(result.output_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+    assert state["cursor"] == 4
