@@ -388,6 +388,7 @@ def measure_speedup(
     seed_for: Callable[[str, int, int], int] | None = None,
     deadline: float | None = None,
     on_pair: Callable[[str, int, int, Any, list, list | None], None] | None = None,
+    on_repeat: Callable[[Measurement], None] | None = None,
     log: Callable[[str], None] | None = None,
     device: torch.device | None = None,
     record_gpu: bool = True,
@@ -401,7 +402,8 @@ def measure_speedup(
     None: AR only. ``seed_for(bench, question, turn)`` reseeds a decoder before each turn (AR gets
     seed + 1). ``deadline`` (a ``time.perf_counter()`` value): no question starts after it; what was
     timed is kept and ``stopped_early`` is set. ``on_pair(bench, repeat, index, question, spec_turns,
-    ar_turns)`` sees every timed pair (e.g. to write the generations).
+    ar_turns)`` sees every timed pair (e.g. to write the generations); ``on_repeat(measurement)``
+    runs after every repeat (e.g. to write what is done so far).
     """
     if spec is None and not ar:
         raise ValueError("nothing to time: no speculative and no autoregressive decoder")
@@ -486,8 +488,11 @@ def measure_speedup(
             rows = ", ".join(_short(b) for b in blocks.values() if b.generations)
             log(f"[timing] T={temperature:g} repeat {repeat + 1}/{repeats}{' (stopped: deadline)' if stopped else ''}"
                 f": {rows}")
+        result.seconds = time.perf_counter() - started
+        result.stopped_early = stopped
+        if on_repeat is not None:
+            on_repeat(result)
         if stopped:
-            result.stopped_early = True
             break
     result.seconds = time.perf_counter() - started
     return result
