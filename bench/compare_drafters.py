@@ -41,6 +41,7 @@ from tools.benchmark import (
     context_budget,
     default_bench_dir,
     eos_token_ids,
+    first_turn_prompts,
     load_models,
     load_questions,
     pick_device,
@@ -108,7 +109,7 @@ def score_drafter(
     decoders = [spec, *(ar or {}).values()]
     for decoder in decoders:
         decoder.temperature = temperature
-    warm_up(decoders, warm_prompt(tokenizer), max_new_tokens, eos)
+    warm_up(decoders, warm_prompt(tokenizer), max_new_tokens, eos, prompts=first_turn_prompts(tokenizer, benches))
     measurement = measure_speedup(
         spec, ar or None, benches, lambda generate, q: run_conversation(generate, tokenizer, q, eos),
         max_new_tokens=max_new_tokens, eos=eos, temperature=temperature, repeats=repeats,

@@ -49,6 +49,7 @@ from tools.benchmark import (  # noqa: E402
     add_model_args,
     build_decoders,
     eos_token_ids,
+    first_turn_prompts,
     load_models,
     load_questions,
     pick_device,
@@ -114,8 +115,9 @@ def write_summary(out: Path, record: dict[str, Any], measurement: Measurement | 
             f"(depth {config['tree']['depth']}, top-k {config['tree']['top_k']}, {config['tree']['total_tokens']} "
             f"draft tokens) vs AR `{config['ar_engine'][0]}`; T = {config['temperature']:g}, "
             f"{config['max_new_tokens']} new tokens, {config['num_prompts'] or 'all'} questions per bench, "
-            f"{config['repeats']} repeats in one process (speculative.timing.measure_speedup: spec and AR "
-            "alternate per question, benches round-robin, synchronize around each generation). "
+            f"{config['repeats']} repeats in one process (speculative.timing.measure_speedup: order "
+            f"`{config.get('order', 'alternate')}`, benches round-robin, synchronize around each generation; "
+            f"{config.get('prefill_lengths_warmed', 0)} first-turn prompt lengths pre-filled before timing). "
             "Cells: mean over finished repeats (min-max).")
     body = markdown_summary(measurement) if measurement is not None else "(nothing timed yet)\n"
     notes = []
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch (default: the faster batch-1 AR), static, or batch,static (both timed)")
     parser.add_argument("--max-minutes", type=float, default=8.0,
                         help="budget of the whole script (training included): no question starts after it")
+    parser.add_argument("--order", default="alternate", choices=["alternate", "spec-first", "ar-first"],
+                        help="who goes first per question (alternate: fair; the others reproduce the old paths)")
+    parser.add_argument("--no-prefill-warmup", action="store_true",
+                        help="skip pre-filling every first-turn prompt length before timing (as the old paths did)")
     parser.add_argument("--train-steps", type=int, default=None, metavar="N",
                         help="without --drafter: train an SFT drafter of N steps first (configs/sft_smollm2.yaml)")
     parser.add_argument("--train-minutes", type=float, default=4.0, help="cap on the training's wall clock")
@@ -189,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     for decoder in (spec, *ars.values()):
         decoder.temperature = args.temperature
     warm = time.perf_counter()
-    warm_up([spec, *ars.values()], warm_prompt(tokenizer), args.max_new_tokens, eos)
+    prompts = [] if args.no_prefill_warmup else first_turn_prompts(tokenizer, questions)
+    config["prefill_lengths_warmed"] = warm_up([spec, *ars.values()], warm_prompt(tokenizer), args.max_new_tokens,
+                                               eos, prompts=prompts)
+    config["order"] = args.order
     config["warm_up_s"] = round(time.perf_counter() - warm, 2)
     print(f"[one_bench] engines built in {config['engine_build_s']}s, warm-up {config['warm_up_s']}s; "
           f"{sum(map(len, questions.values()))} questions x {args.repeats} repeats, "
@@ -200,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature, repeats=args.repeats, deadline=deadline - 5,
         seed_for=lambda bench, q, turn: _seed_for(args.seed, bench, q, turn),
         log=lambda line: print(line, flush=True), on_repeat=lambda m: write_summary(out, record, m),
+        order=args.order,
     )
     record["seconds_total"] = round(time.perf_counter() - started, 1)
     write_summary(out, record, measurement)

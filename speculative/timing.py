@@ -15,7 +15,10 @@ What is timed, and how (see docs/benchmarking.md):
   ``perf_counter``, the call, ``torch.cuda.synchronize``, ``perf_counter``. Tokenisation and the
   chat template stay outside (the driver renders a prompt before calling the decoder);
 * warm-up is explicit and untimed (:func:`warm_up`): every decoder runs full-length generations
-  first (graph capture, allocator, cuBLAS, GPU clocks);
+  first (graph capture, allocator, cuBLAS, GPU clocks), then a short generation from one prompt of
+  every first-turn length: prefills run eagerly, and the first call at a new length pays one-off
+  costs (cuDNN builds an attention graph per shape) that would otherwise land in the timed region
+  of whichever side met that prompt first;
 * speculation and AR alternate per question (speculation first on even questions, AR first on odd
   ones, the parity flipping each repeat) and benches are visited round-robin (question 0 of every
   bench, then question 1, ...), so clock or thermal drift hits both sides alike and a run cut by
@@ -47,6 +50,7 @@ AR_ENGINES = ("batch", "static")
 # engine's generate_autoregressive 324 (bench/results/batched_experience_h200): the faster one is
 # the baseline by default; ``bench/one_bench.py --ar-engine batch,static`` times both.
 DEFAULT_AR_ENGINE = "batch"
+ORDERS = ("alternate", "spec-first", "ar-first")
 
 
 # ---------------------------------------------------------------------------------- decoders
@@ -357,14 +361,26 @@ def timed(decoder: Callable, prompt_ids: Sequence[int], max_new_tokens: int, eos
 
 
 def warm_up(decoders: Iterable[Callable], prompt_ids: Sequence[int], max_new_tokens: int, eos: set[int],
-            rounds: int = 2) -> None:
-    """Untimed full-length generations of every decoder (captures, allocator, cuBLAS, clocks).
+            rounds: int = 2, prompts: Iterable[Sequence[int]] = (), prompt_tokens: int = 2) -> int:
+    """Untimed generations of every decoder before anything is timed; returns how many prompt
+    lengths were pre-filled.
 
-    ``eos`` is ignored on purpose (an empty set): every step shape is reached."""
+    ``rounds`` full-length generations of ``prompt_ids`` (``eos`` ignored on purpose: every step
+    shape is reached), then ``prompt_tokens`` new tokens from one prompt of every distinct length in
+    ``prompts`` (e.g. every question's first turn). The prefills run eagerly with the prompt's length
+    as a shape, and the first call at a new shape pays one-off costs (a cuDNN attention graph is
+    built per shape, cuBLAS picks kernels, the allocator grows); without this, whichever decoder
+    meets a prompt first pays them inside its timed region (see docs/benchmarking.md)."""
     del eos
+    decoders = list(decoders)
     for _ in range(rounds):
         for decoder in decoders:
             decoder(prompt_ids, max_new_tokens, set())
+    by_length = {len(p): list(p) for p in prompts}
+    for prompt in by_length.values():
+        for decoder in decoders:
+            decoder(prompt, prompt_tokens, set())
+    return len(by_length)
 
 
 def _device_of(decoder: Decoder | None) -> torch.device | None:
@@ -392,6 +408,7 @@ def measure_speedup(
     log: Callable[[str], None] | None = None,
     device: torch.device | None = None,
     record_gpu: bool = True,
+    order: str = "alternate",
 ) -> Measurement:
     """Time ``spec`` against ``ar`` on every question of every bench, ``repeats`` times.
 
@@ -403,8 +420,12 @@ def measure_speedup(
     seed + 1). ``deadline`` (a ``time.perf_counter()`` value): no question starts after it; what was
     timed is kept and ``stopped_early`` is set. ``on_pair(bench, repeat, index, question, spec_turns,
     ar_turns)`` sees every timed pair (e.g. to write the generations); ``on_repeat(measurement)``
-    runs after every repeat (e.g. to write what is done so far).
+    runs after every repeat (e.g. to write what is done so far). ``order``: ``alternate`` (the
+    default and the only fair one), ``spec-first`` (what ``draftrl eval`` did before issue 23) or
+    ``ar-first``: the last two exist to measure how much the order matters.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if spec is None and not ar:
         raise ValueError("nothing to time: no speculative and no autoregressive decoder")
     if repeats < 1:
@@ -419,7 +440,7 @@ def measure_speedup(
     primary = next(iter(ars), None)
     first_name = getattr(ars.get(primary), "name", primary) if primary else None
     result = Measurement({name: BenchTiming(name, temperature, ar_engine=first_name) for name in benches},
-                         temperature, repeats)
+                         temperature, repeats, order=order)
     started = time.perf_counter()
     longest = max((len(qs) for qs in benches.values()), default=0)
 
@@ -454,8 +475,8 @@ def measure_speedup(
                 runs: dict[str, tuple[list, list[float]]] = {}
                 sides = ([("spec", spec, 0)] if spec is not None else []) + \
                         [(key, decoder, 1) for key, decoder in ars.items()]
-                if (index + repeat + position) % 2:  # AR first on odd turns of the parity
-                    sides = sides[1:] + sides[:1]
+                if order == "ar-first" or (order == "alternate" and (index + repeat + position) % 2):
+                    sides = sides[1:] + sides[:1]  # AR first
                 for key, decoder, offset in sides:
                     generate, times = side(decoder, name, index, offset)
                     turns = conversation(generate, question)

@@ -102,7 +102,7 @@ def test_train_twice_eval_report(setting, tmp_path):
         assert len(lines) == 2 and all(len(re.findall(number, line)) >= 3 for line in lines), lines
     assert "+7.4%" in markdown and "s1: 2" in markdown
     assert len(re.findall(r"\| \d+\.\d\dx \|", markdown)) == 6  # a speed-up per row and temperature
-    assert markdown.count("AR tokens/s per process: mini_chat ") == 2
+    assert markdown.count("AR tokens/s per scoring: mini_chat ") == 2
 
 
 def test_eval_without_time_for_one_scoring_starts_nothing(setting, tmp_path):

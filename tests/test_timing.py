@@ -42,7 +42,8 @@ BENCHES = {"a": [[1, 5, 9, 2], [3, 4, 7, 8, 10, 11], [12, 13]], "b": [[20, 21, 2
 
 def test_fields_tau_equality_order_and_spread(decoders):
     spec, ars = decoders
-    warm_up([spec, *ars.values()], [1, 2, 3], 8, set(), rounds=1)
+    assert warm_up([spec, *ars.values()], [1, 2, 3], 8, set(), rounds=1, prompts=[p for qs in BENCHES.values()
+                                                                                for p in qs]) == 4  # lengths
     calls, pairs = [], []
 
     def spy(name, decoder):
@@ -90,6 +91,10 @@ def test_deadline_stops_cleanly_and_spec_only(decoders):
                           repeats=3, deadline=time.perf_counter() - 1)
     assert cut.stopped_early and len(cut.benches["a"].repeats) == 1
     assert all(s["questions"] == 0 and s["complete_repeats"] == 0 for s in cut.summaries())
+    first = []
+    measure_speedup(lambda *a: first.append("spec") or spec(*a), lambda *a: first.append("ar") or ars["batch"](*a),
+                    {"a": BENCHES["a"][:2]}, _single_turn, max_new_tokens=2, eos=set(), order="ar-first")
+    assert first == ["ar", "spec", "ar", "spec"]
     alone = measure_speedup(spec, None, {"a": BENCHES["a"][:1]}, _single_turn, max_new_tokens=4, eos=set())
     s = alone.summaries()[0]
     assert s["speedup"] is None and s["mismatches"] is None and s["tau"] >= 1

@@ -403,6 +403,12 @@ def warm_prompt(tokenizer) -> list[int]:
     return chat_prompt(tokenizer, [{"role": "user", "content": BUILTIN_PROMPTS[1]}])[0]
 
 
+def first_turn_prompts(tokenizer, questions: dict[str, list[BenchQuestion]]) -> list[list[int]]:
+    """Every question's first-turn prompt: ``speculative.timing.warm_up`` pre-fills each length."""
+    return [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])[0]
+            for qs in questions.values() for q in qs]
+
+
 def run_eval(args) -> int:
     """``draftrl eval``: τ and speed per benchmark and temperature, spec vs autoregressive, timed by
     ``speculative.timing.measure_speedup`` (the one timing path of the repository)."""
@@ -474,7 +480,8 @@ def run_eval(args) -> int:
                 share = time.perf_counter() + max(deadline - time.perf_counter(), 0) / (len(temperatures) - position)
             for decoder in (spec, *ars.values()):
                 decoder.temperature = temperature
-            warm_up([spec, *ars.values()], warm_prompt(tokenizer), args.max_new_tokens, eos)
+            warm_up([spec, *ars.values()], warm_prompt(tokenizer), args.max_new_tokens, eos,
+                    prompts=first_turn_prompts(tokenizer, questions))
             measurement = measure_speedup(
                 spec, ars, questions, conversation, max_new_tokens=args.max_new_tokens, eos=eos,
                 temperature=temperature, repeats=args.repeats, deadline=share,
