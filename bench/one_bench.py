@@ -5,7 +5,7 @@ speculation (tree engine) vs the fastest batch-1 AR, in ONE process, through
 On the device machine (offline kit under /tmp/kit, as bench/gpu_sft.sh), from the repo root:
 
     PYTHONPATH=/tmp/kit/site:$PWD python3 bench/one_bench.py --name one_bench_h200 \\
-        --train-steps 600 --data /tmp/sharegpt_6k.jsonl --max-minutes 9.5
+        --train-steps 600 --train-minutes 3 --max-new-tokens 64 --data /tmp/sharegpt_6k.jsonl --max-minutes 9.5
 
 or with a drafter at hand: ``--drafter DIR`` instead of ``--train-steps``. Inputs: the target
 (``--target``, default /tmp/kit/smollm2.gguf); the benches shipped in speculative/data/bench (or
@@ -20,10 +20,13 @@ with the mean, min and max over repeats, GPU clock samples) and ``OUT/summary.md
 repeat, so a run cut short keeps what it finished. ``--max-minutes`` bounds the whole script:
 no question starts after it and the summary says what was done (``stopped_early``).
 
-Time at the defaults (SmolLM2-135M on an H200, 128 new tokens, 80 questions x 3 benches = 320
-generations per side per repeat, about 37 000 tokens a side): AR ~600 tokens/s and speculation
-~300-370 tokens/s give about 3 minutes a repeat, so three repeats take ~9 minutes; with training
-first, use ``--max-new-tokens 64`` (or ``--repeats 2``) to stay within a 10-minute slot.
+Time (estimate, SmolLM2-135M on an H200): 80 questions x 3 benches are 320 generations per side
+per repeat (MT-Bench has two turns), nearly all of which run to the token cap. At the default 96 new
+tokens that is ~28 000 tokens a side; AR at ~600 tokens/s and speculation at ~300-370 tokens/s take
+~2.1 minutes a repeat, so 3 repeats plus loading, engine build and warm-up take ~7.5 minutes
+(128 tokens: ~9.5 minutes, and --max-minutes cuts the third repeat). Training 600 SFT steps first
+takes ~2-3 minutes (the H100 made 1500 steps in 4.8 minutes, plus start-up): with --train-steps in
+the same 10-minute call, use --max-new-tokens 64 or --repeats 2.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def train_drafter(args, out: Path) -> tuple[Path, dict[str, Any]]:
         raise SystemExit(f"one_bench: --train-steps needs a ShareGPT JSONL at --data ({data} is missing; "
                          "bench/make_sharegpt_slice.py makes one)")
     run_dir = Path(args.train_dir)
+    if (run_dir / "drafter" / "config.json").is_file():  # a drafter trained by an earlier call: reuse it
+        print(f"[one_bench] reusing the drafter trained earlier in {run_dir} (delete it to retrain)", flush=True)
+        return run_dir / "drafter", {"reused": str(run_dir / "drafter"), "seconds": 0.0}
     argv = [sys.executable, "-m", "pipeline.train", "--config", str(SFT_CONFIG),
             "--minutes-this-run", f"{args.train_minutes:g}",
             "--set", f"target.model={args.target}", "--set", f"data.source={data}",
@@ -137,7 +143,7 @@ def write_summary(out: Path, record: dict[str, Any], measurement: Measurement | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, drafter_required=False)
-    parser.set_defaults(target="/tmp/kit/smollm2.gguf", max_new_tokens=128)
+    parser.set_defaults(target="/tmp/kit/smollm2.gguf", max_new_tokens=96)
     parser.add_argument("--name", default="one_bench", help="results go to bench/results/NAME (unless --out)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--bench", default=",".join(DEFAULT_BENCHES))
