@@ -6,11 +6,14 @@ target's chat template; a later turn follows the model's *own* earlier answers, 
 speculative run and the baseline run each continue their own conversation (identical at T = 0
 up to floating-point rounding, which the report checks).
 
-Speculative decoding and the autoregressive baseline run on the same engine (same target
-forward, same static cache, the same CUDA graphs on GPU): the speed-up measures speculation,
-not implementation differences.
+Timing goes through ``speculative.timing.measure_speedup``, the one implementation of "time AR,
+time speculation, report the ratio" (the study's ``bench/compare_drafters.py`` and
+``bench/one_bench.py`` use it too). The AR baseline is the fastest batch-1 AR the repository has
+(``--ar-engine batch``: ``BatchGenerator`` with ``chain_length=0``, one CUDA graph per step), or the
+tree engine's own ``generate_autoregressive`` (``--ar-engine static``); docs/benchmarking.md.
 
     draftrl eval --drafter DIR [--bench mt_bench,humaneval,gsm8k] [--temperature 0,1] [--out DIR]
+                 [--repeats 3] [--ar-engine batch|static|batch,static]
     draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
     draftrl generate "question" [--drafter DIR] [--temperature T]
     draftrl generate --input questions.jsonl [--drafter DIR] [--out answers.jsonl]
