@@ -10,6 +10,9 @@
 # Otherwise a full `draftrl eval` (MT-Bench, HumanEval, GSM8K; T=0 and T=1; 256 new tokens;
 # bf16; CUDA graphs); add e.g. --max-minutes 6 to fit a 10-minute slot, --num-prompts N,
 # --compile inductor (torch.compile + graphs: faster, minutes of compiling), --dtype float32.
+# Timing: speculative.timing.measure_speedup (as the study and bench/one_bench.sh): AR baseline
+# --ar-engine batch (default; or static, or batch,static), --repeats R for a spread; see
+# docs/benchmarking.md. For all 80 questions x 3 repeats in one call, use bench/one_bench.sh.
 # Benchmarks: $DRAFTRL_BENCH_DIR, else the copies shipped in speculative/data/bench.
 # Writes OUT_DIR/{results.json,results.md,results.png,generations.jsonl,log.txt} (or check.json).
 set -euo pipefail

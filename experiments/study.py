@@ -362,9 +362,7 @@ def eval_job(study: Study, temperature: float, drafters: list[tuple[str, Path]],
         args = [sys.executable, str(REPO_ROOT / "bench" / "compare_drafters.py"), "--target", target,
                 "--out", str(out / "eval" / f"{{name}}-{key}"), "--temperature", f"{temperature:g}",
                 "--num-prompts", str(spec.num_prompts), "--max-new-tokens", str(spec.max_new_tokens),
-                "--bench", spec.bench, "--baseline", "--chain", str(chain),
-                # one AR timing per temperature and machine, reused by later calls on that machine
-                "--baseline-cache", str(out / "eval" / f"ar-baseline-T{temperature:g}.json")]
+                "--bench", spec.bench, "--baseline", "--chain", str(chain)]
         if budget.deadline is not None:
             args += ["--deadline", f"{budget.deadline:.0f}"]
         if spec.bench_dir is not None:

@@ -61,7 +61,7 @@ def read_speedups(out: Path, name: str, temperature: float) -> dict[str, float] 
 
 
 def read_baseline(out: Path, names: list[str], temperature: float) -> dict[str, list[float]]:
-    """bench -> the AR tokens/s of every process that timed one at ``temperature``."""
+    """bench -> the AR tokens/s of every scoring that timed one at ``temperature``."""
     seen: dict[str, list[float]] = {}
     for name in names:
         record = _scores(out, name, temperature)
@@ -193,9 +193,9 @@ def table(study: Study, data: dict[str, Any], summary: dict[str, Any]) -> list[s
                                         _cell(cells.get("speedup"), 2, "x"), paper, steps, share]) + " |")
     baseline = summary.get("ar_tokens_per_s") or {}
     if baseline:
-        lines += ["", "Speed-up: a drafter's tokens/s over the target's own autoregressive decoding (same "
-                  "static-cache engine and CUDA graphs), timed in the same process, mean over benches; "
-                  "AR tokens/s per process: " + "; ".join(
+        lines += ["", "Speed-up: a drafter's tokens/s over the target's own autoregressive decoding, timed "
+                  "alongside it in the same process (speculative.timing.measure_speedup: alternating per "
+                  "question), mean over benches; AR tokens/s per scoring: " + "; ".join(
                       f"{b} " + ", ".join(f"{v:.1f}" for v in values) for b, values in baseline.items()) + "."]
     return lines
 

@@ -225,6 +225,13 @@ class BatchGenerator:
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
+    def set_temperature(self, temperature: float) -> None:
+        """Change the sampling temperature; the captured steps (which baked it in) are dropped
+        and recaptured on the next ``generate``."""
+        if float(temperature) != self.temperature:
+            self.temperature = float(temperature)
+            self._graphs.clear()
+
     # ------------------------------------------------------------------------------ buffers
 
     def _reserve(self, needed: int) -> None:

@@ -6,11 +6,14 @@ target's chat template; a later turn follows the model's *own* earlier answers, 
 speculative run and the baseline run each continue their own conversation (identical at T = 0
 up to floating-point rounding, which the report checks).
 
-Speculative decoding and the autoregressive baseline run on the same engine (same target
-forward, same static cache, the same CUDA graphs on GPU): the speed-up measures speculation,
-not implementation differences.
+Timing goes through ``speculative.timing.measure_speedup``, the one implementation of "time AR,
+time speculation, report the ratio" (the study's ``bench/compare_drafters.py`` and
+``bench/one_bench.py`` use it too). The AR baseline is the fastest batch-1 AR the repository has
+(``--ar-engine batch``: ``BatchGenerator`` with ``chain_length=0``, one CUDA graph per step), or the
+tree engine's own ``generate_autoregressive`` (``--ar-engine static``); docs/benchmarking.md.
 
     draftrl eval --drafter DIR [--bench mt_bench,humaneval,gsm8k] [--temperature 0,1] [--out DIR]
+                 [--repeats 3] [--ar-engine batch|static|batch,static]
     draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
     draftrl generate "question" [--drafter DIR] [--temperature T]
     draftrl generate --input questions.jsonl [--drafter DIR] [--out answers.jsonl]
@@ -255,64 +258,6 @@ def load_models(target_spec: str, drafter_dir: str | Path | None, device: torch.
 # ---------------------------------------------------------------------------------- reports
 
 
-@dataclass
-class BlockStats:
-    """One benchmark at one temperature."""
-
-    bench: str
-    temperature: float
-    questions: int = 0
-    generations: int = 0
-    spec_tokens: int = 0
-    spec_time_s: float = 0.0
-    verify_forwards: int = 0
-    accepted_tokens: int = 0
-    baseline_tokens: int = 0
-    baseline_time_s: float = 0.0
-    mismatches: int | None = None  # T = 0 only: generations where speculative != baseline
-    first_mismatch_at: list[int] = field(default_factory=list)  # token index, per mismatch
-    accept_histogram: list[int] = field(default_factory=list)  # verifications per accept length
-
-    def add(self, spec: TurnResult, base: TurnResult) -> None:
-        self.generations += 1
-        self.spec_tokens += len(spec.tokens)
-        self.spec_time_s += spec.wall_time
-        self.verify_forwards += len(spec.accept_lengths)
-        self.accepted_tokens += sum(spec.accept_lengths)
-        self.baseline_tokens += len(base.tokens)
-        self.baseline_time_s += base.wall_time
-        for a in spec.accept_lengths:
-            if a >= len(self.accept_histogram):
-                self.accept_histogram += [0] * (a + 1 - len(self.accept_histogram))
-            self.accept_histogram[a] += 1
-        if self.temperature == 0:
-            self.mismatches = self.mismatches or 0
-            if spec.tokens != base.tokens:
-                self.mismatches += 1
-                pairs = zip(spec.tokens, base.tokens)
-                self.first_mismatch_at.append(
-                    next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(spec.tokens), len(base.tokens)))
-                )
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens per verification forward, bonus included; prefill forwards excluded."""
-        return 1.0 + self.accepted_tokens / self.verify_forwards if self.verify_forwards else 1.0
-
-    def summary(self) -> dict[str, Any]:
-        spec_tps = self.spec_tokens / self.spec_time_s if self.spec_time_s else 0.0
-        base_tps = self.baseline_tokens / self.baseline_time_s if self.baseline_time_s else 0.0
-        data = asdict(self)
-        data.update(
-            tau=round(self.tau, 4),
-            mean_accept_length=round(self.tau - 1.0, 4),
-            spec_tokens_per_s=round(spec_tps, 2),
-            baseline_tokens_per_s=round(base_tps, 2),
-            speedup=round(spec_tps / base_tps, 4) if base_tps else None,
-        )
-        return data
-
-
 def write_reports(out_dir: Path, config: dict[str, Any], blocks: list[dict[str, Any]]) -> None:
     """``results.json``, ``results.md`` and ``results.png`` (rewritten after every block)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,20 +278,29 @@ def markdown_table(config: dict[str, Any], blocks: list[dict[str, Any]]) -> str:
         f"`{config.get('compile')}`; tree depth {tree.get('depth')}, top-k {tree.get('top_k')}, "
         f"{tree.get('total_tokens')} draft tokens; max {config.get('max_new_tokens')} new tokens.",
         "τ = tokens per verification forward (accepted + bonus). Speed-up = speculative tokens/s "
-        "over autoregressive tokens/s, both on the same static-cache engine.",
+        f"over autoregressive tokens/s (AR engine `{(config.get('ar_engine') or ['?'])[0]}`), timed by "
+        "`speculative.timing.measure_speedup` (alternating per question, same process); "
+        f"{config.get('repeats', 1)} repeat(s), (min-max) over finished repeats.",
         "",
-        "| bench | T | τ | spec tok/s | AR tok/s | speed-up | prompts | generations | spec tokens "
-        "| AR tokens | T=0 spec ≠ AR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bench | T | τ | spec tok/s | AR tok/s | speed-up (min-max) | prompts | repeats | generations "
+        "| spec tokens | AR tokens | T=0 spec ≠ AR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in blocks:
-        mism = "-" if b["mismatches"] is None else f"{b['mismatches']}/{b['generations']}"
+        timed = b.get("timed_generations", b["generations"])
+        mism = "-" if b["mismatches"] is None else f"{b['mismatches']}/{timed}"
         speedup = f"{b['speedup']:.2f}x" if b["speedup"] is not None else "-"
+        spread = (b.get("spread") or {}).get("speedup")
+        if spread and spread["n"] > 1:
+            speedup += f" ({spread['min']:.2f}-{spread['max']:.2f})"
         lines.append(
             f"| {b['bench']} | {b['temperature']:g} | {b['tau']:.3f} | {b['spec_tokens_per_s']:.1f} "
-            f"| {b['baseline_tokens_per_s']:.1f} | {speedup} | {b['questions']} | {b['generations']} "
+            f"| {b['baseline_tokens_per_s']:.1f} | {speedup} | {b['questions']} "
+            f"| {b.get('complete_repeats', 1)}/{b.get('repeats', 1)} | {b['generations']} "
             f"| {b['spec_tokens']} | {b['baseline_tokens']} | {mism} |"
         )
+        for name, rate in (b.get("other_ar_tokens_per_s") or {}).items():
+            lines.append(f"| {b['bench']} | {b['temperature']:g} | AR `{name}` | | {rate:.1f} | | | | | | | |")
     for error in config.get("compile_errors") or []:
         lines += ["", f"**Fallback:** {error}"]
     if any(b["mismatches"] for b in blocks):
@@ -428,12 +382,42 @@ def _seed_for(seed: int, bench: str, index: int, turn: int) -> int:
     return (seed * 1_000_003 + sum(map(ord, bench)) * 10_007 + index * 101 + turn) % (2**63)
 
 
-def run_eval(args) -> int:
-    """``draftrl eval``: τ and speed per benchmark and temperature, spec vs autoregressive."""
-    import torch
-    from tqdm.auto import tqdm
-
+def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: str | None = None,
+                   compile: str | None = None, max_new_tokens: int | None = None):
+    """(tree-engine decoder, {name: AR decoder}) sized for ``questions``: what every timed
+    comparison uses (``speculative.timing``); the first AR engine is the speed-up's baseline."""
     from speculative.engine import SpeculativeGenerator
+    from speculative.timing import autoregressive_decoder, parse_ar_engines, speculative_decoder
+
+    compile = compile or args.compile
+    max_new_tokens = max_new_tokens or args.max_new_tokens
+    budget = max(context_budget(tokenizer, qs, max_new_tokens) for qs in questions.values())
+    budget = max(budget, len(warm_prompt(tokenizer)) + max_new_tokens)
+    engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=compile, max_len=budget,
+                                  seed=getattr(args, "seed", 0))
+    ars = {}
+    for kind in parse_ar_engines(ar_engines or getattr(args, "ar_engine", None) or "batch"):
+        ars[kind] = autoregressive_decoder(target, kind, compile=compile, max_len=budget,
+                                           seed=getattr(args, "seed", 0), engine=engine)
+    return speculative_decoder(engine), ars, budget
+
+
+def warm_prompt(tokenizer) -> list[int]:
+    return chat_prompt(tokenizer, [{"role": "user", "content": BUILTIN_PROMPTS[1]}])[0]
+
+
+def first_turn_prompts(tokenizer, questions: dict[str, list[BenchQuestion]]) -> list[list[int]]:
+    """Every question's first-turn prompt: ``speculative.timing.warm_up`` pre-fills each length."""
+    return [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])[0]
+            for qs in questions.values() for q in qs]
+
+
+def run_eval(args) -> int:
+    """``draftrl eval``: τ and speed per benchmark and temperature, spec vs autoregressive, timed by
+    ``speculative.timing.measure_speedup`` (the one timing path of the repository)."""
+    import torch
+
+    from speculative.timing import markdown_summary, measure_speedup, warm_up
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -449,13 +433,11 @@ def run_eval(args) -> int:
     target, drafter, tokenizer = load_models(args.target, args.drafter, device, dtype, args.cache_dir)
     eos = eos_token_ids(tokenizer, target.model)
     questions = {name: load_questions(path, args.num_prompts, name) for name, path in benches}
-    budget = max(context_budget(tokenizer, qs, args.max_new_tokens) for qs in questions.values())
     started = time.perf_counter()
-    engine = SpeculativeGenerator(
-        target, drafter, _tree_config(args), compile=args.compile, max_len=budget, seed=args.seed,
-    )
-    print(f"[draftrl] engine ready ({engine.compile}, static cache for {budget} tokens) in "
-          f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    spec, ars, budget = build_decoders(target, drafter, tokenizer, questions, args)
+    print(f"[draftrl] engines ready (tree {spec.compile}; AR {', '.join(f'{k} {d.compile}' for k, d in ars.items())};"
+          f" caches for {budget} tokens) in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    engine = spec.engine
     config = {
         "target": args.target,
         "drafter": str(args.drafter),
@@ -464,80 +446,74 @@ def run_eval(args) -> int:
         "max_minutes": args.max_minutes,
         "max_new_tokens": args.max_new_tokens,
         "num_prompts": args.num_prompts,
+        "repeats": args.repeats,
+        "ar_engine": list(ars),
         "seed": args.seed,
         "tree": asdict(engine.tree_config),
         "eos_token_ids": sorted(eos),
         **_environment(device, dtype, args),
         "compile": engine.compile,
-        "compile_errors": engine.compile_errors,
+        "compile_errors": engine.compile_errors + [e for d in ars.values() for e in d.engine.compile_errors],
+        "timing": "speculative.timing.measure_speedup: spec and AR alternate per question, benches round-robin, "
+                  "synchronize around each generation, untimed full-length warm-up",
     }
-
-    # Warm-up (untimed): allocator, cuBLAS, lazy inits; first prompt's shapes.
-    warm_ids, _ = chat_prompt(tokenizer, [{"role": "user", "content": BUILTIN_PROMPTS[0]}])
-    for temperature in temperatures:
-        engine.temperature = temperature
-        engine.generate(warm_ids, min(args.max_new_tokens, 32), eos)
-        engine.generate_autoregressive(warm_ids, min(args.max_new_tokens, 32), eos)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else None
-    pending = len(temperatures) * len(benches)
+    conversation = _conversation(tokenizer, eos)
     with open(out_dir / "generations.jsonl", "w") as records:
-        for temperature in temperatures:
-            engine.temperature = temperature
-            for name, _ in benches:
-                block = BlockStats(name, temperature)
-                # With a time budget, each remaining block gets an equal share of what is left
-                # (at least one question): a partial but balanced table rather than a killed run.
-                block_end = None
-                if deadline is not None:
-                    block_end = time.perf_counter() + max(deadline - time.perf_counter(), 0) / pending
-                pending -= 1
-                bar = tqdm(questions[name], desc=f"{name} T={temperature:g}", unit="q",
-                           file=sys.stderr, dynamic_ncols=True)
-                for index, question in enumerate(bar):
-                    if block_end is not None and index > 0 and time.perf_counter() > block_end:
-                        print(f"[draftrl] {name} T={temperature:g}: time share used, stopping after "
-                              f"{index} questions", file=sys.stderr, flush=True)
-                        break
+        def on_pair(bench, repeat, index, question, spec_turns, ar_turns):
+            for s, b in zip(spec_turns, ar_turns or [None] * len(spec_turns)):
+                record = {"bench": bench, "question_id": question.question_id, "turn": s.turn,
+                          "temperature": temperature, "repeat": repeat,
+                          "spec": {"prompt": s.prompt_text, "text": s.text, "tokens": len(s.tokens),
+                                   "accept_lengths": s.accept_lengths}}
+                if b is not None:
+                    record["baseline"] = {"prompt": b.prompt_text, "text": b.text, "tokens": len(b.tokens)}
+                    record["identical"] = s.tokens == b.tokens
+                records.write(json.dumps(record) + "\n")
 
-                    def speculative(ids, turn, q=index):
-                        engine.reseed(_seed_for(args.seed, name, q, turn))
-                        return engine.generate(ids, args.max_new_tokens, eos)
-
-                    def baseline(ids, turn, q=index):
-                        engine.reseed(_seed_for(args.seed, name, q, turn) + 1)
-                        return engine.generate_autoregressive(ids, args.max_new_tokens, eos)
-
-                    spec = run_conversation(speculative, tokenizer, question, eos)
-                    base = run_conversation(baseline, tokenizer, question, eos)
-                    block.questions += 1
-                    for s, b in zip(spec, base):
-                        block.add(s, b)
-                        records.write(json.dumps({
-                            "bench": name, "question_id": question.question_id, "turn": s.turn,
-                            "temperature": temperature,
-                            "spec": {"prompt": s.prompt_text, "text": s.text, "tokens": len(s.tokens),
-                                     "time_s": round(s.wall_time, 5), "accept_lengths": s.accept_lengths},
-                            "baseline": {"prompt": b.prompt_text, "text": b.text, "tokens": len(b.tokens),
-                                         "time_s": round(b.wall_time, 5)},
-                            "identical": s.tokens == b.tokens,
-                        }) + "\n")
-                    summary = block.summary()
-                    bar.set_postfix(tau=f"{summary['tau']:.2f}", speedup=f"{summary['speedup'] or 0:.2f}")
-                bar.close()
-                blocks.append(block.summary())
-                records.flush()
-                write_reports(out_dir, config, blocks)
-                b = blocks[-1]
-                mism = "" if b["mismatches"] is None else f", T=0 spec!=AR {b['mismatches']}/{b['generations']}"
-                print(f"[draftrl] {name} T={temperature:g}: tau {b['tau']:.3f}, spec {b['spec_tokens_per_s']:.1f} "
-                      f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x{mism}",
+        for position, temperature in enumerate(temperatures):
+            # With a time budget, each temperature gets an equal share of what is left; inside it the
+            # benches are visited round-robin, so a cut leaves a balanced table.
+            share = None
+            if deadline is not None:
+                share = time.perf_counter() + max(deadline - time.perf_counter(), 0) / (len(temperatures) - position)
+            for decoder in (spec, *ars.values()):
+                decoder.temperature = temperature
+            warm_up([spec, *ars.values()], warm_prompt(tokenizer), args.max_new_tokens, eos,
+                    prompts=first_turn_prompts(tokenizer, questions))
+            measurement = measure_speedup(
+                spec, ars, questions, conversation, max_new_tokens=args.max_new_tokens, eos=eos,
+                temperature=temperature, repeats=args.repeats, deadline=share,
+                seed_for=lambda bench, q, turn: _seed_for(args.seed, bench, q, turn), on_pair=on_pair,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+            records.flush()
+            blocks += measurement.summaries()
+            runs.append({k: v for k, v in measurement.to_dict().items() if k != "benches"})
+            config["runs"] = runs
+            write_reports(out_dir, config, blocks)
+            (out_dir / f"timing_T{temperature:g}.md").write_text(markdown_summary(measurement))
+            for b in measurement.summaries():
+                mism = "" if b["mismatches"] is None else f", T=0 spec!=AR {b['mismatches']}/{b['timed_generations']}"
+                print(f"[draftrl] {b['bench']} T={temperature:g}: tau {b['tau']:.3f}, spec {b['spec_tokens_per_s']:.1f} "
+                      f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x "
+                      f"({b['questions']} questions, {b['complete_repeats']}/{b['repeats']} repeats){mism}",
                       file=sys.stderr, flush=True)
     print(f"[draftrl] results: {out_dir / 'results.md'}", file=sys.stderr)
     print((out_dir / "results.md").read_text())
     return 0
+
+
+def _conversation(tokenizer, eos: set[int]):
+    """``conversation(generate, question)`` for ``speculative.timing``: the chat-template flow."""
+    def conversation(generate, question):
+        return run_conversation(generate, tokenizer, question, eos)
+
+    return conversation
 
 
 # ---------------------------------------------------------------------------------- check

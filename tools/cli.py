@@ -77,8 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=None,
                        help="output folder (default runs/eval/<drafter name>)")
     bench.add_argument("--max-minutes", type=float, default=None, metavar="M",
-                       help="time budget for the timed part: each bench x temperature gets an equal share "
-                            "and stops early (the report says how many prompts ran)")
+                       help="time budget for the timed part: each temperature gets an equal share; benches are "
+                            "visited round-robin and no question starts after it (the report says how many ran)")
+    bench.add_argument("--repeats", type=int, default=1, metavar="R",
+                       help="time every question R times in this process; the report gives the spread")
+    bench.add_argument("--ar-engine", default="batch", metavar="NAME[,NAME]",
+                       help="AR baseline: batch (BatchGenerator chain_length=0, the faster at batch 1; default) "
+                            "or static (the tree engine's generate_autoregressive); 'batch,static' times both, "
+                            "the first is the speed-up's baseline")
     bench.add_argument("--check", action="store_true",
                        help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
     add_model_args(bench, drafter_required=True)
