@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(args)
     if args.command == "export":  # file level: no target, no experiment config
         from speculative.checkpoint import export_drafter
-        from speculative.target import verifier_id
+        from speculative.target import verifier_architectures, verifier_id
 
         try:
             out = export_drafter(args.drafter, args.out, args.format, layout=args.layout,
                                  verifier=verifier_id(args.verifier) if args.verifier else None,
+                                 verifier_architectures=verifier_architectures(args.verifier) if args.verifier else None,
                                  speculative_tokens=args.speculative_tokens)
         except (ValueError, FileNotFoundError) as error:
             print(f"draftrl: {error}", file=sys.stderr)
