@@ -166,3 +166,27 @@ def smollm2_vllm_dir() -> Path:
         return Path(resolve_target("smollm2"))
     except (FileNotFoundError, ImportError) as missing:
         pytest.skip(f"SmolLM2 target unavailable: {missing}")
+
+
+# -- tests that need the real Qwen2.5-Coder-1.5B target: not run by `make test` ---------------------
+def pytest_addoption(parser):
+    parser.addoption("--run-heavy", action="store_true", default=False,
+                     help="also run tests marked heavy (the real 1.5B Qwen target: 1.1 GB of packages, "
+                          "a 3.55 GB conversion, ~7 GB of memory per float32 copy)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy: pass --run-heavy to run it (the real 1.5B Qwen target)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_dir() -> Path:
+    """The real Qwen2.5-Coder-1.5B-Instruct as a safetensors directory (joined, checked, converted)."""
+    from speculative.target import resolve_target
+
+    return Path(resolve_target("qwen2.5-coder-1.5b"))
