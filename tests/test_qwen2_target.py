@@ -43,7 +43,7 @@ def _fake_split(tmp_path, monkeypatch, data: bytes, parts: int = 3, sha256: str 
     step = -(-len(data) // parts)
     for i in range(1, parts + 1):
         folder = root / split.module(i) / "data"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / f"part{i:02d}.bin").write_bytes(data[(i - 1) * step: i * step])
     monkeypatch.setitem(SPLIT_TARGETS, "fake", split)
     return split
@@ -54,11 +54,13 @@ def test_split_gguf_is_joined_in_order_and_checked(tmp_path, monkeypatch):
     _fake_split(tmp_path, monkeypatch, data)
     joined = split_gguf_path("fake", tmp_path / "cache", install=False)
     assert joined.read_bytes() == data
+    assert not (tmp_path / "cache" / "packages" / "draftrl-fake-part0.0.1").exists()  # parts it installed: gone
     assert split_gguf_path("fake", tmp_path / "cache", install=False) == joined  # cached, checked again
     joined.write_bytes(data[:-1] + b"\x00")  # corrupted after the join: refused, and removed
     with pytest.raises(ChecksumMismatch, match="sha256"):
         split_gguf_path("fake", tmp_path / "cache", install=False)
     assert not joined.exists()
+    _fake_split(tmp_path, monkeypatch, data)  # the parts again (draftrl would pip-install them)
     assert split_gguf_path("fake", tmp_path / "cache", install=False).read_bytes() == data  # re-joined
 
 
@@ -66,6 +68,7 @@ def test_split_gguf_wrong_digest_and_missing_parts_fail_loudly(tmp_path, monkeyp
     split = _fake_split(tmp_path, monkeypatch, b"GGUF" * 100, sha256="0" * 64)
     with pytest.raises(ChecksumMismatch, match="expected 400 bytes with sha256 0000"):
         split_gguf_path("fake", tmp_path / "cache", install=False)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())  # nothing half-checked is left
     (tmp_path / "cache" / "packages" / "draftrl-fake-part0.0.1" / split.module(2) / "data" / "part02.bin").unlink()
     with pytest.raises(FileNotFoundError, match="draftrl-fake-part2==0.0.1"):
         split_gguf_path("fake", tmp_path / "cache", install=False)
