@@ -35,7 +35,7 @@ from speculative.checkpoint import export_drafter
 from speculative.config import ExperimentConfig, dump_config
 from speculative.data import collate
 from speculative.data.batches import BatchOrder
-from speculative.target import verifier_id
+from speculative.target import verifier_architectures, verifier_id
 from speculative.drafter_blueprint import (
     DrafterBlueprint,
     blueprint_from_directory,
@@ -324,7 +324,8 @@ class DistributedTrainer:
         ray.get(self.learners.rank0.save_drafter.remote(
             str(drafter_dir), "bfloat16",
             {"step": self.version, "target": cfg.target.model, "objective": train_cfg.objective,
-             "verifier": verifier_id(cfg.target.model)}))
+             "verifier": verifier_id(cfg.target.model),
+             "verifier_architectures": verifier_architectures(cfg.target.model)}))
         for fmt in cfg.drafter.export_formats:  # the same weights in other tools' layouts
             export_drafter(drafter_dir, self.out / f"drafter_{fmt}", fmt, speculative_tokens=train_cfg.ttt_steps)
         plot_curves(self.log.path, self.out / "curves.png", train_cfg.ttt_steps)

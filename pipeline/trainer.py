@@ -263,7 +263,8 @@ class Trainer:
 
         drafter_dir = save_drafter(
             drafter, self.out / "drafter", dtype=torch.bfloat16,
-            metadata={"step": step, "target": cfg.target.model, "objective": train_cfg.objective},
+            metadata={"step": step, "target": cfg.target.model, "objective": train_cfg.objective,
+                      "verifier_architectures": list(getattr(target.config, "architectures", None) or [])},
             verifier=verifier_id(cfg.target.model),
         )
         for fmt in cfg.drafter.export_formats:  # the same weights in other tools' layouts

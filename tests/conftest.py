@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama targets built from configs (no hub access needed)."""
+"""Shared fixtures: tiny random Llama and Qwen2 targets built from configs (no hub access needed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
 from speculative.target import TargetModel
@@ -28,6 +28,46 @@ def tiny_llama(vocab_size: int = 96, hidden: int = 32, layers: int = 8, seed: in
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+TARGET_ARCHS = ("llama", "qwen2")
+
+
+def randomize_biases(model: torch.nn.Module, seed: int, std: float = 0.5) -> torch.nn.Module:
+    """Qwen2 initialises its q/k/v biases to zero; make them matter (a forward that dropped them
+    would then disagree with the Hugging Face one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model
+
+
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, **config) -> torch.nn.Module:
+    """A random tiny target of ``arch`` (``TARGET_ARCHS``) from LlamaConfig/Qwen2Config fields.
+
+    Qwen2 differs from Llama in what these tests must see: q/k/v biases (randomised here), its
+    RoPE base (1e6 unless ``rope_parameters`` says otherwise) and, in the 0.5B-3B checkpoints,
+    tied embeddings (a case passes ``tie_word_embeddings=True``).
+    """
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**config)).eval()
+    if arch == "qwen2":
+        config.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 1_000_000.0})
+        return randomize_biases(Qwen2ForCausalLM(Qwen2Config(**config)), seed + 1).eval()
+    raise ValueError(f"unknown tiny target architecture {arch!r}; one of {TARGET_ARCHS}")
+
+
+def tiny_qwen2(vocab_size: int = 96, hidden: int = 32, layers: int = 8, seed: int = 0,
+               tie_word_embeddings: bool = False) -> Qwen2ForCausalLM:
+    """``tiny_llama``'s shape as a Qwen2 (biases randomised, RoPE base 1e6)."""
+    return tiny_causal_lm(
+        "qwen2", seed, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=tie_word_embeddings,
+    )
 
 
 def tiny_drafter(target: TargetModel, draft_vocab: DraftVocab | None = None, seed: int = 0) -> Eagle3Drafter:
@@ -126,3 +166,27 @@ def smollm2_vllm_dir() -> Path:
         return Path(resolve_target("smollm2"))
     except (FileNotFoundError, ImportError) as missing:
         pytest.skip(f"SmolLM2 target unavailable: {missing}")
+
+
+# -- tests that need the real Qwen2.5-Coder-1.5B target: not run by `make test` ---------------------
+def pytest_addoption(parser):
+    parser.addoption("--run-heavy", action="store_true", default=False,
+                     help="also run tests marked heavy (the real 1.5B Qwen target: 1.1 GB of packages, "
+                          "a 3.55 GB conversion, ~7 GB of memory per float32 copy)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy: pass --run-heavy to run it (the real 1.5B Qwen target)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_dir() -> Path:
+    """The real Qwen2.5-Coder-1.5B-Instruct as a safetensors directory (joined, checked, converted)."""
+    from speculative.target import resolve_target
+
+    return Path(resolve_target("qwen2.5-coder-1.5b"))

@@ -17,7 +17,7 @@ from speculative.fused_llama import FusedLlama
 from speculative.target import TargetModel
 from speculative.tree import TreeConfig
 from speculative.vocab import DraftVocab
-from tests.conftest import tiny_drafter
+from tests.conftest import TARGET_ARCHS, tiny_drafter
 from tests.test_tree_engine import (
     _exact_joint, _tiny_vocab_pair, chi_square_pvalue, hf_greedy, small_llama, train_agreeing_pair,
 )
@@ -60,8 +60,10 @@ def _greedy(model, prompts, n):
          "rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
         {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},  # MQA, biases
+        {"arch": "qwen2"},  # random q/k/v biases (o_proj has none), RoPE base 1e6
+        {"arch": "qwen2", "tie_word_embeddings": True, "num_key_value_heads": 1},
     ],
-    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases"],
+    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases", "qwen2-gqa", "qwen2-mqa-tied"],
 )
 def test_fused_llama_matches_fast_llama(overrides):
     """Ragged causal prefill, then per-sequence chunks at different positions through a mask."""
@@ -97,11 +99,12 @@ def test_fused_llama_matches_fast_llama(overrides):
 # Losslessness at T = 0
 
 
-def test_batched_greedy_equals_target_greedy_random_drafters():
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_batched_greedy_equals_target_greedy_random_drafters(arch):
     """Mostly rejections (the correction path), ragged prompts, scattered draft vocabularies,
     fewer rows than prompts (finished rows take the next prompt), small attention spans."""
     for seed in range(3):
-        target = TargetModel(small_llama(300 + seed, layers=3))
+        target = TargetModel(small_llama(300 + seed, layers=3, arch=arch))
         vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
         drafter = tiny_drafter(target, vocab, seed=seed)
         prompts = _prompts(8, seed)
@@ -202,11 +205,12 @@ def _continuation_counts(engine: BatchGenerator, prompt: list[int], n: int) -> t
     return counts, sum(a > 0 for row in result.accept_lengths for a in row)
 
 
-def test_batched_sampling_matches_target_distribution(monkeypatch):
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_batched_sampling_matches_target_distribution(monkeypatch, arch):
     """End to end at T = 0.8: 3-token continuations from the batched engine (prefill sample,
     vectorised rejection sampling, catch-up, refilled rows) vs the target's exact law; the
     autoregressive mode too. A verifier that accepts every proposal fails the same test."""
-    target, drafter = _tiny_vocab_pair(seed=3)
+    target, drafter = _tiny_vocab_pair(seed=3, arch=arch)
     prompt, temperature = [2, 7, 1, 6], 0.8
     joint = _exact_joint(target, prompt, temperature, 8)
     engine = BatchGenerator(target, drafter, 2, temperature=temperature, seed=11, max_batch=256, sync_every=2)

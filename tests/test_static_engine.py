@@ -17,7 +17,7 @@ from speculative.llama import FastLlama
 from speculative.target import TargetModel
 from speculative.tree import TreeConfig, tree_size
 from speculative.vocab import DraftVocab
-from tests.conftest import tiny_drafter
+from tests.conftest import TARGET_ARCHS, tiny_drafter
 from tests.test_tree_engine import hf_greedy, small_llama, train_agreeing_pair
 
 
@@ -74,10 +74,11 @@ def test_compile_modes():
         StaticDecoder(FastLlama.from_target(target), use_graphs=True)
 
 
-def test_static_greedy_equals_target_greedy_random_drafters():
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_static_greedy_equals_target_greedy_random_drafters(arch):
     """Mostly rejections: the correction path, d2t mapping, varied tree shapes, cache reuse."""
-    for seed in range(8):
-        hf = small_llama(200 + seed, layers=3)
+    for seed in range(8 if arch == "llama" else 4):
+        hf = small_llama(200 + seed, layers=3, arch=arch)
         target = TargetModel(hf)
         vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
         drafter = tiny_drafter(target, vocab, seed=seed)

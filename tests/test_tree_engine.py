@@ -18,21 +18,22 @@ from speculative.tree import DraftTree, TreeConfig, ancestor_mask, build_draft_t
 from speculative.ttt import restrict_to_draft_vocab, step_weights, training_time_test
 from speculative.verify import VerifyStep, verify_tree
 from speculative.vocab import DraftVocab
-from tests.conftest import tiny_drafter
+from tests.conftest import TARGET_ARCHS, tiny_causal_lm, tiny_drafter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_llama(seed: int, vocab: int = 64, layers: int = 4, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
+def small_llama(seed: int, vocab: int = 64, layers: int = 4, arch: str = "llama", **overrides) -> LlamaForCausalLM:
+    """A tiny random target; ``arch="qwen2"`` gives the same shape as a Qwen2 (random q/k/v
+    biases, RoPE base 1e6)."""
     config = dict(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=False,
     )
     config.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+    return tiny_causal_lm(arch, seed, **config)
 
 
 @torch.no_grad()
@@ -68,21 +69,24 @@ def chi_square_pvalue(observed: torch.Tensor, probs: torch.Tensor, min_expected:
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "arch,overrides",
     [
-        {},  # GQA 4/2, head_dim = hidden / heads
-        {  # head_dim != hidden / heads, tied embeddings, Llama-3 RoPE scaling, MHA
+        ("llama", {}),  # GQA 4/2, head_dim = hidden / heads
+        ("llama", {  # head_dim != hidden / heads, tied embeddings, Llama-3 RoPE scaling, MHA
             "head_dim": 16, "num_key_value_heads": 4, "tie_word_embeddings": True,
             "rope_parameters": {
                 "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 16,
             },
-        },
+        }),
+        ("qwen2", {}),  # q/k/v biases, RoPE base 1e6, untied (Qwen2.5-7B and up)
+        ("qwen2", {"tie_word_embeddings": True, "num_key_value_heads": 1}),  # tied, MQA (0.5B-3B)
     ],
+    ids=["llama-gqa", "llama-mha-llama3-rope-tied", "qwen2-gqa", "qwen2-mqa-tied"],
 )
-def test_fast_llama_matches_hf_prefill_decode_tree_and_compaction(overrides):
-    hf = small_llama(3, **overrides)
+def test_fast_llama_matches_hf_prefill_decode_tree_and_compaction(arch, overrides):
+    hf = small_llama(3, arch=arch, **overrides)
     target = TargetModel(hf, aux_layer_ids=(0, 2, 3))
     fast = FastLlama.from_target(target)
     gen = torch.Generator().manual_seed(0)
@@ -257,10 +261,11 @@ def test_draft_tree_invariants_and_tree_attention():
 # Losslessness at T = 0
 
 
-def test_greedy_speculative_equals_target_greedy_random_drafters():
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_greedy_speculative_equals_target_greedy_random_drafters(arch):
     """Random drafters: almost everything is rejected, so this exercises the correction path."""
-    for seed in range(16):
-        hf = small_llama(100 + seed, layers=3)
+    for seed in range(16 if arch == "llama" else 8):
+        hf = small_llama(100 + seed, layers=3, arch=arch)
         target = TargetModel(hf)
         # Odd seeds draft over 40 scattered target ids (the d2t mapping is on the path).
         vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
@@ -354,9 +359,9 @@ def test_eos_and_max_new_tokens(trained_pair):
 # Losslessness at T > 0
 
 
-def _tiny_vocab_pair(seed: int = 0, vocab: int = 8):
+def _tiny_vocab_pair(seed: int = 0, vocab: int = 8, arch: str = "llama"):
     """A vocab-8 target with spread-out (not near-uniform) next-token distributions."""
-    hf = small_llama(seed, vocab=vocab, layers=2, hidden_size=16, intermediate_size=32,
+    hf = small_llama(seed, vocab=vocab, layers=2, arch=arch, hidden_size=16, intermediate_size=32,
                      num_attention_heads=2, num_key_value_heads=1)
     with torch.no_grad():
         hf.lm_head.weight.mul_(25.0)
@@ -474,10 +479,11 @@ def _engine_counts(engine, prompt, n: int) -> tuple[torch.Tensor, int]:
     return counts, accepting
 
 
-def test_engine_sampling_matches_target_distribution(monkeypatch):
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_engine_sampling_matches_target_distribution(monkeypatch, arch):
     """End to end at T = 0.8: 3-token continuations from the engine vs the target's exact law
     (prefill sample, verification, compaction and drafter catch-up all on the path)."""
-    target, drafter = _tiny_vocab_pair(seed=3)
+    target, drafter = _tiny_vocab_pair(seed=3, arch=arch)
     prompt, temperature = [2, 7, 1, 6], 0.8
     joint = _exact_joint(target, prompt, temperature, 8)
     engine = SpeculativeGenerator(target, drafter, TreeConfig(depth=2, top_k=3, total_tokens=6),

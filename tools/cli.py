@@ -95,22 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
         "regenerate", help="rewrite a chat dataset's assistant turns with the target through vLLM (resumable)",
     )
     add_regenerate_args(regenerate)
+
+    from tools.code_prompts import add_arguments as add_code_prompt_args
+
+    code_prompts = commands.add_parser(
+        "code-prompts", help="ShareGPT + HumanEval prompts (minus the 80 benchmark questions) for a coding target",
+    )
+    add_code_prompt_args(code_prompts)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "code-prompts":
+        from tools.code_prompts import run_cli as run_code_prompts
+
+        return run_code_prompts(args)
     if args.command == "regenerate":  # flags only; vLLM is imported when it starts
         from tools.regenerate import run_cli
 
         return run_cli(args)
     if args.command == "export":  # file level: no target, no experiment config
         from speculative.checkpoint import export_drafter
-        from speculative.target import verifier_id
+        from speculative.target import verifier_architectures, verifier_id
 
         try:
             out = export_drafter(args.drafter, args.out, args.format, layout=args.layout,
                                  verifier=verifier_id(args.verifier) if args.verifier else None,
+                                 verifier_architectures=verifier_architectures(args.verifier) if args.verifier else None,
                                  speculative_tokens=args.speculative_tokens)
         except (ValueError, FileNotFoundError) as error:
             print(f"draftrl: {error}", file=sys.stderr)

@@ -35,6 +35,13 @@ uninterrupted run would have produced (up to vLLM's own batch-dependent numerics
 Conversations whose prompt no longer fits ``max_model_len`` stop at their last regenerated
 assistant turn (dropped, and counted, if that leaves none).
 
+Engines: ``--engine vllm`` (default) batches requests through vLLM's chat API. ``--engine batched``
+runs draftrl's own batched engine (``speculative.batch_engine.BatchGenerator``, autoregressive, CUDA
+graphs on GPU) where vLLM is not installed, e.g. the GPU machine: same prompts (the target's chat
+template), same stop tokens, temperature sampling; it has no top-p/top-k and seeds per shard
+rather than per request, so a resumed run samples other (equally valid) answers than an
+uninterrupted one would have.
+
 Fault injection for tests: ``DRAFTRL_REGENERATE_FAULT=kill-before-commit:N`` SIGKILLs the process
 after the temporary file of the shard that follows N committed shards is written, before it is
 renamed (a crash at the worst moment).
@@ -75,6 +82,17 @@ class Sampling:
     top_k: int = 0  # 0 = off
     max_tokens: int = 1024
     seed: int = 0
+
+
+@dataclass
+class RequestParams:
+    """One request's sampling parameters for the batched engine (vLLM's ``SamplingParams`` subset)."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    seed: int | None = None
 
 
 @dataclass
@@ -205,7 +223,9 @@ def regenerate_conversations(
 
     Returns (output rows, conversations dropped because not even their first prompt fit).
     """
-    from vllm import SamplingParams
+    SamplingParams = getattr(llm, "sampling_params_class", None)
+    if SamplingParams is None:
+        from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
     pending = [_Pending(conv) for conv in conversations]
@@ -347,8 +367,77 @@ def _merge(out_dir: Path, manifest: dict[str, Any], count: int) -> Path:
     return final
 
 
+class BatchedChat:
+    """The part of vLLM's ``LLM`` that regeneration uses, on draftrl's batched engine (no vLLM).
+
+    ``chat`` renders each history with the target's chat template (as vLLM's chat API does),
+    decodes the batch with ``BatchGenerator`` (``max_num_seqs`` rows at a time) until a stop token
+    or the request's ``max_tokens``, and returns vLLM-shaped outputs (``.outputs[0].text``,
+    ``.finish_reason``, ``.token_ids``).
+    """
+
+    sampling_params_class = RequestParams
+
+    def __init__(self, target_dir: str, *, dtype: str, max_model_len: int, seed: int, max_num_seqs: int,
+                 device: str | None = None):
+        import torch
+        from transformers import AutoTokenizer
+
+        from speculative.target import TargetModel, stop_token_ids
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.target = TargetModel.load(target_dir, dtype=getattr(torch, dtype), device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        self.stop = stop_token_ids(self.target.model, self.tokenizer)
+        self.seed, self.max_num_seqs, self.max_model_len = seed, max_num_seqs, max_model_len
+        self.engines: dict[float, Any] = {}
+        self.calls = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def _engine(self, temperature: float) -> Any:
+        from speculative.batch_engine import BatchGenerator
+
+        if temperature not in self.engines:
+            self.engines[temperature] = BatchGenerator(
+                self.target, None, 0, temperature=temperature, seed=self.seed, max_batch=self.max_num_seqs,
+                max_len=self.max_model_len)
+        return self.engines[temperature]
+
+    def chat(self, prompts: list[list[dict[str, str]]], params: list[RequestParams], use_tqdm: bool = False,
+             add_generation_prompt: bool = True) -> list[Any]:
+        from types import SimpleNamespace
+
+        if len({p.temperature for p in params}) > 1:
+            raise RegenerateError("the batched engine samples one batch at one temperature")
+        if any(p.top_p != 1.0 or p.top_k not in (0, -1) for p in params):
+            raise RegenerateError("the batched engine has no top-p/top-k sampling: use --engine vllm")
+        ids = []
+        for messages in prompts:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+            ids.append(self.tokenizer.encode(text, add_special_tokens=False))
+        engine = self._engine(params[0].temperature)
+        result = engine.generate(ids, max(p.max_tokens for p in params), self.stop)
+        self.calls += 1
+        outputs = []
+        for tokens, param in zip(result.tokens, params):
+            tokens = tokens[: param.max_tokens]
+            stopped = bool(tokens) and tokens[-1] in self.stop
+            text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(
+                text=text, token_ids=list(tokens), finish_reason="stop" if stopped else "length")]))
+        return outputs
+
+
 def _engine(target_dir: str, *, dtype: str, max_model_len: int, seed: int, max_num_seqs: int,
-            enforce_eager: bool | None) -> Any:
+            enforce_eager: bool | None, engine: str = "vllm") -> Any:
+    if engine == "batched":
+        return BatchedChat(target_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                           max_num_seqs=max_num_seqs)
+    if engine != "vllm":
+        raise RegenerateError(f"unknown engine {engine!r} (vllm or batched)")
     from actors.vllm_engine import CPU_ENGINE_ENV
 
     for key, value in CPU_ENGINE_ENV.items():
@@ -379,6 +468,7 @@ def regenerate(
     enforce_eager: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str = "vllm",
 ) -> RegenerateReport:
     """Regenerate ``source`` into ``out_dir`` (resuming what a previous run committed)."""
     from tqdm.auto import tqdm
@@ -407,6 +497,8 @@ def regenerate(
         settings = _settings(path, target_dir, format=format, offset=offset,
                              max_records=max_records, on_error=on_error, shard_size=shard_size,
                              dtype=dtype, max_model_len=max_model_len, sampling=sampling)
+        if engine != "vllm":  # recorded only when not the default: older manifests stay valid
+            settings["engine"] = engine
         (out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         for stale in (out_dir / SHARDS_DIR).glob(".shard-*.tmp"):
             stale.unlink()  # a killed run's uncommitted shard
@@ -418,7 +510,7 @@ def regenerate(
         if todo:
             llm = _engine(target_dir, dtype=dtype, max_model_len=max_model_len,
                           seed=sampling.seed, max_num_seqs=max_num_seqs,
-                          enforce_eager=enforce_eager)
+                          enforce_eager=enforce_eager, engine=engine)
             done_records = sum(manifest["shards"][str(i)]["records"] for i in done)
             bar = tqdm(total=total, initial=done_records, unit="conv", disable=not progress,
                        desc=f"regenerating {path.name}")
@@ -449,9 +541,10 @@ def regenerate(
                     bar.set_postfix(shards=f"{len(done)}/{count}")
             finally:
                 bar.close()
-                from actors.vllm_engine import _shutdown
+                if engine == "vllm":
+                    from actors.vllm_engine import _shutdown
 
-                _shutdown(llm)
+                    _shutdown(llm)
         if not manifest.get("complete") or not (out_dir / OUTPUT_FILE).is_file():
             _merge(out_dir, manifest, count)
             manifest["complete"] = True
@@ -495,6 +588,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--engine", default="vllm", choices=["vllm", "batched"],
+                        help="vllm, or draftrl's batched engine (no vLLM needed; no top-p/top-k)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a previous regeneration in --out (default: resume it)")
     parser.add_argument("--no-progress", action="store_true")
@@ -511,7 +606,7 @@ def run_cli(args: argparse.Namespace) -> int:
             max_records=args.max_records, on_error=args.on_error, shard_size=args.shard_size,
             sampling=sampling, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, overwrite=args.overwrite,
-            progress=not args.no_progress,
+            progress=not args.no_progress, engine=args.engine,
         )
     except (DataError, RegenerateError, FileNotFoundError) as error:
         print(f"draftrl: {error}", file=sys.stderr)

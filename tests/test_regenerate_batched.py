@@ -1,0 +1,66 @@
+"""``draftrl regenerate --engine batched``: the target's own answers without vLLM (the GPU machine
+has none), on tiny random Llama and Qwen2 targets with SmolLM2's tokenizer and chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from speculative.target import load_tokenizer, stop_token_ids
+from tests.conftest import TARGET_ARCHS, tiny_causal_lm, write_topic_chats
+from tests.test_tree_engine import hf_greedy
+from tools.cli import main
+from tools.regenerate import BatchedChat, RegenerateError, RequestParams, Sampling, regenerate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=TARGET_ARCHS)
+def tiny_chat_target(request, tmp_path_factory):
+    tokenizer = load_tokenizer("smollm2")
+    path = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    model = tiny_causal_lm(request.param, 0, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, tie_word_embeddings=request.param == "qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_greedy_answers_are_the_targets_and_read_back(tiny_chat_target, tmp_path, capsys):
+    source = write_topic_chats(tmp_path / "chats.jsonl", 5)
+    out = tmp_path / "regen"
+    code = main(["regenerate", "--source", str(source), "--out", str(out), "--target", str(tiny_chat_target),
+                 "--engine", "batched", "--temperature", "0", "--max-tokens", "6", "--shard-size", "2",
+                 "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--no-progress"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.split("[draftrl] report: ", 1)[1])
+    assert (report["conversations"], report["shards"]) == (5, 3)
+    rows = pq.read_table(out / "regenerated.parquet").to_pylist()
+    chat = BatchedChat(str(tiny_chat_target), dtype="float32", max_model_len=256, seed=0, max_num_seqs=4)
+    tokenizer, model = chat.tokenizer, chat.target.model
+    stop = stop_token_ids(model, tokenizer)
+    for row in rows:
+        user = row["messages"][:1]
+        text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        want = hf_greedy(model, tokenizer.encode(text, add_special_tokens=False), 6)
+        cut = next((i for i, t in enumerate(want) if t in stop), None)
+        want = want if cut is None else want[:cut]
+        assert row["messages"][1]["content"] == tokenizer.decode(want, skip_special_tokens=True)
+        assert row["generated_tokens"][0] == (6 if cut is None else cut + 1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["engine"] == "batched"
+
+
+def test_batched_engine_refuses_what_it_cannot_sample(tiny_chat_target):
+    chat = BatchedChat(str(tiny_chat_target), dtype="float32", max_model_len=128, seed=0, max_num_seqs=2)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(RegenerateError, match="top-p"):
+        chat.chat([messages], [RequestParams(temperature=1.0, top_p=0.9, max_tokens=4)])
+    with pytest.raises(RegenerateError, match="one temperature"):
+        chat.chat([messages, messages], [RequestParams(0.0, max_tokens=4), RequestParams(1.0, max_tokens=4)])
+    out = chat.chat([messages], [RequestParams(1.0, max_tokens=3)])[0].outputs[0]
+    assert 1 <= len(out.token_ids) <= 3 and out.finish_reason in ("stop", "length")
