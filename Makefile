@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(VENV)/bin/draftrl evaluate --config configs/demo.yaml --drafter runs/demo/drafter
 
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=1500 tests
+	# A test that hangs dumps every thread's stack at 10 min and fails at 20 (not the whole run).
+	$(PY) -m pytest -q --timeout=1200 -o faulthandler_timeout=600 --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -91,6 +91,8 @@ class LearnerWorker:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if backend == "gloo":
+            _skip_deepspeed_shm_comm()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
         embed = load_target_embedding(target_path, DTYPES[target_dtype])
@@ -312,3 +314,16 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def _skip_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce out of our gloo learners.
+
+    DeepSpeed JIT-compiles that op on first use under a file lock in ~/.cache/torch_extensions: a
+    learner killed mid-build (the fault tests kill learners) leaves the lock behind and every later
+    learner waits on it forever, and its kernels depend on the CPU's vector ISA. Plain gloo is all
+    the CPU path needs; marking the op incompatible makes DeepSpeed fall back to it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
