@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in tau_table(results):
         print("[demo]   " + line)
     print(f"[demo] τ plot: {out / 'tau.png'}")
-    print("[demo] next: train on a GPU (bash bench/gpu_sft.sh, or draftrl train --config configs/sft_smollm2.yaml), "
-          "evaluate (draftrl eval --drafter DIR), serve with vLLM (README: 'From a GPU to vLLM')")
+    print("[demo] next: on a GPU, train on your target (draftrl train --config configs/sft_smollm2.yaml --set "
+          "target.model=...), evaluate (draftrl eval --drafter DIR), serve with vLLM (draftrl export --format vllm; "
+          "speculative_config method eagle3): README, 'From a GPU and a target to a drafter served by vLLM'")
     return 0
 
 
