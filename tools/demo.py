@@ -61,7 +61,9 @@ OPD_SMALL = ["opd.chain_length=4", "opd.max_new_tokens=32"]
 
 
 def sft_overrides(out: Path) -> list[str]:
-    return [f"output_dir={out}"]
+    # One torch thread: on a busy 2-core box two threads spin against each other and a step
+    # takes a minute instead of seconds; on an idle one the cost of one thread is small.
+    return [f"output_dir={out}", "training.threads=1"]
 
 
 def gto_overrides(out: Path, sft_drafter: Path) -> list[str]:
@@ -111,7 +113,7 @@ def start_ray(num_cpus: int, dashboard: bool) -> str | None:
 
 def tau_stage(drafters: dict[str, Path], target: str, out: Path, benches=DEFAULT_BENCHES,
               num_prompts: int = 2, max_new_tokens: int = 48, tree: dict[str, int] | None = None,
-              threads: int | None = None) -> dict[str, list[dict]]:
+              threads: int | None = 1) -> dict[str, list[dict]]:
     """``draftrl eval`` at T=0 for every drafter, then ``out/tau.png``; {name: result blocks}."""
     from tools.cli import main
 
