@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--num-prompts", type=int, default=2, help="questions per benchmark in the τ stage")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ray-cpus", type=int, default=6, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
     args = parser.parse_args(argv)
