@@ -195,18 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ray-cpus", type=int, default=6, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    parser.add_argument("--skip-sft", action="store_true",
+                        help="keep the SFT drafter of a previous demo (OUT/drafter) and run the later stages")
     args = parser.parse_args(argv)
     started = time.time()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     out = args.out
-    if out.exists():
-        print(f"[demo] clearing the previous demo run in {out}", flush=True)
-        shutil.rmtree(out)
     plan = stages(out)
+    if args.skip_sft and not (out / "drafter" / "config.json").is_file():
+        parser.error(f"--skip-sft: no SFT drafter in {out / 'drafter'}")
+    for folder in [out / "gto", out / "opd", out / "tau"] if args.skip_sft else [out]:
+        if folder.exists():
+            print(f"[demo] clearing the previous demo run in {folder}", flush=True)
+            shutil.rmtree(folder)
 
     _banner("1/5 SFT warm-up (single process, SmolLM2-135M-Instruct target, CPU)")
-    name, config, overrides = plan[0]
-    train(config, overrides)
+    if args.skip_sft:
+        print(f"[demo] --skip-sft: using {out / 'drafter'}", flush=True)
+    else:
+        name, config, overrides = plan[0]
+        train(config, overrides)
     sft_s = time.time() - started
 
     _banner("2/5 a local Ray cluster in this process")
