@@ -60,10 +60,10 @@ GTO_SMALL = ["gto.tree_depth=4", "gto.tree_top_k=4", "gto.tree_total_tokens=16",
 OPD_SMALL = ["opd.chain_length=4", "opd.max_new_tokens=32"]
 
 
-def sft_overrides(out: Path) -> list[str]:
-    # One torch thread: on a busy 2-core box two threads spin against each other and a step
-    # takes a minute instead of seconds; on an idle one the cost of one thread is small.
-    return [f"output_dir={out}", "training.threads=1"]
+def sft_overrides(out: Path, threads: int = 1) -> list[str]:
+    # One torch thread by default: on a busy 2-core box two threads spin against each other and
+    # a step takes a minute instead of seconds (--threads 2 on an idle box).
+    return [f"output_dir={out}", f"training.threads={threads}"]
 
 
 def gto_overrides(out: Path, sft_drafter: Path) -> list[str]:
@@ -74,10 +74,10 @@ def opd_overrides(out: Path, sft_drafter: Path) -> list[str]:
     return [f"output_dir={out / 'opd'}", f"drafter.init_from={sft_drafter}", *RL_COMMON, *OPD_SMALL]
 
 
-def stages(out: Path) -> list[tuple[str, str, list[str]]]:
+def stages(out: Path, threads: int = 1) -> list[tuple[str, str, list[str]]]:
     """(name, config file, overrides) of the three training stages, in order."""
     sft_drafter = out / "drafter"
-    return [("SFT", SFT_CONFIG, sft_overrides(out)),
+    return [("SFT", SFT_CONFIG, sft_overrides(out, threads)),
             ("GTO", GTO_CONFIG, gto_overrides(out, sft_drafter)),
             ("Draft-OPD", OPD_CONFIG, opd_overrides(out, sft_drafter))]
 
@@ -195,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ray-cpus", type=int, default=6, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the SFT and τ stages (2 on an idle 2-core box; the Ray stages use 1)")
     parser.add_argument("--skip-sft", action="store_true",
                         help="keep the SFT drafter of a previous demo (OUT/drafter) and run the later stages")
     args = parser.parse_args(argv)
     started = time.time()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     out = args.out
-    plan = stages(out)
+    plan = stages(out, args.threads)
     if args.skip_sft and not (out / "drafter" / "config.json").is_file():
         parser.error(f"--skip-sft: no SFT drafter in {out / 'drafter'}")
     for folder in [out / "gto", out / "opd", out / "tau"] if args.skip_sft else [out]:
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     target = _target_of(plan[0][1], plan[0][2])
     drafters = {"SFT": out / "drafter", f"GTO (+{RL_UPDATES})": out / "gto" / "drafter",
                 f"Draft-OPD (+{RL_UPDATES})": out / "opd" / "drafter"}
-    results = tau_stage(drafters, target, out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
+    results = tau_stage(drafters, target, out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                        threads=args.threads)
     tau_s = time.time() - t0
     total = time.time() - started
 
