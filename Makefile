@@ -1,4 +1,4 @@
-# Two commands: `make demo` (train + evaluate a drafter for SmolLM2 on CPU) and `make test`.
+# Two commands: `make demo` (SFT, then GTO and Draft-OPD on Ray, then τ, for SmolLM2 on CPU) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# SFT warm-up, then GTO and Draft-OPD on a local Ray cluster, then τ of the three drafters (tools/demo.py).
+# Two torch threads for the single-process stages: faster on an idle 2-core box (--threads 1 on a busy one).
 demo: $(STAMP)
-	$(VENV)/bin/draftrl train --config configs/demo.yaml
-	$(VENV)/bin/draftrl evaluate --config configs/demo.yaml --drafter runs/demo/drafter
+	$(PY) -m tools.demo --threads 2
 
 test: $(STAMP)
 	# A test that hangs dumps every thread's stack at 10 min and fails at 20 (not the whole run).

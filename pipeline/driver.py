@@ -467,9 +467,10 @@ class DistributedTrainer:
 
     def _progress(self, m: dict[str, float]) -> None:
         tau = m.get("tau", m.get("accept_length_proxy", float("nan")))
+        reward = f"reward {m['reward']:.3f} " if "reward" in m else ""  # GTO's tree reward
         print(
             f"[draftrl] step {self.version}/{self.config.training.max_steps} loss {m.get('loss', float('nan')):.4f} "
-            f"tau {tau:.3f} staleness {m['staleness_mean']:.2f} (max {m['staleness_max']:.0f}) "
+            f"{reward}tau {tau:.3f} staleness {m['staleness_mean']:.2f} (max {m['staleness_max']:.0f}) "
             f"dropped {self.gate.dropped} queue {m['queue_depth']:.0f} rollout {m['rollout_tokens_per_s']:.0f} tok/s "
             f"learner {m['learner_samples_per_s']:.1f} samples/s broadcast {m['broadcast_s'] * 1e3:.1f} ms "
             f"({m['broadcast_bytes'] / 1e6:.2f} MB) restarts {self.pool.restarts}",
