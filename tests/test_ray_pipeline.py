@@ -46,13 +46,27 @@ def chat_file(tmp_path_factory):
     return write_topic_chats(tmp_path_factory.mktemp("data") / "chats.jsonl", 64)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A fresh local cluster (never one another process started on this box)."""
+def _start_local_ray() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture(scope="module")
+def _module_ray():
+    """One fresh local cluster per module (never one another process started on this box)."""
+    _start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_module_ray):
+    """The module's cluster, started again if a test disconnected from it (the `ray job submit`
+    test must: its driver joins another cluster). Without this, the driver's own ``ray.init()``
+    would start a cluster with this box's 2 CPUs, and a 3-CPU placement group would wait forever."""
+    if not ray.is_initialized():
+        _start_local_ray()
+    yield
 
 
 def overrides(out: Path, target_dir: Path, chat_file: Path, steps: int, *extra: str) -> list[str]:
@@ -80,6 +94,7 @@ def overrides(out: Path, target_dir: Path, chat_file: Path, steps: int, *extra: 
         "distributed.num_rollout_actors=2",
         "distributed.cpus_per_actor=1",
         "distributed.collective_timeout_s=60",
+        "distributed.resource_wait_timeout_s=300",  # a placement the cluster cannot give fails, never hangs
         *extra,
     ]
 
