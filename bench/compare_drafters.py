@@ -204,6 +204,8 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chain", type=int, default=0,
+                        help="draft chains of this many tokens instead of EAGLE-3's default tree (0)")
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--baseline", action="store_true",

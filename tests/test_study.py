@@ -216,7 +216,7 @@ def test_report_of_two_seeds_shows_the_spread_and_gpu_share(tmp_path):
                      "1.25x (1.10–1.40)", "+7.4%", "s1: 40, s2: 40", "50"]  # s2 was never sampled: not a 0
     sft = next(line for line in markdown.splitlines() if line.startswith("| sft |"))
     assert sft.endswith("| 0 |") and "+5.0% | — |" in sft  # sampled while running, no SM use; not timed
-    assert "AR tokens/s per process: b1 100.0, 103.0; b2 90.0." in markdown
+    assert "AR tokens/s per scoring: b1 100.0, 103.0; b2 90.0." in markdown
     assert "Mean GPU utilisation while training: 70%" in markdown
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["summary"]["0"]["rows"]["sft"]["mean"]["n"] == 2
