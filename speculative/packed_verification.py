@@ -8,10 +8,13 @@ the C trees A (C * N slots) and behind them only B's nodes that A lacks (padded 
 longest such list), and B's matched nodes read A's rows. At M = M0 that halves the work, and
 the two trees' rewards are bit-for-bit equal by construction.
 
-The target's logits are only ever read at a node's parent (``speculative.tree_reward``), so
-the lm_head runs on the rows of nodes that have children (and the root's come from the
-prefill): the forward returns hidden states, and a compact [M, V] logits block is reduced at
-once to argmax, log-normaliser and the token logits scoring needs.
+The target's logits are only ever read at a node's parent (``speculative.tree_reward``): a
+node's acceptance is its token's probability under the target at its parent, and the root's
+come from the prefill. So a leaf needs no target forward at all (nothing reads its logits, and
+no node attends to it): only nodes with children are packed. In a 59-node EAGLE-3 tree most
+nodes are leaves, so this is most of the verification work saved. The forward returns hidden
+states, and a compact [M, V] logits block is reduced at once to argmax, log-normaliser and the
+token logits scoring needs.
 """
 
 from __future__ import annotations
@@ -63,14 +66,16 @@ def match_nodes(a: TreeNodes, b: TreeNodes, depth: int) -> torch.Tensor:
 
 @dataclass
 class PackedTrees:
-    """One verification forward's layout: per sequence the C trees A, then B's own nodes."""
+    """One verification forward's layout: per sequence the C trees A, then B's own nodes; only
+    nodes with children get a slot. ``slot_a``/``slot_b`` hold ``width`` (one past the last slot)
+    for nodes without one: their rows are never read."""
 
     tokens: torch.Tensor  # [S, Q]
     positions: torch.Tensor  # [S, Q]
     mask: torch.Tensor  # [S, Q, prefix + Q]
-    slot_a: torch.Tensor  # [S, C, N] slot of each A node
-    slot_b: torch.Tensor  # [S, C, N] slot of each B node (an A slot where matched)
-    has_logits: torch.Tensor  # [S, Q] slots whose logits scoring reads (nodes with children)
+    slot_a: torch.Tensor  # [S, C, N] slot of each A node (Q if it has none)
+    slot_b: torch.Tensor  # [S, C, N] slot of each B node (an A slot where matched; Q if none)
+    has_logits: torch.Tensor  # [S, Q] slots whose logits scoring reads (every slot but padding)
     shared: torch.Tensor  # 0-d: B nodes that read an A node's row
 
 
@@ -87,46 +92,52 @@ def pack_tree_pairs(
 ) -> PackedTrees:
     """Lay out A's and B's trees rooted at slots ``roots [S, C]`` behind ``prefix_slots`` slots.
 
-    A node sees the prefix up to its root's slot and its own ancestors (wherever they sit: a
-    new B node's ancestors may be A slots). B's extra slots are padded to a multiple of
-    ``multiple`` (a few static shapes); padding slots see only themselves and are never read.
-    The result is at most ``packed_width(C, N, multiple)`` slots wide.
+    Only nodes whose logits scoring reads are fed: A's nodes with children, plus A nodes that a
+    B node with children matched; then B's unmatched nodes with children. A node sees the prefix
+    up to its root's slot and its own ancestors (wherever they sit: a new B node's ancestors may
+    be A slots; ancestors always have children, so they always have a slot). The width is padded
+    to a multiple of ``multiple`` (a few static shapes); padding slots see only themselves and
+    are never read. The result is at most ``packed_width(C, N, multiple)`` slots wide.
     ``max_depth``: the trees' depth (from their config), bounds the matching loop.
     """
     seqs, chunk, n = a.tokens.shape
     device = a.tokens.device
     levels = max_depth if max_depth is not None else n  # N bounds the depth too, without a sync
     match = match_nodes(a, b, levels) if dedupe else torch.full_like(b.tokens, -1)
-    new_b = (match < 0).reshape(seqs, chunk * n)
-    # The width is a multiple of ``multiple`` (static shapes; aligned attention masks), at most
-    # ``packed_width(C, N)``: the room a cache keeps for one forward.
-    width = min(_round_up(chunk * n + int(new_b.sum(-1).max()), multiple), packed_width(chunk, n, multiple))
-    slot_a = torch.arange(chunk * n, device=device).view(1, chunk, n).expand(seqs, chunk, n)
-    rank = new_b.long().cumsum(-1) - 1
-    own_b = (chunk * n + rank).view(seqs, chunk, n)
-    matched_a = slot_a.gather(-1, match.clamp_min(0))
-    slot_b = torch.where(match >= 0, matched_a, own_b)
-    new_b = new_b.view(seqs, chunk, n)
+    inner_a, inner_b = _has_child(a.parents), _has_child(b.parents)
+    # A nodes whose row a B node with children reads (same path: same hidden state).
+    read_by_b = torch.zeros(seqs, chunk, n + 1, dtype=torch.bool, device=device)
+    read_by_b.scatter_(-1, torch.where(inner_b & (match >= 0), match, n), True)
+    fed_a = (inner_a | read_by_b[..., :n]).reshape(seqs, chunk * n)
+    fed_b = ((match < 0) & inner_b).reshape(seqs, chunk * n)
+    count_a = fed_a.sum(-1, keepdim=True)
+    # The one host sync: the widest sequence's slot count sizes the forward. A multiple of
+    # ``multiple`` (static shapes; aligned attention masks), at most ``packed_width(C, N)``:
+    # the room a cache keeps for one forward.
+    used = int((count_a + fed_b.sum(-1, keepdim=True)).max())
+    width = min(_round_up(max(used, 1), multiple), packed_width(chunk, n, multiple))
+    slot_a = torch.where(fed_a, fed_a.long().cumsum(-1) - 1, width).view(seqs, chunk, n)
+    own_b = torch.where(fed_b, count_a + fed_b.long().cumsum(-1) - 1, width).view(seqs, chunk, n)
+    slot_b = torch.where(match >= 0, slot_a.gather(-1, match.clamp_min(0)), own_b)
+    fed_a, fed_b = fed_a.view(seqs, chunk, n), fed_b.view(seqs, chunk, n)
 
     def place(values_a, values_b, fill):
-        """[S, Q] with A's values at A slots, new B nodes' at theirs, ``fill`` elsewhere."""
+        """[S, Q] with fed A nodes' values at their slots, new B nodes' at theirs, ``fill`` elsewhere."""
         out = torch.full((seqs, width + 1), fill, dtype=values_a.dtype, device=device)  # last: dump
         out.scatter_(1, slot_a.reshape(seqs, -1), values_a.reshape(seqs, -1))
-        own = torch.where(new_b, slot_b, width)  # matched B nodes go to the dump column
-        out.scatter_(1, own.reshape(seqs, -1), values_b.reshape(seqs, -1))
+        out.scatter_(1, own_b.reshape(seqs, -1), values_b.reshape(seqs, -1))
         return out[:, :width]
 
-    root_b = roots[..., None].expand(seqs, chunk, n)
     tokens = place(a.tokens, b.tokens, 0)
-    root_slot = place(roots[..., None].expand(seqs, chunk, n), root_b, -1)
+    root_slot = place(roots[..., None].expand(seqs, chunk, n), roots[..., None].expand(seqs, chunk, n), -1)
     positions = place(roots[..., None] + a.depths, roots[..., None] + b.depths, 0)
 
-    # Tree part: A's block-diagonal ancestor masks and new B nodes' rows over mixed slots.
+    # Tree part: each fed node's row over its ancestors' slots (A's, or B's own where new).
     cells = width * width
     tree_part = torch.zeros(seqs, cells + 1, dtype=torch.bool, device=device)  # last: a dump cell
-    for slots, mask, rows in ((slot_a, a.mask, None), (slot_b, b.mask, new_b)):
+    for slots, mask, fed in ((slot_a, a.mask, fed_a), (slot_b, b.mask, fed_b)):
         index = slots[..., :, None] * width + slots[..., None, :]  # [S, C, N, N]
-        value = mask if rows is None else mask & rows[..., None]
+        value = mask & fed[..., None]
         tree_part.scatter_(1, torch.where(value, index, cells).reshape(seqs, -1), True)
     tree_part = tree_part[:, :cells].view(seqs, width, width)
     padding = root_slot < 0
@@ -134,12 +145,7 @@ def pack_tree_pairs(
     tree_part = tree_part | (eye[None] & padding[..., None])  # padding slots see themselves only
     prefix = torch.arange(prefix_slots, device=device)[None, None] <= root_slot[..., None]
     mask = torch.cat([prefix, tree_part], dim=-1)
-
-    has = torch.zeros(seqs, width + 1, dtype=torch.bool, device=device)
-    for slots, parents in ((slot_a, a.parents), (slot_b, b.parents)):
-        index = torch.where(_has_child(parents), slots, width)
-        has.scatter_(1, index.reshape(seqs, -1), True)
-    return PackedTrees(tokens, positions, mask, slot_a, slot_b, has[:, :width], (match >= 0).sum())
+    return PackedTrees(tokens, positions, mask, slot_a, slot_b, ~padding, (match >= 0).sum())
 
 
 @torch.no_grad()
@@ -158,6 +164,7 @@ def verify_packed(
     del hidden, picked
     rows_with_logits = logits.shape[0] - 1
     compact = torch.where(need, need.reshape(-1).long().cumsum(0).view_as(need) - 1, rows_with_logits)
+    compact = torch.cat([compact, compact.new_full((compact.shape[0], 1), rows_with_logits)], dim=1)  # slot Q: none
     vocab = logits.shape[-1]
     row_argmax = logits.argmax(-1)
     root_argmax = root_logits.argmax(-1)  # [S, C]

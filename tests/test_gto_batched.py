@@ -169,6 +169,32 @@ def test_sharing_reference_nodes_changes_nothing(pair):
 
 
 @torch.no_grad()
+def test_leaves_are_not_fed_to_the_target(pair):
+    """Only nodes with children are verified (a leaf's acceptance reads its parent's logits):
+    with the reference equal to the drafter, the forwards hold fewer slots than the current
+    trees have nodes, and the scores equal the per-sequence path that verifies every node."""
+    target, drafter, _ = pair
+    batch = _ragged(_sequences(target, 4, 24, 4, seed=7), [24, 19, 22, 13])
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    indices = torch.tensor([[2, 3, 4, 9, 10, 11], [5, 6, 7, 12, 13, 14], [1, 2, 3, 15, 16, 17], [4, 5, 6, 0, 0, 0]])
+    counts = [6, 6, 6, 3]
+    fast = FastLlama.from_target(target)
+    options = BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=3,
+                                 positions_per_forward=2)
+    result = score_trees_at_positions(fast, drafter, drafter, batch["input_ids"], lengths, indices, counts,
+                                      drafter.draft_to_target, options)
+    slots = 2 * 3 * 2 * 12 + 2 * 1 * 2 * 12  # (sequences x positions) per forward x 12 nodes, 2 chunks
+    assert 0 < result.verified_nodes < slots
+    torch.testing.assert_close(result.reward, result.reference_reward, atol=0, rtol=0)
+    config = _config(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=2,
+                     sequences_per_forward=3, positions_per_forward=2)
+    worker = TargetWorker(target, drafter.draft_to_target)
+    new = gto_experience(worker, config, batch, drafter, copy.deepcopy(drafter), seed=4)
+    old = per_sequence_gto_experience(worker, config, batch, drafter, copy.deepcopy(drafter), seed=4)
+    assert_same_experience(new, old)
+
+
+@torch.no_grad()
 def test_sequences_with_windows_far_apart_share_a_chunk(pair):
     """A chunk holding a sequence with many early positions and one with few late ones (whose
     position slots run out first) scores each exactly as when it is alone in its chunk: the
