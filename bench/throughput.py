@@ -4,6 +4,12 @@
         --data /tmp/sharegpt.jsonl [--out bench/results/throughput_h200] [--max-minutes 2.5]
     python bench/throughput.py --device cpu --out /tmp/throughput_cpu     # CPU smoke run, tiny sizes
 
+Rollouts draft with a *trained* drafter, as in a real run (a random one grows shallow trees and
+gets nothing accepted, which is not the work GTO and Draft-OPD do): ``--drafter DIR`` loads one,
+otherwise ``--warm-drafter-steps`` EAGLE-3 steps on the target's own greedy answers train it first
+(``bench.opd_throughput.train_drafter``). It is saved under ``OUT/warm_drafter`` and the trainers of
+the ``single`` and ``ray`` parts start from it (``drafter.init_from``).
+
 Parts (each under a ``--max-minutes`` guard; a part that fails or runs out of time leaves its
 error string in ``errors`` and the others still run):
 
@@ -60,13 +66,15 @@ SIZES = {
     "cuda": dict(max_length=1024, max_records=600, draft_vocab=32000, ceiling_batches="8,16,32,64",
                  ceiling_length=2048, gto_batch=32, gto_chunk="32x8", gto_precision="bf16", gto_batches=2,
                  gto_set=[], opd_batch=64, opd_new_tokens=256, opd_chain=7, opd_prompt_tokens=1024,
-                 sft_batches="8,16,32", train_batch=8, grad_accum=2, actors=2, learner_gpu=0.4, actor_gpu=0.3),
+                 sft_batches="8,16,32", train_batch=8, grad_accum=2, actors=2, learner_gpu=0.4, actor_gpu=0.3,
+                 warm_steps=300, warm_rows=64, warm_new_tokens=128),
     "cpu": dict(max_length=48, max_records=64, draft_vocab=256, ceiling_batches="2", ceiling_length=32,
                 gto_batch=2, gto_chunk="2x2", gto_precision="fp32", gto_batches=1,
                 gto_set=["gto.tree_depth=3", "gto.tree_top_k=2", "gto.tree_total_tokens=6",
                          "gto.groups_per_sequence=2", "gto.group_size=2"],
                 opd_batch=2, opd_new_tokens=8, opd_chain=3, opd_prompt_tokens=48, sft_batches="2",
-                train_batch=2, grad_accum=2, actors=1, learner_gpu=0.0, actor_gpu=0.0),
+                train_batch=2, grad_accum=2, actors=1, learner_gpu=0.0, actor_gpu=0.0,
+                warm_steps=2, warm_rows=2, warm_new_tokens=8),
 }
 
 
@@ -180,11 +188,49 @@ def load_models(args, sizes, device):
     tokenizer = load_tokenizer(args.target, cache_dir)
     dataset, _ = build_dataset(args.data, tokenizer, max_length=sizes["max_length"], max_records=sizes["max_records"],
                                on_error="skip", cache_dir=cache_dir / "data", progress=False)
-    drafter = make_blueprint(config, resolve_target(args.target, cache_dir), dataset).build(target.embed_tokens.weight)
+    if args.drafter:
+        from speculative.checkpoint import load_drafter
+
+        drafter = load_drafter(args.drafter, target.embed_tokens.weight, target.aux_layer_ids)
+    else:
+        drafter = make_blueprint(config, resolve_target(args.target, cache_dir), dataset).build(target.embed_tokens.weight)
     drafter = drafter.to(device).float().eval()  # rollouts draft in fp32, as the trainer's drafter
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Namespace(config=config, target=target, tokenizer=tokenizer, dataset=dataset, drafter=drafter,
                      pad_id=pad_id, worker=TargetWorker(target, drafter.draft_to_target))
+
+
+def chat_prompts(m, count: int, max_tokens: int) -> list[list[int]]:
+    """The first user turns of the data, chat-templated, each cut to its last ``max_tokens``."""
+    from bench.opd_throughput import question_texts
+
+    texts, _ = question_texts(None, m.args.data, count)
+    prompts = []
+    for text in texts:
+        ids = m.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        prompts.append(ids[-max_tokens:])
+    return prompts
+
+
+def part_warm(m, sizes, summary, out: Path) -> None:
+    """Train the rollouts' drafter a little (unless ``--drafter`` gave one) and save it for the trainers."""
+    from bench.opd_throughput import train_drafter
+    from speculative.checkpoint import save_drafter
+
+    steps = m.args.warm_drafter_steps
+    if m.args.drafter:
+        summary["warm_drafter"] = {"loaded": m.args.drafter}
+        return
+    if steps <= 0:
+        summary["warm_drafter"] = {"steps": 0, "note": "random init: shallow trees, nothing accepted"}
+        return
+    device = m.target.device
+    result = train_drafter(m.target, m.drafter, chat_prompts(m, sizes["warm_rows"], 256), steps, device,
+                           rows=sizes["warm_rows"], new_tokens=sizes["warm_new_tokens"])
+    directory = save_drafter(m.drafter, out / "warm_drafter", dtype=torch.float32)
+    m.args.set = [*m.args.set, f"drafter.init_from={directory}"]  # the single and Ray trainers start here
+    summary["warm_drafter"] = {**result, "saved": str(directory)}
 
 
 def part_prefill(m, sizes, summary) -> None:
@@ -215,14 +261,9 @@ def part_gto(m, sizes, summary) -> None:
 
 
 def part_opd(m, sizes, summary, device) -> None:
-    from bench.opd_throughput import opd_batched, question_texts
+    from bench.opd_throughput import opd_batched
 
-    texts, _ = question_texts(None, m.args.data, max(2 * sizes["opd_batch"], 8))
-    prompts = []
-    for text in texts:
-        ids = m.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        prompts.append(ids[-sizes["opd_prompt_tokens"]:])
+    prompts = chat_prompts(m, max(2 * sizes["opd_batch"], 8), sizes["opd_prompt_tokens"])
     args = Namespace(chain_length=sizes["opd_chain"], max_new_tokens=sizes["opd_new_tokens"],
                      max_prompt_tokens=sizes["opd_prompt_tokens"], repeats=1)
     row = opd_batched(args, m.worker, m.drafter, prompts, sizes["opd_batch"], "auto", device)
@@ -361,6 +402,18 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ output
+def warm_line(warm: dict[str, Any] | None) -> str:
+    if not warm:
+        return "n/a (the warm-up part did not run)"
+    if "loaded" in warm:
+        return f"loaded from {warm['loaded']}."
+    if not warm.get("steps"):
+        return "random init (shallow trees, nothing accepted: not a real run's work)."
+    return (f"random init, then {warm['steps']} EAGLE-3 steps on the target's own answers "
+            f"({warm['seconds']:.0f} s; TTT loss {warm['loss_first']:.2f} -> {warm['loss_last']:.2f}, "
+            f"accept-length proxy {warm['accept_length_proxy_last']:.2f}); the trainers start from it.")
+
+
 def readme(summary: dict[str, Any]) -> str:
     def f(key, fmt="{:.3g}"):
         value = summary.get(key)
@@ -375,6 +428,7 @@ def readme(summary: dict[str, Any]) -> str:
     lines = [
         f"# Throughput on one {summary['gpu_name']} ({summary['date']})", "",
         f"`{' '.join(summary['argv'])}` — {summary['total_seconds']:.0f} s in all. Target {summary['target']}.", "",
+        f"Rollout drafter: {warm_line(summary.get('warm_drafter'))}", "",
         "| figure | value | ratio to the prefill ceiling |", "|---|---|---|",
         f"| prefill ceiling, tok/s (best batch {f('prefill_best_batch', '{}')} x {f('prefill_length', '{}')}) "
         f"| {f('prefill_ceiling_tok_s', '{:,.0f}')} | 1 |",
@@ -418,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default bench/results/throughput_<gpu>")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--drafter", default=None, help="trained drafter directory for the rollouts and trainers")
+    parser.add_argument("--warm-drafter-steps", type=int, default=None,
+                        help="without --drafter: EAGLE-3 steps on the target's own answers first (GPU 300, CPU 2)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {PARTS}")
     parser.add_argument("--max-minutes", type=float, default=None, help="guard per part (default 2.5 GPU, 1 CPU)")
     parser.add_argument("--total-minutes", type=float, default=8.5,
@@ -477,11 +534,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}")
     models = None
-    if set(parts) & {"prefill", "gto", "opd", "sft"}:
+    if args.warm_drafter_steps is None:
+        args.warm_drafter_steps = sizes["warm_steps"]
+    if set(parts) & {"prefill", "gto", "opd", "sft", "single", "ray"}:
         with guard(summary, "load", budget(minutes), write):
             if "load" not in summary["errors"]:
                 models = load_models(args, sizes, device)
                 models.args = args
+    if models is not None:
+        with guard(summary, "warm", budget(minutes), write):
+            if "warm" not in summary["errors"]:
+                part_warm(models, sizes, summary, out)
     for part in ("prefill", "gto", "opd", "sft"):
         if part in parts and models is not None:
             with guard(summary, part, budget(minutes), write):

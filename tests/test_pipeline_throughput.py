@@ -109,4 +109,8 @@ def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
                 "broadcast_gb_s", "broadcast_step_share", "gpu", "errors"):
         assert key in summary, key
     assert summary["prefill_ceiling_tok_s"] > 0 and summary["gto_tok_s"] > 0
+    # The rollouts drafted with the warm-trained drafter, and the trainers started from it.
+    assert "warm" not in summary["errors"] and summary["warm_drafter"]["steps"] > 0
+    assert (out / "warm_drafter" / "config.json").is_file()
+    assert f"init_from: {out / 'warm_drafter'}" in (out / "runs" / "single_gto" / "config.yaml").read_text()
     assert (out / "README.md").is_file()
