@@ -63,6 +63,7 @@ class BatchedTreeOptions:
     positions_per_forward: int = 8  # C: positions of each sequence per verification forward
     length_multiple: int = 64  # pad each chunk's width to a multiple (a few static shapes)
     share_nodes: bool = True  # verify a reference node once when the current tree has it too
+    verify_leaves: bool = False  # also feed leaves to the target (their logits are never read)
     tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
 
     def __post_init__(self) -> None:
@@ -320,7 +321,8 @@ def score_trees_at_positions(
             prefix = min(padded, _round_up(int(needed.max()) + 2, options.length_multiple))
             with record_function("gto/pack"):
                 packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, prefix,
-                                         dedupe=options.share_nodes, max_depth=depth)
+                                         dedupe=options.share_nodes, max_depth=depth,
+                                         feed_leaves=options.verify_leaves)
             with record_function("gto/verify"):
                 found = verify_packed(fast, cache, prefix, packed, pair,
                                       root_logits[:, first : first + chunk_pos], options.reward_temperature)

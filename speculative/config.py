@@ -194,6 +194,9 @@ class GTOSection(Section):
     share_reference_nodes: bool = Field(
         True, description="verify a reference-tree node once when the current tree has the same "
         "path (the same target context): exact, halves verification at M = M0; off only to measure")
+    verify_leaves: bool = Field(
+        False, description="also feed tree leaves to the target (nothing reads their logits: a "
+        "node's acceptance is read at its parent); on only to measure what skipping them saves")
 
     @property
     def training_depth(self) -> int:

@@ -88,7 +88,7 @@ def _has_child(parents: torch.Tensor) -> torch.Tensor:
 
 def pack_tree_pairs(
     a: TreeNodes, b: TreeNodes, roots: torch.Tensor, prefix_slots: int, dedupe: bool = True,
-    multiple: int = 16, max_depth: int | None = None,
+    multiple: int = 16, max_depth: int | None = None, feed_leaves: bool = False,
 ) -> PackedTrees:
     """Lay out A's and B's trees rooted at slots ``roots [S, C]`` behind ``prefix_slots`` slots.
 
@@ -99,12 +99,15 @@ def pack_tree_pairs(
     to a multiple of ``multiple`` (a few static shapes); padding slots see only themselves and
     are never read. The result is at most ``packed_width(C, N, multiple)`` slots wide.
     ``max_depth``: the trees' depth (from their config), bounds the matching loop.
+    ``feed_leaves``: feed every node (the layout before leaves were skipped; to measure the saving).
     """
     seqs, chunk, n = a.tokens.shape
     device = a.tokens.device
     levels = max_depth if max_depth is not None else n  # N bounds the depth too, without a sync
     match = match_nodes(a, b, levels) if dedupe else torch.full_like(b.tokens, -1)
     inner_a, inner_b = _has_child(a.parents), _has_child(b.parents)
+    if feed_leaves:
+        inner_a, inner_b = torch.ones_like(inner_a), torch.ones_like(inner_b)
     # A nodes whose row a B node with children reads (same path: same hidden state).
     read_by_b = torch.zeros(seqs, chunk, n + 1, dtype=torch.bool, device=device)
     read_by_b.scatter_(-1, torch.where(inner_b & (match >= 0), match, n), True)

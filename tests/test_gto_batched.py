@@ -8,6 +8,7 @@ smaller than the target's."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -185,6 +186,11 @@ def test_leaves_are_not_fed_to_the_target(pair):
                                       drafter.draft_to_target, options)
     slots = 2 * 3 * 2 * 12 + 2 * 1 * 2 * 12  # (sequences x positions) per forward x 12 nodes, 2 chunks
     assert 0 < result.verified_nodes < slots
+    every = score_trees_at_positions(fast, drafter, drafter, batch["input_ids"], lengths, indices, counts,
+                                     drafter.draft_to_target, dataclasses.replace(options, verify_leaves=True))
+    assert every.verified_nodes >= slots  # the switch that measures the saving feeds every node
+    for name in ("reward", "expected_length", "path_length", "rollout_path_logprob", "reference_path_logprob"):
+        torch.testing.assert_close(getattr(every, name), getattr(result, name), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(result.reward, result.reference_reward, atol=0, rtol=0)
     config = _config(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=2,
                      sequences_per_forward=3, positions_per_forward=2)
