@@ -183,7 +183,9 @@ def sharing_stats(worker, config, batch, drafter, reference) -> dict[str, float]
                                      lengths, indices, counts, worker.draft_to_target, batched_tree_options(gto))
     nodes = tree_size(tree_config(gto), drafter.config.draft_vocab_size)[0]
     return {"shared_fraction": trees.shared_nodes / max(1, sum(counts) * nodes),
-            "verified_slots": trees.verified_nodes, "tree_nodes": 2 * sum(counts) * nodes}
+            "verified_slots": trees.verified_nodes, "tree_nodes": 2 * sum(counts) * nodes,
+            # target slots fed per position (padding included) against the 2 x N nodes of its trees
+            "fed_per_position": trees.verified_nodes / max(1, sum(counts))}
 
 
 def perturbed(drafter, noise: float, seed: int = 0):
@@ -415,6 +417,9 @@ def markdown(result: dict[str, Any]) -> str:
     if "sharing" in result:
         lines.append("Reference nodes read from the current tree: " + ", ".join(
             f"{k}: {v['shared_fraction']:.0%}" for k, v in result["sharing"].items()) + ".")
+        lines.append(f"Target slots fed per position (padding included; 2 trees x {result['tree_nodes']} nodes = "
+                     f"{2 * result['tree_nodes']}; leaves are not fed unless gto.verify_leaves): " + ", ".join(
+                         f"{k}: {v['fed_per_position']:.1f}" for k, v in result["sharing"].items()) + ".")
     if "verification_graph" in result:
         lines.append(f"CUDA graph of one verification-sized forward: {result['verification_graph']}")
     return "\n".join(lines) + "\n"
