@@ -141,11 +141,27 @@ def ancestor_mask(parents: torch.Tensor, depth: int) -> torch.Tensor:
     return mask > 0
 
 
-def _choose(logq: torch.Tensor, k: int, sample: bool, generator: torch.Generator | None):
-    """Children of each row of ``logq [..., Vd]``: top-k, or one sample. Returns (ids, log q)."""
+def _log_q(logits: torch.Tensor, scale: float, sample: bool) -> torch.Tensor:
+    """Draft log-probs in fp32. Greedy: the cast happens inside the softmax kernel (no fp32 copy
+    of [rows, Vd] logits first: GTO grows tens of thousands of rows per level)."""
+    if sample:
+        return torch.log_softmax(logits.float() * scale, dim=-1)
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def _choose(logq: torch.Tensor, k: int, sample: bool, generator: torch.Generator | None,
+            logits: torch.Tensor | None = None):
+    """Children of each row of ``logq [..., Vd]``: top-k, or one sample. Returns (ids, log q).
+
+    Greedy top-k runs on ``logits`` when given: log-softmax is monotone within a row, so the
+    same children come out (ties aside), and on bf16 logits the radix select has half the key
+    bits (and bytes) of fp32 log-probs."""
     if not sample:
-        top = torch.topk(logq, k, dim=-1)
-        return top.indices, top.values
+        if logits is None:
+            top = torch.topk(logq, k, dim=-1)
+            return top.indices, top.values
+        ids = torch.topk(logits, k, dim=-1).indices
+        return ids, logq.gather(-1, ids)
     flat = logq.reshape(-1, logq.shape[-1]).exp()
     ids = torch.multinomial(flat, 1, generator=generator).reshape(*logq.shape[:-1], 1)
     return ids, logq.gather(-1, ids)
@@ -229,9 +245,9 @@ def grow_draft_tree(
     scale = 1.0 / config.sample_temperature if sample else 1.0
     rows = torch.arange(batch, device=device)[:, None]
 
-    root_logq = torch.log_softmax(root_logits.float() * scale, dim=-1)
+    root_logq = _log_q(root_logits, scale, sample)
     dists = [root_logq[:, None]]
-    ids, logq = _choose(root_logq, k, sample, generator)  # [B, k]
+    ids, logq = _choose(root_logq, k, sample, generator, root_logits)  # [B, k]
     # Candidates in level order; parents always precede children.
     cand_ids, cand_logq, cand_score = [ids], [logq], [logq]
     cand_parent = [torch.full_like(ids, -1)]
@@ -252,14 +268,13 @@ def grow_draft_tree(
         logits, prenorm = feed(
             drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
         )
-        # (no "* 1.0" when greedy: it would copy [B, width, Vd] floats per level for nothing)
-        logq_level = torch.log_softmax(logits.float() * scale if sample else logits.float(), dim=-1)
+        logq_level = _log_q(logits, scale, sample)
         dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
         if keep_dists:
             dists.append(logq_level)
         node_dist_rows.append((frontier, dist_rows))
 
-        child_ids, child_logq = _choose(logq_level, k, sample, generator)  # [B, width, k]
+        child_ids, child_logq = _choose(logq_level, k, sample, generator, logits)  # [B, width, k]
         kids = child_ids.shape[-1]
         child_score = frontier_score[..., None] + child_logq
         cand_ids.append(child_ids.reshape(batch, -1))
