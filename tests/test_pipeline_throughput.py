@@ -52,6 +52,35 @@ def test_concat_pads_sequences_and_reindexes_positions():
     assert merged.num_tokens == a.num_tokens + b.num_tokens and merged.drafter_version == 3
 
 
+def _assert_same(left, right) -> None:
+    assert type(left) is type(right)
+    for name, value in vars(left).items():
+        other = getattr(right, name)
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == other.dtype and value.shape == other.shape and torch.equal(value, other), name
+        elif hasattr(value, "nbytes"):
+            _assert_same(value, other)
+        else:
+            assert value == other, name
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_merging_straight_onto_the_device_equals_moving_then_merging(device):
+    """The learner's one-copy merge (``concat_experiences(parts, device)``) and the actor's pinned
+    ``to_host`` give exactly the tensors of the plain path."""
+    parts = [gto(2, 5, 4, 0), gto(3, 7, 6, 1), gto(1, 6, 0, 2)]
+    plain = concat_experiences([p.to(device) for p in parts])
+    direct = concat_experiences(parts, device, non_blocking=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    _assert_same(plain, direct)
+    assert direct.sft.target_draft_logits.device.type == device
+    _assert_same(concat_experiences(parts[:1], device), parts[0].to(device))
+    back = plain.to_host()
+    assert all(t.device.type == "cpu" for t in back._tensors())
+    _assert_same(back, concat_experiences(parts))
+
+
 def test_experiences_pickle_as_numpy_and_come_back_equal():
     e = gto(2, 5, 4, 0)
     back = pickle.loads(pickle.dumps(e, protocol=5))
