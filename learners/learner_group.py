@@ -154,8 +154,8 @@ class LearnerWorker:
         micro_batches = [experiences[i:i + per] for i in range(0, len(experiences), per)]
         for group in micro_batches:
             mark = time.perf_counter()
-            # Merged on the device: each experience's tensors are copied once, from the object
-            # store straight into their slice of the micro-batch (no extra device copy).
+            # Merged on the device: each experience's tensors go from the object store straight
+            # into their slice of the micro-batch (no per-experience device copy, pad and cat).
             experience = concat_experiences(group, self.device, non_blocking=on_gpu)
             if on_gpu:
                 torch.cuda.synchronize(self.device)

@@ -245,8 +245,9 @@ def _put(tensor: torch.Tensor, device, non_blocking: bool) -> torch.Tensor:
 
 def _concat_sft(parts: list[SFTExperience], device=None, non_blocking: bool = False) -> SFTExperience:
     """Sequences padded to the longest and stacked; with ``device``, each part's tensors are copied
-    from where they are straight into their slice of the merged tensor on ``device`` (one copy of
-    the big ``target_draft_logits`` and ``aux_hidden``, no per-part device copy, padding, then cat)."""
+    from where they are straight into their slice of the merged tensor on ``device``: no per-part
+    device copy, padded copy and cat of the big ``target_draft_logits`` / ``aux_hidden`` (a part
+    shorter than the longest still goes through one contiguous device buffer, inside ``copy_``)."""
     length = max(int(p.input_ids.shape[1]) for p in parts)
     names = ("input_ids", "attention_mask", "loss_mask", "aux_hidden", "target_draft_logits", "target_top1")
     if device is None:
@@ -316,9 +317,9 @@ def concat_experiences(parts: list, device: torch.device | str | None = None,
     per-position / per-cycle rows are re-indexed into the merged batch.
 
     With ``device`` the merged experience is built there (the learner: ``parts`` come from the
-    object store) and each part's big tensors are copied once, into their slice of the merged
-    ones; ``non_blocking`` copies are safe from pinned or pageable host memory alike (the caller
-    synchronizes, or reads the result on the same stream). The values equal
+    object store) and each part's tensors are copied into their slice of the merged ones;
+    ``non_blocking`` copies are safe from pinned or pageable host memory alike while ``parts`` stay
+    alive (the learner keeps them until it synchronizes). The values equal
     ``concat_experiences([p.to(device) for p in parts])``'s."""
     if len(parts) == 1:
         return parts[0] if device is None else parts[0].to(device, non_blocking=non_blocking)

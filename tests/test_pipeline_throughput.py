@@ -139,3 +139,9 @@ def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
         assert key in summary, key
     assert summary["prefill_ceiling_tok_s"] > 0 and summary["gto_tok_s"] > 0
     assert (out / "README.md").is_file()
+    if summary["ray_available"] and summary["deepspeed_available"]:  # where a Ray update's time went
+        from pipeline.driver import BREAKDOWN
+
+        parts = summary["ray"]["async"]["breakdown"]
+        assert all(parts[key] is not None and parts[key] >= 0 for key in BREAKDOWN), parts
+        assert "update interval s" in (out / "README.md").read_text()
