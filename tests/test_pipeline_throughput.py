@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from speculative.broadcast import IpcSource, checksum, flat_array, load_named, named_tensors
-from speculative.experience import GTOExperience, SFTExperience, concat_experiences
+from speculative.experience import GTOExperience, OPDExperience, SFTExperience, concat_experiences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,19 @@ def test_concat_pads_sequences_and_reindexes_positions():
     assert merged.num_tokens == a.num_tokens + b.num_tokens and merged.drafter_version == 3
 
 
+def opd(rows: int, length: int, cycles: int, seed: int, with_data: bool) -> OPDExperience:
+    g = torch.Generator().manual_seed(seed)
+    rollout = sft(rows, length, seed)
+    rollout.target_draft_logits = rollout.target_draft_logits[..., :0]  # OPD ships [B, T, 0]
+    return OPDExperience(
+        rollout=rollout, sequence=torch.arange(cycles) % rows, index=torch.arange(cycles),
+        accepted=torch.randint(0, 3, (cycles,), generator=g), step_inputs=torch.randint(0, 50, (cycles, 3), generator=g),
+        proposals=torch.randint(0, 5, (cycles, 3), generator=g), target_logprobs=torch.randn(cycles, 3, 5, generator=g),
+        rollout_logprobs=torch.randn(cycles, 3, generator=g), response_tokens=4 * rows, target_forwards=cycles,
+        data=sft(rows, length + 1, seed + 7) if with_data else None, drafter_version=3,
+    )
+
+
 def _assert_same(left, right) -> None:
     assert type(left) is type(right)
     for name, value in vars(left).items():
@@ -79,6 +92,12 @@ def test_merging_straight_onto_the_device_equals_moving_then_merging(device):
     back = plain.to_host()
     assert all(t.device.type == "cpu" for t in back._tensors())
     _assert_same(back, concat_experiences(parts))
+    for with_data in (False, True):
+        parts = [opd(2, 5, 3, 0, with_data), opd(3, 8, 4, 1, with_data)]
+        plain, direct = concat_experiences([p.to(device) for p in parts]), concat_experiences(parts, device, True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        _assert_same(plain, direct)
 
 
 def test_experiences_pickle_as_numpy_and_come_back_equal():
