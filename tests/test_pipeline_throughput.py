@@ -58,7 +58,8 @@ def opd(rows: int, length: int, cycles: int, seed: int, with_data: bool) -> OPDE
     rollout.target_draft_logits = rollout.target_draft_logits[..., :0]  # OPD ships [B, T, 0]
     return OPDExperience(
         rollout=rollout, sequence=torch.arange(cycles) % rows, index=torch.arange(cycles),
-        accepted=torch.randint(0, 3, (cycles,), generator=g), step_inputs=torch.randint(0, 50, (cycles, 3), generator=g),
+        accepted=torch.randint(0, 3, (cycles,), generator=g),
+        step_inputs=torch.randint(0, 50, (cycles, 3), generator=g),
         proposals=torch.randint(0, 5, (cycles, 3), generator=g), target_logprobs=torch.randn(cycles, 3, 5, generator=g),
         rollout_logprobs=torch.randn(cycles, 3, generator=g), response_tokens=4 * rows, target_forwards=cycles,
         data=sft(rows, length + 1, seed + 7) if with_data else None, drafter_version=3,
