@@ -68,6 +68,12 @@ def experience_summary(experience) -> dict[str, float]:
     return summary
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for this process's queued device work (timing edges; nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class RolloutActor:
     """Target + drafter replica on one GPU share (or CPU); see the module docstring."""
 
@@ -162,19 +168,29 @@ class RolloutActor:
     # -- work -----------------------------------------------------------------------------
     @ray.method(concurrency_group=ROLLOUT, num_returns=2)
     def make_experience(self, batch: dict[str, torch.Tensor], batch_index: int, seed: int):
-        """(metadata, experience): the driver reads the small metadata, the learner the rest."""
+        """(metadata, experience): the driver reads the small metadata, the learner the rest.
+
+        The metadata times its parts: ``build_s`` making the experience
+        (device work, synchronized at its edges on CUDA), ``to_host_s`` copying it to the host, and
+        ``finished_at`` (wall clock) when the body ends: Ray stores the return values after that,
+        and the driver measures that part as the time until it sees them."""
         with self.lock:
             if self.version < 0:
                 raise NoWeightsYet(f"rollout actor {self.index} has no drafter weights yet")
+            _synchronize(self.device)
             start = time.perf_counter()
             experience = self.worker.make_experience(
                 self.config, batch, self.drafter, self.reference, self.version, seed
             )
-            experience = experience.to("cpu")  # CUDA tensors do not travel through the object store
+            _synchronize(self.device)
+            built = time.perf_counter()
+            experience = experience.to_host()  # CUDA tensors do not travel through the object store
             seconds = time.perf_counter() - start
         meta = {"actor": self.index, "batch_index": batch_index, "version": experience.drafter_version,
                 "tokens": experience.num_tokens, "bytes": experience.nbytes(), "seconds": seconds,
+                "build_s": built - start, "to_host_s": seconds - (built - start),
                 **experience_summary(experience)}
+        meta["finished_at"] = time.time()
         return meta, experience
 
     @ray.method(concurrency_group=ROLLOUT)

@@ -21,7 +21,8 @@ error string in ``errors`` and the others still run):
 * ``single``: the single-process trainer (``pipeline.trainer``) on the GTO config, updates/s;
 * ``ray``: the Ray pipeline (``pipeline.driver.run_distributed``) on the same GTO config, on a local
   Ray cluster of this one GPU (learner and rollout actors colocated on fractional GPUs), per mode:
-  updates/s, learner step time, learner busy fraction, broadcast GB/s and share of step time.
+  updates/s, learner step time, learner busy fraction, broadcast GB/s and share of step time, and
+  where an update's time goes (``ray.<mode>.breakdown``: medians of ``pipeline.driver.BREAKDOWN``).
 
 Writes ``OUT/summary.json`` after every part (keys ``prefill_ceiling_tok_s``, ``gto_tok_s``,
 ``opd_tok_s``, ``gto_ceiling_ratio``, ``opd_ceiling_ratio``, ``ray_updates_per_s_gto``,
@@ -171,6 +172,20 @@ def steady_rate(run_dir: Path) -> dict[str, float]:
     window = train[-1]["time"] - train[0]["time"]
     return {"updates": train[-1]["step"], "updates_per_s": (train[-1]["step"] - train[0]["step"]) / window,
             "rows": train}
+
+
+def breakdown(train: list[dict]) -> dict[str, float]:
+    """Medians over the updates after the first of where each update's time went
+    (``pipeline.driver.BREAKDOWN``: rollout side per experience, learner side per update)."""
+    from pipeline.driver import BREAKDOWN
+
+    rows = train[1:] or train
+    medians = {}
+    for key in BREAKDOWN:
+        values = [float(r[key]) for r in rows if key in r and r[key] == r[key]]
+        medians[key] = statistics.median(values) if values else None
+    medians["updates"] = len(rows)
+    return medians
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -377,7 +392,7 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
                 shares = [r["broadcast_step_share"] for r in train[1:] if "broadcast_step_share" in r]
                 row.update(learner_busy=busy, learner_busy_whole_run=report.get("learner_busy"),
                            broadcast_step_share=statistics.median(shares) if shares else None,
-                           micro_batch_size=config.training.micro_batch_size)
+                           micro_batch_size=config.training.micro_batch_size, breakdown=breakdown(train))
                 summary["ray"][mode] = row
             except Exception as error:  # noqa: BLE001 - the other mode may still run
                 summary["ray"][mode] = {"error": f"{type(error).__name__}: {error}"[:2000]}
@@ -457,6 +472,22 @@ def readme(summary: dict[str, Any]) -> str:
             lines.append(f"| {mode} | {row['updates_per_s']:.3f} | {row['learner_step_s']:.3f} | "
                          f"{row['learner_busy']:.0%} | {row['broadcast_s']:.4f} | {row['broadcast_gb_per_s']:.2f} | "
                          f"{row['staleness_max']} |")
+        lines.append("")
+        lines += ["Where an update's time goes (medians; `ray.<mode>.breakdown`). Learner parts add up to the "
+                  "update interval; rollout parts are per experience.", "",
+                  "| Ray mode | update interval s | learner idle s | fetch s | to device s | compute s | other s "
+                  "| broadcast s | rollout build s | to host s | return s | latency s | MB/experience |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for mode, row in ray.items():
+            parts = row.get("breakdown")
+            if not parts:
+                continue
+            keys = ("update_interval_s", "learner_idle_s", "learner_fetch_s", "learner_to_device_s",
+                    "learner_compute_s", "learner_other_s", "learner_broadcast_s", "rollout_build_s",
+                    "rollout_to_host_s", "rollout_return_s", "rollout_latency_s")
+            cells = ["n/a" if parts.get(k) is None else f"{parts[k]:.3f}" for k in keys]
+            mb = parts.get("rollout_experience_mb")
+            lines.append(f"| {mode} | {' | '.join(cells)} | {'n/a' if mb is None else f'{mb:.1f}'} |")
         lines.append("")
     if summary["errors"]:
         lines += ["Errors (the parts that did not finish):", ""]

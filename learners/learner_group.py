@@ -75,6 +75,7 @@ class LearnerWorker:
         self.group: BroadcastGroup | None = None
         self._retired: list[BroadcastGroup] = []
         self._ipc: IpcSource | None = None
+        self._sync_seconds = 0.0  # in weight-sync calls since the last train_step (rank 0)
 
     # -- set-up ---------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -147,11 +148,19 @@ class LearnerWorker:
         tokens = 0
         skipped = 0
         fetched = time.perf_counter() - start
+        to_device = compute = 0.0  # seconds, synchronized at the edges on CUDA
+        on_gpu = self.device.type == "cuda"
         per = self.config.training.experiences_per_micro_batch
         micro_batches = [experiences[i:i + per] for i in range(0, len(experiences), per)]
         for group in micro_batches:
-            # Each experience goes to the device first: the merge (padding + cat) runs there.
-            experience = concat_experiences([e.to(self.device) for e in group])
+            mark = time.perf_counter()
+            # Merged on the device: each experience's tensors go from the object store straight
+            # into their slice of the micro-batch (no per-experience device copy, pad and cat).
+            experience = concat_experiences(group, self.device, non_blocking=on_gpu)
+            if on_gpu:
+                torch.cuda.synchronize(self.device)
+            moved = time.perf_counter()
+            to_device += moved - mark
             loss, metrics = objective_loss(self.drafter, experience, self.config)
             if self.faults.get("nan_loss_at_version") == self.version and self.faults.get("rank", 0) == self.rank:
                 loss = loss * float("nan")  # injected fault
@@ -165,6 +174,9 @@ class LearnerWorker:
                 tokens += experience.num_tokens
             self.engine.backward(loss)
             self.engine.step()
+            if on_gpu:
+                torch.cuda.synchronize(self.device)
+            compute += time.perf_counter() - moved
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
@@ -175,8 +187,15 @@ class LearnerWorker:
         return {"rank": self.rank, "version": self.version, "experience_versions": versions,
                 "skipped_nonfinite": skipped,
                 "metrics": metrics, "tokens": tokens, "samples": sum(_rows(e) for e in experiences),
-                "micro_batches": len(micro_batches), "fetch_seconds": fetched,
+                "micro_batches": len(micro_batches), "fetch_seconds": fetched, "to_device_seconds": to_device,
+                "compute_seconds": compute, "sync_seconds": self.take_sync_seconds(),
                 "seconds": time.perf_counter() - start}
+
+    def take_sync_seconds(self) -> float:
+        """Seconds this rank spent in weight-sync calls (broadcast, weights, ipc_weights, checksum)
+        since the last ``train_step`` or the last call of this; the counter starts again at 0."""
+        seconds, self._sync_seconds = self._sync_seconds, 0.0
+        return seconds
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self, directory: str, rng_states: list[dict]) -> int:
@@ -215,7 +234,9 @@ class LearnerWorker:
         start = time.perf_counter()
         sent = self.group.send(named_tensors(self.drafter), version)
         seconds = time.perf_counter() - start
-        return {"version": version, "bytes": sent, "seconds": seconds, "sha256": drafter_checksum(self.drafter)}
+        digest = drafter_checksum(self.drafter)
+        self._sync_seconds += time.perf_counter() - start
+        return {"version": version, "bytes": sent, "seconds": seconds, "sha256": digest}
 
     @ray.method(num_returns=2)
     def weights(self) -> tuple[dict[str, Any], Any]:
@@ -223,7 +244,9 @@ class LearnerWorker:
         start = time.perf_counter()
         payload = flat_array(named_tensors(self.drafter))
         seconds = time.perf_counter() - start
-        return {"version": self.version, "sha256": drafter_checksum(self.drafter), "bytes": int(payload.nbytes),
+        digest = drafter_checksum(self.drafter)
+        self._sync_seconds += time.perf_counter() - start  # Ray stores the payload after this
+        return {"version": self.version, "sha256": digest, "bytes": int(payload.nbytes),
                 "seconds": seconds}, payload
 
     def ipc_weights(self, version: int) -> dict[str, Any]:
@@ -235,11 +258,15 @@ class LearnerWorker:
             self._ipc = IpcSource()
         handle, size = self._ipc.publish(named_tensors(self.drafter))
         seconds = time.perf_counter() - start
+        self._sync_seconds += seconds
         # The sha256 comes from a separate ``checksum`` call, hashed while the actors copy.
         return {"version": version, "bytes": size, "seconds": seconds, "handle": handle}
 
     def checksum(self) -> tuple[int, str]:
-        return self.version, drafter_checksum(self.drafter)
+        start = time.perf_counter()
+        digest = drafter_checksum(self.drafter)
+        self._sync_seconds += time.perf_counter() - start
+        return self.version, digest
 
 
 def _rows(experience) -> int:

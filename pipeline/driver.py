@@ -49,6 +49,22 @@ from speculative.target import default_cache_dir, load_tokenizer, resolve_target
 
 # What rollout actors report per experience (actors.rollout_actor.experience_summary).
 ROLLOUT_SCALARS = ("reward", "tau", "vllm_acceptance_gap", "vllm_probe_max_abs_diff", "vllm_cut_sequences")
+# Where an update's time goes, measured per update (``_breakdown``): the rollout side per experience
+# (mean over the update's experiences), the learner side per update (its busiest rank).
+BREAKDOWN = (
+    "rollout_build_s",  # making one experience on the rollout actor (device work, synchronized on CUDA)
+    "rollout_to_host_s",  # copying it to the host
+    "rollout_return_s",  # from the actor's method returning to the driver seeing it (Ray stores it)
+    "rollout_latency_s",  # from submission to the driver seeing it (queueing on the actor included)
+    "rollout_experience_mb",  # its tensor payload
+    "learner_idle_s",  # the rest of the wall time: waiting for experiences (or the driver's checkpoints)
+    "learner_fetch_s",  # inside train_step: ray.get of the experiences
+    "learner_to_device_s",  # moving (and merging) them onto the learner's device
+    "learner_compute_s",  # forward, backward, optimizer step
+    "learner_other_s",  # the rest of train_step (checks, gradient norm, metrics)
+    "learner_broadcast_s",  # the learner's time in weight-sync calls (publish/send, checksums)
+    "update_interval_s",  # wall time between updates: the learner parts above add up to it
+)
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 RESTART_ERRORS = (*ACTOR_ERRORS, NoWeightsYet)  # a restarted actor answers before it is re-synced
 
@@ -141,6 +157,7 @@ class DistributedTrainer:
         self.cache_dir = (Path(config.cache_dir) if config.cache_dir else default_cache_dir()).resolve()
         self.config = config.model_copy(update={"output_dir": str(self.out), "cache_dir": str(self.cache_dir)})
         self.per_step = self.dist.num_learners * config.training.grad_accum
+        self._submitted: dict[int, float] = {}  # batch index -> when its rollout was submitted (wall clock)
 
     # -- set-up ---------------------------------------------------------------------------
     def _target_dtype(self) -> str:
@@ -269,7 +286,19 @@ class DistributedTrainer:
 
     def _submit(self, actor: int, batch_index: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         seed = self.config.seed * 1_000_003 + batch_index
-        return self.pool.actors[actor].make_experience.remote(self._batch(batch_index), batch_index, seed)
+        batch = self._batch(batch_index)
+        self._submitted[batch_index] = time.time()
+        return self.pool.actors[actor].make_experience.remote(batch, batch_index, seed)
+
+    def _seen(self, meta: dict[str, Any], seen: float) -> dict[str, Any]:
+        """Driver-side timing of an experience whose metadata the driver saw at ``seen`` (wall clock):
+        the part after the actor's method returned (Ray storing the return values, telling the
+        driver) and the whole latency from submission."""
+        submitted = self._submitted.pop(meta["batch_index"], seen)
+        if "finished_at" in meta:  # another node's clock may be a little off: never below 0
+            meta["return_s"] = max(0.0, seen - float(meta["finished_at"]))
+        meta["latency_s"] = max(0.0, seen - submitted)
+        return meta
 
     def _recover(self, index: int) -> None:
         """A rollout actor died: wait for Ray to restart it, push it the current drafter, verify."""
@@ -308,6 +337,7 @@ class DistributedTrainer:
             self.stop_at = min(self.stop_at, self.version + self.steps_this_run)
         self.started, self.window, self.steps = time.time(), [], []
         # Learner busy fraction: time inside train_step over the wall time between updates.
+        ray.get([actor.take_sync_seconds.remote() for actor in self.learners.actors])  # the first push's
         self._last_update = time.perf_counter()
         self.learner_busy_s, self.learner_wall_s = 0.0, 0.0
         self.train_metrics: dict[str, float] = {}
@@ -368,9 +398,10 @@ class DistributedTrainer:
         done: dict[int, tuple[dict, ray.ObjectRef]] = {}
         while jobs:
             [ref], _ = ray.wait(list(jobs), num_returns=1)
+            seen = time.time()
             actor, batch_index, exp_ref = jobs.pop(ref)
             try:
-                done[batch_index] = (ray.get(ref), exp_ref)
+                done[batch_index] = (self._seen(ray.get(ref), seen), exp_ref)
             except RESTART_ERRORS:
                 self._recover(actor)
                 meta_ref, exp_ref = self._submit(actor, batch_index)
@@ -417,11 +448,12 @@ class DistributedTrainer:
         rollout_metrics = {k: float(np.mean([m[k] for m in metas if k in m]))
                            for k in ROLLOUT_SCALARS if any(k in m for m in metas)}
         last = self._last_broadcast
+        merged.update(_breakdown(results, metas, interval))
         merged.update(
             staleness_mean=float(np.mean(staleness)), staleness_max=float(max(staleness)),
             dropped_stale=float(self.gate.dropped), queue_depth=float(queue_depth),
             rollout_tokens_per_s=rollout_rate, learner_samples_per_s=samples / max(step_s, 1e-9),
-            learner_step_s=step_s, learner_fetch_s=max(r.get("fetch_seconds", 0.0) for r in results),
+            learner_step_s=step_s,
             learner_busy=min(step_s / interval, 1.0), update_interval_s=interval,
             broadcast_s=last.seconds, broadcast_bytes=float(last.bytes),
             broadcast_gb_s=last.bytes / 1e9 / max(last.seconds, 1e-9),
@@ -439,6 +471,7 @@ class DistributedTrainer:
             "learner_samples_per_s": merged["learner_samples_per_s"], "broadcast_seconds": last.seconds,
             "queue_depth": queue_depth, "drafter_version": self.version,
             "learner_busy": merged["learner_busy"], "broadcast_gb_s": merged["broadcast_gb_s"],
+            **{key: merged[key] for key in BREAKDOWN},
         })
         self.metrics.add("experiences", len(metas))
 
@@ -539,12 +572,13 @@ class DistributedTrainer:
                 raise RuntimeError(f"async pipeline stalled at version {self.version}: nothing in flight "
                                    f"(actor versions {self.pool.versions}, {len(ready)} ready)")
             done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+            seen = time.time()
             done_set = set(done)
             for ref in [r for r in in_flight if r in done_set]:
                 actor, batch_index, exp_ref = in_flight.pop(ref)
                 per_actor[actor] -= 1
                 try:
-                    meta = ray.get(ref)
+                    meta = self._seen(ray.get(ref), seen)
                 except RESTART_ERRORS:
                     self._recover(actor)
                     redo.append(batch_index)
@@ -587,6 +621,29 @@ class DistributedTrainer:
         index = self.cursor
         self.cursor += 1
         return index
+
+
+def _breakdown(results: list[dict], metas: list[dict], interval: float) -> dict[str, float]:
+    """``BREAKDOWN`` of one update from the learner ranks' results, the experiences' metadata and
+    the wall time since the previous update. The learner parts are the busiest rank's (train_step
+    plus weight sync), so they add up to ``interval`` with ``learner_idle_s``."""
+    busiest = max(results, key=lambda r: r["seconds"] + r.get("sync_seconds", 0.0))
+    fetch, to_device = busiest.get("fetch_seconds", 0.0), busiest.get("to_device_seconds", 0.0)
+    compute, sync = busiest.get("compute_seconds", 0.0), busiest.get("sync_seconds", 0.0)
+
+    def mean(key: str, scale: float = 1.0) -> float:
+        values = [float(m[key]) * scale for m in metas if key in m]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {
+        "rollout_build_s": mean("build_s"), "rollout_to_host_s": mean("to_host_s"),
+        "rollout_return_s": mean("return_s"), "rollout_latency_s": mean("latency_s"),
+        "rollout_experience_mb": mean("bytes", 1e-6),
+        "learner_idle_s": interval - busiest["seconds"] - sync, "learner_fetch_s": fetch,
+        "learner_to_device_s": to_device, "learner_compute_s": compute,
+        "learner_other_s": busiest["seconds"] - fetch - to_device - compute, "learner_broadcast_s": sync,
+        "update_interval_s": interval,
+    }
 
 
 def _ready(ref: ray.ObjectRef) -> bool:

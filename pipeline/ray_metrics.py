@@ -1,6 +1,8 @@
 """Pipeline scalars as ``ray.util.metrics`` gauges and counters, so the Ray dashboard (and the
 cluster's Prometheus endpoint) shows them next to Ray's own: tau or its proxy, reward, losses,
-staleness, rollout tokens/s, learner samples/s, broadcast seconds and bytes, queue depth."""
+staleness, rollout tokens/s, learner samples/s, broadcast seconds and bytes, queue depth, and where
+each update's time went (rollout build / copy to host / return, learner idle / fetch / to device /
+compute / broadcast)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,19 @@ GAUGES = {
     "drafter_version": "learner updates so far",
     "learner_busy": "learner step time over the wall time between updates (last update)",
     "broadcast_gb_s": "GB/s of the last drafter broadcast's transfer",
+    # where the last update's time went (pipeline.driver.BREAKDOWN)
+    "rollout_build_s": "seconds a rollout actor spent making one experience (device work)",
+    "rollout_to_host_s": "seconds a rollout actor spent copying one experience to the host",
+    "rollout_return_s": "seconds from a rollout returning to the driver seeing it (Ray storing it)",
+    "rollout_latency_s": "seconds from submitting a rollout to the driver seeing it",
+    "rollout_experience_mb": "MB of tensor payload per experience",
+    "learner_idle_s": "learner seconds outside train_step and weight sync in the last update interval",
+    "learner_fetch_s": "learner seconds fetching the experiences (ray.get)",
+    "learner_to_device_s": "learner seconds moving the experiences to its device",
+    "learner_compute_s": "learner seconds in forward, backward and optimizer step",
+    "learner_other_s": "learner seconds in the rest of train_step",
+    "learner_broadcast_s": "learner seconds in weight-sync calls (publish/send, checksums)",
+    "update_interval_s": "wall seconds between the last two learner updates",
 }
 COUNTERS = {
     "experiences": "experiences made by rollout actors",

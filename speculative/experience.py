@@ -7,6 +7,7 @@ target or the frozen reference drafter, so a learner holds only the drafter it t
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, fields, replace
 
@@ -45,7 +46,7 @@ class _PackedTensor:
 
 
 class _Movable:
-    """``.to(device)`` and ``.pin()``-free moving of every tensor field (nested experiences too).
+    """``.to(device)`` / ``.to_host()`` moving of every tensor field (nested experiences too).
 
     Pickling (the object store, between a rollout actor and a learner) ships every CPU tensor
     field as a numpy array, so Ray moves its bytes without copying them through ``torch.save``;
@@ -65,14 +66,50 @@ class _Movable:
                 state[key] = _from_array(value.dtype, value.array)
         self.__dict__.update(state)
 
-    def to(self, device: torch.device | str):
+    def _map(self, move):
+        """A copy with ``move`` applied to every tensor field (nested experiences too)."""
         moved = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if isinstance(value, (torch.Tensor, _Movable)):
-                value = value.to(device)
+            if isinstance(value, torch.Tensor):
+                value = move(value)
+            elif isinstance(value, _Movable):
+                value = value._map(move)
             moved[f.name] = value
         return replace(self, **moved)  # type: ignore[type-var]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        found = []
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif isinstance(value, _Movable):
+                found += value._tensors()
+        return found
+
+    def to(self, device: torch.device | str, non_blocking: bool = False):
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def to_host(self):
+        """This experience on the host, for the object store. CUDA fields are copied into pinned
+        host memory without blocking and one synchronize waits for them all (rather than one
+        blocking copy into pageable memory per field); the values are the same as ``.to("cpu")``'s.
+        An experience already on the host is returned as it is."""
+        devices = {t.device for t in self._tensors() if t.device.type == "cuda"}
+        if not devices:
+            return self.to("cpu")
+
+        def pinned(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.device.type != "cuda":
+                return tensor.to("cpu")
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            return host.copy_(tensor, non_blocking=True)
+
+        moved = self._map(pinned)
+        for device in devices:  # nothing reads the host copies before this
+            torch.cuda.synchronize(device)
+        return moved
 
     def nbytes(self) -> int:
         """Bytes of tensor payload (what shipping this experience costs)."""
@@ -202,10 +239,31 @@ def _rows(experience: SFTExperience) -> int:
     return int(experience.input_ids.shape[0])
 
 
-def _concat_sft(parts: list[SFTExperience]) -> SFTExperience:
+def _put(tensor: torch.Tensor, device, non_blocking: bool) -> torch.Tensor:
+    return tensor if device is None else tensor.to(device, non_blocking=non_blocking)
+
+
+def _concat_sft(parts: list[SFTExperience], device=None, non_blocking: bool = False) -> SFTExperience:
+    """Sequences padded to the longest and stacked; with ``device``, each part's tensors are copied
+    from where they are straight into their slice of the merged tensor on ``device``: no per-part
+    device copy, padded copy and cat of the big ``target_draft_logits`` / ``aux_hidden`` (a part
+    shorter than the longest still goes through one contiguous device buffer, inside ``copy_``)."""
     length = max(int(p.input_ids.shape[1]) for p in parts)
     names = ("input_ids", "attention_mask", "loss_mask", "aux_hidden", "target_draft_logits", "target_top1")
-    merged = {name: torch.cat([_pad_time(getattr(p, name), length) for p in parts]) for name in names}
+    if device is None:
+        merged = {name: torch.cat([_pad_time(getattr(p, name), length) for p in parts]) for name in names}
+        return SFTExperience(**merged, drafter_version=parts[0].drafter_version)
+    rows = sum(_rows(p) for p in parts)
+    merged = {}
+    for name in names:
+        tensors = [getattr(p, name) for p in parts]
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])  # as torch.cat's
+        out = torch.zeros((rows, length, *tensors[0].shape[2:]), dtype=dtype, device=device)
+        row = 0
+        for tensor in tensors:
+            out[row:row + tensor.shape[0], :tensor.shape[1]].copy_(tensor, non_blocking=non_blocking)
+            row += tensor.shape[0]
+        merged[name] = out
     return SFTExperience(**merged, drafter_version=parts[0].drafter_version)
 
 
@@ -217,7 +275,7 @@ def _offsets(parts: list[SFTExperience]) -> list[int]:
     return offsets
 
 
-def _concat_gto(parts: list[GTOExperience]) -> GTOExperience:
+def _concat_gto(parts: list[GTOExperience], device=None, non_blocking: bool = False) -> GTOExperience:
     offsets = _offsets([p.sft for p in parts])
     group_base, groups = 0, []
     for part in parts:  # window numbers stay distinct across the merged experiences
@@ -226,48 +284,57 @@ def _concat_gto(parts: list[GTOExperience]) -> GTOExperience:
             group_base += int(part.group.max()) + 1
     per_position = ("index", "path_ids", "path_length", "reward", "reference_reward", "expected_length",
                     "reference_expected_length", "rollout_path_logprob", "reference_path_logprob")
+    rows = {"sequence": torch.cat([p.sequence + o for p, o in zip(parts, offsets)]), "group": torch.cat(groups),
+            **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_position}}
     return GTOExperience(
-        sft=_concat_sft([p.sft for p in parts]),
-        sequence=torch.cat([p.sequence + o for p, o in zip(parts, offsets)]),
-        group=torch.cat(groups),
+        sft=_concat_sft([p.sft for p in parts], device, non_blocking),
         drafter_version=parts[0].drafter_version,
-        **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_position},
+        **{name: _put(value, device, non_blocking) for name, value in rows.items()},
     )
 
 
-def _concat_opd(parts: list[OPDExperience]) -> OPDExperience:
+def _concat_opd(parts: list[OPDExperience], device=None, non_blocking: bool = False) -> OPDExperience:
     offsets = _offsets([p.rollout for p in parts])
     per_cycle = ("index", "accepted", "step_inputs", "proposals", "target_logprobs", "rollout_logprobs")
     data = [p.data for p in parts]
+    rows = {"sequence": torch.cat([p.sequence + o for p, o in zip(parts, offsets)]),
+            **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_cycle}}
     return OPDExperience(
-        rollout=_concat_sft([p.rollout for p in parts]),
-        sequence=torch.cat([p.sequence + o for p, o in zip(parts, offsets)]),
+        rollout=_concat_sft([p.rollout for p in parts], device, non_blocking),
         response_tokens=sum(p.response_tokens for p in parts),
         target_forwards=sum(p.target_forwards for p in parts),
-        data=_concat_sft(data) if all(d is not None for d in data) else None,
+        data=_concat_sft(data, device, non_blocking) if all(d is not None for d in data) else None,
         drafter_version=parts[0].drafter_version,
         engine_report=parts[0].engine_report,
-        **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_cycle},
+        **{name: _put(value, device, non_blocking) for name, value in rows.items()},
     )
 
 
-def concat_experiences(parts: list) -> Experience:
+def concat_experiences(parts: list, device: torch.device | str | None = None,
+                       non_blocking: bool = False) -> Experience:
     """One experience holding the sequences of ``parts`` (same type, same drafter version), so a
     learner runs one forward over all of them: sequences are padded to the longest, and the
-    per-position / per-cycle rows are re-indexed into the merged batch."""
+    per-position / per-cycle rows are re-indexed into the merged batch.
+
+    With ``device`` the merged experience is built there (the learner: ``parts`` come from the
+    object store) and each part's tensors are copied into their slice of the merged ones;
+    ``non_blocking`` copies are safe from pinned or pageable host memory alike while ``parts`` stay
+    alive (the learner keeps them until it synchronizes). The values equal
+    ``concat_experiences([p.to(device) for p in parts])``'s."""
     if len(parts) == 1:
-        return parts[0]
+        return parts[0] if device is None else parts[0].to(device, non_blocking=non_blocking)
     kinds = {type(p) for p in parts}
     if len(kinds) != 1:
         raise TypeError(f"cannot merge experiences of types {sorted(k.__name__ for k in kinds)}")
     first = parts[0]
     if isinstance(first, SFTExperience):
-        return _concat_sft(parts)
+        return _concat_sft(parts, device, non_blocking)
     if isinstance(first, GTOExperience):
-        return _concat_gto(parts)
+        return _concat_gto(parts, device, non_blocking)
     if isinstance(first, OPDExperience):
-        return _concat_opd(parts)
+        return _concat_opd(parts, device, non_blocking)
     if isinstance(first, CombinedExperience):
-        return CombinedExperience(gto=_concat_gto([p.gto for p in parts]), opd=_concat_opd([p.opd for p in parts]),
+        return CombinedExperience(gto=_concat_gto([p.gto for p in parts], device, non_blocking),
+                                  opd=_concat_opd([p.opd for p in parts], device, non_blocking),
                                   drafter_version=first.drafter_version)
     raise TypeError(f"cannot merge experiences of type {type(first).__name__}")

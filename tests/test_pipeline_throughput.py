@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from speculative.broadcast import IpcSource, checksum, flat_array, load_named, named_tensors
-from speculative.experience import GTOExperience, SFTExperience, concat_experiences
+from speculative.experience import GTOExperience, OPDExperience, SFTExperience, concat_experiences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,55 @@ def test_concat_pads_sequences_and_reindexes_positions():
     assert merged.sequence.tolist() == a.sequence.tolist() + (b.sequence + 2).tolist()
     assert set(merged.group[:4].tolist()).isdisjoint(merged.group[4:].tolist())
     assert merged.num_tokens == a.num_tokens + b.num_tokens and merged.drafter_version == 3
+
+
+def opd(rows: int, length: int, cycles: int, seed: int, with_data: bool) -> OPDExperience:
+    g = torch.Generator().manual_seed(seed)
+    rollout = sft(rows, length, seed)
+    rollout.target_draft_logits = rollout.target_draft_logits[..., :0]  # OPD ships [B, T, 0]
+    return OPDExperience(
+        rollout=rollout, sequence=torch.arange(cycles) % rows, index=torch.arange(cycles),
+        accepted=torch.randint(0, 3, (cycles,), generator=g),
+        step_inputs=torch.randint(0, 50, (cycles, 3), generator=g),
+        proposals=torch.randint(0, 5, (cycles, 3), generator=g), target_logprobs=torch.randn(cycles, 3, 5, generator=g),
+        rollout_logprobs=torch.randn(cycles, 3, generator=g), response_tokens=4 * rows, target_forwards=cycles,
+        data=sft(rows, length + 1, seed + 7) if with_data else None, drafter_version=3,
+    )
+
+
+def _assert_same(left, right) -> None:
+    assert type(left) is type(right)
+    for name, value in vars(left).items():
+        other = getattr(right, name)
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == other.dtype and value.shape == other.shape and torch.equal(value, other), name
+        elif hasattr(value, "nbytes"):
+            _assert_same(value, other)
+        else:
+            assert value == other, name
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_merging_straight_onto_the_device_equals_moving_then_merging(device):
+    """The learner's one-copy merge (``concat_experiences(parts, device)``) and the actor's pinned
+    ``to_host`` give exactly the tensors of the plain path."""
+    parts = [gto(2, 5, 4, 0), gto(3, 7, 6, 1), gto(1, 6, 0, 2)]
+    plain = concat_experiences([p.to(device) for p in parts])
+    direct = concat_experiences(parts, device, non_blocking=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    _assert_same(plain, direct)
+    assert direct.sft.target_draft_logits.device.type == device
+    _assert_same(concat_experiences(parts[:1], device), parts[0].to(device))
+    back = plain.to_host()
+    assert all(t.device.type == "cpu" for t in back._tensors())
+    _assert_same(back, concat_experiences(parts))
+    for with_data in (False, True):
+        parts = [opd(2, 5, 3, 0, with_data), opd(3, 8, 4, 1, with_data)]
+        plain, direct = concat_experiences([p.to(device) for p in parts]), concat_experiences(parts, device, True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        _assert_same(plain, direct)
 
 
 def test_experiences_pickle_as_numpy_and_come_back_equal():
@@ -114,3 +163,9 @@ def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
     assert (out / "warm_drafter" / "config.json").is_file()
     assert f"init_from: {out / 'warm_drafter'}" in (out / "runs" / "single_gto" / "config.yaml").read_text()
     assert (out / "README.md").is_file()
+    if summary["ray_available"] and summary["deepspeed_available"]:  # where a Ray update's time went
+        from pipeline.driver import BREAKDOWN
+
+        parts = summary["ray"]["async"]["breakdown"]
+        assert all(parts[key] is not None and parts[key] >= 0 for key in BREAKDOWN), parts
+        assert "update interval s" in (out / "README.md").read_text()

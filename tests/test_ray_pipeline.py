@@ -31,7 +31,7 @@ pytest.importorskip("deepspeed")
 from speculative.broadcast import BroadcastFailed, BroadcastMismatch  # noqa: E402
 from speculative.config import load_config  # noqa: E402
 from learners.learner_group import LearnerDied  # noqa: E402
-from pipeline.driver import Faults, run_distributed  # noqa: E402
+from pipeline.driver import BREAKDOWN, Faults, run_distributed  # noqa: E402
 from pipeline.placement import ResourcesUnavailable  # noqa: E402
 from pipeline.staleness import StalenessGate  # noqa: E402
 from tests.conftest import write_topic_chats  # noqa: E402
@@ -135,6 +135,10 @@ def test_sync_sft_two_learners_two_actors_bit_identical_and_survives_a_killed_ac
     for key in ("loss", "top1/step1", "accept_length_proxy", "grad_norm", "lr", "staleness_max",
                 "broadcast_s", "rollout_tokens_per_s", "learner_samples_per_s"):
         assert key in train[0], key
+    # The time breakdown in sync mode, two ranks, a restart: the busiest rank's step and weight
+    # sync fit in the wall time between updates (learner_idle_s >= 0), nothing negative.
+    assert all(r[key] >= 0 for r in train for key in BREAKDOWN), [{k: r[k] for k in BREAKDOWN} for r in train]
+    assert all(r["learner_broadcast_s"] > 0 for r in train[1:])  # rank 0 sent and hashed the drafter
     assert {r["split"] for r in rows} == {"train", "eval"}
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text() == "step_000003"
@@ -433,3 +437,15 @@ def test_micro_batches_merge_experiences_and_the_learner_reports_its_busy_fracti
     assert all(r["broadcast_gb_s"] > 0 and r["broadcast_step_share"] >= 0 for r in train)
     report = json.loads((result.output_dir / "distributed_report.json").read_text())
     assert report["learner_busy"] == pytest.approx(result.learner_busy)
+    # Where each update's time went, measured on both sides: no part negative, the learner's parts
+    # within its step and its step plus weight sync within the wall time between updates.
+    for r in train:
+        assert all(key in r and r[key] >= 0 for key in BREAKDOWN), {k: r.get(k) for k in BREAKDOWN}
+        inside = r["learner_fetch_s"] + r["learner_to_device_s"] + r["learner_compute_s"]
+        assert 0 < r["learner_compute_s"] and inside <= r["learner_step_s"] + 1e-6
+        assert r["learner_step_s"] + r["learner_broadcast_s"] <= r["update_interval_s"] + 1e-6
+        assert r["rollout_build_s"] > 0 and r["rollout_experience_mb"] * 2e6 == pytest.approx(r["experience_bytes"])
+        rollout = r["rollout_build_s"] + r["rollout_to_host_s"] + r["rollout_return_s"]
+        assert rollout <= r["rollout_latency_s"] + 1e-3, r
+    # object_store transport: rank 0 flattens and hashes the drafter after every update but the last
+    assert all(r["learner_broadcast_s"] > 0 for r in train[1:])
