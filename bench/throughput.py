@@ -440,6 +440,8 @@ def readme(summary: dict[str, Any]) -> str:
             return "n/a" if value is None else str(value)
 
     ray = summary.get("ray", {})
+    sizes = summary.get("sizes", {})
+    per_update = (f"{sizes['train_batch']} x {sizes['grad_accum']}" if "train_batch" in sizes else "n/a")
     lines = [
         f"# Throughput on one {summary['gpu_name']} ({summary['date']})", "",
         f"`{' '.join(summary['argv'])}` — {summary['total_seconds']:.0f} s in all. Target {summary['target']}.", "",
@@ -453,7 +455,8 @@ def readme(summary: dict[str, Any]) -> str:
         f"| {f('opd_tok_s', '{:,.0f}')} | {f('opd_ceiling_ratio', '{:.2%}')} |",
         f"| SFT learner samples/s (micro-batch {f('sft_best_micro_batch', '{}')}) | {f('sft_samples_per_s', '{:.1f}')} | |",
         f"| SFT learner step, s | {f('sft_learner_step_s', '{:.3f}')} | |",
-        f"| GTO updates/s, single-process trainer | {f('single_process_updates_per_s_gto', '{:.3f}')} | |",
+        f"| GTO updates/s, single-process trainer ({per_update} sequences per update) "
+        f"| {f('single_process_updates_per_s_gto', '{:.3f}')} | |",
         f"| GTO updates/s, Ray pipeline ({f('ray_mode_reported', '{}')}) | {f('ray_updates_per_s_gto', '{:.3f}')} | |",
         f"| learner busy fraction, async | {f('learner_busy_async', '{:.0%}')} | |",
         f"| learner step (Ray, async), s | {f('learner_step_s', '{:.3f}')} | |",
@@ -516,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=None)
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="Ray learners' training.micro_batch_size (default: a whole update)")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="sequences per rollout experience (training.batch_size) for both trainers")
+    parser.add_argument("--grad-accum", type=int, default=None, help="experiences per update (training.grad_accum)")
     parser.add_argument("--set", action="append", default=[], help="config override for both trainers")
     parser.add_argument("--ray-set", action="append", default=[], help="config override for the Ray runs")
     args = parser.parse_args(argv)
@@ -523,7 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU here (use --device cpu for the smoke run)")
-    sizes = SIZES[device.type]
+    sizes = dict(SIZES[device.type])
+    for key, value in (("train_batch", args.train_batch), ("grad_accum", args.grad_accum)):
+        if value is not None:
+            sizes[key] = value
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"throughput_{gpu_tag(gpu_name)}"
     out.mkdir(parents=True, exist_ok=True)
