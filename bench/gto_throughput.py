@@ -204,16 +204,18 @@ def profile_batch(worker, config, batch, drafter, reference, out: Path) -> Path:
 
     device = worker.target.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         gto_experience(worker, config, batch, drafter, reference, seed=0)
         sync(device)
-    averages = prof.key_averages()
     prefix = "device" if device.type == "cuda" else "cpu"
     parts = []
-    for key in (f"{prefix}_time_total", f"self_{prefix}_time_total"):
+    for key, by_shape in ((f"{prefix}_time_total", False), (f"self_{prefix}_time_total", False),
+                          (f"self_{prefix}_time_total", True)):
         try:
-            parts.append(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40))
-        except (AttributeError, KeyError, RuntimeError) as error:  # older torch names
+            table = prof.key_averages(group_by_input_shape=by_shape).table(
+                sort_by=key, row_limit=40 if not by_shape else 60, max_shapes_column_width=90)
+            parts.append(f"sorted by {key}{', per input shape' if by_shape else ''}\n" + table)
+        except (AttributeError, KeyError, RuntimeError, TypeError) as error:  # older torch names
             parts.append(f"sorted by {key}: {error!r}")
     path = out / "gto_profile.txt"
     path.write_text("\n\n".join(parts))
