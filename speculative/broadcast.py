@@ -121,12 +121,21 @@ def named_tensors(drafter: Eagle3Drafter) -> dict[str, torch.Tensor]:
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over name, dtype, shape and raw bytes of each tensor, in name order."""
+    """sha256 over every tensor's name, dtype and shape, then all their raw bytes, in name order.
+
+    The bytes are flattened where they live and cross to the host in one copy, hashed without
+    another (a GPU drafter: one device-to-host copy instead of one blocking copy per tensor,
+    which cost the learner and every actor ~0.05 s per broadcast on an H200)."""
     digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    names = sorted(tensors)
+    digest.update("".join(f"{n}:{tensors[n].dtype}:{tuple(tensors[n].shape)};" for n in names).encode())
+    with torch.no_grad():
+        if any(tensors[n].device.type != "cpu" for n in names):  # the same bytes, in one copy
+            parts = [flatten({n: tensors[n] for n in names}).to("cpu")] if names else []
+        else:  # already on the host: hashed in place (a uint8 cat on the CPU is slow)
+            parts = [tensors[n].detach().contiguous().view(torch.uint8).reshape(-1) for n in names]
+        for part in parts:
+            digest.update(memoryview(part.numpy()))
     return digest.hexdigest()
 
 

@@ -121,6 +121,31 @@ def test_flat_object_store_payload_loads_bit_identical():
     assert checksum(named_tensors(replica)) == checksum(named_tensors(source))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a GPU tensor's checksum goes through one flat copy"))])
+def test_checksum_is_sha256_of_the_headers_then_the_flat_bytes(device):
+    """Whether hashed in place (CPU) or flattened on the device first (GPU), the digest is the
+    same definition, so learners and actors on either side of a broadcast agree; and any flipped
+    byte, dtype or name changes it."""
+    import hashlib
+
+    from speculative.broadcast import flatten
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(5, 3, generator=generator).to(torch.bfloat16).t(),
+               "a.bias": torch.randn(7, generator=generator), "c": torch.arange(6, dtype=torch.int64)}
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    names = sorted(tensors)
+    expected = hashlib.sha256("".join(f"{n}:{tensors[n].dtype}:{tuple(tensors[n].shape)};" for n in names).encode())
+    expected.update(flatten(tensors).cpu().numpy().tobytes())
+    assert checksum(tensors) == expected.hexdigest()
+    flipped = dict(tensors, c=tensors["c"].clone())
+    flipped["c"][3] += 1
+    assert checksum(flipped) != checksum(tensors)
+    assert checksum(dict(tensors, c=tensors["c"].to(torch.int32))) != checksum(tensors)
+    assert checksum({("d" if k == "c" else k): v for k, v in tensors.items()}) != checksum(tensors)
+
+
 def _open_ipc_and_hash(handle, sizes: dict[str, int], queue) -> None:
     """Child process: an actor's side of the cuda_ipc broadcast."""
     from speculative.broadcast import receive_ipc
