@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from speculative.kv_cache import MaskedKVCache
+from speculative.vocab_topk import log_normaliser, top_k_ids
 
 
 @dataclass
@@ -245,9 +246,14 @@ def grow_draft_tree(
     scale = 1.0 / config.sample_temperature if sample else 1.0
     rows = torch.arange(batch, device=device)[:, None]
 
-    root_logq = _log_q(root_logits, scale, sample)
-    dists = [root_logq[:, None]]
-    ids, logq = _choose(root_logq, k, sample, generator, root_logits)  # [B, k]
+    if keep_dists or sample:
+        root_logq = _log_q(root_logits, scale, sample)
+        dists = [root_logq[:, None]]
+        ids, logq = _choose(root_logq, k, sample, generator, root_logits)  # [B, k]
+    else:
+        dists = []
+        ids = top_k_ids(root_logits, k)
+        logq = root_logits.gather(-1, ids).float() - log_normaliser(root_logits)
     # Candidates in level order; parents always precede children.
     cand_ids, cand_logq, cand_score = [ids], [logq], [logq]
     cand_parent = [torch.full_like(ids, -1)]
@@ -268,13 +274,16 @@ def grow_draft_tree(
         logits, prenorm = feed(
             drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
         )
-        logq_level = _log_q(logits, scale, sample)
         dist_rows = 1 + n_fed + torch.arange(width, device=device).expand(batch, -1)
-        if keep_dists:
-            dists.append(logq_level)
         node_dist_rows.append((frontier, dist_rows))
-
-        child_ids, child_logq = _choose(logq_level, k, sample, generator, logits)  # [B, width, k]
+        if keep_dists or sample:
+            logq_level = _log_q(logits, scale, sample)
+            if keep_dists:
+                dists.append(logq_level)
+            child_ids, child_logq = _choose(logq_level, k, sample, generator, logits)  # [B, width, k]
+        else:  # GTO's many roots: no [rows, Vd] fp32 log-probs at all
+            child_ids = top_k_ids(logits, k)
+            child_logq = logits.gather(-1, child_ids).float() - log_normaliser(logits)
         kids = child_ids.shape[-1]
         child_score = frontier_score[..., None] + child_logq
         cand_ids.append(child_ids.reshape(batch, -1))
