@@ -160,7 +160,8 @@ class BatchGenerator:
     rounded up to a power of two); ``max_len`` presizes the caches for prompt + new tokens.
 
     ``compile``: ``static`` (the step run eagerly: CPU and tests), ``graph`` (each step one CUDA
-    graph), ``inductor`` (compiled, then captured), ``auto`` (graph on CUDA, static elsewhere);
+    graph), ``inductor`` (compiled, then captured; off CUDA compiled only, no graphs: how CPU
+    tests check the compiled step), ``auto`` (graph on CUDA, static elsewhere);
     ``off`` means ``static`` (there is no dynamic-shape path here). A failed compile or capture
     falls back one level with a warning (``compile_errors``).
 
@@ -212,7 +213,8 @@ class BatchGenerator:
         self.compile = "static" if mode == "off" else mode
         self.compile_errors: list[str] = []
         self.max_len = 0  # slots per sequence; buffers are built by _reserve
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # per (width, span): its captured step (None: compiled by Inductor off CUDA, run as a function)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}
         self._pool = None
         self._step_fn = self._step
         if max_len is not None:
@@ -413,13 +415,23 @@ class BatchGenerator:
                             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
                     self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
                 if self.device.type != "cuda":
-                    raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")
+                    if self.compile != "inductor":
+                        raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")
+                    # off CUDA: compile only (no graphs); one idle step per span compiles it now,
+                    # so that a failed compile falls back here rather than mid-generation
+                    for span in self._spans():
+                        if (width, span) not in self._graphs:
+                            self.step_index.zero_()
+                            self._step_fn(width, span)
+                            self._graphs[(width, span)] = None
+                    break
                 for span in self._spans():
                     if (width, span) not in self._graphs:
                         self._capture(width, span)
                 break
             except Exception as error:  # a failed compile/capture: one step simpler, loudly
-                fallback = {"inductor": "graph", "graph": "static"}[self.compile]
+                cuda = self.device.type == "cuda"
+                fallback = {"inductor": "graph" if cuda else "static", "graph": "static"}[self.compile]
                 message = f"compile={self.compile!r} failed ({type(error).__name__}: {error}); using {fallback!r}"
                 warnings.warn(message, stacklevel=3)
                 self.compile_errors.append(message)
@@ -449,7 +461,7 @@ class BatchGenerator:
         self._graphs[(width, span)] = graph
 
     def _run_step(self, width: int, span: int) -> None:
-        if self.compile == "static":
+        if self.compile == "static" or self.device.type != "cuda":  # eager, or compiled without graphs
             self._step_fn(width, span)
         else:
             self._graphs[(width, span)].replay()

@@ -165,6 +165,25 @@ def test_batched_autoregressive_equals_target_greedy():
         BatchGenerator(target, None, 0, compile="graph")
 
 
+@pytest.mark.parametrize("chain", [0, 2], ids=["autoregressive", "chain"])
+def test_inductor_step_equals_static_step_on_cpu(chain):
+    """``compile="inductor"`` off CUDA runs the torch.compile'd step (no graphs): the step the GPU
+    captures after compiling. Greedy AR decoding (batch 1, as the AR benchmark) and chain
+    speculation (batch 2) give the eager step's tokens and accepted lengths exactly. Inductor
+    compiles each step once (about 30 s on a cold cache), so the target is tiny."""
+    target = TargetModel(small_llama(7, layers=2))
+    prompts = _prompts(3, 3)
+    drafter, batch = (tiny_drafter(target, seed=1), 2) if chain else (None, 1)
+    results = {}
+    for mode in ("static", "inductor"):
+        engine = BatchGenerator(target, drafter, chain, compile=mode, max_batch=batch, max_len=64, sync_every=4)
+        runs = [engine.generate(prompts, 12)] if batch > 1 else [engine.generate([p], 12) for p in prompts]
+        assert engine.compile == mode and not engine.compile_errors, engine.compile_errors
+        results[mode] = ([t for r in runs for t in r.tokens], [a for r in runs for a in r.accept_lengths])
+    assert results["inductor"] == results["static"]
+    assert results["static"][0] == _greedy(target.model, prompts, 12)
+
+
 def test_batched_cycles_equal_single_sequence_cycles(agreeing_pair, greedy_64):
     """At T = 0 the records are the reference engine's: roots, proposals, accepted counts, and
     (to rounding) the drafter's and the target's log-probs at every drafted state."""
