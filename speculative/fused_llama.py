@@ -85,10 +85,14 @@ class FusedLlama(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     @staticmethod
-    def _add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        """residual + linear(x) in one kernel."""
+    def _add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, in_place: bool) -> torch.Tensor:
+        """residual + linear(x) in one kernel. ``in_place`` accumulates into ``residual`` itself
+        (which nothing else may hold): the out-of-place ``addmm`` first copies ``residual`` into
+        a new tensor (one more kernel: cuBLAS adds into its output; only a 1-D bias and more
+        than one row take the copy-free cuBLASLt path). Same GEMM, same result."""
         shape = residual.shape
-        out = torch.addmm(residual.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+        flat, x = residual.view(-1, shape[-1]), x.reshape(-1, x.shape[-1])
+        out = flat.addmm_(x, linear.weight.t()) if in_place else torch.addmm(flat, x, linear.weight.t())
         if linear.bias is not None:
             out = out + linear.bias
         return out.view(shape)
@@ -138,7 +142,11 @@ class FusedLlama(nn.Module):
         elif cache_slots != 0:
             raise ValueError("a prefill (attn_mask=None) writes from slot 0")
         aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
+        # the residual stream (from the embedding's own new tensor on) is updated in place
+        # (``_add_linear``), except where a layer's input is kept as an aux hidden state: there
+        # the attention residual makes a new tensor
         for index, layer in enumerate(fast.layers):
+            kept = index in self.aux_layer_ids
             for j, layer_id in enumerate(self.aux_layer_ids):
                 if layer_id == index:
                     aux[j] = hidden
@@ -161,10 +169,10 @@ class FusedLlama(nn.Module):
                 values = cache.storage[1, index, :, :, :span]
                 out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=self.scaling)
                 out = out.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
-            hidden = self._add_linear(hidden, out.reshape(batch, length, heads * dim), attn.o_proj)
+            hidden = self._add_linear(hidden, out.reshape(batch, length, heads * dim), attn.o_proj, not kept)
             x = self._norm(hidden, layer.post_attention_layernorm.weight, eps_post)
             gate, up = F.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
-            hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
+            hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj, True)
         if logits_index is not None:
             hidden = hidden[torch.arange(batch, device=hidden.device)[:, None], logits_index]
         logits = fast.lm_head(self._norm(hidden, fast.norm.weight, self.final_eps))
