@@ -62,8 +62,9 @@ def _greedy(model, prompts, n):
         {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},  # MQA, biases
         {"arch": "qwen2"},  # random q/k/v biases (o_proj has none), RoPE base 1e6
         {"arch": "qwen2", "tie_word_embeddings": True, "num_key_value_heads": 1},
+        {"num_hidden_layers": 7},  # aux layers (2, 3, 4) between layers whose residual adds are in place
     ],
-    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases", "qwen2-gqa", "qwen2-mqa-tied"],
+    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases", "qwen2-gqa", "qwen2-mqa-tied", "gqa-7-layers"],
 )
 def test_fused_llama_matches_fast_llama(overrides):
     """Ragged causal prefill, then per-sequence chunks at different positions through a mask."""
