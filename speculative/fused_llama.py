@@ -90,6 +90,10 @@ class FusedLlama(nn.Module):
         (which nothing else may hold): the out-of-place ``addmm`` first copies ``residual`` into
         a new tensor (one more kernel: cuBLAS adds into its output; only a 1-D bias and more
         than one row take the copy-free cuBLASLt path). Same GEMM, same result."""
+        if torch.compiler.is_compiling():
+            # Inductor: a plain GEMM, and the add fused into the kernel that follows (the next
+            # RMSNorm); its addmm would be out of place (the copy again)
+            return residual + F.linear(x, linear.weight, linear.bias)
         shape = residual.shape
         flat, x = residual.view(-1, shape[-1]), x.reshape(-1, x.shape[-1])
         out = flat.addmm_(x, linear.weight.t()) if in_place else torch.addmm(flat, x, linear.weight.t())
