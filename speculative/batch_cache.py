@@ -31,10 +31,15 @@ class BatchKVCache:
     is a view of the first n sequences (a smaller batch runs on the same memory).
     """
 
-    def __init__(self, storage: torch.Tensor):
+    def __init__(self, storage: torch.Tensor, index: tuple[torch.Tensor, ...] | None = None):
         self.storage = storage
         self.batch_size = storage.shape[2]
         self.max_len = storage.shape[4]
+        if index is None:  # index tensors of the keys/values, layer and head dims, made once
+            device = storage.device
+            index = (torch.arange(2, device=device).view(2, 1, 1, 1), torch.arange(storage.shape[1], device=device),
+                     torch.arange(storage.shape[3], device=device).view(1, 1, 1, -1))
+        self._index = index
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -43,16 +48,23 @@ class BatchKVCache:
         return cls(torch.zeros(shape, dtype=dtype, device=device))
 
     def rows(self, count: int) -> BatchKVCache:
-        return BatchKVCache(self.storage[:, :, :count])
+        return BatchKVCache(self.storage[:, :, :count], self._index)
 
     def write_kv(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor] | int, kv: torch.Tensor) -> None:
         """``kv [B, T, 2, kv_heads, d]`` (keys, values) to (rows ``[B, 1]``, slots ``[B, T]``), or to
-        the T slots from an int: one copy for both."""
+        the T slots from an int: one copy for both.
+
+        The indexed write is ONE ``index_put_`` on the whole storage, every dim indexed by a
+        tensor (the layer too, a 0-d one): the same single kernel eagerly, and what Inductor
+        turns into an in-place scatter. Written through a view (``storage[:, layer][...] = ``),
+        the compiled step copied the layer's whole cache around every write."""
         if isinstance(slots, int):
             self.storage[:, layer, :, :, slots : slots + kv.shape[1]] = kv.permute(2, 0, 3, 1, 4)
             return
         rows, slots = slots
-        self.storage[:, layer][:, rows, :, slots] = kv
+        pair, layers, heads = self._index
+        self.storage.index_put_((pair, layers[layer], rows[None, :, :, None], heads, slots[None, :, :, None]),
+                                kv.permute(2, 0, 1, 3, 4))  # [2, B, T, kv_heads, d]
 
     def copy_rows_from(self, rows: torch.Tensor, other: BatchKVCache) -> None:
         """Put ``other``'s sequences (its slots ``0 .. other.max_len-1``) into rows ``rows``."""

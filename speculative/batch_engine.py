@@ -413,7 +413,13 @@ class BatchGenerator:
                     for name in ("recompile_limit", "cache_size_limit"):
                         if hasattr(_dynamo.config, name):
                             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
-                    self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+                    from torch._inductor import config as inductor_config
+
+                    # one attention mask for every layer's SDPA, not a copy made per layer (a
+                    # kernel per layer); an option of recent torch only
+                    options = ({"cache_sdpa_constraint": True}
+                               if hasattr(inductor_config, "cache_sdpa_constraint") else {})
+                    self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
                 if self.device.type != "cuda":
                     if self.compile != "inductor":
                         raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")

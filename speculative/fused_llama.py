@@ -139,10 +139,12 @@ class FusedLlama(nn.Module):
             span = attn_mask.shape[-1]
             if span > cache.max_len:
                 raise ValueError(f"mask covers {span} slots, the cache has {cache.max_len}")
-            bias = torch.zeros(attn_mask.shape, dtype=hidden.dtype, device=hidden.device)
-            bias = bias.masked_fill_(~attn_mask, float("-inf"))  # [B, T, S]
-            # query rows of a kv head: (group member, token), group-major
-            bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
+            bias = torch.full(attn_mask.shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
+            bias = bias.masked_fill_(attn_mask, 0.0)  # [B, T, S]
+            if length == 1 or groups == 1:  # the same row for every query row: SDPA broadcasts it
+                bias = bias[:, None]  # (a decode step: no copy, and Inductor makes it once, not per layer)
+            else:  # query rows of a kv head: (group member, token), group-major
+                bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
         elif cache_slots != 0:
             raise ValueError("a prefill (attn_mask=None) writes from slot 0")
         aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
