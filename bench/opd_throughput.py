@@ -337,8 +337,8 @@ def autoregressive(args, target, prompts, device, compile: str, out: Path | None
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("memcpy/memset", ("memcpy", "memset")),
+    ("triton (inductor)", ("triton",)),  # before attention: names of fused ops can mention sdpa
     ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
-    ("triton (inductor)", ("triton",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk", "cublas")),
     ("reduce", ("reduce", "norm", "softmax", "argmax")),
     ("index/scatter/cat", ("index", "scatter", "gather", "cat", "roll")),
@@ -375,12 +375,14 @@ def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem:
             kernels = [e for e in prof.events() if e.name.startswith("aten::")
                        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
         kinds: dict[str, list[float]] = {}
+        names: dict[str, list[float]] = {}
         for e in kernels:
-            entry = kinds.setdefault(kernel_kind(e.name) if cuda else e.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += e.time_range.elapsed_us()
-        measured.append((result.steps, result.wall_time, kinds))
-    (short_steps, short_wall, short), (steps, wall, kinds) = measured
+            for table, key in ((kinds, kernel_kind(e.name) if cuda else e.name), (names, e.name[:90])):
+                entry = table.setdefault(key, [0, 0.0])
+                entry[0] += 1
+                entry[1] += e.time_range.elapsed_us()
+        measured.append((result.steps, result.wall_time, kinds, names))
+    (short_steps, short_wall, short, short_names), (steps, wall, kinds, names) = measured
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=50)
     stem.with_suffix(".txt").write_text(table)
     prof.export_chrome_trace(str(stem.with_suffix(".json")))
@@ -389,12 +391,17 @@ def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem:
                        "us_per_step": (us - short.get(kind, [0, 0.0])[1]) / delta}
                 for kind, (n, us) in kinds.items()}
     unit = "kernel" if cuda else "aten_op"  # on CPU: top-level aten ops, CPU time
+    by_name = {name: {"per_step": (n - short_names.get(name, [0, 0.0])[0]) / delta,
+                      "us_per_step": (us - short_names.get(name, [0, 0.0])[1]) / delta}
+               for name, (n, us) in names.items()}
     return {
         "steps": steps, "steps_in_difference": delta, "ms_per_step_wall": 1e3 * (wall - short_wall) / delta,
         f"{unit}s_per_step": sum(v["per_step"] for v in per_kind.values()),
         f"{unit}_us_per_step": sum(v["us_per_step"] for v in per_kind.values()),
         "by_kind": dict(sorted(((kind, v) for kind, v in per_kind.items() if v["per_step"] >= 0.5),
                                key=lambda item: -item[1]["us_per_step"])[:25]),
+        "by_name": dict(sorted(((name, v) for name, v in by_name.items() if v["per_step"] >= 0.5),
+                               key=lambda item: -item[1]["us_per_step"])[:30]),
         "table": stem.with_suffix(".txt").name,
     }
 
@@ -499,6 +506,10 @@ def markdown(data: dict[str, Any]) -> str:
                               f"table {a['profile']['table']}):", "", "| kind | count/step | us/step |", "|---|---|---|"]
                 for kind, v in a["profile"]["by_kind"].items():
                     lines.append(f"| {kind} | {v['per_step']:.1f} | {v['us_per_step']:.1f} |")
+                if "kernels_per_step" in a["profile"]:  # on a GPU: the kernels themselves
+                    lines += ["", "| kernel | count/step | us/step |", "|---|---|---|"]
+                    for name, v in list(a["profile"]["by_name"].items())[:20]:
+                        lines.append(f"| `{name}` | {v['per_step']:.1f} | {v['us_per_step']:.1f} |")
     if data.get("profile"):
         lines += ["", "| profile | steps | ms/step | GPU kernels/step |", "|---|---|---|---|"]
         for name, p in data["profile"].items():
