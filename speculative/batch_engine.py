@@ -322,9 +322,15 @@ class BatchGenerator:
                          visible_up_to(positions, span))
         uniforms = self._uniforms(width)
         token = sample_rows(out.logits[:, 0], self.temperature, None if uniforms is None else uniforms[:, 0])
-        self._commit(width, live, token[:, None], torch.ones_like(token))
+        # ``_commit`` of one token, in fewer kernels: a live row keeps its token (it ends the
+        # row at EOS or at max_new_tokens); a row that is not live is left as it is
+        count = self.count[:width]
+        finished = (token[:, None] == self.eos).any(-1) | (count + 1 >= self.max_new[:width])
+        self.out_tokens[:width].scatter_(1, count.clamp_max(self.out_tokens.shape[1] - 1)[:, None], token[:, None])
+        count.add_(live)
+        self.active[:width].copy_(live & ~finished)
         root_token.copy_(torch.where(live, token, root_token))
-        root_pos.copy_(torch.where(live, root_pos + 1, root_pos))
+        root_pos.add_(live)
         self._record(self.rec_active, width, live)
 
     def _speculative_step(self, width: int, span: int) -> None:
