@@ -54,6 +54,9 @@ class FusedLlama(nn.Module):
             self.qkv = [self._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
                         for layer in fast.layers]
             self.gate_up = [self._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers]
+        # RoPE factors by position, built by ``new_cache`` (``_rope_rows``); None: computed per forward
+        self.rope_table: torch.Tensor | None = None
+        self._row_kind: torch.Tensor | None = None
 
     @staticmethod
     def _merged(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,9 +77,56 @@ class FusedLlama(nn.Module):
         return self.fast.device
 
     def new_cache(self, batch_size: int, max_len: int) -> BatchKVCache:
+        """A cache of ``max_len`` slots; also makes the RoPE table cover positions ``0 .. max_len-1``."""
         fast = self.fast
+        self._build_rope_table(max_len)
         return BatchKVCache.empty(fast.num_layers, batch_size, fast.num_kv_heads, max_len, fast.head_dim,
                                   fast.dtype, fast.device)
+
+    # RoPE types whose factors at a position depend on that position only (``dynamic`` and
+    # ``longrope`` rescale by the longest sequence seen): those can come from a table
+    TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+    def _rope_direct(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin' ``[B, T, heads + 2 kv_heads, d]`` for RoPE over a whole q/k/v row: the
+        rotary embedding's on the q and k heads, identity on the v heads (cos 1, sin 0), so the
+        k/v heads of the result go to the cache as they are, in one copy. ``rotate_half(x) * sin
+        == roll(x, d/2) * sin'`` with the sign folded into sin'."""
+        batch, length = position_ids.shape
+        dim, half, kv_heads = self.head_dim, self.head_dim // 2, self.num_kv_heads
+        rotated = self.num_heads + kv_heads
+        cos, sin = self.fast.rotary_emb(like, position_ids)  # [B, T, d]
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
+                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
+                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        return cos, sin
+
+    @torch.no_grad()
+    def _build_rope_table(self, positions: int) -> None:
+        """``rope_table [P, 2 (cos, sin'), 2 (q/k heads, v heads), d]``: ``_rope_direct``'s values
+        (the same elementwise arithmetic, so the same numbers) for positions ``0 .. P-1``, so a
+        forward gathers them in one kernel instead of about a dozen."""
+        if getattr(self.fast.rotary_emb, "rope_type", "default") not in self.TABLE_ROPE_TYPES:
+            return
+        if self.rope_table is not None and self.rope_table.shape[0] >= positions:
+            return
+        device, heads, kv_heads = self.device, self.num_heads, self.num_kv_heads
+        like = torch.zeros(1, dtype=self.dtype, device=device)
+        cos, sin = self._rope_direct(like, torch.arange(positions, device=device)[None])  # [1, P, rows, d]
+        self.rope_table = torch.stack([torch.stack([cos[0, :, 0], cos[0, :, -1]], 1),
+                                       torch.stack([sin[0, :, 0], sin[0, :, -1]], 1)], 1)
+        self._row_kind = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=device)
+
+    def _rope_rows(self, like: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache):
+        """``_rope_direct``'s cos, sin', from the table where it covers the cache (every position
+        is below ``cache.max_len`` when a token's position is its slot: the batched engine, prefills)."""
+        table = self.rope_table
+        if table is None or table.shape[0] < cache.max_len:
+            return self._rope_direct(like, position_ids)
+        rows = table[position_ids[:, :, None], :, self._row_kind]  # [B, T, rows, 2, d]
+        return rows[..., 0, :], rows[..., 1, :]
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,17 +172,8 @@ class FusedLlama(nn.Module):
         batch, length = input_ids.shape
         heads, kv_heads, dim, groups = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
         hidden = fast.embed_tokens(input_ids)
-        cos, sin = fast.rotary_emb(hidden, position_ids)  # [B, T, d]
         half = dim // 2
-        # RoPE over the whole q/k/v row: rotated q and k heads, identity on the v heads (cos 1,
-        # sin 0), so the k/v heads of the result go to the cache as they are, in one copy.
-        # ``rotate_half(x) * sin == roll(x, d/2) * sin'`` with the sign folded into sin'.
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
-        rotated = heads + kv_heads
-        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
-                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
-        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
-                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
         if not isinstance(cache_slots, int):
             cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
         if attn_mask is not None:
