@@ -319,7 +319,7 @@ class BatchGenerator:
         root_pos, root_token = self.root_pos[:width], self.root_token[:width]
         positions = root_pos[:, None]
         out = self.model(root_token[:, None], positions, self.cache.rows(width), positions,
-                         visible_up_to(positions, span))
+                         visible_up_to(positions, span), aux_hidden=False)
         uniforms = self._uniforms(width)
         token = sample_rows(out.logits[:, 0], self.temperature, None if uniforms is None else uniforms[:, 0])
         # ``_commit`` of one token, in fewer kernels: a live row keeps its token (it ends the
@@ -506,7 +506,8 @@ class BatchGenerator:
         rows_t = torch.tensor(rows, device=device)
         positions = torch.arange(length, device=device).expand(count, length)
         temp = self.model.new_cache(count, length)
-        out = self.model(ids, positions, temp, 0, None, logits_index=(lengths - 1)[:, None])
+        out = self.model(ids, positions, temp, 0, None, logits_index=(lengths - 1)[:, None],
+                         aux_hidden=self.drafter is not None)
         uniform = torch.rand(count, generator=self.generator, device=device) if self.temperature > 0 else None
         first = sample_rows(out.logits[:, 0], self.temperature, uniform)
         self.cache.copy_rows_from(rows_t, temp)

@@ -160,6 +160,7 @@ class FusedLlama(nn.Module):
         cache_slots: torch.Tensor | int,
         attn_mask: torch.Tensor | None,
         logits_index: torch.Tensor | None = None,
+        aux_hidden: bool = True,
     ) -> FastLlamaOutput:
         """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v at ``cache_slots``.
 
@@ -167,6 +168,7 @@ class FusedLlama(nn.Module):
         ``0 .. S-1``; ``None`` is a prefill from slot 0: causal attention within the chunk
         (``cache_slots`` must then be 0). ``logits_index [B, T']`` picks, per sequence, the rows
         the lm_head runs on (e.g. each prompt's last token); default: every row.
+        ``aux_hidden=False``: no aux hidden states (``None``; autoregressive decoding reads none).
         """
         fast = self.fast
         batch, length = input_ids.shape
@@ -188,13 +190,14 @@ class FusedLlama(nn.Module):
                 bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
         elif cache_slots != 0:
             raise ValueError("a prefill (attn_mask=None) writes from slot 0")
-        aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
+        aux_ids = self.aux_layer_ids if aux_hidden else ()
+        aux: list[torch.Tensor | None] = [None] * len(aux_ids)
         # the residual stream (from the embedding's own new tensor on) is updated in place
         # (``_add_linear``), except where a layer's input is kept as an aux hidden state: there
         # the attention residual makes a new tensor
         for index, layer in enumerate(fast.layers):
-            kept = index in self.aux_layer_ids
-            for j, layer_id in enumerate(self.aux_layer_ids):
+            kept = index in aux_ids
+            for j, layer_id in enumerate(aux_ids):
                 if layer_id == index:
                     aux[j] = hidden
             attn = layer.self_attn
@@ -223,4 +226,4 @@ class FusedLlama(nn.Module):
         if logits_index is not None:
             hidden = hidden[torch.arange(batch, device=hidden.device)[:, None], logits_index]
         logits = fast.lm_head(self._norm(hidden, fast.norm.weight, self.final_eps))
-        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1))
+        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1) if aux else None)
