@@ -287,13 +287,29 @@ def opd_reference(args, worker, drafter, prompts, device) -> dict[str, Any]:
     return {"compile": compile, **run}
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "math": "MATH"}
+
+
 def autoregressive(args, target, prompts, device, compile: str, out: Path | None = None,
-                   compare: dict[str, Any] | None = None) -> dict[str, Any]:
+                   compare: dict[str, Any] | None = None, sdpa: str | None = None) -> dict[str, Any]:
     """Batch-1 greedy decoding of ``ar_tokens`` (no EOS: pure decode speed), each engine.
 
     ``compare``: an earlier run's row (its ``outputs``): the share of prompts whose tokens equal
     it. ``out``: also profile this engine (the step already compiled and captured: nothing is
-    compiled again) into ``out/profile_ar_b1_<mode>*``."""
+    compiled again) into ``out/profile_ar_b1_<mode>*``. ``sdpa``: the whole run (capture
+    included) under ``sdpa_kernel`` of that backend only (``SDPA_BACKENDS``)."""
+    if sdpa is None:
+        return _autoregressive(args, target, prompts, device, compile, out, compare)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa])):
+        row = _autoregressive(args, target, prompts, device, compile, out, compare, suffix=f"_sdpa_{sdpa}")
+    return {**row, "sdpa": sdpa}
+
+
+def _autoregressive(args, target, prompts, device, compile: str, out: Path | None,
+                    compare: dict[str, Any] | None, suffix: str = "") -> dict[str, Any]:
     budget = args.max_prompt_tokens + args.ar_tokens
     chosen = prompts[: args.ar_prompts]
     started = time.perf_counter()
@@ -307,7 +323,7 @@ def autoregressive(args, target, prompts, device, compile: str, out: Path | None
         result = batched.generate([prompt], args.ar_tokens)
         rows["batched"].append(result.num_new_tokens / result.wall_time)
         outputs["batched"].append(result.tokens[0])
-    if compile != "inductor" and not args.ar_no_reference:
+    if compile != "inductor" and not args.ar_no_reference and not suffix:
         ref_compile = "graph" if device.type == "cuda" else "off"
         reference = SpeculativeGenerator(target, None, compile=ref_compile, max_len=budget)
         reference.generate_autoregressive(chosen[0], 8)
@@ -331,7 +347,8 @@ def autoregressive(args, target, prompts, device, compile: str, out: Path | None
                                  "first_difference": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                                                       for a, b in zip(outputs["batched"], compare["outputs"])]}
     if out is not None:
-        row["profile"] = profile_engine(batched, chosen[0], args.profile_tokens, out / f"profile_ar_b1_{batched.compile}")
+        row["profile"] = profile_engine(batched, chosen[0], args.profile_tokens,
+                                        out / f"profile_ar_b1_{batched.compile}{suffix}")
     return row
 
 
@@ -486,6 +503,7 @@ def markdown(data: dict[str, Any]) -> str:
         for a in ar:
             mode = a["compile"] if a["compile"] == a.get("requested_compile", a["compile"]) \
                 else f"{a['requested_compile']} -> {a['compile']}"
+            mode += f", SDPA {a['sdpa']} only" if a.get("sdpa") else ""
             same = [f"{a['same_tokens_as_reference']:.0%} (reference)"] if a["same_tokens_as_reference"] is not None else []
             if a.get("same_tokens_as"):
                 same.append(f"{a['same_tokens_as']['share']:.0%} ({a['same_tokens_as']['compile']})")
@@ -502,7 +520,7 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{count} | {time_us} | {wall} |")
         for a in ar:
             if a.get("profile"):
-                lines += ["", f"Per decode step, {a['compile']} (profiled {a['profile']['steps_in_difference']} steps; "
+                lines += ["", f"Per decode step, {a['compile']}{', SDPA ' + a['sdpa'] if a.get('sdpa') else ''} (profiled {a['profile']['steps_in_difference']} steps; "
                               f"table {a['profile']['table']}):", "", "| kind | count/step | us/step |", "|---|---|---|"]
                 for kind, v in a["profile"]["by_kind"].items():
                     lines.append(f"| {kind} | {v['per_step']:.1f} | {v['us_per_step']:.1f} |")
@@ -581,6 +599,11 @@ def run(args) -> dict[str, Any]:
         first = autoregressive(args, target, prompts, device, compile, profile_ar)
         report.add("autoregressive_b1", first)
         profiled.add(f"ar_b1_{first['compile']}")
+    for backend in filter(None, args.ar_sdpa.split(",")) if "ar" in sections else []:
+        if backend not in SDPA_BACKENDS:
+            raise ValueError(f"--ar-sdpa: {backend!r} is not one of {sorted(SDPA_BACKENDS)}")
+        report.add(f"autoregressive_b1_sdpa_{backend}", autoregressive(args, target, prompts, device, compile,
+                                                                      profile_ar, compare=first, sdpa=backend))
     if "ar" in inductor:  # the same prompts through the compiled step: speed and tokens side by side
         report.add("autoregressive_b1_inductor", autoregressive(args, target, prompts, device, "inductor",
                                                                 profile_ar, compare=first))
@@ -625,6 +648,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-tokens", type=int, default=256)
     p.add_argument("--ar-prompts", type=int, default=3)
     p.add_argument("--ar-sync-every", type=int, default=32)
+    p.add_argument("--ar-sdpa", default="", help=f"also the ar section's run with only these SDPA backends "
+                   f"(comma list of {sorted(SDPA_BACKENDS)}; the attention kernel captured in the graph)")
     p.add_argument("--ar-no-reference", action="store_true",
                    help="skip generate_autoregressive (the single-sequence engine) in the ar section")
     p.add_argument("--ceiling-shapes", default="16x2048,64x2048", help="BxT shapes of the prefill ceiling")
