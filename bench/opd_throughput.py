@@ -348,7 +348,7 @@ def _autoregressive(args, target, prompts, device, compile: str, out: Path | Non
                                                       for a, b in zip(outputs["batched"], compare["outputs"])]}
     if out is not None:
         row["profile"] = profile_engine(batched, chosen[0], args.profile_tokens,
-                                        out / f"profile_ar_b1_{batched.compile}{suffix}")
+                                        out / f"profile_ar_b1_{batched.compile}{suffix}", trace=not args.no_traces)
     return row
 
 
@@ -369,12 +369,13 @@ def kernel_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem: Path) -> dict[str, Any]:
+def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem: Path,
+                   trace: bool = True) -> dict[str, Any]:
     """Kernels and device time per decode step of a warmed-up engine, batch 1.
 
     Two profiled runs, ``tokens // 4`` and ``tokens`` new tokens: their difference is steps only
     (the prefill, host checks and set-up cancel), so the per-step figures are the step's own.
-    Writes the longer run's op table (``stem.txt``) and Chrome trace (``stem.json``)."""
+    Writes the longer run's op table (``stem.txt``) and Chrome trace (``stem.json``, with ``trace``)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = engine.device
@@ -402,7 +403,8 @@ def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem:
     (short_steps, short_wall, short, short_names), (steps, wall, kinds, names) = measured
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=50)
     stem.with_suffix(".txt").write_text(table)
-    prof.export_chrome_trace(str(stem.with_suffix(".json")))
+    if trace:
+        prof.export_chrome_trace(str(stem.with_suffix(".json")))
     delta = max(steps - short_steps, 1)
     per_kind = {kind: {"per_step": (n - short.get(kind, [0, 0.0])[0]) / delta,
                        "us_per_step": (us - short.get(kind, [0, 0.0])[1]) / delta}
@@ -454,7 +456,8 @@ def profile(args, out: Path, worker, drafter, target, prompts, device, done: set
             stem = out / f"profile_{name}_{mode}"
             table = prof.key_averages().table(sort_by=sort, row_limit=40)
             stem.with_suffix(".txt").write_text(table)
-            prof.export_chrome_trace(str(stem.with_suffix(".json")))
+            if not args.no_traces:
+                prof.export_chrome_trace(str(stem.with_suffix(".json")))
             kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
             found[f"{name}_{mode}"] = {"steps": result.steps, "seconds": result.wall_time,
                                        "ms_per_step": 1e3 * result.wall_time / max(result.steps, 1),
@@ -472,11 +475,12 @@ def markdown(data: dict[str, Any]) -> str:
     ceiling = (data.get("prefill") or {}).get("prefill_ceiling_tok_s")
     if ceiling:
         lines += [f"Prefill ceiling: {ceiling:,.0f} tokens/s", ""]
-    lines += ["Experience tok/s: prompt + response tokens of `opd_experience` per second, its copy to the CPU "
-              "included (the pipeline's rollout_tokens_per_s); on device: without that copy.", "",
-              "| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | ratio | "
-              "engine new tok/s | engine tau | tokens/cycle | cycles | MB shipped |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if data.get("opd_reference") or any(k.startswith("opd_batched") for k in data):
+        lines += ["Experience tok/s: prompt + response tokens of `opd_experience` per second, its copy to the CPU "
+                  "included (the pipeline's rollout_tokens_per_s); on device: without that copy.", "",
+                  "| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | ratio | "
+                  "engine new tok/s | engine tau | tokens/cycle | cycles | MB shipped |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(value):
         return f"{value / ceiling:.2%}" if ceiling else "n/a"
@@ -657,6 +661,7 @@ def parser() -> argparse.ArgumentParser:
                    "'ar' (batch-1 decoding), 'opd' (rollouts at --inductor-batch) or 'ar,opd'")
     p.add_argument("--inductor-batch", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="torch.profiler tables and Chrome traces")
+    p.add_argument("--no-traces", action="store_true", help="--profile writes tables only, no Chrome traces")
     p.add_argument("--profile-tokens", type=int, default=32, help="new tokens of a profiled run (AR runs: "
                    "per-step figures from the difference of a run of a quarter of them and one of all)")
     p.add_argument("--profile-runs", default="ar,opd", help="what --profile profiles: ar (batch-1 decoding, "
