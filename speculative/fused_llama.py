@@ -9,11 +9,19 @@ with about half as many:
 * q/k/v in ONE matmul and gate/up in ONE matmul (merged copies of the frozen weights);
 * RoPE on the q/k/v row at once (identity on v), with the sign of ``rotate_half`` folded into
   ``sin``, so keys and values go to the cache in one indexed copy (``BatchKVCache`` keeps both);
+  its factors come from a table by position (one gather a forward, not a dozen kernels);
 * grouped-query attention folded into the query length: the g query heads that share a
   key/value head become g x T query rows of that head, so SDPA runs without expanding the
   cache g times and, with a mask, on its memory-efficient kernel instead of the math path.
-* the residual adds fused into the output projections (``addmm``), RMSNorm as ``F.rms_norm``
-  (one kernel on GPU).
+* the residual adds fused into the output projections (``addmm_``, in place: an out-of-place
+  ``addmm`` first copies the residual, one more kernel), RMSNorm as ``F.rms_norm`` (one kernel
+  on GPU). Under ``torch.compile`` the adds are left to Inductor, which fuses each into the
+  next RMSNorm;
+* a decode step's attention mask built once and broadcast over heads and query rows.
+
+At batch 1 a decode step is then about 13 kernels a layer (RMSNorm, q/k/v GEMM, 3 for RoPE,
+the cache write, SDPA, o_proj, RMSNorm, gate/up GEMM, SiLU, product, down_proj); Inductor
+(``compile="inductor"`` in the engine) fuses the pointwise ones, about 9 a layer.
 
 Prefills (an empty cache, right-padded prompts) attend causally within the chunk instead of
 through a mask: padding sits after every real token, so a causal mask never shows it to a real
