@@ -297,25 +297,38 @@ def autoregressive(args, target, prompts, device, compile: str, out: Path | None
 
     ``compare``: an earlier run's row (its ``outputs``): the share of prompts whose tokens equal
     it. ``out``: also profile this engine (the step already compiled and captured: nothing is
-    compiled again) into ``out/profile_ar_b1_<mode>*``. ``sdpa``: the whole run (capture
-    included) under ``sdpa_kernel`` of that backend only (``SDPA_BACKENDS``)."""
+    compiled again) into ``out/profile_ar_b1_<mode>*``. ``sdpa``: the decode step captured (or,
+    eagerly, the whole run) under ``sdpa_kernel`` of that backend only (``SDPA_BACKENDS``); the
+    prefills keep the default choice (a backend without grouped-query support fails them)."""
     if sdpa is None:
         return _autoregressive(args, target, prompts, device, compile, out, compare)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa])):
-        row = _autoregressive(args, target, prompts, device, compile, out, compare, suffix=f"_sdpa_{sdpa}")
+    only = sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa]))
+    row = _autoregressive(args, target, prompts, device, compile, out, compare, suffix=f"_sdpa_{sdpa}", only=only)
     return {**row, "sdpa": sdpa}
 
 
 def _autoregressive(args, target, prompts, device, compile: str, out: Path | None,
-                    compare: dict[str, Any] | None, suffix: str = "") -> dict[str, Any]:
+                    compare: dict[str, Any] | None, suffix: str = "", only=None) -> dict[str, Any]:
+    import contextlib
+
     budget = args.max_prompt_tokens + args.ar_tokens
     chosen = prompts[: args.ar_prompts]
     started = time.perf_counter()
     batched = BatchGenerator(target, None, 0, compile=compile, max_batch=1, max_len=budget,
                              sync_every=args.ar_sync_every)
-    batched.generate(chosen[:1], 8)  # compile, capture
+    if only is not None and batched.compile != "static":
+        with only:  # capture (compile) the step now, under the restriction
+            batched._prepare_graphs(1)
+        only = None
+    with only or contextlib.nullcontext():  # eager: the restriction holds for every call
+        return _autoregressive_runs(args, device, compile, out, compare, suffix, batched, chosen, budget, started)
+
+
+def _autoregressive_runs(args, device, compile, out, compare, suffix, batched, chosen, budget, started):
+    target = batched.target
+    batched.generate(chosen[:1], 8)  # compile, capture (unless done above)
     setup = time.perf_counter() - started
     rows = {"batched": [], "reference": []}
     outputs = {"batched": [], "reference": []}
@@ -498,7 +511,8 @@ def markdown(data: dict[str, Any]) -> str:
         mode = r["compile"] if r["compile"] == r["requested_compile"] else f"{r['requested_compile']} -> {r['compile']}"
         row(f"batched ({mode})", r["batch"], {**last, "tok_s": r["tok_s"], "tok_s_on_device": r["tok_s_on_device"]},
             f"{r['engine_new_tok_s']:,.0f}", f"{r['engine_tau']:.2f}")
-    ar = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive"))]
+    ar = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" not in data[k]]
+    failed = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" in data[k]]
     if ar:
         lines += ["", f"Autoregressive decoding at batch 1 ({ar[0]['tokens']} new tokens a prompt, median over prompts; "
                       "setup = compile + capture; same tokens: share of prompts equal to the other run):", "",
@@ -522,6 +536,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| batched ({mode}) | {a['batched_tok_s']:,.0f} | {a['batched_ms_per_token']:.3f} | "
                          f"{a.get('setup_seconds', 0):.1f} | {reference} | {', '.join(same) or 'n/a'} | "
                          f"{count} | {time_us} | {wall} |")
+        for a in failed:
+            lines.append(f"| SDPA {a['sdpa']} only: failed ({a['error'][:200]}) | | | | | | | | |")
         for a in ar:
             if a.get("profile"):
                 lines += ["", f"Per decode step, {a['compile']}{', SDPA ' + a['sdpa'] if a.get('sdpa') else ''} (profiled {a['profile']['steps_in_difference']} steps; "
@@ -603,14 +619,19 @@ def run(args) -> dict[str, Any]:
         first = autoregressive(args, target, prompts, device, compile, profile_ar)
         report.add("autoregressive_b1", first)
         profiled.add(f"ar_b1_{first['compile']}")
-    for backend in filter(None, args.ar_sdpa.split(",")) if "ar" in sections else []:
-        if backend not in SDPA_BACKENDS:
-            raise ValueError(f"--ar-sdpa: {backend!r} is not one of {sorted(SDPA_BACKENDS)}")
-        report.add(f"autoregressive_b1_sdpa_{backend}", autoregressive(args, target, prompts, device, compile,
-                                                                      profile_ar, compare=first, sdpa=backend))
     if "ar" in inductor:  # the same prompts through the compiled step: speed and tokens side by side
         report.add("autoregressive_b1_inductor", autoregressive(args, target, prompts, device, "inductor",
                                                                 profile_ar, compare=first))
+    backends = list(filter(None, args.ar_sdpa.split(","))) if "ar" in sections else []
+    unknown = set(backends) - set(SDPA_BACKENDS)
+    if unknown:
+        raise ValueError(f"--ar-sdpa: {sorted(unknown)} not among {sorted(SDPA_BACKENDS)}")
+    for backend in backends:  # a backend that cannot run some attention of the engine fails alone
+        try:
+            row = autoregressive(args, target, prompts, device, compile, profile_ar, compare=first, sdpa=backend)
+        except Exception as error:
+            row = {"sdpa": backend, "error": f"{type(error).__name__}: {error}"[:500]}
+        report.add(f"autoregressive_b1_sdpa_{backend}", row)
     if "opd" in inductor:
         batch = args.inductor_batch
         report.add(f"opd_batched_b{batch:04d}_inductor",
