@@ -17,13 +17,17 @@ Measures in one process, on the same device and prompts:
         --max-new-tokens 16 --max-prompt-tokens 128 --num-prompts 16 --draft-vocab 2048 \
         --reference-prompts 2 --ar-tokens 16 --ceiling-shapes 2x64 --repeats 1   # a quick CPU check
     python bench/opd_throughput.py --target /tmp/kit/smollm2.gguf --out OUT --sections ar --inductor ar \
-        --profile --profile-runs ar --max-prompt-tokens 256 --ar-tokens 256 --draft-vocab 2048
-        # AR batch 1: CUDA graph vs Inductor + graph, tokens compared, each profiled per step
+        --ar-sdpa efficient --profile --profile-runs ar --no-traces --max-prompt-tokens 256 \
+        --ar-tokens 256 --ar-prompts 3 --num-prompts 8 --draft-vocab 2048 --profile-tokens 64
+        # AR batch 1: CUDA graph vs Inductor + graph (vs the graph with efficient attention),
+        # tokens compared, each engine profiled per decode step
 
-With ``--inductor ar`` the ar section runs twice on the same prompts, the second time compiled
-by Inductor (one span: the whole cache): tok/s side by side, and whether its tokens equal the
-first run's. With ``--profile`` (``--profile-runs ar``) each AR engine is profiled as it is
-(nothing compiled again): kernels and device time per decode step, by kind of kernel.
+With ``--inductor ar`` the ar section runs again on the same prompts compiled by Inductor (one
+span: the whole cache): tok/s side by side, and whether its tokens equal the first run's (in
+bf16 a compiled step rounds differently, so greedy texts may part at a near tie; the CPU tests
+check the compiled step exactly, in fp32). With ``--profile`` (``--profile-runs ar``) each AR
+engine is profiled as it is (nothing compiled again): kernels and device time per decode step,
+by kind and by kernel name.
 
 Writes ``OUT/opd_throughput.json`` (after every section, so a run cut short keeps what it
 measured) and ``OUT/opd_throughput.md``; with ``--profile`` also torch.profiler tables and
