@@ -79,10 +79,14 @@ class BatchDraftCache:
     Before each drafter call, ``prepare`` says where the new entries go and what they see.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, scratch: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, scratch: int,
+                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.keys, self.values, self.scratch = keys, values, scratch
         self._slots: torch.Tensor | int = 0
         self._mask: torch.Tensor | None = None
+        # the whole cache's keys, values and head indices: indexed writes go to these, every dim
+        # indexed by a tensor (through a row view, the compiled step copied the whole cache)
+        self._base = base or (keys, values, torch.arange(keys.shape[1], device=keys.device)[None, None])
 
     @classmethod
     def empty(cls, batch_size: int, heads: int, scratch: int, context: int, head_dim: int,
@@ -96,7 +100,7 @@ class BatchDraftCache:
         return self.keys.shape[2]
 
     def rows(self, count: int) -> BatchDraftCache:
-        return BatchDraftCache(self.keys[:count], self.values[:count], self.scratch)
+        return BatchDraftCache(self.keys[:count], self.values[:count], self.scratch, self._base)
 
     def prepare(self, slots: torch.Tensor | int, mask: torch.Tensor) -> None:
         """The next call writes at ``slots [B, T]`` (or the T slots from an int) and its queries
@@ -104,13 +108,18 @@ class BatchDraftCache:
         self._slots, self._mask = slots, mask
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._slots, int):
-            self.keys[:, :, self._slots : self._slots + k.shape[2]] = k
-            self.values[:, :, self._slots : self._slots + k.shape[2]] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.keys[rows, :, self._slots] = k.transpose(1, 2)
-            self.values[rows, :, self._slots] = v.transpose(1, 2)
+        slots = self._slots
+        if isinstance(slots, int) and not torch.compiler.is_compiling():  # eagerly: two slice copies
+            self.keys[:, :, slots : slots + k.shape[2]] = k
+            self.values[:, :, slots : slots + k.shape[2]] = v
+        else:  # rows [B, 1, 1], heads [1, 1, H], slots [B, T, 1]: entries [B, T, H, d]
+            keys, values, heads = self._base
+            batch, length = k.shape[0], k.shape[2]
+            if isinstance(slots, int):
+                slots = torch.arange(slots, slots + length, device=k.device).expand(batch, length)
+            index = (torch.arange(batch, device=k.device)[:, None, None], heads, slots[..., None])
+            keys.index_put_(index, k.transpose(1, 2))
+            values.index_put_(index, v.transpose(1, 2))
         span = self._mask.shape[-1]
         keys, values = self.keys[:, :, :span], self.values[:, :, :span]
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
