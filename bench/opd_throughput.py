@@ -16,6 +16,18 @@ Measures in one process, on the same device and prompts:
     python bench/opd_throughput.py --device cpu --tiny --threads 1 --out /tmp/opd_tiny --batches 1,4 \
         --max-new-tokens 16 --max-prompt-tokens 128 --num-prompts 16 --draft-vocab 2048 \
         --reference-prompts 2 --ar-tokens 16 --ceiling-shapes 2x64 --repeats 1   # a quick CPU check
+    python bench/opd_throughput.py --target /tmp/kit/smollm2.gguf --out OUT --sections ar --inductor ar \
+        --ar-sdpa efficient --profile --profile-runs ar --no-traces --max-prompt-tokens 256 \
+        --ar-tokens 256 --ar-prompts 3 --num-prompts 8 --draft-vocab 2048 --profile-tokens 64
+        # AR batch 1: CUDA graph vs Inductor + graph (vs the graph with efficient attention),
+        # tokens compared, each engine profiled per decode step
+
+With ``--inductor ar`` the ar section runs again on the same prompts compiled by Inductor (one
+span: the whole cache): tok/s side by side, and whether its tokens equal the first run's (in
+bf16 a compiled step rounds differently, so greedy texts may part at a near tie; the CPU tests
+check the compiled step exactly, in fp32). With ``--profile`` (``--profile-runs ar``) each AR
+engine is profiled as it is (nothing compiled again): kernels and device time per decode step,
+by kind and by kernel name.
 
 Writes ``OUT/opd_throughput.json`` (after every section, so a run cut short keeps what it
 measured) and ``OUT/opd_throughput.md``; with ``--profile`` also torch.profiler tables and
@@ -279,21 +291,56 @@ def opd_reference(args, worker, drafter, prompts, device) -> dict[str, Any]:
     return {"compile": compile, **run}
 
 
-def autoregressive(args, target, prompts, device, compile: str) -> dict[str, Any]:
-    """Batch-1 greedy decoding of ``max_new_tokens`` (no EOS: pure decode speed), each engine."""
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "math": "MATH"}
+
+
+def autoregressive(args, target, prompts, device, compile: str, out: Path | None = None,
+                   compare: dict[str, Any] | None = None, sdpa: str | None = None) -> dict[str, Any]:
+    """Batch-1 greedy decoding of ``ar_tokens`` (no EOS: pure decode speed), each engine.
+
+    ``compare``: an earlier run's row (its ``outputs``): the share of prompts whose tokens equal
+    it. ``out``: also profile this engine (the step already compiled and captured: nothing is
+    compiled again) into ``out/profile_ar_b1_<mode>*``. ``sdpa``: the decode step captured (or,
+    eagerly, the whole run) under ``sdpa_kernel`` of that backend only (``SDPA_BACKENDS``); the
+    prefills keep the default choice (a backend without grouped-query support fails them)."""
+    if sdpa is None:
+        return _autoregressive(args, target, prompts, device, compile, out, compare)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    only = sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa]))
+    row = _autoregressive(args, target, prompts, device, compile, out, compare, suffix=f"_sdpa_{sdpa}", only=only)
+    return {**row, "sdpa": sdpa}
+
+
+def _autoregressive(args, target, prompts, device, compile: str, out: Path | None,
+                    compare: dict[str, Any] | None, suffix: str = "", only=None) -> dict[str, Any]:
+    import contextlib
+
     budget = args.max_prompt_tokens + args.ar_tokens
     chosen = prompts[: args.ar_prompts]
+    started = time.perf_counter()
     batched = BatchGenerator(target, None, 0, compile=compile, max_batch=1, max_len=budget,
                              sync_every=args.ar_sync_every)
-    batched.generate(chosen[:1], 8)  # capture
+    if only is not None and batched.compile != "static":
+        with only:  # capture (compile) the step now, under the restriction
+            batched._prepare_graphs(1)
+        only = None
+    with only or contextlib.nullcontext():  # eager: the restriction holds for every call
+        return _autoregressive_runs(args, device, compile, out, compare, suffix, batched, chosen, budget, started)
+
+
+def _autoregressive_runs(args, device, compile, out, compare, suffix, batched, chosen, budget, started):
+    target = batched.target
+    batched.generate(chosen[:1], 8)  # compile, capture (unless done above)
+    setup = time.perf_counter() - started
     rows = {"batched": [], "reference": []}
     outputs = {"batched": [], "reference": []}
     for prompt in chosen:
         result = batched.generate([prompt], args.ar_tokens)
         rows["batched"].append(result.num_new_tokens / result.wall_time)
         outputs["batched"].append(result.tokens[0])
-    reference = None
-    if compile != "inductor":
+    if compile != "inductor" and not args.ar_no_reference and not suffix:
         ref_compile = "graph" if device.type == "cuda" else "off"
         reference = SpeculativeGenerator(target, None, compile=ref_compile, max_len=budget)
         reference.generate_autoregressive(chosen[0], 8)
@@ -302,23 +349,109 @@ def autoregressive(args, target, prompts, device, compile: str) -> dict[str, Any
             rows["reference"].append(len(result.tokens) / result.wall_time)
             outputs["reference"].append(result.tokens)
     same = [a == b for a, b in zip(outputs["batched"], outputs["reference"])]
-    return {
-        "compile": batched.compile, "compile_errors": batched.compile_errors, "tokens": args.ar_tokens,
-        "batched_tok_s": statistics.median(rows["batched"]),
+    row = {
+        "compile": batched.compile, "requested_compile": compile, "compile_errors": batched.compile_errors,
+        "tokens": args.ar_tokens, "setup_seconds": setup,
+        "batched_tok_s": statistics.median(rows["batched"]), "batched_tok_s_runs": rows["batched"],
         "reference_tok_s": statistics.median(rows["reference"]) if rows["reference"] else None,
         "batched_ms_per_token": 1e3 / statistics.median(rows["batched"]),
         "same_tokens_as_reference": sum(same) / len(same) if same else None,
+        "outputs": outputs["batched"],
+    }
+    if compare is not None:
+        equal = [a == b for a, b in zip(outputs["batched"], compare["outputs"])]
+        row["same_tokens_as"] = {"compile": compare["compile"], "share": sum(equal) / len(equal),
+                                 "first_difference": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                                      for a, b in zip(outputs["batched"], compare["outputs"])]}
+    if out is not None:
+        row["profile"] = profile_engine(batched, chosen[0], args.profile_tokens,
+                                        out / f"profile_ar_b1_{batched.compile}{suffix}", trace=not args.no_traces)
+    return row
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("triton (inductor)", ("triton",)),  # before attention: names of fused ops can mention sdpa
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk", "cublas")),
+    ("reduce", ("reduce", "norm", "softmax", "argmax")),
+    ("index/scatter/cat", ("index", "scatter", "gather", "cat", "roll")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+@torch.no_grad()
+def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem: Path,
+                   trace: bool = True) -> dict[str, Any]:
+    """Kernels and device time per decode step of a warmed-up engine, batch 1.
+
+    Two profiled runs, ``tokens // 4`` and ``tokens`` new tokens: their difference is steps only
+    (the prefill, host checks and set-up cancel), so the per-step figures are the step's own.
+    Writes the longer run's op table (``stem.txt``) and Chrome trace (``stem.json``, with ``trace``)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    device = engine.device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    measured = []
+    for count in (max(2, tokens // 4), tokens):
+        engine.generate([prompt], count)  # same span(s) as the profiled run
+        with torch_profile(activities=activities) as prof:
+            result = engine.generate([prompt], count)
+            sync(device)
+        if cuda:
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        else:  # no kernels on CPU: the outermost aten ops instead (inside a compiled region too)
+            kernels = [e for e in prof.events() if e.name.startswith("aten::")
+                       and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+        kinds: dict[str, list[float]] = {}
+        names: dict[str, list[float]] = {}
+        for e in kernels:
+            for table, key in ((kinds, kernel_kind(e.name) if cuda else e.name), (names, e.name[:90])):
+                entry = table.setdefault(key, [0, 0.0])
+                entry[0] += 1
+                entry[1] += e.time_range.elapsed_us()
+        measured.append((result.steps, result.wall_time, kinds, names))
+    (short_steps, short_wall, short, short_names), (steps, wall, kinds, names) = measured
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=50)
+    stem.with_suffix(".txt").write_text(table)
+    if trace:
+        prof.export_chrome_trace(str(stem.with_suffix(".json")))
+    delta = max(steps - short_steps, 1)
+    per_kind = {kind: {"per_step": (n - short.get(kind, [0, 0.0])[0]) / delta,
+                       "us_per_step": (us - short.get(kind, [0, 0.0])[1]) / delta}
+                for kind, (n, us) in kinds.items()}
+    unit = "kernel" if cuda else "aten_op"  # on CPU: top-level aten ops, CPU time
+    by_name = {name: {"per_step": (n - short_names.get(name, [0, 0.0])[0]) / delta,
+                      "us_per_step": (us - short_names.get(name, [0, 0.0])[1]) / delta}
+               for name, (n, us) in names.items()}
+    return {
+        "steps": steps, "steps_in_difference": delta, "ms_per_step_wall": 1e3 * (wall - short_wall) / delta,
+        f"{unit}s_per_step": sum(v["per_step"] for v in per_kind.values()),
+        f"{unit}_us_per_step": sum(v["us_per_step"] for v in per_kind.values()),
+        "by_kind": dict(sorted(((kind, v) for kind, v in per_kind.items() if v["per_step"] >= 0.5),
+                               key=lambda item: -item[1]["us_per_step"])[:25]),
+        "by_name": dict(sorted(((name, v) for name, v in by_name.items() if v["per_step"] >= 0.5),
+                               key=lambda item: -item[1]["us_per_step"])[:30]),
+        "table": stem.with_suffix(".txt").name,
     }
 
 
-def profile(args, out: Path, worker, drafter, target, prompts, device) -> dict[str, Any]:
+def profile(args, out: Path, worker, drafter, target, prompts, device, done: set[str] = frozenset()) -> dict[str, Any]:
     """Where the time goes: per-op tables and Chrome traces of a short AR run and a short OPD
-    rollout, each eager (``static``: every kernel visible) and as CUDA graphs."""
+    rollout, each eager (``static``: every kernel visible) and as CUDA graphs (``--profile-runs``
+    picks ar and/or opd; the AR runs of the ar section were profiled there: ``done``)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     modes = ["static"] + (["graph"] if device.type == "cuda" else [])
+    runs = set(filter(None, args.profile_runs.split(",")))
     tokens = args.profile_tokens
     found = {}
     for mode in modes:
@@ -329,6 +462,8 @@ def profile(args, out: Path, worker, drafter, target, prompts, device) -> dict[s
                 target, drafter, args.chain_length, record_cycles=True, compile=mode,
                 max_batch=args.profile_batch, max_len=args.max_prompt_tokens + tokens)),
         ):
+            if name.split("_")[0] not in runs or f"{name}_{mode}" in done:
+                continue
             engine = make()
             batch = [prompts[i % len(prompts)] for i in range(engine.max_batch)]
             engine.generate(batch, tokens)  # capture, warm up
@@ -338,7 +473,8 @@ def profile(args, out: Path, worker, drafter, target, prompts, device) -> dict[s
             stem = out / f"profile_{name}_{mode}"
             table = prof.key_averages().table(sort_by=sort, row_limit=40)
             stem.with_suffix(".txt").write_text(table)
-            prof.export_chrome_trace(str(stem.with_suffix(".json")))
+            if not args.no_traces:
+                prof.export_chrome_trace(str(stem.with_suffix(".json")))
             kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
             found[f"{name}_{mode}"] = {"steps": result.steps, "seconds": result.wall_time,
                                        "ms_per_step": 1e3 * result.wall_time / max(result.steps, 1),
@@ -356,11 +492,12 @@ def markdown(data: dict[str, Any]) -> str:
     ceiling = (data.get("prefill") or {}).get("prefill_ceiling_tok_s")
     if ceiling:
         lines += [f"Prefill ceiling: {ceiling:,.0f} tokens/s", ""]
-    lines += ["Experience tok/s: prompt + response tokens of `opd_experience` per second, its copy to the CPU "
-              "included (the pipeline's rollout_tokens_per_s); on device: without that copy.", "",
-              "| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | ratio | "
-              "engine new tok/s | engine tau | tokens/cycle | cycles | MB shipped |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if data.get("opd_reference") or any(k.startswith("opd_batched") for k in data):
+        lines += ["Experience tok/s: prompt + response tokens of `opd_experience` per second, its copy to the CPU "
+                  "included (the pipeline's rollout_tokens_per_s); on device: without that copy.", "",
+                  "| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | ratio | "
+                  "engine new tok/s | engine tau | tokens/cycle | cycles | MB shipped |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(value):
         return f"{value / ceiling:.2%}" if ceiling else "n/a"
@@ -378,12 +515,43 @@ def markdown(data: dict[str, Any]) -> str:
         mode = r["compile"] if r["compile"] == r["requested_compile"] else f"{r['requested_compile']} -> {r['compile']}"
         row(f"batched ({mode})", r["batch"], {**last, "tok_s": r["tok_s"], "tok_s_on_device": r["tok_s_on_device"]},
             f"{r['engine_new_tok_s']:,.0f}", f"{r['engine_tau']:.2f}")
-    for key in sorted(k for k in data if k.startswith("autoregressive")):
-        a = data[key]
-        reference = f"{a['reference_tok_s']:,.0f}" if a["reference_tok_s"] else "n/a"
-        lines += ["", f"Autoregressive batch 1 ({a['compile']}): batched engine {a['batched_tok_s']:,.0f} tok/s "
-                      f"({a['batched_ms_per_token']:.2f} ms/token), generate_autoregressive {reference} tok/s, "
-                      f"same tokens {a['same_tokens_as_reference']}"]
+    ar = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" not in data[k]]
+    failed = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" in data[k]]
+    if ar:
+        lines += ["", f"Autoregressive decoding at batch 1 ({ar[0]['tokens']} new tokens a prompt, median over prompts; "
+                      "setup = compile + capture; same tokens: share of prompts equal to the other run):", "",
+                  "| engine | tok/s | ms/token | setup s | generate_autoregressive tok/s | same tokens | "
+                  "kernels/step (CPU: aten ops) | their us/step | wall ms/step (profiled) |", "|---|---|---|---|---|---|---|---|---|"]
+        for a in ar:
+            mode = a["compile"] if a["compile"] == a.get("requested_compile", a["compile"]) \
+                else f"{a['requested_compile']} -> {a['compile']}"
+            mode += f", SDPA {a['sdpa']} only" if a.get("sdpa") else ""
+            same = [f"{a['same_tokens_as_reference']:.0%} (reference)"] if a["same_tokens_as_reference"] is not None else []
+            if a.get("same_tokens_as"):
+                same.append(f"{a['same_tokens_as']['share']:.0%} ({a['same_tokens_as']['compile']})")
+            reference = f"{a['reference_tok_s']:,.0f}" if a["reference_tok_s"] else "n/a"
+            p = a.get("profile") or {}
+            unit = "kernel" if "kernels_per_step" in p else "aten_op"
+            count, time_us, wall = (p.get(f"{unit}s_per_step"), p.get(f"{unit}_us_per_step"),
+                                    p.get("ms_per_step_wall"))
+            count = "n/a" if count is None else f"{count:.0f}"
+            time_us = "n/a" if time_us is None else f"{time_us:,.0f}"
+            wall = "n/a" if wall is None else f"{wall:.3f}"
+            lines.append(f"| batched ({mode}) | {a['batched_tok_s']:,.0f} | {a['batched_ms_per_token']:.3f} | "
+                         f"{a.get('setup_seconds', 0):.1f} | {reference} | {', '.join(same) or 'n/a'} | "
+                         f"{count} | {time_us} | {wall} |")
+        for a in failed:
+            lines.append(f"| SDPA {a['sdpa']} only: failed ({a['error'][:200]}) | | | | | | | | |")
+        for a in ar:
+            if a.get("profile"):
+                lines += ["", f"Per decode step, {a['compile']}{', SDPA ' + a['sdpa'] if a.get('sdpa') else ''} (profiled {a['profile']['steps_in_difference']} steps; "
+                              f"table {a['profile']['table']}):", "", "| kind | count/step | us/step |", "|---|---|---|"]
+                for kind, v in a["profile"]["by_kind"].items():
+                    lines.append(f"| {kind} | {v['per_step']:.1f} | {v['us_per_step']:.1f} |")
+                if "kernels_per_step" in a["profile"]:  # on a GPU: the kernels themselves
+                    lines += ["", "| kernel | count/step | us/step |", "|---|---|---|"]
+                    for name, v in list(a["profile"]["by_name"].items())[:20]:
+                        lines.append(f"| `{name}` | {v['per_step']:.1f} | {v['us_per_step']:.1f} |")
     if data.get("profile"):
         lines += ["", "| profile | steps | ms/step | GPU kernels/step |", "|---|---|---|---|"]
         for name, p in data["profile"].items():
@@ -445,20 +613,36 @@ def run(args) -> dict[str, Any]:
     for batch in [int(b) for b in args.batches.split(",")] if "batched" in sections else []:
         report.add(f"opd_batched_b{batch:04d}", opd_batched(args, worker, drafter, prompts, batch, compile, device))
         worker._batch_engine = None  # free its caches before the next size
-    if "ar" in sections:
-        report.add("autoregressive_b1", autoregressive(args, target, prompts, device, compile))
     inductor = set(filter(None, args.inductor.split(",")))
     if inductor - {"ar", "opd"}:
         raise ValueError(f"--inductor: a list of ar, opd; got {args.inductor!r}")
-    if "ar" in inductor:
-        report.add("autoregressive_b1_inductor", autoregressive(args, target, prompts, device, "inductor"))
+    profiled = set()  # AR engines profiled in their own section (not built again by the profile section)
+    profile_ar = out if args.profile and "ar" in args.profile_runs.split(",") else None
+    first = None
+    if "ar" in sections:
+        first = autoregressive(args, target, prompts, device, compile, profile_ar)
+        report.add("autoregressive_b1", first)
+        profiled.add(f"ar_b1_{first['compile']}")
+    if "ar" in inductor:  # the same prompts through the compiled step: speed and tokens side by side
+        report.add("autoregressive_b1_inductor", autoregressive(args, target, prompts, device, "inductor",
+                                                                profile_ar, compare=first))
+    backends = list(filter(None, args.ar_sdpa.split(","))) if "ar" in sections else []
+    unknown = set(backends) - set(SDPA_BACKENDS)
+    if unknown:
+        raise ValueError(f"--ar-sdpa: {sorted(unknown)} not among {sorted(SDPA_BACKENDS)}")
+    for backend in backends:  # a backend that cannot run some attention of the engine fails alone
+        try:
+            row = autoregressive(args, target, prompts, device, compile, profile_ar, compare=first, sdpa=backend)
+        except Exception as error:
+            row = {"sdpa": backend, "error": f"{type(error).__name__}: {error}"[:500]}
+        report.add(f"autoregressive_b1_sdpa_{backend}", row)
     if "opd" in inductor:
         batch = args.inductor_batch
         report.add(f"opd_batched_b{batch:04d}_inductor",
                    opd_batched(args, worker, drafter, prompts, batch, "inductor", device))
         worker._batch_engine = None
     if args.profile:
-        report.add("profile", profile(args, out, worker, drafter, target, prompts, device))
+        report.add("profile", profile(args, out, worker, drafter, target, prompts, device, profiled))
     data = {**report.meta, **report.sections, "total_seconds": time.perf_counter() - started}
     (out / "opd_throughput.json").write_text(json.dumps(data, indent=1, default=str))
     text = markdown(data)
@@ -493,12 +677,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-tokens", type=int, default=256)
     p.add_argument("--ar-prompts", type=int, default=3)
     p.add_argument("--ar-sync-every", type=int, default=32)
+    p.add_argument("--ar-sdpa", default="", help=f"also the ar section's run with only these SDPA backends "
+                   f"(comma list of {sorted(SDPA_BACKENDS)}; the attention kernel captured in the graph)")
+    p.add_argument("--ar-no-reference", action="store_true",
+                   help="skip generate_autoregressive (the single-sequence engine) in the ar section")
     p.add_argument("--ceiling-shapes", default="16x2048,64x2048", help="BxT shapes of the prefill ceiling")
     p.add_argument("--inductor", default="", help="also compiled by Inductor (minutes of compiling): "
                    "'ar' (batch-1 decoding), 'opd' (rollouts at --inductor-batch) or 'ar,opd'")
     p.add_argument("--inductor-batch", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="torch.profiler tables and Chrome traces")
-    p.add_argument("--profile-tokens", type=int, default=32)
+    p.add_argument("--no-traces", action="store_true", help="--profile writes tables only, no Chrome traces")
+    p.add_argument("--profile-tokens", type=int, default=32, help="new tokens of a profiled run (AR runs: "
+                   "per-step figures from the difference of a run of a quarter of them and one of all)")
+    p.add_argument("--profile-runs", default="ar,opd", help="what --profile profiles: ar (batch-1 decoding, "
+                   "each AR engine of the ar section and --inductor ar), opd (rollouts at --profile-batch)")
     p.add_argument("--profile-batch", type=int, default=64)
     return p
 

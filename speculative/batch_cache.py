@@ -31,10 +31,15 @@ class BatchKVCache:
     is a view of the first n sequences (a smaller batch runs on the same memory).
     """
 
-    def __init__(self, storage: torch.Tensor):
+    def __init__(self, storage: torch.Tensor, index: tuple[torch.Tensor, ...] | None = None):
         self.storage = storage
         self.batch_size = storage.shape[2]
         self.max_len = storage.shape[4]
+        if index is None:  # index tensors of the keys/values, layer and head dims, made once
+            device = storage.device
+            index = (torch.arange(2, device=device).view(2, 1, 1, 1), torch.arange(storage.shape[1], device=device),
+                     torch.arange(storage.shape[3], device=device).view(1, 1, 1, -1))
+        self._index = index
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -43,16 +48,23 @@ class BatchKVCache:
         return cls(torch.zeros(shape, dtype=dtype, device=device))
 
     def rows(self, count: int) -> BatchKVCache:
-        return BatchKVCache(self.storage[:, :, :count])
+        return BatchKVCache(self.storage[:, :, :count], self._index)
 
     def write_kv(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor] | int, kv: torch.Tensor) -> None:
         """``kv [B, T, 2, kv_heads, d]`` (keys, values) to (rows ``[B, 1]``, slots ``[B, T]``), or to
-        the T slots from an int: one copy for both."""
+        the T slots from an int: one copy for both.
+
+        The indexed write is ONE ``index_put_`` on the whole storage, every dim indexed by a
+        tensor (the layer too, a 0-d one): the same single kernel eagerly, and what Inductor
+        turns into an in-place scatter. Written through a view (``storage[:, layer][...] = ``),
+        the compiled step copied the layer's whole cache around every write."""
         if isinstance(slots, int):
             self.storage[:, layer, :, :, slots : slots + kv.shape[1]] = kv.permute(2, 0, 3, 1, 4)
             return
         rows, slots = slots
-        self.storage[:, layer][:, rows, :, slots] = kv
+        pair, layers, heads = self._index
+        self.storage.index_put_((pair, layers[layer], rows[None, :, :, None], heads, slots[None, :, :, None]),
+                                kv.permute(2, 0, 1, 3, 4))  # [2, B, T, kv_heads, d]
 
     def copy_rows_from(self, rows: torch.Tensor, other: BatchKVCache) -> None:
         """Put ``other``'s sequences (its slots ``0 .. other.max_len-1``) into rows ``rows``."""
@@ -67,10 +79,14 @@ class BatchDraftCache:
     Before each drafter call, ``prepare`` says where the new entries go and what they see.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, scratch: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, scratch: int,
+                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.keys, self.values, self.scratch = keys, values, scratch
         self._slots: torch.Tensor | int = 0
         self._mask: torch.Tensor | None = None
+        # the whole cache's keys, values and head indices: indexed writes go to these, every dim
+        # indexed by a tensor (through a row view, the compiled step copied the whole cache)
+        self._base = base or (keys, values, torch.arange(keys.shape[1], device=keys.device)[None, None])
 
     @classmethod
     def empty(cls, batch_size: int, heads: int, scratch: int, context: int, head_dim: int,
@@ -84,7 +100,7 @@ class BatchDraftCache:
         return self.keys.shape[2]
 
     def rows(self, count: int) -> BatchDraftCache:
-        return BatchDraftCache(self.keys[:count], self.values[:count], self.scratch)
+        return BatchDraftCache(self.keys[:count], self.values[:count], self.scratch, self._base)
 
     def prepare(self, slots: torch.Tensor | int, mask: torch.Tensor) -> None:
         """The next call writes at ``slots [B, T]`` (or the T slots from an int) and its queries
@@ -92,13 +108,18 @@ class BatchDraftCache:
         self._slots, self._mask = slots, mask
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._slots, int):
-            self.keys[:, :, self._slots : self._slots + k.shape[2]] = k
-            self.values[:, :, self._slots : self._slots + k.shape[2]] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.keys[rows, :, self._slots] = k.transpose(1, 2)
-            self.values[rows, :, self._slots] = v.transpose(1, 2)
+        slots = self._slots
+        if isinstance(slots, int) and not torch.compiler.is_compiling():  # eagerly: two slice copies
+            self.keys[:, :, slots : slots + k.shape[2]] = k
+            self.values[:, :, slots : slots + k.shape[2]] = v
+        else:  # rows [B, 1, 1], heads [1, 1, H], slots [B, T, 1]: entries [B, T, H, d]
+            keys, values, heads = self._base
+            batch, length = k.shape[0], k.shape[2]
+            if isinstance(slots, int):
+                slots = torch.arange(slots, slots + length, device=k.device).expand(batch, length)
+            index = (torch.arange(batch, device=k.device)[:, None, None], heads, slots[..., None])
+            keys.index_put_(index, k.transpose(1, 2))
+            values.index_put_(index, v.transpose(1, 2))
         span = self._mask.shape[-1]
         keys, values = self.keys[:, :, :span], self.values[:, :, :span]
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])

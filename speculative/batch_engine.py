@@ -160,7 +160,8 @@ class BatchGenerator:
     rounded up to a power of two); ``max_len`` presizes the caches for prompt + new tokens.
 
     ``compile``: ``static`` (the step run eagerly: CPU and tests), ``graph`` (each step one CUDA
-    graph), ``inductor`` (compiled, then captured), ``auto`` (graph on CUDA, static elsewhere);
+    graph), ``inductor`` (compiled, then captured; off CUDA compiled only, no graphs: how CPU
+    tests check the compiled step), ``auto`` (graph on CUDA, static elsewhere);
     ``off`` means ``static`` (there is no dynamic-shape path here). A failed compile or capture
     falls back one level with a warning (``compile_errors``).
 
@@ -212,7 +213,8 @@ class BatchGenerator:
         self.compile = "static" if mode == "off" else mode
         self.compile_errors: list[str] = []
         self.max_len = 0  # slots per sequence; buffers are built by _reserve
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # per (width, span): its captured step (None: compiled by Inductor off CUDA, run as a function)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}
         self._pool = None
         self._step_fn = self._step
         if max_len is not None:
@@ -317,12 +319,18 @@ class BatchGenerator:
         root_pos, root_token = self.root_pos[:width], self.root_token[:width]
         positions = root_pos[:, None]
         out = self.model(root_token[:, None], positions, self.cache.rows(width), positions,
-                         visible_up_to(positions, span))
+                         visible_up_to(positions, span), aux_hidden=False)
         uniforms = self._uniforms(width)
         token = sample_rows(out.logits[:, 0], self.temperature, None if uniforms is None else uniforms[:, 0])
-        self._commit(width, live, token[:, None], torch.ones_like(token))
+        # ``_commit`` of one token, in fewer kernels: a live row keeps its token (it ends the
+        # row at EOS or at max_new_tokens); a row that is not live is left as it is
+        count = self.count[:width]
+        finished = (token[:, None] == self.eos).any(-1) | (count + 1 >= self.max_new[:width])
+        self.out_tokens[:width].scatter_(1, count.clamp_max(self.out_tokens.shape[1] - 1)[:, None], token[:, None])
+        count.add_(live)
+        self.active[:width].copy_(live & ~finished)
         root_token.copy_(torch.where(live, token, root_token))
-        root_pos.copy_(torch.where(live, root_pos + 1, root_pos))
+        root_pos.add_(live)
         self._record(self.rec_active, width, live)
 
     def _speculative_step(self, width: int, span: int) -> None:
@@ -411,15 +419,31 @@ class BatchGenerator:
                     for name in ("recompile_limit", "cache_size_limit"):
                         if hasattr(_dynamo.config, name):
                             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
-                    self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+                    from torch._inductor import config as inductor_config
+
+                    # one attention mask for every layer's SDPA, not a copy made per layer (a
+                    # kernel per layer); an option of recent torch only
+                    options = ({"cache_sdpa_constraint": True}
+                               if hasattr(inductor_config, "cache_sdpa_constraint") else {})
+                    self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
                 if self.device.type != "cuda":
-                    raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")
+                    if self.compile != "inductor":
+                        raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")
+                    # off CUDA: compile only (no graphs); one idle step per span compiles it now,
+                    # so that a failed compile falls back here rather than mid-generation
+                    for span in self._spans():
+                        if (width, span) not in self._graphs:
+                            self.step_index.zero_()
+                            self._step_fn(width, span)
+                            self._graphs[(width, span)] = None
+                    break
                 for span in self._spans():
                     if (width, span) not in self._graphs:
                         self._capture(width, span)
                 break
             except Exception as error:  # a failed compile/capture: one step simpler, loudly
-                fallback = {"inductor": "graph", "graph": "static"}[self.compile]
+                cuda = self.device.type == "cuda"
+                fallback = {"inductor": "graph" if cuda else "static", "graph": "static"}[self.compile]
                 message = f"compile={self.compile!r} failed ({type(error).__name__}: {error}); using {fallback!r}"
                 warnings.warn(message, stacklevel=3)
                 self.compile_errors.append(message)
@@ -449,7 +473,7 @@ class BatchGenerator:
         self._graphs[(width, span)] = graph
 
     def _run_step(self, width: int, span: int) -> None:
-        if self.compile == "static":
+        if self.compile == "static" or self.device.type != "cuda":  # eager, or compiled without graphs
             self._step_fn(width, span)
         else:
             self._graphs[(width, span)].replay()
@@ -482,7 +506,8 @@ class BatchGenerator:
         rows_t = torch.tensor(rows, device=device)
         positions = torch.arange(length, device=device).expand(count, length)
         temp = self.model.new_cache(count, length)
-        out = self.model(ids, positions, temp, 0, None, logits_index=(lengths - 1)[:, None])
+        out = self.model(ids, positions, temp, 0, None, logits_index=(lengths - 1)[:, None],
+                         aux_hidden=self.drafter is not None)
         uniform = torch.rand(count, generator=self.generator, device=device) if self.temperature > 0 else None
         first = sample_rows(out.logits[:, 0], self.temperature, uniform)
         self.cache.copy_rows_from(rows_t, temp)

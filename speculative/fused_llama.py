@@ -9,11 +9,19 @@ with about half as many:
 * q/k/v in ONE matmul and gate/up in ONE matmul (merged copies of the frozen weights);
 * RoPE on the q/k/v row at once (identity on v), with the sign of ``rotate_half`` folded into
   ``sin``, so keys and values go to the cache in one indexed copy (``BatchKVCache`` keeps both);
+  its factors come from a table by position (one gather a forward, not a dozen kernels);
 * grouped-query attention folded into the query length: the g query heads that share a
   key/value head become g x T query rows of that head, so SDPA runs without expanding the
   cache g times and, with a mask, on its memory-efficient kernel instead of the math path.
-* the residual adds fused into the output projections (``addmm``), RMSNorm as ``F.rms_norm``
-  (one kernel on GPU).
+* the residual adds fused into the output projections (``addmm_``, in place: an out-of-place
+  ``addmm`` first copies the residual, one more kernel), RMSNorm as ``F.rms_norm`` (one kernel
+  on GPU). Under ``torch.compile`` the adds are left to Inductor, which fuses each into the
+  next RMSNorm;
+* a decode step's attention mask built once and broadcast over heads and query rows.
+
+At batch 1 a decode step is then about 13 kernels a layer (RMSNorm, q/k/v GEMM, 3 for RoPE,
+the cache write, SDPA, o_proj, RMSNorm, gate/up GEMM, SiLU, product, down_proj); Inductor
+(``compile="inductor"`` in the engine) fuses the pointwise ones, about 9 a layer.
 
 Prefills (an empty cache, right-padded prompts) attend causally within the chunk instead of
 through a mask: padding sits after every real token, so a causal mask never shows it to a real
@@ -54,6 +62,9 @@ class FusedLlama(nn.Module):
             self.qkv = [self._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
                         for layer in fast.layers]
             self.gate_up = [self._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers]
+        # RoPE factors by position, built by ``new_cache`` (``_rope_rows``); None: computed per forward
+        self.rope_table: torch.Tensor | None = None
+        self._row_kind: torch.Tensor | None = None
 
     @staticmethod
     def _merged(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,9 +85,56 @@ class FusedLlama(nn.Module):
         return self.fast.device
 
     def new_cache(self, batch_size: int, max_len: int) -> BatchKVCache:
+        """A cache of ``max_len`` slots; also makes the RoPE table cover positions ``0 .. max_len-1``."""
         fast = self.fast
+        self._build_rope_table(max_len)
         return BatchKVCache.empty(fast.num_layers, batch_size, fast.num_kv_heads, max_len, fast.head_dim,
                                   fast.dtype, fast.device)
+
+    # RoPE types whose factors at a position depend on that position only (``dynamic`` and
+    # ``longrope`` rescale by the longest sequence seen): those can come from a table
+    TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+    def _rope_direct(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin' ``[B, T, heads + 2 kv_heads, d]`` for RoPE over a whole q/k/v row: the
+        rotary embedding's on the q and k heads, identity on the v heads (cos 1, sin 0), so the
+        k/v heads of the result go to the cache as they are, in one copy. ``rotate_half(x) * sin
+        == roll(x, d/2) * sin'`` with the sign folded into sin'."""
+        batch, length = position_ids.shape
+        dim, half, kv_heads = self.head_dim, self.head_dim // 2, self.num_kv_heads
+        rotated = self.num_heads + kv_heads
+        cos, sin = self.fast.rotary_emb(like, position_ids)  # [B, T, d]
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
+                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
+                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        return cos, sin
+
+    @torch.no_grad()
+    def _build_rope_table(self, positions: int) -> None:
+        """``rope_table [P, 2 (cos, sin'), 2 (q/k heads, v heads), d]``: ``_rope_direct``'s values
+        (the same elementwise arithmetic, so the same numbers) for positions ``0 .. P-1``, so a
+        forward gathers them in one kernel instead of about a dozen."""
+        if getattr(self.fast.rotary_emb, "rope_type", "default") not in self.TABLE_ROPE_TYPES:
+            return
+        if self.rope_table is not None and self.rope_table.shape[0] >= positions:
+            return
+        device, heads, kv_heads = self.device, self.num_heads, self.num_kv_heads
+        like = torch.zeros(1, dtype=self.dtype, device=device)
+        cos, sin = self._rope_direct(like, torch.arange(positions, device=device)[None])  # [1, P, rows, d]
+        self.rope_table = torch.stack([torch.stack([cos[0, :, 0], cos[0, :, -1]], 1),
+                                       torch.stack([sin[0, :, 0], sin[0, :, -1]], 1)], 1)
+        self._row_kind = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=device)
+
+    def _rope_rows(self, like: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache):
+        """``_rope_direct``'s cos, sin', from the table where it covers the cache (every position
+        is below ``cache.max_len`` when a token's position is its slot: the batched engine, prefills)."""
+        table = self.rope_table
+        if table is None or table.shape[0] < cache.max_len:
+            return self._rope_direct(like, position_ids)
+        rows = table[position_ids[:, :, None], :, self._row_kind]  # [B, T, rows, 2, d]
+        return rows[..., 0, :], rows[..., 1, :]
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,10 +143,18 @@ class FusedLlama(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     @staticmethod
-    def _add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        """residual + linear(x) in one kernel."""
+    def _add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, in_place: bool) -> torch.Tensor:
+        """residual + linear(x) in one kernel. ``in_place`` accumulates into ``residual`` itself
+        (which nothing else may hold): the out-of-place ``addmm`` first copies ``residual`` into
+        a new tensor (one more kernel: cuBLAS adds into its output; only a 1-D bias and more
+        than one row take the copy-free cuBLASLt path). Same GEMM, same result."""
+        if torch.compiler.is_compiling():
+            # Inductor: a plain GEMM, and the add fused into the kernel that follows (the next
+            # RMSNorm); its addmm would be out of place (the copy again)
+            return residual + F.linear(x, linear.weight, linear.bias)
         shape = residual.shape
-        out = torch.addmm(residual.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+        flat, x = residual.view(-1, shape[-1]), x.reshape(-1, x.shape[-1])
+        out = flat.addmm_(x, linear.weight.t()) if in_place else torch.addmm(flat, x, linear.weight.t())
         if linear.bias is not None:
             out = out + linear.bias
         return out.view(shape)
@@ -102,6 +168,7 @@ class FusedLlama(nn.Module):
         cache_slots: torch.Tensor | int,
         attn_mask: torch.Tensor | None,
         logits_index: torch.Tensor | None = None,
+        aux_hidden: bool = True,
     ) -> FastLlamaOutput:
         """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v at ``cache_slots``.
 
@@ -109,37 +176,36 @@ class FusedLlama(nn.Module):
         ``0 .. S-1``; ``None`` is a prefill from slot 0: causal attention within the chunk
         (``cache_slots`` must then be 0). ``logits_index [B, T']`` picks, per sequence, the rows
         the lm_head runs on (e.g. each prompt's last token); default: every row.
+        ``aux_hidden=False``: no aux hidden states (``None``; autoregressive decoding reads none).
         """
         fast = self.fast
         batch, length = input_ids.shape
         heads, kv_heads, dim, groups = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
         hidden = fast.embed_tokens(input_ids)
-        cos, sin = fast.rotary_emb(hidden, position_ids)  # [B, T, d]
         half = dim // 2
-        # RoPE over the whole q/k/v row: rotated q and k heads, identity on the v heads (cos 1,
-        # sin 0), so the k/v heads of the result go to the cache as they are, in one copy.
-        # ``rotate_half(x) * sin == roll(x, d/2) * sin'`` with the sign folded into sin'.
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
-        rotated = heads + kv_heads
-        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
-                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
-        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
-                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+        cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
         if not isinstance(cache_slots, int):
             cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
         if attn_mask is not None:
             span = attn_mask.shape[-1]
             if span > cache.max_len:
                 raise ValueError(f"mask covers {span} slots, the cache has {cache.max_len}")
-            bias = torch.zeros(attn_mask.shape, dtype=hidden.dtype, device=hidden.device)
-            bias = bias.masked_fill_(~attn_mask, float("-inf"))  # [B, T, S]
-            # query rows of a kv head: (group member, token), group-major
-            bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
+            bias = torch.full(attn_mask.shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
+            bias = bias.masked_fill_(attn_mask, 0.0)  # [B, T, S]
+            if length == 1 or groups == 1:  # the same row for every query row: SDPA broadcasts it
+                bias = bias[:, None]  # (a decode step: no copy, and Inductor makes it once, not per layer)
+            else:  # query rows of a kv head: (group member, token), group-major
+                bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
         elif cache_slots != 0:
             raise ValueError("a prefill (attn_mask=None) writes from slot 0")
-        aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
+        aux_ids = self.aux_layer_ids if aux_hidden else ()
+        aux: list[torch.Tensor | None] = [None] * len(aux_ids)
+        # the residual stream (from the embedding's own new tensor on) is updated in place
+        # (``_add_linear``), except where a layer's input is kept as an aux hidden state: there
+        # the attention residual makes a new tensor
         for index, layer in enumerate(fast.layers):
-            for j, layer_id in enumerate(self.aux_layer_ids):
+            kept = index in aux_ids
+            for j, layer_id in enumerate(aux_ids):
                 if layer_id == index:
                     aux[j] = hidden
             attn = layer.self_attn
@@ -161,11 +227,11 @@ class FusedLlama(nn.Module):
                 values = cache.storage[1, index, :, :, :span]
                 out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=self.scaling)
                 out = out.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
-            hidden = self._add_linear(hidden, out.reshape(batch, length, heads * dim), attn.o_proj)
+            hidden = self._add_linear(hidden, out.reshape(batch, length, heads * dim), attn.o_proj, not kept)
             x = self._norm(hidden, layer.post_attention_layernorm.weight, eps_post)
             gate, up = F.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
-            hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
+            hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj, True)
         if logits_index is not None:
             hidden = hidden[torch.arange(batch, device=hidden.device)[:, None], logits_index]
         logits = fast.lm_head(self._norm(hidden, fast.norm.weight, self.final_eps))
-        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1))
+        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1) if aux else None)

@@ -92,7 +92,7 @@ class StaticKVCache:
 @dataclass
 class FastLlamaOutput:
     logits: torch.Tensor | None  # [B, T', V] (T' = rows asked for with ``logits_rows``, else T)
-    aux_hidden: torch.Tensor  # [B, T, n_aux * H]
+    aux_hidden: torch.Tensor | None  # [B, T, n_aux * H] (None where not asked for)
     hidden: torch.Tensor | None = None  # [B, T, H] final-norm output, with ``apply_lm_head=False``
 
 

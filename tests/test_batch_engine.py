@@ -62,8 +62,9 @@ def _greedy(model, prompts, n):
         {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},  # MQA, biases
         {"arch": "qwen2"},  # random q/k/v biases (o_proj has none), RoPE base 1e6
         {"arch": "qwen2", "tie_word_embeddings": True, "num_key_value_heads": 1},
+        {"num_hidden_layers": 7},  # aux layers (2, 3, 4) between layers whose residual adds are in place
     ],
-    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases", "qwen2-gqa", "qwen2-mqa-tied"],
+    ids=["gqa", "mha-llama3-rope-tied", "mqa-biases", "qwen2-gqa", "qwen2-mqa-tied", "gqa-7-layers"],
 )
 def test_fused_llama_matches_fast_llama(overrides):
     """Ragged causal prefill, then per-sequence chunks at different positions through a mask."""
@@ -85,6 +86,9 @@ def test_fused_llama_matches_fast_llama(overrides):
     want = fast(chunk, positions, reference_cache, positions, mask)
     got = fused(chunk, positions, cache, positions, mask)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    table, fused.rope_table = fused.rope_table, None  # RoPE from its table: the same numbers as computed
+    assert table is not None and torch.equal(fused(chunk, positions, cache, positions, mask).logits, got.logits)
+    fused.rope_table = table
     torch.testing.assert_close(got.aux_hidden, want.aux_hidden, atol=1e-5, rtol=1e-5)
     keys = torch.stack([torch.stack(reference_cache.keys), torch.stack(reference_cache.values)])
     for b in range(3):
@@ -163,6 +167,25 @@ def test_batched_autoregressive_equals_target_greedy():
         BatchGenerator(target, None, 3)
     with pytest.raises(ValueError, match="CUDA"):
         BatchGenerator(target, None, 0, compile="graph")
+
+
+@pytest.mark.parametrize("chain", [0, 2], ids=["autoregressive", "chain"])
+def test_inductor_step_equals_static_step_on_cpu(chain):
+    """``compile="inductor"`` off CUDA runs the torch.compile'd step (no graphs): the step the GPU
+    captures after compiling. Greedy AR decoding (batch 1, as the AR benchmark) and chain
+    speculation (batch 2) give the eager step's tokens and accepted lengths exactly. Inductor
+    compiles each step once (about 30 s on a cold cache), so the target is tiny."""
+    target = TargetModel(small_llama(7, layers=2))
+    prompts = _prompts(3, 3)
+    drafter, batch = (tiny_drafter(target, seed=1), 2) if chain else (None, 1)
+    results = {}
+    for mode in ("static", "inductor"):
+        engine = BatchGenerator(target, drafter, chain, compile=mode, max_batch=batch, max_len=64, sync_every=4)
+        runs = [engine.generate(prompts, 12)] if batch > 1 else [engine.generate([p], 12) for p in prompts]
+        assert engine.compile == mode and not engine.compile_errors, engine.compile_errors
+        results[mode] = ([t for r in runs for t in r.tokens], [a for r in runs for a in r.accept_lengths])
+    assert results["inductor"] == results["static"]
+    assert results["static"][0] == _greedy(target.model, prompts, 12)
 
 
 def test_batched_cycles_equal_single_sequence_cycles(agreeing_pair, greedy_64):
