@@ -235,6 +235,7 @@ def part_warm(m, sizes, summary, out: Path) -> None:
 
     steps = m.args.warm_drafter_steps
     if m.args.drafter:
+        m.args.set = [*m.args.set, f"drafter.init_from={m.args.drafter}"]  # the trainers start there too
         summary["warm_drafter"] = {"loaded": m.args.drafter}
         return
     if steps <= 0:
