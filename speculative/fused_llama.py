@@ -134,7 +134,11 @@ class FusedLlama(nn.Module):
         if table is None or table.shape[0] < cache.max_len:
             return self._rope_direct(like, position_ids)
         rows = table[position_ids[:, :, None], :, self._row_kind]  # [B, T, rows, 2, d]
-        return rows[..., 0, :], rows[..., 1, :]
+        if torch.compiler.is_compiling():  # Inductor fuses the strided reads into its kernels
+            return rows[..., 0, :], rows[..., 1, :]
+        # eagerly, strided cos/sin turn every layer's RoPE products into non-vectorised kernels:
+        # two copies a forward instead (see ``BatchKVCache.write_kv`` on the eager paths)
+        return rows[..., 0, :].contiguous(), rows[..., 1, :].contiguous()
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -192,9 +196,10 @@ class FusedLlama(nn.Module):
                 raise ValueError(f"mask covers {span} slots, the cache has {cache.max_len}")
             bias = torch.full(attn_mask.shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
             bias = bias.masked_fill_(attn_mask, 0.0)  # [B, T, S]
-            if length == 1 or groups == 1:  # the same row for every query row: SDPA broadcasts it
-                bias = bias[:, None]  # (a decode step: no copy, and Inductor makes it once, not per layer)
-            else:  # query rows of a kv head: (group member, token), group-major
+            if (length == 1 or groups == 1) and torch.compiler.is_compiling():
+                bias = bias[:, None]  # SDPA broadcasts it; Inductor makes it once, not per layer
+            else:  # query rows of a kv head: (group member, token), group-major; materialised once
+                # a forward (eagerly a broadcast mask cost more per layer than this one copy)
                 bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
         elif cache_slots != 0:
             raise ValueError("a prefill (attn_mask=None) writes from slot 0")
