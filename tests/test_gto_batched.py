@@ -143,15 +143,20 @@ def test_batch_without_any_window_gives_the_same_empty_experience(pair):
     assert_same_experience(new, old)
 
 
+def _fixed_positions(target):
+    """Four ragged sequences and hand-picked windows (the last sequence has only one)."""
+    batch = _ragged(_sequences(target, 4, 24, 4, seed=7), [24, 19, 22, 13])
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    indices = torch.tensor([[2, 3, 4, 9, 10, 11], [5, 6, 7, 12, 13, 14], [1, 2, 3, 15, 16, 17], [4, 5, 6, 0, 0, 0]])
+    return batch, lengths, indices, [6, 6, 6, 3]
+
+
 @torch.no_grad()
 def test_sharing_reference_nodes_changes_nothing(pair):
     """Reference nodes read from the current tree's rows (same path, same target context) give
     the scores that verifying them separately gives; and sharing really happened."""
     target, drafter, reference = pair
-    batch = _ragged(_sequences(target, 4, 24, 4, seed=7), [24, 19, 22, 13])
-    lengths = batch["attention_mask"].sum(-1).tolist()
-    indices = torch.tensor([[2, 3, 4, 9, 10, 11], [5, 6, 7, 12, 13, 14], [1, 2, 3, 15, 16, 17], [4, 5, 6, 0, 0, 0]])
-    counts = [6, 6, 6, 3]
+    batch, lengths, indices, counts = _fixed_positions(target)
     fast = FastLlama.from_target(target)
     results = {}
     for share in (True, False):
@@ -175,10 +180,7 @@ def test_leaves_are_not_fed_to_the_target(pair):
     with the reference equal to the drafter, the forwards hold fewer slots than the current
     trees have nodes, and the scores equal the per-sequence path that verifies every node."""
     target, drafter, _ = pair
-    batch = _ragged(_sequences(target, 4, 24, 4, seed=7), [24, 19, 22, 13])
-    lengths = batch["attention_mask"].sum(-1).tolist()
-    indices = torch.tensor([[2, 3, 4, 9, 10, 11], [5, 6, 7, 12, 13, 14], [1, 2, 3, 15, 16, 17], [4, 5, 6, 0, 0, 0]])
-    counts = [6, 6, 6, 3]
+    batch, lengths, indices, counts = _fixed_positions(target)
     fast = FastLlama.from_target(target)
     options = BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=3,
                                  positions_per_forward=2)
