@@ -12,7 +12,7 @@ mkdir -p "$out"
 [ -f /tmp/sharegpt_6k.jsonl ] || gunzip -c .kit/data/sharegpt_6k.jsonl.gz > /tmp/sharegpt_6k.jsonl
 data=(--target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl)
 if [ "$which" = all ]; then
-  python3 bench/throughput.py "${data[@]}" --out /tmp/tp --total-minutes 7.0 --ray-modes async > "$out/throughput.log" 2>&1
+  python3 bench/throughput.py "${data[@]}" --out /tmp/tp --total-minutes 6.5 --ray-modes async > "$out/throughput.log" 2>&1
 else
   python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill,gto,opd,sft --total-minutes 3 > "$out/throughput.log" 2>&1
 fi
