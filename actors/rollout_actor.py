@@ -184,7 +184,9 @@ class RolloutActor:
             )
             _synchronize(self.device)
             built = time.perf_counter()
-            experience = experience.to_host()  # CUDA tensors do not travel through the object store
+            # only the logit rows the losses read, then to the host: CUDA tensors do not travel
+            # through the object store (the learner's concat_experiences restores the rows)
+            experience = experience.packed().to_host()
             seconds = time.perf_counter() - start
         meta = {"actor": self.index, "batch_index": batch_index, "version": experience.drafter_version,
                 "tokens": experience.num_tokens, "bytes": experience.nbytes(), "seconds": seconds,

@@ -91,6 +91,25 @@ class _Movable:
     def to(self, device: torch.device | str, non_blocking: bool = False):
         return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
+    def _map_sft(self, change):
+        """A copy with ``change`` applied to every (nested) ``SFTExperience`` field."""
+        changed = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, SFTExperience):
+                changed[f.name] = change(value)
+            elif isinstance(value, _Movable):
+                changed[f.name] = value._map_sft(change)
+        return replace(self, **changed) if changed else self  # type: ignore[type-var]
+
+    def packed(self):
+        """For shipping: every SFT part keeps only the teacher-forced logit rows its loss reads
+        (``SFTExperience.packed``). ``unpacked`` (or ``concat_experiences``) restores them."""
+        return self._map_sft(lambda sft: sft.packed())
+
+    def unpacked(self):
+        return self._map_sft(lambda sft: sft.unpacked())
+
     def to_host(self):
         """This experience on the host, for the object store. CUDA fields are copied into pinned
         host memory without blocking and one synchronize waits for them all (rather than one
@@ -134,10 +153,45 @@ class SFTExperience(_Movable):
     target_draft_logits: torch.Tensor  # [B, T, N] target logits at the draft vocabulary
     target_top1: torch.Tensor  # [B, T] target argmax over its full vocabulary
     drafter_version: int = 0  # version of the drafter whose vocabulary shaped this experience
+    # Packed for shipping: ``target_draft_logits`` then holds only these rows [n] of the flat
+    # [B * T] grid, as [n, N]; None: dense [B, T, N] (what every loss reads)
+    logit_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def rows_read(self) -> torch.Tensor:
+        """[B, T] bool: the rows of ``target_draft_logits`` training-time test reads. Step k at
+        index t reads row t + k where token t + k + 1 is supervised, so row j is read exactly when
+        token j + 1 is (whatever k): the position before each supervised token. The rest (prompts,
+        padding) only ever meets a zero weight."""
+        supervised = self.loss_mask.bool() & self.attention_mask.bool()
+        read = torch.zeros_like(supervised)
+        read[:, :-1] = supervised[:, 1:]
+        return read
+
+    def packed(self) -> SFTExperience:
+        """The same experience with only the logit rows its loss reads (an OPD rollout: its
+        response; ShareGPT-like data: the assistant turns), for the object store. Losses are
+        bit-identical after ``unpacked``: unread rows come back as zeros, and an unread row's
+        KL is multiplied by an exact zero weight either way."""
+        logits = self.target_draft_logits
+        if self.logit_rows is not None or logits.shape[-1] == 0:
+            return self
+        rows = self.rows_read().reshape(-1).nonzero().squeeze(-1)
+        return replace(self, target_draft_logits=logits.reshape(-1, logits.shape[-1]).index_select(0, rows),
+                       logit_rows=rows)
+
+    def unpacked(self) -> SFTExperience:
+        """Dense [B, T, N] logits again (zeros at the rows nobody reads), where the rows are."""
+        if self.logit_rows is None:
+            return self
+        batch, length = self.input_ids.shape
+        values = self.target_draft_logits
+        dense = torch.zeros(batch * length, values.shape[-1], dtype=values.dtype, device=values.device)
+        dense.index_copy_(0, self.logit_rows.to(values.device), values)
+        return replace(self, target_draft_logits=dense.view(batch, length, -1), logit_rows=None)
 
 
 @dataclass
@@ -251,6 +305,7 @@ def _concat_sft(parts: list[SFTExperience], device=None, non_blocking: bool = Fa
     length = max(int(p.input_ids.shape[1]) for p in parts)
     names = ("input_ids", "attention_mask", "loss_mask", "aux_hidden", "target_draft_logits", "target_top1")
     if device is None:
+        parts = [p.unpacked() for p in parts]
         merged = {name: torch.cat([_pad_time(getattr(p, name), length) for p in parts]) for name in names}
         return SFTExperience(**merged, drafter_version=parts[0].drafter_version)
     rows = sum(_rows(p) for p in parts)
@@ -258,11 +313,19 @@ def _concat_sft(parts: list[SFTExperience], device=None, non_blocking: bool = Fa
     for name in names:
         tensors = [getattr(p, name) for p in parts]
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])  # as torch.cat's
-        out = torch.zeros((rows, length, *tensors[0].shape[2:]), dtype=dtype, device=device)
+        trailing = tensors[0].shape[-1:] if name == "target_draft_logits" else tensors[0].shape[2:]
+        out = torch.zeros((rows, length, *trailing), dtype=dtype, device=device)
         row = 0
-        for tensor in tensors:
-            out[row:row + tensor.shape[0], :tensor.shape[1]].copy_(tensor, non_blocking=non_blocking)
-            row += tensor.shape[0]
+        for part, tensor in zip(parts, tensors):
+            count = part.input_ids.shape[0]
+            if name == "target_draft_logits" and part.logit_rows is not None:  # packed: scatter its rows
+                width = part.input_ids.shape[1]
+                at = part.logit_rows.to(device, non_blocking=non_blocking)
+                at = (row + at // width) * length + at % width
+                out.view(rows * length, -1).index_copy_(0, at, tensor.to(device, non_blocking=non_blocking))
+            else:
+                out[row:row + count, :tensor.shape[1]].copy_(tensor, non_blocking=non_blocking)
+            row += count
         merged[name] = out
     return SFTExperience(**merged, drafter_version=parts[0].drafter_version)
 
@@ -322,7 +385,7 @@ def concat_experiences(parts: list, device: torch.device | str | None = None,
     alive (the learner keeps them until it synchronizes). The values equal
     ``concat_experiences([p.to(device) for p in parts])``'s."""
     if len(parts) == 1:
-        return parts[0] if device is None else parts[0].to(device, non_blocking=non_blocking)
+        return (parts[0] if device is None else parts[0].to(device, non_blocking=non_blocking)).unpacked()
     kinds = {type(p) for p in parts}
     if len(kinds) != 1:
         raise TypeError(f"cannot merge experiences of types {sorted(k.__name__ for k in kinds)}")

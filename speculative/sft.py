@@ -18,6 +18,9 @@ def sft_loss(
     mask_outside_draft_vocab: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss to backpropagate and the scalars worth logging (per-step KL and top-1 agreement)."""
+    if experience.logit_rows is not None:
+        raise ValueError("a packed experience (shipping form): unpack it first (experience.unpacked() "
+                         "or concat_experiences)")
     result = training_time_test(
         drafter,
         experience.input_ids,

@@ -194,3 +194,59 @@ def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
         parts = summary["ray"]["async"]["breakdown"]
         assert all(parts[key] is not None and parts[key] >= 0 for key in BREAKDOWN), parts
         assert "update interval s" in (out / "README.md").read_text()
+
+
+def _grads(drafter, experience) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from speculative.sft import sft_loss
+
+    drafter.zero_grad(set_to_none=True)
+    loss, _ = sft_loss(drafter, experience, 3, 0.8)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in drafter.trainable_parameters()]
+
+
+def test_packed_experiences_ship_only_the_logit_rows_the_loss_reads_and_train_identically():
+    """An actor ships ``experience.packed()``: the teacher-forced logits only at the rows training-
+    time test reads (the position before each supervised token). After the object store and the
+    learner's merge, the loss and every gradient are bit-identical to the dense experience's,
+    for one part and for merged ragged parts; a packed experience never reaches a loss."""
+    from actors.target_worker import TargetWorker
+    from speculative.sft import sft_loss
+    from speculative.target import TargetModel
+    from speculative.vocab import DraftVocab
+    from tests.conftest import tiny_drafter, tiny_llama
+    from tests.test_gto import _sequences
+
+    target = TargetModel(tiny_llama(vocab_size=96, layers=4, seed=2), aux_layer_ids=(1, 2, 3))
+    vocab = DraftVocab.from_counts(torch.rand(96, generator=torch.Generator().manual_seed(0)), 40)
+    drafter = tiny_drafter(target, vocab, seed=3)
+    worker = TargetWorker(target, drafter.draft_to_target)
+    dense = []
+    for seed, (rows, length, prompt) in enumerate([(3, 20, 6), (2, 14, 9)]):
+        batch = _sequences(target, rows, length, prompt, seed=seed)
+        batch["attention_mask"][0, length - 4:] = 0  # a shorter first sequence: padding
+        batch["loss_mask"][0, length - 4:] = 0
+        dense.append(worker.sft_experience(batch))
+    shipped = [pickle.loads(pickle.dumps(e.packed().to_host(), protocol=5)) for e in dense]
+    for e, s in zip(dense, shipped):
+        read = int(e.rows_read().sum())
+        assert s.logit_rows is not None and s.target_draft_logits.shape == (read, 40)
+        assert read < e.input_ids.numel() and s.nbytes() < e.nbytes()
+        with pytest.raises(ValueError, match="packed"):
+            sft_loss(drafter, s, 3, 0.8)
+    one_dense, one_shipped = _grads(drafter, dense[0]), _grads(drafter, concat_experiences(shipped[:1], "cpu"))
+    merged_dense = _grads(drafter, concat_experiences(dense))
+    merged_shipped = [_grads(drafter, concat_experiences(shipped, "cpu")), _grads(drafter, concat_experiences(shipped))]
+    for left, right in [(one_dense, one_shipped), *((merged_dense, m) for m in merged_shipped)]:
+        assert torch.equal(left[0], right[0])
+        assert all(torch.equal(a, b) for a, b in zip(left[1], right[1]))
+    assert float(one_dense[0]) > 0
+    # nested: a GTO experience packs its SFT part, and the merge restores it
+    nested = gto(2, 5, 4, 0)
+    nested.sft.loss_mask[:, :2] = 0
+    packed = nested.packed()
+    assert packed.sft.logit_rows is not None and packed.nbytes() < nested.nbytes()
+    restored = concat_experiences([packed], "cpu")
+    read = nested.sft.rows_read()
+    assert torch.equal(restored.sft.target_draft_logits[read], nested.sft.target_draft_logits[read])
+    assert int(restored.sft.target_draft_logits[~read].abs().sum()) == 0
