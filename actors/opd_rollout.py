@@ -145,6 +145,7 @@ def assemble_experience(
         data=data,
         drafter_version=drafter_version,
         engine_report=engine_report,
+        reads_rejected_suffix=config.opd.rejected == "suffix",
     )
 
 

@@ -91,24 +91,19 @@ class _Movable:
     def to(self, device: torch.device | str, non_blocking: bool = False):
         return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
-    def _map_sft(self, change):
-        """A copy with ``change`` applied to every (nested) ``SFTExperience`` field."""
-        changed = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, SFTExperience):
-                changed[f.name] = change(value)
-            elif isinstance(value, _Movable):
-                changed[f.name] = value._map_sft(change)
+    def _each_part(self, change):
+        """A copy with ``change`` applied to every nested experience field."""
+        changed = {f.name: change(getattr(self, f.name)) for f in fields(self)  # type: ignore[arg-type]
+                   if isinstance(getattr(self, f.name), _Movable)}
         return replace(self, **changed) if changed else self  # type: ignore[type-var]
 
     def packed(self):
-        """For shipping: every SFT part keeps only the teacher-forced logit rows its loss reads
-        (``SFTExperience.packed``). ``unpacked`` (or ``concat_experiences``) restores them."""
-        return self._map_sft(lambda sft: sft.packed())
+        """For shipping: only what the losses read of the big fields (``SFTExperience.packed``,
+        ``OPDExperience.packed``). ``unpacked`` (or ``concat_experiences``) restores them."""
+        return self._each_part(lambda part: part.packed())
 
     def unpacked(self):
-        return self._map_sft(lambda sft: sft.unpacked())
+        return self._each_part(lambda part: part.unpacked())
 
     def to_host(self):
         """This experience on the host, for the object store. CUDA fields are copied into pinned
@@ -251,6 +246,36 @@ class OPDExperience(_Movable):
     # opd.engine 'vllm': how the recomputed cycles agree with the text and with vLLM's own
     # acceptance counters (``actors.vllm_rollout``); None for draftrl's engine
     engine_report: dict | None = None
+    # whether the loss reads the drafted states after each first error (``opd.rejected: suffix``)
+    reads_rejected_suffix: bool = True
+    # Packed for shipping: ``target_logprobs`` then holds only these rows [n] of the flat [M * K]
+    # grid, as [n, Vd]; None: dense [M, K, Vd]
+    logprob_rows: torch.Tensor | None = None
+
+    def logprob_rows_read(self) -> torch.Tensor:
+        """[M, K] bool: the states whose target distribution the loss reads: the accepted ones
+        (column < r_m) and the first error (column r_m), or every state with a rejected suffix."""
+        cycles, steps = self.step_inputs.shape
+        if self.reads_rejected_suffix:
+            return torch.ones(cycles, steps, dtype=torch.bool, device=self.accepted.device)
+        return torch.arange(steps, device=self.accepted.device)[None] <= self.accepted[:, None]
+
+    def packed(self) -> OPDExperience:
+        """``_Movable.packed`` (the rollout's and the data batch's logit rows), and only the
+        target distributions the loss reads: with the authors' recipe (no rejected suffix) about
+        tau of a chain's K states. Unread states come back as zeros, under exact zero weights."""
+        out = super().packed()
+        if out.logprob_rows is not None or self.reads_rejected_suffix:
+            return out
+        rows = self.logprob_rows_read().reshape(-1).nonzero().squeeze(-1)
+        flat = self.target_logprobs.reshape(-1, self.target_logprobs.shape[-1])
+        return replace(out, target_logprobs=flat.index_select(0, rows), logprob_rows=rows)
+
+    def unpacked(self) -> OPDExperience:
+        out = super().unpacked()
+        if out.logprob_rows is None:
+            return out
+        return replace(out, target_logprobs=_dense_logprobs(out, out.target_logprobs.device), logprob_rows=None)
 
     @property
     def num_tokens(self) -> int:
@@ -356,13 +381,27 @@ def _concat_gto(parts: list[GTOExperience], device=None, non_blocking: bool = Fa
     )
 
 
+def _dense_logprobs(part: OPDExperience, device, non_blocking: bool = False) -> torch.Tensor:
+    """``part.target_logprobs`` as dense [M, K, Vd] on ``device`` (scattered there when packed)."""
+    values = part.target_logprobs
+    if part.logprob_rows is None:
+        return _put(values, device, non_blocking)
+    cycles, steps = part.step_inputs.shape
+    dense = torch.zeros(cycles * steps, values.shape[-1], dtype=values.dtype, device=device or values.device)
+    dense.index_copy_(0, _put(part.logprob_rows, device, non_blocking), _put(values, device, non_blocking))
+    return dense.view(cycles, steps, -1)
+
+
 def _concat_opd(parts: list[OPDExperience], device=None, non_blocking: bool = False) -> OPDExperience:
     offsets = _offsets([p.rollout for p in parts])
-    per_cycle = ("index", "accepted", "step_inputs", "proposals", "target_logprobs", "rollout_logprobs")
+    per_cycle = ("index", "accepted", "step_inputs", "proposals", "rollout_logprobs")
     data = [p.data for p in parts]
     rows = {"sequence": torch.cat([p.sequence + o for p, o in zip(parts, offsets)]),
             **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_cycle}}
+    logprobs = torch.cat([_dense_logprobs(p, device, non_blocking) for p in parts])  # on ``device`` already
     return OPDExperience(
+        target_logprobs=logprobs,
+        reads_rejected_suffix=parts[0].reads_rejected_suffix,
         rollout=_concat_sft([p.rollout for p in parts], device, non_blocking),
         response_tokens=sum(p.response_tokens for p in parts),
         target_forwards=sum(p.target_forwards for p in parts),

@@ -250,3 +250,35 @@ def test_packed_experiences_ship_only_the_logit_rows_the_loss_reads_and_train_id
     read = nested.sft.rows_read()
     assert torch.equal(restored.sft.target_draft_logits[read], nested.sft.target_draft_logits[read])
     assert int(restored.sft.target_draft_logits[~read].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_packed_opd_experiences_ship_only_the_target_states_the_loss_reads(device):
+    """Without a rejected suffix (the authors' recipe) an OPD experience ships the target's
+    distributions at the accepted states and the first error only; the cycle losses computed from
+    the merged experience equal the dense ones bit for bit. With a suffix, every state ships."""
+    from learners.opd import distillation_terms, stream_masks
+
+    parts = [opd(2, 5, 6, 0, True), opd(3, 8, 9, 1, True)]
+    for part in parts:
+        part.reads_rejected_suffix = False
+        part.accepted[0] = 3  # a whole chain accepted: no error state in that cycle
+    shipped = [pickle.loads(pickle.dumps(p.packed().to_host(), protocol=5)) for p in parts]
+    for part, s in zip(parts, shipped):
+        read = int(part.logprob_rows_read().sum())
+        assert s.target_logprobs.shape == (read, 5) and read < part.target_logprobs.shape[0] * 3
+        # (with 5 draft tokens the row indices outweigh the rows saved; at 32 000 they are 0.01 %)
+        assert s.data.logit_rows is not None and s.data.target_draft_logits.numel() < part.data.target_draft_logits.numel()
+    dense = concat_experiences(parts)
+    for merged in (concat_experiences(shipped, device, non_blocking=True), concat_experiences(shipped).to(device),
+                   concat_experiences(shipped[:1], device)):
+        reference = dense if merged.accepted.numel() == dense.accepted.numel() else parts[0]
+        draft = torch.randn(*reference.target_logprobs.shape, generator=torch.Generator().manual_seed(5))
+        acc, rej = (m.to(device) for m in stream_masks(reference.accepted, 3, "first"))
+        (fwd_a, rev_a), (fwd_b, rev_b) = (distillation_terms(draft.to(device), e.target_logprobs.to(device), -10.0, 20.0)
+                                          for e in (reference, merged))
+        assert torch.equal((fwd_a * acc).sum(), (fwd_b * acc).sum()) and float((fwd_a * acc).sum()) > 0
+        assert torch.equal((rev_a * rej).sum(), (rev_b * rej).sum()) and float((rev_a * rej).sum()) > 0
+        assert merged.logprob_rows is None and merged.data.logit_rows is None
+    suffix = opd(2, 5, 6, 0, False)
+    assert torch.equal(suffix.packed().target_logprobs, suffix.target_logprobs)  # every state is read
