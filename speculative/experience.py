@@ -182,11 +182,8 @@ class SFTExperience(_Movable):
         """Dense [B, T, N] logits again (zeros at the rows nobody reads), where the rows are."""
         if self.logit_rows is None:
             return self
-        batch, length = self.input_ids.shape
-        values = self.target_draft_logits
-        dense = torch.zeros(batch * length, values.shape[-1], dtype=values.dtype, device=values.device)
-        dense.index_copy_(0, self.logit_rows.to(values.device), values)
-        return replace(self, target_draft_logits=dense.view(batch, length, -1), logit_rows=None)
+        dense = _scatter_rows(self.target_draft_logits, self.logit_rows, tuple(self.input_ids.shape))
+        return replace(self, target_draft_logits=dense, logit_rows=None)
 
 
 @dataclass
@@ -386,10 +383,17 @@ def _dense_logprobs(part: OPDExperience, device, non_blocking: bool = False) -> 
     values = part.target_logprobs
     if part.logprob_rows is None:
         return _put(values, device, non_blocking)
-    cycles, steps = part.step_inputs.shape
-    dense = torch.zeros(cycles * steps, values.shape[-1], dtype=values.dtype, device=device or values.device)
-    dense.index_copy_(0, _put(part.logprob_rows, device, non_blocking), _put(values, device, non_blocking))
-    return dense.view(cycles, steps, -1)
+    return _scatter_rows(values, part.logprob_rows, tuple(part.step_inputs.shape), device, non_blocking)
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int], device=None,
+                  non_blocking: bool = False) -> torch.Tensor:
+    """Packed ``values [n, V]`` at flat ``rows [n]`` of a ``grid`` as dense [*grid, V], zeros elsewhere,
+    on ``device`` (default: where ``values`` are)."""
+    device = device or values.device
+    dense = torch.zeros(grid[0] * grid[1], values.shape[-1], dtype=values.dtype, device=device)
+    dense.index_copy_(0, rows.to(device, non_blocking=non_blocking), values.to(device, non_blocking=non_blocking))
+    return dense.view(*grid, -1)
 
 
 def _concat_opd(parts: list[OPDExperience], device=None, non_blocking: bool = False) -> OPDExperience:

@@ -143,8 +143,8 @@ def ancestor_mask(parents: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 def _log_q(logits: torch.Tensor, scale: float, sample: bool) -> torch.Tensor:
-    """Draft log-probs in fp32. Greedy: the cast happens inside the softmax kernel (no fp32 copy
-    of [rows, Vd] logits first: GTO grows tens of thousands of rows per level)."""
+    """Draft log-probs in fp32 (``dtype=`` casts fp16 inside the kernel; bf16 logits are still
+    copied to fp32 first: GTO's many-root search avoids this function, ``speculative.vocab_topk``)."""
     if sample:
         return torch.log_softmax(logits.float() * scale, dim=-1)
     return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
