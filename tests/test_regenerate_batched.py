@@ -64,3 +64,40 @@ def test_batched_engine_refuses_what_it_cannot_sample(tiny_chat_target):
         chat.chat([messages, messages], [RequestParams(0.0, max_tokens=4), RequestParams(1.0, max_tokens=4)])
     out = chat.chat([messages], [RequestParams(1.0, max_tokens=3)])[0].outputs[0]
     assert 1 <= len(out.token_ids) <= 3 and out.finish_reason in ("stop", "length")
+
+
+def test_time_budget_stops_between_shards_and_the_next_run_resumes(tiny_chat_target, tmp_path, monkeypatch):
+    """``max_minutes``: no shard starts after the budget; the committed ones are joined into
+    committed.parquet (trainable now) and a later run completes the rest to the same rows."""
+    import tools.regenerate as regen
+
+    source = write_topic_chats(tmp_path / "chats.jsonl", 5)
+    common = dict(target=str(tiny_chat_target), shard_size=2, dtype="float32", max_model_len=256,
+                  max_num_seqs=4, progress=False, engine="batched",
+                  sampling=Sampling(temperature=0.0, max_tokens=6))
+    whole = regenerate(source, tmp_path / "whole", **common)
+    assert whole.complete and whole.shards == 3
+
+    real_write = regen._write_shard
+    calls = []
+
+    def write_then_run_out_of_time(out_dir, index, rows, committed):
+        calls.append(index)  # the first shard takes "ten minutes": the budget is spent after it
+        clock = regen.time.perf_counter
+        monkeypatch.setattr(regen.time, "perf_counter", lambda: clock() + 600)
+        return real_write(out_dir, index, rows, committed)
+
+    monkeypatch.setattr(regen, "_write_shard", write_then_run_out_of_time)
+    out = tmp_path / "budget"
+    first = regenerate(source, out, max_minutes=1.0, **common)
+    monkeypatch.undo()
+    assert calls == [0] and not first.complete
+    assert (first.shards, first.shards_written, first.conversations) == (3, 1, 2)
+    assert first.output_file == str(out / "committed.parquet") and not (out / "regenerated.parquet").exists()
+    want = pq.read_table(tmp_path / "whole" / "regenerated.parquet").to_pylist()
+    assert pq.read_table(out / "committed.parquet").to_pylist() == want[:2]
+
+    second = regenerate(source, out, **common)
+    assert second.complete and (second.shards_resumed, second.shards_written) == (1, 2)
+    assert not (out / "committed.parquet").exists()
+    assert pq.read_table(out / "regenerated.parquet").to_pylist() == want

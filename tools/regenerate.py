@@ -65,6 +65,7 @@ from typing import Any, Sequence
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 OUTPUT_FILE = "regenerated.parquet"
+PARTIAL_FILE = "committed.parquet"  # the committed shards of a run stopped by its time budget
 MANIFEST_VERSION = 1
 FAULT_ENV = "DRAFTRL_REGENERATE_FAULT"
 
@@ -108,6 +109,7 @@ class RegenerateReport:
     skipped: dict[str, int] = field(default_factory=dict)
     generated_tokens: int = 0
     seconds: float = 0.0
+    complete: bool = True  # False: stopped by max_minutes; output_file holds the committed shards
 
 
 def _schema() -> Any:
@@ -349,14 +351,15 @@ def _write_shard(out_dir: Path, index: int, rows: list[dict[str, Any]], committe
     return final
 
 
-def _merge(out_dir: Path, manifest: dict[str, Any], count: int) -> Path:
+def _merge(out_dir: Path, manifest: dict[str, Any], indices: Sequence[int], name: str = OUTPUT_FILE) -> Path:
+    """Join the shards ``indices`` (in that order) into ``out_dir/name``, atomically."""
     import pyarrow.parquet as pq
 
-    final = out_dir / OUTPUT_FILE
-    tmp = out_dir / f".{OUTPUT_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    final = out_dir / name
+    tmp = out_dir / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         with pq.ParquetWriter(tmp, _schema()) as writer:
-            for index in range(count):
+            for index in indices:
                 writer.write_table(pq.read_table(out_dir / manifest["shards"][str(index)]["file"]))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -469,8 +472,14 @@ def regenerate(
     overwrite: bool = False,
     progress: bool = True,
     engine: str = "vllm",
+    max_minutes: float | None = None,
 ) -> RegenerateReport:
-    """Regenerate ``source`` into ``out_dir`` (resuming what a previous run committed)."""
+    """Regenerate ``source`` into ``out_dir`` (resuming what a previous run committed).
+
+    ``max_minutes``: start no shard after that long (a GPU slot of fixed length); the shards
+    committed so far are then joined into ``out_dir/committed.parquet`` for training now, and the
+    next run resumes at the first missing shard.
+    """
     from tqdm.auto import tqdm
 
     from speculative.data import ReadStats, read_conversations, resolve_source
@@ -516,6 +525,8 @@ def regenerate(
                        desc=f"regenerating {path.name}")
             try:
                 for index in todo:
+                    if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                        break  # out of time: what is committed stays, the next run resumes here
                     start = offset + index * shard_size
                     size = min(shard_size, offset + total - start)
                     read = ReadStats()
@@ -545,21 +556,27 @@ def regenerate(
                     from actors.vllm_engine import _shutdown
 
                     _shutdown(llm)
-        if not manifest.get("complete") or not (out_dir / OUTPUT_FILE).is_file():
-            _merge(out_dir, manifest, count)
-            manifest["complete"] = True
-            _write_json_atomic(out_dir / MANIFEST, manifest)
-    shards = [manifest["shards"][str(i)] for i in range(count)]
+        complete = len(done) == count
+        if not complete:
+            output = _merge(out_dir, manifest, sorted(done), PARTIAL_FILE)
+        else:
+            output = out_dir / OUTPUT_FILE
+            if not manifest.get("complete") or not output.is_file():
+                _merge(out_dir, manifest, range(count))
+                manifest["complete"] = True
+                _write_json_atomic(out_dir / MANIFEST, manifest)
+            (out_dir / PARTIAL_FILE).unlink(missing_ok=True)
+    shards = [manifest["shards"][str(i)] for i in sorted(done)]
     skipped: dict[str, int] = {}
     for shard in shards:
         for reason, n in shard["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     return RegenerateReport(
-        out_dir=str(out_dir), output_file=str(out_dir / OUTPUT_FILE), records=total,
+        out_dir=str(out_dir), output_file=str(output), records=total,
         conversations=sum(s["rows"] for s in shards), shards=count, shards_resumed=resumed,
         shards_written=written, dropped_too_long=sum(s["dropped_too_long"] for s in shards),
         skipped=skipped, generated_tokens=sum(s["generated_tokens"] for s in shards),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, complete=complete,
     )
 
 
@@ -593,6 +610,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a previous regeneration in --out (default: resume it)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="start no shard after M minutes; the committed shards go to "
+                             "OUT/committed.parquet and a later run resumes (fixed GPU slots)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -606,11 +626,15 @@ def run_cli(args: argparse.Namespace) -> int:
             max_records=args.max_records, on_error=args.on_error, shard_size=args.shard_size,
             sampling=sampling, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, overwrite=args.overwrite,
-            progress=not args.no_progress, engine=args.engine,
+            progress=not args.no_progress, engine=args.engine, max_minutes=args.max_minutes,
         )
     except (DataError, RegenerateError, FileNotFoundError) as error:
         print(f"draftrl: {error}", file=sys.stderr)
         return 2
-    print(f"[draftrl] regenerated: {report.output_file}")
+    if not report.complete:
+        print(f"[draftrl] stopped after {args.max_minutes} min: {report.shards_resumed + report.shards_written}"
+              f" of {report.shards} shards committed, joined in {report.output_file}; run again to resume")
+    else:
+        print(f"[draftrl] regenerated: {report.output_file}")
     print(f"[draftrl] report: {json.dumps(asdict(report))}")
     return 0
