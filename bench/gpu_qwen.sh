@@ -21,10 +21,11 @@ case "${1:-}" in
     # that would overrun the call (killed mid-shard, it is redone next time).
     timeout --signal=INT "$(python3 -c "print(int($minutes * 60 + 150))")" \
       python3 -m tools.cli regenerate --engine batched --source /tmp/code_mix.jsonl --out /tmp/regen_qwen \
-        --target qwen2.5-coder-1.5b --max-tokens 768 --max-model-len 2048 --max-num-seqs 128 \
-        --shard-size 256 --temperature 0.7 --max-minutes "$minutes" "$@" && rc=0 || rc=$?
+        --target qwen2.5-coder-1.5b --max-tokens 768 --max-model-len 2048 --max-num-seqs 256 \
+        --shard-size 512 --max-turns 3 --temperature 0.7 --max-minutes "$minutes" "$@" && rc=0 || rc=$?
     if [ "$rc" -eq 124 ]; then echo "killed by the safety timeout: the same call resumes at the next shard"
-    elif [ "$rc" -ne 0 ]; then exit "$rc"; fi ;;
+    elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
+    mkdir -p "${OUT:-/tmp}/regen"; cp /tmp/regen_qwen/manifest.json "${OUT:-/tmp}/regen/" ;;
   sft)
     out=${2:?OUT_DIR}; minutes=${3:?MINUTES}; shift 3
     data=/tmp/regen_qwen/regenerated.parquet

@@ -101,3 +101,30 @@ def test_time_budget_stops_between_shards_and_the_next_run_resumes(tiny_chat_tar
     assert second.complete and (second.shards_resumed, second.shards_written) == (1, 2)
     assert not (out / "committed.parquet").exists()
     assert pq.read_table(out / "regenerated.parquet").to_pylist() == want
+
+
+def test_max_turns_caps_the_answers_per_conversation(tiny_chat_target, tmp_path):
+    """Three-turn chats with ``max_turns=2``: two regenerated answers each, the third user turn
+    dropped with its answer; the setting is recorded, so a resume with another cap refuses."""
+    turns = [("user", "Name a colour."), ("assistant", "Red."), ("user", "Another?"), ("assistant", "Blue."),
+             ("user", "And one more?"), ("assistant", "Green.")]
+    source = tmp_path / "three_turns.jsonl"
+    source.write_text("".join(json.dumps({"messages": [{"role": r, "content": f"{c} ({i})"} for r, c in turns]})
+                              + "\n" for i in range(3)))
+    common = dict(target=str(tiny_chat_target), shard_size=2, dtype="float32", max_model_len=256,
+                  max_num_seqs=4, progress=False, engine="batched",
+                  sampling=Sampling(temperature=0.0, max_tokens=4))
+    out = tmp_path / "capped"
+    report = regenerate(source, out, max_turns=2, **common)
+    rows = pq.read_table(out / "regenerated.parquet").to_pylist()
+    assert report.conversations == 3 and len(rows) == 3
+    for row in rows:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+        assert len(row["generated_tokens"]) == 2
+    assert json.loads((out / "manifest.json").read_text())["settings"]["max_turns"] == 2
+    with pytest.raises(RegenerateError, match="max_turns"):
+        regenerate(source, out, max_turns=1, **common)
+    uncapped = regenerate(source, tmp_path / "all", **common)
+    assert all(len(r["generated_tokens"]) == 3
+               for r in pq.read_table(tmp_path / "all" / "regenerated.parquet").to_pylist())
+    assert uncapped.generated_tokens > report.generated_tokens

@@ -219,9 +219,14 @@ def _chat(llm: Any, prompts: list[list[dict[str, str]]], params: list[Any],
 
 
 def regenerate_conversations(
-    llm: Any, conversations: Sequence[Any], sampling: Sampling, max_model_len: int, path: Path
+    llm: Any, conversations: Sequence[Any], sampling: Sampling, max_model_len: int, path: Path,
+    max_turns: int | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Regenerate every assistant turn of ``conversations``, turn by turn across the batch.
+
+    ``max_turns``: answer at most that many assistant turns per conversation (the rest of it is
+    dropped). Each turn is one batched round, and the late rounds hold only the few long
+    conversations, so a cap trades long-chat data for throughput.
 
     Returns (output rows, conversations dropped because not even their first prompt fit).
     """
@@ -236,7 +241,7 @@ def regenerate_conversations(
         for item in pending:
             if item.done:
                 continue
-            if not item.advance():
+            if (max_turns is not None and item.answers >= max_turns) or not item.advance():
                 item.done = True
                 continue
             budget = min(sampling.max_tokens, max_model_len - _prompt_length(tokenizer, item.history))
@@ -473,6 +478,7 @@ def regenerate(
     progress: bool = True,
     engine: str = "vllm",
     max_minutes: float | None = None,
+    max_turns: int | None = None,
 ) -> RegenerateReport:
     """Regenerate ``source`` into ``out_dir`` (resuming what a previous run committed).
 
@@ -490,6 +496,8 @@ def regenerate(
         raise RegenerateError(f"shard_size must be positive, not {shard_size}")
     if offset < 0 or (max_records is not None and max_records < 0):
         raise RegenerateError("offset and max_records must be non-negative")
+    if max_turns is not None and max_turns < 1:
+        raise RegenerateError(f"max_turns must be >= 1, not {max_turns}")
     if sampling.max_tokens < 1 or max_model_len < 2:
         raise RegenerateError("max_tokens must be >= 1 and max_model_len >= 2")
     started = time.perf_counter()
@@ -508,6 +516,8 @@ def regenerate(
                              dtype=dtype, max_model_len=max_model_len, sampling=sampling)
         if engine != "vllm":  # recorded only when not the default: older manifests stay valid
             settings["engine"] = engine
+        if max_turns is not None:
+            settings["max_turns"] = max_turns
         (out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         for stale in (out_dir / SHARDS_DIR).glob(".shard-*.tmp"):
             stale.unlink()  # a killed run's uncommitted shard
@@ -535,7 +545,7 @@ def regenerate(
                         stats=read,
                     ))
                     rows, dropped = regenerate_conversations(
-                        llm, conversations, sampling, max_model_len, path
+                        llm, conversations, sampling, max_model_len, path, max_turns
                     )
                     file = _write_shard(out_dir, index, rows, committed=len(done))
                     manifest["shards"][str(index)] = {
@@ -610,6 +620,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a previous regeneration in --out (default: resume it)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--max-turns", type=int, default=None, metavar="N",
+                        help="answer at most N assistant turns per conversation (default: all); "
+                             "fewer, fuller batched rounds")
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
                         help="start no shard after M minutes; the committed shards go to "
                              "OUT/committed.parquet and a later run resumes (fixed GPU slots)")
@@ -627,6 +640,7 @@ def run_cli(args: argparse.Namespace) -> int:
             sampling=sampling, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, overwrite=args.overwrite,
             progress=not args.no_progress, engine=args.engine, max_minutes=args.max_minutes,
+            max_turns=args.max_turns,
         )
     except (DataError, RegenerateError, FileNotFoundError) as error:
         print(f"draftrl: {error}", file=sys.stderr)
