@@ -5,18 +5,20 @@
 #   bash bench/gpu_qwen.sh regen MINUTES [regenerate flags]   # the target's answers to $CODE_MIX
 #   bash bench/gpu_qwen.sh sft OUT_DIR MINUTES [--set ...]    # EAGLE-3 SFT on them (resumes), results to OUT_DIR
 #   bash bench/gpu_qwen.sh eval OUT_DIR TEMPERATURE MINUTES [draftrl eval flags]  # tau + speed-up
+#   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
+#   bash bench/gpu_qwen.sh restore-regen DIR      # (next session, DIR carried) the shards back in place
 #
 # All resume where the previous call stopped (regenerate by shard, training by checkpoint), so a
 # run longer than one 10-minute call is several calls on the same warm machine. `regen` starts no
 # shard after MINUTES; `sft` trains on every shard committed so far (committed.parquet) until the
-# regeneration is complete (regenerated.parquet). CODE_MIX defaults to .kit/data/code_mix.jsonl.gz.
+# regeneration is complete (regenerated.parquet). CODE_MIX defaults to .kit/qdata/code_mix.jsonl.gz.
 set -euo pipefail
 export DRAFTRL_CACHE=${DRAFTRL_CACHE:-/tmp/draftrl_cache} PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 \
   TQDM_MININTERVAL=30
 case "${1:-}" in
   regen)
     minutes=${2:?MINUTES}; shift 2
-    [ -f /tmp/code_mix.jsonl ] || gunzip -c "${CODE_MIX:-.kit/data/code_mix.jsonl.gz}" > /tmp/code_mix.jsonl
+    [ -f /tmp/code_mix.jsonl ] || gunzip -c "${CODE_MIX:-.kit/qdata/code_mix.jsonl.gz}" > /tmp/code_mix.jsonl
     # No shard starts after MINUTES (--max-minutes); the timeout is only a safety net for a shard
     # that would overrun the call (killed mid-shard, it is redone next time).
     timeout --signal=INT "$(python3 -c "print(int($minutes * 60 + 150))")" \
@@ -49,6 +51,20 @@ case "${1:-}" in
     bash bench/run_tree_bench.sh /tmp/runs/sft_qwen/drafter qwen2.5-coder-1.5b "$out" \
       --temperature "$temperature" --max-minutes "$minutes" "$@"
     rm -f "$out"/generations.jsonl.gz; gzip -f "$out"/generations.jsonl 2>/dev/null || true ;;
-  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES" >&2
+  pack-regen)
+    # Shards + manifest (the joined files are derived); a call brings back 8 files of 16 MiB.
+    out=${2:?OUT_DIR}; mkdir -p "$out"
+    tar -C /tmp -cf - regen_qwen/manifest.json regen_qwen/shards | split -b 15M -d - "$out"/regen_qwen.tar.part
+    n=$(ls "$out"/regen_qwen.tar.part* | wc -l)
+    [ "$n" -le 8 ] || echo "warning: $n parts; a call brings back only 8 files" >&2
+    ls -la "$out" ;;
+  restore-regen)
+    # The next `regen` resumes at the first missing shard: the source is matched by content, so
+    # the same code_mix.jsonl.gz must be carried again.
+    dir=${2:?DIR}; rm -rf /tmp/regen_qwen
+    cat "$dir"/regen_qwen.tar.part* | tar -C /tmp -xf -
+    python3 -c "import json; m = json.load(open('/tmp/regen_qwen/manifest.json')); \
+print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored')" ;;
+  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR" >&2
      exit 2 ;;
 esac

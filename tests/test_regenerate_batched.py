@@ -128,3 +128,23 @@ def test_max_turns_caps_the_answers_per_conversation(tiny_chat_target, tmp_path)
     assert all(len(r["generated_tokens"]) == 3
                for r in pq.read_table(tmp_path / "all" / "regenerated.parquet").to_pylist())
     assert uncapped.generated_tokens > report.generated_tokens
+
+
+def test_a_copy_of_the_source_resumes_and_changed_content_refuses(tiny_chat_target, tmp_path):
+    """The source is identified by content: a re-extracted copy (new mtime, as on a fresh GPU
+    machine) resumes the committed shards; a source whose content changed is refused."""
+    import os
+
+    source = write_topic_chats(tmp_path / "chats.jsonl", 4)
+    common = dict(target=str(tiny_chat_target), shard_size=2, dtype="float32", max_model_len=256,
+                  max_num_seqs=4, progress=False, engine="batched",
+                  sampling=Sampling(temperature=0.0, max_tokens=4))
+    out = tmp_path / "regen"
+    first = regenerate(source, out, **common)
+    assert first.shards_written == 2
+    os.utime(source, ns=(1, 1))  # touched, same bytes
+    again = regenerate(source, out, **common)
+    assert (again.shards_resumed, again.shards_written) == (2, 0)
+    source.write_text(source.read_text().replace("(0)", "(zero)"))
+    with pytest.raises(RegenerateError, match="source_sha256"):
+        regenerate(source, out, **common)

@@ -66,7 +66,7 @@ MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 OUTPUT_FILE = "regenerated.parquet"
 PARTIAL_FILE = "committed.parquet"  # the committed shards of a run stopped by its time budget
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the source is identified by its sha256, not its mtime
 FAULT_ENV = "DRAFTRL_REGENERATE_FAULT"
 
 
@@ -286,11 +286,14 @@ def regenerate_conversations(
 def _settings(path: Path, target_dir: str, *, format: str, offset: int, max_records: int | None,
               on_error: str, shard_size: int, dtype: str, max_model_len: int,
               sampling: Sampling) -> dict[str, Any]:
-    """Everything the output depends on; a resumed run must match it exactly."""
-    stat = path.stat()
+    """Everything the output depends on; a resumed run must match it exactly.
+
+    The source counts by content (size + sha256), not mtime, so a regeneration carried to a
+    fresh machine resumes on a re-extracted copy of the same file.
+    """
     return {
-        "source": str(path.resolve()), "source_size": stat.st_size,
-        "source_mtime_ns": stat.st_mtime_ns, "format": format, "offset": offset,
+        "source": str(path.resolve()), "source_size": path.stat().st_size,
+        "source_sha256": _sha256(path), "format": format, "offset": offset,
         "max_records": max_records, "on_error": on_error, "shard_size": shard_size,
         "target": str(target_dir), "dtype": dtype, "max_model_len": max_model_len,
         "sampling": asdict(sampling),
