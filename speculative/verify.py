@@ -64,11 +64,29 @@ def _proposal(tree: DraftTree, b: int, node: int, vocab_size: int) -> torch.Tens
     return q
 
 
+def _tree_lists(tree: DraftTree, b: int, *rows: torch.Tensor) -> tuple[dict[int, list[int]], list[int], list[list]]:
+    """Children of tree ``b``, its tokens and ``rows`` (1-D tensors) as Python lists, in ONE
+    device-to-host copy: each ``.tolist()`` of a CUDA tensor is a synchronisation, and the
+    engine verifies one tree per target forward."""
+    n = tree.num_nodes
+    flat = torch.cat([tree.tokens[b].double(), tree.parents[b].double(), *[r.double() for r in rows]]).tolist()
+    tokens = [int(t) for t in flat[:n]]
+    kids: dict[int, list[int]] = {-1: []}
+    for i, parent in enumerate(flat[n: 2 * n]):
+        kids.setdefault(i, [])
+        kids[int(parent)].append(i)
+    out, start = [], 2 * n
+    for r in rows:
+        out.append(flat[start: start + r.numel()])
+        start += r.numel()
+    return kids, tokens, out
+
+
 def verify_greedy(tree: DraftTree, b: int, logits: torch.Tensor) -> VerifyStep:
     """``logits [1 + N, V]``: the target's logits at the root (row 0) and at each node."""
-    kids = tree.children(b)
-    tokens = tree.tokens[b].tolist()
-    best = logits.argmax(-1).tolist()
+    # argmax ids < 2^53 survive the float64 round trip exactly.
+    kids, tokens, (best,) = _tree_lists(tree, b, logits.argmax(-1))
+    best = [int(t) for t in best]
     node, accepted, rejected = -1, [], []
     while True:
         want = best[node + 1]
@@ -98,6 +116,8 @@ def verify_stochastic(
     generator: torch.Generator | None = None,
 ) -> VerifyStep:
     """Recursive rejection sampling over tree ``b`` (see the module docstring)."""
+    if not tree.sampled:
+        return _verify_topk_stochastic(tree, b, logits, temperature, generator)
     kids = tree.children(b)
     tokens = tree.tokens[b].tolist()
     vocab = logits.shape[-1]
@@ -105,28 +125,76 @@ def verify_stochastic(
     node, accepted, rejected = -1, [], []
     while True:
         p = probs[node + 1].clone()
-        q = _proposal(tree, b, kids[node][0], vocab) if tree.sampled and kids[node] else None
+        q = _proposal(tree, b, kids[node][0], vocab) if kids[node] else None
         chosen = None
         for child in kids[node]:
             x = tokens[child]
-            ratio = p[x] / q[x] if q is not None else p[x]
+            ratio = p[x] / q[x]
             u = torch.rand((), generator=generator, dtype=torch.float64, device=p.device)
             if float(u) < float(ratio):
                 chosen = child
                 break
             rejected.append(child)
-            if q is not None:  # residual of a sampled proposal; the next sibling excludes x
-                p = (p - q).clamp_min(0.0)
-                q[x] = 0.0
-                q = q / q.sum() if q.sum() > 0 else q
-            else:  # a deterministic proposal: q is a point mass at x
-                p[x] = 0.0
+            # Residual of a sampled proposal; the next sibling's proposal excludes x.
+            p = (p - q).clamp_min(0.0)
+            q[x] = 0.0
+            q = q / q.sum() if q.sum() > 0 else q
             total = p.sum()
             p = p / total if total > 0 else probs[node + 1].clone()
         if chosen is None:
             break
         accepted.append(chosen)
         node = chosen
+    bonus = int(torch.multinomial(p.float(), 1, generator=generator))
+    return VerifyStep(
+        accepted_nodes=accepted,
+        accepted_tokens=[tokens[i] for i in accepted],
+        bonus_token=bonus,
+        stop_node=node,
+        first_rejected=kids[node][0] if kids[node] else None,
+        rejected_nodes=rejected,
+        target_probs=probs[node + 1].float(),
+    )
+
+
+def _verify_topk_stochastic(
+    tree: DraftTree, b: int, logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> VerifyStep:
+    """Rejection sampling over a top-k tree (point-mass proposals) with two host syncs per tree.
+
+    With q a point mass, trying child x_j after siblings x_1..x_{j-1} were rejected accepts it with
+    probability p(x_j) / (1 - p(x_1) - ... - p(x_{j-1})): the residual p with the rejected tokens
+    removed, renormalised. So the walk needs only each node's probability under its parent's
+    distribution, gathered on the device and copied once with one uniform per node (each node is
+    tried at most once); the residual is rebuilt on the device only for the bonus token.
+    """
+    probs = torch.softmax(logits.double() / temperature, dim=-1)  # [1 + N, V]
+    n = tree.num_nodes
+    node_p = probs[tree.parents[b] + 1, tree.tokens[b]]  # p(x_c) at c's parent, [N]
+    uniforms = torch.rand(n, generator=generator, dtype=torch.float64, device=probs.device)
+    kids, tokens, (node_p, uniforms) = _tree_lists(tree, b, node_p, uniforms)
+    node, accepted, rejected = -1, [], []
+    while True:
+        removed, zeroed = 0.0, []  # mass of the rejected siblings, and their tokens
+        chosen = None
+        for child in kids[node]:
+            remaining = 1.0 - removed
+            if remaining <= 0.0:  # every bit of mass removed (rounding): start from p again
+                removed, zeroed, remaining = 0.0, [], 1.0
+            if uniforms[child] < node_p[child] / remaining:
+                chosen = child
+                break
+            rejected.append(child)
+            removed += node_p[child]
+            zeroed.append(tokens[child])
+        if chosen is None:
+            break
+        accepted.append(chosen)
+        node = chosen
+    p = probs[node + 1]
+    if zeroed and removed < 1.0:
+        p = p.clone()
+        p[torch.tensor(zeroed, device=p.device)] = 0.0
     bonus = int(torch.multinomial(p.float(), 1, generator=generator))
     return VerifyStep(
         accepted_nodes=accepted,
