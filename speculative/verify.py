@@ -82,6 +82,15 @@ def _tree_lists(tree: DraftTree, b: int, *rows: torch.Tensor) -> tuple[dict[int,
     return kids, tokens, out
 
 
+def _step(kids: dict[int, list[int]], tokens: list[int], accepted: list[int], rejected: list[int], node: int,
+          bonus: int, target_probs: torch.Tensor) -> VerifyStep:
+    return VerifyStep(
+        accepted_nodes=accepted, accepted_tokens=[tokens[i] for i in accepted], bonus_token=bonus,
+        stop_node=node, first_rejected=kids[node][0] if kids[node] else None, rejected_nodes=rejected,
+        target_probs=target_probs,
+    )
+
+
 def verify_greedy(tree: DraftTree, b: int, logits: torch.Tensor) -> VerifyStep:
     """``logits [1 + N, V]``: the target's logits at the root (row 0) and at each node."""
     # argmax ids < 2^53 survive the float64 round trip exactly.
@@ -97,15 +106,7 @@ def verify_greedy(tree: DraftTree, b: int, logits: torch.Tensor) -> VerifyStep:
         rejected.extend(c for c in kids[node] if c < match)
         accepted.append(match)
         node = match
-    return VerifyStep(
-        accepted_nodes=accepted,
-        accepted_tokens=[tokens[i] for i in accepted],
-        bonus_token=best[node + 1],
-        stop_node=node,
-        first_rejected=kids[node][0] if kids[node] else None,
-        rejected_nodes=rejected,
-        target_probs=torch.softmax(logits[node + 1].float(), -1),
-    )
+    return _step(kids, tokens, accepted, rejected, node, best[node + 1], torch.softmax(logits[node + 1].float(), -1))
 
 
 def verify_stochastic(
@@ -146,15 +147,7 @@ def verify_stochastic(
         accepted.append(chosen)
         node = chosen
     bonus = int(torch.multinomial(p.float(), 1, generator=generator))
-    return VerifyStep(
-        accepted_nodes=accepted,
-        accepted_tokens=[tokens[i] for i in accepted],
-        bonus_token=bonus,
-        stop_node=node,
-        first_rejected=kids[node][0] if kids[node] else None,
-        rejected_nodes=rejected,
-        target_probs=probs[node + 1].float(),
-    )
+    return _step(kids, tokens, accepted, rejected, node, bonus, probs[node + 1].float())
 
 
 def _verify_topk_stochastic(
@@ -196,15 +189,7 @@ def _verify_topk_stochastic(
         p = p.clone()
         p[torch.tensor(zeroed, device=p.device)] = 0.0
     bonus = int(torch.multinomial(p.float(), 1, generator=generator))
-    return VerifyStep(
-        accepted_nodes=accepted,
-        accepted_tokens=[tokens[i] for i in accepted],
-        bonus_token=bonus,
-        stop_node=node,
-        first_rejected=kids[node][0] if kids[node] else None,
-        rejected_nodes=rejected,
-        target_probs=probs[node + 1].float(),
-    )
+    return _step(kids, tokens, accepted, rejected, node, bonus, probs[node + 1].float())
 
 
 def verify_tree(
