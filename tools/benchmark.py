@@ -463,6 +463,10 @@ def run_eval(args) -> int:
     runs: list[dict[str, Any]] = []
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else None
     conversation = _conversation(tokenizer, eos)
+    profile = getattr(args, "profile", 0) or 0
+    if profile < 0:
+        raise BenchmarkError("--profile N needs N >= 0")
+    timed_temperatures = [] if profile and args.max_minutes == 0 else temperatures  # 0: profile only
     with open(out_dir / "generations.jsonl", "w") as records:
         def on_pair(bench, repeat, index, question, spec_turns, ar_turns):
             for s, b in zip(spec_turns, ar_turns or [None] * len(spec_turns)):
@@ -475,7 +479,7 @@ def run_eval(args) -> int:
                     record["identical"] = s.tokens == b.tokens
                 records.write(json.dumps(record) + "\n")
 
-        for position, temperature in enumerate(temperatures):
+        for position, temperature in enumerate(timed_temperatures):
             # With a time budget, each temperature gets an equal share of what is left; inside it the
             # benches are visited round-robin, so a cut leaves a balanced table.
             share = None
@@ -503,8 +507,22 @@ def run_eval(args) -> int:
                       f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x "
                       f"({b['questions']} questions, {b['complete_repeats']}/{b['repeats']} repeats){mism}",
                       file=sys.stderr, flush=True)
-    print(f"[draftrl] results: {out_dir / 'results.md'}", file=sys.stderr)
-    print((out_dir / "results.md").read_text())
+    if profile:
+        from tools.eval_profile import profile_decoders
+
+        bench_name, bench_questions = next(iter(questions.items()))
+        profile_decoders(
+            spec, ars, bench_name, bench_questions[:profile], conversation, max_new_tokens=args.max_new_tokens,
+            eos=eos, temperature=temperatures[0], seed_for=lambda bench, q, turn: _seed_for(args.seed, bench, q, turn),
+            out_dir=out_dir, config={k: config[k] for k in ("target", "drafter", "tree", "compile", "dtype")},
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        print(f"[draftrl] profile: {out_dir / 'profile.md'}", file=sys.stderr)
+    if timed_temperatures:
+        print(f"[draftrl] results: {out_dir / 'results.md'}", file=sys.stderr)
+        print((out_dir / "results.md").read_text())
+    else:
+        print((out_dir / "profile.md").read_text())
     return 0
 
 
