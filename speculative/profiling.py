@@ -105,18 +105,42 @@ def _ms(us: float) -> float:
 
 def range_table(prof, names: tuple[str, ...] = PHASES, device: bool = False) -> dict[str, dict[str, Any]]:
     """Per named range seen by ``prof`` (a finished ``torch.profiler.profile``): count, total and
-    mean CPU (range wall under the profiler) ms, total and mean device ms (the kernels launched
-    inside the range, children included, as the profiler correlates them; None without a device)."""
+    mean CPU ms (the range's wall under the profiler) and, with ``device``, device ms twice:
+
+    * ``device_*``: the kernels the profiler correlates with launches inside the range (children
+      included);
+    * ``window_*``: the device busy time (kernels, copies, memsets) that *started* between the
+      range's start and end on the profiler's clock. Exact for ranges that synchronise at their end
+      (the speculative phases), and a cross-check if the profiler does not correlate the kernels
+      of a CUDA-graph replay with its launch. Ranges that do not synchronise (``ar/decode``) are
+      billed here for whatever their predecessors left running on the device.
+
+    None without a device."""
+    from bisect import bisect_left, bisect_right
+
     from torch.autograd import DeviceType
 
+    events = list(prof.events())
+    kernels: list[tuple[float, float]] = []
+    if device:
+        kernels = sorted((e.time_range.start, e.time_range.end - e.time_range.start) for e in events
+                         if e.device_type != DeviceType.CPU and e.name not in names)
+    starts = [k[0] for k in kernels]
+    busy = [0.0]
+    for _, duration in kernels:
+        busy.append(busy[-1] + duration)
     rows: dict[str, dict[str, Any]] = {}
-    for event in prof.events():
+    for event in events:
         if event.name not in names or event.device_type != DeviceType.CPU:
             continue  # (a range also has a device-side mirror on CUDA: not counted twice)
-        row = rows.setdefault(event.name, {"count": 0, "cpu_us": 0.0, "device_us": 0.0})
+        row = rows.setdefault(event.name, {"count": 0, "cpu_us": 0.0, "device_us": 0.0, "window_us": 0.0})
         row["count"] += 1
         row["cpu_us"] += event.cpu_time_total
-        row["device_us"] += event.device_time_total if device else 0.0
+        if device:
+            row["device_us"] += event.device_time_total
+            lo = bisect_left(starts, event.time_range.start)
+            hi = bisect_right(starts, event.time_range.end)
+            row["window_us"] += busy[hi] - busy[lo]
     out = {}
     for name in names:
         if name not in rows:
@@ -128,6 +152,8 @@ def range_table(prof, names: tuple[str, ...] = PHASES, device: bool = False) -> 
             "cpu_total_ms": _ms(row["cpu_us"]), "cpu_mean_ms": _ms(row["cpu_us"] / n),
             "device_total_ms": _ms(row["device_us"]) if device else None,
             "device_mean_ms": _ms(row["device_us"] / n) if device else None,
+            "window_total_ms": _ms(row["window_us"]) if device else None,
+            "window_mean_ms": _ms(row["window_us"] / n) if device else None,
         }
     return out
 

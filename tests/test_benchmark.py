@@ -278,15 +278,21 @@ def test_eval_profile_counts_every_phase(tmp_path, models, two_turn_file, capsys
 
 
 def test_profile_phases_are_free_when_not_recording():
-    from speculative.profiling import PhaseRecorder, phase, recording
+    import torch
+
+    from speculative.profiling import PhaseRecorder, phase, range_table, recording
 
     assert phase("spec/draft_verify") is phase("ar/decode")  # one shared nullcontext, no record_function
     recorder = PhaseRecorder("cpu")
-    with recording(recorder):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, recording(recorder):
         with phase("spec/catch_up"):
-            pass
+            torch.ones(64, 64) @ torch.ones(64, 64)
         with phase("spec/catch_up", sync=False):
             pass
     with phase("spec/catch_up"):  # recording has ended
         pass
     assert len(recorder.walls["spec/catch_up"]) == 2
+    for device in (False, True):  # True: the device columns' code path, with no device events
+        row = range_table(prof, device=device)["spec/catch_up"]
+        assert row["count"] == 2 and row["cpu_total_ms"] > 0
+        assert (row["window_total_ms"], row["device_total_ms"]) == ((0.0, 0.0) if device else (None, None))

@@ -88,10 +88,13 @@ def _summarise(name: str, kind: str, clean, profiled, recorder, prof, on_device:
             phases = {key: round(total(key) / cycles, 4)
                       for key in ("spec/draft_verify", "spec/verify_host", "spec/catch_up")}
             cycle = (profiled_ms - prefill) / cycles
-            device = {key: (round(ranges[key]["device_total_ms"] / cycles, 4)
-                            if on_device and key in ranges else None) for key in phases}
+            def device(field: str) -> dict[str, float | None]:
+                return {key: (round(ranges[key][field] / cycles, 4) if on_device and key in ranges else None)
+                        for key in phases}
+
             per_cycle.update(
-                phases_wall_ms=phases, phases_device_ms=device,
+                phases_wall_ms=phases, phases_device_ms=device("device_total_ms"),
+                phases_window_ms=device("window_total_ms"),
                 other_host_ms=round(cycle - sum(phases.values()), 4),
                 cycle_wall_ms=round(cycle, 4),
                 clean_cycle_wall_ms=round((clean_ms - prefill) / cycles, 4),
@@ -107,6 +110,7 @@ def _summarise(name: str, kind: str, clean, profiled, recorder, prof, on_device:
                 step_wall_ms=round((profiled_ms - prefill) / steps, 4),
                 clean_step_wall_ms=round((clean_ms - prefill) / steps, 4),
                 step_device_ms=round(ranges["ar/decode"]["device_total_ms"] / steps, 4) if on_device else None,
+                step_window_ms=round(ranges["ar/decode"]["window_total_ms"] / steps, 4) if on_device else None,
                 prefill_wall_ms_per_generation=round(prefill / max(len(profiled), 1), 4),
             )
         data["per_step"] = per_step
@@ -211,15 +215,20 @@ def markdown(report: dict[str, Any]) -> str:
             f"{c['cycles']} cycles, tau {c['tau']:.3f}. Means per cycle (catch-up: its total / cycles; the last "
             "cycle of a generation has none).",
             "",
-            "| phase | wall ms / cycle | device ms / cycle |",
-            "|---|---|---|",
+            "wall: host perf_counter, the phase's device work included (it synchronises at its end); device: "
+            "kernels the profiler correlates with the phase; GPU busy: device time that started inside the "
+            "phase's window (the two should agree; if device is 0, the profiler did not correlate graph kernels).",
+            "",
+            "| phase | wall ms / cycle | device ms / cycle | GPU busy ms / cycle |",
+            "|---|---|---|---|",
         ]
         for key, wall in c["phases_wall_ms"].items():
-            lines.append(f"| `{key}` | {wall:.3f} | {_f(c['phases_device_ms'][key])} |")
+            lines.append(f"| `{key}` | {wall:.3f} | {_f(c['phases_device_ms'][key])} | "
+                         f"{_f(c['phases_window_ms'][key])} |")
         lines += [
-            f"| host loop outside the phases | {c['other_host_ms']:.3f} | |",
-            f"| **cycle (profiled)** | **{c['cycle_wall_ms']:.3f}** | |",
-            f"| **cycle (clean)** | **{c['clean_cycle_wall_ms']:.3f}** | |",
+            f"| host loop outside the phases | {c['other_host_ms']:.3f} | | |",
+            f"| **cycle (profiled)** | **{c['cycle_wall_ms']:.3f}** | | |",
+            f"| **cycle (clean)** | **{c['clean_cycle_wall_ms']:.3f}** | | |",
             "",
             f"Prefill + drafter prefill: {c['prefill_wall_ms_per_generation']:.3f} ms per generation (left out "
             "of the cycle's wall).",
@@ -228,6 +237,7 @@ def markdown(report: dict[str, Any]) -> str:
     ar_rows = [(n, d) for n, d in report["decoders"].items() if d["kind"] == "ar"]
     if ar_rows:
         lines += ["## Per AR step (one token)", "",
+                  "wall: (generation wall - prefill wall) / steps; device: kernels correlated with a step.", "",
                   "| AR engine | steps | step wall ms (profiled) | step wall ms (clean) | step device ms |",
                   "|---|---|---|---|---|"]
         for name, d in ar_rows:
@@ -245,12 +255,13 @@ def markdown(report: dict[str, Any]) -> str:
               "count; CPU = the range's wall under the profiler; wall = host perf_counter (speculative phases "
               "synchronise at their end); device = kernels launched inside the range.", "",
               "| decoder | range | count | CPU total ms | CPU mean ms | wall total ms | wall mean ms | "
-              "device total ms | device mean ms |", "|---|---|---|---|---|---|---|---|---|"]
+              "device total ms | device mean ms | GPU busy total ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in report["decoders"].items():
         for key, r in d["ranges"].items():
             lines.append(f"| {name} | `{key}` | {r['count']} | {_f(r.get('cpu_total_ms'))} | "
                          f"{_f(r.get('cpu_mean_ms'))} | {_f(r.get('wall_total_ms'))} | {_f(r.get('wall_mean_ms'))} | "
-                         f"{_f(r.get('device_total_ms'))} | {_f(r.get('device_mean_ms'))} |")
+                         f"{_f(r.get('device_total_ms'))} | {_f(r.get('device_mean_ms'))} | "
+                         f"{_f(r.get('window_total_ms'))} |")
     what = "self device (kernel) time" if device_times else "self CPU time (no device)"
     for name, d in report["decoders"].items():
         lines += ["", f"## Top {len(d['top_ops'])} ops/kernels of `{name}` by {what}", "",
