@@ -5,6 +5,7 @@
 #   bash bench/gpu_qwen.sh regen MINUTES [regenerate flags]   # the target's answers to $CODE_MIX
 #   bash bench/gpu_qwen.sh sft OUT_DIR MINUTES [--set ...]    # EAGLE-3 SFT on them (resumes), results to OUT_DIR
 #   bash bench/gpu_qwen.sh eval OUT_DIR TEMPERATURE MINUTES [draftrl eval flags]  # tau + speed-up
+#     e.g. ... eval $OUT/eval_profile 0 1 --bench humaneval --profile 3   # + profile.md of a cycle
 #   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
 #   bash bench/gpu_qwen.sh restore-regen DIR      # (next session, DIR carried) the shards back in place
 #

@@ -15,12 +15,15 @@ tree engine's own ``generate_autoregressive`` (``--ar-engine static``); docs/ben
     draftrl eval --drafter DIR [--bench mt_bench,humaneval,gsm8k] [--temperature 0,1] [--out DIR]
                  [--repeats 3] [--ar-engine batch|static|batch,static]
     draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
+    draftrl eval --drafter DIR --bench humaneval --profile 3 [--max-minutes 0]   # where a cycle's time goes
     draftrl generate "question" [--drafter DIR] [--temperature T]
     draftrl generate --input questions.jsonl [--drafter DIR] [--out answers.jsonl]
 
 Outputs of ``eval``: results.json (config + one block per bench x temperature), results.md (the
 table), results.png (τ per bench/temperature, accepted-length histogram), generations.jsonl
-(every prompt and answer, speculative and baseline).
+(every prompt and answer, speculative and baseline); with ``--profile N`` also profile.md,
+profile.json and profile_trace.json.gz (``tools.eval_profile``: per-phase ranges of a speculative
+cycle and of an AR step under ``torch.profiler``; ``--max-minutes 0`` then skips the timed part).
 """
 
 from __future__ import annotations
