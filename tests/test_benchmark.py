@@ -296,3 +296,18 @@ def test_profile_phases_are_free_when_not_recording():
         row = range_table(prof, device=device)["spec/catch_up"]
         assert row["count"] == 2 and row["cpu_total_ms"] > 0
         assert (row["window_total_ms"], row["device_total_ms"]) == ((0.0, 0.0) if device else (None, None))
+
+
+def test_eval_profile_only_with_zero_minutes(tmp_path, models, two_turn_file, capsys):
+    """``--max-minutes 0 --profile N``: no timed part, the profile alone (what a short GPU call runs)."""
+    target_dir, drafter_dir = models
+    out = tmp_path / "eval"
+    assert main(["eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--bench", str(two_turn_file),
+                 "--temperature", "1,0", "--max-new-tokens", "3", "--max-minutes", "0", "--profile", "2",
+                 "--out", str(out), *TREE_ARGS]) == 0
+    assert not (out / "results.json").exists() and (out / "generations.jsonl").read_text() == ""
+    report = json.loads((out / "profile.json").read_text())
+    assert report["config"]["questions"] == [7, 8] and report["config"]["temperature"] == 1.0
+    assert set(report["decoders"]) == {"spec", "batch"}
+    assert report["decoders"]["spec"]["ranges"]["spec/prefill"]["count"] == 4  # 2 questions x 2 turns
+    assert "# draftrl eval --profile" in capsys.readouterr().out
