@@ -99,6 +99,12 @@ def recording(recorder: PhaseRecorder) -> Iterator[PhaseRecorder]:
 # ---------------------------------------------------------------------------------- summaries
 
 
+def _attr(event, name: str, old_name: str) -> float:
+    """``name``, or ``old_name`` in torch releases from before the device-neutral names."""
+    value = getattr(event, name, None)
+    return float(getattr(event, old_name, 0.0) if value is None else value)
+
+
 def _ms(us: float) -> float:
     return round(us / 1000.0, 4)
 
@@ -137,7 +143,7 @@ def range_table(prof, names: tuple[str, ...] = PHASES, device: bool = False) -> 
         row["count"] += 1
         row["cpu_us"] += event.cpu_time_total
         if device:
-            row["device_us"] += event.device_time_total
+            row["device_us"] += _attr(event, "device_time_total", "cuda_time_total")
             lo = bisect_left(starts, event.time_range.start)
             hi = bisect_right(starts, event.time_range.end)
             row["window_us"] += busy[hi] - busy[lo]
@@ -171,7 +177,7 @@ def top_ops(prof, limit: int = 25, device: bool = False) -> list[dict[str, Any]]
     for avg in prof.key_averages():
         if avg.key in PHASES:
             continue
-        self_us = avg.self_device_time_total if device else avg.self_cpu_time_total
+        self_us = _attr(avg, "self_device_time_total", "self_cuda_time_total") if device else avg.self_cpu_time_total
         if self_us <= 0:
             continue
         rows.append({"name": avg.key, "count": avg.count, "self_total_ms": _ms(self_us),
