@@ -5,6 +5,7 @@
 #   bash bench/gpu_qwen.sh regen MINUTES [regenerate flags]   # the target's answers to $CODE_MIX
 #   bash bench/gpu_qwen.sh sft OUT_DIR MINUTES [--set ...]    # EAGLE-3 SFT on them (resumes), results to OUT_DIR
 #   bash bench/gpu_qwen.sh eval OUT_DIR TEMPERATURE MINUTES [draftrl eval flags]  # tau + speed-up
+#     e.g. ... eval $OUT/profile 0 0 --bench humaneval --profile 3   # MINUTES 0: profile.md of a cycle only
 #   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
 #   bash bench/gpu_qwen.sh restore-regen DIR      # (next session, DIR carried) the shards back in place
 #
@@ -50,6 +51,7 @@ case "${1:-}" in
     out=${2:?OUT_DIR}; temperature=${3:?TEMPERATURE}; minutes=${4:?MINUTES}; shift 4
     bash bench/run_tree_bench.sh /tmp/runs/sft_qwen/drafter qwen2.5-coder-1.5b "$out" \
       --temperature "$temperature" --max-minutes "$minutes" "$@"
+    [ -s "$out"/generations.jsonl ] || rm -f "$out"/generations.jsonl   # --max-minutes 0 --profile N: none
     rm -f "$out"/generations.jsonl.gz; gzip -f "$out"/generations.jsonl 2>/dev/null || true ;;
   pack-regen)
     # Shards + manifest (the joined files are derived); a call brings back 8 files of 16 MiB.

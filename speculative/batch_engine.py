@@ -47,6 +47,7 @@ from speculative.batch_cache import BatchDraftCache, PrefillDraftCache, visible_
 from speculative.engine import _as_prompt, _eos_set, resolve_compile_mode
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama
+from speculative.profiling import phase
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -575,7 +576,8 @@ class BatchGenerator:
                 admitted = [pending.pop() for _ in take]
                 for b, s in zip(take, admitted):
                     row_sequence[b] = s
-                self._admit(take, [prompts[s] for s in admitted], max_new_tokens)
+                with phase("ar/prefill" if k == 0 else "batch/prefill"):  # no-op unless profiling
+                    self._admit(take, [prompts[s] for s in admitted], max_new_tokens)
                 state = self._host_state(width)
                 self._harvest(state, row_sequence, tokens, take)
                 continue  # rows whose first token ended them are free again
@@ -587,8 +589,10 @@ class BatchGenerator:
             if self.temperature > 0:
                 self.uniforms.uniform_(generator=self.generator)
             self.step_index.zero_()
+            step_phase = "ar/decode" if k == 0 else "batch/step"
             for _ in range(run):
-                self._run_step(width, span)
+                with phase(step_phase, sync=False):  # a host check only every sync_every steps
+                    self._run_step(width, span)
             steps += run
             before = live
             state = self._host_state(width)

@@ -34,6 +34,7 @@ import torch
 
 from speculative.kv_cache import MaskedKVCache
 from speculative.llama import FastLlama, StaticKVCache, causal_slot_mask
+from speculative.profiling import phase
 from speculative.tree import DraftTree, TreeConfig, build_draft_tree
 from speculative.verify import VerifyStep, verify_tree
 
@@ -316,19 +317,23 @@ class SpeculativeGenerator:
         self._sync()
         start = time.perf_counter()
         backend.begin()
-        ids, out = backend.prefill(prompt)
+        with phase("spec/prefill"):  # (a no-op unless ``draftrl eval --profile`` records)
+            ids, out = backend.prefill(prompt)
+            root_token = sample_token(out.logits[0, -1], self.temperature, self.generator)
         forwards = 1
-        root_token = sample_token(out.logits[0, -1], self.temperature, self.generator)
         new = [root_token]
         result = GenerationResult([], [], 0, 0.0)
         new, done = self._stop(new, max_new_tokens, eos)
         if not done:
-            backend.drafter_prefill(ids, out.aux_hidden, root_token)
+            with phase("spec/drafter_prefill"):
+                backend.drafter_prefill(ids, out.aux_hidden, root_token)
         root_pos = len(prompt)  # the root token's position == its target cache slot
         while not done:
-            tree, logits = backend.draft_verify(root_token, root_pos)
+            with phase("spec/draft_verify"):
+                tree, logits = backend.draft_verify(root_token, root_pos)
             forwards += 1
-            step = verify_tree(tree, logits, self.temperature, self.generator)[0]
+            with phase("spec/verify_host"):
+                step = verify_tree(tree, logits, self.temperature, self.generator)[0]
             if self.record_steps:
                 result.steps.append(step)
                 result.trees.append(tree if self.compile == "off" else _clone_tree(tree))
@@ -339,7 +344,8 @@ class SpeculativeGenerator:
             if done:
                 break
             path = step.accepted_nodes
-            backend.catch_up(step.tokens, path, root_pos)
+            with phase("spec/catch_up"):
+                backend.catch_up(step.tokens, path, root_pos)
             root_token = step.bonus_token
             root_pos += 1 + len(path)
         backend.end()
@@ -362,16 +368,18 @@ class SpeculativeGenerator:
         backend = self._backend(len(prompt), max_new_tokens)
         self._sync()
         start = time.perf_counter()
-        _, out = backend.prefill(prompt)
+        with phase("ar/prefill"):
+            _, out = backend.prefill(prompt)
+            new = [sample_token(out.logits[0, -1], self.temperature, self.generator)]
         forwards = 1
-        new = [sample_token(out.logits[0, -1], self.temperature, self.generator)]
         new, done = self._stop(new, max_new_tokens, eos)
         pos = len(prompt)
         while not done:
-            logits = backend.decode(new[-1], pos)
+            with phase("ar/decode", sync=False):  # the sampled token's int() waits for the step
+                logits = backend.decode(new[-1], pos)
+                new.append(sample_token(logits, self.temperature, self.generator))
             forwards += 1
             pos += 1
-            new.append(sample_token(logits, self.temperature, self.generator))
             new, done = self._stop(new, max_new_tokens, eos)
         self._sync()
         return GenerationResult(new, [], forwards, time.perf_counter() - start)

@@ -228,3 +228,86 @@ def test_generate_prompt_and_jsonl(tmp_path, models, two_turn_file, capsys):
     assert [r["question_id"] for r in rows] == [7, 8] and all(len(r["answers"]) == 2 for r in rows)
     assert main(["generate", *common]) == 2  # neither a prompt nor --input
     assert main(["generate", "--input", "no_such_bench", "--bench-dir", str(tmp_path), *common]) == 2
+
+
+def test_eval_profile_counts_every_phase(tmp_path, models, two_turn_file, capsys):
+    """``draftrl eval --profile 1``: one range per phase instance, cross-checked with the timed run's
+    generations (same seeds at T = 0, so the profiled pass decodes the same tokens)."""
+    import gzip
+
+    target_dir, drafter_dir = models
+    out = tmp_path / "eval"
+    assert main(["eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--bench", str(two_turn_file),
+                 "--temperature", "0", "--max-new-tokens", "6", "--ar-engine", "batch,static", "--profile", "1",
+                 "--out", str(out), *TREE_ARGS]) == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert report["config"]["questions"] == [7] and report["config"]["device_times"] is False
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    first = [r for r in records if r["question_id"] == 7]
+    assert [r["turn"] for r in first] == [0, 1]
+    cycles = sum(len(r["spec"]["accept_lengths"]) for r in first)  # one verification forward per cycle
+    entered = sum(1 for r in first if r["spec"]["accept_lengths"])  # generations with at least one cycle
+    assert cycles > entered  # some cycles caught up: the counts below can tell the phases apart
+
+    spec = report["decoders"]["spec"]
+    counts = {name: row["count"] for name, row in spec["ranges"].items()}
+    assert counts == {"spec/prefill": 2, "spec/drafter_prefill": entered, "spec/draft_verify": cycles,
+                      "spec/verify_host": cycles, "spec/catch_up": cycles - entered}  # the last cycle: no catch-up
+    assert [g["verifications"] for g in spec["generations"]] == [len(r["spec"]["accept_lengths"]) for r in first]
+    assert [g["tokens"] for g in spec["generations"]] == [r["spec"]["tokens"] for r in first]
+    assert spec["per_cycle"]["cycles"] == cycles and spec["per_cycle"]["cycle_wall_ms"] > 0
+    assert all(row["device_total_ms"] is None and row["cpu_total_ms"] > 0 for row in spec["ranges"].values())
+    assert spec["top_ops"] and len(spec["top_ops"]) <= 25
+
+    baseline = [r["baseline"]["tokens"] for r in first]
+    assert baseline == [6, 6]  # no EOS inside a window of batched steps: one step per token after the first
+    for name in ("batch", "static"):
+        ar = report["decoders"][name]
+        assert [g["tokens"] for g in ar["generations"]] == baseline
+        assert ar["ranges"]["ar/prefill"]["count"] == 2
+        assert ar["ranges"]["ar/decode"]["count"] == sum(t - 1 for t in baseline)  # the prefill samples one
+        assert ar["per_step"]["steps"] == sum(t - 1 for t in baseline) and not any(
+            key.startswith("spec/") for key in ar["ranges"])
+
+    md = (out / "profile.md").read_text()
+    assert "## Per speculative cycle" in md and "| `spec/draft_verify` |" in md and "| `batch` | 10 |" in md
+    trace = out / "profile_trace.json.gz"
+    assert trace.stat().st_size < 16 * 2**20
+    names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
+    assert {"spec/draft_verify", "spec/catch_up", "ar/decode"} <= names
+
+
+def test_profile_phases_are_free_when_not_recording():
+    import torch
+
+    from speculative.profiling import PhaseRecorder, phase, range_table, recording
+
+    assert phase("spec/draft_verify") is phase("ar/decode")  # one shared nullcontext, no record_function
+    recorder = PhaseRecorder("cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, recording(recorder):
+        with phase("spec/catch_up"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+        with phase("spec/catch_up", sync=False):
+            pass
+    with phase("spec/catch_up"):  # recording has ended
+        pass
+    assert len(recorder.walls["spec/catch_up"]) == 2
+    for device in (False, True):  # True: the device columns' code path, with no device events
+        row = range_table(prof, device=device)["spec/catch_up"]
+        assert row["count"] == 2 and row["cpu_total_ms"] > 0
+        assert (row["window_total_ms"], row["device_total_ms"]) == ((0.0, 0.0) if device else (None, None))
+
+
+def test_eval_profile_only_with_zero_minutes(tmp_path, models, two_turn_file, capsys):
+    """``--max-minutes 0 --profile N``: no timed part, the profile alone (what a short GPU call runs)."""
+    target_dir, drafter_dir = models
+    out = tmp_path / "eval"
+    assert main(["eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--bench", str(two_turn_file),
+                 "--temperature", "1,0", "--max-new-tokens", "3", "--max-minutes", "0", "--profile", "2",
+                 "--out", str(out), *TREE_ARGS]) == 0
+    assert not (out / "results.json").exists() and (out / "generations.jsonl").read_text() == ""
+    report = json.loads((out / "profile.json").read_text())
+    assert report["config"]["questions"] == [7, 8] and report["config"]["temperature"] == 1.0
+    assert set(report["decoders"]) == {"spec", "batch"}
+    assert report["decoders"]["spec"]["ranges"]["spec/prefill"]["count"] == 4  # 2 questions x 2 turns
+    assert "# draftrl eval --profile" in capsys.readouterr().out

@@ -15,12 +15,15 @@ tree engine's own ``generate_autoregressive`` (``--ar-engine static``); docs/ben
     draftrl eval --drafter DIR [--bench mt_bench,humaneval,gsm8k] [--temperature 0,1] [--out DIR]
                  [--repeats 3] [--ar-engine batch|static|batch,static]
     draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
+    draftrl eval --drafter DIR --bench humaneval --profile 3 [--max-minutes 0]   # where a cycle's time goes
     draftrl generate "question" [--drafter DIR] [--temperature T]
     draftrl generate --input questions.jsonl [--drafter DIR] [--out answers.jsonl]
 
 Outputs of ``eval``: results.json (config + one block per bench x temperature), results.md (the
 table), results.png (τ per bench/temperature, accepted-length histogram), generations.jsonl
-(every prompt and answer, speculative and baseline).
+(every prompt and answer, speculative and baseline); with ``--profile N`` also profile.md,
+profile.json and profile_trace.json.gz (``tools.eval_profile``: per-phase ranges of a speculative
+cycle and of an AR step under ``torch.profiler``; ``--max-minutes 0`` then skips the timed part).
 """
 
 from __future__ import annotations
@@ -463,6 +466,10 @@ def run_eval(args) -> int:
     runs: list[dict[str, Any]] = []
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else None
     conversation = _conversation(tokenizer, eos)
+    profile = getattr(args, "profile", 0) or 0
+    if profile < 0:
+        raise BenchmarkError("--profile N needs N >= 0")
+    timed_temperatures = [] if profile and args.max_minutes == 0 else temperatures  # 0: profile only
     with open(out_dir / "generations.jsonl", "w") as records:
         def on_pair(bench, repeat, index, question, spec_turns, ar_turns):
             for s, b in zip(spec_turns, ar_turns or [None] * len(spec_turns)):
@@ -475,7 +482,7 @@ def run_eval(args) -> int:
                     record["identical"] = s.tokens == b.tokens
                 records.write(json.dumps(record) + "\n")
 
-        for position, temperature in enumerate(temperatures):
+        for position, temperature in enumerate(timed_temperatures):
             # With a time budget, each temperature gets an equal share of what is left; inside it the
             # benches are visited round-robin, so a cut leaves a balanced table.
             share = None
@@ -503,8 +510,22 @@ def run_eval(args) -> int:
                       f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x "
                       f"({b['questions']} questions, {b['complete_repeats']}/{b['repeats']} repeats){mism}",
                       file=sys.stderr, flush=True)
-    print(f"[draftrl] results: {out_dir / 'results.md'}", file=sys.stderr)
-    print((out_dir / "results.md").read_text())
+    if profile:
+        from tools.eval_profile import profile_decoders
+
+        bench_name, bench_questions = next(iter(questions.items()))
+        profile_decoders(
+            spec, ars, bench_name, bench_questions[:profile], conversation, max_new_tokens=args.max_new_tokens,
+            eos=eos, temperature=temperatures[0], seed_for=lambda bench, q, turn: _seed_for(args.seed, bench, q, turn),
+            out_dir=out_dir, config={k: config[k] for k in ("target", "drafter", "tree", "compile", "dtype")},
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        print(f"[draftrl] profile: {out_dir / 'profile.md'}", file=sys.stderr)
+    if timed_temperatures:
+        print(f"[draftrl] results: {out_dir / 'results.md'}", file=sys.stderr)
+        print((out_dir / "results.md").read_text())
+    else:
+        print((out_dir / "profile.md").read_text())
     return 0
 
 

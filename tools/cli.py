@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="AR baseline: batch (BatchGenerator chain_length=0, the faster at batch 1; default) "
                             "or static (the tree engine's generate_autoregressive); 'batch,static' times both, "
                             "the first is the speed-up's baseline")
+    bench.add_argument("--profile", type=int, default=0, metavar="N",
+                       help="after the timed part, decode the first N questions of the first bench (all turns, "
+                            "first temperature) again with the speculative and the AR decoders, clean and under "
+                            "torch.profiler with per-phase ranges (spec/prefill, spec/drafter_prefill, "
+                            "spec/draft_verify, spec/verify_host, spec/catch_up, ar/prefill, ar/decode): writes "
+                            "profile.md, profile.json, profile_trace.json.gz to --out. With --max-minutes 0 the "
+                            "timed part is skipped (profile only)")
     bench.add_argument("--check", action="store_true",
                        help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
     add_model_args(bench, drafter_required=True)
