@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from speculative.llama import compact_slots
+
 
 class BatchKVCache:
     """The target's keys and values, all layers in one tensor ``[2, layers, B, kv_heads, S, d]``.
@@ -76,6 +78,11 @@ class BatchKVCache:
     def copy_rows_from(self, rows: torch.Tensor, other: BatchKVCache) -> None:
         """Put ``other``'s sequences (its slots ``0 .. other.max_len-1``) into rows ``rows``."""
         self.storage[:, :, rows, :, : other.max_len] = other.storage
+
+    def compact(self, src_slots: torch.Tensor, dst_start: torch.Tensor | int) -> None:
+        """Move slots ``src_slots [B, M]`` to ``dst_start ..`` (a verified tree's accepted nodes
+        behind the prefix: the tree engine's static path runs ``FusedLlama`` on this cache)."""
+        compact_slots(self.storage, src_slots, dst_start)
 
 
 class BatchDraftCache:

@@ -209,6 +209,8 @@ class SpeculativeGenerator:
     Both the speculative and the autoregressive path use it, so their timings compare like
     with like. ``max_len`` presizes the static cache (prompt + new tokens); a longer request
     rebuilds it (and recaptures the graphs), which a benchmark should avoid while timing.
+    ``fused_target``: the static paths run the target as ``FusedLlama`` (a third of the kernels;
+    False: ``FastLlama``, the earlier forward, kept for A/B timing).
     """
 
     def __init__(
@@ -221,6 +223,7 @@ class SpeculativeGenerator:
         record_steps: bool = False,
         compile: str = "off",
         max_len: int | None = None,
+        fused_target: bool = True,
     ):
         self.target = target
         self.fast = FastLlama.from_target(target)
@@ -239,6 +242,7 @@ class SpeculativeGenerator:
             warnings.warn("sampled draft chains run eagerly (compile='off')", stacklevel=2)
             self.compile = "off"
         self.max_len = max_len
+        self.fused_target = fused_target
         self.compile_errors: list[str] = []  # fallbacks taken when compiling/capturing failed
         self._eager = _EagerBackend(self.fast, self.drafter, self.tree_config, self.generator)
         self._static = None
@@ -271,7 +275,7 @@ class SpeculativeGenerator:
                     self._static = StaticDecoder(
                         self.fast, self.drafter, self.tree_config, needed + chunk,
                         use_graphs=self.compile == "graph" or (self.compile == "inductor" and cuda),
-                        compiled=self.compile == "inductor",
+                        compiled=self.compile == "inductor", fused=self.fused_target,
                     )
                     break
                 except Exception as error:  # a failed compile/capture: one step simpler, loudly

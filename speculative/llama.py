@@ -75,18 +75,24 @@ class StaticKVCache:
         """Move entries ``src_slots [B, M]`` to the contiguous slots ``dst_start .. dst_start+M-1``.
 
         After a tree is verified, the accepted nodes sit at scattered slots behind the prefix;
-        moving them right after it keeps the cache a contiguous prefix again. Sources are gathered
-        before writing, so overlapping ranges are safe.
+        moving them right after it keeps the cache a contiguous prefix again.
         """
-        batch, count = src_slots.shape
-        if count == 0:
-            return
-        start = torch.as_tensor(dst_start, device=src_slots.device).reshape(-1, 1)
-        dst = start + torch.arange(count, device=src_slots.device)[None]
-        dst = dst.expand(batch, count)
-        rows = torch.arange(batch, device=src_slots.device)[:, None]
-        moved = self.storage[:, :, rows, :, src_slots]  # [B, M, 2, layers, kv_heads, d], a copy
-        self.storage[:, :, rows, :, dst] = moved
+        compact_slots(self.storage, src_slots, dst_start)
+
+
+def compact_slots(storage: torch.Tensor, src_slots: torch.Tensor, dst_start: torch.Tensor | int) -> None:
+    """In a ``[2, layers, B, kv_heads, S, d]`` cache, move slots ``src_slots [B, M]`` to
+    ``dst_start .. dst_start+M-1`` for every layer at once. Sources are gathered before writing,
+    so overlapping ranges are safe."""
+    batch, count = src_slots.shape
+    if count == 0:
+        return
+    start = torch.as_tensor(dst_start, device=src_slots.device).reshape(-1, 1)
+    dst = start + torch.arange(count, device=src_slots.device)[None]
+    dst = dst.expand(batch, count)
+    rows = torch.arange(batch, device=src_slots.device)[:, None]
+    moved = storage[:, :, rows, :, src_slots]  # [B, M, 2, layers, kv_heads, d], a copy
+    storage[:, :, rows, :, dst] = moved
 
 
 @dataclass

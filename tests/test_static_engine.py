@@ -74,16 +74,19 @@ def test_compile_modes():
         StaticDecoder(FastLlama.from_target(target), use_graphs=True)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-target", "fast-target"])
 @pytest.mark.parametrize("arch", TARGET_ARCHS)
-def test_static_greedy_equals_target_greedy_random_drafters(arch):
-    """Mostly rejections: the correction path, d2t mapping, varied tree shapes, cache reuse."""
-    for seed in range(8 if arch == "llama" else 4):
+def test_static_greedy_equals_target_greedy_random_drafters(arch, fused):
+    """Mostly rejections: the correction path, d2t mapping, varied tree shapes, cache reuse; with
+    the target as ``FusedLlama`` (the default) and as ``FastLlama`` (the A/B alternative)."""
+    for seed in range(8 if arch == "llama" and fused else 4):
         hf = small_llama(200 + seed, layers=3, arch=arch)
         target = TargetModel(hf)
         vocab = DraftVocab.from_counts(torch.randperm(64), 40) if seed % 2 else None
         drafter = tiny_drafter(target, vocab, seed=seed)
         tree = TreeConfig(depth=2 + seed % 4, top_k=1 + seed % 4, total_tokens=4 + 2 * seed)
-        engine = SpeculativeGenerator(target, drafter, tree, compile="static")
+        engine = SpeculativeGenerator(target, drafter, tree, compile="static", fused_target=fused)
+        assert engine._static_for(1, 24).fused is fused
         prompt = torch.randint(0, 64, (1 + 2 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
         want = hf_greedy(hf, prompt, 24)
         result = engine.generate(prompt, 24)
