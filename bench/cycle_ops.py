@@ -1,0 +1,130 @@
+"""Kernel-launching ops per speculative cycle and per AR step, counted on CPU (no GPU needed).
+
+A CUDA graph removes launch overhead, not kernels: on a GPU at batch 1 every kernel costs a few
+microseconds however small, so the number of ops a step runs is a floor on its time. This counts
+the top-level ATen ops (views and metadata excluded) that the tree engine's static path runs in
+one draft+verify step, one catch-up and one AR decode step, on a random target with the real
+model's layer count and head layout (tiny widths: the count does not depend on them), with the
+target as ``FusedLlama`` (the default) and as ``FastLlama``::
+
+    python bench/cycle_ops.py                        # Qwen2.5-Coder-1.5B's layout: 28 layers, 12/2 heads
+    python bench/cycle_ops.py --arch llama --layers 30 --heads 9 --kv-heads 3   # SmolLM2-135M's
+    python bench/cycle_ops.py --json out.json
+
+The counts are of ops, not of GPU time: a 60-token GEMM costs more than a 1-token one, and
+Inductor (``--compile inductor``) fuses pointwise ops further. A GPU profile
+(``draftrl eval --profile N``) gives the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights  # noqa: E402
+from speculative.engine import SpeculativeGenerator  # noqa: E402
+from speculative.target import TargetModel  # noqa: E402
+from speculative.tree import TreeConfig  # noqa: E402
+from speculative.vocab import DraftVocab  # noqa: E402
+
+# Ops that launch no kernel (views, metadata, allocation without a fill).
+NO_KERNEL = {
+    "aten::view", "aten::slice", "aten::select", "aten::as_strided", "aten::unsqueeze", "aten::expand",
+    "aten::reshape", "aten::t", "aten::transpose", "aten::permute", "aten::empty", "aten::_unsafe_view",
+    "aten::alias", "aten::detach", "aten::squeeze", "aten::empty_strided", "aten::resolve_conj",
+    "aten::resolve_neg", "aten::lift_fresh", "aten::_reshape_alias", "aten::unflatten", "aten::split",
+    "aten::chunk", "aten::narrow", "aten::result_type", "aten::unbind", "aten::view_as", "aten::expand_as",
+    "aten::flatten", "aten::empty_like", "aten::movedim", "aten::size", "aten::stride", "aten::dim",
+}
+
+
+def top_level_ops(prof) -> collections.Counter:
+    """ATen ops called from Python (not from inside another ATen op), kernels only."""
+    counts: collections.Counter = collections.Counter()
+    for event in prof.events():
+        parent = event.cpu_parent
+        nested = parent is not None and parent.name.startswith("aten::")
+        if event.name.startswith("aten::") and not nested and event.name not in NO_KERNEL:
+            counts[event.name] += 1
+    return counts
+
+
+def random_target(arch: str, layers: int, heads: int, kv_heads: int, vocab: int) -> TargetModel:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    fields = dict(vocab_size=vocab, hidden_size=16 * heads, intermediate_size=32 * heads,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=1024, tie_word_embeddings=True)
+    model = (Qwen2ForCausalLM(Qwen2Config(**fields)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**fields)))
+    return TargetModel(model.eval(), (2, layers // 2, layers - 3))
+
+
+def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, object]:
+    vocab = DraftVocab.full(target.vocab_size)
+    drafter = Eagle3Drafter(DrafterConfig.from_target(target.config, vocab.size, target.aux_layer_ids), vocab,
+                            target.embed_tokens.weight)
+    init_drafter_weights(drafter, seed=0)
+    prompt = list(range(5, 25))
+    spec = SpeculativeGenerator(target, drafter, tree, compile="static", max_len=256, fused_target=fused)
+    static = spec._static_for(len(prompt), 64)
+    static.begin()
+    ids, out = static.prefill(prompt)
+    static.drafter_prefill(ids, out.aux_hidden, 7)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as draft_verify:
+        static.draft_verify(7, len(prompt))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as catch_up:
+        static.catch_up([7, 8], [0], len(prompt))
+    auto = SpeculativeGenerator(target, None, compile="static", max_len=256, fused_target=fused)
+    decoder = auto._static_for(len(prompt), 64)
+    decoder.prefill(prompt)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as decode:
+        decoder.decode(7, len(prompt))
+    ops = {name: top_level_ops(p) for name, p in (("draft_verify", draft_verify), ("catch_up", catch_up),
+                                                   ("ar_decode", decode))}
+    drafting = ops["draft_verify"] - ops["ar_decode"]  # the verification forward ~ one decode step
+    totals = {name: sum(c.values()) for name, c in ops.items()}
+    cycle = totals["draft_verify"] + totals["catch_up"]
+    return {"fused_target": fused, **totals, "cycle": cycle, "cycle_in_ar_steps": round(cycle / totals["ar_decode"], 2),
+            "drafting_estimate": sum(drafting.values()), "top_drafting_ops": drafting.most_common(12)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--total-tokens", type=int, default=59)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    target = random_target(args.arch, args.layers, args.heads, args.kv_heads, args.vocab)
+    tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+    rows = [count(target, tree, fused) for fused in (True, False)]
+    print(f"{args.arch}, {args.layers} layers, {args.heads}/{args.kv_heads} heads; tree depth {tree.depth}, "
+          f"top-k {tree.top_k}, {tree.total_tokens} tokens; top-level ATen ops (kernels) per step")
+    print("| target forward | draft+verify | catch-up | cycle | AR step | cycle / AR step | drafting (est.) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'FusedLlama' if r['fused_target'] else 'FastLlama'} | {r['draft_verify']} | {r['catch_up']} | "
+              f"{r['cycle']} | {r['ar_decode']} | {r['cycle_in_ar_steps']} | {r['drafting_estimate']} |")
+    print("drafting's most frequent ops:", rows[0]["top_drafting_ops"])
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
