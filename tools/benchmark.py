@@ -397,12 +397,17 @@ def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: s
     budget = max(context_budget(tokenizer, qs, max_new_tokens) for qs in questions.values())
     budget = max(budget, len(warm_prompt(tokenizer)) + max_new_tokens)
     engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=compile, max_len=budget,
-                                  seed=getattr(args, "seed", 0))
+                                  seed=getattr(args, "seed", 0), fused_target=_fused_target(args))
     ars = {}
     for kind in parse_ar_engines(ar_engines or getattr(args, "ar_engine", None) or "batch"):
         ars[kind] = autoregressive_decoder(target, kind, compile=compile, max_len=budget,
                                            seed=getattr(args, "seed", 0), engine=engine)
     return speculative_decoder(engine), ars, budget
+
+
+def _fused_target(args) -> bool:
+    """``--target-forward``: the tree engine's static paths run the target as FusedLlama (default)."""
+    return getattr(args, "target_forward", "fused") == "fused"
 
 
 def warm_prompt(tokenizer) -> list[int]:
@@ -453,6 +458,7 @@ def run_eval(args) -> int:
         "ar_engine": list(ars),
         "seed": args.seed,
         "tree": asdict(engine.tree_config),
+        "target_forward": "fused" if engine.fused_target else "fast",
         "eos_token_ids": sorted(eos),
         **_environment(device, dtype, args),
         "compile": engine.compile,
@@ -579,7 +585,8 @@ def run_check(args) -> int:
         for mode in modes:
             started = time.perf_counter()
             engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=mode,
-                                          max_len=max(map(len, prompts)) + new_tokens)
+                                          max_len=max(map(len, prompts)) + new_tokens,
+                                          fused_target=_fused_target(args))
             setup = time.perf_counter() - started
             if engine.compile != mode:
                 failures.append(f"{dtype_name} {mode}: fell back to {engine.compile}: {engine.compile_errors}")
@@ -661,7 +668,8 @@ def run_generate(args) -> int:
         questions = [BenchQuestion("prompt", "", [args.prompt])]
     budget = max(context_budget(tokenizer, questions, args.max_new_tokens), 64) if not args.raw else None
     engine = SpeculativeGenerator(target, drafter, _tree_config(args), temperature=args.temperature,
-                                  seed=args.seed, compile=args.compile, max_len=budget)
+                                  seed=args.seed, compile=args.compile, max_len=budget,
+                                  fused_target=_fused_target(args))
 
     def run(ids: list[int], turn: int = 0):
         return engine.generate(ids, args.max_new_tokens, eos)
@@ -718,6 +726,9 @@ def add_model_args(parser, drafter_required: bool) -> None:
     parser.add_argument("--compile", default="auto", choices=["auto", "off", "static", "graph", "inductor"],
                         help="auto: CUDA graphs on GPU (graph), eager on CPU (off); static: fixed shapes, "
                              "no graphs; inductor: torch.compile + CUDA graphs (compiles for minutes)")
+    parser.add_argument("--target-forward", default="fused", choices=["fused", "fast"],
+                        help="the tree engine's target forward on its static/graph paths: fused (FusedLlama, "
+                             "about a third of the kernels; default) or fast (FastLlama, the earlier one: A/B)")
     parser.add_argument("--bench-dir", type=Path, default=None,
                         help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR, else the shipped "
                              "speculative/data/bench)")
