@@ -156,6 +156,19 @@ def tiny_target_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_target_dir(tmp_path_factory):
+    """``tiny_target_dir`` as a Qwen2 (q/k/v biases randomised, RoPE base 1e6, tied embeddings like
+    Qwen2.5-Coder-1.5B), saved next to SmolLM2's tokenizer and chat template: ``target.model`` names it."""
+    from speculative.target import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    path = tmp_path_factory.mktemp("tiny_qwen2_target")
+    tiny_qwen2(vocab_size=len(tokenizer), hidden=32, layers=8, tie_word_embeddings=True).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_vllm_dir() -> Path:
     """The real SmolLM2 target as a safetensors directory, for the vLLM tests (skipped without vLLM)."""
