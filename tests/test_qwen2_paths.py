@@ -122,12 +122,24 @@ RL_METRICS = {  # tests/test_trainer.py's essential keys, and the ones that must
 }
 
 
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory, tiny_qwen2_target_dir, chat_file, sft_run):
+    """``rl_run(objective)``: 2 updates of ``objective`` from the SFT drafter (each run once per module)."""
+    runs = {}
+
+    def run(objective: str):
+        if objective not in runs:
+            extra = [f"drafter.init_from={sft_run.drafter_dir}", "training.save_every=2", *RL_OVERRIDES[objective]]
+            out = tmp_path_factory.mktemp(objective)
+            runs[objective] = Trainer(_config(out, tiny_qwen2_target_dir, chat_file, 2, *extra)).run()
+        return runs[objective]
+
+    return run
+
+
 @pytest.mark.parametrize("objective", ["gto", "opd", "gto_opd"])
-def test_rl_objectives_train_from_the_sft_drafter_on_qwen2(
-    tmp_path, tiny_qwen2_target_dir, chat_file, sft_run, qwen2_target, objective
-):
-    extra = [f"drafter.init_from={sft_run.drafter_dir}", "training.save_every=2", *RL_OVERRIDES[objective]]
-    result = Trainer(_config(tmp_path, tiny_qwen2_target_dir, chat_file, 2, *extra)).run()
+def test_rl_objectives_train_from_the_sft_drafter_on_qwen2(rl_run, sft_run, qwen2_target, objective):
+    result = rl_run(objective)
     assert result.final_step == 2
     train = _train_rows(result)
     keys = set().union(*(r.keys() for r in train))
@@ -135,9 +147,17 @@ def test_rl_objectives_train_from_the_sft_drafter_on_qwen2(
     assert expected <= keys, keys
     for row in train:
         assert all(math.isfinite(row[key]) for key in finite), row
-    assert all(r["rollout/tau"] >= 1.0 for r in train if "rollout/tau" in r)  # a verified cycle keeps >= 1 token
     if objective in ("gto", "gto_opd"):
+        # the target is peaked enough that trees get accepted paths and the groups non-zero advantages:
+        # the policy gradient is not vacuous
+        assert any(r["gto/path_length"] > 0 and r["gto/advantage_abs"] > 0 for r in train), train
         assert (result.output_dir / "checkpoints" / "step_000002" / "reference" / "model.safetensors").is_file()
+    if objective in ("opd", "gto_opd"):
+        # chain-of-3 rollouts verified by the Qwen2 target: 1 <= tau <= 4, the replay proposes what the
+        # rollout did, and after the first update drafts are accepted (its KL term is trained)
+        assert all(1.0 <= r["rollout/tau"] <= 4.0 and r["opd/replay_same_proposals"] == 1.0 for r in train), train
+        assert all(r["opd/replay_logprob_drift"] < 1e-4 for r in train), train
+        assert any(r["opd/accepted_states"] > 0 and r["opd/accepted_kl"] > 0 for r in train), train
     # the RL updates moved the drafter away from its SFT start
     start, end = load_file(sft_run.drafter_dir / "model.safetensors"), load_file(result.drafter_dir / "model.safetensors")
     assert any(not torch.equal(start[name], end[name]) for name in end if name in start)
@@ -174,9 +194,10 @@ def test_ray_pipeline_gto_on_qwen2(tmp_path, tiny_qwen2_target_dir, chat_file, q
     load_drafter(result.drafter_dir, qwen2_target.embed_tokens.weight.float(), qwen2_target.aux_layer_ids)
 
 
-def test_eval_at_t0_is_the_qwen2_targets_greedy_output(tmp_path, tiny_qwen2_target_dir, sft_run, one_thread):
-    """``draftrl eval`` with the trained drafter: no T = 0 mismatch against its own autoregressive
-    run, and the text is what Hugging Face's greedy ``generate`` of the Qwen2 target writes."""
+def test_eval_at_t0_is_the_qwen2_targets_greedy_output(tmp_path, tiny_qwen2_target_dir, rl_run, one_thread):
+    """``draftrl eval`` with the Draft-OPD-trained drafter: drafts are accepted (the tree path is exercised),
+    no T = 0 mismatch against its own autoregressive run, and the text is what Hugging Face's greedy
+    ``generate`` of the Qwen2 target writes."""
     from transformers import AutoModelForCausalLM
 
     from tools.benchmark import answer_text, eos_token_ids
@@ -185,13 +206,14 @@ def test_eval_at_t0_is_the_qwen2_targets_greedy_output(tmp_path, tiny_qwen2_targ
 
     bench = tmp_path / "one.jsonl"
     bench.write_text(json.dumps({"question_id": 1, "category": "code", "turns": ["Write a haiku about rain."]}) + "\n")
-    out, new_tokens = tmp_path / "eval", 8
-    assert main(["eval", "--drafter", str(sft_run.drafter_dir), "--target", str(tiny_qwen2_target_dir),
+    out, new_tokens = tmp_path / "eval", 12
+    assert main(["eval", "--drafter", str(rl_run("opd").drafter_dir), "--target", str(tiny_qwen2_target_dir),
                  "--bench", str(bench), "--temperature", "0", "--max-new-tokens", str(new_tokens),
                  "--dtype", "float32", "--out", str(out), "--depth", "3", "--top-k", "3",
                  "--total-tokens", "8", "--threads", "1"]) == 0
     block = json.loads((out / "results.json").read_text())["results"][0]
-    assert block["mismatches"] == 0 and block["generations"] == 1 and block["tau"] >= 1.0
+    assert block["mismatches"] == 0 and block["generations"] == 1
+    assert block["tau"] > 1.0 and sum(block["accept_histogram"][1:]) > 0, block  # drafts were accepted
     record = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
     assert record["identical"]
 
