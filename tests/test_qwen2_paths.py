@@ -85,7 +85,8 @@ def _check_export(drafter_dir, target: TargetModel, objective: str) -> None:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_qwen2_target_dir, chat_file):
-    return Trainer(_config(tmp_path_factory.mktemp("sft"), tiny_qwen2_target_dir, chat_file, 3)).run()
+    return Trainer(_config(tmp_path_factory.mktemp("sft"), tiny_qwen2_target_dir, chat_file, 3,
+                           "drafter.export_formats=[speculators]")).run()
 
 
 def test_the_fixture_is_a_tied_qwen2_with_biases(qwen2_target, tiny_qwen2_target_dir):
@@ -104,6 +105,10 @@ def test_sft_trains_and_exports_for_qwen2(sft_run, qwen2_target):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["top1/step1"]) for r in train)
     assert math.isfinite(sft_run.eval_metrics["loss"]) and "accept_length_proxy" in sft_run.eval_metrics
     _check_export(sft_run.drafter_dir, qwen2_target, "sft")
+    # the speculators export (what vLLM's speculators path reads) names the Qwen2 verifier
+    speculators = json.loads((sft_run.output_dir / "drafter_speculators" / "config.json").read_text())
+    assert speculators["speculators_config"]["verifier"]["architectures"] == QWEN2
+    assert speculators["transformer_layer_config"]["rope_theta"] == 1_000_000.0
 
 
 RL_OVERRIDES = {
