@@ -4,9 +4,11 @@ GTO, Draft-OPD and gto_opd, the Ray pipeline and ``draftrl eval``, all through `
 The target is ``tiny_qwen2_target_dir``: a random 8-layer Qwen2 (q/k/v biases randomised, RoPE
 base 1e6, tied embeddings like Qwen2.5-Coder-1.5B) with SmolLM2's tokenizer. The tests of these
 paths on Llama-shaped targets are tests/test_trainer.py, test_ray_pipeline.py and test_benchmark.py;
-this file mirrors their essential checks. No mocks.
+this file mirrors their essential checks. No mocks. The study on this target is
+tests/test_study.py::test_a_qwen2_target_named_by_the_overrides_trains_and_scores.
 
-Time on the shared 2-core box: TIMING_PLACEHOLDER.
+Time on the shared 2-core box: 36 s for the file under pytest (45 s wall with start-up): the Ray test
+25 s (53 s when the box was busier), everything else 1-2.5 s a test.
 """
 
 from __future__ import annotations
