@@ -8,7 +8,7 @@ this file mirrors their essential checks. No mocks. The study on this target is
 tests/test_study.py::test_a_qwen2_target_named_by_the_overrides_trains_and_scores.
 
 Time on the shared 2-core box: 36 s for the file under pytest (45 s wall with start-up): the Ray test
-25 s (53 s when the box was busier), everything else 1-2.5 s a test.
+23-25 s (53 s when the box was busier), everything else 1-2.5 s a test.
 """
 
 from __future__ import annotations
@@ -233,3 +233,20 @@ def test_eval_at_t0_is_the_qwen2_targets_greedy_output(tmp_path, tiny_qwen2_targ
                                 max_new_tokens=new_tokens, eos_token_id=sorted(eos), pad_token_id=min(eos))
     want = answer_text(tokenizer, greedy[0, ids.shape[1]:].tolist(), eos)
     assert record["spec"]["text"] == want and record["baseline"]["text"] == want
+
+
+def test_eval_check_mode_on_qwen2(tmp_path, tiny_qwen2_target_dir, rl_run, one_thread):
+    """``draftrl eval --check``: eager and fixed-shape (static) engines, autoregressive and
+    speculative, all identical to eager greedy decoding of the Qwen2 target."""
+    from tools.cli import main
+
+    bench = tmp_path / "one.jsonl"
+    bench.write_text(json.dumps({"question_id": 1, "category": "code", "turns": ["Write a haiku about rain."]}) + "\n")
+    assert main(["eval", "--check", "--drafter", str(rl_run("opd").drafter_dir), "--target", str(tiny_qwen2_target_dir),
+                 "--bench", str(bench), "--max-new-tokens", "8", "--out", str(tmp_path / "check"), "--depth", "3",
+                 "--top-k", "3", "--total-tokens", "8", "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "check" / "check.json").read_text())
+    assert not report["failures"]
+    assert {(r["mode"], r["kind"]) for r in report["runs"]} == {
+        (m, k) for m in ("off", "static") for k in ("autoregressive", "speculative")}
+    assert all(r["identical_to_eager_greedy"] for r in report["runs"])
