@@ -156,6 +156,27 @@ def tiny_target_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_target_dir(tmp_path_factory):
+    """``tiny_target_dir`` as a Qwen2 (q/k/v biases randomised, RoPE base 1e6, tied embeddings like
+    Qwen2.5-Coder-1.5B), saved next to SmolLM2's tokenizer and chat template: ``target.model`` names it.
+
+    The tied embedding is scaled to std 0.2: at the initial 0.02 the head is nearly flat over 49k
+    ids (no draft is ever accepted, GTO's advantages are all zero); at 0.2 it is peaked enough for a
+    drafter trained a few steps to get drafts accepted, as on a trained target.
+    """
+    from speculative.target import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    path = tmp_path_factory.mktemp("tiny_qwen2_target")
+    model = tiny_qwen2(vocab_size=len(tokenizer), hidden=32, layers=8, tie_word_embeddings=True)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_vllm_dir() -> Path:
     """The real SmolLM2 target as a safetensors directory, for the vLLM tests (skipped without vLLM)."""

@@ -322,3 +322,32 @@ def test_summary_json_has_issue_18s_schema(tmp_path):
     assert set(summary["arms"]) == {"sft", "gto", "opd", "gto_opd"}
 
 
+
+
+def test_a_qwen2_target_named_by_the_overrides_trains_and_scores(tiny_qwen2_target_dir, tmp_path):
+    """Issue 21: the study runs on a Qwen2 target given only through ``target.model`` in its
+    overrides (one GTO arm from a Qwen2 SFT drafter, scored at T = 0)."""
+    root = tmp_path / "setup"
+    root.mkdir()
+    chats = write_topic_chats(root / "chats.jsonl", 32)
+    common = [f"target.model={tiny_qwen2_target_dir}", f"data.source={chats}", f"cache_dir={root / 'cache'}", *TINY]
+    start = Trainer(load_config(None, [*common, f"output_dir={root / 'sft'}", "drafter.draft_vocab_size=512",
+                                       "training.lr=3e-3", "training.max_steps=2"])).run().drafter_dir
+    benches = root / "bench"
+    benches.mkdir()
+    (benches / "mini_chat.jsonl").write_text(json.dumps({"question_id": 0, "category": "c", "turns": ["Say hi."]}) + "\n")
+    setting = {"root": root, "common": common, "start": start, "benches": benches}
+    study = _study(setting, tmp_path / "study.yaml", arms={
+        "gto": {"config": "configs/gto_smollm2.yaml", "set": [*TINY_GTO, "training.max_steps=2"]}},
+        eval={"num_prompts": 1, "temperatures": [0], "max_new_tokens": 4, "bench": "mini_chat",
+              "bench_dir": str(benches)})
+    out = tmp_path / "out"
+    args = ["--study", str(study), "--out", str(out)]
+    assert main(["train", *args]) == 0
+    drafter = out / "runs" / "gto-s1" / "drafter"
+    info = json.loads((drafter / "config.json").read_text())["draftrl"]
+    assert info["target"] == str(tiny_qwen2_target_dir) and info["verifier_architectures"] == ["Qwen2ForCausalLM"]
+    assert main(["eval", *args]) == 0
+    for name in ("start", "gto-s1"):  # both drafters scored on the Qwen2 target, lossless at T = 0
+        score = json.loads((out / "eval" / f"{name}-T0" / "compare.json").read_text())["results"][name]["mini_chat"]
+        assert score["tau"] >= 1 and score["mismatches"] == 0, score
