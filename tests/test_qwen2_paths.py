@@ -26,6 +26,8 @@ from speculative.checkpoint import load_drafter
 from speculative.config import load_config
 from speculative.target import TargetModel
 from tests.conftest import write_topic_chats
+from tests.test_trainer import RL_OVERRIDES as TRAINER_RL_OVERRIDES
+from tests.test_trainer import _config as trainer_config
 
 QWEN2 = ["Qwen2ForCausalLM"]
 
@@ -41,30 +43,11 @@ def qwen2_target(tiny_qwen2_target_dir) -> TargetModel:
 
 
 def _config(out, target_dir, chat_file, max_steps, *extra):
-    return load_config(
-        None,
-        [
-            f"output_dir={out / 'run'}",
-            f"cache_dir={out.parent / 'cache'}",
-            f"target.model={target_dir}",
-            f"data.source={chat_file}",
-            "data.max_length=48",
-            "data.eval_fraction=0.1",
-            "drafter.draft_vocab_size=512",
-            "training.ttt_steps=3",
-            "training.batch_size=4",
-            "training.lr=3e-3",
-            "training.warmup_steps=1",
-            f"training.max_steps={max_steps}",
-            "training.log_every=1",
-            "training.eval_every=100",
-            "training.eval_batches=1",
-            "training.save_every=100",
-            "training.device=cpu",
-            "training.threads=1",
-            *extra,
-        ],
-    )
+    """test_trainer's tiny config, shorter and quieter; the cache shared by the runs of a test."""
+    return trainer_config(out, target_dir, chat_file, max_steps, f"cache_dir={out.parent / 'cache'}",
+                          "data.max_length=48", "training.warmup_steps=1", "training.log_every=1",
+                          "training.eval_every=100", "training.eval_batches=1", "training.save_every=100",
+                          "training.threads=1", *extra)
 
 
 def _train_rows(result) -> list[dict]:
@@ -113,13 +96,9 @@ def test_sft_trains_and_exports_for_qwen2(sft_run, qwen2_target):
     assert speculators["transformer_layer_config"]["rope_theta"] == 1_000_000.0
 
 
-RL_OVERRIDES = {
-    "gto": ["training.objective=gto", "gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8",
-            "gto.group_size=3", "gto.groups_per_sequence=2"],
-    "opd": ["training.objective=opd", "opd.chain_length=3", "opd.max_new_tokens=8", "opd.sft_weight=0.5"],
-    "gto_opd": ["training.objective=gto_opd", "gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8",
-                "gto.group_size=3", "gto.groups_per_sequence=2", "opd.chain_length=3", "opd.max_new_tokens=8"],
-}
+# test_trainer's RL settings, with shorter OPD rollouts
+RL_OVERRIDES = {objective: [o.replace("opd.max_new_tokens=12", "opd.max_new_tokens=8") for o in overrides]
+                for objective, overrides in TRAINER_RL_OVERRIDES.items()}
 RL_METRICS = {  # tests/test_trainer.py's essential keys, and the ones that must be finite
     "gto": ({"gto/reward", "gto/clip_fraction", "gto/kl_reference", "token/loss"},
             ("loss", "gto/reward", "gto/kl_reference")),

@@ -25,22 +25,27 @@ TINY_GTO = ["gto.tree_depth=3", "gto.tree_top_k=3", "gto.tree_total_tokens=8", "
             "gto.groups_per_sequence=2"]
 
 
-@pytest.fixture(scope="module")
-def setting(tmp_path_factory, tiny_target_dir) -> dict[str, Path]:
-    """Chats, a 3-step SFT start drafter, two tiny benches (one with a second turn)."""
-    root = tmp_path_factory.mktemp("study")
-    chats = write_topic_chats(root / "chats.jsonl", 48)
-    common = [f"target.model={tiny_target_dir}", f"data.source={chats}", f"cache_dir={root / 'cache'}", *TINY]
+def _setting(root: Path, target_dir: Path, chat_count: int, sft_steps: int,
+             questions: dict[str, list[list[str]]]) -> dict[str, Path]:
+    """Chats, an SFT start drafter on ``target_dir``, and ``questions`` as one bench file each."""
+    chats = write_topic_chats(root / "chats.jsonl", chat_count)
+    common = [f"target.model={target_dir}", f"data.source={chats}", f"cache_dir={root / 'cache'}", *TINY]
     start = Trainer(load_config(None, [*common, f"output_dir={root / 'sft'}", "drafter.draft_vocab_size=512",
-                                       "training.lr=3e-3", "training.max_steps=3"])).run().drafter_dir
+                                       "training.lr=3e-3", f"training.max_steps={sft_steps}"])).run().drafter_dir
     benches = root / "bench"
     benches.mkdir()
-    questions = {"mini_chat": [["Tell me about the sea.", "And about rain?"], ["Say hi."]],
-                 "mini_math": [["What is 2 + 2?"], ["What is 3 + 5?"]]}
     for name, items in questions.items():
         (benches / f"{name}.jsonl").write_text("".join(
             json.dumps({"question_id": i, "category": name, "turns": turns}) + "\n" for i, turns in enumerate(items)))
     return {"root": root, "common": common, "start": start, "benches": benches}
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, tiny_target_dir) -> dict[str, Path]:
+    """Chats, a 3-step SFT start drafter, two tiny benches (one with a second turn)."""
+    questions = {"mini_chat": [["Tell me about the sea.", "And about rain?"], ["Say hi."]],
+                 "mini_math": [["What is 2 + 2?"], ["What is 3 + 5?"]]}
+    return _setting(tmp_path_factory.mktemp("study"), tiny_target_dir, 48, 3, questions)
 
 
 def _study(setting: dict[str, Path], path: Path, **changes) -> Path:
@@ -329,14 +334,8 @@ def test_a_qwen2_target_named_by_the_overrides_trains_and_scores(tiny_qwen2_targ
     overrides (one GTO arm from a Qwen2 SFT drafter, scored at T = 0)."""
     root = tmp_path / "setup"
     root.mkdir()
-    chats = write_topic_chats(root / "chats.jsonl", 32)
-    common = [f"target.model={tiny_qwen2_target_dir}", f"data.source={chats}", f"cache_dir={root / 'cache'}", *TINY]
-    start = Trainer(load_config(None, [*common, f"output_dir={root / 'sft'}", "drafter.draft_vocab_size=512",
-                                       "training.lr=3e-3", "training.max_steps=2"])).run().drafter_dir
-    benches = root / "bench"
-    benches.mkdir()
-    (benches / "mini_chat.jsonl").write_text(json.dumps({"question_id": 0, "category": "c", "turns": ["Say hi."]}) + "\n")
-    setting = {"root": root, "common": common, "start": start, "benches": benches}
+    setting = _setting(root, tiny_qwen2_target_dir, 32, 2, {"mini_chat": [["Say hi."]]})
+    benches = setting["benches"]
     study = _study(setting, tmp_path / "study.yaml", arms={
         "gto": {"config": "configs/gto_smollm2.yaml", "set": [*TINY_GTO, "training.max_steps=2"]}},
         eval={"num_prompts": 1, "temperatures": [0], "max_new_tokens": 4, "bench": "mini_chat",
