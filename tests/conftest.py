@@ -146,12 +146,22 @@ def write_topic_chats(path: Path, count: int) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_target_dir(tmp_path_factory):
-    """A random 8-layer Llama with SmolLM2's vocabulary, saved next to SmolLM2's tokenizer."""
+    """A random 8-layer Llama with SmolLM2's vocabulary, saved next to SmolLM2's tokenizer.
+
+    Its embedding is scaled to std 0.2 and copied into the lm_head (what ``tiny_qwen2_target_dir``'s
+    tied embedding does): at the initial 0.02 the head is nearly flat over 49k ids, no draft is ever
+    accepted and the RL tests ran with all-zero GTO advantages and OPD rollouts of rejections
+    only. Now a drafter trained a few steps gets drafts accepted, as on a trained target.
+    """
     from speculative.target import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     path = tmp_path_factory.mktemp("tiny_target")
-    tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8).save_pretrained(path)
+    model = tiny_llama(vocab_size=len(tokenizer), hidden=32, layers=8)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

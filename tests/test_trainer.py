@@ -114,8 +114,14 @@ def test_rl_objectives_train_from_an_sft_drafter_and_resume_exactly(tmp_path, ti
                 "gto_opd": {"gto/reward", "gto/loss", "token/loss", "opd/loss", "opd/rejected_kl", "rollout/tau"},
                 }[objective]
     assert expected <= train_keys, train_keys
+    train = [m for m in metrics if m["split"] == "train"]
     if objective in ("gto", "gto_opd"):
         assert (straight.output_dir / "checkpoints" / "step_000004" / "reference" / "model.safetensors").is_file()
+        # the (peaked) target accepts tree paths, so the groups' advantages are not all zero and
+        # the exact resume below covers a surrogate that actually moves the drafter
+        assert any(m["gto/path_length"] > 0 and m["gto/advantage_abs"] > 0 for m in train), train
+    if objective in ("opd", "gto_opd"):
+        assert any(m["opd/accepted_states"] > 0 for m in train), train
     Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, *extra), steps_this_run=3).run()
     resumed = Trainer(_config(tmp_path / "b", tiny_target_dir, chat_file, 4, *extra), resume=True).run()
     a = load_file(straight.drafter_dir / "model.safetensors")
