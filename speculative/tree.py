@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from speculative.kv_cache import MaskedKVCache
-from speculative.vocab_topk import log_normaliser, top_k_ids
+from speculative.vocab_topk import top_k_logprobs
 
 
 @dataclass
@@ -111,11 +111,7 @@ class DraftTree:
 
     def children(self, b: int) -> dict[int, list[int]]:
         """Children of each node of tree ``b`` in node order (-1 = root)."""
-        kids: dict[int, list[int]] = {-1: []}
-        for i, parent in enumerate(self.parents[b].tolist()):
-            kids.setdefault(i, [])
-            kids[parent].append(i)
-        return kids
+        return children_of(self.parents[b].tolist())
 
     def path_to(self, b: int, node: int) -> list[int]:
         """Node indices from the root's child down to ``node`` (inclusive)."""
@@ -125,6 +121,15 @@ class DraftTree:
             path.append(node)
             node = parents[node]
         return path[::-1]
+
+
+def children_of(parents: list[int]) -> dict[int, list[int]]:
+    """Children of each node (-1 = root), in node order, from the nodes' parent indices."""
+    kids: dict[int, list[int]] = {-1: []}
+    for i, parent in enumerate(parents):
+        kids.setdefault(i, [])
+        kids[int(parent)].append(i)
+    return kids
 
 
 def ancestor_mask(parents: torch.Tensor, depth: int) -> torch.Tensor:
@@ -252,8 +257,7 @@ def grow_draft_tree(
         ids, logq = _choose(root_logq, k, sample, generator, root_logits)  # [B, k]
     else:
         dists = []
-        ids = top_k_ids(root_logits, k)
-        logq = root_logits.gather(-1, ids).float() - log_normaliser(root_logits)
+        ids, logq = top_k_logprobs(root_logits, k)
     # Candidates in level order; parents always precede children.
     cand_ids, cand_logq, cand_score = [ids], [logq], [logq]
     cand_parent = [torch.full_like(ids, -1)]
@@ -282,8 +286,7 @@ def grow_draft_tree(
                 dists.append(logq_level)
             child_ids, child_logq = _choose(logq_level, k, sample, generator, logits)  # [B, width, k]
         else:  # GTO's many roots: no [rows, Vd] fp32 log-probs at all
-            child_ids = top_k_ids(logits, k)
-            child_logq = logits.gather(-1, child_ids).float() - log_normaliser(logits)
+            child_ids, child_logq = top_k_logprobs(logits, k)
         kids = child_ids.shape[-1]
         child_score = frontier_score[..., None] + child_logq
         cand_ids.append(child_ids.reshape(batch, -1))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from speculative.tree import DraftTree
+from speculative.tree import DraftTree, children_of
 
 
 @dataclass
@@ -71,10 +71,7 @@ def _tree_lists(tree: DraftTree, b: int, *rows: torch.Tensor) -> tuple[dict[int,
     n = tree.num_nodes
     flat = torch.cat([tree.tokens[b].double(), tree.parents[b].double(), *[r.double() for r in rows]]).tolist()
     tokens = [int(t) for t in flat[:n]]
-    kids: dict[int, list[int]] = {-1: []}
-    for i, parent in enumerate(flat[n: 2 * n]):
-        kids.setdefault(i, [])
-        kids[int(parent)].append(i)
+    kids = children_of(flat[n: 2 * n])
     out, start = [], 2 * n
     for r in rows:
         out.append(flat[start: start + r.numel()])

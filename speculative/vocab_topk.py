@@ -40,6 +40,13 @@ def top_k_ids(logits: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
     return index.gather(-1, best)
 
 
+def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely ids of each row and their fp32 log-probabilities, without fp32
+    log-probs of the whole row: (ids [..., k], log q [..., k])."""
+    ids = top_k_ids(logits, k)
+    return ids, logits.gather(-1, ids).float() - log_normaliser(logits)
+
+
 _compiled_lse = None  # None: not tried yet; False: compiling failed, eager from now on
 
 
