@@ -48,6 +48,7 @@ import math
 
 import torch
 
+from speculative.fused_drafter import FusedDrafter, GroupedDraftCache
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
@@ -132,13 +133,22 @@ class StaticDecoder:
         self.token = torch.zeros(1, 1, **long)  # decode input / root token
         self.pos = torch.zeros(1, **long)  # decode position / root position
         self.num_nodes = self.scratch = 0
+        self.draft = drafter  # the drafting call: ``FusedDrafter`` (fused) or the drafter itself
         if drafter is not None:
             config = drafter.config
-            self.num_nodes, self.scratch = tree_size(self.tree_config, config.draft_vocab_size)
+            self.num_nodes, fed = tree_size(self.tree_config, config.draft_vocab_size)
+            # tree scratch rounded up so every mask row is 16-byte aligned (SDPA's efficient kernel)
+            self.scratch = round_up(fed, 16)
             dtype = drafter.fc.weight.dtype
-            self.dcache = StaticDraftCache(
-                1, config.num_attention_heads, self.max_len, self.scratch, config.head_dim, dtype, self.device
-            )
+            if fused and config.sliding_window is None:
+                self.draft = FusedDrafter(drafter, self.max_len + self.tree_config.depth + 2)
+                self.dcache = GroupedDraftCache(
+                    1, config.num_key_value_heads, self.max_len, self.scratch, config.head_dim, dtype, self.device
+                )
+            else:
+                self.dcache = StaticDraftCache(
+                    1, config.num_attention_heads, self.max_len, self.scratch, config.head_dim, dtype, self.device
+                )
             self.root_logits = torch.zeros(1, config.draft_vocab_size, dtype=dtype, device=self.device)
             self.root_hidden = torch.zeros(1, config.hidden_size, dtype=dtype, device=self.device)
             self.trees_ok = torch.ones((), dtype=torch.bool, device=self.device)
@@ -190,11 +200,11 @@ class StaticDecoder:
         context = (self.cols < self.pos[:, None, None]).expand(batch, width, self.max_len)
         unused = torch.zeros(batch, width, self.scratch - fed - width, dtype=torch.bool, device=self.device)
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
-        return self.drafter(ids, hidden, positions, self.dcache)
+        return self.draft(ids, hidden, positions, self.dcache)
 
     def _draft_verify_step(self):
         tree, closed = grow_draft_tree(
-            self.drafter, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
+            self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
         )
         self.trees_ok.logical_and_(closed)
         length = self.chunk_len
@@ -215,7 +225,7 @@ class StaticDecoder:
         unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
         self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
         hidden = self.drafter.fuse_target_hidden(self.verify_aux[:, inputs[1]])
-        logits, prenorm = self.drafter(inputs[0:1], hidden, positions, self.dcache)
+        logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
         self.root_logits.copy_(logits[:, -1])
         self.root_hidden.copy_(prenorm[:, -1])
 
@@ -290,7 +300,7 @@ class StaticDecoder:
              torch.zeros(1, n, self.scratch, dtype=torch.bool, device=self.device)], -1,
         )
         self.dcache.prepare(0, mask)
-        logits, prenorm = self.drafter(
+        logits, prenorm = self.draft(
             d_ids, self.drafter.fuse_target_hidden(aux_hidden),
             torch.arange(1, n + 1, device=self.device)[None], self.dcache,
         )
@@ -319,6 +329,8 @@ class StaticDecoder:
     def begin(self) -> None:
         if self.drafter is not None:
             self.trees_ok.fill_(True)
+            if isinstance(self.draft, FusedDrafter):  # RL rollouts draft with weights that train
+                self.draft.sync_weights()
 
     def end(self) -> None:
         if self.drafter is not None and not bool(self.trees_ok):
