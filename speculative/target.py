@@ -239,8 +239,10 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.load_state_dict(loaded.state_dict())
+        with torch.device("meta"):  # no random initialisation of weights that are overwritten next
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.tie_weights()
         model.generation_config = loaded.generation_config
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
