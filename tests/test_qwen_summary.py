@@ -1,0 +1,27 @@
+"""``bench/qwen_summary.py`` rebuilds the committed Qwen run summary from the committed result files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.qwen_summary import build
+
+RUN = Path(__file__).resolve().parents[1] / "bench" / "results" / "qwen_coder_1.5b_h200"
+
+
+def test_summary_is_rebuilt_from_the_committed_files():
+    summary = build([RUN / "eval_t0", RUN / "eval_t1"], RUN / "sft", RUN / "regen" / "manifest.json")
+    committed = json.loads((RUN / "summary.json").read_text())
+    for key in ("tau_t0", "speedup_t0", "tau_t1", "speedup_t1", "ar_tok_s"):
+        assert summary[key] == committed[key], key
+    results = json.loads((RUN / "eval_t0" / "results.json").read_text())["results"]
+    assert summary["tau_t0"] == pytest.approx(sum(r["tau"] for r in results) / len(results), abs=1e-4)
+    humaneval = summary["per_bench_t0"]["humaneval"]
+    assert humaneval["questions"] == 80
+    assert summary["targets_met"]["tau_t0_humaneval"] is (humaneval["tau"] >= 3.5)
+    assert summary["profile"]["cycle_in_ar_steps"] == pytest.approx(
+        summary["profile"]["clean_cycle_ms"] / summary["profile"]["clean_ar_step_ms"], abs=1e-3)
+    assert summary["regen"]["conversations"] == 2514
