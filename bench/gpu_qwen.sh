@@ -8,6 +8,8 @@
 #     e.g. ... eval $OUT/profile 0 0 --bench humaneval --profile 3   # MINUTES 0: profile.md of a cycle only
 #   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
 #   bash bench/gpu_qwen.sh restore-regen DIR      # (next session, DIR carried) the shards back in place
+#   bash bench/gpu_qwen.sh pack-drafter OUT_DIR FIRST COUNT   # the SFT drafter, 15 MB parts (two calls)
+#   bash bench/gpu_qwen.sh restore-drafter DIR...  # (next session) -> /tmp/drafter_prev, sha256-checked
 #
 # All resume where the previous call stopped (regenerate by shard, training by checkpoint), so a
 # run longer than one 10-minute call is several calls on the same warm machine. `regen` starts no
@@ -40,12 +42,8 @@ case "${1:-}" in
     mkdir -p "$out"
     cp /tmp/runs/sft_qwen/metrics.jsonl /tmp/runs/sft_qwen/config.yaml "$out"/
     cp /tmp/runs/sft_qwen/curves.png "$out"/ 2>/dev/null || true
-    # The 1.5B target's drafter is ~200 MB in bf16, more than a call brings back (8 files of
-    # 16 MiB): it stays on the machine for `eval` unless BRING_DRAFTER=1 (a smaller drafter).
-    if [ "${BRING_DRAFTER:-0}" = 1 ] && [ -f /tmp/runs/sft_qwen/drafter/model.safetensors ]; then
-      cp /tmp/runs/sft_qwen/drafter/config.json "$out"/drafter_config.json
-      split -b 15M -d /tmp/runs/sft_qwen/drafter/model.safetensors "$out"/drafter.safetensors.part
-    fi
+    # The 1.5B target's drafter is ~210 MB in bf16, more than a call brings back (8 files of
+    # 16 MiB): `pack-drafter` brings it back over two calls, for the next session's SFT to start from.
     ls -la "$out" ;;
   eval)
     out=${2:?OUT_DIR}; temperature=${3:?TEMPERATURE}; minutes=${4:?MINUTES}; shift 4
@@ -53,6 +51,32 @@ case "${1:-}" in
       --temperature "$temperature" --max-minutes "$minutes" "$@"
     [ -s "$out"/generations.jsonl ] || rm -f "$out"/generations.jsonl   # --max-minutes 0 --profile N: none
     rm -f "$out"/generations.jsonl.gz; gzip -f "$out"/generations.jsonl 2>/dev/null || true ;;
+  pack-drafter)
+    # The SFT drafter in 15 MB parts, PARTS of them from part FIRST on (call 1: FIRST 0 with the
+    # config and the sha256; call 2: FIRST 7), since a call brings back 8 files.
+    out=${2:?OUT_DIR}; first=${3:-0}; count=${4:-7}; mkdir -p "$out"
+    src=/tmp/runs/sft_qwen/drafter
+    if [ ! -f /tmp/drafter_parts/SHA256 ]; then
+      rm -rf /tmp/drafter_parts; mkdir -p /tmp/drafter_parts
+      split -b 15M -d -a 2 "$src"/model.safetensors /tmp/drafter_parts/model.safetensors.part
+      (cd "$src" && sha256sum model.safetensors) > /tmp/drafter_parts/SHA256
+    fi
+    if [ "$first" -eq 0 ]; then cp "$src"/config.json "$out"/drafter_config.json; cp /tmp/drafter_parts/SHA256 "$out"/; fi
+    parts=(/tmp/drafter_parts/model.safetensors.part*)
+    echo "${#parts[@]} parts in all"
+    for part in "${parts[@]:$first:$count}"; do cp "$part" "$out"/; done
+    ls -la "$out" ;;
+  restore-drafter)
+    # (next session, the parts carried in one or more folders) -> /tmp/drafter_prev, checked;
+    # then: sft ... --set drafter.init_from=/tmp/drafter_prev (a fresh optimiser, the old weights)
+    shift; rm -rf /tmp/drafter_prev; mkdir -p /tmp/drafter_prev
+    for dir in "$@"; do ls "$dir"/model.safetensors.part*; done | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2- \
+      | while read -r part; do cat "$part"; done > /tmp/drafter_prev/model.safetensors
+    for dir in "$@"; do
+      [ -f "$dir"/drafter_config.json ] && cp "$dir"/drafter_config.json /tmp/drafter_prev/config.json
+      [ -f "$dir"/SHA256 ] && cp "$dir"/SHA256 /tmp/drafter_prev/SHA256
+    done
+    (cd /tmp/drafter_prev && sha256sum -c SHA256) ;;
   pack-regen)
     # Shards + manifest (the joined files are derived); a call brings back 8 files of 16 MiB.
     out=${2:?OUT_DIR}; mkdir -p "$out"
@@ -67,6 +91,6 @@ case "${1:-}" in
     cat "$dir"/regen_qwen.tar.part* | tar -C /tmp -xf -
     python3 -c "import json; m = json.load(open('/tmp/regen_qwen/manifest.json')); \
 print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored')" ;;
-  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR" >&2
+  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST COUNT | restore-drafter DIR..." >&2
      exit 2 ;;
 esac

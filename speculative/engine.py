@@ -210,7 +210,8 @@ class SpeculativeGenerator:
     with like. ``max_len`` presizes the static cache (prompt + new tokens); a longer request
     rebuilds it (and recaptures the graphs), which a benchmark should avoid while timing.
     ``fused_target``: the static paths run the target as ``FusedLlama`` (a third of the kernels;
-    False: ``FastLlama``, the earlier forward, kept for A/B timing).
+    False: ``FastLlama``, the earlier forward, kept for A/B timing). ``span_step``: the static
+    paths verify over cache spans of this granularity (one graph each; None: the whole cache).
     """
 
     def __init__(
@@ -224,6 +225,7 @@ class SpeculativeGenerator:
         compile: str = "off",
         max_len: int | None = None,
         fused_target: bool = True,
+        span_step: int | None = 128,
     ):
         self.target = target
         self.fast = FastLlama.from_target(target)
@@ -243,6 +245,7 @@ class SpeculativeGenerator:
             self.compile = "off"
         self.max_len = max_len
         self.fused_target = fused_target
+        self.span_step = span_step
         self.compile_errors: list[str] = []  # fallbacks taken when compiling/capturing failed
         self._eager = _EagerBackend(self.fast, self.drafter, self.tree_config, self.generator)
         self._static = None
@@ -275,7 +278,7 @@ class SpeculativeGenerator:
                     self._static = StaticDecoder(
                         self.fast, self.drafter, self.tree_config, needed + chunk,
                         use_graphs=self.compile == "graph" or (self.compile == "inductor" and cuda),
-                        compiled=self.compile == "inductor", fused=self.fused_target,
+                        compiled=self.compile == "inductor", fused=self.fused_target, span_step=self.span_step,
                     )
                     break
                 except Exception as error:  # a failed compile/capture: one step simpler, loudly

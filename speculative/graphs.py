@@ -7,7 +7,10 @@ be captured once as a ``torch.cuda.CUDAGraph`` and replayed with one launch:
 
 * ``decode``: one autoregressive target step (the baseline);
 * ``draft_verify``: the whole draft-tree search (``depth - 1`` drafter forwards, top-k, selection)
-  *and* the verification forward of the fixed-size chunk [root, N nodes], in ONE graph;
+  *and* the verification forward of the fixed-size chunk [root, N nodes], in ONE graph (one per
+  cache *span*: the verification attends over the first ``span`` slots, the shortest multiple of
+  ``span_step`` that holds the sequence, as the batched engine's steps do; attending over the
+  whole cache at every step made its attention 2.5x the AR step's on the H200);
 * ``catch_up[m]``: compaction of the m - 1 accepted nodes in the target cache plus the drafter's
   re-prefill of the m accepted tokens (one graph per m = 1 .. depth + 1).
 
@@ -114,7 +117,8 @@ class StaticDecoder:
     """
 
     def __init__(self, fast: FastLlama, drafter=None, tree: TreeConfig | None = None,
-                 max_len: int = 1024, use_graphs: bool = False, compiled: bool = False, fused: bool = True):
+                 max_len: int = 1024, use_graphs: bool = False, compiled: bool = False, fused: bool = True,
+                 span_step: int | None = 128):
         if use_graphs and fast.device.type != "cuda":
             raise ValueError("CUDA graphs need the target on a CUDA device")
         if drafter is not None and tree is not None and tree.sample_temperature is not None:
@@ -124,7 +128,9 @@ class StaticDecoder:
         self.tree_config = tree or TreeConfig()
         self.device = fast.device
         self.use_graphs = use_graphs
+        self.compiled = compiled
         self.max_len = round_up(max_len)
+        self.span_step = span_step
         long = dict(dtype=torch.long, device=self.device)
         self.fused = fused
         self.target = FusedLlama(fast) if fused else fast  # same call, same outputs (to rounding)
@@ -157,7 +163,10 @@ class StaticDecoder:
             self.catch_up_inputs = {
                 m: torch.zeros(3, m, **long) for m in range(1, self.tree_config.depth + 2)
             }
-            self.verify_aux: torch.Tensor | None = None
+            # The verification's aux hidden states, copied where every catch-up graph reads them
+            # (each span's draft+verify graph has its own outputs)
+            aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
+            self.verify_aux = torch.zeros(1, self.chunk_len, aux_width, dtype=fast.dtype, device=self.device)
         self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._decode_fn, self._draft_verify_fn, self._catch_up_fn = (
             self._decode_step, self._draft_verify_step, self._catch_up_step
@@ -184,6 +193,17 @@ class StaticDecoder:
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         return prompt_len + max_new_tokens + self.chunk_len <= self.max_len
 
+    def spans(self) -> list[int]:
+        """Cache spans the verification attends over: one draft+verify graph each, so a short
+        sequence does not attend over (and mask) the whole static cache. Inductor compiles one
+        variant per span (minutes each): there, one span, the whole cache."""
+        step = self.span_step if self.span_step and not self.compiled else self.max_len
+        return sorted({min(round_up(s, step), self.max_len) for s in range(step, self.max_len + step, step)})
+
+    def span_for(self, needed: int) -> int:
+        """The shortest span holding ``needed`` slots."""
+        return next(s for s in self.spans() if s >= needed)
+
     # ---------------------------------------------------------------- graph-captured steps
 
     def _decode_step(self) -> torch.Tensor:
@@ -202,7 +222,7 @@ class StaticDecoder:
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
         return self.draft(ids, hidden, positions, self.dcache)
 
-    def _draft_verify_step(self):
+    def _draft_verify_step(self, span: int):
         tree, closed = grow_draft_tree(
             self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
         )
@@ -210,10 +230,12 @@ class StaticDecoder:
         length = self.chunk_len
         chunk = torch.cat([self.token, tree.tokens], 1)
         slots = self.pos[:, None] + torch.arange(length, device=self.device)  # [1, T]
-        mask = (self.cols < self.pos[:, None, None]).expand(1, length, self.max_len).contiguous()
+        # the target attends over slots [0, span) only: the prefix, then the chunk (span >= pos + T)
+        mask = (self.cols[:span] < self.pos[:, None, None]).expand(1, length, span).contiguous()
         mask.scatter_(2, slots[:, None, :].expand(1, length, length), tree.chunk_mask())
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
-        return tree, out.logits, out.aux_hidden
+        self.verify_aux.copy_(out.aux_hidden)
+        return tree, out.logits
 
     def _catch_up_step(self, m: int) -> None:
         inputs = self.catch_up_inputs[m]
@@ -255,8 +277,8 @@ class StaticDecoder:
         # and whatever the warm-up writes into the caches is masked out or overwritten later.
         self._capture("decode", self._decode_fn)
         if self.drafter is not None:
-            self._capture("draft_verify", self._draft_verify_fn)
-            self.verify_aux = self._graphs["draft_verify"][1][2]
+            for span in self.spans():
+                self._capture(("draft_verify", span), lambda span=span: self._draft_verify_fn(span))
             for m in self.catch_up_inputs:
                 self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
             self.trees_ok.fill_(True)
@@ -312,9 +334,8 @@ class StaticDecoder:
         """Grow the tree from the root and verify it: (tree, target logits ``[1, 1 + N, V]``)."""
         self.token.fill_(root_token)
         self.pos.fill_(root_pos)
-        tree, logits, aux = self._run("draft_verify", self._draft_verify_fn)
-        self.verify_aux = aux
-        return tree, logits
+        span = self.span_for(root_pos + self.chunk_len)
+        return self._run(("draft_verify", span), self._draft_verify_fn, span)
 
     @torch.no_grad()
     def catch_up(self, tokens: list[int], path: list[int], root_pos: int) -> None:

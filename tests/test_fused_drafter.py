@@ -109,7 +109,7 @@ def test_sync_weights_follows_training():
 
 
 def test_static_decoder_drafts_fused_only_where_it_can():
-    target = TargetModel(small_llama(3, layers=6))
+    target = TargetModel(small_llama(3, layers=8))
     vocab = DraftVocab.full(target.vocab_size)
     config = DrafterConfig.from_target(target.config, vocab.size, target.aux_layer_ids)
     fast = FastLlama.from_target(target)

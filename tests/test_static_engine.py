@@ -164,3 +164,33 @@ def test_failed_graph_build_falls_back_to_static(agreeing_pair):
         result = engine.generate(prompt, 12)
     assert engine.compile == "static" and "CUDA" in engine.compile_errors[0]
     assert result.tokens == hf_greedy(target.model, prompt, 12)
+
+
+def test_spans_cover_the_cache_in_steps():
+    target = TargetModel(small_llama(0, layers=3))
+    decoder = StaticDecoder(FastLlama.from_target(target), max_len=200, span_step=64)
+    assert decoder.max_len == 256 and decoder.spans() == [64, 128, 192, 256]
+    assert decoder.span_for(64) == 64 and decoder.span_for(65) == 128 and decoder.span_for(256) == 256
+    assert StaticDecoder(FastLlama.from_target(target), max_len=200, span_step=None).spans() == [256]
+    assert StaticDecoder(FastLlama.from_target(target), max_len=200, span_step=96).spans() == [96, 192, 256]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-target", "fast-target"])
+def test_short_spans_keep_decoding_lossless(agreeing_pair, fused):
+    """Spans of 16 slots: a generation crosses several (each a different draft+verify step, one
+    graph each on GPU); tokens and trees stay those of the whole-cache path."""
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=10)
+    for seed in range(3):
+        prompt = torch.randint(0, 64, (3 + 5 * seed,), generator=torch.Generator().manual_seed(300 + seed)).tolist()
+        whole = SpeculativeGenerator(target, drafter, tree, record_steps=True, compile="static",
+                                     fused_target=fused, span_step=None).generate(prompt, 40)
+        engine = SpeculativeGenerator(target, drafter, tree, record_steps=True, compile="static",
+                                      fused_target=fused, span_step=16)
+        spans = engine._static_for(len(prompt), 40).spans()
+        assert len(spans) >= 4
+        short = engine.generate(prompt, 40)
+        assert short.tokens == whole.tokens == hf_greedy(target.model, prompt, 40), seed
+        assert short.accept_lengths == whole.accept_lengths
+        # the generation crossed spans: its roots sat below and above several span boundaries
+        assert len({engine._static.span_for(p + engine._static.chunk_len) for p in short.root_positions}) >= 2
