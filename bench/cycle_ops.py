@@ -3,7 +3,7 @@
 A CUDA graph removes launch overhead, not kernels: on a GPU at batch 1 every kernel costs a few
 microseconds however small, so the number of ops a step runs is a floor on its time. This counts
 the top-level ATen ops (views and metadata excluded) that the tree engine's static path runs in
-one draft+verify step, one catch-up and one AR decode step, on a random target with the real
+one draft+verify step (T = 0: with the acceptance on the device), one catch-up and one AR decode step, on a random target with the real
 model's layer count and head layout (tiny widths: the count does not depend on them), with the
 target as ``FusedLlama`` (the default) and as ``FastLlama``::
 
@@ -79,10 +79,12 @@ def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, objec
     static.begin()
     ids, out = static.prefill(prompt)
     static.drafter_prefill(ids, out.aux_hidden, 7)
+    # the T = 0 path: acceptance in the draft+verify step, the catch-up's inputs prepared there
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as draft_verify:
-        static.draft_verify(7, len(prompt))
+        static.draft_verify(7, len(prompt), greedy=True)
+    step = static.greedy_step()
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as catch_up:
-        static.catch_up([7, 8], [0], len(prompt))
+        static.catch_up(step.tokens, step.accepted_nodes, len(prompt), prepared=True)
     auto = SpeculativeGenerator(target, None, compile="static", max_len=256, fused_target=fused)
     decoder = auto._static_for(len(prompt), 64)
     decoder.prefill(prompt)

@@ -212,6 +212,8 @@ class SpeculativeGenerator:
     ``fused_target``: the static paths run the target as ``FusedLlama`` (a third of the kernels;
     False: ``FastLlama``, the earlier forward, kept for A/B timing). ``span_step``: the static
     paths verify over cache spans of this granularity (one graph each; None: the whole cache).
+    ``device_greedy``: at T = 0 the static paths accept inside the draft+verify graph (False: the
+    host walks the tree, the earlier path, kept for A/B timing).
     """
 
     def __init__(
@@ -226,6 +228,7 @@ class SpeculativeGenerator:
         max_len: int | None = None,
         fused_target: bool = True,
         span_step: int | None = 128,
+        device_greedy: bool = True,
     ):
         self.target = target
         self.fast = FastLlama.from_target(target)
@@ -246,6 +249,7 @@ class SpeculativeGenerator:
         self.max_len = max_len
         self.fused_target = fused_target
         self.span_step = span_step
+        self.device_greedy = device_greedy
         self.compile_errors: list[str] = []  # fallbacks taken when compiling/capturing failed
         self._eager = _EagerBackend(self.fast, self.drafter, self.tree_config, self.generator)
         self._static = None
@@ -335,12 +339,22 @@ class SpeculativeGenerator:
             with phase("spec/drafter_prefill"):
                 backend.drafter_prefill(ids, out.aux_hidden, root_token)
         root_pos = len(prompt)  # the root token's position == its target cache slot
+        # T = 0 on the static paths: acceptance runs in the draft+verify graph, the host reads a
+        # few integers (recorded steps need the host verifier's full detail)
+        on_device = (self.device_greedy and self.temperature <= 0 and not self.record_steps
+                     and getattr(backend, "supports_device_greedy", False))
         while not done:
             with phase("spec/draft_verify"):
-                tree, logits = backend.draft_verify(root_token, root_pos)
+                if on_device:
+                    tree, logits = backend.draft_verify(root_token, root_pos, greedy=True)
+                else:
+                    tree, logits = backend.draft_verify(root_token, root_pos)
             forwards += 1
             with phase("spec/verify_host"):
-                step = verify_tree(tree, logits, self.temperature, self.generator)[0]
+                if on_device:
+                    step = backend.greedy_step()
+                else:
+                    step = verify_tree(tree, logits, self.temperature, self.generator)[0]
             if self.record_steps:
                 result.steps.append(step)
                 result.trees.append(tree if self.compile == "off" else _clone_tree(tree))
@@ -352,7 +366,10 @@ class SpeculativeGenerator:
                 break
             path = step.accepted_nodes
             with phase("spec/catch_up"):
-                backend.catch_up(step.tokens, path, root_pos)
+                if on_device:
+                    backend.catch_up(step.tokens, path, root_pos, prepared=True)
+                else:
+                    backend.catch_up(step.tokens, path, root_pos)
             root_token = step.bonus_token
             root_pos += 1 + len(path)
         backend.end()

@@ -16,10 +16,14 @@ be captured once as a ``torch.cuda.CUDAGraph`` and replayed with one launch:
 
 Values that change between steps (root token and position, accepted tokens) live in static input
 buffers that the host fills before a replay; attention masks are built inside the graphs from
-those positions, over the whole static cache (stale slots are masked out, never read).
+those positions (stale slots are masked out, never read).
 
-Prefills have a prompt-dependent length and run eagerly (once per prompt). The host does what
-needs Python anyway: verification of the tree (``speculative.verify``), sampling, EOS checks.
+At T = 0 (``draft_verify(..., greedy=True)``, a second graph per span) the acceptance runs in
+the draft+verify graph too (``speculative.verify.greedy_accept_on_device``), which also writes the
+catch-up's inputs: the host copies ``2 + 2 * depth`` integers a cycle and replays the catch-up.
+At T > 0, and where steps are recorded, the host verifies the tree (``speculative.verify``).
+Prefills have a prompt-dependent length and run eagerly (once per prompt); sampling and EOS
+checks stay on the host.
 
 The target runs as ``FusedLlama`` (merged q/k/v and gate/up projections, one RoPE gather, grouped
 heads folded into the query rows so a masked SDPA takes its memory-efficient kernel): about 13
@@ -55,6 +59,7 @@ from speculative.fused_drafter import FusedDrafter, GroupedDraftCache
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
+from speculative.verify import VerifyStep, greedy_accept_on_device
 
 
 class StaticDraftCache:
@@ -160,9 +165,13 @@ class StaticDecoder:
             self.trees_ok = torch.ones((), dtype=torch.bool, device=self.device)
             # Catch-up inputs per accepted count m: row 0 tokens, row 1 rows of the verification
             # chunk whose aux hidden feeds them, row 2 (first m - 1) cache slots to compact.
-            self.catch_up_inputs = {
-                m: torch.zeros(3, m, **long) for m in range(1, self.tree_config.depth + 2)
-            }
+            # Views of one buffer, so the greedy draft+verify graph can fill them on the device.
+            depth = self.tree_config.depth
+            self.catch_up_all = torch.zeros(3, depth + 1, **long)
+            self.catch_up_inputs = {m: self.catch_up_all[:, :m] for m in range(1, depth + 2)}
+            # The greedy outcome, computed in the graph (``greedy=True``) and copied to the host in
+            # one transfer: [accepted count, bonus token, path nodes (depth), path tokens (depth)]
+            self.accept_result = torch.zeros(2 + 2 * depth, **long)
             # The verification's aux hidden states, copied where every catch-up graph reads them
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
@@ -222,7 +231,7 @@ class StaticDecoder:
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
         return self.draft(ids, hidden, positions, self.dcache)
 
-    def _draft_verify_step(self, span: int):
+    def _draft_verify_step(self, span: int, greedy: bool = False):
         tree, closed = grow_draft_tree(
             self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
         )
@@ -235,7 +244,24 @@ class StaticDecoder:
         mask.scatter_(2, slots[:, None, :].expand(1, length, length), tree.chunk_mask())
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
         self.verify_aux.copy_(out.aux_hidden)
+        if greedy:
+            self._accept_greedy(tree, out.logits)
         return tree, out.logits
+
+    def _accept_greedy(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """T = 0: the accepted path and bonus token (``greedy_accept_on_device``) into
+        ``accept_result``, and the catch-up's inputs for them into ``catch_up_all``, so the host
+        neither reads the tree nor writes the catch-up's inputs: it copies ``2 + 2 * depth``
+        integers. Written with ``out=`` into the fixed buffers (every op here is a kernel)."""
+        depth = self.tree_config.depth
+        count, path, bonus = greedy_accept_on_device(tree, logits, depth)  # [1], [1, depth], [1]
+        path = path[0]
+        tokens = self.catch_up_all[0, :depth]
+        torch.index_select(tree.tokens[0], 0, path, out=tokens)  # the accepted tokens
+        torch.cat([count, bonus, path, tokens], out=self.accept_result)
+        self.catch_up_all[0].index_copy_(0, count, bonus)  # then the bonus token, at column count
+        torch.add(path, 1, out=self.catch_up_all[1, 1:])  # verification rows (row 0: the root's, 0)
+        torch.add(path, self.pos + 1, out=self.catch_up_all[2, :depth])  # the accepted entries' slots
 
     def _catch_up_step(self, m: int) -> None:
         inputs = self.catch_up_inputs[m]
@@ -278,7 +304,9 @@ class StaticDecoder:
         self._capture("decode", self._decode_fn)
         if self.drafter is not None:
             for span in self.spans():
-                self._capture(("draft_verify", span), lambda span=span: self._draft_verify_fn(span))
+                for greedy in (False, True):
+                    self._capture(("draft_verify", span, greedy),
+                                  lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy))
             for m in self.catch_up_inputs:
                 self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
             self.trees_ok.fill_(True)
@@ -329,22 +357,38 @@ class StaticDecoder:
         self.root_logits.copy_(logits[:, -1])
         self.root_hidden.copy_(prenorm[:, -1])
 
+    supports_device_greedy = True
+
     @torch.no_grad()
-    def draft_verify(self, root_token: int, root_pos: int) -> tuple[DraftTree, torch.Tensor]:
-        """Grow the tree from the root and verify it: (tree, target logits ``[1, 1 + N, V]``)."""
+    def draft_verify(self, root_token: int, root_pos: int, greedy: bool = False) -> tuple[DraftTree, torch.Tensor]:
+        """Grow the tree from the root and verify it: (tree, target logits ``[1, 1 + N, V]``).
+        ``greedy``: also accept at T = 0 on the device; ``greedy_step`` then reads the outcome."""
         self.token.fill_(root_token)
         self.pos.fill_(root_pos)
         span = self.span_for(root_pos + self.chunk_len)
-        return self._run(("draft_verify", span), self._draft_verify_fn, span)
+        return self._run(("draft_verify", span, greedy), self._draft_verify_fn, span, greedy)
+
+    def greedy_step(self) -> VerifyStep:
+        """The outcome of the last ``draft_verify(..., greedy=True)``: one small device-to-host copy.
+        The catch-up inputs are already in place (``catch_up(..., prepared=True)``). Only what
+        decoding needs is filled: ``rejected_nodes``, ``first_rejected`` and ``target_probs`` are
+        empty (the host verifier gives them, for recorded steps)."""
+        depth = self.tree_config.depth
+        values = self.accept_result.tolist()
+        count, bonus = values[0], values[1]
+        nodes, tokens = values[2: 2 + count], values[2 + depth: 2 + depth + count]
+        return VerifyStep(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=bonus,
+                          stop_node=nodes[-1] if nodes else -1, first_rejected=None)
 
     @torch.no_grad()
-    def catch_up(self, tokens: list[int], path: list[int], root_pos: int) -> None:
+    def catch_up(self, tokens: list[int], path: list[int], root_pos: int, prepared: bool = False) -> None:
         """Compact the accepted nodes behind the root, re-prefill the drafter on ``tokens``."""
         m = len(tokens)
-        slots = [root_pos + 1 + i for i in path] + [0]
-        rows = [0] + [1 + i for i in path]
-        self.catch_up_inputs[m].copy_(torch.tensor([tokens, rows, slots[:m]]))
-        self.pos.fill_(root_pos)
+        if not prepared:  # else the greedy draft+verify graph wrote them, and pos is still root_pos
+            slots = [root_pos + 1 + i for i in path] + [0]
+            rows = [0] + [1 + i for i in path]
+            self.catch_up_inputs[m].copy_(torch.tensor([tokens, rows, slots[:m]]))
+            self.pos.fill_(root_pos)
         self._run(("catch_up", m), self._catch_up_fn, m)
 
     def begin(self) -> None:

@@ -189,6 +189,30 @@ def _verify_topk_stochastic(
     return _step(kids, tokens, accepted, rejected, node, bonus, probs[node + 1].float())
 
 
+def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int):
+    """``verify_greedy``'s outcome for every tree of the batch with tensor ops only (no host sync:
+    CUDA graphs capture it with the verification, and the host then copies a few integers).
+
+    A node is accepted when it and each of its ancestors is the target's argmax at its parent.
+    Siblings carry distinct tokens, so the accepted nodes form one path from the root, and nodes
+    are stored parents first, so that path in node order is the path by depth: its last node is
+    the one with the largest index. Returns ``count [B]`` (accepted nodes), ``path [B, depth]``
+    (the accepted nodes by depth in the first ``count`` columns; other nodes after them) and
+    ``bonus [B]`` (the target's argmax where the path stops). About a dozen kernels.
+    """
+    batch, n = tree.tokens.shape
+    pred = logits.argmax(-1)  # [B, 1 + N]: the target's token after the root and after each node
+    match = tree.tokens == pred.gather(1, tree.parents + 1)  # [B, N]
+    accepted = (tree.mask <= match[:, None, :]).all(-1)  # ancestor-or-self => matches
+    count = accepted.sum(-1)
+    stop_row = (accepted * torch.arange(1, n + 1, device=pred.device)).amax(-1)  # last accepted + 1; 0: root
+    bonus = pred.gather(1, stop_row[:, None])[:, 0]
+    path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
+    if n < depth:  # a tree smaller than its depth: pad (only the first ``count`` columns are read)
+        path = torch.nn.functional.pad(path, (0, depth - n))
+    return count, path, bonus
+
+
 def verify_tree(
     tree: DraftTree,
     target_logits: torch.Tensor,

@@ -205,12 +205,16 @@ def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
                  "--max-new-tokens", "5", "--compile", "static", "--out", str(out)]) == 0
     block = json.loads((out / "results.json").read_text())["results"][0]
     assert block["mismatches"] == 0 and block["generations"] == 4
-    fast = tmp_path / "static_fast"  # the A/B alternative: the target as FastLlama
+    fast = tmp_path / "static_fast"  # the A/B alternatives: FastLlama, the whole cache, host verification
     assert main(["eval", *common, "--bench", str(two_turn_file), "--temperature", "0", "--max-new-tokens", "5",
-                 "--compile", "static", "--target-forward", "fast", "--out", str(fast)]) == 0
+                 "--compile", "static", "--target-forward", "fast", "--span-step", "0", "--greedy-verify", "host",
+                 "--out", str(fast)]) == 0
     results = json.loads((fast / "results.json").read_text())
     assert results["config"]["target_forward"] == "fast" and results["results"][0]["mismatches"] == 0
-    assert json.loads((out / "results.json").read_text())["config"]["target_forward"] == "fused"
+    assert results["config"]["span_step"] is None and results["config"]["greedy_verify"] == "host"
+    default = json.loads((out / "results.json").read_text())["config"]
+    assert (default["target_forward"], default["span_step"], default["greedy_verify"]) == ("fused", 128, "device")
+    assert json.loads((fast / "results.json").read_text())["results"][0]["tau"] == block["tau"]
     check = tmp_path / "check"
     assert main(["eval", "--check", *common, "--bench", str(two_turn_file), "--max-new-tokens", "8",
                  "--out", str(check)]) == 0

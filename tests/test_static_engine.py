@@ -194,3 +194,23 @@ def test_short_spans_keep_decoding_lossless(agreeing_pair, fused):
         assert short.accept_lengths == whole.accept_lengths
         # the generation crossed spans: its roots sat below and above several span boundaries
         assert len({engine._static.span_for(p + engine._static.chunk_len) for p in short.root_positions}) >= 2
+
+
+def test_device_greedy_acceptance_equals_the_host_verifier(agreeing_pair):
+    """At T = 0 without recorded steps the static path accepts inside the draft+verify step and
+    prepares the catch-up on the device; it must take the host verifier's steps exactly."""
+    target, drafter = agreeing_pair
+    for seed, tree in enumerate([TreeConfig(depth=5, top_k=4, total_tokens=16), TreeConfig.chain(4),
+                                 TreeConfig(depth=3, top_k=2, total_tokens=5)]):
+        prompt = torch.randint(0, 64, (4 + seed,), generator=torch.Generator().manual_seed(400 + seed)).tolist()
+        host = SpeculativeGenerator(target, drafter, tree, record_steps=True, compile="static").generate(prompt, 40)
+        engine = SpeculativeGenerator(target, drafter, tree, compile="static")
+        calls = []
+        decoder = engine._static_for(len(prompt), 40)
+        original = decoder.greedy_step
+        decoder.greedy_step = lambda: calls.append(1) or original()
+        device = engine.generate(prompt, 40)
+        assert len(calls) == len(device.accept_lengths) > 0  # the device path ran
+        assert device.tokens == host.tokens == hf_greedy(target.model, prompt, 40), seed
+        assert device.accept_lengths == host.accept_lengths, seed
+        assert max(device.accept_lengths) >= 2  # multi-token catch-ups prepared on the device

@@ -519,3 +519,34 @@ def test_smollm2_speculative_greedy_equals_target_greedy():
         result = engine.generate(prompt, 24)
         assert result.tokens == hf_greedy(target.model, prompt, 24), question
         assert result.target_forwards == 1 + len(result.accept_lengths)
+
+
+def test_greedy_acceptance_on_device_equals_the_host_walk():
+    """``greedy_accept_on_device`` (what the T = 0 draft+verify graph runs) against ``verify_greedy``
+    on target logits steered down random paths of real trees: nothing, part of a path, a whole one."""
+    from speculative.verify import greedy_accept_on_device, verify_greedy
+
+    target = TargetModel(small_llama(5))
+    drafter = tiny_drafter(target, DraftVocab.from_counts(torch.randperm(64), 40), seed=2).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache, root_logits, root_hidden = _drafter_prefix(target, drafter, ids)
+    config = TreeConfig(depth=4, top_k=3, total_tokens=14)
+    tree = build_draft_tree(drafter, cache, root_logits, root_hidden, torch.tensor([8, 8]), config)
+    generator = torch.Generator().manual_seed(3)
+    counts = set()
+    for trial in range(60):
+        logits = torch.randn(2, 15, 64, generator=generator)
+        for b in range(2):
+            end = int(torch.randint(-1, 14, (), generator=generator))  # -1: steer nothing
+            path = tree.path_to(b, end) if end >= 0 else []
+            keep = int(torch.randint(0, len(path) + 1, (), generator=generator))  # steer a prefix
+            for node in path[:keep]:
+                logits[b, int(tree.parents[b, node]) + 1, int(tree.tokens[b, node])] += 50.0
+        count, nodes, bonus = greedy_accept_on_device(tree, logits, config.depth)
+        for b in range(2):
+            want = verify_greedy(tree, b, logits[b])
+            got = nodes[b, : int(count[b])].tolist()
+            assert got == want.accepted_nodes, (trial, b)
+            assert int(bonus[b]) == want.bonus_token
+            counts.add(int(count[b]))
+    assert {0, 1, 2, 3} <= counts  # rejections at the root, mid-path and full-depth acceptances

@@ -397,7 +397,7 @@ def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: s
     budget = max(context_budget(tokenizer, qs, max_new_tokens) for qs in questions.values())
     budget = max(budget, len(warm_prompt(tokenizer)) + max_new_tokens)
     engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=compile, max_len=budget,
-                                  seed=getattr(args, "seed", 0), fused_target=_fused_target(args))
+                                  seed=getattr(args, "seed", 0), **_engine_options(args))
     ars = {}
     for kind in parse_ar_engines(ar_engines or getattr(args, "ar_engine", None) or "batch"):
         ars[kind] = autoregressive_decoder(target, kind, compile=compile, max_len=budget,
@@ -405,9 +405,14 @@ def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: s
     return speculative_decoder(engine), ars, budget
 
 
-def _fused_target(args) -> bool:
-    """``--target-forward``: the tree engine's static paths run the target as FusedLlama (default)."""
-    return getattr(args, "target_forward", "fused") == "fused"
+def _engine_options(args) -> dict:
+    """The tree engine's static-path switches, for A/B timing: ``--target-forward`` (FusedLlama by
+    default), ``--span-step`` (verification over 128-slot cache spans; 0: the whole cache) and
+    ``--greedy-verify`` (T = 0 acceptance in the draft+verify graph, or on the host)."""
+    span = getattr(args, "span_step", 128)
+    return {"fused_target": getattr(args, "target_forward", "fused") == "fused",
+            "span_step": span or None,
+            "device_greedy": getattr(args, "greedy_verify", "device") == "device"}
 
 
 def warm_prompt(tokenizer) -> list[int]:
@@ -459,6 +464,8 @@ def run_eval(args) -> int:
         "seed": args.seed,
         "tree": asdict(engine.tree_config),
         "target_forward": "fused" if engine.fused_target else "fast",
+        "span_step": engine.span_step,
+        "greedy_verify": "device" if engine.device_greedy else "host",
         "eos_token_ids": sorted(eos),
         **_environment(device, dtype, args),
         "compile": engine.compile,
@@ -586,7 +593,7 @@ def run_check(args) -> int:
             started = time.perf_counter()
             engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=mode,
                                           max_len=max(map(len, prompts)) + new_tokens,
-                                          fused_target=_fused_target(args))
+                                          **_engine_options(args))
             setup = time.perf_counter() - started
             if engine.compile != mode:
                 failures.append(f"{dtype_name} {mode}: fell back to {engine.compile}: {engine.compile_errors}")
@@ -669,7 +676,7 @@ def run_generate(args) -> int:
     budget = max(context_budget(tokenizer, questions, args.max_new_tokens), 64) if not args.raw else None
     engine = SpeculativeGenerator(target, drafter, _tree_config(args), temperature=args.temperature,
                                   seed=args.seed, compile=args.compile, max_len=budget,
-                                  fused_target=_fused_target(args))
+                                  **_engine_options(args))
 
     def run(ids: list[int], turn: int = 0):
         return engine.generate(ids, args.max_new_tokens, eos)
@@ -729,6 +736,12 @@ def add_model_args(parser, drafter_required: bool) -> None:
     parser.add_argument("--target-forward", default="fused", choices=["fused", "fast"],
                         help="the tree engine's target forward on its static/graph paths: fused (FusedLlama, "
                              "about a third of the kernels; default) or fast (FastLlama, the earlier one: A/B)")
+    parser.add_argument("--span-step", type=int, default=128, metavar="SLOTS",
+                        help="the tree engine verifies over cache spans of this many slots (one graph each; "
+                             "0: the whole cache, the earlier behaviour: A/B)")
+    parser.add_argument("--greedy-verify", default="device", choices=["device", "host"],
+                        help="at T=0, accept the tree inside the draft+verify graph (device; default) or walk "
+                             "it on the host (the earlier path: A/B)")
     parser.add_argument("--bench-dir", type=Path, default=None,
                         help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR, else the shipped "
                              "speculative/data/bench)")
