@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculative.drafter import Eagle3Drafter
+from speculative.fused_llama import qkv_rope_factors
 
 
 class GroupedDraftCache:
@@ -102,19 +103,9 @@ class FusedDrafter(nn.Module):
             torch.cat([linear.weight for linear in linears], 0, out=merged)
 
     def _rope_direct(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin' ``[B, T, heads + 2 kv_heads, d]`` over a whole q/k/v row: the rotary
-        embedding's on the q and k heads, identity on the v heads; ``rotate_half(x) * sin ==
-        roll(x, d/2) * sin'`` with the sign folded into sin'."""
-        batch, length = position_ids.shape
-        dim, half, kv_heads = self.head_dim, self.head_dim // 2, self.num_kv_heads
-        rotated = self.num_heads + kv_heads
+        """``qkv_rope_factors`` of the drafter's rotary embedding at ``position_ids``."""
         cos, sin = self.drafter.rotary(like, position_ids)  # [B, T, d]
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
-        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
-                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
-        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
-                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
-        return cos, sin
+        return qkv_rope_factors(cos, sin, self.num_heads, self.num_kv_heads)
 
     @torch.no_grad()
     def _build_rope_table(self, positions: int) -> torch.Tensor | None:

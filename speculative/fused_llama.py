@@ -42,6 +42,21 @@ from speculative.batch_cache import BatchKVCache
 from speculative.llama import FastLlama, FastLlamaOutput
 
 
+def qkv_rope_factors(cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin' ``[B, T, heads + 2 kv_heads, d]`` for RoPE over a whole merged q/k/v row, from
+    a rotary embedding's cos, sin ``[B, T, d]``: its factors on the q and k heads, identity on the
+    v heads (cos 1, sin 0), so the k/v heads of the result go to a cache as they are, in one copy.
+    ``rotate_half(x) * sin == roll(x, d/2) * sin'`` with the sign folded into sin'."""
+    batch, length, dim = cos.shape
+    half, rotated = dim // 2, heads + kv_heads
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+    cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
+                     torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+    sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
+                     torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
+    return cos, sin
+
+
 class FusedLlama(nn.Module):
     """``FastLlama``'s function (same aux-hidden convention) with merged projections."""
 
@@ -96,20 +111,9 @@ class FusedLlama(nn.Module):
     TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
     def _rope_direct(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin' ``[B, T, heads + 2 kv_heads, d]`` for RoPE over a whole q/k/v row: the
-        rotary embedding's on the q and k heads, identity on the v heads (cos 1, sin 0), so the
-        k/v heads of the result go to the cache as they are, in one copy. ``rotate_half(x) * sin
-        == roll(x, d/2) * sin'`` with the sign folded into sin'."""
-        batch, length = position_ids.shape
-        dim, half, kv_heads = self.head_dim, self.head_dim // 2, self.num_kv_heads
-        rotated = self.num_heads + kv_heads
+        """``qkv_rope_factors`` of the target's rotary embedding at ``position_ids``."""
         cos, sin = self.fast.rotary_emb(like, position_ids)  # [B, T, d]
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
-        cos = torch.cat([cos[:, :, None].expand(batch, length, rotated, dim),
-                         torch.ones_like(cos)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
-        sin = torch.cat([sin[:, :, None].expand(batch, length, rotated, dim),
-                         torch.zeros_like(sin)[:, :, None].expand(batch, length, kv_heads, dim)], 2)
-        return cos, sin
+        return qkv_rope_factors(cos, sin, self.num_heads, self.num_kv_heads)
 
     @torch.no_grad()
     def _build_rope_table(self, positions: int) -> None:
