@@ -9,7 +9,7 @@
 #   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
 #   bash bench/gpu_qwen.sh restore-regen DIR      # (next session, DIR carried) the shards back in place
 #   bash bench/gpu_qwen.sh pack-drafter OUT_DIR FIRST COUNT   # the SFT drafter, 15 MB parts (two calls)
-#   bash bench/gpu_qwen.sh restore-drafter DIR...  # (next session) -> /tmp/drafter_prev, sha256-checked
+#   bash bench/gpu_qwen.sh restore-drafter DIR...  # (next session, a call per carried folder) -> /tmp/drafter_prev
 #
 # All resume where the previous call stopped (regenerate by shard, training by checkpoint), so a
 # run longer than one 10-minute call is several calls on the same warm machine. `regen` starts no
@@ -53,8 +53,8 @@ case "${1:-}" in
     rm -f "$out"/generations.jsonl.gz; gzip -f "$out"/generations.jsonl 2>/dev/null || true ;;
   pack-drafter)
     # The SFT drafter in 15 MB parts, PARTS of them from part FIRST on (call 1: FIRST 0 with the
-    # config and the sha256; call 2: FIRST 7), since a call brings back 8 files.
-    out=${2:?OUT_DIR}; first=${3:-0}; count=${4:-7}; mkdir -p "$out"
+    # config and the sha256, 6 parts; call 2: FIRST 6 COUNT 8), since a call brings back 8 files.
+    out=${2:?OUT_DIR}; first=${3:-0}; count=${4:-6}; mkdir -p "$out"
     src=/tmp/runs/sft_qwen/drafter
     if [ ! -f /tmp/drafter_parts/SHA256 ]; then
       rm -rf /tmp/drafter_parts; mkdir -p /tmp/drafter_parts
@@ -67,16 +67,20 @@ case "${1:-}" in
     for part in "${parts[@]:$first:$count}"; do cp "$part" "$out"/; done
     ls -la "$out" ;;
   restore-drafter)
-    # (next session, the parts carried in one or more folders) -> /tmp/drafter_prev, checked;
-    # then: sft ... --set drafter.init_from=/tmp/drafter_prev (a fresh optimiser, the old weights)
-    shift; rm -rf /tmp/drafter_prev; mkdir -p /tmp/drafter_prev
-    for dir in "$@"; do ls "$dir"/model.safetensors.part*; done | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2- \
-      | while read -r part; do cat "$part"; done > /tmp/drafter_prev/model.safetensors
-    for dir in "$@"; do
-      [ -f "$dir"/drafter_config.json ] && cp "$dir"/drafter_config.json /tmp/drafter_prev/config.json
-      [ -f "$dir"/SHA256 ] && cp "$dir"/SHA256 /tmp/drafter_prev/SHA256
-    done
-    (cd /tmp/drafter_prev && sha256sum -c SHA256) ;;
+    # (next session) one call per carried folder of parts; they accumulate in /tmp/drafter_in, and
+    # /tmp/drafter_prev appears once the joined file matches the packed sha256. Then:
+    # sft ... --set drafter.init_from=/tmp/drafter_prev (the old weights, a fresh optimiser).
+    shift; mkdir -p /tmp/drafter_in
+    for dir in "$@"; do cp "$dir"/* /tmp/drafter_in/; done
+    rm -rf /tmp/drafter_prev /tmp/drafter_join; mkdir -p /tmp/drafter_join
+    cat /tmp/drafter_in/model.safetensors.part* > /tmp/drafter_join/model.safetensors   # the glob sorts
+    n=$(ls /tmp/drafter_in/model.safetensors.part* | wc -l)
+    if [ -f /tmp/drafter_in/SHA256 ] && (cd /tmp/drafter_join && sha256sum -c --status /tmp/drafter_in/SHA256); then
+      cp /tmp/drafter_in/drafter_config.json /tmp/drafter_join/config.json
+      mv /tmp/drafter_join /tmp/drafter_prev; echo "drafter restored from $n parts: /tmp/drafter_prev"
+    else
+      rm -rf /tmp/drafter_join; echo "$n parts in; the sha256 does not match yet (carry the rest)"
+    fi ;;
   pack-regen)
     # Shards + manifest (the joined files are derived); a call brings back 8 files of 16 MiB.
     out=${2:?OUT_DIR}; mkdir -p "$out"
