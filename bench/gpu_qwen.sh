@@ -56,10 +56,12 @@ case "${1:-}" in
     # config and the sha256, 6 parts; call 2: FIRST 6 COUNT 8), since a call brings back 8 files.
     out=${2:?OUT_DIR}; first=${3:-0}; count=${4:-6}; mkdir -p "$out"
     src=/tmp/runs/sft_qwen/drafter
-    if [ ! -f /tmp/drafter_parts/SHA256 ]; then
+    # split once per drafter: a later SFT call (same machine) rewrites it, and then it is split again
+    now=$(cd "$src" && sha256sum model.safetensors)
+    if [ ! -f /tmp/drafter_parts/SHA256 ] || [ "$now" != "$(cat /tmp/drafter_parts/SHA256)" ]; then
       rm -rf /tmp/drafter_parts; mkdir -p /tmp/drafter_parts
       split -b 15M -d -a 2 "$src"/model.safetensors /tmp/drafter_parts/model.safetensors.part
-      (cd "$src" && sha256sum model.safetensors) > /tmp/drafter_parts/SHA256
+      echo "$now" > /tmp/drafter_parts/SHA256
     fi
     if [ "$first" -eq 0 ]; then cp "$src"/config.json "$out"/drafter_config.json; cp /tmp/drafter_parts/SHA256 "$out"/; fi
     parts=(/tmp/drafter_parts/model.safetensors.part*)

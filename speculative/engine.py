@@ -283,6 +283,7 @@ class SpeculativeGenerator:
                         self.fast, self.drafter, self.tree_config, needed + chunk,
                         use_graphs=self.compile == "graph" or (self.compile == "inductor" and cuda),
                         compiled=self.compile == "inductor", fused=self.fused_target, span_step=self.span_step,
+                        greedy_graphs=self.device_greedy and not self.record_steps,
                     )
                     break
                 except Exception as error:  # a failed compile/capture: one step simpler, loudly
@@ -342,7 +343,7 @@ class SpeculativeGenerator:
         # T = 0 on the static paths: acceptance runs in the draft+verify graph, the host reads a
         # few integers (recorded steps need the host verifier's full detail)
         on_device = (self.device_greedy and self.temperature <= 0 and not self.record_steps
-                     and getattr(backend, "supports_device_greedy", False))
+                     and getattr(backend, "greedy_graphs", False))
         while not done:
             with phase("spec/draft_verify"):
                 if on_device:

@@ -109,21 +109,25 @@ class FusedDrafter(nn.Module):
 
     @torch.no_grad()
     def _build_rope_table(self, positions: int) -> torch.Tensor | None:
-        """``[P, 2 (cos, sin'), heads + 2 kv_heads, d]`` for positions ``0 .. P-1`` (None where the
-        RoPE type rescales with the sequence length: then computed per call)."""
+        """``[P, 2 (cos, sin'), 2 (q/k heads, v heads), d]`` for positions ``0 .. P-1``: the two
+        distinct rows of ``_rope_direct`` (None where the RoPE type rescales with the sequence
+        length: then computed per call). ``_row_kind`` maps each q/k/v head to its row."""
         if getattr(self.drafter.rotary, "rope_type", "default") not in self.TABLE_ROPE_TYPES:
             return None
         weight = self.drafter.fc.weight
         like = torch.zeros(1, dtype=weight.dtype, device=weight.device)
         cos, sin = self._rope_direct(like, torch.arange(positions, device=weight.device)[None])
-        return torch.stack([cos[0], sin[0]], 1)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        self._row_kind = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=weight.device)
+        return torch.stack([torch.stack([cos[0, :, 0], cos[0, :, -1]], 1),
+                            torch.stack([sin[0, :, 0], sin[0, :, -1]], 1)], 1)
 
     def _rope(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         table = self.rope_table
         if table is None:
             return self._rope_direct(like, position_ids)
-        rows = table[position_ids]  # [B, T, 2, rows, d]
-        return rows[:, :, 0], rows[:, :, 1]
+        rows = table[position_ids[:, :, None], :, self._row_kind]  # [B, T, heads + 2 kv_heads, 2, d]
+        return rows[..., 0, :], rows[..., 1, :]
 
     # ------------------------------------------------------------------ the drafting call
 

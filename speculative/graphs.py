@@ -125,7 +125,7 @@ class StaticDecoder:
 
     def __init__(self, fast: FastLlama, drafter=None, tree: TreeConfig | None = None,
                  max_len: int = 1024, use_graphs: bool = False, compiled: bool = False, fused: bool = True,
-                 span_step: int | None = 128):
+                 span_step: int | None = 128, greedy_graphs: bool = True):
         if use_graphs and fast.device.type != "cuda":
             raise ValueError("CUDA graphs need the target on a CUDA device")
         if drafter is not None and tree is not None and tree.sample_temperature is not None:
@@ -138,6 +138,9 @@ class StaticDecoder:
         self.compiled = compiled
         self.max_len = round_up(max_len)
         self.span_step = span_step
+        # capture the T = 0 variant of each draft+verify graph (one more graph a span) only where
+        # it can be replayed: not for recorded steps (RL rollouts), nor with device_greedy off
+        self.greedy_graphs = greedy_graphs
         long = dict(dtype=torch.long, device=self.device)
         self.fused = fused
         self.target = FusedLlama(fast) if fused else fast  # same call, same outputs (to rounding)
@@ -306,7 +309,7 @@ class StaticDecoder:
         self._capture("decode", self._decode_fn)
         if self.drafter is not None:
             for span in self.spans():
-                for greedy in (False, True):
+                for greedy in (False, True) if self.greedy_graphs else (False,):
                     self._capture(("draft_verify", span, greedy),
                                   lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy))
             for m in self.catch_up_inputs:
@@ -359,14 +362,14 @@ class StaticDecoder:
         self.root_logits.copy_(logits[:, -1])
         self.root_hidden.copy_(prenorm[:, -1])
 
-    supports_device_greedy = True
-
     @torch.no_grad()
     def draft_verify(self, root_token: int, root_pos: int, greedy: bool = False) -> tuple[DraftTree, torch.Tensor]:
         """Grow the tree from the root and verify it: (tree, target logits ``[1, 1 + N, V]``).
         ``greedy``: also accept at T = 0 on the device; ``greedy_step`` then reads the outcome."""
         self.token.fill_(root_token)
         self.pos.fill_(root_pos)
+        if greedy and not self.greedy_graphs:
+            raise ValueError("this decoder was built without the greedy draft+verify graphs (greedy_graphs=False)")
         span = self.span_for(root_pos + self.chunk_len)
         return self._run(("draft_verify", span, greedy), self._draft_verify_fn, span, greedy)
 

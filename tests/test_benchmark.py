@@ -215,6 +215,8 @@ def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
     default = json.loads((out / "results.json").read_text())["config"]
     assert (default["target_forward"], default["span_step"], default["greedy_verify"]) == ("fused", 128, "device")
     assert json.loads((fast / "results.json").read_text())["results"][0]["tau"] == block["tau"]
+    with pytest.raises(SystemExit):  # a span that is not a multiple of 64 slows every layer's SDPA
+        main(["eval", *common, "--bench", str(two_turn_file), "--span-step", "100", "--out", str(tmp_path / "x")])
     check = tmp_path / "check"
     assert main(["eval", "--check", *common, "--bench", str(two_turn_file), "--max-new-tokens", "8",
                  "--out", str(check)]) == 0

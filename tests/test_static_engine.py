@@ -214,3 +214,18 @@ def test_device_greedy_acceptance_equals_the_host_verifier(agreeing_pair):
         assert device.tokens == host.tokens == hf_greedy(target.model, prompt, 40), seed
         assert device.accept_lengths == host.accept_lengths, seed
         assert max(device.accept_lengths) >= 2  # multi-token catch-ups prepared on the device
+
+
+def test_greedy_graphs_only_where_they_can_replay(agreeing_pair):
+    """Recorded steps (RL rollouts) and --greedy-verify host build no T = 0 variant of the graphs."""
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
+    assert SpeculativeGenerator(target, drafter, tree, compile="static")._static_for(4, 8).greedy_graphs
+    recorded = SpeculativeGenerator(target, drafter, tree, compile="static", record_steps=True)
+    assert not recorded._static_for(4, 8).greedy_graphs
+    host = SpeculativeGenerator(target, drafter, tree, compile="static", device_greedy=False)
+    decoder = host._static_for(4, 8)
+    assert not decoder.greedy_graphs
+    with pytest.raises(ValueError, match="greedy"):
+        decoder.draft_verify(1, 4, greedy=True)
+    assert host.generate([1, 2, 3, 4], 12).tokens == hf_greedy(target.model, [1, 2, 3, 4], 12)

@@ -28,6 +28,7 @@ cycle and of an AR step under ``torch.profiler``; ``--max-minutes 0`` then skips
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -405,6 +406,15 @@ def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: s
     return speculative_decoder(engine), ars, budget
 
 
+def _span_step(text: str) -> int:
+    """``--span-step``: 0 or a multiple of 64 (a mask row of another length is padded, or pushes
+    SDPA onto a slower kernel, in every layer: a silent slowdown in an A/B)."""
+    value = int(text)
+    if value < 0 or value % 64:
+        raise argparse.ArgumentTypeError(f"--span-step must be 0 or a positive multiple of 64, not {value}")
+    return value
+
+
 def _engine_options(args) -> dict:
     """The tree engine's static-path switches, for A/B timing: ``--target-forward`` (FusedLlama by
     default), ``--span-step`` (verification over 128-slot cache spans; 0: the whole cache) and
@@ -736,7 +746,7 @@ def add_model_args(parser, drafter_required: bool) -> None:
     parser.add_argument("--target-forward", default="fused", choices=["fused", "fast"],
                         help="the tree engine's target forward on its static/graph paths: fused (FusedLlama, "
                              "about a third of the kernels; default) or fast (FastLlama, the earlier one: A/B)")
-    parser.add_argument("--span-step", type=int, default=128, metavar="SLOTS",
+    parser.add_argument("--span-step", type=_span_step, default=128, metavar="SLOTS",
                         help="the tree engine verifies over cache spans of this many slots (one graph each; "
                              "0: the whole cache, the earlier behaviour: A/B)")
     parser.add_argument("--greedy-verify", default="device", choices=["device", "host"],
