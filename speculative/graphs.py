@@ -168,6 +168,8 @@ class StaticDecoder:
             self.root_logits = torch.zeros(1, config.draft_vocab_size, dtype=dtype, device=self.device)
             self.root_hidden = torch.zeros(1, config.hidden_size, dtype=dtype, device=self.device)
             self.trees_ok = torch.ones((), dtype=torch.bool, device=self.device)
+            self._no_slots = torch.zeros(1, max(self.scratch, 1), self.scratch, dtype=torch.bool, device=self.device)
+            self._context: torch.Tensor | None = None
             # Catch-up inputs per accepted count m: row 0 tokens, row 1 rows of the verification
             # chunk whose aux hidden feeds them, row 2 (first m - 1) cache slots to compact.
             # Views of one buffer, so the greedy draft+verify graph can fill them on the device.
@@ -231,12 +233,13 @@ class StaticDecoder:
         """``grow_draft_tree``'s drafter call: context slots below the root's, tree scratch."""
         batch, width = ids.shape
         fed = tree_mask.shape[-1] - width
-        context = (self.cols < self.pos[:, None, None]).expand(batch, width, self.max_len)
-        unused = torch.zeros(batch, width, self.scratch - fed - width, dtype=torch.bool, device=self.device)
+        context = self._context[:, None].expand(batch, width, self.max_len)  # computed once a step
+        unused = self._no_slots[:, :width, : self.scratch - fed - width]  # a constant: no kernel a level
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
         return self.draft(ids, hidden, positions, self.dcache)
 
     def _draft_verify_step(self, span: int, greedy: bool = False):
+        self._context = self.cols[None] < self.pos[:, None]  # [1, max_len]: the accepted prefix
         tree, closed = grow_draft_tree(
             self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
         )
@@ -245,7 +248,7 @@ class StaticDecoder:
         chunk = torch.cat([self.token, tree.tokens], 1)
         slots = self.pos[:, None] + torch.arange(length, device=self.device)  # [1, T]
         # the target attends over slots [0, span) only: the prefix, then the chunk (span >= pos + T)
-        mask = (self.cols[:span] < self.pos[:, None, None]).expand(1, length, span).contiguous()
+        mask = self._context[:, None, :span].expand(1, length, span).contiguous()
         mask.scatter_(2, slots[:, None, :].expand(1, length, length), tree.chunk_mask())
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
         self.verify_aux.copy_(out.aux_hidden)
