@@ -118,6 +118,8 @@ def resolve_compile_mode(mode: str, device: torch.device | str) -> str:
 class _EagerBackend:
     """The reference path: dynamic shapes, a growing drafter cache, nothing captured."""
 
+    greedy_graphs = False  # T = 0 acceptance on the device is the static paths' (``StaticDecoder``)
+
     def __init__(self, fast: FastLlama, drafter, tree: TreeConfig, generator: torch.Generator):
         self.fast, self.drafter, self.tree_config, self.generator = fast, drafter, tree, generator
         self.device = fast.device
@@ -165,7 +167,9 @@ class _EagerBackend:
         )
         self.root_logits, self.root_hidden = logits[:, -1], prenorm[:, -1]
 
-    def draft_verify(self, root_token: int, root_pos: int) -> tuple[DraftTree, torch.Tensor]:
+    def draft_verify(self, root_token: int, root_pos: int, greedy: bool = False) -> tuple[DraftTree, torch.Tensor]:
+        if greedy:
+            raise ValueError("the eager path verifies on the host")
         device = self.device
         tree = build_draft_tree(
             self.drafter, self.dcache, self.root_logits, self.root_hidden,
@@ -180,7 +184,9 @@ class _EagerBackend:
         self.verify_aux = out.aux_hidden
         return tree, out.logits
 
-    def catch_up(self, tokens: list[int], path: list[int], root_pos: int) -> None:
+    def catch_up(self, tokens: list[int], path: list[int], root_pos: int, prepared: bool = False) -> None:
+        if prepared:
+            raise ValueError("the eager path builds the catch-up's inputs itself")
         device = self.device
         if path:  # accepted nodes sit at slots root_pos + 1 + node; move them behind the root
             src = torch.tensor([[root_pos + 1 + i for i in path]], device=device)
@@ -342,14 +348,10 @@ class SpeculativeGenerator:
         root_pos = len(prompt)  # the root token's position == its target cache slot
         # T = 0 on the static paths: acceptance runs in the draft+verify graph, the host reads a
         # few integers (recorded steps need the host verifier's full detail)
-        on_device = (self.device_greedy and self.temperature <= 0 and not self.record_steps
-                     and getattr(backend, "greedy_graphs", False))
+        on_device = self.device_greedy and self.temperature <= 0 and not self.record_steps and backend.greedy_graphs
         while not done:
             with phase("spec/draft_verify"):
-                if on_device:
-                    tree, logits = backend.draft_verify(root_token, root_pos, greedy=True)
-                else:
-                    tree, logits = backend.draft_verify(root_token, root_pos)
+                tree, logits = backend.draft_verify(root_token, root_pos, greedy=on_device)
             forwards += 1
             with phase("spec/verify_host"):
                 if on_device:
@@ -367,10 +369,7 @@ class SpeculativeGenerator:
                 break
             path = step.accepted_nodes
             with phase("spec/catch_up"):
-                if on_device:
-                    backend.catch_up(step.tokens, path, root_pos, prepared=True)
-                else:
-                    backend.catch_up(step.tokens, path, root_pos)
+                backend.catch_up(step.tokens, path, root_pos, prepared=on_device)
             root_token = step.bonus_token
             root_pos += 1 + len(path)
         backend.end()

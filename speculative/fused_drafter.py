@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculative.drafter import Eagle3Drafter
-from speculative.fused_llama import qkv_rope_factors
+from speculative.fused_llama import FusedLlama, qkv_rope_factors
 
 
 class GroupedDraftCache:
@@ -45,8 +45,6 @@ class GroupedDraftCache:
                  dtype: torch.dtype, device: torch.device | str):
         self.storage = torch.zeros(2, batch, kv_heads, context_len + scratch_len, head_dim, dtype=dtype,
                                    device=device)
-        self.context_len = context_len
-        self.scratch_len = scratch_len
         self.slots: int | torch.Tensor = 0
         self.mask: torch.Tensor | None = None
 
@@ -71,8 +69,7 @@ class FusedDrafter(nn.Module):
     """``Eagle3Drafter``'s drafting call ``(ids, hidden, positions, cache) -> (logits, hidden)``
     over a ``GroupedDraftCache``, with merged projections (inference only)."""
 
-    # RoPE types whose factors depend on the position only: those can come from a table
-    TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+    TABLE_ROPE_TYPES = FusedLlama.TABLE_ROPE_TYPES  # factors that depend on the position only
 
     def __init__(self, drafter: Eagle3Drafter, max_positions: int):
         super().__init__()

@@ -52,6 +52,7 @@ does not matter to attention, only the mask does.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 
@@ -135,9 +136,13 @@ class StaticDecoder:
         self.tree_config = tree or TreeConfig()
         self.device = fast.device
         self.use_graphs = use_graphs
-        self.compiled = compiled
         self.max_len = round_up(max_len)
         self.span_step = span_step
+        # Cache spans the verification attends over, one draft+verify graph each, so a short
+        # sequence does not attend over (and mask) the whole static cache. Inductor compiles one
+        # variant per span (minutes each): there, one span, the whole cache.
+        step = span_step if span_step and not compiled else self.max_len
+        self._spans = sorted({min(round_up(s, step), self.max_len) for s in range(step, self.max_len + step, step)})
         # capture the T = 0 variant of each draft+verify graph (one more graph a span) only where
         # it can be replayed: not for recorded steps (RL rollouts), nor with device_greedy off
         self.greedy_graphs = greedy_graphs
@@ -210,15 +215,12 @@ class StaticDecoder:
         return prompt_len + max_new_tokens + self.chunk_len <= self.max_len
 
     def spans(self) -> list[int]:
-        """Cache spans the verification attends over: one draft+verify graph each, so a short
-        sequence does not attend over (and mask) the whole static cache. Inductor compiles one
-        variant per span (minutes each): there, one span, the whole cache."""
-        step = self.span_step if self.span_step and not self.compiled else self.max_len
-        return sorted({min(round_up(s, step), self.max_len) for s in range(step, self.max_len + step, step)})
+        """The cache spans, shortest first (fixed at construction)."""
+        return self._spans
 
     def span_for(self, needed: int) -> int:
         """The shortest span holding ``needed`` slots."""
-        return next(s for s in self.spans() if s >= needed)
+        return self._spans[bisect.bisect_left(self._spans, needed)]
 
     # ---------------------------------------------------------------- graph-captured steps
 

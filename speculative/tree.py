@@ -270,20 +270,18 @@ def grow_draft_tree(
     node_dist_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (candidate idx, dist row)
     n_cand, n_fed = ids.shape[1], 0
 
-    eyes: dict[int, torch.Tensor] = {}  # the frontier keeps one width: one eye, not one a level
-    offsets: dict[int, torch.Tensor] = {}
+    # every level feeds k frontier nodes (the root's k children, then the k best of k * k): one
+    # eye and one arange for the whole tree, not one a level
+    width = frontier.shape[1]
+    eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
+    offsets = torch.arange(width, device=device).expand(batch, -1)
     for level in range(1, config.depth):
-        width = frontier.shape[1]
-        if width not in eyes:
-            eyes[width] = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
-            offsets[width] = torch.arange(width, device=device).expand(batch, -1)
-        eye = eyes[width]
         tree_part = torch.cat([frontier_anc, eye], dim=-1)
         positions = (root_positions[:, None] + level).expand(batch, width)
         logits, prenorm = feed(
             drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
         )
-        dist_rows = offsets[width] + (1 + n_fed)
+        dist_rows = offsets + (1 + n_fed)
         node_dist_rows.append((frontier, dist_rows))
         if keep_dists or sample:
             logq_level = _log_q(logits, scale, sample)
