@@ -96,7 +96,9 @@ case "${1:-}" in
     dir=${2:?DIR}; rm -rf /tmp/regen_qwen
     cat "$dir"/regen_qwen.tar.part* | tar -C /tmp -xf -
     python3 -c "import json; m = json.load(open('/tmp/regen_qwen/manifest.json')); \
-print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored')" ;;
+print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored')"
+    # Joined now (sha256 of every shard checked), so `sft` can train on them without a `regen`.
+    python3 -c "from tools.regenerate import join_committed; print('joined:', join_committed('/tmp/regen_qwen'))" ;;
   *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST COUNT | restore-drafter DIR..." >&2
      exit 2 ;;
 esac

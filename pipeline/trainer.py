@@ -21,7 +21,7 @@ from pipeline.checkpointing import load_state, open_run, save_checkpoint, set_rn
 from pipeline.metrics_log import MetricsLog, plot_curves
 from speculative.checkpoint import export_drafter, load_drafter, save_drafter
 from speculative.config import ExperimentConfig, dump_config
-from speculative.data import build_dataset, collate, split_dataset
+from speculative.data import build_dataset, collate, mix_training_data, split_dataset
 from speculative.data.batches import BatchOrder
 from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
@@ -38,23 +38,28 @@ def load_datasets(config, tokenizer, cache_dir: Path):
     not build a Trainer). An empty evaluation split falls back to the training set.
     """
     data = config.data
-    dataset, stats = build_dataset(
-        data.source,
-        tokenizer,
-        format=data.format,
-        split=data.split,
-        subset=data.subset,
-        num_proc=data.num_proc,
-        max_length=data.max_length,
-        max_records=data.max_records,
-        offset=data.offset,
-        on_error=data.on_error,
-        cache_dir=Path(cache_dir) / "data",
-    )
+
+    def tokenised(source: str, format: str, max_records: int | None, offset: int):
+        return build_dataset(
+            source, tokenizer, format=format, split=data.split, subset=data.subset, num_proc=data.num_proc,
+            max_length=data.max_length, max_records=max_records, offset=offset, on_error=data.on_error,
+            cache_dir=Path(cache_dir) / "data",
+        )
+
+    dataset, stats = tokenised(data.source, data.format, data.max_records, data.offset)
     train, evaluation = split_dataset(dataset, data.eval_fraction, config.seed)
-    if len(evaluation) == 0:
-        evaluation = train
-    return train, evaluation, stats
+    held_out = evaluation if len(evaluation) else None
+    if data.extra_sources:
+        extras = []
+        for extra in data.extra_sources:
+            extra_set, extra_stats = tokenised(extra.source, extra.format, extra.max_records, extra.offset)
+            extras.append((extra.source, extra_set))
+            stats.setdefault("extra_source_stats", {})[extra.source] = extra_stats
+        train, stats["training_mix"] = mix_training_data(train, held_out, extras, data.source)
+        for part in stats["training_mix"]["parts"]:
+            print(f"[draftrl] training mix: {part['source']}: {part['samples']} samples, {part['tokens']} tokens "
+                  f"({100 * part['token_share']:.1f} %)", flush=True)
+    return train, held_out if held_out is not None else train, stats
 
 
 class NonFiniteGuard:

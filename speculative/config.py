@@ -93,6 +93,21 @@ class TargetConfig(AliasedSection):
         return data
 
 
+class ExtraSource(Section):
+    """A training-only source mixed into the main one (``speculative.data.mixing``)."""
+
+    source: str = Field(description="as data.source: a file, a datasets directory, 'sharegpt' or 'hf:...'")
+    format: Literal["auto", "sharegpt", "openai", "pretokenized"] = "auto"
+    max_records: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        """``- /data/more.jsonl`` is short for ``- source: /data/more.jsonl``."""
+        return {"source": data} if isinstance(data, str) else data
+
+
 class DataConfig(AliasedSection):
     source: str = Field(
         "sharegpt", description="'sharegpt' (bundled); a JSON/JSONL/Parquet file of conversations or of "
@@ -112,6 +127,11 @@ class DataConfig(AliasedSection):
     offset: int = Field(0, ge=0)
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     on_error: Literal["raise", "skip"] = "raise"
+    extra_sources: list[ExtraSource] = Field(
+        default_factory=list, description="more training text, never held out: each is tokenised like "
+        "source, loses the conversations whose prompt is a held-out one's, and follows the main "
+        "training split in the mix (e.g. the original answers of the prompts that were regenerated)",
+    )
 
 
 class DrafterSection(AliasedSection):

@@ -4,6 +4,7 @@ has none), on tiny random Llama and Qwen2 targets with SmolLM2's tokenizer and c
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -101,6 +102,28 @@ def test_time_budget_stops_between_shards_and_the_next_run_resumes(tiny_chat_tar
     assert second.complete and (second.shards_resumed, second.shards_written) == (1, 2)
     assert not (out / "committed.parquet").exists()
     assert pq.read_table(out / "regenerated.parquet").to_pylist() == want
+
+    # Shards brought to another machine (manifest + shards only) join without a model, and a
+    # changed shard is refused rather than silently left out.
+    from tools.regenerate import join_committed
+
+    moved = tmp_path / "moved"
+    (moved / "shards").mkdir(parents=True)
+    shutil.copy(out / "manifest.json", moved)
+    for shard in (out / "shards").iterdir():
+        shutil.copy(shard, moved / "shards")
+    joined = join_committed(moved)
+    assert joined == moved / "regenerated.parquet" and pq.read_table(joined).to_pylist() == want
+    partial = json.loads((moved / "manifest.json").read_text())
+    partial["complete"] = False
+    del partial["shards"]["2"]
+    (moved / "manifest.json").write_text(json.dumps(partial))
+    assert pq.read_table(join_committed(moved)).to_pylist() == want[:4]
+    assert join_committed(moved) == moved / "committed.parquet"
+    with open(moved / partial["shards"]["1"]["file"], "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(RegenerateError, match="1 of the 2 shards"):
+        join_committed(moved)
 
 
 def test_max_turns_caps_the_answers_per_conversation(tiny_chat_target, tmp_path):

@@ -378,6 +378,25 @@ def _merge(out_dir: Path, manifest: dict[str, Any], indices: Sequence[int], name
     return final
 
 
+def join_committed(out_dir: str | Path) -> Path:
+    """Join the intact committed shards of ``out_dir`` into the file ``data.source`` reads, without
+    loading a model: ``committed.parquet``, or ``regenerated.parquet`` once the manifest says the
+    regeneration is complete. For shards brought back from another machine (``restore-regen``)."""
+    out_dir = Path(out_dir)
+    manifest_file = out_dir / MANIFEST
+    if not manifest_file.is_file():
+        raise RegenerateError(f"{manifest_file}: no manifest, so no committed shards to join")
+    manifest = json.loads(manifest_file.read_text())
+    listed = len(manifest["shards"])
+    done = sorted(_committed(out_dir, manifest))
+    if len(done) != listed:
+        raise RegenerateError(f"{out_dir}: {listed - len(done)} of the {listed} shards the manifest lists are "
+                              "missing or changed (see above); restore them again")
+    if not done:
+        raise RegenerateError(f"{manifest_file} lists no committed shard")
+    return _merge(out_dir, manifest, done, OUTPUT_FILE if manifest.get("complete") else PARTIAL_FILE)
+
+
 class BatchedChat:
     """The part of vLLM's ``LLM`` that regeneration uses, on draftrl's batched engine (no vLLM).
 

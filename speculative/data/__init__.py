@@ -6,6 +6,7 @@ Ray-free, so it can be used (and tested) on its own:
   validates them (:class:`DataError` names the file, record and field);
 * :mod:`.render` applies the target's chat template and marks the assistant tokens;
 * :mod:`.cache` builds the tokenised Parquet cache and serves it as a torch ``Dataset``;
+* :mod:`.mixing` adds training-only extra sources to the main training split;
 * :mod:`.batches` orders them into resumable batches (``BatchOrder``: batch ``i`` from the seed).
 
 Typical use::
@@ -24,6 +25,7 @@ from .cache import (
     split_dataset,
     supervised_token_counts,
 )
+from .mixing import TrainingMix, mix_training_data
 from .render import ChatRenderer, ChatTemplateError, Encoded, RenderError, template_token_ids
 from .sources import (
     SHAREGPT_ALIAS,
@@ -44,8 +46,10 @@ __all__ = [
     "ReadStats",
     "RenderError",
     "TokenizedDataset",
+    "TrainingMix",
     "build_dataset",
     "cache_key",
+    "mix_training_data",
     "collate",
     "read_conversations",
     "resolve_source",
