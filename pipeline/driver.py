@@ -198,7 +198,8 @@ class DistributedTrainer:
         train, evaluation, stats = load_datasets(self.config, tokenizer, self.cache_dir)
         (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
         print(f"[draftrl] data: {len(train)} train / {len(evaluation)} eval samples", flush=True)
-        self.train_data, self.order = train, BatchOrder(len(train), train_cfg.batch_size, cfg.seed)
+        self.train_data, self.order = train, BatchOrder(
+            len(train), train_cfg.batch_size, cfg.seed, lengths=train.lengths if train_cfg.group_by_length else None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         blueprint = self._blueprint(target_path, train, checkpoint)
 

@@ -167,7 +167,8 @@ class Trainer:
         reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
         optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)
-        order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed)
+        order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed,
+                           lengths=train.lengths if train_cfg.group_by_length else None)
         step, cursor = 0, 0
         nonfinite = NonFiniteGuard(train_cfg.max_nonfinite)
         if checkpoint is not None:

@@ -394,6 +394,10 @@ class TrainingConfig(AliasedSection):
         "(CUDA only: torch has no FlexAttention backward on CPU)",
     )
     batch_size: int = Field(4, ge=1)
+    group_by_length: bool = Field(
+        False, description="batches of similar lengths (sorted within windows of 64 batches, then shuffled): "
+        "less padding per batch, the same samples per epoch",
+    )
     grad_accum: int = Field(1, ge=1)
     micro_batch_size: int | None = Field(
         None, ge=1, description="Ray learners: sequences per forward/backward. A multiple of batch_size "

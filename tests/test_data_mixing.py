@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline.trainer import Trainer, load_datasets
 from speculative.config import ConfigError, load_config
@@ -118,17 +119,26 @@ def test_a_missing_extra_source_fails_before_training(tmp_path, tokenizer, sourc
                       tokenizer, tmp_path / "cache")
 
 
-def test_trainer_runs_on_a_mix(tmp_path, tiny_target_dir):
+def test_trainer_trains_on_a_grouped_mix_and_resumes_exactly(tmp_path, tiny_target_dir):
     main = write_topic_chats(tmp_path / "main.jsonl", 24)
     extra = write_topic_chats(tmp_path / "extra.jsonl", 40)  # 24 of its prompts are the main file's
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"target.model={tiny_target_dir}",
-        f"data.source={main}", f"data.extra_sources=[{extra}]", "data.max_length=64", "data.eval_fraction=0.25",
-        "drafter.draft_vocab_size=512", "training.ttt_steps=2", "training.batch_size=4", "training.max_steps=4",
-        "training.log_every=2", "training.eval_every=4", "training.save_every=4", "training.device=cpu",
-    ])
-    result = Trainer(config).run()
-    assert result.final_step == 4
-    mix = json.loads((result.output_dir / "data_stats.json").read_text())["training_mix"]
+
+    def config(run):
+        return load_config(None, [
+            f"output_dir={tmp_path / run}", f"cache_dir={tmp_path / 'cache'}", f"target.model={tiny_target_dir}",
+            f"data.source={main}", f"data.extra_sources=[{extra}]", "data.max_length=64",
+            "data.eval_fraction=0.25", "drafter.draft_vocab_size=512", "training.ttt_steps=2",
+            "training.batch_size=4", "training.group_by_length=true", "training.max_steps=4",
+            "training.log_every=2", "training.eval_every=4", "training.save_every=2", "training.device=cpu",
+        ])
+
+    straight = Trainer(config("a")).run()
+    assert straight.final_step == 4
+    mix = json.loads((straight.output_dir / "data_stats.json").read_text())["training_mix"]
     assert mix["dropped_held_out_prompts"] == {str(extra): 6}
     assert [part["samples"] for part in mix["parts"]] == [18, 34]
+    Trainer(config("b"), steps_this_run=2).run()
+    resumed = Trainer(config("b"), resume=True).run()
+    a = load_file(straight.drafter_dir / "model.safetensors")
+    b = load_file(resumed.drafter_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
