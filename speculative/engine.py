@@ -219,7 +219,9 @@ class SpeculativeGenerator:
     False: ``FastLlama``, the earlier forward, kept for A/B timing). ``span_step``: the static
     paths verify over cache spans of this granularity (one graph each; None: the whole cache).
     ``device_greedy``: at T = 0 the static paths accept inside the draft+verify graph (False: the
-    host walks the tree, the earlier path, kept for A/B timing).
+    host walks the tree, the earlier path, kept for A/B timing). ``pipelined`` (with it): a whole
+    cycle is one graph and the host enqueues the next before reading the last (False: the host
+    reads each cycle's outcome, then replays the catch-up; kept for A/B timing).
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class SpeculativeGenerator:
         fused_target: bool = True,
         span_step: int | None = 128,
         device_greedy: bool = True,
+        pipelined: bool = True,
     ):
         self.target = target
         self.fast = FastLlama.from_target(target)
@@ -256,6 +259,7 @@ class SpeculativeGenerator:
         self.fused_target = fused_target
         self.span_step = span_step
         self.device_greedy = device_greedy
+        self.pipelined = pipelined
         self.compile_errors: list[str] = []  # fallbacks taken when compiling/capturing failed
         self._eager = _EagerBackend(self.fast, self.drafter, self.tree_config, self.generator)
         self._static = None
@@ -281,15 +285,17 @@ class SpeculativeGenerator:
                 )
                 needed = max(needed, 2 * self._static.max_len)
             chunk = 1 + self.tree_config.total_tokens if self.drafter is not None else 1
+            cycles = self.device_greedy and self.pipelined and not self.record_steps and self.drafter is not None
+            margin = self.tree_config.depth if cycles else 0  # ``StaticDecoder.margin``
             self._static = None  # free the old buffers and graphs first
             while True:
                 cuda = self.device.type == "cuda"
                 try:
                     self._static = StaticDecoder(
-                        self.fast, self.drafter, self.tree_config, needed + chunk,
+                        self.fast, self.drafter, self.tree_config, needed + chunk + margin,
                         use_graphs=self.compile == "graph" or (self.compile == "inductor" and cuda),
                         compiled=self.compile == "inductor", fused=self.fused_target, span_step=self.span_step,
-                        greedy_graphs=self.device_greedy and not self.record_steps,
+                        greedy_graphs=self.device_greedy and not self.record_steps, cycle_graphs=cycles,
                     )
                     break
                 except Exception as error:  # a failed compile/capture: one step simpler, loudly
@@ -348,7 +354,12 @@ class SpeculativeGenerator:
         root_pos = len(prompt)  # the root token's position == its target cache slot
         # T = 0 on the static paths: acceptance runs in the draft+verify graph, the host reads a
         # few integers (recorded steps need the host verifier's full detail)
-        on_device = self.device_greedy and self.temperature <= 0 and not self.record_steps and backend.greedy_graphs
+        greedy = self.device_greedy and self.temperature <= 0 and not self.record_steps
+        if not done and greedy and getattr(backend, "cycle_graphs", False):
+            new, forwards = self._pipelined_cycles(backend, new, root_token, root_pos, max_new_tokens, eos, result,
+                                                   forwards)
+            done = True
+        on_device = greedy and backend.greedy_graphs
         while not done:
             with phase("spec/draft_verify"):
                 tree, logits = backend.draft_verify(root_token, root_pos, greedy=on_device)
@@ -378,6 +389,28 @@ class SpeculativeGenerator:
         result.target_forwards = forwards
         result.wall_time = time.perf_counter() - start
         return result
+
+    def _pipelined_cycles(self, backend, new: list[int], root_token: int, root_pos: int, max_new_tokens: int,
+                          eos: set[int], result: GenerationResult, forwards: int) -> tuple[list[int], int]:
+        """T = 0 cycles as whole-cycle graphs, one enqueued ahead of the outcome the host reads
+        (``StaticDecoder.launch_cycle``): the root after cycle n is at most ``depth + 1`` slots
+        past cycle n's, which bounds the span cycle n + 1 needs before cycle n is read."""
+        depth = self.tree_config.depth
+        backend.start_cycles(root_token, root_pos)
+        with phase("spec/draft_verify", sync=False):
+            pending = backend.launch_cycle(root_pos)
+        while True:
+            with phase("spec/draft_verify", sync=False):  # draft, verify, accept and catch up: one graph
+                ahead = backend.launch_cycle(root_pos + depth + 1)
+            with phase("spec/verify_host"):  # waits for the cycle before ``ahead``
+                step = backend.cycle_step(pending)
+            forwards += 1
+            result.accept_lengths.append(step.accept_length)
+            new, done = self._stop(new + step.tokens, max_new_tokens, eos)
+            if done:  # ``ahead`` ran for nothing: the price of not waiting for the host
+                return new, forwards
+            root_pos += 1 + step.accept_length
+            pending = ahead
 
     @torch.no_grad()
     def generate_autoregressive(

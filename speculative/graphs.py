@@ -21,6 +21,12 @@ those positions (stale slots are masked out, never read).
 At T = 0 (``draft_verify(..., greedy=True)``, a second graph per span) the acceptance runs in
 the draft+verify graph too (``speculative.verify.greedy_accept_on_device``), which also writes the
 catch-up's inputs: the host copies ``2 + 2 * depth`` integers a cycle and replays the catch-up.
+With ``cycle_graphs`` (T = 0, pipelined) one graph per span runs a whole cycle: draft, verify,
+accept, the catch-up over all ``depth + 1`` columns (those past the accepted count are computed
+and ignored: the cache slots they write lie past the new root, masked until a later cycle writes
+them again) and the advance of the root token and position, on the device. The host enqueues the
+next cycle before it reads the last one's outcome (``launch_cycle`` / ``cycle_step``), so the GPU
+does not wait for the host between cycles; a generation that stops computes one cycle too many.
 At T > 0, and where steps are recorded, the host verifies the tree (``speculative.verify``).
 Prefills have a prompt-dependent length and run eagerly (once per prompt); sampling and EOS
 checks stay on the host.
@@ -126,7 +132,7 @@ class StaticDecoder:
 
     def __init__(self, fast: FastLlama, drafter=None, tree: TreeConfig | None = None,
                  max_len: int = 1024, use_graphs: bool = False, compiled: bool = False, fused: bool = True,
-                 span_step: int | None = 128, greedy_graphs: bool = True):
+                 span_step: int | None = 128, greedy_graphs: bool = True, cycle_graphs: bool = False):
         if use_graphs and fast.device.type != "cuda":
             raise ValueError("CUDA graphs need the target on a CUDA device")
         if drafter is not None and tree is not None and tree.sample_temperature is not None:
@@ -145,7 +151,9 @@ class StaticDecoder:
         self._spans = sorted({min(round_up(s, step), self.max_len) for s in range(step, self.max_len + step, step)})
         # capture the T = 0 variant of each draft+verify graph (one more graph a span) only where
         # it can be replayed: not for recorded steps (RL rollouts), nor with device_greedy off
-        self.greedy_graphs = greedy_graphs
+        # ``cycle_graphs`` (pipelined T = 0 cycles) replaces them: one whole-cycle graph a span
+        self.cycle_graphs = cycle_graphs and drafter is not None
+        self.greedy_graphs = greedy_graphs and not self.cycle_graphs
         long = dict(dtype=torch.long, device=self.device)
         self.fused = fused
         self.target = FusedLlama(fast) if fused else fast  # same call, same outputs (to rounding)
@@ -188,9 +196,16 @@ class StaticDecoder:
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
             self.verify_aux = torch.zeros(1, self.chunk_len, aux_width, dtype=fast.dtype, device=self.device)
+            # Pipelined cycles: each cycle's outcome is copied (asynchronously on GPU) into one of two
+            # host buffers, so the next cycle can overwrite ``accept_result`` before the host reads.
+            pinned = self.device.type == "cuda"
+            self._cycle_results = [torch.zeros(2 + 2 * depth, dtype=torch.long, pin_memory=pinned)
+                                   for _ in range(2)]
+            self._cycle_events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+            self._cycles_launched = 0
         self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, object]] = {}
-        self._decode_fn, self._draft_verify_fn, self._catch_up_fn = (
-            self._decode_step, self._draft_verify_step, self._catch_up_step
+        self._decode_fn, self._draft_verify_fn, self._catch_up_fn, self._cycle_fn = (
+            self._decode_step, self._draft_verify_step, self._catch_up_step, self._cycle_step
         )
         if compiled:
             from torch import _dynamo
@@ -203,6 +218,7 @@ class StaticDecoder:
             self._decode_fn = torch.compile(self._decode_step, **options)
             self._draft_verify_fn = torch.compile(self._draft_verify_step, **options)
             self._catch_up_fn = torch.compile(self._catch_up_step, **options)
+            self._cycle_fn = torch.compile(self._cycle_step, **options)
         if use_graphs:
             self._capture_all()
 
@@ -211,8 +227,14 @@ class StaticDecoder:
         """Tokens in one verification forward: the root and the draft nodes."""
         return 1 + self.num_nodes
 
+    @property
+    def margin(self) -> int:
+        """Slots past ``prompt + max_new_tokens + chunk_len`` that a request needs: a pipelined
+        generation's extra cycle starts up to ``depth`` slots later than the last needed one."""
+        return self.tree_config.depth if self.cycle_graphs else 0
+
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
-        return prompt_len + max_new_tokens + self.chunk_len <= self.max_len
+        return prompt_len + max_new_tokens + self.chunk_len + self.margin <= self.max_len
 
     def spans(self) -> list[int]:
         """The cache spans, shortest first (fixed at construction)."""
@@ -273,7 +295,8 @@ class StaticDecoder:
         torch.add(path, 1, out=self.catch_up_all[1, 1:])  # verification rows (row 0: the root's, 0)
         torch.add(path, self.pos + 1, out=self.catch_up_all[2, :depth])  # the accepted entries' slots
 
-    def _catch_up_step(self, m: int) -> None:
+    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None) -> None:
+        """``root_row`` (``[1]``, on the device): the row that is the next root (default the last)."""
         inputs = self.catch_up_inputs[m]
         if m > 1:  # accepted nodes behind the root in the target cache
             self.cache.compact(inputs[2:3, : m - 1], self.pos + 1)
@@ -284,8 +307,22 @@ class StaticDecoder:
         self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
         hidden = self.drafter.fuse_target_hidden(self.verify_aux[:, inputs[1]])
         logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
-        self.root_logits.copy_(logits[:, -1])
-        self.root_hidden.copy_(prenorm[:, -1])
+        if root_row is None:
+            self.root_logits.copy_(logits[:, -1])
+            self.root_hidden.copy_(prenorm[:, -1])
+        else:
+            torch.index_select(logits[0], 0, root_row, out=self.root_logits)
+            torch.index_select(prenorm[0], 0, root_row, out=self.root_hidden)
+
+    def _cycle_step(self, span: int) -> None:
+        """A whole T = 0 cycle on the device: draft + verify + acceptance (``accept_result``), the
+        catch-up over all ``depth + 1`` columns with the next root at column ``count``, then the
+        root token and position advanced to the bonus token and ``pos + count + 1``."""
+        self._draft_verify_step(span, greedy=True)
+        count = self.accept_result[:1]
+        self._catch_up_step(self.tree_config.depth + 1, root_row=count)
+        self.pos.add_(count + 1)
+        self.token.view(-1).copy_(self.accept_result[1:2])
 
     # ---------------------------------------------------------------- capture / run
 
@@ -317,6 +354,9 @@ class StaticDecoder:
                 for greedy in (False, True) if self.greedy_graphs else (False,):
                     self._capture(("draft_verify", span, greedy),
                                   lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy))
+                if self.cycle_graphs:  # the warm-up advances the position: start each from slot 0
+                    self.pos.zero_()
+                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span))
             for m in self.catch_up_inputs:
                 self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
             self.trees_ok.fill_(True)
@@ -378,17 +418,46 @@ class StaticDecoder:
         span = self.span_for(root_pos + self.chunk_len)
         return self._run(("draft_verify", span, greedy), self._draft_verify_fn, span, greedy)
 
+    def start_cycles(self, root_token: int, root_pos: int) -> None:
+        """Set the first root of pipelined cycles; later roots are advanced on the device."""
+        if not self.cycle_graphs:
+            raise ValueError("this decoder was built without the pipelined cycle graphs (cycle_graphs=False)")
+        self.token.fill_(root_token)
+        self.pos.fill_(root_pos)
+
+    @torch.no_grad()
+    def launch_cycle(self, max_root_pos: int) -> int:
+        """Enqueue one cycle (its root: at most ``max_root_pos``, which picks the span) and the copy
+        of its outcome to the host; returns the handle ``cycle_step`` reads. At most two cycles
+        may be in flight unread (two host buffers)."""
+        span = self.span_for(min(max_root_pos + self.chunk_len, self.max_len))
+        self._run(("cycle", span), self._cycle_fn, span)
+        handle = self._cycles_launched % 2
+        self._cycle_results[handle].copy_(self.accept_result, non_blocking=True)
+        if self._cycle_events[handle] is not None:
+            self._cycle_events[handle].record()
+        self._cycles_launched += 1
+        return handle
+
+    def cycle_step(self, handle: int) -> VerifyStep:
+        """The outcome of the cycle ``launch_cycle`` returned ``handle`` for (waits for it)."""
+        if self._cycle_events[handle] is not None:
+            self._cycle_events[handle].synchronize()
+        return self._parse_accept(self._cycle_results[handle].tolist())
+
+    def _parse_accept(self, values: list[int]) -> VerifyStep:
+        depth = self.tree_config.depth
+        count, bonus = values[0], values[1]
+        nodes, tokens = values[2: 2 + count], values[2 + depth: 2 + depth + count]
+        return VerifyStep(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=bonus,
+                          stop_node=nodes[-1] if nodes else -1, first_rejected=None)
+
     def greedy_step(self) -> VerifyStep:
         """The outcome of the last ``draft_verify(..., greedy=True)``: one small device-to-host copy.
         The catch-up inputs are already in place (``catch_up(..., prepared=True)``). Only what
         decoding needs is filled: ``rejected_nodes``, ``first_rejected`` and ``target_probs`` are
         empty (the host verifier gives them, for recorded steps)."""
-        depth = self.tree_config.depth
-        values = self.accept_result.tolist()
-        count, bonus = values[0], values[1]
-        nodes, tokens = values[2: 2 + count], values[2 + depth: 2 + depth + count]
-        return VerifyStep(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=bonus,
-                          stop_node=nodes[-1] if nodes else -1, first_rejected=None)
+        return self._parse_accept(self.accept_result.tolist())
 
     @torch.no_grad()
     def catch_up(self, tokens: list[int], path: list[int], root_pos: int, prepared: bool = False) -> None:

@@ -213,8 +213,14 @@ def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
     assert results["config"]["target_forward"] == "fast" and results["results"][0]["mismatches"] == 0
     assert results["config"]["span_step"] is None and results["config"]["greedy_verify"] == "host"
     default = json.loads((out / "results.json").read_text())["config"]
-    assert (default["target_forward"], default["span_step"], default["greedy_verify"]) == ("fused", 128, "device")
+    assert (default["target_forward"], default["span_step"], default["greedy_verify"]) == ("fused", 128, "pipelined")
     assert json.loads((fast / "results.json").read_text())["results"][0]["tau"] == block["tau"]
+    unpipelined = tmp_path / "static_device"  # acceptance on the device, the catch-up replayed by the host
+    assert main(["eval", *common, "--bench", str(two_turn_file), "--temperature", "0", "--max-new-tokens", "5",
+                 "--compile", "static", "--greedy-verify", "device", "--out", str(unpipelined)]) == 0
+    results = json.loads((unpipelined / "results.json").read_text())
+    assert results["config"]["greedy_verify"] == "device" and results["results"][0]["mismatches"] == 0
+    assert results["results"][0]["tau"] == block["tau"]
     with pytest.raises(SystemExit):  # a span that is not a multiple of 64 slows every layer's SDPA
         main(["eval", *common, "--bench", str(two_turn_file), "--span-step", "100", "--out", str(tmp_path / "x")])
     check = tmp_path / "check"
@@ -287,6 +293,26 @@ def test_eval_profile_counts_every_phase(tmp_path, models, two_turn_file, capsys
     assert trace.stat().st_size < 16 * 2**20
     names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
     assert {"spec/draft_verify", "spec/catch_up", "ar/decode"} <= names
+
+
+def test_profile_of_pipelined_cycles(models, two_turn_file, tmp_path):
+    """The static path at T = 0 pipelines its cycles: one launch more than the cycles read per
+    generation, no separate catch-up, and the report's cycles are the ones read."""
+    target_dir, drafter_dir = models
+    out = tmp_path / "eval"
+    assert main(["eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--bench", str(two_turn_file),
+                 "--temperature", "0", "--max-new-tokens", "6", "--compile", "static", "--profile", "1",
+                 "--out", str(out), *TREE_ARGS]) == 0
+    first = [r for r in map(json.loads, (out / "generations.jsonl").read_text().splitlines())
+             if r["question_id"] == 7]
+    cycles = sum(len(r["spec"]["accept_lengths"]) for r in first)
+    entered = sum(1 for r in first if r["spec"]["accept_lengths"])
+    spec = json.loads((out / "profile.json").read_text())["decoders"]["spec"]
+    counts = {name: row["count"] for name, row in spec["ranges"].items()}
+    assert counts == {"spec/prefill": 2, "spec/drafter_prefill": entered, "spec/draft_verify": cycles + entered,
+                      "spec/verify_host": cycles}
+    assert (spec["per_cycle"]["cycles"], spec["per_cycle"]["launched"]) == (cycles, cycles + entered)
+    assert "Pipelined T = 0" in (out / "profile.md").read_text()
 
 
 def test_profile_phases_are_free_when_not_recording():

@@ -196,36 +196,74 @@ def test_short_spans_keep_decoding_lossless(agreeing_pair, fused):
         assert len({engine._static.span_for(p + engine._static.chunk_len) for p in short.root_positions}) >= 2
 
 
-def test_device_greedy_acceptance_equals_the_host_verifier(agreeing_pair):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["read-then-catch-up", "pipelined"])
+def test_device_greedy_acceptance_equals_the_host_verifier(agreeing_pair, pipelined):
     """At T = 0 without recorded steps the static path accepts inside the draft+verify step and
-    prepares the catch-up on the device; it must take the host verifier's steps exactly."""
+    prepares the catch-up on the device (pipelined: the whole cycle, the root's advance included,
+    with the next cycle enqueued before the host reads); it must take the host verifier's steps."""
     target, drafter = agreeing_pair
     for seed, tree in enumerate([TreeConfig(depth=5, top_k=4, total_tokens=16), TreeConfig.chain(4),
                                  TreeConfig(depth=3, top_k=2, total_tokens=5)]):
         prompt = torch.randint(0, 64, (4 + seed,), generator=torch.Generator().manual_seed(400 + seed)).tolist()
         host = SpeculativeGenerator(target, drafter, tree, record_steps=True, compile="static").generate(prompt, 40)
-        engine = SpeculativeGenerator(target, drafter, tree, compile="static")
+        engine = SpeculativeGenerator(target, drafter, tree, compile="static", pipelined=pipelined)
         calls = []
         decoder = engine._static_for(len(prompt), 40)
-        original = decoder.greedy_step
-        decoder.greedy_step = lambda: calls.append(1) or original()
+        assert (decoder.cycle_graphs, decoder.greedy_graphs) == (pipelined, not pipelined)
+        name = "launch_cycle" if pipelined else "greedy_step"
+        original = getattr(decoder, name)
+        setattr(decoder, name, lambda *args: calls.append(1) or original(*args))
         device = engine.generate(prompt, 40)
-        assert len(calls) == len(device.accept_lengths) > 0  # the device path ran
+        # the device path ran (pipelined: every cycle read, plus the one enqueued past the stop)
+        assert len(calls) == len(device.accept_lengths) + pipelined > pipelined
         assert device.tokens == host.tokens == hf_greedy(target.model, prompt, 40), seed
         assert device.accept_lengths == host.accept_lengths, seed
         assert max(device.accept_lengths) >= 2  # multi-token catch-ups prepared on the device
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-target", "fast-target"])
+def test_pipelined_cycles_cross_spans_and_fit_a_cache_sized_to_the_margin(agreeing_pair, fused):
+    """Spans of 16 slots, picked from a bound on the root before the last cycle is read, and a
+    cache of exactly prompt + new tokens + chunk + ``margin`` slots: the cycle enqueued past the
+    stop still writes inside it (a write outside fails on the CPU), and the text stays lossless."""
+    from speculative.graphs import StaticDecoder
+
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=10)
+    for seed in range(3):
+        new_tokens = 40 + seed
+        prompt_len = 64 - new_tokens - (1 + tree.total_tokens) - tree.depth  # fills 64 slots exactly
+        prompt = torch.randint(0, 64, (prompt_len,), generator=torch.Generator().manual_seed(500 + seed)).tolist()
+        engine = SpeculativeGenerator(target, drafter, tree, compile="static", fused_target=fused)
+        decoder = StaticDecoder(engine.fast, drafter, tree, 64, fused=fused, span_step=16, cycle_graphs=True)
+        assert decoder.max_len == 64 and decoder.fits(prompt_len, new_tokens)
+        assert not decoder.fits(prompt_len + 1, new_tokens)
+        engine._static = decoder
+        roots = []
+        original = decoder.launch_cycle
+        decoder.launch_cycle = lambda bound: roots.append(bound) or original(bound)
+        out = engine.generate(prompt, new_tokens)
+        assert engine._static is decoder  # not rebuilt
+        assert out.tokens == hf_greedy(target.model, prompt, new_tokens), seed
+        assert len({decoder.span_for(min(r + decoder.chunk_len, 64)) for r in roots}) >= 2
+
+
 def test_greedy_graphs_only_where_they_can_replay(agreeing_pair):
-    """Recorded steps (RL rollouts) and --greedy-verify host build no T = 0 variant of the graphs."""
+    """Recorded steps (RL rollouts) and --greedy-verify host build no T = 0 variant of the graphs;
+    pipelined T = 0 cycles (the default) replace the greedy draft+verify graphs."""
     target, drafter = agreeing_pair
     tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
-    assert SpeculativeGenerator(target, drafter, tree, compile="static")._static_for(4, 8).greedy_graphs
-    recorded = SpeculativeGenerator(target, drafter, tree, compile="static", record_steps=True)
-    assert not recorded._static_for(4, 8).greedy_graphs
+    default = SpeculativeGenerator(target, drafter, tree, compile="static")._static_for(4, 8)
+    assert default.cycle_graphs and not default.greedy_graphs and default.margin == tree.depth
+    unpipelined = SpeculativeGenerator(target, drafter, tree, compile="static", pipelined=False)._static_for(4, 8)
+    assert unpipelined.greedy_graphs and not unpipelined.cycle_graphs and unpipelined.margin == 0
+    recorded = SpeculativeGenerator(target, drafter, tree, compile="static", record_steps=True)._static_for(4, 8)
+    assert not recorded.greedy_graphs and not recorded.cycle_graphs
     host = SpeculativeGenerator(target, drafter, tree, compile="static", device_greedy=False)
     decoder = host._static_for(4, 8)
-    assert not decoder.greedy_graphs
+    assert not decoder.greedy_graphs and not decoder.cycle_graphs
     with pytest.raises(ValueError, match="greedy"):
         decoder.draft_verify(1, 4, greedy=True)
+    with pytest.raises(ValueError, match="cycle_graphs"):
+        decoder.start_cycles(1, 4)
     assert host.generate([1, 2, 3, 4], 12).tokens == hf_greedy(target.model, [1, 2, 3, 4], 12)

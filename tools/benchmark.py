@@ -418,11 +418,13 @@ def _span_step(text: str) -> int:
 def _engine_options(args) -> dict:
     """The tree engine's static-path switches, for A/B timing: ``--target-forward`` (FusedLlama by
     default), ``--span-step`` (verification over 128-slot cache spans; 0: the whole cache) and
-    ``--greedy-verify`` (T = 0 acceptance in the draft+verify graph, or on the host)."""
+    ``--greedy-verify`` (T = 0: whole cycles as one graph, pipelined; acceptance in the draft+verify
+    graph; or on the host)."""
     span = getattr(args, "span_step", 128)
     return {"fused_target": getattr(args, "target_forward", "fused") == "fused",
             "span_step": span or None,
-            "device_greedy": getattr(args, "greedy_verify", "device") == "device"}
+            "device_greedy": getattr(args, "greedy_verify", "pipelined") in ("pipelined", "device"),
+            "pipelined": getattr(args, "greedy_verify", "pipelined") == "pipelined"}
 
 
 def warm_prompt(tokenizer) -> list[int]:
@@ -475,7 +477,7 @@ def run_eval(args) -> int:
         "tree": asdict(engine.tree_config),
         "target_forward": "fused" if engine.fused_target else "fast",
         "span_step": engine.span_step,
-        "greedy_verify": "device" if engine.device_greedy else "host",
+        "greedy_verify": ("pipelined" if engine.pipelined else "device") if engine.device_greedy else "host",
         "eos_token_ids": sorted(eos),
         **_environment(device, dtype, args),
         "compile": engine.compile,
@@ -749,9 +751,11 @@ def add_model_args(parser, drafter_required: bool) -> None:
     parser.add_argument("--span-step", type=_span_step, default=128, metavar="SLOTS",
                         help="the tree engine verifies over cache spans of this many slots (one graph each; "
                              "0: the whole cache, the earlier behaviour: A/B)")
-    parser.add_argument("--greedy-verify", default="device", choices=["device", "host"],
-                        help="at T=0, accept the tree inside the draft+verify graph (device; default) or walk "
-                             "it on the host (the earlier path: A/B)")
+    parser.add_argument("--greedy-verify", default="pipelined", choices=["pipelined", "device", "host"],
+                        help="at T=0: a whole cycle (draft, verify, accept, catch up) as one graph, the next "
+                             "enqueued before the host reads the last (pipelined; default); acceptance inside "
+                             "the draft+verify graph, the host then replays the catch-up (device); or the host "
+                             "walking the tree (host): the earlier paths, for A/B")
     parser.add_argument("--bench-dir", type=Path, default=None,
                         help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR, else the shipped "
                              "speculative/data/bench)")

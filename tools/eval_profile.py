@@ -80,10 +80,12 @@ def _summarise(name: str, kind: str, clean, profiled, recorder, prof, on_device:
                             "wall_ms": round(profiled_ms, 3), "clean_wall_ms": round(clean_ms, 3),
                             "ranges": ranges, "top_ops": top_ops(prof, 25, device=on_device)}
     if kind == "spec":
-        cycles = ranges.get("spec/draft_verify", {}).get("count", 0)
+        # cycles whose outcome was used (pipelined T = 0 also launches one more per generation)
+        cycles = sum(len(r.accept_lengths) for *_, r, _ in profiled)
         accepted = sum(sum(r.accept_lengths) for *_, r, _ in profiled)
         prefill = total("spec/prefill") + total("spec/drafter_prefill")
-        per_cycle: dict[str, Any] = {"cycles": cycles, "tau": round(1 + accepted / cycles, 4) if cycles else None}
+        per_cycle: dict[str, Any] = {"cycles": cycles, "tau": round(1 + accepted / cycles, 4) if cycles else None,
+                                     "launched": ranges.get("spec/draft_verify", {}).get("count", 0)}
         if cycles:
             phases = {key: round(total(key) / cycles, 4)
                       for key in ("spec/draft_verify", "spec/verify_host", "spec/catch_up")}
@@ -215,6 +217,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{c['cycles']} cycles, tau {c['tau']:.3f}. Means per cycle (catch-up: its total / cycles; the last "
             "cycle of a generation has none).",
             "",
+            *([f"Pipelined T = 0 (`--greedy-verify pipelined`): {c['launched']} cycles launched for {c['cycles']} "
+               "read. `spec/draft_verify` is the launch of a whole cycle (draft, verify, acceptance, catch-up) and "
+               "`spec/verify_host` the wait for the cycle before it; under the profiler the phases synchronise, so "
+               "the pipelining shows in the clean cycle only.", ""]
+              if c.get("launched", c["cycles"]) > c["cycles"] else []),
             "wall: host perf_counter, the phase's device work included (it synchronises at its end); device: "
             "kernels the profiler correlates with the phase; GPU busy: device time that started inside the "
             "phase's window (the two should agree; if device is 0, the profiler did not correlate graph kernels).",
