@@ -3,7 +3,8 @@
 A CUDA graph removes launch overhead, not kernels: on a GPU at batch 1 every kernel costs a few
 microseconds however small, so the number of ops a step runs is a floor on its time. This counts
 the top-level ATen ops (views and metadata excluded) that the tree engine's static path runs in
-one draft+verify step (T = 0: with the acceptance on the device), one catch-up and one AR decode step, on a random target with the real
+one draft+verify step (T = 0: with the acceptance on the device), one catch-up, one pipelined
+cycle (``--greedy-verify pipelined``, the default: both in one graph) and one AR decode step, on a random target with the real
 model's layer count and head layout (tiny widths: the count does not depend on them), with the
 target as ``FusedLlama`` (the default) and as ``FastLlama``::
 
@@ -74,7 +75,8 @@ def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, objec
                             target.embed_tokens.weight)
     init_drafter_weights(drafter, seed=0)
     prompt = list(range(5, 25))
-    spec = SpeculativeGenerator(target, drafter, tree, compile="static", max_len=256, fused_target=fused)
+    spec = SpeculativeGenerator(target, drafter, tree, compile="static", max_len=256, fused_target=fused,
+                                pipelined=False)
     static = spec._static_for(len(prompt), 64)
     static.begin()
     ids, out = static.prefill(prompt)
@@ -85,13 +87,22 @@ def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, objec
     step = static.greedy_step()
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as catch_up:
         static.catch_up(step.tokens, step.accepted_nodes, len(prompt), prepared=True)
+    # the pipelined T = 0 path (the default): the whole cycle is one graph, catch-up over depth + 1 columns
+    piped = SpeculativeGenerator(target, drafter, tree, compile="static", max_len=256, fused_target=fused)
+    whole = piped._static_for(len(prompt), 64)
+    whole.begin()
+    ids, out = whole.prefill(prompt)
+    whole.drafter_prefill(ids, out.aux_hidden, 7)
+    whole.start_cycles(7, len(prompt))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as pipelined:
+        whole.launch_cycle(len(prompt))
     auto = SpeculativeGenerator(target, None, compile="static", max_len=256, fused_target=fused)
     decoder = auto._static_for(len(prompt), 64)
     decoder.prefill(prompt)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as decode:
         decoder.decode(7, len(prompt))
     ops = {name: top_level_ops(p) for name, p in (("draft_verify", draft_verify), ("catch_up", catch_up),
-                                                   ("ar_decode", decode))}
+                                                   ("pipelined_cycle", pipelined), ("ar_decode", decode))}
     drafting = ops["draft_verify"] - ops["ar_decode"]  # the verification forward ~ one decode step
     totals = {name: sum(c.values()) for name, c in ops.items()}
     cycle = totals["draft_verify"] + totals["catch_up"]
@@ -117,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [count(target, tree, fused) for fused in (True, False)]
     print(f"{args.arch}, {args.layers} layers, {args.heads}/{args.kv_heads} heads; tree depth {tree.depth}, "
           f"top-k {tree.top_k}, {tree.total_tokens} tokens; top-level ATen ops (kernels) per step")
-    print("| target forward | draft+verify | catch-up | cycle | AR step | cycle / AR step | drafting (est.) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target forward | draft+verify | catch-up | cycle | pipelined cycle (one graph) | AR step | cycle / AR step "
+          "| drafting (est.) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'FusedLlama' if r['fused_target'] else 'FastLlama'} | {r['draft_verify']} | {r['catch_up']} | "
-              f"{r['cycle']} | {r['ar_decode']} | {r['cycle_in_ar_steps']} | {r['drafting_estimate']} |")
+              f"{r['cycle']} | {r['pipelined_cycle']} | {r['ar_decode']} | {r['cycle_in_ar_steps']} | "
+              f"{r['drafting_estimate']} |")
     print("drafting's most frequent ops:", rows[0]["top_drafting_ops"])
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
