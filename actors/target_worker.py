@@ -21,6 +21,7 @@ class TargetWorker:
         self.target = target
         self.draft_to_target = draft_to_target.to(target.device)
         self._fast = None
+        self._fused = None
         self._engine = None
         self._engine_key = None
         self._batch_engine = None
@@ -36,6 +37,15 @@ class TargetWorker:
 
             self._fast = FastLlama.from_target(self.target)
         return self._fast
+
+    @property
+    def fused(self):
+        """``fast`` with merged projections and fewer kernels (GTO's prefill and verification)."""
+        if self._fused is None:
+            from speculative.fused_llama import FusedLlama
+
+            self._fused = FusedLlama(self.fast)
+        return self._fused
 
     def rollout_engine(self, drafter: Eagle3Drafter, tree, temperature: float, compile: str = "off",
                        max_len: int | None = None):

@@ -4,7 +4,8 @@ A CUDA graph removes launch overhead, not kernels: on a GPU at batch 1 every ker
 microseconds however small, so the number of ops a step runs is a floor on its time. This counts
 the top-level ATen ops (views and metadata excluded) that the tree engine's static path runs in
 one draft+verify step (T = 0: with the acceptance on the device), one catch-up, one pipelined
-cycle (``--greedy-verify pipelined``, the default: both in one graph) and one AR decode step, on a random target with the real
+cycle (``--greedy-verify pipelined``, the default: both in one graph) and one AR decode step (and
+GTO's prefill and packed verification forwards, through either target forward), on a random target with the real
 model's layer count and head layout (tiny widths: the count does not depend on them), with the
 target as ``FusedLlama`` (the default) and as ``FastLlama``::
 
@@ -110,6 +111,33 @@ def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, objec
             "drafting_estimate": sum(drafting.values()), "top_drafting_ops": drafting.most_common(12)}
 
 
+def gto_forward_ops(target: TargetModel, sequences: int = 4, length: int = 128, slots: int = 96) -> dict[str, dict]:
+    """Ops of GTO's two target forwards (``speculative.batched_trees``): the prefill of
+    [sequences, length] and one packed verification of ``slots`` tree slots per sequence behind
+    it, through ``FastLlama`` and ``FusedLlama`` (``gto.target_forward``)."""
+    from speculative.fused_llama import FusedLlama
+    from speculative.llama import FastLlama, causal_slot_mask
+
+    fast = FastLlama.from_target(target)
+    vocab = target.vocab_size
+    ids = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(0))
+    tree_ids = torch.randint(0, vocab, (sequences, slots), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(length).expand(sequences, length)
+    tree_positions = (length + torch.arange(slots) % 6).expand(sequences, slots)
+    mask = torch.ones(sequences, slots, length + slots, dtype=torch.bool)
+    counts = {}
+    for name, model in (("FastLlama", fast), ("FusedLlama", FusedLlama(fast))):
+        cache = model.new_cache(sequences, length + slots)
+        causal = None if isinstance(model, FusedLlama) else causal_slot_mask(0, length, length, sequences)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prefill:
+            model(ids, positions, cache, 0, causal)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as verify:
+            model(tree_ids, tree_positions, cache, length, mask, apply_lm_head=False, aux_hidden=False)
+        counts[name] = {"prefill": sum(top_level_ops(prefill).values()),
+                        "verify": sum(top_level_ops(verify).values())}
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
@@ -136,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cycle']} | {r['pipelined_cycle']} | {r['ar_decode']} | {r['cycle_in_ar_steps']} | "
               f"{r['drafting_estimate']} |")
     print("drafting's most frequent ops:", rows[0]["top_drafting_ops"])
+    gto = gto_forward_ops(target)
+    print("GTO's target forwards (gto.target_forward), ops:",
+          "; ".join(f"{name}: prefill {c['prefill']}, verification {c['verify']}" for name, c in gto.items()))
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
+                                         "gto_forwards": gto}, indent=1))
     return 0
 
 

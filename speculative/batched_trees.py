@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from speculative.drafter import Eagle3Drafter
+from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.packed_verification import (
     TargetAtTrees,
@@ -65,6 +66,7 @@ class BatchedTreeOptions:
     share_nodes: bool = True  # verify a reference node once when the current tree has it too
     verify_leaves: bool = False  # also feed leaves to the target (their logits are never read)
     tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
+    fused_target: bool = True  # prefill and verify through FusedLlama (False: FastLlama, for A/B)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -228,7 +230,7 @@ def path_logprob_at(
 
 @torch.no_grad()
 def score_trees_at_positions(
-    fast: FastLlama,
+    fast: FastLlama | FusedLlama,
     drafter: Eagle3Drafter,
     reference: Eagle3Drafter,
     input_ids: torch.Tensor,
@@ -243,6 +245,8 @@ def score_trees_at_positions(
     Sequence b holds ``lengths[b]`` real tokens (right-padded) and ``counts[b]`` positions, in
     ``indices[b, :counts[b]]`` (each t <= length - 3, so that x_{t+2} exists); the rest of a row
     is padding and comes back as zeros. Drafters run in their own dtype, the target in its own.
+    ``fast`` is the target's forward: ``FusedLlama`` (a third of ``FastLlama``'s kernels a layer,
+    a flash-attention prefill) or ``FastLlama`` (the reference the per-sequence path runs).
     """
     device = fast.device
     batch, width = input_ids.shape
@@ -273,9 +277,10 @@ def score_trees_at_positions(
         # 1. Target prefill: the learner's features and the cache the trees are verified against.
         cache = fast.new_cache(len(members), padded + room)
         seq_pos = torch.arange(padded, device=device)
-        with record_function("gto/prefill"):
-            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0,
-                           causal_slot_mask(0, padded, padded, len(members), device=device))
+        with record_function("gto/prefill"):  # FusedLlama: causal within the chunk (flash), no mask
+            mask = None if isinstance(fast, FusedLlama) else causal_slot_mask(0, padded, padded, len(members),
+                                                                              device=device)
+            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0, mask)
         real = (seq_pos[None] < torch.tensor([lengths[b] for b in members], device=device)[:, None])
         real = real[:, :copy]
         logits = prefill.logits[:, :copy]

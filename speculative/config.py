@@ -217,6 +217,10 @@ class GTOSection(Section):
     verify_leaves: bool = Field(
         False, description="also feed tree leaves to the target (nothing reads their logits: a "
         "node's acceptance is read at its parent); on only to measure what skipping them saves")
+    target_forward: Literal["fused", "fast"] = Field(
+        "fused", description="the target's prefill and tree verification: FusedLlama (merged projections, "
+        "a third of the kernels a layer, a flash prefill) or FastLlama (the Hugging Face modules one by one; "
+        "for A/B timing)")
 
     @property
     def training_depth(self) -> int:

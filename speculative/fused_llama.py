@@ -99,6 +99,14 @@ class FusedLlama(nn.Module):
     def device(self) -> torch.device:
         return self.fast.device
 
+    @property
+    def config(self):
+        return self.fast.config
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.fast.lm_head
+
     def new_cache(self, batch_size: int, max_len: int) -> BatchKVCache:
         """A cache of ``max_len`` slots; also makes the RoPE table cover positions ``0 .. max_len-1``."""
         fast = self.fast
@@ -177,6 +185,7 @@ class FusedLlama(nn.Module):
         attn_mask: torch.Tensor | None,
         logits_index: torch.Tensor | None = None,
         aux_hidden: bool = True,
+        apply_lm_head: bool = True,
     ) -> FastLlamaOutput:
         """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v at ``cache_slots``.
 
@@ -185,6 +194,8 @@ class FusedLlama(nn.Module):
         (``cache_slots`` must then be 0). ``logits_index [B, T']`` picks, per sequence, the rows
         the lm_head runs on (e.g. each prompt's last token); default: every row.
         ``aux_hidden=False``: no aux hidden states (``None``; autoregressive decoding reads none).
+        ``apply_lm_head=False``: the final-norm hidden states instead of logits (``hidden``), as
+        ``FastLlama``'s, for callers that need logits at data-dependent rows only.
         """
         fast = self.fast
         batch, length = input_ids.shape
@@ -242,5 +253,8 @@ class FusedLlama(nn.Module):
             hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj, True)
         if logits_index is not None:
             hidden = hidden[torch.arange(batch, device=hidden.device)[:, None], logits_index]
-        logits = fast.lm_head(self._norm(hidden, fast.norm.weight, self.final_eps))
-        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1) if aux else None)
+        final = self._norm(hidden, fast.norm.weight, self.final_eps)
+        aux_out = torch.cat(aux, dim=-1) if aux else None
+        if not apply_lm_head:
+            return FastLlamaOutput(logits=None, aux_hidden=aux_out, hidden=final)
+        return FastLlamaOutput(logits=fast.lm_head(final), aux_hidden=aux_out)

@@ -166,6 +166,7 @@ class FastLlama(nn.Module):
         attn_mask: torch.Tensor,
         logits_rows: torch.Tensor | slice | None = None,
         apply_lm_head: bool = True,
+        aux_hidden: bool = True,
     ) -> FastLlamaOutput:
         """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v to ``cache_slots``.
 
@@ -177,7 +178,8 @@ class FastLlama(nn.Module):
         the used length for less work. ``logits_rows [T']`` restricts the lm_head to some rows
         (e.g. only the last one after a prefill); ``apply_lm_head=False`` skips it and returns the
         final-norm hidden states instead, for callers that need logits at data-dependent rows
-        (GTO's tree verification reads them only at nodes with children).
+        (GTO's tree verification reads them only at nodes with children). ``aux_hidden=False``:
+        ``aux_hidden`` is None (nothing concatenated).
         """
         batch, length = input_ids.shape
         span = attn_mask.shape[-1]
@@ -210,12 +212,13 @@ class FastLlama(nn.Module):
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         final = self.norm(hidden)
+        aux_out = torch.cat(aux, dim=-1) if aux_hidden else None
         if not apply_lm_head:
-            return FastLlamaOutput(logits=None, aux_hidden=torch.cat(aux, dim=-1), hidden=final)
+            return FastLlamaOutput(logits=None, aux_hidden=aux_out, hidden=final)
         if logits_rows is not None:
             final = final[:, logits_rows]
         logits = self.lm_head(final)
-        return FastLlamaOutput(logits=logits, aux_hidden=torch.cat(aux, dim=-1))
+        return FastLlamaOutput(logits=logits, aux_hidden=aux_out)
 
 
 def causal_slot_mask(start: int, length: int, span: int, batch: int = 1,

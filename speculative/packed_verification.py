@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from speculative.batch_cache import BatchKVCache
+from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, StaticKVCache
 
 
@@ -153,13 +155,15 @@ def pack_tree_pairs(
 
 @torch.no_grad()
 def verify_packed(
-    fast: FastLlama, cache: StaticKVCache, prefix_slots: int, packed: PackedTrees, trees: tuple[TreeNodes, TreeNodes],
+    fast: FastLlama | FusedLlama, cache: StaticKVCache | BatchKVCache, prefix_slots: int, packed: PackedTrees,
+    trees: tuple[TreeNodes, TreeNodes],
     root_logits: torch.Tensor, temperature: float,
 ) -> tuple[TargetAtTrees, TargetAtTrees]:
     """One target forward over ``packed`` behind ``prefix_slots`` cache slots; the root's logits
     ``root_logits [S, C, V]`` come from the prefill. Returns what scoring reads, for A and B,
     as [S*C] tree rows."""
-    hidden = fast(packed.tokens, packed.positions, cache, prefix_slots, packed.mask, apply_lm_head=False).hidden
+    hidden = fast(packed.tokens, packed.positions, cache, prefix_slots, packed.mask, apply_lm_head=False,
+                  aux_hidden=False).hidden
     need = packed.has_logits
     # Logits only where a child reads them, plus one zero row M for every slot without.
     picked = hidden[need]

@@ -115,6 +115,29 @@ def test_batched_experience_equals_the_per_sequence_reference(pair, seed, batch_
         assert short and all(b not in new.sequence.tolist() for b in short)
 
 
+def test_fused_and_fast_target_forwards_give_the_same_experience(pair):
+    """The target's prefill and verification through FusedLlama (default) or FastLlama
+    (``gto.target_forward=fast``): the same experience, and the default really ran FusedLlama."""
+    from speculative.fused_llama import FusedLlama
+
+    target, drafter, reference = pair
+    options = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=3,
+                   sequences_per_forward=2, positions_per_forward=4)
+    batch = _ragged(_sequences(target, 3, 24, 4, seed=11), [24, 15, 20])
+    worker = TargetWorker(target, drafter.draft_to_target)
+    calls = []
+    forward = FusedLlama.forward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FusedLlama, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+        fused = gto_experience(worker, _config(**options), batch, drafter, reference, seed=2)
+        assert calls  # the prefill and every verification forward
+        count = len(calls)
+        fast = gto_experience(worker, _config(target_forward="fast", **options), batch, drafter, reference, seed=2)
+        assert len(calls) == count  # the A/B path runs FastLlama only
+    assert_same_experience(fused, fast)
+    assert int((fused.path_length >= 2).sum()) >= 1
+
+
 def test_batched_experience_with_a_reduced_draft_vocabulary():
     """Draft ids differ from target ids (d2t is not the identity): features, trees and paths."""
     target = TargetModel(tiny_llama(vocab_size=96, layers=4, seed=2), aux_layer_ids=(1, 2, 3))
