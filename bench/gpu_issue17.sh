@@ -2,8 +2,9 @@
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
 #   bash bench/gpu_issue17.sh OUT_DIR [gto|all]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
-# 2. bench/gto_throughput.py on the warm drafter: leaves skipped vs fed (gto.verify_leaves), two
-#    chunkings, and a torch.profiler table of one batch.
+# 2. bench/gto_throughput.py on the warm drafter: the target as FusedLlama (default) vs FastLlama
+#    (gto.target_forward=fast, the forward before 2026-12-01), two chunkings, and a torch.profiler
+#    table of one batch.
 # Data: .kit/data/sharegpt_6k.jsonl.gz (bench/make_sharegpt_slice.py). At most 8 files land in OUT_DIR.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
@@ -20,8 +21,8 @@ cp /tmp/tp/summary.json "$out/throughput_summary.json"; cp /tmp/tp/README.md "$o
 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter --max-records 600 --batch-sizes 32 \
   --chunks 32x8,32x16 --precisions bf16 --old-batch-size 0 --profile --out /tmp/gto > "$out/gto.log" 2>&1
 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter --max-records 600 --batch-sizes 32 \
-  --chunks 32x8 --precisions bf16 --old-batch-size 0 --set gto.verify_leaves=true --out /tmp/gto_leaves >> "$out/gto.log" 2>&1
+  --chunks 32x16 --precisions bf16 --old-batch-size 0 --set gto.target_forward=fast --out /tmp/gto_fast >> "$out/gto.log" 2>&1
 cp /tmp/gto/gto_throughput.json "$out/"; cp /tmp/gto/gto_throughput.md "$out/"
-cp /tmp/gto_leaves/gto_throughput.json "$out/gto_throughput_verify_leaves.json"
+cp /tmp/gto_fast/gto_throughput.json "$out/gto_throughput_fast_target.json"
 cp /tmp/gto/*profile*.txt "$out/" 2>/dev/null
 ls -la "$out"
