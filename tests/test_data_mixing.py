@@ -142,3 +142,16 @@ def test_trainer_trains_on_a_grouped_mix_and_resumes_exactly(tmp_path, tiny_targ
     a = load_file(straight.drafter_dir / "model.safetensors")
     b = load_file(resumed.drafter_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_a_held_out_split_evaluation_falls_back_to_the_main_text_only(tmp_path, tokenizer, sources):
+    """eval_fraction=0: the evaluation falls back to the training text, the main source's alone
+    (the extras never enter what the held-out metrics measure, as with a held-out split)."""
+    main, extra = sources
+    config = load_config(None, [f"output_dir={tmp_path / 'run'}", f"data.source={main}", "data.max_length=64",
+                                "data.eval_fraction=0", f"data.extra_sources=[{extra}]"])
+    train, evaluation, stats = load_datasets(config, tokenizer, tmp_path / "cache")
+    assert isinstance(train, TrainingMix) and len(train) == 40 + 60
+    assert stats["training_mix"]["dropped_held_out_prompts"] == {extra: 0}
+    assert len(evaluation) == 40
+    assert all("The target says" in tokenizer.decode(evaluation[i]["input_ids"]) for i in range(40))
