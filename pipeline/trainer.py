@@ -52,11 +52,16 @@ def load_datasets(config, tokenizer, cache_dir: Path):
     held_out = evaluation if len(evaluation) else None
     main_train = train  # the fallback evaluation: the main text only, as a held-out split would be
     if data.extra_sources:
-        extras = []
+        extras, names = [], {data.source}
         for extra in data.extra_sources:
             extra_set, extra_stats = tokenised(extra.source, extra.format, extra.max_records, extra.offset)
-            extras.append((extra.source, extra_set))
-            stats.setdefault("extra_source_stats", {})[extra.source] = extra_stats
+            name = extra.source
+            if name in names:  # another slice of a file already in the mix: its own statistics
+                end = "" if extra.max_records is None else extra.offset + extra.max_records
+                name = f"{extra.source}[{extra.offset}:{end}]"
+            names.add(name)
+            extras.append((name, extra_set))
+            stats.setdefault("extra_source_stats", {})[name] = extra_stats
         train, stats["training_mix"] = mix_training_data(train, held_out, extras, data.source)
         for part in stats["training_mix"]["parts"]:
             print(f"[draftrl] training mix: {part['source']}: {part['samples']} samples, {part['tokens']} tokens "

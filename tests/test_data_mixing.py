@@ -155,3 +155,20 @@ def test_without_a_held_out_split_evaluation_falls_back_to_the_main_text_only(tm
     assert stats["training_mix"]["dropped_held_out_prompts"] == {extra: 0}
     assert len(evaluation) == 40
     assert all("The target says" in tokenizer.decode(evaluation[i]["input_ids"]) for i in range(40))
+
+
+def test_two_slices_of_one_extra_file_keep_their_own_statistics(tmp_path, tokenizer, sources):
+    """The same file twice (two offsets): each slice keeps its own stats and drop count."""
+    main, extra = sources
+    train, _, stats = load_datasets(
+        _config(tmp_path, main, f"data.extra_sources=[{{source: {extra}, max_records: 30}}, "
+                                f"{{source: {extra}, offset: 30}}]"), tokenizer, tmp_path / "cache")
+    parts = stats["training_mix"]["parts"]
+    assert [part["samples"] for part in parts[1:]] == [len(train.parts[1]), len(train.parts[2])]
+    names = [part["source"] for part in parts[1:]]
+    assert len(set(names)) == 2
+    dropped = stats["training_mix"]["dropped_held_out_prompts"]
+    assert set(dropped) == set(names) and sum(dropped.values()) == 4
+    assert len(train.parts[1]) + len(train.parts[2]) == 56
+    assert set(stats["extra_source_stats"]) == set(names)
+    assert [s["samples"] for s in stats["extra_source_stats"].values()] == [30, 30]
