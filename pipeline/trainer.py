@@ -35,7 +35,8 @@ def load_datasets(config, tokenizer, cache_dir: Path):
     """(train, evaluation, stats) of ``config.data``, tokenised and cached under ``cache_dir/data``.
 
     Shared by the single-process trainer and the Ray driver (which may hold no GPU, so it does
-    not build a Trainer). An empty evaluation split falls back to the training set.
+    not build a Trainer). An empty evaluation split falls back to the training set (the main
+    source's, without ``data.extra_sources``).
     """
     data = config.data
 
@@ -49,17 +50,23 @@ def load_datasets(config, tokenizer, cache_dir: Path):
     dataset, stats = tokenised(data.source, data.format, data.max_records, data.offset)
     train, evaluation = split_dataset(dataset, data.eval_fraction, config.seed)
     held_out = evaluation if len(evaluation) else None
+    main_train = train  # the fallback evaluation: the main text only, as a held-out split would be
     if data.extra_sources:
-        extras = []
+        extras, names = [], {data.source}
         for extra in data.extra_sources:
             extra_set, extra_stats = tokenised(extra.source, extra.format, extra.max_records, extra.offset)
-            extras.append((extra.source, extra_set))
-            stats.setdefault("extra_source_stats", {})[extra.source] = extra_stats
+            name = extra.source
+            if name in names:  # another slice of a file already in the mix: its own statistics
+                end = "" if extra.max_records is None else extra.offset + extra.max_records
+                name = f"{extra.source}[{extra.offset}:{end}]"
+            names.add(name)
+            extras.append((name, extra_set))
+            stats.setdefault("extra_source_stats", {})[name] = extra_stats
         train, stats["training_mix"] = mix_training_data(train, held_out, extras, data.source)
         for part in stats["training_mix"]["parts"]:
             print(f"[draftrl] training mix: {part['source']}: {part['samples']} samples, {part['tokens']} tokens "
                   f"({100 * part['token_share']:.1f} %)", flush=True)
-    return train, held_out if held_out is not None else train, stats
+    return train, held_out if held_out is not None else main_train, stats
 
 
 class NonFiniteGuard:

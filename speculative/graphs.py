@@ -326,13 +326,20 @@ class StaticDecoder:
 
     # ---------------------------------------------------------------- capture / run
 
-    def _capture(self, key, fn) -> None:
-        """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``."""
+    def _capture(self, key, fn, reset=None) -> None:
+        """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``.
+        ``reset`` (if any) runs before each warm-up call and before the capture: for a step that
+        advances its own inputs (a pipelined cycle moves ``pos``), so each run starts where the
+        first did (a second warm-up from a later slot could index past the shortest span)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
+                if reset is not None:
+                    reset()
                 fn()
+            if reset is not None:
+                reset()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -354,9 +361,9 @@ class StaticDecoder:
                 for greedy in (False, True) if self.greedy_graphs else (False,):
                     self._capture(("draft_verify", span, greedy),
                                   lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy))
-                if self.cycle_graphs:  # the warm-up advances the position: start each from slot 0
-                    self.pos.zero_()
-                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span))
+                if self.cycle_graphs:  # the warm-up advances the position: every run from slot 0
+                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span), reset=self.pos.zero_)
+                    self.pos.zero_()  # and the next captures' inputs zeros again
             for m in self.catch_up_inputs:
                 self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
             self.trees_ok.fill_(True)

@@ -142,3 +142,33 @@ def test_trainer_trains_on_a_grouped_mix_and_resumes_exactly(tmp_path, tiny_targ
     a = load_file(straight.drafter_dir / "model.safetensors")
     b = load_file(resumed.drafter_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_a_held_out_split_evaluation_falls_back_to_the_main_text_only(tmp_path, tokenizer, sources):
+    """eval_fraction=0: the evaluation falls back to the training text, the main source's alone
+    (the extras never enter what the held-out metrics measure, as with a held-out split)."""
+    main, extra = sources
+    config = load_config(None, [f"output_dir={tmp_path / 'run'}", f"data.source={main}", "data.max_length=64",
+                                "data.eval_fraction=0", f"data.extra_sources=[{extra}]"])
+    train, evaluation, stats = load_datasets(config, tokenizer, tmp_path / "cache")
+    assert isinstance(train, TrainingMix) and len(train) == 40 + 60
+    assert stats["training_mix"]["dropped_held_out_prompts"] == {extra: 0}
+    assert len(evaluation) == 40
+    assert all("The target says" in tokenizer.decode(evaluation[i]["input_ids"]) for i in range(40))
+
+
+def test_two_slices_of_one_extra_file_keep_their_own_statistics(tmp_path, tokenizer, sources):
+    """The same file twice (two offsets): each slice keeps its own stats and drop count."""
+    main, extra = sources
+    train, _, stats = load_datasets(
+        _config(tmp_path, main, f"data.extra_sources=[{{source: {extra}, max_records: 30}}, "
+                                f"{{source: {extra}, offset: 30}}]"), tokenizer, tmp_path / "cache")
+    parts = stats["training_mix"]["parts"]
+    assert [part["samples"] for part in parts[1:]] == [len(train.parts[1]), len(train.parts[2])]
+    names = [part["source"] for part in parts[1:]]
+    assert len(set(names)) == 2
+    dropped = stats["training_mix"]["dropped_held_out_prompts"]
+    assert set(dropped) == set(names) and sum(dropped.values()) == 4
+    assert len(train.parts[1]) + len(train.parts[2]) == 56
+    assert set(stats["extra_source_stats"]) == set(names)
+    assert [s["samples"] for s in stats["extra_source_stats"].values()] == [30, 30]

@@ -267,3 +267,40 @@ def test_greedy_graphs_only_where_they_can_replay(agreeing_pair):
     with pytest.raises(ValueError, match="cycle_graphs"):
         decoder.start_cycles(1, 4)
     assert host.generate([1, 2, 3, 4], 12).tokens == hf_greedy(target.model, [1, 2, 3, 4], 12)
+
+
+def test_cycle_capture_warms_up_every_call_from_slot_zero(agreeing_pair, monkeypatch):
+    """``_capture`` runs a step twice before capturing it; a cycle advances ``pos`` on the device,
+    so the second warm-up used to start at ``count + 1 >= 1``: with the shortest span holding
+    exactly one chunk (e.g. ``--span-step 64`` with 63 draft tokens, or 59 and an acceptance of
+    4+ in the warm-up) the verification indexed past the span (on GPU a device-side assert that
+    kills the CUDA context). The capture sequence runs here with stand-ins for the CUDA calls
+    (each warm-up and the capture run the step eagerly)."""
+    import contextlib
+
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=15)
+    fast = FastLlama.from_target(target)
+    decoder = StaticDecoder(fast, drafter, tree, 64, span_step=16, cycle_graphs=True)
+    assert decoder.chunk_len == 16 == decoder.spans()[0]  # the shortest span holds one chunk at slot 0
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
+    starts = []
+    original = decoder._cycle_fn
+    decoder._cycle_fn = lambda span: starts.append(int(decoder.pos)) or original(span)
+    decoder._capture_steps()
+    assert ("cycle", 16) in decoder._graphs and ("draft_verify", 64, False) in decoder._graphs
+    assert starts == [0] * (3 * len(decoder.spans()))  # every run of a cycle from slot 0
+    # and the decoder (eager here) still decodes losslessly afterwards
+    engine = SpeculativeGenerator(target, drafter, tree, compile="static")
+    engine._static = decoder
+    prompt = [3, 1, 4, 1, 5]
+    assert engine.generate(prompt, 20).tokens == hf_greedy(target.model, prompt, 20)
