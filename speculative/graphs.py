@@ -441,8 +441,8 @@ class StaticDecoder:
         self._run(("cycle", span), self._cycle_fn, span)
         handle = self._cycles_launched % 2
         self._cycle_results[handle].copy_(self.accept_result, non_blocking=True)
-        if self._cycle_events[handle] is not None:
-            self._cycle_events[handle].record()
+        if self._cycle_events[handle] is not None:  # on the stream the replay and the copy ran on
+            self._cycle_events[handle].record(torch.cuda.current_stream(self.device))
         self._cycles_launched += 1
         return handle
 
