@@ -29,10 +29,15 @@ query, and SDPA can use its flash kernel.
 
 The arithmetic is the Hugging Face model's up to rounding (tests compare it with ``FastLlama``
 and with the target's own greedy decoding). The merged weights are copies: the target is frozen,
-so they never go stale, and they cost one more copy of the layer weights.
+so they never go stale, and they cost one more copy of the layer weights, made once per model,
+device and dtype and shared by every ``FusedLlama`` over it (the tree engine, the AR baseline's
+batched engine and GTO's verification hold one copy between them, not one each: for an 8B
+target that is about 13 GB in bf16).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +62,25 @@ def qkv_rope_factors(cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads:
     return cos, sin
 
 
+# merged (q/k/v, gate/up) projections per target: layers -> {(device, dtype): (qkv, gate_up)}
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def merged_projections(fast: FastLlama) -> tuple[list, list]:
+    """Per layer, (weight, bias) of q/k/v merged and of gate/up merged, for ``fast``'s layers on
+    their current device and dtype: built once and shared (the layers are frozen)."""
+    per_model = _MERGED.setdefault(fast.layers, {})
+    key = (fast.device, fast.dtype)
+    if key not in per_model:
+        with torch.no_grad():
+            per_model[key] = (
+                [FusedLlama._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                 for layer in fast.layers],
+                [FusedLlama._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers],
+            )
+    return per_model[key]
+
+
 class FusedLlama(nn.Module):
     """``FastLlama``'s function (same aux-hidden convention) with merged projections."""
 
@@ -73,10 +97,7 @@ class FusedLlama(nn.Module):
             for layer in fast.layers
         ]
         self.final_eps = fast.norm.variance_epsilon
-        with torch.no_grad():
-            self.qkv = [self._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-                        for layer in fast.layers]
-            self.gate_up = [self._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers]
+        self.qkv, self.gate_up = merged_projections(fast)
         # RoPE factors by position, built by ``new_cache`` (``_rope_rows``); None: computed per forward
         self.rope_table: torch.Tensor | None = None
         self._row_kind: torch.Tensor | None = None

@@ -52,6 +52,19 @@ def _greedy(model, prompts, n):
 # The fused target forward
 
 
+def test_fused_forwards_over_one_target_share_one_copy_of_the_merged_weights():
+    """Every FusedLlama over the same target layers (the tree engine's, the AR baseline's, GTO's)
+    reads one merged copy per device and dtype, not one each."""
+    target = TargetModel(small_llama(0, layers=3))
+    first, second = FusedLlama(FastLlama.from_target(target)), FusedLlama(FastLlama.from_target(target))
+    assert all(a[0] is b[0] for a, b in zip(first.qkv + first.gate_up, second.qkv + second.gate_up))
+    other = FusedLlama(FastLlama.from_target(TargetModel(small_llama(0, layers=3))))  # same values, other model
+    assert other.qkv[0][0] is not first.qkv[0][0] and torch.equal(other.qkv[0][0], first.qkv[0][0])
+    target.model.to(torch.float64)  # moved: a copy of its own, in the new dtype
+    moved = FusedLlama(FastLlama.from_target(target))
+    assert moved.qkv[0][0].dtype == torch.float64 and first.qkv[0][0].dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
