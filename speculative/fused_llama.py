@@ -62,23 +62,30 @@ def qkv_rope_factors(cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads:
     return cos, sin
 
 
-# merged (q/k/v, gate/up) projections per target: layers -> {(device, dtype): (qkv, gate_up)}
+class MergedProjections:
+    """Per layer, (weight, bias) of q/k/v merged and of gate/up merged."""
+
+    def __init__(self, fast: FastLlama):
+        with torch.no_grad():
+            self.qkv = [FusedLlama._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                        for layer in fast.layers]
+            self.gate_up = [FusedLlama._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers]
+
+
+# target layers -> {(device, dtype): the merged copy}, held weakly: it lives as long as a FusedLlama uses it
 _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def merged_projections(fast: FastLlama) -> tuple[list, list]:
-    """Per layer, (weight, bias) of q/k/v merged and of gate/up merged, for ``fast``'s layers on
-    their current device and dtype: built once and shared (the layers are frozen)."""
+def merged_projections(fast: FastLlama) -> MergedProjections:
+    """The merged projections of ``fast``'s layers on their current device and dtype: built once
+    and shared by every ``FusedLlama`` alive over them (the layers are frozen), freed with the last."""
     per_model = _MERGED.setdefault(fast.layers, {})
     key = (fast.device, fast.dtype)
-    if key not in per_model:
-        with torch.no_grad():
-            per_model[key] = (
-                [FusedLlama._merged(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-                 for layer in fast.layers],
-                [FusedLlama._merged(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in fast.layers],
-            )
-    return per_model[key]
+    merged = per_model[key]() if key in per_model else None
+    if merged is None:
+        merged = MergedProjections(fast)
+        per_model[key] = weakref.ref(merged)
+    return merged
 
 
 class FusedLlama(nn.Module):
@@ -97,7 +104,8 @@ class FusedLlama(nn.Module):
             for layer in fast.layers
         ]
         self.final_eps = fast.norm.variance_epsilon
-        self.qkv, self.gate_up = merged_projections(fast)
+        self._merged_copy = merged_projections(fast)  # held here: the shared copy lives while we do
+        self.qkv, self.gate_up = self._merged_copy.qkv, self._merged_copy.gate_up
         # RoPE factors by position, built by ``new_cache`` (``_rope_rows``); None: computed per forward
         self.rope_table: torch.Tensor | None = None
         self._row_kind: torch.Tensor | None = None

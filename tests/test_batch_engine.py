@@ -7,6 +7,9 @@ On GPU ``compile="graph"`` captures exactly the step function these tests run ea
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -63,6 +66,10 @@ def test_fused_forwards_over_one_target_share_one_copy_of_the_merged_weights():
     target.model.to(torch.float64)  # moved: a copy of its own, in the new dtype
     moved = FusedLlama(FastLlama.from_target(target))
     assert moved.qkv[0][0].dtype == torch.float64 and first.qkv[0][0].dtype == torch.float32
+    gone = weakref.ref(moved.qkv[0][0])
+    del moved
+    gc.collect()
+    assert gone() is None  # the last fused forward over it took the copy with it
 
 
 @pytest.mark.parametrize(
