@@ -92,6 +92,9 @@ def build(evals: list[Path], sft: Path | None, regen: Path | None) -> dict[str, 
         summary.setdefault("target", config.get("target"))
         for key in ("dtype", "compile", "tree", "max_new_tokens", "target_forward", "torch", "transformers"):
             summary.setdefault(key, config.get(key))
+        for key in ("span_step", "greedy_verify"):  # the engine's paths, recorded since run 2
+            if key in config:
+                summary.setdefault(key, config[key])
         for temperature, rows in bench_rows(results).items():
             per_t.setdefault(temperature, {}).update(rows)
         if (folder / "profile.json").is_file():

@@ -25,3 +25,15 @@ def test_summary_is_rebuilt_from_the_committed_files():
     assert summary["profile"]["cycle_in_ar_steps"] == pytest.approx(
         summary["profile"]["clean_cycle_ms"] / summary["profile"]["clean_ar_step_ms"], abs=1e-3)
     assert summary["regen"]["conversations"] == 2514
+
+
+def test_summary_names_the_engine_paths_when_the_run_recorded_them(tmp_path):
+    """Runs since run 2 record ``span_step`` and ``greedy_verify`` (the A/B switches); run 2 did not."""
+    assert "greedy_verify" not in build([RUN / "eval_t0"], None, None)
+    folder = tmp_path / "eval_t0"
+    folder.mkdir()
+    results = json.loads((RUN / "eval_t0" / "results.json").read_text())
+    results["config"].update(span_step=128, greedy_verify="pipelined")
+    (folder / "results.json").write_text(json.dumps(results))
+    summary = build([folder], None, None)
+    assert (summary["span_step"], summary["greedy_verify"]) == (128, "pipelined")
