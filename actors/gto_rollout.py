@@ -65,7 +65,7 @@ def batched_tree_options(gto) -> BatchedTreeOptions:
         aggregation=gto.reward_scoring()[1], sequences_per_forward=gto.sequences_per_forward,
         positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
         verify_leaves=gto.verify_leaves,
-        tree_autocast=gto.tree_precision == "bf16", fused_target=gto.target_forward == "fused",
+        tree_autocast=gto.tree_precision == "bf16",
     )
 
 
@@ -119,11 +119,10 @@ def gto_experience(
     was_training = (drafter.training, reference.training)
     drafter.eval(), reference.eval()
     try:
-        options = batched_tree_options(gto)
+        forward = worker.fused if gto.target_forward == "fused" else worker.fast
         trees = score_trees_at_positions(
-            worker.fused if options.fused_target else worker.fast, drafter, reference, input_ids, lengths, indices,
-            counts,
-            worker.draft_to_target, options,
+            forward, drafter, reference, input_ids, lengths, indices, counts,
+            worker.draft_to_target, batched_tree_options(gto),
         )
     finally:
         drafter.train(was_training[0]), reference.train(was_training[1])

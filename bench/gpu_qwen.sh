@@ -95,10 +95,10 @@ case "${1:-}" in
     # the same code_mix.jsonl.gz must be carried again.
     dir=${2:?DIR}; rm -rf /tmp/regen_qwen
     cat "$dir"/regen_qwen.tar.part* | tar -C /tmp -xf -
-    python3 -c "import json; m = json.load(open('/tmp/regen_qwen/manifest.json')); \
-print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored')"
     # Joined now (sha256 of every shard checked), so `sft` can train on them without a `regen`.
-    python3 -c "from tools.regenerate import join_committed; print('joined:', join_committed('/tmp/regen_qwen'))" ;;
+    python3 -c "import json; from tools.regenerate import join_committed; \
+joined = join_committed('/tmp/regen_qwen'); m = json.load(open('/tmp/regen_qwen/manifest.json')); \
+print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored, joined:', joined)" ;;
   *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST COUNT | restore-drafter DIR..." >&2
      exit 2 ;;
 esac

@@ -66,7 +66,6 @@ class BatchedTreeOptions:
     share_nodes: bool = True  # verify a reference node once when the current tree has it too
     verify_leaves: bool = False  # also feed leaves to the target (their logits are never read)
     tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
-    fused_target: bool = True  # prefill and verify through FusedLlama (False: FastLlama, for A/B)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:

@@ -118,7 +118,7 @@ def resolve_compile_mode(mode: str, device: torch.device | str) -> str:
 class _EagerBackend:
     """The reference path: dynamic shapes, a growing drafter cache, nothing captured."""
 
-    greedy_graphs = False  # T = 0 acceptance on the device is the static paths' (``StaticDecoder``)
+    greedy_graphs = cycle_graphs = False  # T = 0 acceptance on the device is the static paths' (``StaticDecoder``)
 
     def __init__(self, fast: FastLlama, drafter, tree: TreeConfig, generator: torch.Generator):
         self.fast, self.drafter, self.tree_config, self.generator = fast, drafter, tree, generator
@@ -286,7 +286,7 @@ class SpeculativeGenerator:
                 needed = max(needed, 2 * self._static.max_len)
             chunk = 1 + self.tree_config.total_tokens if self.drafter is not None else 1
             cycles = self.device_greedy and self.pipelined and not self.record_steps and self.drafter is not None
-            margin = self.tree_config.depth if cycles else 0  # ``StaticDecoder.margin``
+            margin = StaticDecoder.margin_for(self.tree_config, cycles)
             self._static = None  # free the old buffers and graphs first
             while True:
                 cuda = self.device.type == "cuda"
@@ -355,7 +355,7 @@ class SpeculativeGenerator:
         # T = 0 on the static paths: acceptance runs in the draft+verify graph, the host reads a
         # few integers (recorded steps need the host verifier's full detail)
         greedy = self.device_greedy and self.temperature <= 0 and not self.record_steps
-        if not done and greedy and getattr(backend, "cycle_graphs", False):
+        if not done and greedy and backend.cycle_graphs:
             new, forwards = self._pipelined_cycles(backend, new, root_token, root_pos, max_new_tokens, eos, result,
                                                    forwards)
             done = True

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculative.drafter import Eagle3Drafter
-from speculative.fused_llama import FusedLlama, qkv_rope_factors
+from speculative.fused_llama import FusedLlama, qkv_rope_factors, qkv_rope_table
 
 
 class GroupedDraftCache:
@@ -114,10 +114,8 @@ class FusedDrafter(nn.Module):
         weight = self.drafter.fc.weight
         like = torch.zeros(1, dtype=weight.dtype, device=weight.device)
         cos, sin = self._rope_direct(like, torch.arange(positions, device=weight.device)[None])
-        heads, kv_heads = self.num_heads, self.num_kv_heads
-        self._row_kind = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=weight.device)
-        return torch.stack([torch.stack([cos[0, :, 0], cos[0, :, -1]], 1),
-                            torch.stack([sin[0, :, 0], sin[0, :, -1]], 1)], 1)
+        table, self._row_kind = qkv_rope_table(cos, sin, self.num_heads, self.num_kv_heads)
+        return table
 
     def _rope(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         table = self.rope_table

@@ -62,6 +62,16 @@ def qkv_rope_factors(cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads:
     return cos, sin
 
 
+def qkv_rope_table(cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                   kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table ``[P, 2 (cos, sin'), 2 (q/k heads, v heads), d]``, row kind ``[heads + 2 kv_heads]``)
+    from ``qkv_rope_factors`` at positions ``0 .. P-1`` (``cos``/``sin`` ``[1, P, rows, d]``): its two
+    distinct rows per position, and which of them each q/k/v head reads."""
+    table = torch.stack([torch.stack([cos[0, :, 0], cos[0, :, -1]], 1),
+                         torch.stack([sin[0, :, 0], sin[0, :, -1]], 1)], 1)
+    return table, torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=cos.device)
+
+
 class MergedProjections:
     """Per layer, (weight, bias) of q/k/v merged and of gate/up merged."""
 
@@ -161,12 +171,9 @@ class FusedLlama(nn.Module):
             return
         if self.rope_table is not None and self.rope_table.shape[0] >= positions:
             return
-        device, heads, kv_heads = self.device, self.num_heads, self.num_kv_heads
-        like = torch.zeros(1, dtype=self.dtype, device=device)
-        cos, sin = self._rope_direct(like, torch.arange(positions, device=device)[None])  # [1, P, rows, d]
-        self.rope_table = torch.stack([torch.stack([cos[0, :, 0], cos[0, :, -1]], 1),
-                                       torch.stack([sin[0, :, 0], sin[0, :, -1]], 1)], 1)
-        self._row_kind = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=device)
+        like = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self._rope_direct(like, torch.arange(positions, device=self.device)[None])  # [1, P, rows, d]
+        self.rope_table, self._row_kind = qkv_rope_table(cos, sin, self.num_heads, self.num_kv_heads)
 
     def _rope_rows(self, like: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache):
         """``_rope_direct``'s cos, sin', from the table where it covers the cache (every position

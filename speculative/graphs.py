@@ -148,7 +148,7 @@ class StaticDecoder:
         # sequence does not attend over (and mask) the whole static cache. Inductor compiles one
         # variant per span (minutes each): there, one span, the whole cache.
         step = span_step if span_step and not compiled else self.max_len
-        self._spans = sorted({min(round_up(s, step), self.max_len) for s in range(step, self.max_len + step, step)})
+        self._spans = sorted({min(s, self.max_len) for s in range(step, self.max_len + step, step)})
         # capture the T = 0 variant of each draft+verify graph (one more graph a span) only where
         # it can be replayed: not for recorded steps (RL rollouts), nor with device_greedy off
         # ``cycle_graphs`` (pipelined T = 0 cycles) replaces them: one whole-cycle graph a span
@@ -227,11 +227,15 @@ class StaticDecoder:
         """Tokens in one verification forward: the root and the draft nodes."""
         return 1 + self.num_nodes
 
-    @property
-    def margin(self) -> int:
+    @staticmethod
+    def margin_for(tree: TreeConfig, cycle_graphs: bool) -> int:
         """Slots past ``prompt + max_new_tokens + chunk_len`` that a request needs: a pipelined
         generation's extra cycle starts up to ``depth`` slots later than the last needed one."""
-        return self.tree_config.depth if self.cycle_graphs else 0
+        return tree.depth if cycle_graphs else 0
+
+    @property
+    def margin(self) -> int:
+        return self.margin_for(self.tree_config, self.cycle_graphs)
 
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         return prompt_len + max_new_tokens + self.chunk_len + self.margin <= self.max_len

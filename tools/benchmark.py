@@ -420,11 +420,10 @@ def _engine_options(args) -> dict:
     default), ``--span-step`` (verification over 128-slot cache spans; 0: the whole cache) and
     ``--greedy-verify`` (T = 0: whole cycles as one graph, pipelined; acceptance in the draft+verify
     graph; or on the host)."""
-    span = getattr(args, "span_step", 128)
+    greedy = getattr(args, "greedy_verify", "pipelined")
     return {"fused_target": getattr(args, "target_forward", "fused") == "fused",
-            "span_step": span or None,
-            "device_greedy": getattr(args, "greedy_verify", "pipelined") in ("pipelined", "device"),
-            "pipelined": getattr(args, "greedy_verify", "pipelined") == "pipelined"}
+            "span_step": getattr(args, "span_step", 128) or None,
+            "device_greedy": greedy in ("pipelined", "device"), "pipelined": greedy == "pipelined"}
 
 
 def warm_prompt(tokenizer) -> list[int]:
