@@ -8,7 +8,7 @@
 #     e.g. ... eval $OUT/profile 0 0 --bench humaneval --profile 3   # MINUTES 0: profile.md of a cycle only
 #   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
 #   bash bench/gpu_qwen.sh restore-regen DIR      # (next session, DIR carried) the shards back in place
-#   bash bench/gpu_qwen.sh pack-drafter OUT_DIR FIRST COUNT   # the SFT drafter, 15 MB parts (two calls)
+#   bash bench/gpu_qwen.sh pack-drafter OUT_DIR FIRST [COUNT]  # the SFT drafter, 15 MB parts (4 calls: 0, 4, 8, 12)
 #   bash bench/gpu_qwen.sh restore-drafter DIR...  # (next session, a call per carried folder) -> /tmp/drafter_prev
 #
 # All resume where the previous call stopped (regenerate by shard, training by checkpoint), so a
@@ -42,8 +42,8 @@ case "${1:-}" in
     mkdir -p "$out"
     cp /tmp/runs/sft_qwen/metrics.jsonl /tmp/runs/sft_qwen/config.yaml "$out"/
     cp /tmp/runs/sft_qwen/curves.png "$out"/ 2>/dev/null || true
-    # The 1.5B target's drafter is ~210 MB in bf16, more than a call brings back (8 files of
-    # 16 MiB): `pack-drafter` brings it back over two calls, for the next session's SFT to start from.
+    # The 1.5B target's drafter is ~210 MB in bf16, more than a call brings back (about 64 MB):
+    # `pack-drafter` brings it back over four calls, for the next session's SFT to start from.
     ls -la "$out" ;;
   eval)
     out=${2:?OUT_DIR}; temperature=${3:?TEMPERATURE}; minutes=${4:?MINUTES}; shift 4
@@ -52,9 +52,10 @@ case "${1:-}" in
     [ -s "$out"/generations.jsonl ] || rm -f "$out"/generations.jsonl   # --max-minutes 0 --profile N: none
     rm -f "$out"/generations.jsonl.gz; gzip -f "$out"/generations.jsonl 2>/dev/null || true ;;
   pack-drafter)
-    # The SFT drafter in 15 MB parts, PARTS of them from part FIRST on (call 1: FIRST 0 with the
-    # config and the sha256, 6 parts; call 2: FIRST 6 COUNT 8), since a call brings back 8 files.
-    out=${2:?OUT_DIR}; first=${3:-0}; count=${4:-6}; mkdir -p "$out"
+    # The SFT drafter in 15 MB parts, COUNT of them from part FIRST on (FIRST 0 adds the config and
+    # the sha256). A call brings back about 64 MB in all (files over it are left out), so 4 parts a
+    # call: FIRST 0, 4, 8, 12 for a 1.5B target's 14 parts.
+    out=${2:?OUT_DIR}; first=${3:-0}; count=${4:-4}; mkdir -p "$out"
     src=/tmp/runs/sft_qwen/drafter
     # split once per drafter: a later SFT call (same machine) rewrites it, and then it is split again
     now=$(cd "$src" && sha256sum model.safetensors)
@@ -84,11 +85,11 @@ case "${1:-}" in
       rm -rf /tmp/drafter_join; echo "$n parts in; the sha256 does not match yet (carry the rest)"
     fi ;;
   pack-regen)
-    # Shards + manifest (the joined files are derived); a call brings back 8 files of 16 MiB.
+    # Shards + manifest (the joined files are derived); a call brings back about 64 MB in all.
     out=${2:?OUT_DIR}; mkdir -p "$out"
     tar -C /tmp -cf - regen_qwen/manifest.json regen_qwen/shards | split -b 15M -d - "$out"/regen_qwen.tar.part
     n=$(ls "$out"/regen_qwen.tar.part* | wc -l)
-    [ "$n" -le 8 ] || echo "warning: $n parts; a call brings back only 8 files" >&2
+    [ "$n" -le 4 ] || echo "warning: $n parts; a call brings back about 64 MB (4 parts): copy the rest to \$OUT in later calls" >&2
     ls -la "$out" ;;
   restore-regen)
     # The next `regen` resumes at the first missing shard: the source is matched by content, so
@@ -99,6 +100,6 @@ case "${1:-}" in
     python3 -c "import json; from tools.regenerate import join_committed; \
 joined = join_committed('/tmp/regen_qwen'); m = json.load(open('/tmp/regen_qwen/manifest.json')); \
 print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored, joined:', joined)" ;;
-  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST COUNT | restore-drafter DIR..." >&2
+  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST [COUNT] | restore-drafter DIR..." >&2
      exit 2 ;;
 esac
