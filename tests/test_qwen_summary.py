@@ -28,12 +28,22 @@ def test_summary_is_rebuilt_from_the_committed_files():
 
 
 def test_summary_names_the_engine_paths_when_the_run_recorded_them(tmp_path):
-    """Runs since run 2 record ``span_step`` and ``greedy_verify`` (the A/B switches); run 2 did not."""
-    assert "greedy_verify" not in build([RUN / "eval_t0"], None, None)
+    """Runs since run 3 record ``span_step`` and ``greedy_verify`` (the A/B switches); run 2 did not."""
+    assert "greedy_verify" not in build([RUN / "run2" / "eval_t0"], None, None)
+    recorded = build([RUN / "eval_t0"], None, None)
+    assert (recorded["span_step"], recorded["greedy_verify"]) == (128, "pipelined")
     folder = tmp_path / "eval_t0"
     folder.mkdir()
     results = json.loads((RUN / "eval_t0" / "results.json").read_text())
-    results["config"].update(span_step=128, greedy_verify="pipelined")
+    results["config"].update(span_step=None, greedy_verify="host")
     (folder / "results.json").write_text(json.dumps(results))
     summary = build([folder], None, None)
-    assert (summary["span_step"], summary["greedy_verify"]) == (128, "pipelined")
+    assert (summary["span_step"], summary["greedy_verify"]) == (None, "host")
+
+
+def test_run2_summary_is_rebuilt_from_its_files():
+    run2 = RUN / "run2"
+    summary = build([run2 / "eval_t0", run2 / "eval_t1"], run2 / "sft", RUN / "regen" / "manifest.json")
+    committed = json.loads((run2 / "summary.json").read_text())
+    for key in ("tau_t0", "speedup_t0", "tau_t1", "speedup_t1", "ar_tok_s"):
+        assert summary[key] == committed[key], key
