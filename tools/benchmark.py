@@ -665,7 +665,8 @@ def run_eval(args) -> int:
             (out_dir / f"timing_T{temperature:g}.md").write_text(markdown_summary(measurement))
             for b in measurement.summaries():
                 mism = "" if b["mismatches"] is None else f", T=0 spec!=AR {b['mismatches']}/{b['timed_generations']}"
-                print(f"[draftrl] {_block_name(b)} T={temperature:g}: tau {b['tau']:.3f}, spec {b['spec_tokens_per_s']:.1f} "
+                print(f"[draftrl] {_block_name(b)} T={temperature:g}: tau {b['tau']:.3f}, "
+                      f"spec {b['spec_tokens_per_s']:.1f} "
                       f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x "
                       f"({b['questions']} questions, {b['complete_repeats']}/{b['repeats']} repeats){mism}",
                       file=sys.stderr, flush=True)
