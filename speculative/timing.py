@@ -22,7 +22,11 @@ What is timed, and how (see docs/benchmarking.md):
 * speculation and AR alternate per question (speculation first on even questions, AR first on odd
   ones, the parity flipping each repeat) and benches are visited round-robin (question 0 of every
   bench, then question 1, ...), so clock or thermal drift hits both sides alike and a run cut by
-  its deadline stays balanced;
+  its deadline stays balanced. With more than two decoders (several speculative ones, e.g. tree
+  shapes, or several AR engines) odd questions run them in the reverse order: every pair swaps
+  order each question and every decoder has the same mean position;
+* several speculative decoders (``spec`` a mapping ``{name: decoder}``) are timed against the
+  *same* AR generations of the same questions: one AR baseline for all of them (a tree sweep);
 * repeats run in the same process; each bench reports the mean, min and max over the finished
   repeats of speculative tokens/s, AR tokens/s and their ratio;
 * GPU clocks, temperature and power are sampled before and after every repeat (best effort:
@@ -263,6 +267,8 @@ class BlockStats:
         data.update(
             tau=round(self.tau, 4),
             mean_accept_length=round(self.tau - 1.0, 4),
+            # speculative seconds per verification forward (the prefill's share included): the cycle
+            cycle_ms=round(1000 * self.spec_time_s / self.verify_forwards, 4) if self.verify_forwards else None,
             spec_tokens_per_s=round(self.spec_tokens_per_s, 2),
             baseline_tokens_per_s=round(self.baseline_tokens_per_s, 2),
             speedup=round(self.speedup, 4) if self.speedup is not None else None,
@@ -289,6 +295,7 @@ class BenchTiming:
     repeats: list[BlockStats] = field(default_factory=list)
     complete: list[bool] = field(default_factory=list)
     ar_engine: str | None = None
+    spec: str | None = None  # the speculative decoder's name when several were timed
 
     def total(self) -> BlockStats:
         total = BlockStats(self.bench, self.temperature)
@@ -304,6 +311,8 @@ class BenchTiming:
         over finished repeats of the per-repeat rates and speed-ups."""
         data = self.total().summary()
         done = [b for b, ok in zip(self.repeats, self.complete) if ok] or self.repeats[:1]
+        if self.spec is not None:
+            data["spec"] = self.spec
         data.update(
             ar_engine=self.ar_engine,
             timed_generations=sum(b.generations for b in self.repeats),
@@ -323,9 +332,12 @@ class BenchTiming:
 
 @dataclass
 class Measurement:
-    """What :func:`measure_speedup` returns: per bench timings, clocks, and whether it finished."""
+    """What :func:`measure_speedup` returns: per bench timings, clocks, and whether it finished.
 
-    benches: dict[str, BenchTiming]
+    ``benches`` is keyed by bench name, or by ``(spec name, bench)`` when several speculative
+    decoders were timed (``spec`` a mapping)."""
+
+    benches: dict[Any, BenchTiming]
     temperature: float
     repeats_asked: int
     stopped_early: bool = False
@@ -392,7 +404,7 @@ Conversation = Callable[[Callable[[list[int], int], Any], Any], list[Any]]
 
 
 def measure_speedup(
-    spec: Callable | None,
+    spec: Callable | Mapping[str, Callable] | None,
     ar: Mapping[str, Callable] | Callable | None,
     benches: Mapping[str, Sequence[Any]],
     conversation: Conversation,
@@ -416,9 +428,12 @@ def measure_speedup(
     and returns per-turn results with ``tokens`` (``tools.benchmark.run_conversation`` bound to a
     tokenizer). ``ar``: one decoder or ``{name: decoder}``, the first being the speed-up baseline
     (the others' tokens/s are reported too); None: speculation only (tau, no speed-up). ``spec``
-    None: AR only. ``seed_for(bench, question, turn)`` reseeds a decoder before each turn (AR gets
-    seed + 1). ``deadline`` (a ``time.perf_counter()`` value): no question starts after it; what was
-    timed is kept and ``stopped_early`` is set. ``on_pair(bench, repeat, index, question, spec_turns,
+    None: AR only; ``{name: decoder}``: several speculative decoders (e.g. tree shapes), each
+    compared with the same AR generations (``benches`` then keyed by ``(name, bench)``, each
+    summary with ``spec``: the name; ``on_pair`` then gets ``{name: turns}`` as ``spec_turns``).
+    ``seed_for(bench, question, turn)`` reseeds a decoder before each turn (AR gets seed + 1).
+    ``deadline`` (a ``time.perf_counter()`` value): no question starts after it; what was timed is
+    kept and ``stopped_early`` is set. ``on_pair(bench, repeat, index, question, spec_turns,
     ar_turns)`` sees every timed pair (e.g. to write the generations); ``on_repeat(measurement)``
     runs after every repeat (e.g. to write what is done so far). ``order``: ``alternate`` (the
     default and the only fair one), ``spec-first`` (what ``draftrl eval`` did before issue 23) or
@@ -431,7 +446,11 @@ def measure_speedup(
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     ars: dict[str, Callable] = dict(ar) if isinstance(ar, Mapping) else ({"ar": ar} if ar is not None else {})
-    decoders = [d for d in (spec, *ars.values()) if d is not None]
+    several = isinstance(spec, Mapping)
+    specs: dict[str | None, Callable] = dict(spec) if several else ({None: spec} if spec is not None else {})
+    if several and not specs:
+        raise ValueError("an empty mapping of speculative decoders")
+    decoders = [*specs.values(), *ars.values()]
     for decoder in decoders:
         if hasattr(decoder, "temperature"):
             decoder.temperature = temperature
@@ -439,8 +458,13 @@ def measure_speedup(
     seed_for = seed_for or (lambda bench, index, turn: index * 101 + turn)
     primary = next(iter(ars), None)
     first_name = getattr(ars.get(primary), "name", primary) if primary else None
-    result = Measurement({name: BenchTiming(name, temperature, ar_engine=first_name) for name in benches},
-                         temperature, repeats, order=order)
+
+    def key(variant: str | None, bench: str):
+        return bench if variant is None else (variant, bench)
+
+    variants: list[str | None] = list(specs) or [None]  # AR only: one block per bench
+    result = Measurement({key(v, name): BenchTiming(name, temperature, ar_engine=first_name, spec=v)
+                          for v in variants for name in benches}, temperature, repeats, order=order)
     started = time.perf_counter()
     longest = max((len(qs) for qs in benches.values()), default=0)
 
@@ -459,10 +483,10 @@ def measure_speedup(
     for repeat in range(repeats):
         if record_gpu:
             result.gpu.append({"repeat": repeat, "when": "before", **gpu_state(device)})
-        blocks = {name: BlockStats(name, temperature) for name in benches}
-        for name in benches:
-            result.benches[name].repeats.append(blocks[name])
-            result.benches[name].complete.append(False)
+        blocks = {k: BlockStats(timing.bench, temperature) for k, timing in result.benches.items()}
+        for k, timing in result.benches.items():
+            timing.repeats.append(blocks[k])
+            timing.complete.append(False)
         stopped = False
         for index in range(longest):
             for position, (name, questions) in enumerate(benches.items()):
@@ -472,41 +496,48 @@ def measure_speedup(
                     stopped = True
                     break
                 question = questions[index]
-                runs: dict[str, tuple[list, list[float]]] = {}
-                sides = ([("spec", spec, 0)] if spec is not None else []) + \
-                        [(key, decoder, 1) for key, decoder in ars.items()]
-                if order == "ar-first" or (order == "alternate" and (index + repeat + position) % 2):
-                    sides = sides[1:] + sides[:1]  # AR first
-                for key, decoder, offset in sides:
+                runs: dict[Any, tuple[list, list[float]]] = {}
+                spec_sides = [(("spec", v), decoder, 0) for v, decoder in specs.items()]
+                ar_sides = [(("ar", k), decoder, 1) for k, decoder in ars.items()]
+                sides = spec_sides + ar_sides
+                if order == "ar-first":
+                    sides = ar_sides + spec_sides
+                elif order == "alternate" and (index + repeat + position) % 2:
+                    sides = sides[::-1]  # AR first; with more decoders every pair swaps each question
+                for side_key, decoder, offset in sides:
                     generate, times = side(decoder, name, index, offset)
                     turns = conversation(generate, question)
-                    runs[key] = (turns, times)
-                block = blocks[name]
-                block.questions += 1
-                spec_turns, spec_times = runs.get("spec", (None, None))
-                base_turns, base_times = runs[primary] if primary else (None, None)
-                count = len(spec_turns if spec_turns is not None else base_turns)
-                for t in range(count):
-                    if spec_turns is not None:
-                        block.add(spec_turns[t], base_turns[t] if base_turns else None, spec_times[t],
-                                  base_times[t] if base_times else None)
-                    else:  # AR only: the baseline side alone
-                        block.generations += 1
-                        block.baseline_tokens += len(base_turns[t].tokens)
-                        block.baseline_time_s += base_times[t]
-                for key in list(ars)[1:]:
-                    turns, times = runs[key]
-                    block.add_other(key, sum(len(t.tokens) for t in turns), sum(times))
+                    runs[side_key] = (turns, times)
+                base_turns, base_times = runs[("ar", primary)] if primary else (None, None)
+                for variant in variants:
+                    block = blocks[key(variant, name)]
+                    block.questions += 1
+                    spec_turns, spec_times = runs.get(("spec", variant), (None, None))
+                    count = len(spec_turns if spec_turns is not None else base_turns)
+                    for t in range(count):
+                        if spec_turns is not None:
+                            block.add(spec_turns[t], base_turns[t] if base_turns else None, spec_times[t],
+                                      base_times[t] if base_times else None)
+                        else:  # AR only: the baseline side alone
+                            block.generations += 1
+                            block.baseline_tokens += len(base_turns[t].tokens)
+                            block.baseline_time_s += base_times[t]
+                    for other in list(ars)[1:]:
+                        turns, times = runs[("ar", other)]
+                        block.add_other(other, sum(len(t.tokens) for t in turns), sum(times))
                 if on_pair is not None:
+                    spec_turns = ({v: runs[("spec", v)][0] for v in specs} if several
+                                  else runs.get(("spec", None), (None, None))[0])
                     on_pair(name, repeat, index, question, spec_turns, base_turns)
             if stopped:
                 break
-        for name in benches:
-            result.benches[name].complete[-1] = not stopped
+        for timing in result.benches.values():
+            timing.complete[-1] = not stopped
         if record_gpu:
             result.gpu.append({"repeat": repeat, "when": "after", **gpu_state(device)})
         if log is not None:
-            rows = ", ".join(_short(b) for b in blocks.values() if b.generations)
+            rows = ", ".join(_short(b, k[0] if isinstance(k, tuple) else None)
+                             for k, b in blocks.items() if b.generations)
             log(f"[timing] T={temperature:g} repeat {repeat + 1}/{repeats}{' (stopped: deadline)' if stopped else ''}"
                 f": {rows}")
         result.seconds = time.perf_counter() - started
@@ -519,8 +550,8 @@ def measure_speedup(
     return result
 
 
-def _short(block: BlockStats) -> str:
-    text = f"{block.bench} tau {block.tau:.3f} spec {block.spec_tokens_per_s:.1f}"
+def _short(block: BlockStats, variant: str | None = None) -> str:
+    text = f"{block.bench}{f' [{variant}]' if variant else ''} tau {block.tau:.3f} spec {block.spec_tokens_per_s:.1f}"
     if block.baseline_time_s:
         text += f" AR {block.baseline_tokens_per_s:.1f} tok/s x{block.speedup:.3f}"
     return text + f" ({block.questions} q)"
@@ -539,8 +570,9 @@ def markdown_summary(measurement: Measurement, title: str = "") -> str:
 
     for b in measurement.summaries():
         mism = "-" if b["mismatches"] is None else f"{b['mismatches']}/{b['timed_generations']}"
+        bench = f"{b['bench']} `{b['spec']}`" if "spec" in b else b["bench"]
         lines.append(
-            f"| {b['bench']} | {b['temperature']:g} | {b['tau']:.3f} | {cell(b['spread']['spec_tokens_per_s'], '.1f')} "
+            f"| {bench} | {b['temperature']:g} | {b['tau']:.3f} | {cell(b['spread']['spec_tokens_per_s'], '.1f')} "
             f"| {cell(b['spread']['baseline_tokens_per_s'], '.1f')} | {cell(b['spread']['speedup'], '.3f', 'x')} "
             f"| {b['questions']} | {b['complete_repeats']}/{b['repeats']} | {mism} |")
         for name, rate in b["other_ar_tokens_per_s"].items():

@@ -196,6 +196,45 @@ def test_eval_end_to_end(tmp_path, models, two_turn_file, capsys):
             assert first["identical"] and second["identical"]
 
 
+def test_eval_tree_sweep(tmp_path, models, two_turn_file, capsys):
+    """``--trees``: one tree engine per shape on the loaded models, all against the same AR runs."""
+    target_dir, drafter_dir = models
+    out = tmp_path / "sweep"
+    assert main(["eval", "--drafter", str(drafter_dir), "--target", str(target_dir), "--bench", str(two_turn_file),
+                 "--temperature", "0", "--max-new-tokens", "5", "--compile", "static", "--threads", "1",
+                 "--trees", "3x3x8,2x2x3", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["config"]["trees"]) == ["3x3x8", "2x2x3"]
+    blocks = {b["spec"]: b for b in results["results"]}
+    assert list(blocks) == ["3x3x8", "2x2x3"] and len(results["results"]) == 2  # one row per tree
+    for block in blocks.values():
+        assert block["bench"] == "chat" and block["tau"] >= 1 and block["generations"] == 4
+        assert block["mismatches"] == 0 and block["speedup"] > 0 and block["cycle_ms"] > 0
+    assert blocks["3x3x8"]["baseline_time_s"] == blocks["2x2x3"]["baseline_time_s"]  # one AR baseline
+    best = results["best_tree"]
+    assert best["overall"]["tree"] == max(blocks, key=lambda t: blocks[t]["speedup"])
+    table = (out / "results.md").read_text()
+    assert table.startswith("# Tree sweep") and "| `3x3x8` | chat | 0 |" in table and "| `2x2x3` | chat | 0 |" in table
+    assert f"best overall: `{best['overall']['tree']}`" in table and "Tree sweep" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert sorted({r["tree"] for r in records}) == ["2x2x3", "3x3x8"] and len(records) == 8
+
+
+@pytest.mark.parametrize("value", ["6x10", "0x1x1", "a,b", "6x10x59,6x10x59", "6x10x59,"])
+def test_eval_trees_malformed_fails_early(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--drafter", "/nonexistent", "--trees", value])
+    assert stop.value.code == 2
+    assert "--trees" in capsys.readouterr().err
+
+
+def test_eval_trees_too_many_tokens_fails_before_loading(capsys):
+    assert main(["eval", "--drafter", "/nonexistent", "--trees", "6x10x59,6x2x59"]) == 2
+    assert "--trees 6x2x59: a depth-6 top-2 tree has only 22 candidate nodes" in capsys.readouterr().err
+    assert main(["eval", "--drafter", "/nonexistent", "--trees", "3x3x8", "--profile", "2"]) == 2
+    assert "--trees" in capsys.readouterr().err
+
+
 def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
     """The fixed-shape path (what CUDA graphs replay) through the CLI, and the self-check."""
     target_dir, drafter_dir = models

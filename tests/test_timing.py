@@ -63,7 +63,8 @@ def test_fields_tau_equality_order_and_spread(decoders):
     # benches round-robin per question index; spec first on even parity, AR first on odd
     assert [p[0] for p in pairs[:5]] == ["a", "b", "a", "b", "a"]
     firsts = [calls[3 * i] for i in range(10)]
-    assert firsts[0] == "spec" and firsts[1] == "batch" and firsts[5] != firsts[0]
+    assert firsts[0] == "spec" and firsts[1] == "static" and firsts[5] != firsts[0]
+    assert calls[3:6] == ["static", "batch", "spec"]  # odd: the reverse order, every pair swapped
     summaries = {s["bench"]: s for s in measurement.summaries()}
     assert set(summaries) == {"a", "b"}
     for name, s in summaries.items():
@@ -156,3 +157,36 @@ def test_one_bench_writes_summary_and_spread(tmp_path):
     assert summary["config"]["ar_engine"] == ["batch", "static"] and summary["config"]["compile"] == "off"
     table = (out / "summary.md").read_text()
     assert "| gsm8k | 0 |" in table and "AR `static`" in table
+
+
+def test_several_speculative_decoders_share_one_ar_baseline(decoders):
+    """A tree sweep: ``spec`` as ``{name: decoder}``, every one against the same AR generations."""
+    spec, ars = decoders
+    target = spec.engine.target
+    other = speculative_decoder(SpeculativeGenerator(target, spec.engine.drafter, TreeConfig(2, 2, 3),
+                                                     compile="static", max_len=MAX_LEN))
+    calls, pairs = [], []
+
+    def spy(name, decoder):
+        def call(ids, n, eos):
+            calls.append(name)
+            return decoder(ids, n, eos)
+        return call
+
+    benches = {"a": BENCHES["a"][:2]}
+    measurement = measure_speedup({"3x3x8": spy("t1", spec), "2x2x3": spy("t2", other)}, spy("ar", ars["batch"]),
+                                  benches, _single_turn, max_new_tokens=6, eos=set(), temperature=0.0,
+                                  on_pair=lambda *args: pairs.append(args))
+    assert calls == ["t1", "t2", "ar", "ar", "t2", "t1"]  # odd questions: the reverse order
+    assert set(measurement.benches) == {("3x3x8", "a"), ("2x2x3", "a")}
+    summaries = {s["spec"]: s for s in measurement.summaries()}
+    assert set(summaries) == {"3x3x8", "2x2x3"}
+    assert summaries["3x3x8"]["baseline_time_s"] == summaries["2x2x3"]["baseline_time_s"]  # one AR baseline
+    for s in summaries.values():
+        assert s["tau"] >= 1 and s["questions"] == 2 and s["mismatches"] == 0
+        assert s["cycle_ms"] == pytest.approx(1000 * s["spec_time_s"] / s["verify_forwards"], rel=1e-3)
+    assert summaries["2x2x3"]["tau"] <= 3  # depth 2: at most 2 accepted + the bonus
+    assert all(set(p[4]) == {"3x3x8", "2x2x3"} for p in pairs)  # on_pair: {name: turns}
+    assert "a `2x2x3`" in timing.markdown_summary(measurement)
+    with pytest.raises(ValueError, match="empty"):
+        measure_speedup({}, ars["batch"], benches, _single_turn, max_new_tokens=2, eos=set())

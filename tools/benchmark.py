@@ -16,6 +16,7 @@ tree engine's own ``generate_autoregressive`` (``--ar-engine static``); docs/ben
                  [--repeats 3] [--ar-engine batch|static|batch,static]
     draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
     draftrl eval --drafter DIR --bench humaneval --profile 3 [--max-minutes 0]   # where a cycle's time goes
+    draftrl eval --drafter DIR --bench humaneval --trees 6x10x59,4x8x24   # tree shapes vs one AR baseline
     draftrl generate "question" [--drafter DIR] [--temperature T]
     draftrl generate --input questions.jsonl [--drafter DIR] [--out answers.jsonl]
 
@@ -24,6 +25,10 @@ table), results.png (τ per bench/temperature, accepted-length histogram), gener
 (every prompt and answer, speculative and baseline); with ``--profile N`` also profile.md,
 profile.json and profile_trace.json.gz (``tools.eval_profile``: per-phase ranges of a speculative
 cycle and of an AR step under ``torch.profiler``; ``--max-minutes 0`` then skips the timed part).
+With ``--trees`` (a tree sweep: one tree engine per shape, sharing the loaded target and drafter,
+every one timed against the same AR generations of the same questions) each result block names
+its tree (``spec``), results.md opens with a table per tree (τ, tok/s, speed-up, cycle ms) and
+results.json holds ``best_tree``: the fastest shape per bench x temperature and overall.
 """
 
 from __future__ import annotations
@@ -265,12 +270,71 @@ def load_models(target_spec: str, drafter_dir: str | Path | None, device: torch.
 def write_reports(out_dir: Path, config: dict[str, Any], blocks: list[dict[str, Any]]) -> None:
     """``results.json``, ``results.md`` and ``results.png`` (rewritten after every block)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"config": config, "results": blocks}, indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown_table(config, blocks))
+    report: dict[str, Any] = {"config": config, "results": blocks}
+    sweep = any("spec" in b for b in blocks)
+    if sweep:
+        report["best_tree"] = best_trees(blocks)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "results.md").write_text((sweep_table(blocks) + "\n" if sweep else "") + markdown_table(config, blocks))
     try:
         plot_results(blocks, out_dir / "results.png")
     except ImportError:
         print("[draftrl] matplotlib is not installed: no results.png", file=sys.stderr)
+
+
+def _block_name(block: dict[str, Any]) -> str:
+    """The bench, and the tree shape in a tree sweep."""
+    return f"{block['bench']} `{block['spec']}`" if "spec" in block else block["bench"]
+
+
+def best_trees(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tree sweep's winners: the highest speed-up per bench x temperature, and overall the tree
+    with the highest geometric mean speed-up over the bench x temperature cells every tree has."""
+    cells: dict[tuple[str, float], dict[str, float]] = {}
+    for b in blocks:
+        if b.get("speedup") is not None:
+            cells.setdefault((b["bench"], b["temperature"]), {})[b["spec"]] = b["speedup"]
+    per_cell = [{"bench": bench, "temperature": temp, "tree": max(rates, key=rates.get),
+                 "speedup": max(rates.values())} for (bench, temp), rates in cells.items()]
+    trees = list(dict.fromkeys(b["spec"] for b in blocks))
+    full = [rates for rates in cells.values() if all(t in rates for t in trees)]
+    overall = None
+    if full:
+        means = {t: math.exp(sum(math.log(max(r[t], 1e-9)) for r in full) / len(full)) for t in trees}
+        best = max(means, key=means.get)
+        overall = {"tree": best, "geomean_speedup": round(means[best], 4), "cells": len(full),
+                   "geomean_speedup_by_tree": {t: round(v, 4) for t, v in means.items()}}
+    return {"per_bench": per_cell, "overall": overall}
+
+
+def sweep_table(blocks: list[dict[str, Any]]) -> str:
+    """``--trees``: one row per tree per bench x temperature, and the best tree."""
+    lines = [
+        "# Tree sweep: speed-up by tree shape (depth x top-k x draft tokens)",
+        "",
+        "Every tree against the same AR generations of the same questions, in one process "
+        "(`speculative.timing.measure_speedup`, the order reversed every other question); "
+        "cycle ms = speculative seconds / verification forwards (the prefill's share included).",
+        "",
+        "| tree | bench | T | τ | spec tok/s | AR tok/s | speed-up | cycle ms | prompts | T=0 spec ≠ AR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in blocks:
+        mism = "-" if b["mismatches"] is None else f"{b['mismatches']}/{b.get('timed_generations', b['generations'])}"
+        speedup = f"{b['speedup']:.3f}x" if b["speedup"] is not None else "-"
+        cycle = f"{b['cycle_ms']:.2f}" if b.get("cycle_ms") is not None else "-"
+        lines.append(f"| `{b['spec']}` | {b['bench']} | {b['temperature']:g} | {b['tau']:.3f} "
+                     f"| {b['spec_tokens_per_s']:.1f} | {b['baseline_tokens_per_s']:.1f} | {speedup} | {cycle} "
+                     f"| {b['questions']} | {mism} |")
+    best = best_trees(blocks)
+    lines.append("")
+    for cell in best["per_bench"]:
+        lines.append(f"- best on {cell['bench']} T={cell['temperature']:g}: `{cell['tree']}` ({cell['speedup']:.3f}x)")
+    if best["overall"]:
+        o = best["overall"]
+        lines.append(f"- **best overall: `{o['tree']}`** (geometric mean speed-up {o['geomean_speedup']:.3f}x "
+                     f"over {o['cells']} bench x temperature cell(s))")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(config: dict[str, Any], blocks: list[dict[str, Any]]) -> str:
@@ -279,8 +343,11 @@ def markdown_table(config: dict[str, Any], blocks: list[dict[str, Any]]) -> str:
         f"# Speculative decoding: {Path(str(config.get('drafter', '?'))).name} on {config.get('target', '?')}",
         "",
         f"Device {config.get('device_name', config.get('device'))}, {config.get('dtype')}, compile "
-        f"`{config.get('compile')}`; tree depth {tree.get('depth')}, top-k {tree.get('top_k')}, "
-        f"{tree.get('total_tokens')} draft tokens; max {config.get('max_new_tokens')} new tokens.",
+        f"`{config.get('compile')}`; "
+        + (f"trees {', '.join(config['trees'])} (depth x top-k x draft tokens; the tree after the bench)"
+           if config.get("trees") else
+           f"tree depth {tree.get('depth')}, top-k {tree.get('top_k')}, {tree.get('total_tokens')} draft tokens")
+        + f"; max {config.get('max_new_tokens')} new tokens.",
         "τ = tokens per verification forward (accepted + bonus). Speed-up = speculative tokens/s "
         f"over autoregressive tokens/s (AR engine `{(config.get('ar_engine') or ['?'])[0]}`), timed by "
         "`speculative.timing.measure_speedup` (alternating per question, same process); "
@@ -298,13 +365,13 @@ def markdown_table(config: dict[str, Any], blocks: list[dict[str, Any]]) -> str:
         if spread and spread["n"] > 1:
             speedup += f" ({spread['min']:.2f}-{spread['max']:.2f})"
         lines.append(
-            f"| {b['bench']} | {b['temperature']:g} | {b['tau']:.3f} | {b['spec_tokens_per_s']:.1f} "
+            f"| {_block_name(b)} | {b['temperature']:g} | {b['tau']:.3f} | {b['spec_tokens_per_s']:.1f} "
             f"| {b['baseline_tokens_per_s']:.1f} | {speedup} | {b['questions']} "
             f"| {b.get('complete_repeats', 1)}/{b.get('repeats', 1)} | {b['generations']} "
             f"| {b['spec_tokens']} | {b['baseline_tokens']} | {mism} |"
         )
         for name, rate in (b.get("other_ar_tokens_per_s") or {}).items():
-            lines.append(f"| {b['bench']} | {b['temperature']:g} | AR `{name}` | | {rate:.1f} | | | | | | | |")
+            lines.append(f"| {_block_name(b)} | {b['temperature']:g} | AR `{name}` | | {rate:.1f} | | | | | | | |")
     for error in config.get("compile_errors") or []:
         lines += ["", f"**Fallback:** {error}"]
     if any(b["mismatches"] for b in blocks):
@@ -325,12 +392,12 @@ def plot_results(blocks: list[dict[str, Any]], out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = list(dict.fromkeys(b["bench"] for b in blocks))
+    benches = list(dict.fromkeys(map(_block_name, blocks)))
     temps = list(dict.fromkeys(b["temperature"] for b in blocks))
     fig, (ax_tau, ax_hist) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(len(temps), 1)
     for j, temp in enumerate(temps):
-        values = [next((b["tau"] for b in blocks if b["bench"] == name and b["temperature"] == temp), 0.0)
+        values = [next((b["tau"] for b in blocks if _block_name(b) == name and b["temperature"] == temp), 0.0)
                   for name in benches]
         xs = [i + (j - (len(temps) - 1) / 2) * width for i in range(len(benches))]
         bars = ax_tau.bar(xs, values, width, label=f"T={temp:g}")
@@ -344,7 +411,7 @@ def plot_results(blocks: list[dict[str, Any]], out_png: Path) -> Path:
         total = sum(hist)
         if total:
             ax_hist.plot(range(len(hist)), [h / total for h in hist], "o-", ms=3,
-                         label=f"{b['bench']} T={b['temperature']:g}")
+                         label=f"{_block_name(b)} T={b['temperature']:g}")
     ax_hist.set(xlabel="draft tokens accepted per verification (bonus excluded)",
                 ylabel="fraction of verifications", title="accepted-length histogram")
     ax_hist.set_ylim(0, 1.02)
@@ -367,6 +434,48 @@ def _tree_config(args):
     return TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
 
 
+def parse_trees(text: str) -> list[tuple[int, int, int]]:
+    """``--trees``: comma-separated DEPTHxTOP_KxTOTAL_TOKENS shapes, e.g. ``6x10x59,4x8x24``
+    (an argparse type: a malformed value stops the command before anything loads)."""
+    shapes: list[tuple[int, int, int]] = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            shape = tuple(int(part) for part in parts)
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not DEPTHxTOP_KxTOTAL_TOKENS (three integers >= 1); "
+                f"give comma-separated shapes, e.g. --trees 6x10x59,4x8x24")
+        if shape in shapes:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is given twice")
+        shapes.append(shape)  # type: ignore[arg-type]
+    return shapes
+
+
+def tree_label(tree) -> str:
+    """``6x10x59``: depth x top-k x draft tokens, as ``--trees`` spells it."""
+    return f"{tree.depth}x{tree.top_k}x{tree.total_tokens}"
+
+
+def sweep_trees(shapes: list[tuple[int, int, int]]) -> dict:
+    """``{label: TreeConfig}`` for ``--trees``; a shape whose tree cannot hold its draft tokens
+    (``total_tokens`` above the ``top_k + (depth - 1) * top_k**2`` candidates: the engine would
+    verify fewer than the label says) is an error naming the flag."""
+    from speculative.tree import TreeConfig, tree_size
+
+    trees = {}
+    for depth, top_k, total in shapes:
+        tree = TreeConfig(depth=depth, top_k=top_k, total_tokens=total)
+        nodes, _ = tree_size(TreeConfig(depth=depth, top_k=top_k, total_tokens=2**31), 2**31)
+        if total > nodes:
+            raise BenchmarkError(f"--trees {tree_label(tree)}: a depth-{depth} top-{top_k} tree has only {nodes} "
+                                 f"candidate nodes, fewer than {total} draft tokens")
+        trees[tree_label(tree)] = tree
+    return trees
+
+
 def _environment(device: torch.device, dtype: torch.dtype, args) -> dict[str, Any]:
     import torch
     import transformers
@@ -387,9 +496,15 @@ def _seed_for(seed: int, bench: str, index: int, turn: int) -> int:
 
 
 def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: str | None = None,
-                   compile: str | None = None, max_new_tokens: int | None = None):
+                   compile: str | None = None, max_new_tokens: int | None = None, trees: dict | None = None):
     """(tree-engine decoder, {name: AR decoder}) sized for ``questions``: what every timed
-    comparison uses (``speculative.timing``); the first AR engine is the speed-up's baseline."""
+    comparison uses (``speculative.timing``); the first AR engine is the speed-up's baseline.
+
+    ``trees`` (``{label: TreeConfig}``, a tree sweep): one tree engine per shape, all on the same
+    loaded target and drafter (each holds its own caches, fused weights and graphs), and the first
+    value is ``{label: decoder}``; the ``static`` AR engine is then the first tree's."""
+    import torch
+
     from speculative.engine import SpeculativeGenerator
     from speculative.timing import autoregressive_decoder, parse_ar_engines, speculative_decoder
 
@@ -397,12 +512,22 @@ def build_decoders(target, drafter, tokenizer, questions, args, *, ar_engines: s
     max_new_tokens = max_new_tokens or args.max_new_tokens
     budget = max(context_budget(tokenizer, qs, max_new_tokens) for qs in questions.values())
     budget = max(budget, len(warm_prompt(tokenizer)) + max_new_tokens)
-    engine = SpeculativeGenerator(target, drafter, _tree_config(args), compile=compile, max_len=budget,
-                                  seed=getattr(args, "seed", 0), **_engine_options(args))
+    engines = {}
+    for label, tree in (trees or {None: _tree_config(args)}).items():
+        engines[label] = SpeculativeGenerator(target, drafter, tree, compile=compile, max_len=budget,
+                                              seed=getattr(args, "seed", 0), **_engine_options(args))
+        device = engines[label].device
+        if label is not None and device.type == "cuda":  # engines must coexist on one GPU
+            print(f"[draftrl] tree {label}: engine ready; GPU memory {torch.cuda.memory_allocated(device) / 2**30:.1f} "
+                  f"GiB allocated, {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB reserved",
+                  file=sys.stderr, flush=True)
+    engine = next(iter(engines.values()))
     ars = {}
     for kind in parse_ar_engines(ar_engines or getattr(args, "ar_engine", None) or "batch"):
         ars[kind] = autoregressive_decoder(target, kind, compile=compile, max_len=budget,
                                            seed=getattr(args, "seed", 0), engine=engine)
+    if trees:
+        return {label: speculative_decoder(e) for label, e in engines.items()}, ars, budget
     return speculative_decoder(engine), ars, budget
 
 
@@ -445,6 +570,11 @@ def run_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    shapes = getattr(args, "trees", None)
+    if shapes and (args.check or getattr(args, "profile", 0)):
+        raise BenchmarkError("--trees times several tree shapes; --check and --profile take one (--depth, --top-k, "
+                             "--total-tokens): drop one of them")
+    trees = sweep_trees(shapes) if shapes else None
     if args.check:
         return run_check(args)
     benches = [resolve_bench(b.strip(), args.bench_dir) for b in args.bench.split(",") if b.strip()]
@@ -458,10 +588,12 @@ def run_eval(args) -> int:
     eos = eos_token_ids(tokenizer, target.model)
     questions = {name: load_questions(path, args.num_prompts, name) for name, path in benches}
     started = time.perf_counter()
-    spec, ars, budget = build_decoders(target, drafter, tokenizer, questions, args)
-    print(f"[draftrl] engines ready (tree {spec.compile}; AR {', '.join(f'{k} {d.compile}' for k, d in ars.items())};"
-          f" caches for {budget} tokens) in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-    engine = spec.engine
+    spec, ars, budget = build_decoders(target, drafter, tokenizer, questions, args, trees=trees)
+    specs = spec if trees else {None: spec}  # a tree sweep: {label: decoder}
+    engine = next(iter(specs.values())).engine
+    print(f"[draftrl] engines ready ({len(specs)} tree engine(s) {engine.compile}; "
+          f"AR {', '.join(f'{k} {d.compile}' for k, d in ars.items())}; caches for {budget} tokens) in "
+          f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
     config = {
         "target": args.target,
         "drafter": str(args.drafter),
@@ -474,13 +606,14 @@ def run_eval(args) -> int:
         "ar_engine": list(ars),
         "seed": args.seed,
         "tree": asdict(engine.tree_config),
+        **({"trees": {label: asdict(tree) for label, tree in trees.items()}} if trees else {}),
         "target_forward": "fused" if engine.fused_target else "fast",
         "span_step": engine.span_step,
         "greedy_verify": ("pipelined" if engine.pipelined else "device") if engine.device_greedy else "host",
         "eos_token_ids": sorted(eos),
         **_environment(device, dtype, args),
         "compile": engine.compile,
-        "compile_errors": engine.compile_errors + [e for d in ars.values() for e in d.engine.compile_errors],
+        "compile_errors": [e for d in (*specs.values(), *ars.values()) for e in d.engine.compile_errors],
         "timing": "speculative.timing.measure_speedup: spec and AR alternate per question, benches round-robin, "
                   "synchronize around each generation, untimed full-length warm-up",
     }
@@ -496,15 +629,17 @@ def run_eval(args) -> int:
     timed_temperatures = [] if profile and args.max_minutes == 0 else temperatures  # 0: profile only
     with open(out_dir / "generations.jsonl", "w") as records:
         def on_pair(bench, repeat, index, question, spec_turns, ar_turns):
-            for s, b in zip(spec_turns, ar_turns or [None] * len(spec_turns)):
-                record = {"bench": bench, "question_id": question.question_id, "turn": s.turn,
-                          "temperature": temperature, "repeat": repeat,
-                          "spec": {"prompt": s.prompt_text, "text": s.text, "tokens": len(s.tokens),
-                                   "accept_lengths": s.accept_lengths}}
-                if b is not None:
-                    record["baseline"] = {"prompt": b.prompt_text, "text": b.text, "tokens": len(b.tokens)}
-                    record["identical"] = s.tokens == b.tokens
-                records.write(json.dumps(record) + "\n")
+            for label, turns in (spec_turns.items() if trees else [(None, spec_turns)]):
+                for s, b in zip(turns, ar_turns or [None] * len(turns)):
+                    record = {"bench": bench, "question_id": question.question_id, "turn": s.turn,
+                              "temperature": temperature, "repeat": repeat,
+                              **({"tree": label} if label else {}),
+                              "spec": {"prompt": s.prompt_text, "text": s.text, "tokens": len(s.tokens),
+                                       "accept_lengths": s.accept_lengths}}
+                    if b is not None:
+                        record["baseline"] = {"prompt": b.prompt_text, "text": b.text, "tokens": len(b.tokens)}
+                        record["identical"] = s.tokens == b.tokens
+                    records.write(json.dumps(record) + "\n")
 
         for position, temperature in enumerate(timed_temperatures):
             # With a time budget, each temperature gets an equal share of what is left; inside it the
@@ -512,9 +647,9 @@ def run_eval(args) -> int:
             share = None
             if deadline is not None:
                 share = time.perf_counter() + max(deadline - time.perf_counter(), 0) / (len(temperatures) - position)
-            for decoder in (spec, *ars.values()):
+            for decoder in (*specs.values(), *ars.values()):
                 decoder.temperature = temperature
-            warm_up([spec, *ars.values()], warm_prompt(tokenizer), args.max_new_tokens, eos,
+            warm_up([*specs.values(), *ars.values()], warm_prompt(tokenizer), args.max_new_tokens, eos,
                     prompts=first_turn_prompts(tokenizer, questions))
             measurement = measure_speedup(
                 spec, ars, questions, conversation, max_new_tokens=args.max_new_tokens, eos=eos,
@@ -530,7 +665,8 @@ def run_eval(args) -> int:
             (out_dir / f"timing_T{temperature:g}.md").write_text(markdown_summary(measurement))
             for b in measurement.summaries():
                 mism = "" if b["mismatches"] is None else f", T=0 spec!=AR {b['mismatches']}/{b['timed_generations']}"
-                print(f"[draftrl] {b['bench']} T={temperature:g}: tau {b['tau']:.3f}, spec {b['spec_tokens_per_s']:.1f} "
+                print(f"[draftrl] {_block_name(b)} T={temperature:g}: tau {b['tau']:.3f}, "
+                      f"spec {b['spec_tokens_per_s']:.1f} "
                       f"tok/s, AR {b['baseline_tokens_per_s']:.1f} tok/s, speed-up {b['speedup'] or 0:.2f}x "
                       f"({b['questions']} questions, {b['complete_repeats']}/{b['repeats']} repeats){mism}",
                       file=sys.stderr, flush=True)

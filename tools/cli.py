@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the validated config (defaults filled in)")
     _config_args(show)
 
-    from tools.benchmark import add_model_args  # light: no model code imported
+    from tools.benchmark import add_model_args, parse_trees  # light: no model code imported
 
     generate = commands.add_parser(
         "generate", help="decode a prompt (or a question JSONL) with the target, speculatively with --drafter",
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "timed part is skipped (profile only)")
     bench.add_argument("--check", action="store_true",
                        help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
+    bench.add_argument("--trees", type=parse_trees, default=None, metavar="DxKxN[,DxKxN...]",
+                       help="a tree sweep: time these tree shapes (depth x top-k x draft tokens, e.g. "
+                            "6x10x59,4x8x24; replaces --depth/--top-k/--total-tokens) in one process, one tree "
+                            "engine each, all against the same AR generations of the same questions; results.md "
+                            "gets a row per tree and the best tree by speed-up")
     add_model_args(bench, drafter_required=True)
 
     from tools.regenerate import add_arguments as add_regenerate_args  # light: no vLLM import
