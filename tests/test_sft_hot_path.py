@@ -81,3 +81,43 @@ def test_ttt_equals_the_per_step_shift_reference(tiny_target, length, steps, out
     assert result.accept_length_proxy == pytest.approx(proxy, rel=1e-6)
     for param, expected in zip(drafter.trainable_parameters(), reference_grads):
         assert torch.allclose(param.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2_tied"])
+def test_draft_features_equal_features_then_restriction(arch, monkeypatch):
+    """The chunked head gives ``features`` + ``restrict_to_draft_vocab``'s tensors (chunks of 7 rows:
+    several per batch, the last one short)."""
+    from speculative.target import TargetModel
+    from tests.conftest import tiny_llama, tiny_qwen2
+
+    model = tiny_llama() if arch == "llama" else tiny_qwen2(tie_word_embeddings=arch == "qwen2_tied")
+    target = TargetModel(model)
+    assert target.plain_head()
+    vocab = DraftVocab.from_counts(torch.arange(target.vocab_size).flip(0), 40)
+    ids, attention, _ = _batch(target, 17)
+    features = target.features(ids, attention)
+    expected_draft, expected_top1 = restrict_to_draft_vocab(features.logits, vocab.draft_to_target)
+    monkeypatch.setattr(TargetModel, "HEAD_CHUNK_BYTES", 7 * target.vocab_size * 4)
+    draft, top1, aux = target.draft_features(ids, attention, vocab.draft_to_target)
+    assert torch.equal(aux, features.aux_hidden)
+    assert torch.equal(top1, expected_top1)
+    assert draft.shape == expected_draft.shape and torch.allclose(draft, expected_draft, rtol=1e-5, atol=1e-6)
+    # a head that is not a plain lm_head of the last hidden state: the features path
+    monkeypatch.setattr(TargetModel, "PLAIN_HEAD_TYPES", ())
+    draft, top1, aux = target.draft_features(ids, attention, vocab.draft_to_target)
+    assert torch.equal(draft, expected_draft) and torch.equal(top1, expected_top1)
+
+
+def test_sft_experience_is_unchanged(tiny_target):
+    """``TargetWorker.sft_experience`` (chunked head) against the experience built the old way."""
+    from actors.target_worker import TargetWorker
+
+    vocab = DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 40)
+    ids, attention, loss_mask = _batch(tiny_target, 19)
+    experience = TargetWorker(tiny_target, vocab.draft_to_target).sft_experience(
+        {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask})
+    features = tiny_target.features(ids, attention)
+    draft, top1 = restrict_to_draft_vocab(features.logits, vocab.draft_to_target)
+    assert torch.equal(experience.aux_hidden, features.aux_hidden) and torch.equal(experience.target_top1, top1)
+    assert torch.allclose(experience.target_draft_logits, draft, rtol=1e-5, atol=1e-6)
+    assert torch.equal(experience.loss_mask, loss_mask) and torch.equal(experience.input_ids, ids)
