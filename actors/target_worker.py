@@ -10,8 +10,8 @@ import torch
 
 from speculative.drafter import Eagle3Drafter
 from speculative.experience import CombinedExperience, Experience, SFTExperience, uses_reference
+from speculative.profiling import phase
 from speculative.target import TargetModel
-from speculative.ttt import restrict_to_draft_vocab
 
 
 class TargetWorker:
@@ -108,15 +108,17 @@ class TargetWorker:
     @torch.no_grad()
     def sft_experience(self, batch: dict[str, torch.Tensor], drafter_version: int = 0) -> SFTExperience:
         device = self.target.device
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
-        features = self.target.features(input_ids, attention_mask)
-        draft_logits, top1 = restrict_to_draft_vocab(features.logits, self.draft_to_target)
+        with phase("sft/batch_to_device"):
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            loss_mask = batch["loss_mask"].to(device)
+        # (its phases: sft/target_forward, then sft/restrict_vocab: the lm head and the restriction)
+        draft_logits, top1, aux_hidden = self.target.draft_features(input_ids, attention_mask, self.draft_to_target)
         return SFTExperience(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            loss_mask=batch["loss_mask"].to(device),
-            aux_hidden=features.aux_hidden,
+            loss_mask=loss_mask,
+            aux_hidden=aux_hidden,
             target_draft_logits=draft_logits,
             target_top1=top1,
             drafter_version=drafter_version,

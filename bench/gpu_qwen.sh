@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_qwen.sh regen MINUTES [regenerate flags]   # the target's answers to $CODE_MIX
 #   bash bench/gpu_qwen.sh sft OUT_DIR MINUTES [--set ...]    # EAGLE-3 SFT on them (resumes), results to OUT_DIR
+#   bash bench/gpu_qwen.sh sft-profile OUT_DIR [--steps N] [--set ...]  # where an SFT step's time goes
 #   bash bench/gpu_qwen.sh eval OUT_DIR TEMPERATURE MINUTES [draftrl eval flags]  # tau + speed-up
 #     e.g. ... eval $OUT/profile 0 0 --bench humaneval --profile 3   # MINUTES 0: profile.md of a cycle only
 #   bash bench/gpu_qwen.sh pack-regen OUT_DIR     # the committed shards, as <=15 MB parts to bring back
@@ -45,6 +46,15 @@ case "${1:-}" in
     # The 1.5B target's drafter is ~210 MB in bf16, more than a call brings back (about 64 MB):
     # `pack-drafter` brings it back over four calls, for the next session's SFT to start from.
     ls -la "$out" ;;
+  sft-profile)
+    # bench/sft_profile.py on the sft config and data: sft_profile.md/.json to OUT_DIR (no run is
+    # touched: a fresh drafter, or --set drafter.init_from=/tmp/drafter_prev)
+    out=${2:?OUT_DIR}; shift 2
+    data=/tmp/regen_qwen/regenerated.parquet
+    [ -f "$data" ] || data=/tmp/regen_qwen/committed.parquet
+    [ -f "$data" ] || { echo "no regenerated data: run regen or restore-regen first" >&2; exit 1; }
+    python3 bench/sft_profile.py --config configs/sft_qwen_coder.yaml --set data.source="$data" \
+      --set output_dir=/tmp/runs/sft_profile --out "$out" "$@" ;;
   eval)
     out=${2:?OUT_DIR}; temperature=${3:?TEMPERATURE}; minutes=${4:?MINUTES}; shift 4
     bash bench/run_tree_bench.sh /tmp/runs/sft_qwen/drafter qwen2.5-coder-1.5b "$out" \
@@ -100,6 +110,6 @@ case "${1:-}" in
     python3 -c "import json; from tools.regenerate import join_committed; \
 joined = join_committed('/tmp/regen_qwen'); m = json.load(open('/tmp/regen_qwen/manifest.json')); \
 print(len(m['shards']), 'shards,', sum(s['rows'] for s in m['shards'].values()), 'conversations restored, joined:', joined)" ;;
-  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST [COUNT] | restore-drafter DIR..." >&2
+  *) echo "usage: gpu_qwen.sh regen MINUTES [flags] | sft OUT_DIR MINUTES [--set ...] | sft-profile OUT_DIR [--steps N] [--set ...] | eval OUT_DIR T MINUTES | pack-regen OUT_DIR | restore-regen DIR | pack-drafter OUT_DIR FIRST [COUNT] | restore-drafter DIR..." >&2
      exit 2 ;;
 esac

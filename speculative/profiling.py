@@ -20,7 +20,8 @@ draft+verify replay would be billed to the verification on the host. Phases that
 Phase names: ``spec/prefill`` (target prefill and the first sampled token),
 ``spec/drafter_prefill``, ``spec/draft_verify`` (tree drafting + verification forward: one graph
 replay or eager), ``spec/verify_host`` (``speculative.verify.verify_tree``), ``spec/catch_up``
-(cache compaction + drafter re-prefill); ``ar/prefill`` and ``ar/decode`` (one AR token).
+(cache compaction + drafter re-prefill); ``ar/prefill`` and ``ar/decode`` (one AR token);
+``SFT_PHASES`` for a supervised training step.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ import torch
 
 SPEC_PHASES = ("spec/prefill", "spec/drafter_prefill", "spec/draft_verify", "spec/verify_host", "spec/catch_up")
 AR_PHASES = ("ar/prefill", "ar/decode")
-PHASES = SPEC_PHASES + AR_PHASES
+# One SFT step (``bench/sft_profile.py``): the batch built on the host, the batch to the device, the
+# target's forward, the draft-vocab restriction of its logits, the TTT forward (loss), backward,
+# gradient clipping + optimizer + scheduler.
+SFT_PHASES = ("sft/collate", "sft/batch_to_device", "sft/target_forward", "sft/restrict_vocab",
+              "sft/ttt_forward", "sft/backward", "sft/optimizer")
+PHASES = SPEC_PHASES + AR_PHASES + SFT_PHASES
 
 _NULL = contextlib.nullcontext()
 _ACTIVE: PhaseRecorder | None = None

@@ -33,7 +33,7 @@ def sft_loss(
         step_weights(ttt_steps, step_weight_decay),
         drafter.target_to_draft >= 0 if mask_outside_draft_vocab else None,
     )
-    metrics = {"loss": float(result.loss.detach()), "accept_length_proxy": result.accept_length_proxy}
+    metrics = {"loss": result.loss_value, "accept_length_proxy": result.accept_length_proxy}
     for k, (kl, acc) in enumerate(zip(result.step_loss, result.step_accuracy), start=1):
         metrics[f"kl/step{k}"] = kl
         metrics[f"top1/step{k}"] = acc

@@ -356,6 +356,58 @@ class TargetModel(nn.Module):
         aux = torch.cat([out.hidden_states[i] for i in self.aux_layer_ids], dim=-1)
         return TargetFeatures(logits=out.logits, aux_hidden=aux)
 
+    # Causal LMs whose logits are exactly ``lm_head(base(...).last_hidden_state)`` (no scaling or
+    # soft-capping): ``draft_features`` may run the head itself, in row chunks.
+    PLAIN_HEAD_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+    HEAD_CHUNK_BYTES = 256 * 2**20  # the largest [rows, V] logits block draft_features materialises
+
+    def plain_head(self) -> bool:
+        config = self.config
+        return (config.model_type in self.PLAIN_HEAD_TYPES and hasattr(self.model, "model")
+                and isinstance(getattr(self.model, "lm_head", None), nn.Linear)
+                and getattr(self.model.lm_head, "bias", None) is None
+                and not getattr(config, "final_logit_softcapping", None)
+                and getattr(config, "logit_scale", None) in (None, 1.0))
+
+    @torch.no_grad()
+    def draft_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, draft_to_target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What SFT needs of the target: (logits at the draft vocabulary's ids [B, T, N], argmax over
+        the full vocabulary [B, T], aux hidden [B, T, n_aux * H]) - ``features`` followed by
+        ``restrict_to_draft_vocab``, without the full [B, T, V] logits ever existing at once: the
+        head runs over row chunks of at most ``HEAD_CHUNK_BYTES`` of logits (for Qwen2.5-Coder-1.5B
+        at B x T = 8 x 1024 in bf16, ten 250 MB blocks instead of one of 2.5 GB). Targets whose
+        logits are not a plain ``lm_head`` of the last hidden state take the ``features`` path."""
+        from speculative.profiling import phase
+        from speculative.ttt import restrict_to_draft_vocab
+
+        if not self.plain_head():
+            with phase("sft/target_forward"):
+                features = self.features(input_ids, attention_mask)
+            with phase("sft/restrict_vocab"):
+                draft, top1 = restrict_to_draft_vocab(features.logits, draft_to_target)
+            return draft, top1, features.aux_hidden
+        with phase("sft/target_forward"):
+            out = self.model.model(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+            )
+            aux = torch.cat([out.hidden_states[i] for i in self.aux_layer_ids], dim=-1)
+            hidden = out.last_hidden_state
+            del out  # the other layers' hidden states
+        with phase("sft/restrict_vocab"):
+            head = self.model.lm_head.weight  # [V, H]
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            rows = max(1, self.HEAD_CHUNK_BYTES // (head.shape[0] * head.element_size()))
+            draft = flat.new_empty((flat.shape[0], draft_to_target.numel()), dtype=head.dtype)
+            top1 = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+            for start in range(0, flat.shape[0], rows):
+                logits = torch.nn.functional.linear(flat[start:start + rows], head)
+                top1[start:start + rows] = logits.argmax(-1)
+                torch.index_select(logits, -1, draft_to_target, out=draft[start:start + rows])
+        shape = hidden.shape[:-1]
+        return draft.view(*shape, -1), top1.view(shape), aux
+
 
 def load_tokenizer(spec: str, cache_dir: Path | None = None):
     """The target's tokenizer (resolving built-ins and GGUF files the same way as the model)."""

@@ -71,6 +71,7 @@ class TTTResult:
     # 1 + mean run of consecutive agreeing steps, over positions supervised at every step. A
     # teacher-forced proxy for acceptance length; the tree engine measures the real one.
     accept_length_proxy: float
+    loss_value: float = float("nan")  # float(loss), read with the other scalars (one host sync)
 
 
 def step_weights(num_steps: int, decay: float) -> list[float]:
@@ -154,11 +155,21 @@ def training_time_test(
     ``in_draft_vocab`` ([target vocab] bool), when given, also drops the states whose target
     argmax is outside the draft vocabulary (SpecForge's and Draft-OPD's EAGLE-3 position mask).
     """
+    # The target side once per unroll, not once per step: p, and sum_v p log p per row (KL =
+    # that - sum_v p log q). Step k compares the drafter at index t with the target at row t+k: a
+    # slice of both (indices t >= T-k are never supervised), so no [B, T, N] tensor is shifted
+    # (copied) per step.
     target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
+    target_p = target_logp.exp()
+    target_neg_entropy = (target_p * target_logp).sum(-1)  # [B, T]
+    del target_logp
     mask = loss_mask.float() * attention_mask.float()
+    length = input_ids.shape[1]
 
     total = aux_hidden.new_zeros((), dtype=torch.float32)
-    step_loss, step_accuracy, step_count = [], [], []
+    # Per-step scalars stay on the device and come to the host together at the end: one
+    # synchronisation per unroll instead of three per step.
+    step_means, step_agreed, step_counts = [], [], []
     run_alive = None
     run_length = torch.zeros_like(input_ids, dtype=torch.float32)
     all_valid = torch.ones_like(run_length)
@@ -166,20 +177,28 @@ def training_time_test(
         valid = shift_left(mask, k + 1, 0.0)
         if in_draft_vocab is not None:
             valid = valid * shift_left(in_draft_vocab[target_top1].float(), k, 0.0)
-        p_logp = shift_left(target_logp, k, 0.0)
-        kl = (p_logp.exp() * (p_logp - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
+        kept = max(length - k, 0)  # indices t < T-k; valid is 0 past them
+        drafter_logq = torch.log_softmax(logits[:, :kept].float(), dim=-1)
+        cross = (target_p[:, k:] * drafter_logq).sum(-1)
+        kl = target_neg_entropy[:, k:] - cross
         count = valid.sum()
-        step_mean = (kl * valid).sum() / count.clamp_min(1.0)
+        step_mean = (kl * valid[:, :kept]).sum() / count.clamp_min(1.0)
         total = total + weights[k - 1] * step_mean
         agree = (drafter.to_target_ids(logits.argmax(-1)) == shift_left(target_top1, k)).float()
-        step_loss.append(float(step_mean.detach()))
-        step_accuracy.append(float((agree * valid).sum() / count.clamp_min(1.0)))
-        step_count.append(int(count))
+        step_means.append(step_mean.detach())
+        step_agreed.append((agree * valid).sum() / count.clamp_min(1.0))
+        step_counts.append(count)
         run_alive = agree if run_alive is None else run_alive * agree
         run_length = run_length + run_alive
         all_valid = all_valid * valid
-    proxy = 1.0 + float((run_length * all_valid).sum() / all_valid.sum().clamp_min(1.0))
-    return TTTResult(total, step_loss, step_accuracy, step_count, proxy)
+    proxy = 1.0 + (run_length * all_valid).sum() / all_valid.sum().clamp_min(1.0)
+    steps = len(step_means)
+    host = torch.stack([*step_means, *step_agreed, *step_counts, proxy, total.detach()]).tolist() if steps else []
+    if not steps:
+        return TTTResult(total, [], [], [], 1.0, 0.0)
+    step_loss, step_accuracy = host[:steps], host[steps:2 * steps]
+    step_count = [int(c) for c in host[2 * steps:3 * steps]]
+    return TTTResult(total, step_loss, step_accuracy, step_count, host[-2], host[-1])
 
 
 def replay_chains(
