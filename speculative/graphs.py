@@ -268,8 +268,8 @@ class StaticDecoder:
 
     def _draft_verify_step(self, span: int, greedy: bool = False):
         self._context = self.cols[None] < self.pos[:, None]  # [1, max_len]: the accepted prefix
-        tree, closed = grow_draft_tree(
-            self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
+        tree, closed = grow_draft_tree(  # at T = 0 the graph reads the tree's shape and tokens only
+            self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config, details=not greedy
         )
         self.trees_ok.logical_and_(closed)
         length = self.chunk_len
