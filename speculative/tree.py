@@ -134,18 +134,21 @@ def children_of(parents: list[int]) -> dict[int, list[int]]:
 
 
 def ancestor_mask(parents: torch.Tensor, depth: int) -> torch.Tensor:
-    """Ancestor-or-self mask [B, N, N] from parent indices (-1 = root): I + A + A^2 + ..."""
+    """Ancestor-or-self mask [B, N, N] from parent indices (-1 = root), for trees at most ``depth``
+    deep: (I + A)^m > 0 with m >= depth - 1 (a node's farthest ancestor), m a power of two reached
+    by squaring: about ``log2(depth)`` products instead of ``depth`` (each a kernel). Its entries
+    count paths (at most 2^m); only whether they are positive matters."""
     batch, n = parents.shape
-    adjacency = torch.zeros(batch, n, n + 1, device=parents.device)
-    column = torch.where(parents < 0, n, parents)  # column n stands for the root
-    adjacency.scatter_(2, column[..., None], 1.0)
-    adjacency = adjacency[..., :n]
-    eye = torch.eye(n, device=parents.device).expand(batch, n, n)
-    mask, power = eye.clone(), eye
-    for _ in range(depth):
-        power = torch.bmm(power, adjacency)
-        mask = mask + power
-    return mask > 0
+    # I + A in one scatter: column n stands for the root (-1 % (n + 1) == n), dropped after
+    eye = torch.eye(n, n + 1, device=parents.device)
+    step = eye[None] if batch == 1 else eye.expand(batch, n, n + 1).clone()
+    step.scatter_(2, (parents % (n + 1))[..., None], 1.0)
+    reach, hops = step[..., :n], 1
+    while hops < depth - 1:
+        reach, hops = torch.bmm(reach, reach), 2 * hops
+        if hops >= 64:  # deeper than any practical tree: keep the counts far from overflowing
+            reach = reach.clamp_max(1.0)
+    return reach > 0
 
 
 def _log_q(logits: torch.Tensor, scale: float, sample: bool) -> torch.Tensor:
