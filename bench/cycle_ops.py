@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,55 @@ def top_level_ops(prof) -> collections.Counter:
         if event.name.startswith("aten::") and not nested and event.name not in NO_KERNEL:
             counts[event.name] += 1
     return counts
+
+
+# The pipelined cycle's phases, by the functions on an op's Python stack (innermost rule first).
+# (file, function) pairs; the catch-up's drafter forward is told from drafting's by ``_catch_up_step``.
+PHASES = (
+    ("target forward", (("fused_llama.py", "forward"), ("llama.py", "forward"))),
+    ("catch-up: drafter forward", (("graphs.py", "_catch_up_step"),), (("fused_drafter.py", "forward"),
+                                                                        ("drafter.py", "forward"))),
+    ("drafting: drafter forwards", (("fused_drafter.py", "forward"), ("drafter.py", "forward"))),
+    ("drafting: mask per level (_feed)", (("graphs.py", "_feed"),)),
+    ("tree: ancestor mask", (("tree.py", "ancestor_mask"),)),
+    ("tree: selection", (("tree.py", "_select_tree"),)),
+    ("tree: expansion (log q, top-k, frontier)", (("tree.py", "grow_draft_tree"),)),
+    ("acceptance", (("graphs.py", "_accept_greedy"),)),
+    ("catch-up: glue (compaction, fc, masks)", (("graphs.py", "_catch_up_step"),)),
+    ("verification glue (chunk, mask)", (("graphs.py", "_draft_verify_step"),)),
+    ("root advance", (("graphs.py", "_cycle_step"),)),
+    ("outcome copy", (("graphs.py", "launch_cycle"),)),
+)
+
+
+def _frames(event) -> list[tuple[str, str]]:
+    """(file name, function) of the Python frames above an op, innermost first."""
+    frames, parent = [], event.cpu_parent
+    while parent is not None:
+        match = re.match(r"(.*)\((\d+)\): (\w+)$", parent.name)
+        if match:
+            frames.append((Path(match.group(1)).name, match.group(3)))
+        parent = parent.cpu_parent
+    return frames
+
+
+def phase_of(frames: list[tuple[str, str]]) -> str:
+    for rule in PHASES:
+        name, needs = rule[0], rule[1:]
+        if all(any(frame in frames for frame in need) for need in needs):
+            return name
+    return "other"
+
+
+def phase_ops(prof) -> dict[str, collections.Counter]:
+    """``top_level_ops`` of a ``profile(with_stack=True)`` run, per phase (``PHASES``)."""
+    phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for event in prof.events():
+        parent = event.cpu_parent
+        nested = parent is not None and parent.name.startswith("aten::")
+        if event.name.startswith("aten::") and not nested and event.name not in NO_KERNEL:
+            phases[phase_of(_frames(event))][event.name] += 1
+    return dict(phases)
 
 
 def random_target(arch: str, layers: int, heads: int, kv_heads: int, vocab: int) -> TargetModel:
@@ -95,7 +145,7 @@ def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, objec
     ids, out = whole.prefill(prompt)
     whole.drafter_prefill(ids, out.aux_hidden, 7)
     whole.start_cycles(7, len(prompt))
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as pipelined:
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], with_stack=True) as pipelined:
         whole.launch_cycle(len(prompt))
     auto = SpeculativeGenerator(target, None, compile="static", max_len=256, fused_target=fused)
     decoder = auto._static_for(len(prompt), 64)
@@ -107,7 +157,8 @@ def count(target: TargetModel, tree: TreeConfig, fused: bool) -> dict[str, objec
     drafting = ops["draft_verify"] - ops["ar_decode"]  # the verification forward ~ one decode step
     totals = {name: sum(c.values()) for name, c in ops.items()}
     cycle = totals["draft_verify"] + totals["catch_up"]
-    return {"fused_target": fused, **totals, "cycle": cycle, "cycle_in_ar_steps": round(cycle / totals["ar_decode"], 2),
+    phases = {name: dict(total=sum(c.values()), top=c.most_common(6)) for name, c in phase_ops(pipelined).items()}
+    return {"fused_target": fused, **totals, "pipelined_phases": phases, "cycle": cycle, "cycle_in_ar_steps": round(cycle / totals["ar_decode"], 2),
             "drafting_estimate": sum(drafting.values()), "top_drafting_ops": drafting.most_common(12)}
 
 
@@ -164,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cycle']} | {r['pipelined_cycle']} | {r['ar_decode']} | {r['cycle_in_ar_steps']} | "
               f"{r['drafting_estimate']} |")
     print("drafting's most frequent ops:", rows[0]["top_drafting_ops"])
+    print(f"the pipelined cycle (FusedLlama) by phase ({tree.depth - 1} drafting levels):")
+    print("| phase | ops | most frequent |")
+    print("|---|---|---|")
+    phases = rows[0]["pipelined_phases"]
+    for name in [rule[0] for rule in PHASES] + ["other"]:
+        if name in phases:
+            top = ", ".join(f"{op[6:]} {n}" for op, n in phases[name]["top"])
+            print(f"| {name} | {phases[name]['total']} | {top} |")
     gto = gto_forward_ops(target)
     print("GTO's target forwards (gto.target_forward), ops:",
           "; ".join(f"{name}: prefill {c['prefill']}, verification {c['verify']}" for name, c in gto.items()))

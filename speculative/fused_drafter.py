@@ -47,15 +47,18 @@ class GroupedDraftCache:
                                    device=device)
         self.slots: int | torch.Tensor = 0
         self.mask: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.storage.shape[-2]
 
-    def prepare(self, slots: int | torch.Tensor, mask: torch.Tensor) -> None:
+    def prepare(self, slots: int | torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         """Where the next call writes (first of T contiguous slots, or slots ``[T]``) and what it
-        sees: ``mask [B, T, size]``, True = may attend (it must include the query's own slot)."""
-        self.slots, self.mask = slots, mask
+        sees: ``mask [B, T, size]``, True = may attend (it must include the query's own slot), or
+        already as ``FusedDrafter``'s additive bias ``[B, 1, groups * T, size]`` (0 / -inf, query rows
+        group-major): a caller that keeps it in a buffer across calls saves the kernels that make it."""
+        self.slots, self.mask, self.bias = slots, mask, bias
 
     def write(self, kv: torch.Tensor) -> None:
         """``kv [2, B, kv_heads, T, d]`` into the prepared slots, keys and values in one copy."""
@@ -155,10 +158,12 @@ class FusedDrafter(nn.Module):
         # query rows of a kv head: (group member, token), group-major
         grouped = qkv[:, :, :heads].view(batch, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
         grouped = grouped.reshape(batch, kv_heads, groups * length, dim)
-        mask = cache.mask
-        span = mask.shape[-1]
-        bias = torch.full(mask.shape, float("-inf"), dtype=qkv.dtype, device=qkv.device).masked_fill_(mask, 0.0)
-        bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
+        bias = cache.bias
+        if bias is None:
+            mask = cache.mask
+            span = mask.shape[-1]
+            bias = torch.full(mask.shape, float("-inf"), dtype=qkv.dtype, device=qkv.device).masked_fill_(mask, 0.0)
+            bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
         out = F.scaled_dot_product_attention(grouped, cache.storage[0], cache.storage[1], attn_mask=bias,
                                              scale=self.scaling)
         out = out.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4).reshape(batch * length, -1)

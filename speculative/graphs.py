@@ -183,6 +183,19 @@ class StaticDecoder:
             self.trees_ok = torch.ones((), dtype=torch.bool, device=self.device)
             self._no_slots = torch.zeros(1, max(self.scratch, 1), self.scratch, dtype=torch.bool, device=self.device)
             self._context: torch.Tensor | None = None
+            if isinstance(self.draft, FusedDrafter):
+                # the drafter's additive masks (0 / -inf), query rows group-major, kept across calls:
+                # the tree levels' bias is written once a cycle (the context) and once a level (the
+                # tree part, which only grows), the catch-up's once a call; each is one kernel
+                groups, width = self.draft.groups, min(self.tree_config.top_k, config.draft_vocab_size)
+                slots = self.dcache.size
+                self._level_bias = torch.zeros(1, 1, groups, width, slots, dtype=dtype, device=self.device)
+                # flat: the first m rows of it are contiguous, for each catch-up length m
+                self._catch_up_bias = torch.zeros(groups * (self.tree_config.depth + 1) * slots, dtype=dtype,
+                                                  device=self.device)
+                self._bias_values = torch.tensor([0.0, float("-inf")], dtype=dtype, device=self.device)
+                # slot indices with the tree scratch past any position: ``cols_ext < p`` is the context
+                self._cols_ext = torch.cat([self.cols, torch.full((self.scratch,), 2 ** 62, **long)])
             # Catch-up inputs per accepted count m: row 0 tokens, row 1 rows of the verification
             # chunk whose aux hidden feeds them, row 2 (first m - 1) cache slots to compact.
             # Views of one buffer, so the greedy draft+verify graph can fill them on the device.
@@ -257,19 +270,33 @@ class StaticDecoder:
             return self.target(self.token, pos, self.cache, pos, mask, aux_hidden=False).logits[0, -1]
         return self.target(self.token, pos, self.cache, pos, mask).logits[0, -1]
 
+    def _bias_where(self, allowed: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = 0 where ``allowed`` (broadcast to it), else -inf: one kernel."""
+        torch.where(allowed.expand(out.shape), self._bias_values[0], self._bias_values[1], out=out)
+
     def _feed(self, ids, hidden, positions, tree_mask):
         """``grow_draft_tree``'s drafter call: context slots below the root's, tree scratch."""
         batch, width = ids.shape
         fed = tree_mask.shape[-1] - width
+        if isinstance(self.draft, FusedDrafter):  # the context part was written for the cycle
+            bias = self._level_bias
+            self._bias_where(tree_mask[:, None, None], bias[..., self.max_len : self.max_len + fed + width])
+            self.dcache.prepare(self.max_len + fed, None, bias.view(1, 1, -1, bias.shape[-1]))
+            return self.draft(ids, hidden, positions, self.dcache)
         context = self._context[:, None].expand(batch, width, self.max_len)  # computed once a step
         unused = self._no_slots[:, :width, : self.scratch - fed - width]  # a constant: no kernel a level
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
         return self.draft(ids, hidden, positions, self.dcache)
 
     def _draft_verify_step(self, span: int, greedy: bool = False):
-        self._context = self.cols[None] < self.pos[:, None]  # [1, max_len]: the accepted prefix
-        tree, closed = grow_draft_tree(
-            self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config
+        if isinstance(self.draft, FusedDrafter):  # the context, and no tree entries yet
+            context = self._cols_ext[None] < self.pos[:, None]  # [1, max_len + scratch]
+            self._bias_where(context[:, None, None, None], self._level_bias)
+            self._context = context[:, : self.max_len]  # [1, max_len]: the accepted prefix
+        else:
+            self._context = self.cols[None] < self.pos[:, None]  # [1, max_len]: the accepted prefix
+        tree, closed = grow_draft_tree(  # at T = 0 the graph reads the tree's shape and tokens only
+            self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config, details=not greedy
         )
         self.trees_ok.logical_and_(closed)
         length = self.chunk_len
@@ -306,9 +333,16 @@ class StaticDecoder:
             self.cache.compact(inputs[2:3, : m - 1], self.pos + 1)
         offsets = torch.arange(m, device=self.device)
         positions = self.pos[:, None] + 1 + offsets  # [1, m]
-        context = self.cols[None, None, :] <= (self.pos[:, None, None] + offsets[None, :, None])
-        unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
-        self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
+        if isinstance(self.draft, FusedDrafter):
+            context = self._cols_ext[None, :] <= positions[0, :, None] - 1  # [m, max_len + scratch]
+            slots = context.shape[-1]
+            bias = self._catch_up_bias[: self.draft.groups * m * slots].view(1, 1, self.draft.groups, m, slots)
+            self._bias_where(context[None, None, None], bias)
+            self.dcache.prepare(positions[0] - 1, None, bias.view(1, 1, -1, slots))
+        else:
+            context = self.cols[None, None, :] <= (self.pos[:, None, None] + offsets[None, :, None])
+            unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
+            self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
         hidden = self.drafter.fuse_target_hidden(self.verify_aux[:, inputs[1]])
         logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
         if root_row is None:

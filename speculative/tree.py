@@ -72,12 +72,13 @@ class DraftTree:
     parents: torch.Tensor  # [B, N] node index of the parent, -1 for children of the root
     depths: torch.Tensor  # [B, N] 1 for children of the root; also the position offset
     mask: torch.Tensor  # [B, N, N] bool, mask[b, i, j] = j is i or an ancestor of i
-    scores: torch.Tensor  # [B, N] cumulative draft log-prob from the root
-    logprobs: torch.Tensor  # [B, N] log q(node) under the distribution it was drawn from
+    # scores, logprobs, parent_dist, node_dist: None when grown with ``details=False`` (the T = 0 graphs)
+    scores: torch.Tensor | None  # [B, N] cumulative draft log-prob from the root
+    logprobs: torch.Tensor | None  # [B, N] log q(node) under the distribution it was drawn from
     dists: torch.Tensor | None  # [B, E, Vd] draft log-probs at each expanded node; row 0 = root
     # (None when grown with ``keep_dists=False``: GTO's batched trees need only ``logprobs``)
-    parent_dist: torch.Tensor  # [B, N] row of ``dists`` the node was drawn from
-    node_dist: torch.Tensor  # [B, N] row of ``dists`` of the node's own children, -1 if unexpanded
+    parent_dist: torch.Tensor | None  # [B, N] row of ``dists`` the node was drawn from
+    node_dist: torch.Tensor | None  # [B, N] row of ``dists`` of the node's own children, -1 if unexpanded
     root_positions: torch.Tensor  # [B] position of the root token
     draft_to_target: torch.Tensor  # [Vd] the drafter's vocabulary map
     sampled: bool  # children were sampled from ``dists`` (True) or chosen by top-k (False)
@@ -133,18 +134,21 @@ def children_of(parents: list[int]) -> dict[int, list[int]]:
 
 
 def ancestor_mask(parents: torch.Tensor, depth: int) -> torch.Tensor:
-    """Ancestor-or-self mask [B, N, N] from parent indices (-1 = root): I + A + A^2 + ..."""
+    """Ancestor-or-self mask [B, N, N] from parent indices (-1 = root), for trees at most ``depth``
+    deep: (I + A)^m > 0 with m >= depth - 1 (a node's farthest ancestor), m a power of two reached
+    by squaring: about ``log2(depth)`` products instead of ``depth`` (each a kernel). Its entries
+    count paths (at most 2^m); only whether they are positive matters."""
     batch, n = parents.shape
-    adjacency = torch.zeros(batch, n, n + 1, device=parents.device)
-    column = torch.where(parents < 0, n, parents)  # column n stands for the root
-    adjacency.scatter_(2, column[..., None], 1.0)
-    adjacency = adjacency[..., :n]
-    eye = torch.eye(n, device=parents.device).expand(batch, n, n)
-    mask, power = eye.clone(), eye
-    for _ in range(depth):
-        power = torch.bmm(power, adjacency)
-        mask = mask + power
-    return mask > 0
+    # I + A in one scatter: column n stands for the root (-1 % (n + 1) == n), dropped after
+    eye = torch.eye(n, n + 1, device=parents.device)
+    step = eye[None] if batch == 1 else eye.expand(batch, n, n + 1).clone()
+    step.scatter_(2, (parents % (n + 1))[..., None], 1.0)
+    reach, hops = step[..., :n], 1
+    while hops < depth - 1:
+        reach, hops = torch.bmm(reach, reach), 2 * hops
+        if hops >= 64:  # deeper than any practical tree: keep the counts far from overflowing
+            reach = reach.clamp_max(1.0)
+    return reach > 0
 
 
 def _log_q(logits: torch.Tensor, scale: float, sample: bool) -> torch.Tensor:
@@ -235,6 +239,7 @@ def grow_draft_tree(
     config: TreeConfig,
     generator: torch.Generator | None = None,
     keep_dists: bool = True,
+    details: bool = True,
 ) -> tuple[DraftTree, torch.Tensor]:
     """The tree search itself, with fixed shapes and no host synchronisation.
 
@@ -243,6 +248,14 @@ def grow_draft_tree(
     sequence). Every shape depends only on ``config`` and the batch, never on values.
     ``keep_dists=False`` drops the per-node draft distributions (``dists`` is None): for
     thousands of trees at once ([B, E, Vd] floats would not fit), when only ``logprobs`` count.
+    ``details=False`` leaves out what only verification at T > 0 and recorded steps read
+    (``scores``, ``logprobs``, ``dists``, ``parent_dist``, ``node_dist`` are None): the T = 0
+    graphs, which read the tokens, parents, depths and mask only. The tree is the same.
+
+    Every shape-only index (levels' positions, the rows of ``dists``, depths) comes from one
+    arithmetic op over the whole tree, not one per level: each op is a kernel, a few
+    microseconds at batch 1 whatever its size. Each fed node has exactly k children, in feeding
+    order after the root's k, so candidate c was drawn from ``dists`` row ``c // k``.
     """
     batch, vocab = root_logits.shape
     device = root_logits.device
@@ -250,8 +263,10 @@ def grow_draft_tree(
     sample = config.sample_temperature is not None
     scale = 1.0 / config.sample_temperature if sample else 1.0
     rows = torch.arange(batch, device=device)[:, None]
+    exact = keep_dists or sample  # log q from the fp32 log-softmax (else ``top_k_logprobs``)
+    keep_dists = keep_dists and details
 
-    if keep_dists or sample:
+    if exact:
         root_logq = _log_q(root_logits, scale, sample)
         dists = [root_logq[:, None]]
         ids, logq = _choose(root_logq, k, sample, generator, root_logits)  # [B, k]
@@ -260,84 +275,93 @@ def grow_draft_tree(
         ids, logq = top_k_logprobs(root_logits, k)
     # Candidates in level order; parents always precede children.
     cand_ids, cand_logq, cand_score = [ids], [logq], [logq]
-    cand_parent = [torch.full_like(ids, -1)]
-    cand_depth = [torch.ones_like(ids)]
-    cand_pdist = [torch.zeros_like(ids)]
-    frontier = torch.arange(ids.shape[1], device=device).expand(batch, -1)  # candidate indices
+    width = ids.shape[1]  # k: the root's children, then the k best of each level's k * k candidates
+    # candidate index + 1 of each fed node, in feeding order (= its ``dists`` row), 0 for the root
+    fed = [torch.arange(width + 1, device=device).expand(batch, -1)]
     frontier_ids, frontier_score = ids, logq
-    frontier_hidden = root_hidden[:, None].expand(batch, ids.shape[1], -1)
-    frontier_anc = torch.zeros(batch, ids.shape[1], 0, dtype=torch.bool, device=device)
-    node_dist_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (candidate idx, dist row)
-    n_cand, n_fed = ids.shape[1], 0
+    frontier_hidden = root_hidden[:, None].expand(batch, width, -1)
+    frontier_anc = torch.zeros(batch, width, 0, dtype=torch.bool, device=device)
+    n_cand = width
 
-    # every level feeds k frontier nodes (the root's k children, then the k best of k * k): one
-    # eye and one arange for the whole tree, not one a level
-    width = frontier.shape[1]
-    eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
-    offsets = torch.arange(width, device=device).expand(batch, -1)
+    if config.depth > 1:  # one eye and one position per level for the whole tree
+        eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
+        level_positions = root_positions[:, None] + torch.arange(1, config.depth, device=device)
     for level in range(1, config.depth):
         tree_part = torch.cat([frontier_anc, eye], dim=-1)
-        positions = (root_positions[:, None] + level).expand(batch, width)
+        positions = level_positions[:, level - 1 : level].expand(batch, width)
         logits, prenorm = feed(
             drafter.to_target_ids(frontier_ids), frontier_hidden, positions, tree_part
         )
-        dist_rows = offsets + (1 + n_fed)
-        node_dist_rows.append((frontier, dist_rows))
-        if keep_dists or sample:
+        if exact:
             logq_level = _log_q(logits, scale, sample)
             if keep_dists:
                 dists.append(logq_level)
             child_ids, child_logq = _choose(logq_level, k, sample, generator, logits)  # [B, width, k]
         else:  # GTO's many roots: no [rows, Vd] fp32 log-probs at all
             child_ids, child_logq = top_k_logprobs(logits, k)
-        kids = child_ids.shape[-1]
+        kids = child_ids.shape[-1]  # k
         child_score = frontier_score[..., None] + child_logq
         cand_ids.append(child_ids.reshape(batch, -1))
         cand_logq.append(child_logq.reshape(batch, -1))
         cand_score.append(child_score.reshape(batch, -1))
-        cand_parent.append(frontier[..., None].expand(-1, -1, kids).reshape(batch, -1))
-        cand_depth.append(torch.full_like(cand_ids[-1], level + 1))
-        cand_pdist.append(dist_rows[..., None].expand(-1, -1, kids).reshape(batch, -1))
-
         flat_score = cand_score[-1]
-        keep = torch.topk(flat_score, min(k, flat_score.shape[1]), dim=-1).indices
-        source = keep // kids  # which fed node each new frontier node hangs from
-        frontier = n_cand + keep
-        frontier_ids = cand_ids[-1].gather(1, keep)
-        frontier_score = flat_score.gather(1, keep)
-        frontier_hidden = prenorm[rows, source]
-        frontier_anc = tree_part[rows, source]
-        n_fed += width
+        if level < config.depth - 1:  # the next level's frontier (the last level's is never fed)
+            keep = torch.topk(flat_score, min(k, flat_score.shape[1]), dim=-1).indices
+            source = keep // kids  # which fed node each new frontier node hangs from
+            fed.append(keep + (n_cand + 1))
+            frontier_ids = cand_ids[-1].gather(1, keep)
+            frontier_score = flat_score.gather(1, keep)
+            frontier_hidden = prenorm[rows, source]
+            frontier_anc = tree_part[rows, source]
         n_cand += flat_score.shape[1]
 
+    tree = _select_tree(drafter, config, k, width, n_cand, cand_ids, cand_logq, cand_score, fed, dists,
+                        root_positions, sample, details, keep_dists)
+    return tree
+
+
+def _select_tree(drafter, config: TreeConfig, k: int, width: int, n_cand: int, cand_ids, cand_logq, cand_score,
+                 fed, dists, root_positions, sample: bool, details: bool, keep_dists: bool) -> tuple[DraftTree, torch.Tensor]:
+    """The ``total_tokens`` best candidates, in level order, as a ``DraftTree`` (and ``closed``)."""
     ids_all = torch.cat(cand_ids, 1)
     score_all = torch.cat(cand_score, 1)
-    node_dist_all = torch.full_like(ids_all, -1)
-    for cands, dist_rows in node_dist_rows:
-        node_dist_all.scatter_(1, cands, dist_rows)
-
+    batch, device = ids_all.shape[0], ids_all.device
     total = min(config.total_tokens, n_cand)
-    order = torch.sort(-score_all, dim=1, stable=True).indices[:, :total]
+    # highest score first, ties towards the earlier (shallower) candidate
+    order = torch.sort(score_all, dim=1, descending=True, stable=True).indices[:, :total]
     chosen = torch.sort(order, dim=1).values  # level order: parents first
-    inverse = torch.full((batch, n_cand), -1, dtype=torch.long, device=device)
-    inverse.scatter_(1, chosen, torch.arange(total, device=device).expand(batch, -1))
-    parent_cand = torch.cat(cand_parent, 1).gather(1, chosen)
-    parents = torch.where(parent_cand >= 0, inverse.gather(1, parent_cand.clamp_min(0)), -1)
-    closed = ~((parent_cand >= 0) & (parents < 0)).any()
+    chosen1 = chosen + 1
+    dist_row = chosen // k  # the ``dists`` row each node was drawn from (0: the root's)
+    fed_all = torch.cat(fed, 1)  # [B, 1 + fed nodes]: dists row -> candidate index + 1 (0: the root)
+    inverse = torch.full((batch, n_cand + 1), -1, dtype=torch.long, device=device)  # candidate + 1 -> node
+    inverse.scatter_(1, chosen1, torch.arange(total, device=device).expand(batch, -1))
+    parent1 = fed_all.gather(1, dist_row)  # the parent's candidate index + 1, 0 for the root's children
+    parents = inverse.gather(1, parent1)  # -1: the root (or a parent not chosen: not closed)
+    closed = ((parents >= 0) | (parent1 == 0)).all()
 
     draft_ids = ids_all.gather(1, chosen)
-    depths = torch.cat(cand_depth, 1).gather(1, chosen)
+    # a fed node of dists row r >= 1 sits at depth ceil(r / width) + 1, so its children one deeper
+    depths = torch.div(dist_row + (2 * width - 1), width, rounding_mode="floor")
+    scores = logprobs = parent_dist = node_dist = None
+    if details:
+        scores = score_all.gather(1, chosen)
+        logprobs = torch.cat(cand_logq, 1).gather(1, chosen)
+        parent_dist = dist_row
+        node_dist = torch.full((batch, n_cand + 1), -1, dtype=torch.long, device=device)
+        expanded = fed_all if config.depth > 1 else fed_all[:, :1]  # (with one level, the root's only)
+        node_dist.scatter_(1, expanded, torch.arange(expanded.shape[1], device=device).expand(batch, -1))
+        node_dist = node_dist.gather(1, chosen1)
     tree = DraftTree(
         tokens=drafter.to_target_ids(draft_ids),
         draft_ids=draft_ids,
         parents=parents,
         depths=depths,
         mask=ancestor_mask(parents, config.depth),
-        scores=score_all.gather(1, chosen),
-        logprobs=torch.cat(cand_logq, 1).gather(1, chosen),
+        scores=scores,
+        logprobs=logprobs,
         dists=torch.cat(dists, 1) if keep_dists else None,
-        parent_dist=torch.cat(cand_pdist, 1).gather(1, chosen),
-        node_dist=node_dist_all.gather(1, chosen),
+        parent_dist=parent_dist,
+        node_dist=node_dist,
         root_positions=root_positions,
         draft_to_target=drafter.draft_to_target,
         sampled=sample,
