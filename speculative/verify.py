@@ -213,6 +213,77 @@ def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int):
     return count, path, bonus
 
 
+def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int, temperature,
+                                generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
+                                return_residual: bool = False):
+    """``_verify_topk_stochastic``'s outcome for every top-k tree of the batch (point-mass
+    proposals, ``tree.sampled`` False) with tensor ops only: no host sync, so a CUDA graph captures
+    it with the verification, as ``greedy_accept_on_device`` at T = 0. Same return triple:
+    ``count [B]``, ``path [B, depth]``, ``bonus [B]`` (``return_residual``: also the bonus
+    distribution ``[B, V]``, unnormalised, for tests). ``temperature``: a float or a 0-d tensor
+    (the static decoder's buffer, so a graph serves every T > 0).
+
+    The host walk tries the children of a node in node order (siblings are stored contiguously, in
+    try order) and accepts child c with probability p(x_c) / (1 - sum of p over the earlier
+    siblings), all of which were rejected when c is tried. That sum does not depend on the
+    outcomes, so every node is tested at once with its own uniform: ``tentative[c]``; a node is
+    *chosen* when it is tentative and no earlier sibling is (the walk would have stopped there);
+    accepted = every node of its ancestor-or-self path chosen (``tree.mask``). At most one child of
+    each node is chosen, so the accepted nodes form one path. The bonus is drawn where it stops from
+    p with the tokens of all the stop node's children zeroed (each was tried and rejected), by an
+    exponential race: argmax p(x) / E_x, E_x ~ Exp(1) i.i.d., picks x with probability p(x) / sum p.
+
+    Random numbers: ``N`` uniforms per tree first (float64, ``[B, N]``: at B = 1 the very draws of
+    ``_verify_topk_stochastic``), then ``V`` per tree for the race (the host draws a multinomial
+    instead). ``uniforms [B, N]`` overrides the first draw (tests).
+
+    Rounding (differences from the host walk only where float64 has removed all of a node's mass):
+    the host resets its running sum (``remaining <= 0``) and keeps summing from that sibling on;
+    here each such sibling is tested against p alone (remaining := 1), and the bonus zeroes all the
+    stop node's children's tokens when their summed p is below 1 (the host: those since the reset),
+    falling back to p unchanged when nothing would be left. Node probabilities use the logits'
+    precision but at least float32 (the host: float64), so a uniform within ~1e-7 of its threshold
+    may decide the other way.
+    """
+    batch, n = tree.tokens.shape
+    vocab = logits.shape[-1]
+    work = torch.promote_types(logits.dtype, torch.float32)
+    scaled = logits.to(work) / temperature  # [B, 1 + N, V]
+    lse = torch.logsumexp(scaled, -1)  # [B, 1 + N]
+    rows = tree.parents + 1  # the parent's row of the verification logits, [B, N]
+    flat = scaled.reshape(batch, -1).gather(1, rows * vocab + tree.tokens)  # [B, N]
+    node_p = (flat - lse.gather(1, rows)).exp().double()  # p(x_c) at c's parent
+    if uniforms is None:
+        uniforms = torch.rand(batch, n, generator=generator, dtype=torch.float64, device=logits.device)
+    index = torch.arange(n, device=logits.device)
+    # earlier[b, c, j]: j is an earlier sibling of c (same parent, smaller index)
+    earlier = (tree.parents[:, :, None] == tree.parents[:, None, :]) & (index[None, :] < index[:, None])
+    removed = torch.bmm(earlier.double(), node_p[..., None])[..., 0]  # mass of c's earlier siblings
+    remaining = 1.0 - removed
+    remaining = torch.where(remaining > 0, remaining, torch.ones_like(remaining))
+    tentative = uniforms < node_p / remaining
+    chosen = tentative & ~(earlier & tentative[:, None, :]).any(-1)
+    accepted = (tree.mask <= chosen[:, None, :]).all(-1)  # ancestor-or-self => chosen
+    count = accepted.sum(-1)
+    stop_row = (accepted * (index + 1)).amax(-1)  # last accepted + 1; 0: the root
+    path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
+    if n < depth:
+        path = torch.nn.functional.pad(path, (0, depth - n))
+    # the bonus: p at the stop node, its children's tokens zeroed (all were tried and rejected)
+    stop_scaled = scaled.gather(1, stop_row[:, None, None].expand(batch, 1, vocab))[:, 0]  # [B, V]
+    p = (stop_scaled - lse.gather(1, stop_row[:, None])).exp().double()
+    child = tree.parents == (stop_row - 1)[:, None]  # [B, N]
+    zero = child & ((node_p * child).sum(-1) < 1.0)[:, None]
+    at = torch.where(zero, tree.tokens, vocab)  # the extra column absorbs the nodes not zeroed
+    residual = torch.cat([p, p.new_zeros(batch, 1)], 1).scatter(1, at, 0.0)[:, :vocab]
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    race = torch.rand(batch, vocab, generator=generator, dtype=torch.float64, device=logits.device)
+    bonus = (residual / -race.log()).argmax(-1)
+    if return_residual:
+        return count, path, bonus, residual
+    return count, path, bonus
+
+
 def verify_tree(
     tree: DraftTree,
     target_logits: torch.Tensor,

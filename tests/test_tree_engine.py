@@ -550,3 +550,62 @@ def test_greedy_acceptance_on_device_equals_the_host_walk():
             assert int(bonus[b]) == want.bonus_token
             counts.add(int(count[b]))
     assert {0, 1, 2, 3} <= counts  # rejections at the root, mid-path and full-depth acceptances
+
+
+def test_stochastic_acceptance_on_device_equals_the_host_walk():
+    """``stochastic_accept_on_device`` (what the T > 0 draft+verify graph runs) against
+    ``_verify_topk_stochastic`` fed the same uniforms, on real top-k trees and target logits
+    steered down random paths, with tied sibling probabilities and zero-probability tokens:
+    the same accepted path, and the bonus drawn from the same residual distribution."""
+    from speculative.verify import _verify_topk_stochastic, stochastic_accept_on_device
+
+    target = TargetModel(small_llama(5))
+    drafter = tiny_drafter(target, DraftVocab.from_counts(torch.randperm(64), 40), seed=2).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache, root_logits, root_hidden = _drafter_prefix(target, drafter, ids)
+    config = TreeConfig(depth=4, top_k=3, total_tokens=14)
+    tree = build_draft_tree(drafter, cache, root_logits, root_hidden, torch.tensor([8, 8]), config)
+    assert not tree.sampled
+    generator = torch.Generator().manual_seed(3)
+    counts, stops_with_children = set(), 0
+    for trial in range(80):
+        temperature = (0.7, 1.0, 1.3)[trial % 3]
+        logits = torch.randn(2, 15, 64, generator=generator, dtype=torch.float64)
+        for b in range(2):
+            end = int(torch.randint(-1, 14, (), generator=generator))
+            path = tree.path_to(b, end) if end >= 0 else []
+            keep = int(torch.randint(0, len(path) + 1, (), generator=generator))
+            for node in path[:keep]:
+                logits[b, int(tree.parents[b, node]) + 1, int(tree.tokens[b, node])] += 3.0
+            kind = trial % 4
+            for node in range(tree.num_nodes):
+                row, token = int(tree.parents[b, node]) + 1, int(tree.tokens[b, node])
+                if kind == 1 and node % 3 == 0:  # zero-probability drafted tokens
+                    logits[b, row, token] = float("-inf")
+                elif kind == 2:  # ties: every sibling as likely as its parent's first child
+                    logits[b, row, token] = 1.5
+            if kind == 3:  # a node whose children carry all of its mass
+                row = 1 + int(tree.parents[b, 0])
+                kids = tree.tokens[b][tree.parents[b] == tree.parents[b, 0]]
+                logits[b, row] = float("-inf")
+                logits[b, row, kids] = torch.rand(len(kids), generator=generator, dtype=torch.float64)
+        seeds = [1000 * trial + b for b in range(2)]
+        uniforms = torch.stack([torch.rand(14, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                                for s in seeds])
+        count, nodes, bonus, residual = stochastic_accept_on_device(
+            tree, logits, config.depth, temperature, uniforms=uniforms, return_residual=True)
+        assert nodes.shape == (2, config.depth)
+        for b in range(2):
+            want = _verify_topk_stochastic(tree, b, logits[b], temperature, torch.Generator().manual_seed(seeds[b]))
+            assert nodes[b, : int(count[b])].tolist() == want.accepted_nodes, (trial, b)
+            # the host's residual: p at the stop node, the rejected children's tokens zeroed
+            p = torch.softmax(logits[b, want.stop_node + 1] / temperature, -1)
+            kids = [c for c in want.rejected_nodes if int(tree.parents[b, c]) == want.stop_node]
+            expected = p.clone()
+            if kids and float(p[tree.tokens[b, kids]].sum()) < 1.0:
+                expected[tree.tokens[b, kids]] = 0.0
+            stops_with_children += bool(kids)
+            assert torch.allclose(residual[b] / residual[b].sum(), expected / expected.sum(), atol=1e-9), (trial, b)
+            assert float(residual[b, int(bonus[b])]) > 0 and float(expected[want.bonus_token]) > 0
+            counts.add(int(count[b]))
+    assert {0, 1, 2, 3} <= counts and stops_with_children > 20
