@@ -222,6 +222,11 @@ class SpeculativeGenerator:
     host walks the tree, the earlier path, kept for A/B timing). ``pipelined`` (with it): a whole
     cycle is one graph and the host enqueues the next before reading the last (False: the host
     reads each cycle's outcome, then replays the catch-up; kept for A/B timing).
+    ``device_sampled`` / ``pipelined_sampled``: the same two switches at T > 0 with top-k trees
+    (rejection sampling in the graph, ``speculative.verify.stochastic_accept_on_device``; False:
+    the host verifier). Sampled draft chains and recorded steps (Draft-OPD rollouts need the host
+    verifier's rejected nodes and target distributions) always verify on the host. A temperature
+    change that needs the other kind of acceptance graphs rebuilds the static decoder (once).
     """
 
     def __init__(
@@ -238,6 +243,8 @@ class SpeculativeGenerator:
         span_step: int | None = 128,
         device_greedy: bool = True,
         pipelined: bool = True,
+        device_sampled: bool = True,
+        pipelined_sampled: bool = True,
     ):
         self.target = target
         self.fast = FastLlama.from_target(target)
@@ -260,6 +267,8 @@ class SpeculativeGenerator:
         self.span_step = span_step
         self.device_greedy = device_greedy
         self.pipelined = pipelined
+        self.device_sampled = device_sampled
+        self.pipelined_sampled = pipelined_sampled
         self.compile_errors: list[str] = []  # fallbacks taken when compiling/capturing failed
         self._eager = _EagerBackend(self.fast, self.drafter, self.tree_config, self.generator)
         self._static = None
@@ -273,19 +282,44 @@ class SpeculativeGenerator:
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
+    def accept_mode(self) -> str:
+        """Where the static paths accept at the current temperature: ``pipelined`` (whole cycles
+        as one graph), ``device`` (in the draft+verify graph) or ``host`` (``verify_tree``)."""
+        if self.drafter is None or self.record_steps:
+            return "host"
+        if self.temperature <= 0:
+            on_device, pipelined = self.device_greedy, self.pipelined
+        elif self.tree_config.sample_temperature is not None:  # sampled chains: q is not a point mass
+            return "host"
+        else:
+            on_device, pipelined = self.device_sampled, self.pipelined_sampled
+        return ("pipelined" if pipelined else "device") if on_device else "host"
+
+    def _decoder_serves(self, decoder, mode: str) -> bool:
+        """Whether ``decoder``'s graphs run ``mode`` at the current temperature (any decoder can
+        verify on the host: the plain draft+verify graphs are always captured)."""
+        if mode == "host" or self.drafter is None:
+            return True
+        return (decoder.cycle_graphs, decoder.greedy_graphs, decoder.sampling) == (
+            mode == "pipelined", mode == "device", self.temperature > 0)
+
     def _static_for(self, prompt_len: int, max_new_tokens: int):
         from speculative.graphs import StaticDecoder
 
-        if self._static is None or not self._static.fits(prompt_len, max_new_tokens):
+        mode = self.accept_mode()
+        fits = self._static is not None and self._static.fits(prompt_len, max_new_tokens)
+        if not fits or not self._decoder_serves(self._static, mode):
             needed = prompt_len + max_new_tokens
-            if self._static is not None:
+            if fits:  # the other acceptance graphs (a temperature change): no smaller than before
+                needed = max(needed, self._static.max_len - self._static.chunk_len - self._static.margin)
+            elif self._static is not None:
                 warnings.warn(
                     f"static cache of {self._static.max_len} slots is too short for "
                     f"{needed} tokens: rebuilding (and recapturing graphs)", stacklevel=3,
                 )
                 needed = max(needed, 2 * self._static.max_len)
             chunk = 1 + self.tree_config.total_tokens if self.drafter is not None else 1
-            cycles = self.device_greedy and self.pipelined and not self.record_steps and self.drafter is not None
+            cycles = mode == "pipelined" and self.drafter is not None
             margin = StaticDecoder.margin_for(self.tree_config, cycles)
             self._static = None  # free the old buffers and graphs first
             while True:
@@ -295,7 +329,8 @@ class SpeculativeGenerator:
                         self.fast, self.drafter, self.tree_config, needed + chunk + margin,
                         use_graphs=self.compile == "graph" or (self.compile == "inductor" and cuda),
                         compiled=self.compile == "inductor", fused=self.fused_target, span_step=self.span_step,
-                        greedy_graphs=self.device_greedy and not self.record_steps, cycle_graphs=cycles,
+                        greedy_graphs=mode != "host", cycle_graphs=cycles,
+                        sampling=mode != "host" and self.temperature > 0, generator=self.generator,
                     )
                     break
                 except Exception as error:  # a failed compile/capture: one step simpler, loudly
@@ -352,9 +387,11 @@ class SpeculativeGenerator:
             with phase("spec/drafter_prefill"):
                 backend.drafter_prefill(ids, out.aux_hidden, root_token)
         root_pos = len(prompt)  # the root token's position == its target cache slot
-        # T = 0 on the static paths: acceptance runs in the draft+verify graph, the host reads a
-        # few integers (recorded steps need the host verifier's full detail)
-        greedy = self.device_greedy and self.temperature <= 0 and not self.record_steps
+        # On the static paths (T = 0, or T > 0 with top-k trees) acceptance runs in the draft+verify
+        # graph, the host reads a few integers (recorded steps need the host verifier's full detail)
+        greedy = self.accept_mode() != "host"
+        if greedy and getattr(backend, "sampling", False):
+            backend.set_temperature(self.temperature)
         if not done and greedy and backend.cycle_graphs:
             new, forwards = self._pipelined_cycles(backend, new, root_token, root_pos, max_new_tokens, eos, result,
                                                    forwards)
@@ -392,7 +429,7 @@ class SpeculativeGenerator:
 
     def _pipelined_cycles(self, backend, new: list[int], root_token: int, root_pos: int, max_new_tokens: int,
                           eos: set[int], result: GenerationResult, forwards: int) -> tuple[list[int], int]:
-        """T = 0 cycles as whole-cycle graphs, one enqueued ahead of the outcome the host reads
+        """Cycles as whole-cycle graphs (T = 0, or T > 0 with device sampling), one enqueued ahead of the outcome the host reads
         (``StaticDecoder.launch_cycle``): the root after cycle n is at most ``depth + 1`` slots
         past cycle n's, which bounds the span cycle n + 1 needs before cycle n is read."""
         depth = self.tree_config.depth

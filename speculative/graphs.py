@@ -27,7 +27,11 @@ and ignored: the cache slots they write lie past the new root, masked until a la
 them again) and the advance of the root token and position, on the device. The host enqueues the
 next cycle before it reads the last one's outcome (``launch_cycle`` / ``cycle_step``), so the GPU
 does not wait for the host between cycles; a generation that stops computes one cycle too many.
-At T > 0, and where steps are recorded, the host verifies the tree (``speculative.verify``).
+With ``sampling=True`` (T > 0, top-k trees) those same graphs accept by rejection sampling instead
+(``speculative.verify.stochastic_accept_on_device``): the temperature is a device buffer
+(``set_temperature``), the random numbers come from ``generator`` (registered with each graph
+that draws them: every replay advances it, as an eager call would). Without it, at T > 0, and
+where steps are recorded, the host verifies the tree (``speculative.verify``).
 Prefills have a prompt-dependent length and run eagerly (once per prompt); sampling and EOS
 checks stay on the host.
 
@@ -68,7 +72,7 @@ from speculative.fused_drafter import FusedDrafter, GroupedDraftCache
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
-from speculative.verify import VerifyStep, greedy_accept_on_device
+from speculative.verify import VerifyStep, greedy_accept_on_device, stochastic_accept_on_device
 
 
 class StaticDraftCache:
@@ -132,7 +136,8 @@ class StaticDecoder:
 
     def __init__(self, fast: FastLlama, drafter=None, tree: TreeConfig | None = None,
                  max_len: int = 1024, use_graphs: bool = False, compiled: bool = False, fused: bool = True,
-                 span_step: int | None = 128, greedy_graphs: bool = True, cycle_graphs: bool = False):
+                 span_step: int | None = 128, greedy_graphs: bool = True, cycle_graphs: bool = False,
+                 sampling: bool = False, generator: torch.Generator | None = None):
         if use_graphs and fast.device.type != "cuda":
             raise ValueError("CUDA graphs need the target on a CUDA device")
         if drafter is not None and tree is not None and tree.sample_temperature is not None:
@@ -154,6 +159,10 @@ class StaticDecoder:
         # ``cycle_graphs`` (pipelined T = 0 cycles) replaces them: one whole-cycle graph a span
         self.cycle_graphs = cycle_graphs and drafter is not None
         self.greedy_graphs = greedy_graphs and not self.cycle_graphs
+        # the acceptance those graphs run: greedy (T = 0) or rejection sampling at ``temperature``
+        self.sampling = sampling and drafter is not None
+        self.generator = generator
+        self.temperature = torch.ones((), dtype=torch.float32, device=self.device)
         long = dict(dtype=torch.long, device=self.device)
         self.fused = fused
         self.target = FusedLlama(fast) if fused else fast  # same call, same outputs (to rounding)
@@ -308,16 +317,20 @@ class StaticDecoder:
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
         self.verify_aux.copy_(out.aux_hidden)
         if greedy:
-            self._accept_greedy(tree, out.logits)
+            self._accept_on_device(tree, out.logits)
         return tree, out.logits
 
-    def _accept_greedy(self, tree: DraftTree, logits: torch.Tensor) -> None:
-        """T = 0: the accepted path and bonus token (``greedy_accept_on_device``) into
+    def _accept_on_device(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """The accepted path and bonus token (T = 0: ``greedy_accept_on_device``; ``sampling``:
+        ``stochastic_accept_on_device`` at ``temperature``) into
         ``accept_result``, and the catch-up's inputs for them into ``catch_up_all``, so the host
         neither reads the tree nor writes the catch-up's inputs: it copies ``2 + 2 * depth``
         integers. Written with ``out=`` into the fixed buffers (every op here is a kernel)."""
         depth = self.tree_config.depth
-        count, path, bonus = greedy_accept_on_device(tree, logits, depth)  # [1], [1, depth], [1]
+        if self.sampling:
+            count, path, bonus = stochastic_accept_on_device(tree, logits, depth, self.temperature, self.generator)
+        else:
+            count, path, bonus = greedy_accept_on_device(tree, logits, depth)  # [1], [1, depth], [1]
         path = path[0]
         tokens = self.catch_up_all[0, :depth]
         torch.index_select(tree.tokens[0], 0, path, out=tokens)  # the accepted tokens
@@ -353,7 +366,7 @@ class StaticDecoder:
             torch.index_select(prenorm[0], 0, root_row, out=self.root_hidden)
 
     def _cycle_step(self, span: int) -> None:
-        """A whole T = 0 cycle on the device: draft + verify + acceptance (``accept_result``), the
+        """A whole cycle on the device (T = 0, or T > 0 with ``sampling``): draft + verify + acceptance (``accept_result``), the
         catch-up over all ``depth + 1`` columns with the next root at column ``count``, then the
         root token and position advanced to the bonus token and ``pos + count + 1``."""
         self._draft_verify_step(span, greedy=True)
@@ -364,11 +377,13 @@ class StaticDecoder:
 
     # ---------------------------------------------------------------- capture / run
 
-    def _capture(self, key, fn, reset=None) -> None:
+    def _capture(self, key, fn, reset=None, rng: bool = False) -> None:
         """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``.
         ``reset`` (if any) runs before each warm-up call and before the capture: for a step that
         advances its own inputs (a pipelined cycle moves ``pos``), so each run starts where the
-        first did (a second warm-up from a later slot could index past the shortest span)."""
+        first did (a second warm-up from a later slot could index past the shortest span).
+        ``rng``: the step draws random numbers from ``generator``, registered with the graph (the
+        default CUDA generator needs no registration)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -380,6 +395,8 @@ class StaticDecoder:
                 reset()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        if rng and self.generator is not None and self.generator.device.type == "cuda":
+            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
             out = fn()
         self._graphs[key] = (graph, out)
@@ -398,9 +415,11 @@ class StaticDecoder:
             for span in self.spans():
                 for greedy in (False, True) if self.greedy_graphs else (False,):
                     self._capture(("draft_verify", span, greedy),
-                                  lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy))
+                                  lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy),
+                                  rng=greedy and self.sampling)
                 if self.cycle_graphs:  # the warm-up advances the position: every run from slot 0
-                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span), reset=self.pos.zero_)
+                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span), reset=self.pos.zero_,
+                                  rng=self.sampling)
                     self.pos.zero_()  # and the next captures' inputs zeros again
             for m in self.catch_up_inputs:
                 self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
@@ -455,13 +474,18 @@ class StaticDecoder:
     @torch.no_grad()
     def draft_verify(self, root_token: int, root_pos: int, greedy: bool = False) -> tuple[DraftTree, torch.Tensor]:
         """Grow the tree from the root and verify it: (tree, target logits ``[1, 1 + N, V]``).
-        ``greedy``: also accept at T = 0 on the device; ``greedy_step`` then reads the outcome."""
+        ``greedy``: also accept on the device (at T = 0; by rejection sampling when built with
+        ``sampling``); ``greedy_step`` then reads the outcome."""
         self.token.fill_(root_token)
         self.pos.fill_(root_pos)
         if greedy and not self.greedy_graphs:
             raise ValueError("this decoder was built without the greedy draft+verify graphs (greedy_graphs=False)")
         span = self.span_for(root_pos + self.chunk_len)
         return self._run(("draft_verify", span, greedy), self._draft_verify_fn, span, greedy)
+
+    def set_temperature(self, temperature: float) -> None:
+        """The temperature the ``sampling`` acceptance divides the logits by (a buffer the graphs read)."""
+        self.temperature.fill_(float(temperature))
 
     def start_cycles(self, root_token: int, root_pos: int) -> None:
         """Set the first root of pipelined cycles; later roots are advanced on the device."""

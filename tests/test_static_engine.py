@@ -121,12 +121,13 @@ def test_static_path_equals_eager_path_step_by_step(agreeing_pair):
 
 
 def test_static_sampling_matches_eager_sampling(agreeing_pair):
-    """At T > 0 the static path consumes the generator exactly like the eager one."""
+    """At T > 0 with the host verifier the static path consumes the generator exactly like the eager one."""
     target, drafter = agreeing_pair
     tree = TreeConfig(depth=4, top_k=3, total_tokens=10)
     prompt = [5, 9, 2, 33, 4, 17]
     eager = SpeculativeGenerator(target, drafter, tree, temperature=1.0, seed=3).generate(prompt, 24)
-    static = SpeculativeGenerator(target, drafter, tree, temperature=1.0, seed=3, compile="static")
+    static = SpeculativeGenerator(target, drafter, tree, temperature=1.0, seed=3, compile="static",
+                                  device_sampled=False)  # the host verifier (the device path: below)
     assert static.generate(prompt, 24).tokens == eager.tokens
     base = SpeculativeGenerator(target, None, temperature=1.0, seed=4).generate_autoregressive(prompt, 24)
     static_base = SpeculativeGenerator(target, None, temperature=1.0, seed=4, compile="static")
