@@ -305,3 +305,83 @@ def test_cycle_capture_warms_up_every_call_from_slot_zero(agreeing_pair, monkeyp
     engine._static = decoder
     prompt = [3, 1, 4, 1, 5]
     assert engine.generate(prompt, 20).tokens == hf_greedy(target.model, prompt, 20)
+
+
+@pytest.mark.parametrize("mode", ["host", "device", "pipelined"])
+def test_static_sampling_matches_target_distribution(monkeypatch, mode):
+    """End to end at T = 0.8 on the static path, per ``--sampled-verify`` mode: 3-token continuations
+    vs the target's exact law (``test_engine_sampling_matches_target_distribution``'s harness). The
+    device modes accept inside the draft+verify step / the whole cycle
+    (``stochastic_accept_on_device``); a broken device acceptance (every drafted token with
+    p > 0 accepted) fails the same test."""
+    from speculative.verify import stochastic_accept_on_device
+    from tests.test_tree_engine import _engine_counts, _exact_joint, _tiny_vocab_pair, chi_square_pvalue
+
+    target, drafter = _tiny_vocab_pair(seed=3)
+    prompt, temperature = [2, 7, 1, 6], 0.8
+    joint = _exact_joint(target, prompt, temperature, 8)
+    engine = SpeculativeGenerator(target, drafter, TreeConfig(depth=2, top_k=3, total_tokens=6),
+                                  temperature=temperature, seed=11, compile="static",
+                                  device_sampled=mode != "host", pipelined_sampled=mode == "pipelined")
+    assert engine.accept_mode() == mode
+    calls = []
+    monkeypatch.setattr("speculative.graphs.stochastic_accept_on_device",
+                        lambda *args, **kwargs: calls.append(1) or stochastic_accept_on_device(*args, **kwargs))
+    counts, accepting = _engine_counts(engine, prompt, 400)
+    assert (len(calls) > 400) == (mode != "host")
+    assert accepting > 100
+    assert chi_square_pvalue(counts, joint) > 1e-3
+    if mode == "pipelined":  # negative control
+        def accept_all(tree, logits, depth, temperature, generator=None):
+            zeros = torch.zeros(tree.tokens.shape, dtype=torch.float64)
+            return stochastic_accept_on_device(tree, logits, depth, temperature, generator, uniforms=zeros)
+
+        monkeypatch.setattr("speculative.graphs.stochastic_accept_on_device", accept_all)
+        assert chi_square_pvalue(_engine_counts(engine, prompt, 200)[0], joint) < 1e-6
+
+
+def test_device_sampling_runs_pipelined_and_switches_with_the_temperature(agreeing_pair):
+    """T > 0 with top-k trees: pipelined cycles (the default) take exactly the steps of the
+    read-then-catch-up device path (the same random numbers in the same order), accept about as
+    much as the host verifier, and a temperature change rebuilds the decoder for the other
+    acceptance (T = 0 stays the target's greedy decoding); recorded steps and sampled chains keep
+    the host verifier."""
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=10)
+    accepts = {}
+    for mode in ("host", "device", "pipelined"):
+        engine = SpeculativeGenerator(target, drafter, tree, temperature=1.0, compile="static",
+                                      device_sampled=mode != "host", pipelined_sampled=mode == "pipelined")
+        decoder = engine._static_for(6, 40)
+        assert (decoder.cycle_graphs, decoder.greedy_graphs, decoder.sampling) == (
+            mode == "pipelined", mode == "device", mode != "host")
+        outs = []
+        for seed in range(4):
+            prompt = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(600 + seed)).tolist()
+            engine.reseed(seed)
+            outs.append(engine.generate(prompt, 40))
+        assert engine._static is decoder
+        accepts[mode] = [a for o in outs for a in o.accept_lengths]
+        if mode == "pipelined":
+            assert [o.tokens for o in outs] == device_tokens
+            assert [o.accept_lengths for o in outs] == device_lengths
+        device_tokens, device_lengths = [o.tokens for o in outs], [o.accept_lengths for o in outs]
+    mean = {mode: sum(a) / len(a) for mode, a in accepts.items()}
+    assert mean["pipelined"] >= 1.0 and mean["host"] >= 1.0, mean
+    assert max(accepts["pipelined"]) == tree.depth and min(accepts["pipelined"]) >= 0
+    # T = 0 -> greedy cycles (rebuilt, no smaller), then back to T > 0
+    engine.temperature = 0.0
+    prompt = [5, 9, 2, 33, 4, 17]
+    assert engine.generate(prompt, 24).tokens == hf_greedy(target.model, prompt, 24)
+    greedy = engine._static
+    assert greedy is not decoder and not greedy.sampling and greedy.cycle_graphs
+    assert greedy.max_len >= decoder.max_len
+    engine.temperature = 1.0
+    assert len(engine.generate(prompt, 24).tokens) == 24 and engine._static.sampling
+    # recorded steps and sampled chains: the host verifier
+    assert SpeculativeGenerator(target, drafter, tree, temperature=1.0, record_steps=True,
+                                compile="static").accept_mode() == "host"
+    with pytest.warns(UserWarning, match="eagerly"):
+        chain = SpeculativeGenerator(target, drafter, TreeConfig.chain(3, sample_temperature=1.0), temperature=1.0,
+                                     compile="static")
+    assert chain.accept_mode() == "host"
