@@ -92,7 +92,7 @@ def build(evals: list[Path], sft: Path | None, regen: Path | None) -> dict[str, 
         summary.setdefault("target", config.get("target"))
         for key in ("dtype", "compile", "tree", "max_new_tokens", "target_forward", "torch", "transformers"):
             summary.setdefault(key, config.get(key))
-        for key in ("span_step", "greedy_verify"):  # the engine's paths, recorded since run 3
+        for key in ("span_step", "greedy_verify", "sampled_verify"):  # the engine's paths, recorded since run 3
             if key in config:
                 summary.setdefault(key, config[key])
         for temperature, rows in bench_rows(results).items():

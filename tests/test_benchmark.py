@@ -260,6 +260,12 @@ def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
     results = json.loads((unpipelined / "results.json").read_text())
     assert results["config"]["greedy_verify"] == "device" and results["results"][0]["mismatches"] == 0
     assert results["results"][0]["tau"] == block["tau"]
+    assert default["sampled_verify"] == "pipelined"
+    sampled = tmp_path / "static_sampled"  # T > 0: rejection sampling in the draft+verify step, host catch-up
+    assert main(["eval", *common, "--bench", str(two_turn_file), "--temperature", "1", "--max-new-tokens", "5",
+                 "--compile", "static", "--sampled-verify", "device", "--out", str(sampled)]) == 0
+    results = json.loads((sampled / "results.json").read_text())
+    assert results["config"]["sampled_verify"] == "device" and results["results"][0]["generations"] == 4
     with pytest.raises(SystemExit):  # a span that is not a multiple of 64 slows every layer's SDPA
         main(["eval", *common, "--bench", str(two_turn_file), "--span-step", "100", "--out", str(tmp_path / "x")])
     check = tmp_path / "check"

@@ -544,11 +544,13 @@ def _engine_options(args) -> dict:
     """The tree engine's static-path switches, for A/B timing: ``--target-forward`` (FusedLlama by
     default), ``--span-step`` (verification over 128-slot cache spans; 0: the whole cache) and
     ``--greedy-verify`` (T = 0: whole cycles as one graph, pipelined; acceptance in the draft+verify
-    graph; or on the host)."""
+    graph; or on the host) and ``--sampled-verify`` (the same three at T > 0 with top-k trees)."""
     greedy = getattr(args, "greedy_verify", "pipelined")
+    sampled = getattr(args, "sampled_verify", "pipelined")
     return {"fused_target": getattr(args, "target_forward", "fused") == "fused",
             "span_step": getattr(args, "span_step", 128) or None,
-            "device_greedy": greedy in ("pipelined", "device"), "pipelined": greedy == "pipelined"}
+            "device_greedy": greedy in ("pipelined", "device"), "pipelined": greedy == "pipelined",
+            "device_sampled": sampled in ("pipelined", "device"), "pipelined_sampled": sampled == "pipelined"}
 
 
 def warm_prompt(tokenizer) -> list[int]:
@@ -610,6 +612,7 @@ def run_eval(args) -> int:
         "target_forward": "fused" if engine.fused_target else "fast",
         "span_step": engine.span_step,
         "greedy_verify": ("pipelined" if engine.pipelined else "device") if engine.device_greedy else "host",
+        "sampled_verify": ("pipelined" if engine.pipelined_sampled else "device") if engine.device_sampled else "host",
         "eos_token_ids": sorted(eos),
         **_environment(device, dtype, args),
         "compile": engine.compile,
@@ -891,6 +894,10 @@ def add_model_args(parser, drafter_required: bool) -> None:
                              "enqueued before the host reads the last (pipelined; default); acceptance inside "
                              "the draft+verify graph, the host then replays the catch-up (device); or the host "
                              "walking the tree (host): the earlier paths, for A/B")
+    parser.add_argument("--sampled-verify", default="pipelined", choices=["pipelined", "device", "host"],
+                        help="the same at T>0 with top-k trees (rejection sampling on the device: "
+                             "speculative.verify.stochastic_accept_on_device); host: the host verifier, the "
+                             "earlier path, for A/B. Sampled draft chains and recorded steps always use the host")
     parser.add_argument("--bench-dir", type=Path, default=None,
                         help="folder of <name>.jsonl benchmarks (default $DRAFTRL_BENCH_DIR, else the shipped "
                              "speculative/data/bench)")
