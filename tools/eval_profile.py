@@ -80,7 +80,7 @@ def _summarise(name: str, kind: str, clean, profiled, recorder, prof, on_device:
                             "wall_ms": round(profiled_ms, 3), "clean_wall_ms": round(clean_ms, 3),
                             "ranges": ranges, "top_ops": top_ops(prof, 25, device=on_device)}
     if kind == "spec":
-        # cycles whose outcome was used (pipelined T = 0 also launches one more per generation)
+        # cycles whose outcome was used (pipelined cycles launch one more per generation)
         cycles = sum(len(r.accept_lengths) for *_, r, _ in profiled)
         accepted = sum(sum(r.accept_lengths) for *_, r, _ in profiled)
         prefill = total("spec/prefill") + total("spec/drafter_prefill")
@@ -217,7 +217,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{c['cycles']} cycles, tau {c['tau']:.3f}. Means per cycle (catch-up: its total / cycles; the last "
             "cycle of a generation has none).",
             "",
-            *([f"Pipelined T = 0 (`--greedy-verify pipelined`): {c['launched']} cycles launched for {c['cycles']} "
+            *([f"Pipelined cycles (`--greedy-verify pipelined` at T = 0, `--sampled-verify pipelined` at T > 0): "
+               f"{c['launched']} cycles launched for {c['cycles']} "
                "read. `spec/draft_verify` is the launch of a whole cycle (draft, verify, acceptance, catch-up) and "
                "`spec/verify_host` the wait for the cycle before it; under the profiler the phases synchronise, so "
                "the pipelining shows in the clean cycle only.", ""]
