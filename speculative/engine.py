@@ -429,9 +429,10 @@ class SpeculativeGenerator:
 
     def _pipelined_cycles(self, backend, new: list[int], root_token: int, root_pos: int, max_new_tokens: int,
                           eos: set[int], result: GenerationResult, forwards: int) -> tuple[list[int], int]:
-        """Cycles as whole-cycle graphs (T = 0, or T > 0 with device sampling), one enqueued ahead of the outcome the host reads
-        (``StaticDecoder.launch_cycle``): the root after cycle n is at most ``depth + 1`` slots
-        past cycle n's, which bounds the span cycle n + 1 needs before cycle n is read."""
+        """Cycles (T = 0, or T > 0 with device sampling) as whole-cycle graphs, one enqueued ahead
+        of the outcome the host reads (``StaticDecoder.launch_cycle``): the root after cycle n is
+        at most ``depth + 1`` slots past cycle n's, which bounds the span cycle n + 1 needs before
+        cycle n is read."""
         depth = self.tree_config.depth
         backend.start_cycles(root_token, root_pos)
         with phase("spec/draft_verify", sync=False):

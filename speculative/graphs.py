@@ -29,9 +29,10 @@ next cycle before it reads the last one's outcome (``launch_cycle`` / ``cycle_st
 does not wait for the host between cycles; a generation that stops computes one cycle too many.
 With ``sampling=True`` (T > 0, top-k trees) those same graphs accept by rejection sampling instead
 (``speculative.verify.stochastic_accept_on_device``): the temperature is a device buffer
-(``set_temperature``), the random numbers come from ``generator`` (registered with each graph
-that draws them: every replay advances it, as an eager call would). Without it, at T > 0, and
-where steps are recorded, the host verifies the tree (``speculative.verify``).
+(``set_temperature``) and the ``N + 1`` uniforms a cycle uses are drawn from ``generator`` into a
+buffer before each replay (one eager kernel, enqueued like the replay; no random number generator
+inside a graph, as in the batched engine). Without it, at T > 0, and where steps are recorded, the
+host verifies the tree (``speculative.verify``).
 Prefills have a prompt-dependent length and run eagerly (once per prompt); sampling and EOS
 checks stay on the host.
 
@@ -163,6 +164,7 @@ class StaticDecoder:
         self.sampling = sampling and drafter is not None
         self.generator = generator
         self.temperature = torch.ones((), dtype=torch.float32, device=self.device)
+        self.uniforms: torch.Tensor | None = None  # [1, N + 1], drawn before each sampling replay
         long = dict(dtype=torch.long, device=self.device)
         self.fused = fused
         self.target = FusedLlama(fast) if fused else fast  # same call, same outputs (to rounding)
@@ -214,6 +216,8 @@ class StaticDecoder:
             # The greedy outcome, computed in the graph (``greedy=True``) and copied to the host in
             # one transfer: [accepted count, bonus token, path nodes (depth), path tokens (depth)]
             self.accept_result = torch.zeros(2 + 2 * depth, **long)
+            if self.sampling:
+                self.uniforms = torch.zeros(1, self.num_nodes + 1, dtype=torch.float64, device=self.device)
             # The verification's aux hidden states, copied where every catch-up graph reads them
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
@@ -328,7 +332,8 @@ class StaticDecoder:
         integers. Written with ``out=`` into the fixed buffers (every op here is a kernel)."""
         depth = self.tree_config.depth
         if self.sampling:
-            count, path, bonus = stochastic_accept_on_device(tree, logits, depth, self.temperature, self.generator)
+            count, path, bonus = stochastic_accept_on_device(tree, logits, depth, self.temperature,
+                                                             uniforms=self.uniforms)
         else:
             count, path, bonus = greedy_accept_on_device(tree, logits, depth)  # [1], [1, depth], [1]
         path = path[0]
@@ -366,9 +371,10 @@ class StaticDecoder:
             torch.index_select(prenorm[0], 0, root_row, out=self.root_hidden)
 
     def _cycle_step(self, span: int) -> None:
-        """A whole cycle on the device (T = 0, or T > 0 with ``sampling``): draft + verify + acceptance (``accept_result``), the
-        catch-up over all ``depth + 1`` columns with the next root at column ``count``, then the
-        root token and position advanced to the bonus token and ``pos + count + 1``."""
+        """A whole cycle on the device (T = 0, or T > 0 with ``sampling``): draft + verify +
+        acceptance (``accept_result``), the catch-up over all ``depth + 1`` columns with the next
+        root at column ``count``, then the root token and position advanced to the bonus token and
+        ``pos + count + 1``."""
         self._draft_verify_step(span, greedy=True)
         count = self.accept_result[:1]
         self._catch_up_step(self.tree_config.depth + 1, root_row=count)
@@ -377,13 +383,11 @@ class StaticDecoder:
 
     # ---------------------------------------------------------------- capture / run
 
-    def _capture(self, key, fn, reset=None, rng: bool = False) -> None:
+    def _capture(self, key, fn, reset=None) -> None:
         """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``.
         ``reset`` (if any) runs before each warm-up call and before the capture: for a step that
         advances its own inputs (a pipelined cycle moves ``pos``), so each run starts where the
-        first did (a second warm-up from a later slot could index past the shortest span).
-        ``rng``: the step draws random numbers from ``generator``, registered with the graph (the
-        default CUDA generator needs no registration)."""
+        first did (a second warm-up from a later slot could index past the shortest span)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -395,8 +399,6 @@ class StaticDecoder:
                 reset()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if rng and self.generator is not None and self.generator.device.type == "cuda":
-            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
             out = fn()
         self._graphs[key] = (graph, out)
@@ -415,11 +417,9 @@ class StaticDecoder:
             for span in self.spans():
                 for greedy in (False, True) if self.greedy_graphs else (False,):
                     self._capture(("draft_verify", span, greedy),
-                                  lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy),
-                                  rng=greedy and self.sampling)
+                                  lambda span=span, greedy=greedy: self._draft_verify_fn(span, greedy))
                 if self.cycle_graphs:  # the warm-up advances the position: every run from slot 0
-                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span), reset=self.pos.zero_,
-                                  rng=self.sampling)
+                    self._capture(("cycle", span), lambda span=span: self._cycle_fn(span), reset=self.pos.zero_)
                     self.pos.zero_()  # and the next captures' inputs zeros again
             for m in self.catch_up_inputs:
                 self._capture(("catch_up", m), lambda m=m: self._catch_up_fn(m))
@@ -481,7 +481,15 @@ class StaticDecoder:
         if greedy and not self.greedy_graphs:
             raise ValueError("this decoder was built without the greedy draft+verify graphs (greedy_graphs=False)")
         span = self.span_for(root_pos + self.chunk_len)
+        if greedy:
+            self._draw_uniforms()
         return self._run(("draft_verify", span, greedy), self._draft_verify_fn, span, greedy)
+
+    def _draw_uniforms(self) -> None:
+        """The next sampling acceptance's random numbers, from ``generator`` (enqueued before the
+        replay that reads them, after the one that read the last)."""
+        if self.sampling:
+            self.uniforms.uniform_(generator=self.generator)
 
     def set_temperature(self, temperature: float) -> None:
         """The temperature the ``sampling`` acceptance divides the logits by (a buffer the graphs read)."""
@@ -500,6 +508,7 @@ class StaticDecoder:
         of its outcome to the host; returns the handle ``cycle_step`` reads. At most two cycles
         may be in flight unread (two host buffers)."""
         span = self.span_for(min(max_root_pos + self.chunk_len, self.max_len))
+        self._draw_uniforms()
         self._run(("cycle", span), self._cycle_fn, span)
         handle = self._cycles_launched % 2
         self._cycle_results[handle].copy_(self.accept_result, non_blocking=True)

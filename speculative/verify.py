@@ -230,12 +230,14 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     *chosen* when it is tentative and no earlier sibling is (the walk would have stopped there);
     accepted = every node of its ancestor-or-self path chosen (``tree.mask``). At most one child of
     each node is chosen, so the accepted nodes form one path. The bonus is drawn where it stops from
-    p with the tokens of all the stop node's children zeroed (each was tried and rejected), by an
-    exponential race: argmax p(x) / E_x, E_x ~ Exp(1) i.i.d., picks x with probability p(x) / sum p.
+    p with the tokens of all the stop node's children zeroed (each was tried and rejected), by the
+    inverse CDF at one more uniform (a zero-probability token is never drawn).
 
-    Random numbers: ``N`` uniforms per tree first (float64, ``[B, N]``: at B = 1 the very draws of
-    ``_verify_topk_stochastic``), then ``V`` per tree for the race (the host draws a multinomial
-    instead). ``uniforms [B, N]`` overrides the first draw (tests).
+    Random numbers: ``uniforms [B, N + 1]`` in [0, 1), float64: one per node, then the bonus's.
+    The static decoder draws them into a buffer before each replay, as the batched engine does
+    (no random number generator inside a graph); without them they are drawn here from
+    ``generator`` (at B = 1 the first ``N`` are the very draws of ``_verify_topk_stochastic``,
+    whose bonus is a multinomial draw instead).
 
     Rounding (differences from the host walk only where float64 has removed all of a node's mass):
     the host resets its running sum (``remaining <= 0``) and keeps summing from that sibling on;
@@ -254,14 +256,14 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     flat = scaled.reshape(batch, -1).gather(1, rows * vocab + tree.tokens)  # [B, N]
     node_p = (flat - lse.gather(1, rows)).exp().double()  # p(x_c) at c's parent
     if uniforms is None:
-        uniforms = torch.rand(batch, n, generator=generator, dtype=torch.float64, device=logits.device)
+        uniforms = torch.rand(batch, n + 1, generator=generator, dtype=torch.float64, device=logits.device)
     index = torch.arange(n, device=logits.device)
     # earlier[b, c, j]: j is an earlier sibling of c (same parent, smaller index)
     earlier = (tree.parents[:, :, None] == tree.parents[:, None, :]) & (index[None, :] < index[:, None])
     removed = torch.bmm(earlier.double(), node_p[..., None])[..., 0]  # mass of c's earlier siblings
     remaining = 1.0 - removed
     remaining = torch.where(remaining > 0, remaining, torch.ones_like(remaining))
-    tentative = uniforms < node_p / remaining
+    tentative = uniforms[:, :n] < node_p / remaining
     chosen = tentative & ~(earlier & tentative[:, None, :]).any(-1)
     accepted = (tree.mask <= chosen[:, None, :]).all(-1)  # ancestor-or-self => chosen
     count = accepted.sum(-1)
@@ -277,8 +279,9 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     at = torch.where(zero, tree.tokens, vocab)  # the extra column absorbs the nodes not zeroed
     residual = torch.cat([p, p.new_zeros(batch, 1)], 1).scatter(1, at, 0.0)[:, :vocab]
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    race = torch.rand(batch, vocab, generator=generator, dtype=torch.float64, device=logits.device)
-    bonus = (residual / -race.log()).argmax(-1)
+    cdf = residual.cumsum(-1)
+    point = uniforms[:, n:] * cdf[:, -1:]
+    bonus = torch.searchsorted(cdf, point, right=True)[:, 0].clamp_max(vocab - 1)
     if return_residual:
         return count, path, bonus, residual
     return count, path, bonus

@@ -312,8 +312,8 @@ def test_static_sampling_matches_target_distribution(monkeypatch, mode):
     """End to end at T = 0.8 on the static path, per ``--sampled-verify`` mode: 3-token continuations
     vs the target's exact law (``test_engine_sampling_matches_target_distribution``'s harness). The
     device modes accept inside the draft+verify step / the whole cycle
-    (``stochastic_accept_on_device``); a broken device acceptance (every drafted token with
-    p > 0 accepted) fails the same test."""
+    (``stochastic_accept_on_device``, its uniforms drawn into a buffer before each replay); a broken
+    device acceptance (every drafted token with p > 0 accepted) fails the same test."""
     from speculative.verify import stochastic_accept_on_device
     from tests.test_tree_engine import _engine_counts, _exact_joint, _tiny_vocab_pair, chi_square_pvalue
 
@@ -332,9 +332,9 @@ def test_static_sampling_matches_target_distribution(monkeypatch, mode):
     assert accepting > 100
     assert chi_square_pvalue(counts, joint) > 1e-3
     if mode == "pipelined":  # negative control
-        def accept_all(tree, logits, depth, temperature, generator=None):
-            zeros = torch.zeros(tree.tokens.shape, dtype=torch.float64)
-            return stochastic_accept_on_device(tree, logits, depth, temperature, generator, uniforms=zeros)
+        def accept_all(tree, logits, depth, temperature, uniforms):
+            zeros = torch.cat([torch.zeros(tree.tokens.shape, dtype=torch.float64), uniforms[:, -1:]], 1)
+            return stochastic_accept_on_device(tree, logits, depth, temperature, uniforms=zeros)
 
         monkeypatch.setattr("speculative.graphs.stochastic_accept_on_device", accept_all)
         assert chi_square_pvalue(_engine_counts(engine, prompt, 200)[0], joint) < 1e-6

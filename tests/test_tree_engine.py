@@ -590,8 +590,8 @@ def test_stochastic_acceptance_on_device_equals_the_host_walk():
                 logits[b, row] = float("-inf")
                 logits[b, row, kids] = torch.rand(len(kids), generator=generator, dtype=torch.float64)
         seeds = [1000 * trial + b for b in range(2)]
-        uniforms = torch.stack([torch.rand(14, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                                for s in seeds])
+        uniforms = torch.stack([torch.rand(15, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                                for s in seeds])  # at each node, then the bonus's
         count, nodes, bonus, residual = stochastic_accept_on_device(
             tree, logits, config.depth, temperature, uniforms=uniforms, return_residual=True)
         assert nodes.shape == (2, config.depth)
