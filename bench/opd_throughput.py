@@ -22,8 +22,9 @@ Measures in one process, on the same device and prompts:
         # AR batch 1: CUDA graph vs Inductor + graph (vs the graph with efficient attention),
         # tokens compared, each engine profiled per decode step
 
-With ``--inductor ar`` the ar section runs again on the same prompts compiled by Inductor (one
-span: the whole cache): tok/s side by side, and whether its tokens equal the first run's (in
+With ``--inductor ar`` the ar section runs again on the same prompts compiled by Inductor
+(attending cache spans as the graph step does, one compiled variant per span the runs reach;
+``--ar-inductor-span-step 0``: the whole cache, one variant): tok/s side by side, and whether its tokens equal the first run's (in
 bf16 a compiled step rounds differently, so greedy texts may part at a near tie; the CPU tests
 check the compiled step exactly, in fp32). With ``--profile`` (``--profile-runs ar``) each AR
 engine is profiled as it is (nothing compiled again): kernels and device time per decode step,
@@ -321,10 +322,10 @@ def _autoregressive(args, target, prompts, device, compile: str, out: Path | Non
     chosen = prompts[: args.ar_prompts]
     started = time.perf_counter()
     batched = BatchGenerator(target, None, 0, compile=compile, max_batch=1, max_len=budget,
-                             sync_every=args.ar_sync_every)
+                             sync_every=args.ar_sync_every, inductor_span_step=args.ar_inductor_span_step)
     if only is not None and batched.compile != "static":
-        with only:  # capture (compile) the step now, under the restriction
-            batched._prepare_graphs(1)
+        with only:  # capture (compile) the step now, under the restriction: every span the runs reach
+            batched._prepare_graphs(1, *batched._reach([len(p) for p in chosen], args.ar_tokens, 1))
         only = None
     with only or contextlib.nullcontext():  # eager: the restriction holds for every call
         return _autoregressive_runs(args, device, compile, out, compare, suffix, batched, chosen, budget, started)
@@ -338,6 +339,7 @@ def _autoregressive_runs(args, device, compile, out, compare, suffix, batched, c
     outputs = {"batched": [], "reference": []}
     for prompt in chosen:
         result = batched.generate([prompt], args.ar_tokens)
+        setup += result.setup_time  # spans the warm-up did not reach are captured (compiled) here
         rows["batched"].append(result.num_new_tokens / result.wall_time)
         outputs["batched"].append(result.tokens[0])
     if compile != "inductor" and not args.ar_no_reference and not suffix:
@@ -677,6 +679,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-tokens", type=int, default=256)
     p.add_argument("--ar-prompts", type=int, default=3)
     p.add_argument("--ar-sync-every", type=int, default=32)
+    p.add_argument("--ar-inductor-span-step", type=int, default=None,
+                   help="the compiled AR step's attention span step (BatchGenerator.inductor_span_step): "
+                   "default the engine's span step (one compiled variant per span reached), 0 the whole cache")
     p.add_argument("--ar-sdpa", default="", help=f"also the ar section's run with only these SDPA backends "
                    f"(comma list of {sorted(SDPA_BACKENDS)}; the attention kernel captured in the graph)")
     p.add_argument("--ar-no-reference", action="store_true",

@@ -167,9 +167,14 @@ class BatchGenerator:
     falls back one level with a warning (``compile_errors``).
 
     ``sync_every``: steps replayed between host checks. ``span_step``: attention reads only the
-    first S slots of the caches, S a multiple of ``span_step`` that covers every live sequence
-    until the next check (one graph per S; ``None``, and always with ``inductor``, which would
-    compile each S: the whole cache, one graph).
+    first S slots of the caches, S a multiple of ``span_step`` (or the whole cache) that covers
+    every live sequence until the next check: one graph per S (``None``: the whole cache, one
+    graph). ``inductor_span_step``: the same for ``inductor``, where each S is also one more
+    compile (``dynamic=False``; about as long as the first on a GPU, less with a warm kernel
+    cache); ``None`` means ``span_step``, 0 the whole cache (one compile). Each ``generate``
+    prepares only the spans its prompts can reach (``_reach``): at batch 1 a 256-token prompt
+    decoding 256 tokens with the default step (256) reaches slot 511, so ONE span (512 slots) is
+    compiled and captured, where the cache has 576 (a prompt of 248 tokens or fewer: two, 256 and 512).
     """
 
     def __init__(
@@ -186,6 +191,7 @@ class BatchGenerator:
         sync_every: int = 8,
         span_step: int | None = 256,
         eos_slots: int = 8,
+        inductor_span_step: int | None = None,
     ):
         if (drafter is None) != (chain_length == 0):
             raise ValueError("a drafter drafts chains of chain_length >= 1; without one, chain_length must be 0")
@@ -208,6 +214,7 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.sync_every = sync_every
         self.span_step = span_step
+        self.inductor_span_step = span_step if inductor_span_step is None else inductor_span_step
         self.eos_slots = eos_slots
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         mode = resolve_compile_mode(compile, self.device)
@@ -400,26 +407,52 @@ class BatchGenerator:
     # ------------------------------------------------------------------------------ graphs
 
     def _spans(self) -> list[int]:
-        # Inductor compiles one variant per span (minutes each): one span, the whole cache
-        step = self.span_step if self.span_step and self.compile != "inductor" else self.max_len
+        """Every span a step may attend: the multiples of the span step, and the whole cache."""
+        step = (self.inductor_span_step if self.compile == "inductor" else self.span_step) or self.max_len
         return sorted({min(round_up(s, step), self.max_len) for s in range(step, self.max_len + step, step)})
 
     def _span_for(self, needed: int) -> int:
         return next(s for s in self._spans() if s >= min(needed, self.max_len))
 
-    def _prepare_graphs(self, width: int) -> None:
-        """Capture the step for every span at this width (all rows idle: nothing live changes)."""
-        if self.compile == "static" or all((width, s) in self._graphs for s in self._spans()):
+    def _spans_between(self, lowest: int, highest: int) -> list[int]:
+        """The spans of steps whose live sequences need from ``lowest`` to ``highest`` slots."""
+        first, last = self._span_for(max(lowest, 1)), self._span_for(max(highest, lowest, 1))
+        return [s for s in self._spans() if first <= s <= last]
+
+    def _reach(self, lengths: list[int], max_new_tokens: int, width: int) -> tuple[int, int]:
+        """The fewest and the most slots a step of a ``generate`` call can need (``generate``'s
+        ``root position + run * (K + 1)`` over live rows): a live row has its root at position
+        ``prompt length + count - 1``, ``count <= max_new_tokens - 1``, and a window runs
+        ``run <= min(sync_every, max_new_tokens - 1)`` steps. With one row, run and count are
+        the same row's: its first window needs ``length + min(sync_every, max_new_tokens - 1) * (K + 1)``
+        slots, its last at most ``length + (max_new_tokens - 1) * (K + 1)``."""
+        k1, most = self.chain_length + 1, max_new_tokens - 1
+        lowest = min(lengths) + 1
+        highest = max(lengths) + max(most - 1, 0) + min(self.sync_every, most) * k1
+        if width == 1:
+            lowest = min(lengths) + max(min(self.sync_every, most) * k1, 1)
+            highest = min(highest, max(lengths) + most * k1)
+        return lowest, max(highest, lowest)
+
+    def _prepare_graphs(self, width: int, lowest: int = 1, highest: int | None = None) -> None:
+        """Capture the step at this width for every span that steps needing ``lowest`` to
+        ``highest`` slots (default: any) attend (all rows idle: nothing live changes).
+        Under ``inductor`` each span is one more compile (``dynamic=False`` specialises on it)."""
+        highest = self.max_len if highest is None else highest
+        if self.compile == "static" or all((width, s) in self._graphs for s in self._spans_between(lowest, highest)):
             return
         self.active.zero_()
         while True:
             try:
-                if self.compile == "inductor" and self._step_fn == self._step:
+                if self.compile == "inductor":
                     from torch import _dynamo
 
+                    # one compiled variant per (width, span): widths are powers of two up to max_batch
+                    limit = max(64, (self.max_batch.bit_length() + 1) * len(self._spans()))
                     for name in ("recompile_limit", "cache_size_limit"):
                         if hasattr(_dynamo.config, name):
-                            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
+                            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), limit))
+                if self.compile == "inductor" and self._step_fn == self._step:
                     from torch._inductor import config as inductor_config
 
                     # one attention mask for every layer's SDPA, not a copy made per layer (a
@@ -432,13 +465,13 @@ class BatchGenerator:
                         raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")
                     # off CUDA: compile only (no graphs); one idle step per span compiles it now,
                     # so that a failed compile falls back here rather than mid-generation
-                    for span in self._spans():
+                    for span in self._spans_between(lowest, highest):
                         if (width, span) not in self._graphs:
                             self.step_index.zero_()
                             self._step_fn(width, span)
                             self._graphs[(width, span)] = None
                     break
-                for span in self._spans():
+                for span in self._spans_between(lowest, highest):
                     if (width, span) not in self._graphs:
                         self._capture(width, span)
                 break
@@ -477,7 +510,10 @@ class BatchGenerator:
         if self.compile == "static" or self.device.type != "cuda":  # eager, or compiled without graphs
             self._step_fn(width, span)
         else:
-            self._graphs[(width, span)].replay()
+            graph = self._graphs.get((width, span))
+            if graph is None:  # ``generate``'s bound on the spans a call reaches was wrong
+                raise RuntimeError(f"no captured step for width {width}, span {span}")
+            graph.replay()
 
     # ------------------------------------------------------------------------------ prefill
 
@@ -555,7 +591,7 @@ class BatchGenerator:
         setup = time.perf_counter()
         self._reserve(max(len(p) for p in prompts) + max_new_tokens)
         width = min(self.max_batch, 1 << (len(prompts) - 1).bit_length())
-        self._prepare_graphs(width)
+        self._prepare_graphs(width, *self._reach([len(p) for p in prompts], max_new_tokens, width))
         self._set_eos(_eos_set(eos_token_id))
         self.active.zero_()
         self._sync()

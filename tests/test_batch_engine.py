@@ -193,19 +193,55 @@ def test_batched_autoregressive_equals_target_greedy():
 def test_inductor_step_equals_static_step_on_cpu(chain):
     """``compile="inductor"`` off CUDA runs the torch.compile'd step (no graphs): the step the GPU
     captures after compiling. Greedy AR decoding (batch 1, as the AR benchmark) and chain
-    speculation (batch 2) give the eager step's tokens and accepted lengths exactly. Inductor
-    compiles each step once (about 30 s on a cold cache), so the target is tiny."""
+    speculation (batch 2) give the eager step's tokens and accepted lengths exactly, attending
+    spans of the 64-slot caches as the graph step does, each span its own compiled variant (the
+    compile-only forms, whole-storage KV write and broadcast mask, within the span): AR crosses
+    from a 16-slot span to a 32-slot one, the chain runs in one 32-slot span (one compile: on
+    this 2-core box each costs 30-60 s on a cold cache), so the target is tiny."""
     target = TargetModel(small_llama(7, layers=2))
     prompts = _prompts(3, 3)
     drafter, batch = (tiny_drafter(target, seed=1), 2) if chain else (None, 1)
-    results = {}
+    results, spans = {}, {}
     for mode in ("static", "inductor"):
-        engine = BatchGenerator(target, drafter, chain, compile=mode, max_batch=batch, max_len=64, sync_every=4)
+        engine = BatchGenerator(target, drafter, chain, compile=mode, max_batch=batch, max_len=64,
+                                sync_every=2 if chain else 4, span_step=32 if chain else 16)
+        used = []
+        run_step = engine._run_step
+        engine._run_step = lambda width, span: (used.append(span), run_step(width, span))
         runs = [engine.generate(prompts, 12)] if batch > 1 else [engine.generate([p], 12) for p in prompts]
         assert engine.compile == mode and not engine.compile_errors, engine.compile_errors
         results[mode] = ([t for r in runs for t in r.tokens], [a for r in runs for a in r.accept_lengths])
+        spans[mode] = used
     assert results["inductor"] == results["static"]
     assert results["static"][0] == _greedy(target.model, prompts, 12)
+    assert spans["inductor"] == spans["static"] and set(spans["inductor"]) == ({32} if chain else {16, 32})
+    assert {s for _, s in engine._graphs} == set(spans["inductor"])  # compiled: the spans used, no more
+
+
+@pytest.mark.parametrize("chain", [0, 3], ids=["autoregressive", "chain"])
+def test_spans_a_call_reaches_are_prepared(chain):
+    """``generate`` prepares (on a GPU: captures; under Inductor: compiles) only the spans its
+    prompts can reach (``_reach``); every span a step then attends is one of them, at batch 1
+    (the bound uses the row's own progress) and with rows at different points of their runs."""
+    target = TargetModel(small_llama(7, layers=1))
+    drafter = tiny_drafter(target, seed=1) if chain else None
+    for batch, sync, count, new in ((1, 4, 3, 12), (1, 1, 2, 9), (4, 3, 9, 14), (2, 5, 7, 20)):
+        engine = BatchGenerator(target, drafter, chain, max_batch=batch, max_len=96, sync_every=sync, span_step=8)
+        prompts = _prompts(count, batch + new, longest=20)
+        width = min(batch, 1 << (count - 1).bit_length())
+        if batch == 1:
+            for prompt in prompts:
+                used = []
+                engine._run_step = lambda w, span: used.append(span) or BatchGenerator._run_step(engine, w, span)
+                engine.generate([prompt], new)
+                reach = engine._spans_between(*engine._reach([len(prompt)], new, width))
+                assert used and set(used) <= set(reach) and min(used) == reach[0], (prompt, used, reach)
+        else:
+            used = []
+            engine._run_step = lambda w, span: used.append(span) or BatchGenerator._run_step(engine, w, span)
+            engine.generate(prompts, new)
+            reach = engine._spans_between(*engine._reach([len(p) for p in prompts], new, width))
+            assert used and set(used) <= set(reach), (used, reach)
 
 
 def test_batched_cycles_equal_single_sequence_cycles(agreeing_pair, greedy_64):
