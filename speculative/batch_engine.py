@@ -171,8 +171,9 @@ class BatchGenerator:
     every live sequence until the next check: one graph per S (``None``: the whole cache, one
     graph). ``inductor_span_step``: the same for ``inductor``, where each S is also one more
     compile (``dynamic=False``; about as long as the first on a GPU, less with a warm kernel
-    cache); ``None`` means ``span_step``, 0 the whole cache (one compile). Each ``generate``
-    prepares only the spans its prompts can reach (``_reach``): at batch 1 a 256-token prompt
+    cache); ``None`` means ``span_step``, 0 the whole cache (one compile). Under ``inductor`` each
+    ``generate`` compiles only the spans its prompts can reach (``_reach``; ``graph`` captures every
+    span at the first call, as compiling is what costs): at batch 1 a 256-token prompt
     decoding 256 tokens with the default step (256) reaches slot 511, so ONE span (512 slots) is
     compiled and captured, where the cache has 576 (a prompt of 248 tokens or fewer: two, 256 and 512).
     """
@@ -591,7 +592,10 @@ class BatchGenerator:
         setup = time.perf_counter()
         self._reserve(max(len(p) for p in prompts) + max_new_tokens)
         width = min(self.max_batch, 1 << (len(prompts) - 1).bit_length())
-        self._prepare_graphs(width, *self._reach([len(p) for p in prompts], max_new_tokens, width))
+        # Inductor compiles only the spans this call can reach (a compile per span); CUDA graphs
+        # are captured for every span up front, so no capture ever lands inside a timed call.
+        reach = self._reach([len(p) for p in prompts], max_new_tokens, width) if self.compile == "inductor" else ()
+        self._prepare_graphs(width, *reach)
         self._set_eos(_eos_set(eos_token_id))
         self.active.zero_()
         self._sync()

@@ -220,8 +220,8 @@ def test_inductor_step_equals_static_step_on_cpu(chain):
 
 @pytest.mark.parametrize("chain", [0, 3], ids=["autoregressive", "chain"])
 def test_spans_a_call_reaches_are_prepared(chain):
-    """``generate`` prepares (on a GPU: captures; under Inductor: compiles) only the spans its
-    prompts can reach (``_reach``); every span a step then attends is one of them, at batch 1
+    """Under Inductor ``generate`` compiles only the spans its prompts can reach (``_reach``):
+    every span a step then attends is one of them (checked on the plain step), at batch 1
     (the bound uses the row's own progress) and with rows at different points of their runs."""
     target = TargetModel(small_llama(7, layers=1))
     drafter = tiny_drafter(target, seed=1) if chain else None
