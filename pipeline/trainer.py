@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from speculative.drafter import Eagle3Drafter
 from speculative.drafter_blueprint import make_blueprint
 from speculative.evaluation import evaluate_ttt, mean_metrics
 from speculative.experience import uses_reference
+from speculative.profiling import phase
 from speculative.runtime import adamw_with_schedule, pick_device, seed_everything, target_dtype
 from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target, verifier_id
 
@@ -95,6 +97,26 @@ class NonFiniteGuard:
 
 
 @dataclass
+class TrainState:
+    """What a training step reads and advances (``Trainer.start`` builds it, ``Trainer.train_step``
+    steps it). ``step``, ``cursor`` (the next batch of ``order``) and the optimizer, schedule and
+    ``nonfinite`` count are checkpointed; ``tokens`` counts the real tokens this process stepped."""
+
+    drafter: Eagle3Drafter
+    reference: Eagle3Drafter | None  # GTO's frozen reference drafter
+    worker: TargetWorker
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train: Any  # the training dataset
+    order: BatchOrder
+    pad_id: int
+    nonfinite: NonFiniteGuard
+    step: int = 0
+    cursor: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class RunResult:
     output_dir: Path
     drafter_dir: Path
@@ -154,6 +176,35 @@ class Trainer:
             reference = copy.deepcopy(drafter)
         return reference.float().to(self.device).eval().requires_grad_(False)
 
+    def start(self, target: TargetModel, tokenizer, train, checkpoint: Path | None = None) -> TrainState:
+        """The drafter (``checkpoint``'s, else a new one), its optimizer, schedule and batch order, at
+        step 0 or where ``checkpoint`` stopped (its optimizer, schedule, cursor, skip count and RNG)."""
+        cfg, train_cfg = self.config, self.config.training
+        if checkpoint is not None:
+            drafter = load_drafter(checkpoint / "drafter", target.embed_tokens.weight.float())
+        else:
+            drafter = self._new_drafter(target, train)
+        drafter.to(self.device)
+        drafter.ttt_attention = train_cfg.attention
+        reference = self._reference(drafter, target, checkpoint)
+        worker = TargetWorker(target, drafter.draft_to_target)
+        optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)
+        state = TrainState(
+            drafter, reference, worker, optimizer, scheduler, train,
+            order=BatchOrder(len(train), train_cfg.batch_size, cfg.seed,
+                             lengths=train.lengths if train_cfg.group_by_length else None),
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            nonfinite=NonFiniteGuard(train_cfg.max_nonfinite),
+        )
+        if checkpoint is not None:
+            saved = load_state(checkpoint)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state.step, state.cursor = saved["step"], saved["cursor"]
+            state.nonfinite.skipped = int(saved.get("skipped_nonfinite", 0))
+            set_rng_state(saved["rng"])
+        return state
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg, train_cfg = self.config, self.config.training
@@ -165,36 +216,17 @@ class Trainer:
         (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
         print(f"[draftrl] data: {len(train)} train / {len(evaluation)} eval samples; {stats}", flush=True)
 
+        state = self.start(target, tokenizer, train, checkpoint)
         if checkpoint is not None:
-            drafter = load_drafter(checkpoint / "drafter", target.embed_tokens.weight.float())
-        else:
-            drafter = self._new_drafter(target, train)
-        drafter.to(self.device)
-        drafter.ttt_attention = train_cfg.attention
-        reference = self._reference(drafter, target, checkpoint)
-        worker = TargetWorker(target, drafter.draft_to_target)
-        optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)
-        order = BatchOrder(len(train), train_cfg.batch_size, cfg.seed,
-                           lengths=train.lengths if train_cfg.group_by_length else None)
-        step, cursor = 0, 0
-        nonfinite = NonFiniteGuard(train_cfg.max_nonfinite)
-        if checkpoint is not None:
-            state = load_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, cursor = state["step"], state["cursor"]
-            nonfinite.skipped = int(state.get("skipped_nonfinite", 0))
-            set_rng_state(state["rng"])
-            print(f"[draftrl] resumed from {checkpoint} at step {step}", flush=True)
+            print(f"[draftrl] resumed from {checkpoint} at step {state.step}", flush=True)
+        step, drafter, worker, pad_id = state.step, state.drafter, state.worker, state.pad_id
 
         log = MetricsLog(self.out, cfg.tracking, cfg.name, cfg.model_dump(mode="json"))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         window: list[dict[str, float]] = []
         train_metrics: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         bar = tqdm(total=train_cfg.max_steps, initial=step, desc=train_cfg.objective, dynamic_ncols=True)
-        started, tokens = time.time(), 0
+        started = time.time()
         stop_at = train_cfg.max_steps
         if self.steps_this_run is not None:
             stop_at = min(stop_at, step + self.steps_this_run)
@@ -202,60 +234,18 @@ class Trainer:
             eval_metrics = self.evaluate(drafter, worker, evaluation, pad_id)
             log.log(0, "eval", eval_metrics)
         while step < stop_at:
-            drafter.train()
-            optimizer.zero_grad(set_to_none=True)
-            step_metrics: list[dict[str, float]] = []
-            refresh = cfg.gto.reference_refresh_every
-            if reference is not None and refresh and step > 0 and step % refresh == 0:
-                reference.load_state_dict(drafter.state_dict())
-            # opd.rollout_per_update: the whole update's prompts in one batched rollout, split
-            # into the grad_accum micro-batches the backward passes take.
-            shared = None
-            if train_cfg.objective == "opd" and cfg.opd.rollout_per_update and train_cfg.grad_accum > 1:
-                from actors.opd_rollout import split_experience
-
-                merged = collate([train[i] for c in range(cursor, cursor + train_cfg.grad_accum)
-                                  for i in order.indices(c)], pad_id)
-                shared = split_experience(worker.make_experience(
-                    cfg, merged, drafter, reference, drafter_version=step,
-                    seed=cfg.seed * 1_000_003 + cursor,
-                ), train_cfg.grad_accum)
-            for micro in range(train_cfg.grad_accum):
-                if shared is not None:
-                    experience = shared[micro]
-                else:
-                    batch = collate([train[i] for i in order.indices(cursor)], pad_id)
-                    # Rollouts run the drafter in fp32, outside autocast: CUDA-graph capture and
-                    # autocast's weight cache do not mix, and the drafter is small.
-                    experience = worker.make_experience(
-                        cfg, batch, drafter, reference, drafter_version=step,
-                        seed=cfg.seed * 1_000_003 + cursor,
-                    )
-                cursor += 1
-                tokens += experience.num_tokens
-                with autocast:
-                    loss, metrics = objective_loss(drafter, experience, cfg)
-                if nonfinite.skip(loss, f"step {step} batch {cursor - 1}: loss"):
-                    continue  # this batch contributes nothing
-                (loss / train_cfg.grad_accum).backward()
-                step_metrics.append(metrics)
-            grad_norm = torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), train_cfg.grad_clip)
-            if not step_metrics or nonfinite.skip(grad_norm, f"step {step}: gradient norm"):
+            merged = self.train_step(state)
+            if merged is None:
                 continue  # no update: the same step is tried again on the next batches
-            optimizer.step()
-            scheduler.step()
-            step += 1
+            step = state.step
             if self.minutes_this_run is not None and time.time() - started > 60 * self.minutes_this_run:
                 stop_at = step  # out of time: checkpoint and export below
-            merged = mean_metrics(step_metrics)
-            merged.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
-                          skipped_nonfinite=float(nonfinite.skipped))
             window.append(merged)
             bar.update(1)
             bar.set_postfix(_postfix(merged))
             if step % train_cfg.log_every == 0 or step == stop_at:
                 train_metrics = mean_metrics(window)
-                train_metrics["tokens_per_s"] = tokens / max(1e-9, time.time() - started)
+                train_metrics["tokens_per_s"] = state.tokens / max(1e-9, time.time() - started)
                 log.log(step, "train", train_metrics)
                 window = []
             if step % train_cfg.eval_every == 0 or step == stop_at:
@@ -267,10 +257,10 @@ class Trainer:
                     f"accept-length proxy {eval_metrics['accept_length_proxy']:.3f}"
                 )
             if step % train_cfg.save_every == 0 or step == stop_at:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor,
-                         "skipped_nonfinite": nonfinite.skipped}
-                extra = {"reference": reference} if reference is not None else {}
-                save_checkpoint(self.out / "checkpoints", step, drafter, state, train_cfg.keep_checkpoints, extra)
+                saved = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                         "cursor": state.cursor, "skipped_nonfinite": state.nonfinite.skipped}
+                extra = {"reference": state.reference} if state.reference is not None else {}
+                save_checkpoint(self.out / "checkpoints", step, drafter, saved, train_cfg.keep_checkpoints, extra)
         bar.close()
         log.close()
 
@@ -284,6 +274,67 @@ class Trainer:
             export_drafter(drafter_dir, self.out / f"drafter_{fmt}", fmt, speculative_tokens=train_cfg.ttt_steps)
         plot_curves(log.path, self.out / "curves.png", train_cfg.ttt_steps)
         return RunResult(self.out, drafter_dir, step, train_metrics, eval_metrics)
+
+    def train_step(self, state: TrainState) -> dict[str, float] | None:
+        """One update: ``grad_accum`` micro-batches (experience, loss, backward), gradient clipping,
+        optimizer and schedule. Returns its metrics, or None when non-finite losses/gradients left
+        nothing to apply (``state.step`` stays: the next call tries the step on the next batches).
+
+        ``bench/sft_profile.py`` profiles this very step: the ``phase`` ranges (``SFT_PHASES``) are
+        no-ops unless a profile records."""
+        cfg, train_cfg = self.config, self.config.training
+        drafter, reference, worker, nonfinite = state.drafter, state.reference, state.worker, state.nonfinite
+        drafter.train()
+        state.optimizer.zero_grad(set_to_none=True)
+        step_metrics: list[dict[str, float]] = []
+        refresh = cfg.gto.reference_refresh_every
+        if reference is not None and refresh and state.step > 0 and state.step % refresh == 0:
+            reference.load_state_dict(drafter.state_dict())
+        # opd.rollout_per_update: the whole update's prompts in one batched rollout, split
+        # into the grad_accum micro-batches the backward passes take.
+        shared = None
+        if train_cfg.objective == "opd" and cfg.opd.rollout_per_update and train_cfg.grad_accum > 1:
+            from actors.opd_rollout import split_experience
+
+            merged = collate([state.train[i] for c in range(state.cursor, state.cursor + train_cfg.grad_accum)
+                              for i in state.order.indices(c)], state.pad_id)
+            shared = split_experience(worker.make_experience(
+                cfg, merged, drafter, reference, drafter_version=state.step,
+                seed=cfg.seed * 1_000_003 + state.cursor,
+            ), train_cfg.grad_accum)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        for micro in range(train_cfg.grad_accum):
+            if shared is not None:
+                experience = shared[micro]
+            else:
+                with phase("sft/collate"):
+                    batch = collate([state.train[i] for i in state.order.indices(state.cursor)], state.pad_id)
+                # Rollouts run the drafter in fp32, outside autocast: CUDA-graph capture and
+                # autocast's weight cache do not mix, and the drafter is small.
+                experience = worker.make_experience(
+                    cfg, batch, drafter, reference, drafter_version=state.step,
+                    seed=cfg.seed * 1_000_003 + state.cursor,
+                )
+            state.cursor += 1
+            state.tokens += experience.num_tokens
+            with phase("sft/ttt_forward"), autocast:
+                loss, metrics = objective_loss(drafter, experience, cfg)
+            with phase("sft/backward"):
+                if nonfinite.skip(loss, f"step {state.step} batch {state.cursor - 1}: loss"):
+                    continue  # this batch contributes nothing
+                (loss / train_cfg.grad_accum).backward()
+            step_metrics.append(metrics)
+        with phase("sft/optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), train_cfg.grad_clip)
+            if not step_metrics or nonfinite.skip(grad_norm, f"step {state.step}: gradient norm"):
+                return None
+            state.optimizer.step()
+            state.scheduler.step()
+        state.step += 1
+        merged = mean_metrics(step_metrics)
+        merged.update(grad_norm=float(grad_norm), lr=state.scheduler.get_last_lr()[0],
+                      skipped_nonfinite=float(nonfinite.skipped))
+        return merged
 
     def evaluate_directory(self, drafter_dir: Path) -> dict[str, float]:
         """Held-out TTT metrics of a saved drafter on this config's eval split."""
