@@ -1,10 +1,10 @@
 """Where an SFT step's time goes: ``python bench/sft_profile.py --config CFG --steps N --out DIR``.
 
-Builds what ``pipeline.trainer.Trainer.run`` builds for an SFT run (target, data, a fresh drafter
-or ``drafter.init_from``, AdamW + schedule, the batch order) and runs the trainer's SFT step
-(``sft_step`` below: collate, ``TargetWorker.sft_experience``, ``objective_loss`` under bf16
-autocast on CUDA, backward, gradient clipping, optimizer and scheduler; the non-finite checks
-and metrics the trainer reads too, so its host synchronisations are the trainer's):
+Builds what ``pipeline.trainer.Trainer.run`` builds for an SFT run (``Trainer.start``: target, data,
+a fresh drafter or ``drafter.init_from``, AdamW + schedule, the batch order) and runs the trainer's
+own step, ``Trainer.train_step`` (collate, ``TargetWorker.sft_experience``, ``objective_loss`` under
+bf16 autocast on CUDA, the non-finite checks, backward, gradient clipping, optimizer and scheduler,
+its metrics: the code and host synchronisations ``Trainer.run`` steps with):
 
 1. ``--warmup`` steps, untimed (allocator growth, cuBLAS/kernel selection);
 2. ``--steps`` *clean* steps: device synchronise, ``perf_counter``, the steps, synchronise;
@@ -33,17 +33,16 @@ from typing import Any
 
 import torch
 
-from speculative.profiling import SFT_PHASES, PhaseRecorder, phase, range_table, recording, top_ops, wall_table
+from speculative.profiling import SFT_PHASES, PhaseRecorder, range_table, recording, top_ops, wall_table
 
 
 class SFTSession:
-    """The trainer's SFT state, built as ``Trainer.run`` builds it, stepped by ``sft_step``."""
+    """The trainer's SFT state, built by ``Trainer.start`` as ``Trainer.run`` builds it, stepped by
+    ``sft_step`` (``Trainer.train_step``)."""
 
     def __init__(self, config):
-        from actors.target_worker import TargetWorker
         from pipeline.trainer import Trainer
-        from speculative.data.batches import BatchOrder
-        from speculative.runtime import adamw_with_schedule, seed_everything
+        from speculative.runtime import seed_everything
 
         if config.training.objective != "sft":
             raise SystemExit(f"sft_profile profiles SFT steps; the config's objective is {config.training.objective!r}")
@@ -51,22 +50,24 @@ class SFTSession:
             print(f"[sft_profile] training.grad_accum = {config.training.grad_accum}: a step is that many "
                   "micro-batches", file=sys.stderr)
         self.config = config
-        trainer = Trainer(config)
-        self.device = trainer.device
+        self.trainer = Trainer(config)
+        self.device = self.trainer.device
         seed_everything(config.seed)
-        target, tokenizer = trainer._load_target()
-        self.train, _, _ = trainer._load_data(tokenizer)
-        self.drafter = trainer._new_drafter(target, self.train).to(self.device)  # drafter.init_from applies
-        self.drafter.ttt_attention = config.training.attention
-        self.worker = TargetWorker(target, self.drafter.draft_to_target)
-        self.optimizer, self.scheduler = adamw_with_schedule(self.drafter.trainable_parameters(), config.training)
-        self.order = BatchOrder(len(self.train), config.training.batch_size, config.seed,
-                                lengths=self.train.lengths if config.training.group_by_length else None)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.cursor = 0
-        self.step = 0
-        self.tokens = 0  # real (attention-mask) tokens of the batches stepped
-        self.slots = 0  # batch slots (B x T) of the batches stepped, padding included
+        target, tokenizer = self.trainer._load_target()
+        train, _, _ = self.trainer._load_data(tokenizer)
+        self.state = self.trainer.start(target, tokenizer, train)  # drafter.init_from applies
+        self.drafter, self.optimizer = self.state.drafter, self.state.optimizer
+
+    @property
+    def tokens(self) -> int:
+        """Real (attention-mask) tokens of the batches stepped."""
+        return self.state.tokens
+
+    def slots(self, start: int, stop: int) -> int:
+        """Batch slots (B x T, padding included) of the batches at cursors ``start`` to ``stop``."""
+        train, order = self.state.train, self.state.order
+        return sum(len(rows) * max(len(train[i]["input_ids"]) for i in rows)
+                   for rows in (order.indices(c) for c in range(start, stop)))
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -74,37 +75,9 @@ class SFTSession:
 
 
 def sft_step(session: SFTSession) -> dict[str, float]:
-    """One optimizer step of ``Trainer.run`` for ``objective: sft`` (no eval, logging or checkpoints)."""
-    from learners.objectives import objective_loss
-    from speculative.data import collate
-
-    cfg, train_cfg = session.config, session.config.training
-    drafter, optimizer = session.drafter, session.optimizer
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=session.device.type == "cuda")
-    drafter.train()
-    optimizer.zero_grad(set_to_none=True)
-    metrics: dict[str, float] = {}
-    for _ in range(train_cfg.grad_accum):
-        with phase("sft/collate"):
-            batch = collate([session.train[i] for i in session.order.indices(session.cursor)], session.pad_id)
-        experience = session.worker.make_experience(cfg, batch, drafter_version=session.step)
-        session.cursor += 1
-        session.tokens += experience.num_tokens
-        session.slots += experience.input_ids.numel()
-        with phase("sft/ttt_forward"), autocast:
-            loss, metrics = objective_loss(drafter, experience, cfg)
-        with phase("sft/backward"):
-            if not bool(torch.isfinite(loss).all()):  # the trainer's NonFiniteGuard check
-                continue
-            (loss / train_cfg.grad_accum).backward()
-    with phase("sft/optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), train_cfg.grad_clip)
-        if bool(torch.isfinite(grad_norm).all()):
-            optimizer.step()
-            session.scheduler.step()
-        metrics = {**metrics, "grad_norm": float(grad_norm)}
-    session.step += 1
-    return metrics
+    """One ``Trainer.train_step`` (no eval, logging or checkpoints); {} when non-finite values
+    skipped the update (the trainer's ``NonFiniteGuard`` counts it, and stops past the limit)."""
+    return session.trainer.train_step(session.state) or {}
 
 
 def _profiler(device: torch.device):
@@ -126,13 +99,14 @@ def profile_sft(session: SFTSession, steps: int, warmup: int, trace: Path | None
     if on_device:
         torch.cuda.reset_peak_memory_stats(session.device)
     session.synchronize()
-    tokens, slots = session.tokens, session.slots
+    tokens, cursor = session.tokens, session.state.cursor
+    metrics: dict[str, float] = {}
     started = time.perf_counter()
     for _ in range(steps):
-        metrics = sft_step(session)
+        metrics = sft_step(session) or metrics
     session.synchronize()
     clean_ms = 1000 * (time.perf_counter() - started) / steps
-    clean_tokens, clean_slots = session.tokens - tokens, session.slots - slots
+    clean_tokens, clean_slots = session.tokens - tokens, session.slots(cursor, session.state.cursor)
 
     recorder = PhaseRecorder(session.device)
     with _profiler(session.device) as prof, recording(recorder):
