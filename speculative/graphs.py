@@ -222,6 +222,12 @@ class StaticDecoder:
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
             self.verify_aux = torch.zeros(1, self.chunk_len, aux_width, dtype=fast.dtype, device=self.device)
+            # constants of the verification chunk, built once: slot offsets 0 .. N, and the chunk's
+            # tree mask [1, 1 + N, 1 + N] whose root row and column never change (each cycle
+            # writes only the nodes' ancestor block, one kernel instead of four)
+            self._chunk_offsets = torch.arange(self.chunk_len, **long)
+            self._chunk_mask = torch.zeros(1, self.chunk_len, self.chunk_len, dtype=torch.bool, device=self.device)
+            self._chunk_mask[:, :, 0] = True
             # Pipelined cycles: each cycle's outcome is copied (asynchronously on GPU) into one of two
             # host buffers, so the next cycle can overwrite ``accept_result`` before the host reads.
             pinned = self.device.type == "cuda"
@@ -314,10 +320,11 @@ class StaticDecoder:
         self.trees_ok.logical_and_(closed)
         length = self.chunk_len
         chunk = torch.cat([self.token, tree.tokens], 1)
-        slots = self.pos[:, None] + torch.arange(length, device=self.device)  # [1, T]
+        slots = self.pos[:, None] + self._chunk_offsets  # [1, T]
         # the target attends over slots [0, span) only: the prefix, then the chunk (span >= pos + T)
         mask = self._context[:, None, :span].expand(1, length, span).contiguous()
-        mask.scatter_(2, slots[:, None, :].expand(1, length, length), tree.chunk_mask())
+        self._chunk_mask[:, 1:, 1:].copy_(tree.mask)  # == tree.chunk_mask()
+        mask.scatter_(2, slots[:, None, :].expand(1, length, length), self._chunk_mask)
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
         self.verify_aux.copy_(out.aux_hidden)
         if greedy:
