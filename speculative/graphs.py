@@ -307,7 +307,9 @@ class StaticDecoder:
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
         return self.draft(ids, hidden, positions, self.dcache)
 
-    def _draft_verify_step(self, span: int, greedy: bool = False):
+    def _draft_verify_step(self, span: int, greedy: bool = False, aux_out: list | None = None):
+        """``aux_out`` (a list): the verification's aux hidden states are appended to it instead of
+        copied into ``verify_aux`` (a whole cycle's catch-up reads them in the same graph)."""
         if isinstance(self.draft, FusedDrafter):  # the context, and no tree entries yet
             context = self._cols_ext[None] < self.pos[:, None]  # [1, max_len + scratch]
             self._bias_where(context[:, None, None, None], self._level_bias)
@@ -326,7 +328,10 @@ class StaticDecoder:
         self._chunk_mask[:, 1:, 1:].copy_(tree.mask)  # == tree.chunk_mask()
         mask.scatter_(2, slots[:, None, :].expand(1, length, length), self._chunk_mask)
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
-        self.verify_aux.copy_(out.aux_hidden)
+        if aux_out is None:
+            self.verify_aux.copy_(out.aux_hidden)
+        else:
+            aux_out.append(out.aux_hidden)
         if greedy:
             self._accept_on_device(tree, out.logits)
         return tree, out.logits
@@ -351,8 +356,9 @@ class StaticDecoder:
         torch.add(path, 1, out=self.catch_up_all[1, 1:])  # verification rows (row 0: the root's, 0)
         torch.add(path, self.pos + 1, out=self.catch_up_all[2, :depth])  # the accepted entries' slots
 
-    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None) -> None:
-        """``root_row`` (``[1]``, on the device): the row that is the next root (default the last)."""
+    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> None:
+        """``root_row`` (``[1]``, on the device): the row that is the next root (default the last);
+        ``aux``: the verification's aux hidden states (default ``verify_aux``)."""
         inputs = self.catch_up_inputs[m]
         if m > 1:  # accepted nodes behind the root in the target cache
             self.cache.compact(inputs[2:3, : m - 1], self.pos + 1)
@@ -368,7 +374,7 @@ class StaticDecoder:
             context = self.cols[None, None, :] <= (self.pos[:, None, None] + offsets[None, :, None])
             unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
             self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
-        hidden = self.drafter.fuse_target_hidden(self.verify_aux[:, inputs[1]])
+        hidden = self.drafter.fuse_target_hidden((self.verify_aux if aux is None else aux)[:, inputs[1]])
         logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
         if root_row is None:
             self.root_logits.copy_(logits[:, -1])
@@ -382,9 +388,10 @@ class StaticDecoder:
         acceptance (``accept_result``), the catch-up over all ``depth + 1`` columns with the next
         root at column ``count``, then the root token and position advanced to the bonus token and
         ``pos + count + 1``."""
-        self._draft_verify_step(span, greedy=True)
+        aux = []
+        self._draft_verify_step(span, greedy=True, aux_out=aux)
         count = self.accept_result[:1]
-        self._catch_up_step(self.tree_config.depth + 1, root_row=count)
+        self._catch_up_step(self.tree_config.depth + 1, root_row=count, aux=aux[0])
         self.pos.add_(count + 1)
         self.token.view(-1).copy_(self.accept_result[1:2])
 
