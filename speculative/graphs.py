@@ -213,6 +213,7 @@ class StaticDecoder:
             depth = self.tree_config.depth
             self.catch_up_all = torch.zeros(3, depth + 1, **long)
             self.catch_up_inputs = {m: self.catch_up_all[:, :m] for m in range(1, depth + 2)}
+            self._catch_up_offsets = torch.arange(1, depth + 2, **long)  # column i's position: pos + 1 + i
             # The greedy outcome, computed in the graph (``greedy=True``) and copied to the host in
             # one transfer: [accepted count, bonus token, path nodes (depth), path tokens (depth)]
             self.accept_result = torch.zeros(2 + 2 * depth, **long)
@@ -360,18 +361,18 @@ class StaticDecoder:
         """``root_row`` (``[1]``, on the device): the row that is the next root (default the last);
         ``aux``: the verification's aux hidden states (default ``verify_aux``)."""
         inputs = self.catch_up_inputs[m]
-        if m > 1:  # accepted nodes behind the root in the target cache
-            self.cache.compact(inputs[2:3, : m - 1], self.pos + 1)
-        offsets = torch.arange(m, device=self.device)
-        positions = self.pos[:, None] + 1 + offsets  # [1, m]
+        positions = self.pos[:, None] + self._catch_up_offsets[:m]  # [1, m]
+        if m > 1:  # accepted nodes behind the root in the target cache, to slots pos + 1 ..
+            storage = self.cache.storage  # [2, layers, 1, kv_heads, S, d]; the sources gathered first
+            storage[:, :, 0, :, positions[0, : m - 1]] = storage[:, :, 0, :, inputs[2, : m - 1]]
         if isinstance(self.draft, FusedDrafter):
-            context = self._cols_ext[None, :] <= positions[0, :, None] - 1  # [m, max_len + scratch]
+            context = self._cols_ext[None, :] < positions[0, :, None]  # slots <= position - 1, [m, max_len + scratch]
             slots = context.shape[-1]
             bias = self._catch_up_bias[: self.draft.groups * m * slots].view(1, 1, self.draft.groups, m, slots)
             self._bias_where(context[None, None, None], bias)
             self.dcache.prepare(positions[0] - 1, None, bias.view(1, 1, -1, slots))
         else:
-            context = self.cols[None, None, :] <= (self.pos[:, None, None] + offsets[None, :, None])
+            context = self.cols[None, None, :] < positions[:, :, None]
             unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
             self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
         hidden = self.drafter.fuse_target_hidden((self.verify_aux if aux is None else aux)[:, inputs[1]])
