@@ -357,9 +357,11 @@ class StaticDecoder:
         torch.add(path, 1, out=self.catch_up_all[1, 1:])  # verification rows (row 0: the root's, 0)
         torch.add(path, self.pos + 1, out=self.catch_up_all[2, :depth])  # the accepted entries' slots
 
-    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> None:
+    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None,
+                       aux: torch.Tensor | None = None) -> torch.Tensor:
         """``root_row`` (``[1]``, on the device): the row that is the next root (default the last);
-        ``aux``: the verification's aux hidden states (default ``verify_aux``)."""
+        ``aux``: the verification's aux hidden states (default ``verify_aux``). Returns the
+        columns' positions ``pos + 1 + i`` ``[1, m]``."""
         inputs = self.catch_up_inputs[m]
         positions = self.pos[:, None] + self._catch_up_offsets[:m]  # [1, m]
         if m > 1:  # accepted nodes behind the root in the target cache, to slots pos + 1 ..
@@ -383,6 +385,7 @@ class StaticDecoder:
         else:
             torch.index_select(logits[0], 0, root_row, out=self.root_logits)
             torch.index_select(prenorm[0], 0, root_row, out=self.root_hidden)
+        return positions
 
     def _cycle_step(self, span: int) -> None:
         """A whole cycle on the device (T = 0, or T > 0 with ``sampling``): draft + verify +
@@ -392,8 +395,8 @@ class StaticDecoder:
         aux = []
         self._draft_verify_step(span, greedy=True, aux_out=aux)
         count = self.accept_result[:1]
-        self._catch_up_step(self.tree_config.depth + 1, root_row=count, aux=aux[0])
-        self.pos.add_(count + 1)
+        positions = self._catch_up_step(self.tree_config.depth + 1, root_row=count, aux=aux[0])
+        torch.index_select(positions[0], 0, count, out=self.pos)  # pos + count + 1
         self.token.view(-1).copy_(self.accept_result[1:2])
 
     # ---------------------------------------------------------------- capture / run
