@@ -229,6 +229,9 @@ class StaticDecoder:
             self._chunk_offsets = torch.arange(self.chunk_len, **long)
             self._chunk_mask = torch.zeros(1, self.chunk_len, self.chunk_len, dtype=torch.bool, device=self.device)
             self._chunk_mask[:, :, 0] = True
+            # the acceptance's constants: node rows 1 .. N, and which node index precedes which
+            self._node_rows = self._chunk_offsets[1:]
+            self._earlier_index = self._node_rows[None, :] < self._node_rows[:, None]
             # Pipelined cycles: each cycle's outcome is copied (asynchronously on GPU) into one of two
             # host buffers, so the next cycle can overwrite ``accept_result`` before the host reads.
             pinned = self.device.type == "cuda"
@@ -346,9 +349,10 @@ class StaticDecoder:
         depth = self.tree_config.depth
         if self.sampling:
             count, path, bonus = stochastic_accept_on_device(tree, logits, depth, self.temperature,
-                                                             uniforms=self.uniforms)
-        else:
-            count, path, bonus = greedy_accept_on_device(tree, logits, depth)  # [1], [1, depth], [1]
+                                                             uniforms=self.uniforms, node_rows=self._node_rows,
+                                                             earlier_index=self._earlier_index)
+        else:  # [1], [1, depth], [1]
+            count, path, bonus = greedy_accept_on_device(tree, logits, depth, node_rows=self._node_rows)
         path = path[0]
         tokens = self.catch_up_all[0, :depth]
         torch.index_select(tree.tokens[0], 0, path, out=tokens)  # the accepted tokens
