@@ -358,8 +358,9 @@ class StaticDecoder:
         torch.index_select(tree.tokens[0], 0, path, out=tokens)  # the accepted tokens
         torch.cat([count, bonus, path, tokens], out=self.accept_result)
         self.catch_up_all[0].index_copy_(0, count, bonus)  # then the bonus token, at column count
-        torch.add(path, 1, out=self.catch_up_all[1, 1:])  # verification rows (row 0: the root's, 0)
-        torch.add(path, self.pos + 1, out=self.catch_up_all[2, :depth])  # the accepted entries' slots
+        rows = self.catch_up_all[1, 1:]
+        torch.add(path, 1, out=rows)  # verification rows (row 0: the root's, 0)
+        torch.add(rows, self.pos, out=self.catch_up_all[2, :depth])  # the accepted entries' slots, pos + 1 + node
 
     def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None,
                        aux: torch.Tensor | None = None) -> torch.Tensor:
