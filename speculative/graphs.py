@@ -213,7 +213,8 @@ class StaticDecoder:
             depth = self.tree_config.depth
             self.catch_up_all = torch.zeros(3, depth + 1, **long)
             self.catch_up_inputs = {m: self.catch_up_all[:, :m] for m in range(1, depth + 2)}
-            self._catch_up_offsets = torch.arange(1, depth + 2, **long)  # column i's position: pos + 1 + i
+            # pos + these: column i's drafter slot (pos + i, element i) and position (pos + 1 + i, element i + 1)
+            self._catch_up_offsets = torch.arange(depth + 2, **long)
             # The greedy outcome, computed in the graph (``greedy=True``) and copied to the host in
             # one transfer: [accepted count, bonus token, path nodes (depth), path tokens (depth)]
             self.accept_result = torch.zeros(2 + 2 * depth, **long)
@@ -368,20 +369,21 @@ class StaticDecoder:
         ``aux``: the verification's aux hidden states (default ``verify_aux``). Returns the
         columns' positions ``pos + 1 + i`` ``[1, m]``."""
         inputs = self.catch_up_inputs[m]
-        positions = self.pos[:, None] + self._catch_up_offsets[:m]  # [1, m]
+        slots_and_positions = self.pos[:, None] + self._catch_up_offsets[: m + 1]  # [1, m + 1], one kernel
+        positions, slots = slots_and_positions[:, 1:], slots_and_positions[0, :m]  # [1, m], [m] (== positions - 1)
         if m > 1:  # accepted nodes behind the root in the target cache, to slots pos + 1 ..
             storage = self.cache.storage  # [2, layers, 1, kv_heads, S, d]; the sources gathered first
             storage[:, :, 0, :, positions[0, : m - 1]] = storage[:, :, 0, :, inputs[2, : m - 1]]
         if isinstance(self.draft, FusedDrafter):
             context = self._cols_ext[None, :] < positions[0, :, None]  # slots <= position - 1, [m, max_len + scratch]
-            slots = context.shape[-1]
-            bias = self._catch_up_bias[: self.draft.groups * m * slots].view(1, 1, self.draft.groups, m, slots)
+            width = context.shape[-1]
+            bias = self._catch_up_bias[: self.draft.groups * m * width].view(1, 1, self.draft.groups, m, width)
             self._bias_where(context[None, None, None], bias)
-            self.dcache.prepare(positions[0] - 1, None, bias.view(1, 1, -1, slots))
+            self.dcache.prepare(slots, None, bias.view(1, 1, -1, width))
         else:
             context = self.cols[None, None, :] < positions[:, :, None]
             unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
-            self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
+            self.dcache.prepare(slots, torch.cat([context, unused], -1))
         hidden = self.drafter.fuse_target_hidden((self.verify_aux if aux is None else aux)[:, inputs[1]])
         logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
         if root_row is None:
