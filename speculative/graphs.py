@@ -224,12 +224,13 @@ class StaticDecoder:
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
             self.verify_aux = torch.zeros(1, self.chunk_len, aux_width, dtype=fast.dtype, device=self.device)
-            # constants of the verification chunk, built once: slot offsets 0 .. N, and the chunk's
-            # tree mask [1, 1 + N, 1 + N] whose root row and column never change (each cycle
-            # writes only the nodes' ancestor block, one kernel instead of four)
+            # the verification chunk's slot offsets 0 .. N, built once
             self._chunk_offsets = torch.arange(self.chunk_len, **long)
-            self._chunk_mask = torch.zeros(1, self.chunk_len, self.chunk_len, dtype=torch.bool, device=self.device)
-            self._chunk_mask[:, :, 0] = True
+            # slot indices shifted by one (element i holds i - 1): ``< pos`` gives the target's
+            # prefix-and-root mask (elements 0 .. span - 1) and the drafter's context (elements 1 ..)
+            # in one comparison
+            slot_cols = self._cols_ext if isinstance(self.draft, FusedDrafter) else self.cols
+            self._cols_shifted = torch.cat([slot_cols.new_full((1,), -1), slot_cols])
             # the acceptance's constants: node rows 1 .. N, and which node index precedes which
             self._node_rows = self._chunk_offsets[1:]
             self._earlier_index = self._node_rows[None, :] < self._node_rows[:, None]
@@ -315,12 +316,11 @@ class StaticDecoder:
     def _draft_verify_step(self, span: int, greedy: bool = False, aux_out: list | None = None):
         """``aux_out`` (a list): the verification's aux hidden states are appended to it instead of
         copied into ``verify_aux`` (a whole cycle's catch-up reads them in the same graph)."""
+        upto_root = self._cols_shifted[None] < self.pos[:, None]  # element s: slot s <= pos
+        context = upto_root[:, 1:]  # slots < pos: the accepted prefix, the drafter's context
         if isinstance(self.draft, FusedDrafter):  # the context, and no tree entries yet
-            context = self._cols_ext[None] < self.pos[:, None]  # [1, max_len + scratch]
-            self._bias_where(context[:, None, None, None], self._level_bias)
-            self._context = context[:, : self.max_len]  # [1, max_len]: the accepted prefix
-        else:
-            self._context = self.cols[None] < self.pos[:, None]  # [1, max_len]: the accepted prefix
+            self._bias_where(context[:, None, None, None], self._level_bias)  # [1, max_len + scratch]
+        self._context = context[:, : self.max_len]  # [1, max_len]: the accepted prefix
         tree, closed = grow_draft_tree(  # at T = 0 the graph reads the tree's shape and tokens only
             self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config, details=not greedy
         )
@@ -329,9 +329,9 @@ class StaticDecoder:
         chunk = torch.cat([self.token, tree.tokens], 1)
         slots = self.pos[:, None] + self._chunk_offsets  # [1, T]
         # the target attends over slots [0, span) only: the prefix, then the chunk (span >= pos + T)
-        mask = self._context[:, None, :span].expand(1, length, span).contiguous()
-        self._chunk_mask[:, 1:, 1:].copy_(tree.mask)  # == tree.chunk_mask()
-        mask.scatter_(2, slots[:, None, :].expand(1, length, length), self._chunk_mask)
+        # (``tree.chunk_mask()`` within the chunk: every row sees the root, the root row only it)
+        mask = upto_root[:, None, :span].expand(1, length, span).contiguous()  # the prefix and the root
+        mask[:, 1:].scatter_(2, slots[:, None, 1:].expand(1, length - 1, length - 1), tree.mask)  # the nodes
         out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
         if aux_out is None:
             self.verify_aux.copy_(out.aux_hidden)
