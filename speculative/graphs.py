@@ -224,8 +224,11 @@ class StaticDecoder:
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
             self.verify_aux = torch.zeros(1, self.chunk_len, aux_width, dtype=fast.dtype, device=self.device)
-            # the verification chunk's slot offsets 0 .. N, built once
-            self._chunk_offsets = torch.arange(self.chunk_len, **long)
+            # pos + these: the verification chunk's slots (row 0: offsets 0 .. N, built once) and
+            # positions (row 1: 0, then the nodes' depths, written each cycle), in one add
+            self._chunk_offsets_all = torch.zeros(2, self.chunk_len, **long)
+            self._chunk_offsets_all[0] = torch.arange(self.chunk_len, **long)
+            self._chunk_offsets = self._chunk_offsets_all[0]
             # slot indices shifted by one (element i holds i - 1): ``< pos`` gives the target's
             # prefix-and-root mask (elements 0 .. span - 1) and the drafter's context (elements 1 ..)
             # in one comparison
@@ -327,12 +330,14 @@ class StaticDecoder:
         self.trees_ok.logical_and_(closed)
         length = self.chunk_len
         chunk = torch.cat([self.token, tree.tokens], 1)
-        slots = self.pos[:, None] + self._chunk_offsets  # [1, T]
+        self._chunk_offsets_all[1, 1:].copy_(tree.depths[0])
+        slots_and_positions = self.pos[:, None] + self._chunk_offsets_all  # [2, T]
+        slots = slots_and_positions[0:1]  # [1, T]
         # the target attends over slots [0, span) only: the prefix, then the chunk (span >= pos + T)
         # (``tree.chunk_mask()`` within the chunk: every row sees the root, the root row only it)
         mask = upto_root[:, None, :span].expand(1, length, span).contiguous()  # the prefix and the root
         mask[:, 1:].scatter_(2, slots[:, None, 1:].expand(1, length - 1, length - 1), tree.mask)  # the nodes
-        out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
+        out = self.target(chunk, slots_and_positions[1:2], self.cache, slots, mask)  # == tree.chunk_positions()
         if aux_out is None:
             self.verify_aux.copy_(out.aux_hidden)
         else:
