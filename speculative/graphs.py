@@ -218,6 +218,10 @@ class StaticDecoder:
             # The greedy outcome, computed in the graph (``greedy=True``) and copied to the host in
             # one transfer: [accepted count, bonus token, path nodes (depth), path tokens (depth)]
             self.accept_result = torch.zeros(2 + 2 * depth, **long)
+            # the root token is a view of the bonus token's entry: a pipelined cycle's acceptance
+            # writes the next root there (no copy); the host's ``fill_`` of a root writes it too,
+            # read by nothing before the next acceptance overwrites it
+            self.token = self.accept_result[1:2].view(1, 1)
             if self.sampling:
                 self.uniforms = torch.zeros(1, self.num_nodes + 1, dtype=torch.float64, device=self.device)
             # The verification's aux hidden states, copied where every catch-up graph reads them
@@ -409,7 +413,7 @@ class StaticDecoder:
         count = self.accept_result[:1]
         positions = self._catch_up_step(self.tree_config.depth + 1, root_row=count, aux=aux[0])
         torch.index_select(positions[0], 0, count, out=self.pos)  # pos + count + 1
-        self.token.view(-1).copy_(self.accept_result[1:2])
+        # the root token: the bonus token the acceptance wrote into ``accept_result[1]`` (``token`` is a view of it)
 
     # ---------------------------------------------------------------- capture / run
 
