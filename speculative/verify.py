@@ -260,7 +260,7 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     scaled = logits.to(work) / temperature  # [B, 1 + N, V]
     lse = torch.logsumexp(scaled, -1)  # [B, 1 + N]
     rows = tree.parents + 1  # the parent's row of the verification logits, [B, N]
-    flat = scaled.reshape(batch, -1).gather(1, rows * vocab + tree.tokens)  # [B, N]
+    flat = scaled.reshape(batch, -1).gather(1, torch.add(tree.tokens, rows, alpha=vocab))  # [B, N]
     node_p = (flat - lse.gather(1, rows)).exp().double()  # p(x_c) at c's parent
     if uniforms is None:
         uniforms = torch.rand(batch, n + 1, generator=generator, dtype=torch.float64, device=logits.device)
@@ -284,7 +284,7 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     # the bonus: p at the stop node, its children's tokens zeroed (all were tried and rejected)
     stop_scaled = scaled.gather(1, stop_row[:, None, None].expand(batch, 1, vocab))[:, 0]  # [B, V]
     p = (stop_scaled - lse.gather(1, stop_row[:, None])).exp().double()
-    child = tree.parents == (stop_row - 1)[:, None]  # [B, N]
+    child = rows == stop_row[:, None]  # [B, N]: the stop node's children (parent row == stop row)
     zero = child & ((node_p * child).sum(-1) < 1.0)[:, None]
     at = torch.where(zero, tree.tokens, vocab)  # the extra column absorbs the nodes not zeroed
     residual = torch.cat([p, p.new_zeros(batch, 1)], 1).scatter(1, at, 0.0)[:, :vocab]
