@@ -71,7 +71,7 @@ PHASES = (
     ("tree: ancestor mask", (("tree.py", "ancestor_mask"),)),
     ("tree: selection", (("tree.py", "_select_tree"),)),
     ("tree: expansion (log q, top-k, frontier)", (("tree.py", "grow_draft_tree"),)),
-    ("acceptance", (("graphs.py", "_accept_greedy"),)),
+    ("acceptance", (("graphs.py", "_accept_on_device"),)),
     ("catch-up: glue (compaction, fc, masks)", (("graphs.py", "_catch_up_step"),)),
     ("verification glue (chunk, mask)", (("graphs.py", "_draft_verify_step"),)),
     ("root advance", (("graphs.py", "_cycle_step"),)),

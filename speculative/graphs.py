@@ -213,15 +213,34 @@ class StaticDecoder:
             depth = self.tree_config.depth
             self.catch_up_all = torch.zeros(3, depth + 1, **long)
             self.catch_up_inputs = {m: self.catch_up_all[:, :m] for m in range(1, depth + 2)}
+            # pos + these: column i's drafter slot (pos + i, element i) and position (pos + 1 + i, element i + 1)
+            self._catch_up_offsets = torch.arange(depth + 2, **long)
             # The greedy outcome, computed in the graph (``greedy=True``) and copied to the host in
             # one transfer: [accepted count, bonus token, path nodes (depth), path tokens (depth)]
             self.accept_result = torch.zeros(2 + 2 * depth, **long)
+            # the root token is a view of the bonus token's entry: a pipelined cycle's acceptance
+            # writes the next root there (no copy); the host's ``fill_`` of a root writes it too,
+            # read by nothing before the next acceptance overwrites it
+            self.token = self.accept_result[1:2].view(1, 1)
             if self.sampling:
                 self.uniforms = torch.zeros(1, self.num_nodes + 1, dtype=torch.float64, device=self.device)
             # The verification's aux hidden states, copied where every catch-up graph reads them
             # (each span's draft+verify graph has its own outputs)
             aux_width = len(fast.aux_layer_ids) * fast.config.hidden_size
             self.verify_aux = torch.zeros(1, self.chunk_len, aux_width, dtype=fast.dtype, device=self.device)
+            # pos + these: the verification chunk's slots (row 0: offsets 0 .. N, built once) and
+            # positions (row 1: 0, then the nodes' depths, written each cycle), in one add
+            self._chunk_offsets_all = torch.zeros(2, self.chunk_len, **long)
+            self._chunk_offsets_all[0] = torch.arange(self.chunk_len, **long)
+            self._chunk_offsets = self._chunk_offsets_all[0]
+            # slot indices shifted by one (element i holds i - 1): ``< pos`` gives the target's
+            # prefix-and-root mask (elements 0 .. span - 1) and the drafter's context (elements 1 ..)
+            # in one comparison
+            slot_cols = self._cols_ext if isinstance(self.draft, FusedDrafter) else self.cols
+            self._cols_shifted = torch.cat([slot_cols.new_full((1,), -1), slot_cols])
+            # the acceptance's constants: node rows 1 .. N, and which node index precedes which
+            self._node_rows = self._chunk_offsets[1:]
+            self._earlier_index = self._node_rows[None, :] < self._node_rows[:, None]
             # Pipelined cycles: each cycle's outcome is copied (asynchronously on GPU) into one of two
             # host buffers, so the next cycle can overwrite ``accept_result`` before the host reads.
             pinned = self.device.type == "cuda"
@@ -301,25 +320,32 @@ class StaticDecoder:
         self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
         return self.draft(ids, hidden, positions, self.dcache)
 
-    def _draft_verify_step(self, span: int, greedy: bool = False):
+    def _draft_verify_step(self, span: int, greedy: bool = False, aux_out: list | None = None):
+        """``aux_out`` (a list): the verification's aux hidden states are appended to it instead of
+        copied into ``verify_aux`` (a whole cycle's catch-up reads them in the same graph)."""
+        upto_root = self._cols_shifted[None] < self.pos[:, None]  # element s: slot s <= pos
+        context = upto_root[:, 1:]  # slots < pos: the accepted prefix, the drafter's context
         if isinstance(self.draft, FusedDrafter):  # the context, and no tree entries yet
-            context = self._cols_ext[None] < self.pos[:, None]  # [1, max_len + scratch]
-            self._bias_where(context[:, None, None, None], self._level_bias)
-            self._context = context[:, : self.max_len]  # [1, max_len]: the accepted prefix
-        else:
-            self._context = self.cols[None] < self.pos[:, None]  # [1, max_len]: the accepted prefix
+            self._bias_where(context[:, None, None, None], self._level_bias)  # [1, max_len + scratch]
+        self._context = context[:, : self.max_len]  # [1, max_len]: the accepted prefix
         tree, closed = grow_draft_tree(  # at T = 0 the graph reads the tree's shape and tokens only
             self.draft, self._feed, self.root_logits, self.root_hidden, self.pos, self.tree_config, details=not greedy
         )
         self.trees_ok.logical_and_(closed)
         length = self.chunk_len
         chunk = torch.cat([self.token, tree.tokens], 1)
-        slots = self.pos[:, None] + torch.arange(length, device=self.device)  # [1, T]
+        self._chunk_offsets_all[1, 1:].copy_(tree.depths[0])
+        slots_and_positions = self.pos[:, None] + self._chunk_offsets_all  # [2, T]
+        slots = slots_and_positions[0:1]  # [1, T]
         # the target attends over slots [0, span) only: the prefix, then the chunk (span >= pos + T)
-        mask = self._context[:, None, :span].expand(1, length, span).contiguous()
-        mask.scatter_(2, slots[:, None, :].expand(1, length, length), tree.chunk_mask())
-        out = self.target(chunk, tree.chunk_positions(), self.cache, slots, mask)
-        self.verify_aux.copy_(out.aux_hidden)
+        # (``tree.chunk_mask()`` within the chunk: every row sees the root, the root row only it)
+        mask = upto_root[:, None, :span].expand(1, length, span).contiguous()  # the prefix and the root
+        mask[:, 1:].scatter_(2, slots[:, None, 1:].expand(1, length - 1, length - 1), tree.mask)  # the nodes
+        out = self.target(chunk, slots_and_positions[1:2], self.cache, slots, mask)  # == tree.chunk_positions()
+        if aux_out is None:
+            self.verify_aux.copy_(out.aux_hidden)
+        else:
+            aux_out.append(out.aux_hidden)
         if greedy:
             self._accept_on_device(tree, out.logits)
         return tree, out.logits
@@ -333,35 +359,41 @@ class StaticDecoder:
         depth = self.tree_config.depth
         if self.sampling:
             count, path, bonus = stochastic_accept_on_device(tree, logits, depth, self.temperature,
-                                                             uniforms=self.uniforms)
-        else:
-            count, path, bonus = greedy_accept_on_device(tree, logits, depth)  # [1], [1, depth], [1]
+                                                             uniforms=self.uniforms, node_rows=self._node_rows,
+                                                             earlier_index=self._earlier_index)
+        else:  # [1], [1, depth], [1]
+            count, path, bonus = greedy_accept_on_device(tree, logits, depth, node_rows=self._node_rows)
         path = path[0]
         tokens = self.catch_up_all[0, :depth]
         torch.index_select(tree.tokens[0], 0, path, out=tokens)  # the accepted tokens
         torch.cat([count, bonus, path, tokens], out=self.accept_result)
         self.catch_up_all[0].index_copy_(0, count, bonus)  # then the bonus token, at column count
-        torch.add(path, 1, out=self.catch_up_all[1, 1:])  # verification rows (row 0: the root's, 0)
-        torch.add(path, self.pos + 1, out=self.catch_up_all[2, :depth])  # the accepted entries' slots
+        rows = self.catch_up_all[1, 1:]
+        torch.add(path, 1, out=rows)  # verification rows (row 0: the root's, 0)
+        torch.add(rows, self.pos, out=self.catch_up_all[2, :depth])  # the accepted entries' slots, pos + 1 + node
 
-    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None) -> None:
-        """``root_row`` (``[1]``, on the device): the row that is the next root (default the last)."""
+    def _catch_up_step(self, m: int, root_row: torch.Tensor | None = None,
+                       aux: torch.Tensor | None = None) -> torch.Tensor:
+        """``root_row`` (``[1]``, on the device): the row that is the next root (default the last);
+        ``aux``: the verification's aux hidden states (default ``verify_aux``). Returns the
+        columns' positions ``pos + 1 + i`` ``[1, m]``."""
         inputs = self.catch_up_inputs[m]
-        if m > 1:  # accepted nodes behind the root in the target cache
-            self.cache.compact(inputs[2:3, : m - 1], self.pos + 1)
-        offsets = torch.arange(m, device=self.device)
-        positions = self.pos[:, None] + 1 + offsets  # [1, m]
+        slots_and_positions = self.pos[:, None] + self._catch_up_offsets[: m + 1]  # [1, m + 1], one kernel
+        positions, slots = slots_and_positions[:, 1:], slots_and_positions[0, :m]  # [1, m], [m] (== positions - 1)
+        if m > 1:  # accepted nodes behind the root in the target cache, to slots pos + 1 ..
+            storage = self.cache.storage  # [2, layers, 1, kv_heads, S, d]; the sources gathered first
+            storage[:, :, 0, :, positions[0, : m - 1]] = storage[:, :, 0, :, inputs[2, : m - 1]]
         if isinstance(self.draft, FusedDrafter):
-            context = self._cols_ext[None, :] <= positions[0, :, None] - 1  # [m, max_len + scratch]
-            slots = context.shape[-1]
-            bias = self._catch_up_bias[: self.draft.groups * m * slots].view(1, 1, self.draft.groups, m, slots)
+            context = self._cols_ext[None, :] < positions[0, :, None]  # slots <= position - 1, [m, max_len + scratch]
+            width = context.shape[-1]
+            bias = self._catch_up_bias[: self.draft.groups * m * width].view(1, 1, self.draft.groups, m, width)
             self._bias_where(context[None, None, None], bias)
-            self.dcache.prepare(positions[0] - 1, None, bias.view(1, 1, -1, slots))
+            self.dcache.prepare(slots, None, bias.view(1, 1, -1, width))
         else:
-            context = self.cols[None, None, :] <= (self.pos[:, None, None] + offsets[None, :, None])
+            context = self.cols[None, None, :] < positions[:, :, None]
             unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
-            self.dcache.prepare(positions[0] - 1, torch.cat([context, unused], -1))
-        hidden = self.drafter.fuse_target_hidden(self.verify_aux[:, inputs[1]])
+            self.dcache.prepare(slots, torch.cat([context, unused], -1))
+        hidden = self.drafter.fuse_target_hidden((self.verify_aux if aux is None else aux)[:, inputs[1]])
         logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
         if root_row is None:
             self.root_logits.copy_(logits[:, -1])
@@ -369,17 +401,19 @@ class StaticDecoder:
         else:
             torch.index_select(logits[0], 0, root_row, out=self.root_logits)
             torch.index_select(prenorm[0], 0, root_row, out=self.root_hidden)
+        return positions
 
     def _cycle_step(self, span: int) -> None:
         """A whole cycle on the device (T = 0, or T > 0 with ``sampling``): draft + verify +
         acceptance (``accept_result``), the catch-up over all ``depth + 1`` columns with the next
         root at column ``count``, then the root token and position advanced to the bonus token and
         ``pos + count + 1``."""
-        self._draft_verify_step(span, greedy=True)
+        aux = []
+        self._draft_verify_step(span, greedy=True, aux_out=aux)
         count = self.accept_result[:1]
-        self._catch_up_step(self.tree_config.depth + 1, root_row=count)
-        self.pos.add_(count + 1)
-        self.token.view(-1).copy_(self.accept_result[1:2])
+        positions = self._catch_up_step(self.tree_config.depth + 1, root_row=count, aux=aux[0])
+        torch.index_select(positions[0], 0, count, out=self.pos)  # pos + count + 1
+        # the root token: the bonus token the acceptance wrote into ``accept_result[1]`` (``token`` is a view of it)
 
     # ---------------------------------------------------------------- capture / run
 

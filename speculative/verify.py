@@ -189,7 +189,7 @@ def _verify_topk_stochastic(
     return _step(kids, tokens, accepted, rejected, node, bonus, probs[node + 1].float())
 
 
-def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int):
+def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int, node_rows: torch.Tensor | None = None):
     """``verify_greedy``'s outcome for every tree of the batch with tensor ops only (no host sync:
     CUDA graphs capture it with the verification, and the host then copies a few integers).
 
@@ -199,13 +199,16 @@ def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int):
     the one with the largest index. Returns ``count [B]`` (accepted nodes), ``path [B, depth]``
     (the accepted nodes by depth in the first ``count`` columns; other nodes after them) and
     ``bonus [B]`` (the target's argmax where the path stops). About a dozen kernels.
+    ``node_rows``: ``arange(1, N + 1)`` if the caller keeps one (a constant: one kernel less).
     """
     batch, n = tree.tokens.shape
     pred = logits.argmax(-1)  # [B, 1 + N]: the target's token after the root and after each node
     match = tree.tokens == pred.gather(1, tree.parents + 1)  # [B, N]
     accepted = (tree.mask <= match[:, None, :]).all(-1)  # ancestor-or-self => matches
     count = accepted.sum(-1)
-    stop_row = (accepted * torch.arange(1, n + 1, device=pred.device)).amax(-1)  # last accepted + 1; 0: root
+    if node_rows is None:
+        node_rows = torch.arange(1, n + 1, device=pred.device)
+    stop_row = (accepted * node_rows).amax(-1)  # last accepted + 1; 0: root
     bonus = pred.gather(1, stop_row[:, None])[:, 0]
     path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
     if n < depth:  # a tree smaller than its depth: pad (only the first ``count`` columns are read)
@@ -215,7 +218,8 @@ def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int):
 
 def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int, temperature,
                                 generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
-                                return_residual: bool = False):
+                                return_residual: bool = False, node_rows: torch.Tensor | None = None,
+                                earlier_index: torch.Tensor | None = None):
     """``_verify_topk_stochastic``'s outcome for every top-k tree of the batch (point-mass
     proposals, ``tree.sampled`` False) with tensor ops only: no host sync, so a CUDA graph captures
     it with the verification, as ``greedy_accept_on_device`` at T = 0. Same return triple:
@@ -246,6 +250,9 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     falling back to p unchanged when nothing would be left. Node probabilities use the logits'
     precision but at least float32 (the host: float64), so a uniform within ~1e-7 of its threshold
     may decide the other way.
+
+    Constants a caller may keep (each saves kernels a call): ``node_rows`` = ``arange(1, N + 1)``,
+    ``earlier_index [N, N]`` = ``node_rows[None, :] < node_rows[:, None]``.
     """
     batch, n = tree.tokens.shape
     vocab = logits.shape[-1]
@@ -253,28 +260,31 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     scaled = logits.to(work) / temperature  # [B, 1 + N, V]
     lse = torch.logsumexp(scaled, -1)  # [B, 1 + N]
     rows = tree.parents + 1  # the parent's row of the verification logits, [B, N]
-    flat = scaled.reshape(batch, -1).gather(1, rows * vocab + tree.tokens)  # [B, N]
+    flat = scaled.reshape(batch, -1).gather(1, torch.add(tree.tokens, rows, alpha=vocab))  # [B, N]
     node_p = (flat - lse.gather(1, rows)).exp().double()  # p(x_c) at c's parent
     if uniforms is None:
         uniforms = torch.rand(batch, n + 1, generator=generator, dtype=torch.float64, device=logits.device)
-    index = torch.arange(n, device=logits.device)
+    if node_rows is None:
+        node_rows = torch.arange(1, n + 1, device=logits.device)
+    if earlier_index is None:
+        earlier_index = node_rows[None, :] < node_rows[:, None]
     # earlier[b, c, j]: j is an earlier sibling of c (same parent, smaller index)
-    earlier = (tree.parents[:, :, None] == tree.parents[:, None, :]) & (index[None, :] < index[:, None])
+    earlier = (tree.parents[:, :, None] == tree.parents[:, None, :]) & earlier_index
     removed = torch.bmm(earlier.double(), node_p[..., None])[..., 0]  # mass of c's earlier siblings
     remaining = 1.0 - removed
-    remaining = torch.where(remaining > 0, remaining, torch.ones_like(remaining))
+    remaining = torch.where(remaining > 0, remaining, 1.0)
     tentative = uniforms[:, :n] < node_p / remaining
     chosen = tentative & ~(earlier & tentative[:, None, :]).any(-1)
     accepted = (tree.mask <= chosen[:, None, :]).all(-1)  # ancestor-or-self => chosen
     count = accepted.sum(-1)
-    stop_row = (accepted * (index + 1)).amax(-1)  # last accepted + 1; 0: the root
+    stop_row = (accepted * node_rows).amax(-1)  # last accepted + 1; 0: the root
     path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
     if n < depth:
         path = torch.nn.functional.pad(path, (0, depth - n))
     # the bonus: p at the stop node, its children's tokens zeroed (all were tried and rejected)
     stop_scaled = scaled.gather(1, stop_row[:, None, None].expand(batch, 1, vocab))[:, 0]  # [B, V]
     p = (stop_scaled - lse.gather(1, stop_row[:, None])).exp().double()
-    child = tree.parents == (stop_row - 1)[:, None]  # [B, N]
+    child = rows == stop_row[:, None]  # [B, N]: the stop node's children (parent row == stop row)
     zero = child & ((node_p * child).sum(-1) < 1.0)[:, None]
     at = torch.where(zero, tree.tokens, vocab)  # the extra column absorbs the nodes not zeroed
     residual = torch.cat([p, p.new_zeros(batch, 1)], 1).scatter(1, at, 0.0)[:, :vocab]

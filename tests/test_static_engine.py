@@ -332,9 +332,9 @@ def test_static_sampling_matches_target_distribution(monkeypatch, mode):
     assert accepting > 100
     assert chi_square_pvalue(counts, joint) > 1e-3
     if mode == "pipelined":  # negative control
-        def accept_all(tree, logits, depth, temperature, uniforms):
+        def accept_all(tree, logits, depth, temperature, uniforms, **constants):
             zeros = torch.cat([torch.zeros(tree.tokens.shape, dtype=torch.float64), uniforms[:, -1:]], 1)
-            return stochastic_accept_on_device(tree, logits, depth, temperature, uniforms=zeros)
+            return stochastic_accept_on_device(tree, logits, depth, temperature, uniforms=zeros, **constants)
 
         monkeypatch.setattr("speculative.graphs.stochastic_accept_on_device", accept_all)
         assert chi_square_pvalue(_engine_counts(engine, prompt, 200)[0], joint) < 1e-6
