@@ -21,19 +21,16 @@ Nothing is saved of the drafter; the run's ``output_dir`` is not touched.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from speculative.profiling import SFT_PHASES, PhaseRecorder, range_table, recording, top_ops, wall_table
+from speculative.profiling import (SFT_PHASES, PhaseRecorder, range_table, recording, top_ops, wall_table,
+                                   write_gzipped_trace)
 
 
 class SFTSession:
@@ -156,14 +153,7 @@ def profile_sft(session: SFTSession, steps: int, warmup: int, trace: Path | None
     if trace is not None:
         with _profiler(session.device) as prof, recording(PhaseRecorder(session.device)):
             sft_step(session)
-        handle, raw = tempfile.mkstemp(suffix=".json")
-        os.close(handle)
-        try:
-            prof.export_chrome_trace(raw)
-            with open(raw, "rb") as source, gzip.open(trace, "wb", compresslevel=6) as sink:
-                shutil.copyfileobj(source, sink)
-        finally:
-            os.unlink(raw)
+        write_gzipped_trace(prof, trace)
         report["trace"] = trace.name
     return report
 

@@ -27,9 +27,14 @@ replay or eager), ``spec/verify_host`` (``speculative.verify.verify_tree``), ``s
 from __future__ import annotations
 
 import contextlib
+import gzip
+import os
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -193,3 +198,17 @@ def top_ops(prof, limit: int = 25, device: bool = False) -> list[dict[str, Any]]
     for r in rows:
         r["share"] = round(r["self_total_ms"] / total, 4)
     return rows[:limit]
+
+
+def write_gzipped_trace(prof, path: Path) -> int:
+    """``prof``'s chrome trace gzipped to ``path`` (torch writes only plain JSON: through a temporary
+    file). Returns the gzipped size in bytes."""
+    handle, raw = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as source, gzip.open(path, "wb", compresslevel=6) as sink:
+            shutil.copyfileobj(source, sink)
+    finally:
+        os.unlink(raw)
+    return Path(path).stat().st_size

@@ -189,6 +189,19 @@ def _verify_topk_stochastic(
     return _step(kids, tokens, accepted, rejected, node, bonus, probs[node + 1].float())
 
 
+def _accepted_path(accepted: torch.Tensor, node_rows: torch.Tensor, depth: int):
+    """From the accepted-node mask ``[B, N]`` (one path from the root, nodes stored parents
+    first): ``count [B]``, ``stop_row [B]`` (the last accepted node + 1; 0: the root) and
+    ``path [B, depth]`` (the accepted nodes by depth in the first ``count`` columns)."""
+    n = accepted.shape[-1]
+    count = accepted.sum(-1)
+    stop_row = (accepted * node_rows).amax(-1)
+    path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
+    if n < depth:  # a tree smaller than its depth: pad (only the first ``count`` columns are read)
+        path = torch.nn.functional.pad(path, (0, depth - n))
+    return count, stop_row, path
+
+
 def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int, node_rows: torch.Tensor | None = None):
     """``verify_greedy``'s outcome for every tree of the batch with tensor ops only (no host sync:
     CUDA graphs capture it with the verification, and the host then copies a few integers).
@@ -205,14 +218,10 @@ def greedy_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: int, n
     pred = logits.argmax(-1)  # [B, 1 + N]: the target's token after the root and after each node
     match = tree.tokens == pred.gather(1, tree.parents + 1)  # [B, N]
     accepted = (tree.mask <= match[:, None, :]).all(-1)  # ancestor-or-self => matches
-    count = accepted.sum(-1)
     if node_rows is None:
         node_rows = torch.arange(1, n + 1, device=pred.device)
-    stop_row = (accepted * node_rows).amax(-1)  # last accepted + 1; 0: root
+    count, stop_row, path = _accepted_path(accepted, node_rows, depth)
     bonus = pred.gather(1, stop_row[:, None])[:, 0]
-    path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
-    if n < depth:  # a tree smaller than its depth: pad (only the first ``count`` columns are read)
-        path = torch.nn.functional.pad(path, (0, depth - n))
     return count, path, bonus
 
 
@@ -276,11 +285,7 @@ def stochastic_accept_on_device(tree: DraftTree, logits: torch.Tensor, depth: in
     tentative = uniforms[:, :n] < node_p / remaining
     chosen = tentative & ~(earlier & tentative[:, None, :]).any(-1)
     accepted = (tree.mask <= chosen[:, None, :]).all(-1)  # ancestor-or-self => chosen
-    count = accepted.sum(-1)
-    stop_row = (accepted * node_rows).amax(-1)  # last accepted + 1; 0: the root
-    path = torch.sort(accepted.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :depth]
-    if n < depth:
-        path = torch.nn.functional.pad(path, (0, depth - n))
+    count, stop_row, path = _accepted_path(accepted, node_rows, depth)
     # the bonus: p at the stop node, its children's tokens zeroed (all were tried and rejected)
     stop_scaled = scaled.gather(1, stop_row[:, None, None].expand(batch, 1, vocab))[:, 0]  # [B, V]
     p = (stop_scaled - lse.gather(1, stop_row[:, None])).exp().double()

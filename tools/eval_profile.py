@@ -19,11 +19,7 @@ decoder (open it in https://ui.perfetto.dev).
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -160,7 +156,7 @@ def profile_decoders(spec, ars: Mapping[str, Any], bench: str, questions: Sequen
 
 def _write_trace(spec, ars, question, conversation, eos, device, seed_for, bench, out_dir: Path) -> dict[str, Any]:
     """A chrome trace of the first turn of ``question``, TRACE_TOKENS new tokens per decoder."""
-    from speculative.profiling import PhaseRecorder, recording
+    from speculative.profiling import PhaseRecorder, recording, write_gzipped_trace
 
     first = type(question)(question.question_id, question.category, question.turns[:1], question.bench)
     context = _profiler(device)
@@ -169,15 +165,7 @@ def _write_trace(spec, ars, question, conversation, eos, device, seed_for, bench
             _run_questions(decoder, [first], conversation, TRACE_TOKENS, eos, device, seed_for, offset, bench)
     target = out_dir / "profile_trace.json.gz"
     out_dir.mkdir(parents=True, exist_ok=True)
-    handle, raw = tempfile.mkstemp(suffix=".json")
-    os.close(handle)
-    try:
-        prof.export_chrome_trace(raw)
-        with open(raw, "rb") as source, gzip.open(target, "wb", compresslevel=6) as sink:
-            shutil.copyfileobj(source, sink)
-    finally:
-        os.unlink(raw)
-    size = target.stat().st_size
+    size = write_gzipped_trace(prof, target)
     if size > TRACE_LIMIT:
         target.unlink()
         return {"file": None, "bytes": size, "note": f"dropped: over {TRACE_LIMIT} bytes"}
