@@ -76,6 +76,10 @@ from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
 from speculative.verify import VerifyStep, greedy_accept_on_device, stochastic_accept_on_device
 
 
+class GraphCaptureError(RuntimeError):
+    """A CUDA graph of ``StaticDecoder`` failed to warm up or capture (the message names which)."""
+
+
 class StaticDraftCache:
     """Preallocated drafter keys/values ``[B, heads, max_len + scratch, d]`` with explicit slots.
 
@@ -421,21 +425,42 @@ class StaticDecoder:
         """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``.
         ``reset`` (if any) runs before each warm-up call and before the capture: for a step that
         advances its own inputs (a pipelined cycle moves ``pos``), so each run starts where the
-        first did (a second warm-up from a later slot could index past the shortest span)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        first did (a second warm-up from a later slot could index past the shortest span).
+        A failure raises ``GraphCaptureError`` naming the graph, the stage (warm-up or capture),
+        the dtypes and the acceptance, chained to the error itself (the engine's fallback warning
+        and ``compile_errors`` carry its message)."""
+        stage = "warm-up"
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    if reset is not None:
+                        reset()
+                    fn()
                 if reset is not None:
                     reset()
-                fn()
-            if reset is not None:
-                reset()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            stage = "capture"
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+        except Exception as error:
+            raise GraphCaptureError(f"{stage} of CUDA graph {key!r} failed ({self.describe()}): "
+                                    f"{type(error).__name__}: {error}") from error
         self._graphs[key] = (graph, out)
+
+    def describe(self) -> str:
+        """What a capture error needs to say about this decoder: dtypes, acceptance, shapes."""
+        name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+        drafter = f", drafter {name(self.drafter.fc.weight.dtype)}" if self.drafter is not None else ""
+        if self.drafter is None:
+            accept = "no drafter"
+        else:
+            accept = ("sampling on" if self.sampling else "sampling off") + (
+                ", cycle graphs" if self.cycle_graphs else ", device acceptance" if self.greedy_graphs else "")
+        return (f"target {name(self.fast.dtype)}{drafter}, {accept}, max_len {self.max_len}, spans {self._spans}, "
+                f"{len(self._graphs)} graphs captured before")
 
     @torch.no_grad()
     def _capture_all(self) -> None:
