@@ -17,7 +17,7 @@ from speculative.llama import FastLlama
 from speculative.target import TargetModel
 from speculative.tree import TreeConfig, tree_size
 from speculative.vocab import DraftVocab
-from tests.conftest import TARGET_ARCHS, tiny_drafter
+from tests.conftest import TARGET_ARCHS, graphs_on_cpu, stub_cuda_capture, tiny_drafter
 from tests.test_tree_engine import hf_greedy, small_llama, train_agreeing_pair
 
 
@@ -282,7 +282,7 @@ def test_cycle_capture_warms_up_every_call_from_slot_zero(agreeing_pair, monkeyp
     fast = FastLlama.from_target(target)
     decoder = StaticDecoder(fast, drafter, tree, 64, span_step=16, cycle_graphs=True)
     assert decoder.chunk_len == 16 == decoder.spans()[0]  # the shortest span holds one chunk at slot 0
-    _stub_cuda_capture(monkeypatch)
+    stub_cuda_capture(monkeypatch)
     starts = []
     original = decoder._cycle_fn
     decoder._cycle_fn = lambda span: starts.append(int(decoder.pos)) or original(span)
@@ -294,22 +294,6 @@ def test_cycle_capture_warms_up_every_call_from_slot_zero(agreeing_pair, monkeyp
     engine._static = decoder
     prompt = [3, 1, 4, 1, 5]
     assert engine.generate(prompt, 20).tokens == hf_greedy(target.model, prompt, 20)
-
-
-def _stub_cuda_capture(monkeypatch, graph=None):
-    """Stand-ins for the CUDA calls of ``StaticDecoder._capture`` (each warm-up and the capture
-    then run the step eagerly on CPU); ``graph``: the ``torch.cuda.graph`` context to use."""
-    import contextlib
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: Stream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", graph or (lambda graph, **kwargs: contextlib.nullcontext()))
 
 
 def test_a_failed_capture_names_the_graph_dtype_and_acceptance(agreeing_pair, monkeypatch):
@@ -330,7 +314,7 @@ def test_a_failed_capture_names_the_graph_dtype_and_acceptance(agreeing_pair, mo
         if ("draft_verify", 64, False) in decoder._graphs:  # captured just before the cycle graph
             raise cause
 
-    _stub_cuda_capture(monkeypatch, failing_graph)
+    stub_cuda_capture(monkeypatch, failing_graph)
     with pytest.raises(GraphCaptureError) as caught:
         decoder._capture_steps()
     message = str(caught.value)
@@ -339,26 +323,16 @@ def test_a_failed_capture_names_the_graph_dtype_and_acceptance(agreeing_pair, mo
     assert "target float32, drafter float32, sampling on, cycle graphs" in message
     assert "2 graphs captured before" in message  # decode, draft_verify
     # a warm-up failure says so; the engine's fallback carries the message
-    _stub_cuda_capture(monkeypatch)
+    stub_cuda_capture(monkeypatch)
     engine = SpeculativeGenerator(target, drafter, tree, temperature=1.0, compile="static")
     engine.compile = "graph"  # as if resolved on a GPU
-    monkeypatch.setattr(StaticDecoder, "__init__", _graphs_on_cpu(StaticDecoder.__init__))
+    monkeypatch.setattr(StaticDecoder, "__init__", graphs_on_cpu(StaticDecoder.__init__))
     monkeypatch.setattr(StaticDecoder, "_decode_step", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.warns(UserWarning, match="compile='graph' failed"):
         engine.generate([4, 8, 15], 6)
     assert engine.compile == "static"
     assert "GraphCaptureError: warm-up of CUDA graph 'decode' failed (target float32, drafter float32, " \
            "sampling on, cycle graphs" in engine.compile_errors[0] and "RuntimeError: boom" in engine.compile_errors[0]
-
-
-def _graphs_on_cpu(init):
-    """``StaticDecoder.__init__`` that captures (with ``_stub_cuda_capture``'s stand-ins) on CPU."""
-    def wrapped(self, fast, *args, use_graphs=False, **kwargs):
-        init(self, fast, *args, use_graphs=False, **kwargs)
-        if use_graphs:
-            self.use_graphs = True
-            self._capture_steps()
-    return wrapped
 
 
 @pytest.mark.parametrize("mode", ["host", "device", "pipelined"])
