@@ -64,7 +64,9 @@ does not matter to attention, only the mask does.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import gc
 import math
 
 import torch
@@ -74,6 +76,24 @@ from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
 from speculative.verify import VerifyStep, greedy_accept_on_device, stochastic_accept_on_device
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No automatic garbage collection while a CUDA graph is being captured. A collection that frees
+    a dead decoder's graphs mid-capture destroys them (``cudaGraphExecDestroy``), which the default
+    ("global") capture mode forbids: PyTorch warns "operation not permitted when stream is capturing
+    (function reset)" once per graph and the capture is invalidated (cudaErrorStreamCaptureInvalidated,
+    "operation failed due to a previous error during capture"). What ``draftrl eval --check`` most
+    likely met on the H200 at float32 T = 1: 12 such warnings, the graph count of the T = 0 decoder
+    the engine had just dropped (decode, 7 catch-ups, 2 spans x (draft+verify, cycle))."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class GraphCaptureError(RuntimeError):
@@ -443,7 +463,7 @@ class StaticDecoder:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             stage = "capture"
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with _gc_paused(), torch.cuda.graph(graph):
                 out = fn()
         except Exception as error:
             raise GraphCaptureError(f"{stage} of CUDA graph {key!r} failed ({self.describe()}): "
@@ -464,6 +484,11 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _capture_all(self) -> None:
+        # Dead decoders go now, not during a capture (``_gc_paused``): a StaticDecoder is a reference
+        # cycle (its step functions are its bound methods), so one dropped by the engine waits for
+        # the cyclic collector (torch.cuda.graph no longer collects before capturing: torch 2.13
+        # does only with torch.compiler.config.force_cudagraph_gc)
+        gc.collect()
         with torch.cuda.device(self.device):
             self._capture_steps()
         torch.cuda.synchronize(self.device)

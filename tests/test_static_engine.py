@@ -335,6 +335,46 @@ def test_a_failed_capture_names_the_graph_dtype_and_acceptance(agreeing_pair, mo
            "sampling on, cycle graphs" in engine.compile_errors[0] and "RuntimeError: boom" in engine.compile_errors[0]
 
 
+def test_no_garbage_collection_during_a_capture(agreeing_pair, monkeypatch):
+    """A dropped StaticDecoder is a reference cycle: the cyclic collector frees it, and with it its
+    CUDA graphs. Freed during another decoder's capture, that destroys graphs mid-capture and
+    invalidates it (what the check met on the H200 at float32 T = 1). So the capture sequence
+    collects first and no collection runs inside a capture."""
+    import contextlib
+    import gc
+    import weakref
+
+    from speculative.graphs import GraphCaptureError
+
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
+    fast = FastLlama.from_target(target)
+    dropped = weakref.ref(StaticDecoder(fast, drafter, tree, 64, cycle_graphs=True))
+    assert dropped() is not None  # a cycle: only the collector frees it
+    decoder = StaticDecoder(fast, drafter, tree, 64, cycle_graphs=True)
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(graph, **kwargs):
+        seen.append((gc.isenabled(), dropped() is None))
+        yield
+
+    stub_cuda_capture(monkeypatch, graph)
+    assert gc.isenabled()
+    decoder._capture_all()
+    assert len(seen) == len(decoder._graphs) == 1 + 2 + 4  # decode, draft+verify and cycle, 4 catch-ups
+    assert seen == [(False, True)] * len(seen) and gc.isenabled()
+
+    def failing(graph, **kwargs):
+        assert not gc.isenabled()
+        raise RuntimeError("capture failed")
+
+    stub_cuda_capture(monkeypatch, failing)
+    with pytest.raises(GraphCaptureError, match="capture of CUDA graph 'decode' failed"):
+        decoder._capture_all()
+    assert gc.isenabled()  # re-enabled after a failed capture too
+
+
 @pytest.mark.parametrize("mode", ["host", "device", "pipelined"])
 def test_static_sampling_matches_target_distribution(monkeypatch, mode):
     """End to end at T = 0.8 on the static path, per ``--sampled-verify`` mode: 3-token continuations
