@@ -725,7 +725,8 @@ def check_dtypes(text: str) -> list[str]:
 
 def check_modes(device: torch.device, compile: str) -> list[str]:
     """The check's compile modes: eager, static, CUDA graphs (on CUDA), inductor (when asked for)."""
-    return ["off", "static"] + (["graph"] if device.type == "cuda" else []) + (["inductor"] if compile == "inductor" else [])
+    return (["off", "static"] + (["graph"] if device.type == "cuda" else [])
+            + (["inductor"] if compile == "inductor" else []))
 
 
 def _fallback(engine, mode: str, seen: int) -> tuple[str | None, list[str]]:
