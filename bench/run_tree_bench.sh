@@ -6,7 +6,9 @@
 #   bash bench/run_tree_bench.sh DRAFTER_DIR TARGET OUT_DIR [draftrl eval flags...]
 #
 # --check: 2 prompts x 32 tokens at T=0 through the eager, static and CUDA-graph paths, in
-# float32 (asserted equal to eager greedy; exit 1 otherwise) and bfloat16 (agreement reported).
+# float32 (asserted equal to eager greedy; exit 1 otherwise) and bfloat16 (agreement reported);
+# a path that fell back (a failed graph capture) fails it in any dtype; --check-dtypes bfloat16,float32
+# picks the dtypes and their order.
 # Otherwise a full `draftrl eval` (MT-Bench, HumanEval, GSM8K; T=0 and T=1; 256 new tokens;
 # bf16; CUDA graphs); add e.g. --max-minutes 6 to fit a 10-minute slot, --num-prompts N,
 # --compile inductor (torch.compile + graphs: faster, minutes of compiling), --dtype float32.

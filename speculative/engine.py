@@ -25,6 +25,7 @@ belongs to vLLM/SGLang, this engine is for measuring acceptance and for RL rollo
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -321,7 +322,9 @@ class SpeculativeGenerator:
             chunk = 1 + self.tree_config.total_tokens if self.drafter is not None else 1
             cycles = mode == "pipelined" and self.drafter is not None
             margin = StaticDecoder.margin_for(self.tree_config, cycles)
-            self._static = None  # free the old buffers and graphs first
+            had_decoder, self._static = self._static is not None, None  # free the old buffers and graphs first
+            if had_decoder and self.device.type == "cuda":  # (a StaticDecoder is a reference cycle: collect it)
+                gc.collect()
             while True:
                 cuda = self.device.type == "cuda"
                 try:

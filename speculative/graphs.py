@@ -64,7 +64,9 @@ does not matter to attention, only the mask does.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import gc
 import math
 
 import torch
@@ -74,6 +76,28 @@ from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, causal_slot_mask
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
 from speculative.verify import VerifyStep, greedy_accept_on_device, stochastic_accept_on_device
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No automatic garbage collection while a CUDA graph is being captured. A collection that frees
+    a dead decoder's graphs mid-capture destroys them (``cudaGraphExecDestroy``), which the default
+    ("global") capture mode forbids: PyTorch warns "operation not permitted when stream is capturing
+    (function reset)" once per graph and the capture is invalidated (cudaErrorStreamCaptureInvalidated,
+    "operation failed due to a previous error during capture"). What ``draftrl eval --check`` most
+    likely met on the H200 at float32 T = 1: 12 such warnings, the graph count of the T = 0 decoder
+    the engine had just dropped (decode, 7 catch-ups, 2 spans x (draft+verify, cycle))."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class GraphCaptureError(RuntimeError):
+    """A CUDA graph of ``StaticDecoder`` failed to warm up or capture (the message names which)."""
 
 
 class StaticDraftCache:
@@ -421,24 +445,50 @@ class StaticDecoder:
         """Warm up on a side stream (cuBLAS workspaces, allocator), then capture ``fn``.
         ``reset`` (if any) runs before each warm-up call and before the capture: for a step that
         advances its own inputs (a pipelined cycle moves ``pos``), so each run starts where the
-        first did (a second warm-up from a later slot could index past the shortest span)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        first did (a second warm-up from a later slot could index past the shortest span).
+        A failure raises ``GraphCaptureError`` naming the graph, the stage (warm-up or capture),
+        the dtypes and the acceptance, chained to the error itself (the engine's fallback warning
+        and ``compile_errors`` carry its message)."""
+        stage = "warm-up"
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    if reset is not None:
+                        reset()
+                    fn()
                 if reset is not None:
                     reset()
-                fn()
-            if reset is not None:
-                reset()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            stage = "capture"
+            graph = torch.cuda.CUDAGraph()
+            with _gc_paused(), torch.cuda.graph(graph):
+                out = fn()
+        except Exception as error:
+            raise GraphCaptureError(f"{stage} of CUDA graph {key!r} failed ({self.describe()}): "
+                                    f"{type(error).__name__}: {error}") from error
         self._graphs[key] = (graph, out)
+
+    def describe(self) -> str:
+        """What a capture error needs to say about this decoder: dtypes, acceptance, shapes."""
+        name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+        drafter = f", drafter {name(self.drafter.fc.weight.dtype)}" if self.drafter is not None else ""
+        if self.drafter is None:
+            accept = "no drafter"
+        else:
+            accept = ("sampling on" if self.sampling else "sampling off") + (
+                ", cycle graphs" if self.cycle_graphs else ", device acceptance" if self.greedy_graphs else "")
+        return (f"target {name(self.fast.dtype)}{drafter}, {accept}, max_len {self.max_len}, spans {self._spans}, "
+                f"{len(self._graphs)} graphs captured before")
 
     @torch.no_grad()
     def _capture_all(self) -> None:
+        # Dead decoders go now, not during a capture (``_gc_paused``): a StaticDecoder is a reference
+        # cycle (its step functions are its bound methods), so one dropped by the engine waits for
+        # the cyclic collector (torch.cuda.graph no longer collects before capturing: torch 2.13
+        # does only with torch.compiler.config.force_cudagraph_gc)
+        gc.collect()
         with torch.cuda.device(self.device):
             self._capture_steps()
         torch.cuda.synchronize(self.device)

@@ -78,6 +78,35 @@ def tiny_drafter(target: TargetModel, draft_vocab: DraftVocab | None = None, see
     return drafter
 
 
+def stub_cuda_capture(monkeypatch, graph=None):
+    """Stand-ins for the CUDA calls of ``StaticDecoder._capture_all`` (each warm-up and the capture
+    then run the step eagerly on CPU); ``graph``: the ``torch.cuda.graph`` context to use."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", graph or (lambda graph, **kwargs: contextlib.nullcontext()))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+
+
+def graphs_on_cpu(init):
+    """``StaticDecoder.__init__`` for ``compile='graph'`` on CPU: with ``use_graphs`` it runs the
+    capture sequence (with ``stub_cuda_capture``'s stand-ins, so a capture can fail as on a GPU),
+    then the decoder runs its steps eagerly (nothing to replay)."""
+    def wrapped(self, fast, *args, use_graphs=False, **kwargs):
+        init(self, fast, *args, use_graphs=False, **kwargs)
+        if use_graphs:
+            self._capture_all()
+    return wrapped
+
+
 @pytest.fixture
 def tiny_target() -> TargetModel:
     return TargetModel(tiny_llama())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from tools.benchmark import (
     BenchQuestion,
     answer_text,
     chat_prompt,
+    check_dtypes,
     eos_token_ids,
     load_questions,
     resolve_bench,
@@ -25,7 +27,7 @@ from tools.cli import main
 from speculative.checkpoint import save_drafter
 from speculative.target import TargetModel, load_tokenizer
 from speculative.tree import TreeConfig
-from tests.conftest import tiny_drafter, tiny_llama
+from tests.conftest import graphs_on_cpu, stub_cuda_capture, tiny_drafter, tiny_llama
 
 SHIPPED = ("mt_bench", "humaneval", "gsm8k")
 TREE_ARGS = ["--depth", "3", "--top-k", "3", "--total-tokens", "8", "--threads", "1"]
@@ -277,6 +279,72 @@ def test_eval_static_path_and_check_mode(tmp_path, models, two_turn_file):
         (m, k) for m in ("off", "static") for k in ("autoregressive", "speculative")
     }
     assert all(r["identical_to_eager_greedy"] for r in report["runs"])
+
+
+def test_check_reports_a_path_that_fell_back(tmp_path, models, two_turn_file, monkeypatch, capsys):
+    """``draftrl eval --check`` must not claim a path it did not run: the graph engine's T = 1 rebuild
+    (rejection sampling in the cycle graphs) fails to capture (an injected fault, as on the H200 in
+    float32), the engine falls back to ``static``, and the check prints it, records it in check.json
+    and fails. ``compile='graph'`` runs on CPU here: the capture sequence with stand-ins for the CUDA
+    calls, then the steps eagerly."""
+    import contextlib
+
+    import speculative.engine
+    import tools.benchmark
+    from speculative.graphs import StaticDecoder
+
+    target_dir, drafter_dir = models
+    resolve = speculative.engine.resolve_compile_mode
+    monkeypatch.setattr(speculative.engine, "resolve_compile_mode",
+                        lambda mode, device: mode if mode == "graph" else resolve(mode, device))
+    monkeypatch.setattr(tools.benchmark, "check_modes", lambda device, compile: ["off", "static", "graph"])
+    monkeypatch.setattr(StaticDecoder, "__init__", graphs_on_cpu(StaticDecoder.__init__))
+    capture, failing = StaticDecoder._capture, []
+
+    def flagged_capture(self, key, fn, reset=None):
+        failing[:] = [self.sampling and key[0] == "cycle"]
+        return capture(self, key, fn, reset)
+
+    @contextlib.contextmanager
+    def graph(graph, **kwargs):  # the injected fault
+        yield
+        if failing[0]:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture (injected)")
+
+    stub_cuda_capture(monkeypatch, graph)
+    monkeypatch.setattr(StaticDecoder, "_capture", flagged_capture)
+    check = tmp_path / "check"
+    with pytest.warns(UserWarning, match="compile='graph' failed"):
+        code = main(["eval", "--check", "--drafter", str(drafter_dir), "--target", str(target_dir), *TREE_ARGS,
+                     "--bench", str(two_turn_file), "--max-new-tokens", "8", "--check-dtypes", "float32",
+                     "--out", str(check)])
+    assert code == 1
+    report = json.loads((check / "check.json").read_text())
+    assert report["dtypes"] == ["float32"]
+    # T = 0: every path ran as named (graph: the captured steps, eagerly) and equals eager greedy
+    assert all(r["identical_to_eager_greedy"] and r["fell_back_to"] is None for r in report["runs"])
+    assert {r["mode"] for r in report["runs"]} == {"off", "static", "graph"}
+    sampled = {r["mode"]: r for r in report["sampling_runs"]}
+    assert sampled["static"]["fell_back_to"] is None and sampled["static"]["ok"]
+    fell = sampled["graph"]
+    assert fell["fell_back_to"] == "static" and fell["ok"] and len(fell["compile_errors"]) == 1
+    assert "capture of CUDA graph ('cycle', " in fell["compile_errors"][0]
+    assert "target float32, drafter float32, sampling on" in fell["compile_errors"][0]
+    assert report["failures"] == [f"float32 graph T=1 speculative: fell back to static: {fell['compile_errors']}"]
+    out = capsys.readouterr().out
+    assert "[check] float32  graph  T=1 speculative FELL BACK to static (8 tokens" in out
+    assert "[check] FAILED" in out and "T=1 speculative ok" in out  # (the static engine's)
+
+
+def test_check_dtypes_option(models, capsys):
+    assert check_dtypes("bfloat16, float32") == ["bfloat16", "float32"]  # in the order given
+    for bad in ("float32,float32", "fp8", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            check_dtypes(bad)
+    target_dir, drafter_dir = models
+    assert main(["eval", "--check", "--drafter", str(drafter_dir), "--target", str(target_dir),
+                 "--check-dtypes", "float32", "--dtype", "bfloat16"]) == 2  # both pick the dtypes
+    assert "give one of them" in capsys.readouterr().err
 
 
 def test_generate_prompt_and_jsonl(tmp_path, models, two_turn_file, capsys):

@@ -17,7 +17,7 @@ from speculative.llama import FastLlama
 from speculative.target import TargetModel
 from speculative.tree import TreeConfig, tree_size
 from speculative.vocab import DraftVocab
-from tests.conftest import TARGET_ARCHS, tiny_drafter
+from tests.conftest import TARGET_ARCHS, graphs_on_cpu, stub_cuda_capture, tiny_drafter
 from tests.test_tree_engine import hf_greedy, small_llama, train_agreeing_pair
 
 
@@ -277,23 +277,12 @@ def test_cycle_capture_warms_up_every_call_from_slot_zero(agreeing_pair, monkeyp
     4+ in the warm-up) the verification indexed past the span (on GPU a device-side assert that
     kills the CUDA context). The capture sequence runs here with stand-ins for the CUDA calls
     (each warm-up and the capture run the step eagerly)."""
-    import contextlib
-
     target, drafter = agreeing_pair
     tree = TreeConfig(depth=4, top_k=3, total_tokens=15)
     fast = FastLlama.from_target(target)
     decoder = StaticDecoder(fast, drafter, tree, 64, span_step=16, cycle_graphs=True)
     assert decoder.chunk_len == 16 == decoder.spans()[0]  # the shortest span holds one chunk at slot 0
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: Stream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
+    stub_cuda_capture(monkeypatch)
     starts = []
     original = decoder._cycle_fn
     decoder._cycle_fn = lambda span: starts.append(int(decoder.pos)) or original(span)
@@ -305,6 +294,85 @@ def test_cycle_capture_warms_up_every_call_from_slot_zero(agreeing_pair, monkeyp
     engine._static = decoder
     prompt = [3, 1, 4, 1, 5]
     assert engine.generate(prompt, 20).tokens == hf_greedy(target.model, prompt, 20)
+
+
+def test_a_failed_capture_names_the_graph_dtype_and_acceptance(agreeing_pair, monkeypatch):
+    """A capture that fails says which graph (its key), in which dtype, with which acceptance, and
+    chains the CUDA error, so the engine's fallback warning (and ``compile_errors``) carry it."""
+    import contextlib
+
+    from speculative.graphs import GraphCaptureError
+
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
+    decoder = StaticDecoder(FastLlama.from_target(target), drafter, tree, 64, cycle_graphs=True, sampling=True)
+    cause = RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    @contextlib.contextmanager
+    def failing_graph(graph, **kwargs):  # the injected fault: the cycle graph's capture fails
+        yield
+        if ("draft_verify", 64, False) in decoder._graphs:  # captured just before the cycle graph
+            raise cause
+
+    stub_cuda_capture(monkeypatch, failing_graph)
+    with pytest.raises(GraphCaptureError) as caught:
+        decoder._capture_steps()
+    message = str(caught.value)
+    assert caught.value.__cause__ is cause and str(cause) in message
+    assert message.startswith("capture of CUDA graph ('cycle', 64) failed")
+    assert "target float32, drafter float32, sampling on, cycle graphs" in message
+    assert "2 graphs captured before" in message  # decode, draft_verify
+    # a warm-up failure says so; the engine's fallback carries the message
+    stub_cuda_capture(monkeypatch)
+    engine = SpeculativeGenerator(target, drafter, tree, temperature=1.0, compile="static")
+    engine.compile = "graph"  # as if resolved on a GPU
+    monkeypatch.setattr(StaticDecoder, "__init__", graphs_on_cpu(StaticDecoder.__init__))
+    monkeypatch.setattr(StaticDecoder, "_decode_step", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.warns(UserWarning, match="compile='graph' failed"):
+        engine.generate([4, 8, 15], 6)
+    assert engine.compile == "static"
+    assert "GraphCaptureError: warm-up of CUDA graph 'decode' failed (target float32, drafter float32, " \
+           "sampling on, cycle graphs" in engine.compile_errors[0] and "RuntimeError: boom" in engine.compile_errors[0]
+
+
+def test_no_garbage_collection_during_a_capture(agreeing_pair, monkeypatch):
+    """A dropped StaticDecoder is a reference cycle: the cyclic collector frees it, and with it its
+    CUDA graphs. Freed during another decoder's capture, that destroys graphs mid-capture and
+    invalidates it (what the check met on the H200 at float32 T = 1). So the capture sequence
+    collects first and no collection runs inside a capture."""
+    import contextlib
+    import gc
+    import weakref
+
+    from speculative.graphs import GraphCaptureError
+
+    target, drafter = agreeing_pair
+    tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
+    fast = FastLlama.from_target(target)
+    dropped = weakref.ref(StaticDecoder(fast, drafter, tree, 64, cycle_graphs=True))
+    assert dropped() is not None  # a cycle: only the collector frees it
+    decoder = StaticDecoder(fast, drafter, tree, 64, cycle_graphs=True)
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(graph, **kwargs):
+        seen.append((gc.isenabled(), dropped() is None))
+        yield
+
+    stub_cuda_capture(monkeypatch, graph)
+    assert gc.isenabled()
+    decoder._capture_all()
+    assert len(seen) == len(decoder._graphs) == 1 + 2 + 4  # decode, draft+verify and cycle, 4 catch-ups
+    assert seen == [(False, True)] * len(seen) and gc.isenabled()
+
+    def failing(graph, **kwargs):
+        assert not gc.isenabled()
+        raise RuntimeError("capture failed")
+
+    stub_cuda_capture(monkeypatch, failing)
+    with pytest.raises(GraphCaptureError, match="capture of CUDA graph 'decode' failed"):
+        decoder._capture_all()
+    assert gc.isenabled()  # re-enabled after a failed capture too
 
 
 @pytest.mark.parametrize("mode", ["host", "device", "pipelined"])

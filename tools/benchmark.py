@@ -14,7 +14,7 @@ tree engine's own ``generate_autoregressive`` (``--ar-engine static``); docs/ben
 
     draftrl eval --drafter DIR [--bench mt_bench,humaneval,gsm8k] [--temperature 0,1] [--out DIR]
                  [--repeats 3] [--ar-engine batch|static|batch,static]
-    draftrl eval --drafter DIR --check          # static/graph paths == eager greedy (GPU smoke test)
+    draftrl eval --drafter DIR --check [--check-dtypes bfloat16,float32]   # static/graph == eager greedy (GPU)
     draftrl eval --drafter DIR --bench humaneval --profile 3 [--max-minutes 0]   # where a cycle's time goes
     draftrl eval --drafter DIR --bench humaneval --trees 6x10x59,4x8x24   # tree shapes vs one AR baseline
     draftrl generate "question" [--drafter DIR] [--temperature T]
@@ -714,11 +714,36 @@ def _check_prompts(args, tokenizer) -> list[list[int]]:
     return [chat_prompt(tokenizer, [{"role": "user", "content": t}])[0] for t in texts]
 
 
+def check_dtypes(text: str) -> list[str]:
+    """``--check-dtypes``: the check's dtypes, in the order given (comma-separated, each once)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names) or any(name not in DTYPES for name in names):
+        raise argparse.ArgumentTypeError(
+            f"--check-dtypes takes comma-separated dtypes, each once, of {', '.join(DTYPES)}; got {text!r}")
+    return names
+
+
+def check_modes(device: torch.device, compile: str) -> list[str]:
+    """The check's compile modes: eager, static, CUDA graphs (on CUDA), inductor (when asked for)."""
+    return (["off", "static"] + (["graph"] if device.type == "cuda" else [])
+            + (["inductor"] if compile == "inductor" else []))
+
+
+def _fallback(engine, mode: str, seen: int) -> tuple[str | None, list[str]]:
+    """What the engine ran instead of ``mode`` (None: ``mode`` itself) and the compile errors it
+    met since it had ``seen`` of them: a check must not report a path that did not run."""
+    new = list(engine.compile_errors[seen:])
+    return (engine.compile if engine.compile != mode or new else None), new
+
+
 def run_check(args) -> int:
     """GPU self-check: graph/static paths vs eager greedy, 2 prompts x 32 tokens at T = 0.
 
     Asserted in float32 (the arithmetic is the same up to rounding, so tokens must match);
     bf16 agreement is reported, not asserted (chunked and single-token forwards round apart).
+    In every dtype a path that fell back (a failed capture: ``compile='graph'`` running
+    ``static``) fails the check, whenever it happens (building, warming up, at T = 0 or T = 1):
+    its rows say ``fell_back_to`` and the ``compile_errors`` met.
     """
     import torch
 
@@ -726,12 +751,16 @@ def run_check(args) -> int:
 
     device = pick_device(args.device)
     new_tokens = min(args.max_new_tokens, 32)
-    modes = ["off", "static"] + (["graph"] if device.type == "cuda" else [])
-    modes += ["inductor"] if args.compile == "inductor" else []
+    modes = check_modes(device, args.compile)
     dtypes = ["float32"] + (["bfloat16"] if device.type == "cuda" else [])
     if args.dtype != "auto":
         dtypes = [args.dtype]
-    report: dict[str, Any] = {"device": str(device), "max_new_tokens": new_tokens, "runs": []}
+    if getattr(args, "check_dtypes", None):
+        if args.dtype != "auto":
+            raise BenchmarkError("--check-dtypes and --dtype both pick the check's dtypes: give one of them")
+        dtypes = list(args.check_dtypes)
+    report: dict[str, Any] = {"device": str(device), "max_new_tokens": new_tokens, "dtypes": dtypes,
+                              "runs": [], "sampling_runs": []}
     failures: list[str] = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -748,9 +777,25 @@ def run_check(args) -> int:
             if engine.compile != mode:
                 failures.append(f"{dtype_name} {mode}: fell back to {engine.compile}: {engine.compile_errors}")
                 print(f"[check] {dtype_name:8s} {mode:6s} FAILED to build: {engine.compile_errors}", flush=True)
+            seen, ran = len(engine.compile_errors), engine.compile
+
+            def fell_back(label: str) -> tuple[str | None, list[str]]:
+                """After a step of the check: what ran instead of ``mode`` and the errors since the
+                last step; a fallback new since then fails the check."""
+                nonlocal seen, ran
+                fallback, errors = _fallback(engine, mode, seen)
+                if errors or engine.compile != ran:
+                    failures.append(f"{dtype_name} {mode} {label}: fell back to {engine.compile}: {errors}")
+                seen, ran = len(engine.compile_errors), engine.compile
+                return fallback, errors
+
             for prompt in prompts:  # warm-up
                 engine.generate(prompt, 4)
                 engine.generate_autoregressive(prompt, 4)
+            fallback, errors = fell_back("warm-up")
+            if errors:
+                print(f"[check] {dtype_name:8s} {mode:6s} warm-up FELL BACK to {fallback}: {'; '.join(errors)}",
+                      flush=True)
             for kind in ("autoregressive", "speculative"):
                 outs, seconds, taus = [], 0.0, []
                 for prompt in prompts:
@@ -766,23 +811,38 @@ def run_check(args) -> int:
                     for o, r in zip(outs, reference)
                 ]
                 same = outs == reference
+                fallback, errors = fell_back(kind)
                 row = {
                     "dtype": dtype_name, "mode": mode, "kind": kind, "identical_to_eager_greedy": same,
                     "agreeing_prefix": agree, "tokens_per_s": round(sum(map(len, outs)) / seconds, 1),
                     "tau": round(sum(taus) / len(taus), 3), "setup_s": round(setup, 2),
+                    "fell_back_to": fallback, "compile_errors": errors,
                 }
                 report["runs"].append(row)
                 flag = "ok" if same else ("MISMATCH" if strict else "differs (bf16 rounding?)")
+                if fallback is not None:  # the tokens came from another path: never "ok"
+                    flag = f"FELL BACK to {fallback} ({'same tokens' if same else 'tokens differ'})"
                 print(f"[check] {dtype_name:8s} {mode:6s} {kind:14s} {flag:8s} prefix {agree} "
-                      f"{row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  setup {setup:.1f}s", flush=True)
+                      f"{row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  setup {setup:.1f}s"
+                      + "".join(f"\n[check]   {error}" for error in errors), flush=True)
                 if strict and not same:
                     failures.append(f"{dtype_name} {mode} {kind}: agreeing prefix {agree} of {new_tokens}")
             if mode != "off":  # the sampling path runs (no equality at T > 0)
                 engine.temperature = 1.0
                 result = engine.generate(prompts[0], new_tokens)
                 ok = len(result.tokens) > 0 and all(0 <= t < target.vocab_size for t in result.tokens)
-                print(f"[check] {dtype_name:8s} {mode:6s} T=1 speculative {'ok' if ok else 'BROKEN'} "
-                      f"({len(result.tokens)} tokens, tau {result.tau:.2f})", flush=True)
+                fallback, errors = fell_back("T=1 speculative")
+                report["sampling_runs"].append({
+                    "dtype": dtype_name, "mode": mode, "kind": "speculative", "temperature": 1.0, "ok": ok,
+                    "tokens": len(result.tokens), "tau": round(result.tau, 3),
+                    "fell_back_to": fallback, "compile_errors": errors,
+                })
+                flag = "ok" if ok else "BROKEN"
+                if fallback is not None:  # the graph path never ran: not "ok"
+                    flag = f"FELL BACK to {fallback}" if ok else f"BROKEN, FELL BACK to {fallback}"
+                print(f"[check] {dtype_name:8s} {mode:6s} T=1 speculative {flag} "
+                      f"({len(result.tokens)} tokens, tau {result.tau:.2f})" + "".join(f": {e}" for e in errors[:1])
+                      + "".join(f"\n[check]   {error}" for error in errors[1:]), flush=True)
                 if not ok:
                     failures.append(f"{dtype_name} {mode} T=1 produced {result.tokens[:8]}")
             del engine

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the validated config (defaults filled in)")
     _config_args(show)
 
-    from tools.benchmark import add_model_args, parse_trees  # light: no model code imported
+    from tools.benchmark import add_model_args, check_dtypes, parse_trees  # light: no model code imported
 
     generate = commands.add_parser(
         "generate", help="decode a prompt (or a question JSONL) with the target, speculatively with --drafter",
@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "profile.md, profile.json, profile_trace.json.gz to --out. With --max-minutes 0 the "
                             "timed part is skipped (profile only)")
     bench.add_argument("--check", action="store_true",
-                       help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens)")
+                       help="GPU self-check: static/graph paths vs eager greedy (2 prompts x 32 tokens); a path "
+                            "that fell back (e.g. a failed graph capture) fails it")
+    bench.add_argument("--check-dtypes", type=check_dtypes, default=None, metavar="DTYPE[,DTYPE]",
+                       help="the check's dtypes, in this order (default float32, then bfloat16 on CUDA; "
+                            "equality is asserted in float32 only), e.g. bfloat16,float32")
     bench.add_argument("--trees", type=parse_trees, default=None, metavar="DxKxN[,DxKxN...]",
                        help="a tree sweep: time these tree shapes (depth x top-k x draft tokens, e.g. "
                             "6x10x59,4x8x24; replaces --depth/--top-k/--total-tokens) in one process, one tree "
