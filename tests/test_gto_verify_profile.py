@@ -68,7 +68,8 @@ def test_verification_forwards_replayed_alone_and_variants_checked(tmp_path, tin
     wrong = variants["self-check: slot 0 hidden"]
     assert wrong["status"] == "DIFFERENT" and wrong["self_check_caught"]
     assert all(not e["check"]["equal"] and e["check"]["rel_err"] > 1e-3 for e in wrong["per_part"])
-    assert report["all_variants_equal"] and report["self_check_caught"]
+    assert report["all_variants_equal"] and report["self_check_caught"] and not report["different"]
+    assert report["not_run"] == {"sdpa=efficient": "unsupported", "sdpa=cudnn": "unsupported", "C=4": "not applicable"}
     assert report["profile"]["top_kernels"] and len(report["profile"]["forwards"]) == len(rows)
     assert report["in_batch"]["ranges"]["gto/verify"]["count"] == len(rows)
     text = (out / "gto_verify.md").read_text()
