@@ -245,7 +245,8 @@ def forward_cost(fast, shapes: dict[str, Any]) -> dict[str, float]:
         "lm_head_gflop": 2 * (real + 1) * hidden * vocab * 1e-9,
         "attention_gflop_dense": 4 * rows * heads * width * span * dim * layers * 1e-9,
         "attention_gflop_visible": 4 * heads * dim * layers * shapes["mask"]["visible"] * 1e-9,
-        "weights_mb": (layers * layer_weights + vocab * hidden) * size * mb,
+        "weights_mb": layers * layer_weights * size * mb,  # the layers' GEMM weights, read once
+        "lm_head_weights_mb": vocab * hidden * size * mb,
         "kv_read_mb": 2 * layers * rows * kv_heads * span * dim * size * mb,
         "kv_write_mb": 2 * layers * rows * kv_heads * width * dim * size * mb,
         "bool_mask_mb": rows * width * span * mb,
