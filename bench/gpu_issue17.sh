@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: the target as FusedLlama (default) vs FastLlama
 #    (gto.target_forward=fast, the forward before 2026-12-01), two chunkings, and a torch.profiler
@@ -8,12 +8,31 @@
 # Data: .kit/data/sharegpt_6k.jsonl.gz (bench/make_sharegpt_slice.py). At most 8 files land in OUT_DIR.
 # TP_ARGS: more bench/throughput.py flags, e.g. TP_ARGS="--train-batch 32 --grad-accum 1" (rollouts of
 # 32 sequences: the standalone GTO bench builds 32 in about the time an actor builds 8 while sharing).
+# gto-verify: bench/gto_verify_profile.py only (one GTO batch, 32 x 16 positions, bf16 trees; its
+# verification forwards replayed alone with variants and profiles), on the warm drafter of an earlier
+# mode on this machine, else on one that bench/throughput.py --parts prefill warms first (~1.5 min).
+# GV_ARGS: more bench/gto_verify_profile.py flags, e.g. GV_ARGS="--chunk 32x8 --reps 10".
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
 mkdir -p "$out"
 [ -f /tmp/sharegpt_6k.jsonl ] || gunzip -c .kit/data/sharegpt_6k.jsonl.gz > /tmp/sharegpt_6k.jsonl
 data=(--target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl)
+if [ "$which" = gto-verify ]; then
+  if [ ! -d /tmp/tp/warm_drafter ]; then
+    python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill --total-minutes 3 > "$out/throughput.log" 2>&1
+  fi
+  drafter=(); [ -d /tmp/tp/warm_drafter ] && drafter=(--drafter /tmp/tp/warm_drafter)
+  ceiling=$(python3 -c "import json; print(json.load(open('/tmp/tp/summary.json')).get('prefill_ceiling_tok_s') or '')" 2>/dev/null)
+  timeout 420 python3 bench/gto_verify_profile.py "${data[@]}" ${drafter[@]+"${drafter[@]}"} --max-records 600 --batch-size 32 \
+    --chunk 32x16 --precision bf16 --self-check --profile ${ceiling:+--ceiling $ceiling} ${GV_ARGS:-} --out /tmp/gv \
+    > "$out/gto_verify.log" 2>&1
+  echo "gto_verify_profile exit $?" >> "$out/gto_verify.log"
+  cp /tmp/gv/gto_verify.json /tmp/gv/gto_verify.md "$out/" 2>/dev/null
+  [ -f /tmp/tp/summary.json ] && cp /tmp/tp/summary.json "$out/throughput_summary.json"
+  ls -la "$out"
+  exit 0
+fi
 if [ "$which" = all ]; then
   python3 bench/throughput.py "${data[@]}" --out /tmp/tp --total-minutes 6.5 --ray-modes async ${TP_ARGS:-} > "$out/throughput.log" 2>&1
 else

@@ -33,6 +33,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +229,26 @@ def with_gto(config, **gto):
     return config.model_copy(update={"gto": section})
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Models:
+    """What a GTO bench runs on: the config, the target (in its worker), the data, both drafters."""
+
+    config: Any
+    worker: TargetWorker
+    dataset: Any
+    pad_id: int
+    drafter: Any
+    reference: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_models(args: argparse.Namespace) -> Models:
+    """The config (``training.objective=gto`` and ``--set``), the target, the data and the drafter
+    (``--drafter`` or a random init; weights in ``--drafter-dtype``) with its reference copy
+    (M = M0, as at the start of GTO's phase II): ``add_model_arguments``' flags."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     overrides = ["training.objective=gto", f"target.model={args.target}", f"data.max_length={args.max_length}",
                  f"drafter.draft_vocab_size={args.draft_vocab_size}", *args.set]
@@ -254,6 +270,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     worker = TargetWorker(target, drafter.draft_to_target)
     print(f"[bench] target {args.target} ({dtype}) on {device}; {len(dataset)} samples; "
           f"drafter {'from ' + args.drafter if args.drafter else 'random init'} ({args.drafter_dtype})", flush=True)
+    return Models(config, worker, dataset, pad_id, drafter, reference, device, dtype)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    models = load_models(args)
+    config, worker, dataset, pad_id = models.config, models.worker, models.dataset, models.pad_id
+    drafter, reference, device, dtype = models.drafter, models.reference, models.device, models.dtype
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -427,8 +452,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags ``load_models`` reads (shared by the GTO benches)."""
     parser.add_argument("--target", default="smollm2", help="built-in name, .gguf file or HF directory")
     parser.add_argument("--drafter", default=None, help="EAGLE-3 drafter directory (default: random init)")
     parser.add_argument("--data", default="sharegpt", help="'sharegpt' or a conversations file (JSONL/JSON/parquet)")
@@ -441,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-records", type=int, default=2000)
     parser.add_argument("--draft-vocab-size", type=int, default=32000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="8,32,64", help="GTO batch sizes of the batched path")
     parser.add_argument("--chunks", default="16x8,32x8,64x4", help="S x C settings (sequences x positions per forward)")
     parser.add_argument("--precisions", default="fp32,bf16", help="gto.tree_precision values to measure")

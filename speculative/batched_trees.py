@@ -31,6 +31,7 @@ read x_0..x_t; the tree's root is x_{t+1} at position t+1, and its nodes draft x
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -308,32 +309,12 @@ def score_trees_at_positions(
         ref_step_one = None if options.tree_autocast else step_ones[1]  # reused by the path replay
         del step_ones
 
-        # 4. Verification, C positions of every sequence per forward: per sequence the C current
-        # trees, then the reference trees' nodes that the current ones lack.
-        seqs = len(members)
-        at = [_allocate_target_at(seqs * span, n_nodes, root_logits, options) for _ in range(2)]
-        # Position chunks go last to first. A sequence's roots only grow along its slots (its
-        # padding slots, index 0, come last), so a forward may overwrite the cache slots past the
-        # largest root any sequence has in this or an earlier chunk (no later forward reads them)
-        # and attend to a prefix cut there instead of the full width.
-        host_idx = host_indices[members]
-        for first in reversed(range(0, span, chunk_pos)):
-            slots = torch.arange(first, first + chunk_pos, device=device)
-            tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
-            pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
-            needed = host_idx[:, : min(first + chunk_pos, positions_per_seq)]
-            prefix = min(padded, _round_up(int(needed.max()) + 2, options.length_multiple))
-            with record_function("gto/pack"):
-                packed = pack_tree_pairs(*pair, idx[:, first : first + chunk_pos] + 1, prefix,
-                                         dedupe=options.share_nodes, max_depth=depth,
-                                         feed_leaves=options.verify_leaves)
-            with record_function("gto/verify"):
-                found = verify_packed(fast, cache, prefix, packed, pair,
-                                      root_logits[:, first : first + chunk_pos], options.reward_temperature)
-            for target_at, part in zip(at, found):
-                _store(target_at, tree_rows, part)
-            out.verified_nodes += int(packed.tokens.numel())
-            shared = shared + packed.shared
+        # 4. Verification, C positions of every sequence per forward.
+        *at, verified, chunk_shared = verify_position_chunks(
+            fast, cache, current, ref, idx, host_indices[members], root_logits, padded, positions_per_seq, options,
+            observer=_VERIFY_OBSERVER)
+        out.verified_nodes += verified
+        shared = shared + chunk_shared
 
         # 5. Scoring.
         scores = [_score(tree, target_at, options) for tree, target_at in zip((current, ref), at)]
@@ -367,6 +348,89 @@ def score_trees_at_positions(
         getattr(out, name).masked_fill_(pad, 0)
     out.path_ids.masked_fill_(pad[..., None], 0)
     return out
+
+
+@torch.no_grad()
+def verify_position_chunks(
+    fast: FastLlama | FusedLlama,
+    cache,
+    current: DraftTree,
+    ref: DraftTree,
+    idx: torch.Tensor,
+    host_idx: torch.Tensor,
+    root_logits: torch.Tensor,
+    padded: int,
+    positions_per_seq: int,
+    options: BatchedTreeOptions,
+    observer=None,
+) -> tuple[TargetAtTrees, TargetAtTrees, int, torch.Tensor]:
+    """Step 4 of ``score_trees_at_positions`` for one chunk of S sequences: verify the trees of
+    ``current`` and ``ref`` (rows s * span + p) at the roots ``idx [S, span]`` (on the host:
+    ``host_idx [S, >= P]``) in forwards of C = ``options.positions_per_forward`` positions of
+    every sequence each, behind the prefill in ``cache`` (``padded`` slots; room for
+    ``packed_width(C, N)`` more). ``root_logits [S, span, V]``: the target at each root.
+
+    Per forward and sequence: the C current trees, then the reference trees' nodes that the
+    current ones lack. Position chunks go last to first. A sequence's roots only grow along its
+    slots (its padding slots, index 0, come last), so a forward may overwrite the cache slots past
+    the largest root any sequence has in this or an earlier chunk (no later forward reads them)
+    and attend to a prefix cut there instead of the full width.
+
+    Returns what scoring reads for the current and the reference trees ([S * span] rows), the
+    target slots fed (padding included) and the reference nodes read from current rows (0-d).
+    ``observer`` (``observing_verification``; None in training) sees the chunk before the first
+    forward (``begin``) and every forward's inputs and results (``forward``)."""
+    device = idx.device
+    seqs, span = idx.shape
+    chunk_pos = options.positions_per_forward
+    if span % chunk_pos:
+        raise ValueError(f"{span} position slots do not split into forwards of {chunk_pos}")
+    seq_rows = torch.arange(seqs, device=device)[:, None]
+    at = [_allocate_target_at(seqs * span, current.num_nodes, root_logits, options) for _ in range(2)]
+    verified, shared = 0, torch.zeros((), dtype=torch.long, device=device)
+    if observer is not None:
+        observer.begin(fast=fast, cache=cache, current=current, ref=ref, idx=idx, host_idx=host_idx,
+                       root_logits=root_logits, padded=padded, positions_per_seq=positions_per_seq,
+                       options=options)
+    for first in reversed(range(0, span, chunk_pos)):
+        slots = torch.arange(first, first + chunk_pos, device=device)
+        tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
+        pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
+        needed = host_idx[:, : min(first + chunk_pos, positions_per_seq)]
+        prefix = min(padded, _round_up(int(needed.max()) + 2, options.length_multiple))
+        roots = idx[:, first : first + chunk_pos] + 1
+        with record_function("gto/pack"):
+            packed = pack_tree_pairs(*pair, roots, prefix, dedupe=options.share_nodes,
+                                     max_depth=options.tree.depth, feed_leaves=options.verify_leaves)
+        root_chunk = root_logits[:, first : first + chunk_pos]
+        with record_function("gto/verify"):
+            found = verify_packed(fast, cache, prefix, packed, pair, root_chunk, options.reward_temperature)
+        for target_at, part in zip(at, found):
+            _store(target_at, tree_rows, part)
+        verified += int(packed.tokens.numel())
+        shared = shared + packed.shared
+        if observer is not None:
+            observer.forward(first=first, prefix=prefix, roots=roots, pair=pair, packed=packed,
+                             root_logits=root_chunk, found=found)
+    return at[0], at[1], verified, shared
+
+
+# The observer ``verify_position_chunks`` reports to inside ``score_trees_at_positions`` (None:
+# nobody watches; set only by ``observing_verification``, e.g. by bench/gto_verify_profile.py).
+_VERIFY_OBSERVER = None
+
+
+@contextlib.contextmanager
+def observing_verification(observer):
+    """Inside the block, ``score_trees_at_positions`` hands every chunk's verification inputs and
+    every forward's inputs and results to ``observer`` (``begin(**chunk)``, ``forward(**one)``),
+    so a bench can replay the very forwards a GTO batch ran. Nothing changes what is computed."""
+    global _VERIFY_OBSERVER
+    previous, _VERIFY_OBSERVER = _VERIFY_OBSERVER, observer
+    try:
+        yield observer
+    finally:
+        _VERIFY_OBSERVER = previous
 
 
 def _round_up(value: int, multiple: int) -> int:
