@@ -521,17 +521,24 @@ def test_smollm2_speculative_greedy_equals_target_greedy():
         assert result.target_forwards == 1 + len(result.accept_lengths)
 
 
-def test_greedy_acceptance_on_device_equals_the_host_walk():
-    """``greedy_accept_on_device`` (what the T = 0 draft+verify graph runs) against ``verify_greedy``
-    on target logits steered down random paths of real trees: nothing, part of a path, a whole one."""
-    from speculative.verify import greedy_accept_on_device, verify_greedy
-
+def _acceptance_tree() -> tuple[DraftTree, TreeConfig]:
+    """The batch-2 top-k tree (depth 4, top-k 3, 14 nodes) of a random drafter over a random target
+    that the device-acceptance tests steer target logits down; the same tree on every call."""
     target = TargetModel(small_llama(5))
     drafter = tiny_drafter(target, DraftVocab.from_counts(torch.randperm(64), 40), seed=2).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     cache, root_logits, root_hidden = _drafter_prefix(target, drafter, ids)
     config = TreeConfig(depth=4, top_k=3, total_tokens=14)
     tree = build_draft_tree(drafter, cache, root_logits, root_hidden, torch.tensor([8, 8]), config)
+    return tree, config
+
+
+def test_greedy_acceptance_on_device_equals_the_host_walk():
+    """``greedy_accept_on_device`` (what the T = 0 draft+verify graph runs) against ``verify_greedy``
+    on target logits steered down random paths of real trees: nothing, part of a path, a whole one."""
+    from speculative.verify import greedy_accept_on_device, verify_greedy
+
+    tree, config = _acceptance_tree()
     generator = torch.Generator().manual_seed(3)
     counts = set()
     for trial in range(60):
@@ -559,12 +566,7 @@ def test_stochastic_acceptance_on_device_equals_the_host_walk():
     the same accepted path, and the bonus drawn from the same residual distribution."""
     from speculative.verify import _verify_topk_stochastic, stochastic_accept_on_device
 
-    target = TargetModel(small_llama(5))
-    drafter = tiny_drafter(target, DraftVocab.from_counts(torch.randperm(64), 40), seed=2).eval()
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    cache, root_logits, root_hidden = _drafter_prefix(target, drafter, ids)
-    config = TreeConfig(depth=4, top_k=3, total_tokens=14)
-    tree = build_draft_tree(drafter, cache, root_logits, root_hidden, torch.tensor([8, 8]), config)
+    tree, config = _acceptance_tree()
     assert not tree.sampled
     generator = torch.Generator().manual_seed(3)
     counts, stops_with_children = set(), 0
