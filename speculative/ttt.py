@@ -191,11 +191,11 @@ def training_time_test(
         run_alive = agree if run_alive is None else run_alive * agree
         run_length = run_length + run_alive
         all_valid = all_valid * valid
-    proxy = 1.0 + (run_length * all_valid).sum() / all_valid.sum().clamp_min(1.0)
     steps = len(step_means)
-    host = torch.stack([*step_means, *step_agreed, *step_counts, proxy, total.detach()]).tolist() if steps else []
     if not steps:
         return TTTResult(total, [], [], [], 1.0, 0.0)
+    proxy = 1.0 + (run_length * all_valid).sum() / all_valid.sum().clamp_min(1.0)
+    host = torch.stack([*step_means, *step_agreed, *step_counts, proxy, total.detach()]).tolist()
     step_loss, step_accuracy = host[:steps], host[steps:2 * steps]
     step_count = [int(c) for c in host[2 * steps:3 * steps]]
     return TTTResult(total, step_loss, step_accuracy, step_count, host[-2], host[-1])

@@ -83,6 +83,18 @@ def test_ttt_equals_the_per_step_shift_reference(tiny_target, length, steps, out
         assert torch.allclose(param.grad, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_ttt_with_no_steps_reads_nothing(tiny_target):
+    """An unroll of zero steps returns before the host read: a zero loss, no per-step metrics, proxy 1."""
+    drafter = tiny_drafter(tiny_target, DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 40))
+    ids, attention, loss_mask = _batch(tiny_target, 8)
+    feats = tiny_target.features(ids, attention)
+    draft_logits, top1 = restrict_to_draft_vocab(feats.logits, drafter.draft_to_target)
+    result = training_time_test(drafter, ids, attention, loss_mask, draft_logits, top1, feats.aux_hidden, 0, [])
+    assert float(result.loss) == 0.0 and result.loss_value == 0.0
+    assert result.step_loss == result.step_accuracy == result.step_count == []
+    assert result.accept_length_proxy == 1.0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2_tied"])
 def test_draft_features_equal_features_then_restriction(arch, monkeypatch):
     """The chunked head gives ``features`` + ``restrict_to_draft_vocab``'s tensors (chunks of 7 rows:
