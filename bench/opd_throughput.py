@@ -23,12 +23,12 @@ Measures in one process, on the same device and prompts:
         # tokens compared, each engine profiled per decode step
 
 With ``--inductor ar`` the ar section runs again on the same prompts compiled by Inductor
-(attending cache spans as the graph step does, one compiled variant per span the runs reach;
-``--ar-inductor-span-step 0``: the whole cache, one variant): tok/s side by side, and whether its tokens equal the first run's (in
-bf16 a compiled step rounds differently, so greedy texts may part at a near tie; the CPU tests
-check the compiled step exactly, in fp32). With ``--profile`` (``--profile-runs ar``) each AR
-engine is profiled as it is (nothing compiled again): kernels and device time per decode step,
-by kind and by kernel name.
+(attending cache spans as the graph step does, one compiled variant per span of the cache, all
+compiled at the warm-up; ``--ar-inductor-span-step 0``: the whole cache, one variant): tok/s side
+by side, and whether its tokens equal the first run's (in bf16 a compiled step rounds differently,
+so greedy texts may part at a near tie; the CPU tests check the compiled step exactly, in fp32).
+With ``--profile`` (``--profile-runs ar``) each AR engine is profiled as it is (nothing compiled
+again): kernels and device time per decode step, by kind and by kernel name.
 
 Writes ``OUT/opd_throughput.json`` (after every section, so a run cut short keeps what it
 measured) and ``OUT/opd_throughput.md``; with ``--profile`` also torch.profiler tables and
@@ -324,8 +324,8 @@ def _autoregressive(args, target, prompts, device, compile: str, out: Path | Non
     batched = BatchGenerator(target, None, 0, compile=compile, max_batch=1, max_len=budget,
                              sync_every=args.ar_sync_every, inductor_span_step=args.ar_inductor_span_step)
     if only is not None and batched.compile != "static":
-        with only:  # capture (compile) the step now, under the restriction: every span the runs reach
-            batched._prepare_graphs(1, *batched._reach([len(p) for p in chosen], args.ar_tokens, 1))
+        with only:  # capture (compile) the step now, under the restriction: every span
+            batched._prepare_graphs(1)
         only = None
     with only or contextlib.nullcontext():  # eager: the restriction holds for every call
         return _autoregressive_runs(args, device, compile, out, compare, suffix, batched, chosen, budget, started)
@@ -339,7 +339,7 @@ def _autoregressive_runs(args, device, compile, out, compare, suffix, batched, c
     outputs = {"batched": [], "reference": []}
     for prompt in chosen:
         result = batched.generate([prompt], args.ar_tokens)
-        setup += result.setup_time  # spans the warm-up did not reach are captured (compiled) here
+        setup += result.setup_time  # ~0: the warm-up captured (compiled) every span
         rows["batched"].append(result.num_new_tokens / result.wall_time)
         outputs["batched"].append(result.tokens[0])
     if compile != "inductor" and not args.ar_no_reference and not suffix:
@@ -681,7 +681,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-sync-every", type=int, default=32)
     p.add_argument("--ar-inductor-span-step", type=int, default=None,
                    help="the compiled AR step's attention span step (BatchGenerator.inductor_span_step): "
-                   "default the engine's span step (one compiled variant per span reached), 0 the whole cache")
+                   "default the engine's span step (one compiled variant per span), 0 the whole cache")
     p.add_argument("--ar-sdpa", default="", help=f"also the ar section's run with only these SDPA backends "
                    f"(comma list of {sorted(SDPA_BACKENDS)}; the attention kernel captured in the graph)")
     p.add_argument("--ar-no-reference", action="store_true",

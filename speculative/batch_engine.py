@@ -171,11 +171,10 @@ class BatchGenerator:
     every live sequence until the next check: one graph per S (``None``: the whole cache, one
     graph). ``inductor_span_step``: the same for ``inductor``, where each S is also one more
     compile (``dynamic=False``; about as long as the first on a GPU, less with a warm kernel
-    cache); ``None`` means ``span_step``, 0 the whole cache (one compile). Under ``inductor`` each
-    ``generate`` compiles only the spans its prompts can reach (``_reach``; ``graph`` captures every
-    span at the first call, as compiling is what costs): at batch 1 a 256-token prompt
-    decoding 256 tokens with the default step (256) reaches slot 511, so ONE span (512 slots) is
-    compiled and captured, where the cache has 576 (a prompt of 248 tokens or fewer: two, 256 and 512).
+    cache); ``None`` means ``span_step``, 0 the whole cache (one compile). Both modes prepare
+    every span of a width at its first ``generate`` (and again after the caches grow or the
+    temperature changes), so no compile or capture lands inside a later, timed call: a 576-slot
+    cache with the default step (256) is three compiles under ``inductor`` (256, 512, 576).
     """
 
     def __init__(
@@ -415,32 +414,10 @@ class BatchGenerator:
     def _span_for(self, needed: int) -> int:
         return next(s for s in self._spans() if s >= min(needed, self.max_len))
 
-    def _spans_between(self, lowest: int, highest: int) -> list[int]:
-        """The spans of steps whose live sequences need from ``lowest`` to ``highest`` slots."""
-        first, last = self._span_for(max(lowest, 1)), self._span_for(max(highest, lowest, 1))
-        return [s for s in self._spans() if first <= s <= last]
-
-    def _reach(self, lengths: list[int], max_new_tokens: int, width: int) -> tuple[int, int]:
-        """The fewest and the most slots a step of a ``generate`` call can need (``generate``'s
-        ``root position + run * (K + 1)`` over live rows): a live row has its root at position
-        ``prompt length + count - 1``, ``count <= max_new_tokens - 1``, and a window runs
-        ``run <= min(sync_every, max_new_tokens - 1)`` steps. With one row, run and count are
-        the same row's: its first window needs ``length + min(sync_every, max_new_tokens - 1) * (K + 1)``
-        slots, its last at most ``length + (max_new_tokens - 1) * (K + 1)``."""
-        k1, most = self.chain_length + 1, max_new_tokens - 1
-        lowest = min(lengths) + 1
-        highest = max(lengths) + max(most - 1, 0) + min(self.sync_every, most) * k1
-        if width == 1:
-            lowest = min(lengths) + max(min(self.sync_every, most) * k1, 1)
-            highest = min(highest, max(lengths) + most * k1)
-        return lowest, max(highest, lowest)
-
-    def _prepare_graphs(self, width: int, lowest: int = 1, highest: int | None = None) -> None:
-        """Capture the step at this width for every span that steps needing ``lowest`` to
-        ``highest`` slots (default: any) attend (all rows idle: nothing live changes).
+    def _prepare_graphs(self, width: int) -> None:
+        """Capture the step at this width for every span (all rows idle: nothing live changes).
         Under ``inductor`` each span is one more compile (``dynamic=False`` specialises on it)."""
-        highest = self.max_len if highest is None else highest
-        if self.compile == "static" or all((width, s) in self._graphs for s in self._spans_between(lowest, highest)):
+        if self.compile == "static" or all((width, s) in self._graphs for s in self._spans()):
             return
         self.active.zero_()
         while True:
@@ -466,13 +443,13 @@ class BatchGenerator:
                         raise RuntimeError(f"compile={self.compile!r} needs CUDA graphs on a CUDA device")
                     # off CUDA: compile only (no graphs); one idle step per span compiles it now,
                     # so that a failed compile falls back here rather than mid-generation
-                    for span in self._spans_between(lowest, highest):
+                    for span in self._spans():
                         if (width, span) not in self._graphs:
                             self.step_index.zero_()
                             self._step_fn(width, span)
                             self._graphs[(width, span)] = None
                     break
-                for span in self._spans_between(lowest, highest):
+                for span in self._spans():
                     if (width, span) not in self._graphs:
                         self._capture(width, span)
                 break
@@ -512,7 +489,7 @@ class BatchGenerator:
             self._step_fn(width, span)
         else:
             graph = self._graphs.get((width, span))
-            if graph is None:  # ``generate``'s bound on the spans a call reaches was wrong
+            if graph is None:  # not reached: ``generate`` prepares every span of its width
                 raise RuntimeError(f"no captured step for width {width}, span {span}")
             graph.replay()
 
@@ -592,10 +569,7 @@ class BatchGenerator:
         setup = time.perf_counter()
         self._reserve(max(len(p) for p in prompts) + max_new_tokens)
         width = min(self.max_batch, 1 << (len(prompts) - 1).bit_length())
-        # Inductor compiles only the spans this call can reach (a compile per span); CUDA graphs
-        # are captured for every span up front, so no capture ever lands inside a timed call.
-        reach = self._reach([len(p) for p in prompts], max_new_tokens, width) if self.compile == "inductor" else ()
-        self._prepare_graphs(width, *reach)
+        self._prepare_graphs(width)  # every span up front: no compile or capture inside a timed call
         self._set_eos(_eos_set(eos_token_id))
         self.active.zero_()
         self._sync()
