@@ -36,6 +36,7 @@ greedy text and the same cycles.
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -46,6 +47,7 @@ import torch
 from speculative.batch_cache import BatchDraftCache, PrefillDraftCache, visible_up_to
 from speculative.engine import _as_prompt, _eos_set, resolve_compile_mode
 from speculative.fused_llama import FusedLlama
+from speculative.graphs import gc_paused
 from speculative.llama import FastLlama
 from speculative.profiling import phase
 
@@ -449,6 +451,7 @@ class BatchGenerator:
                             self._step_fn(width, span)
                             self._graphs[(width, span)] = None
                     break
+                gc.collect()  # dead decoders' graphs go now, not mid-capture (``gc_paused``)
                 for span in self._spans():
                     if (width, span) not in self._graphs:
                         self._capture(width, span)
@@ -479,7 +482,7 @@ class BatchGenerator:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.step_index.zero_()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with gc_paused(), torch.cuda.graph(graph, pool=self._pool):
             self._step_fn(width, span)
         torch.cuda.synchronize(self.device)
         self._graphs[(width, span)] = graph

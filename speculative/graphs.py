@@ -79,7 +79,7 @@ from speculative.verify import VerifyStep, greedy_accept_on_device, stochastic_a
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """No automatic garbage collection while a CUDA graph is being captured. A collection that frees
     a dead decoder's graphs mid-capture destroys them (``cudaGraphExecDestroy``), which the default
     ("global") capture mode forbids: PyTorch warns "operation not permitted when stream is capturing
@@ -463,7 +463,7 @@ class StaticDecoder:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             stage = "capture"
             graph = torch.cuda.CUDAGraph()
-            with _gc_paused(), torch.cuda.graph(graph):
+            with gc_paused(), torch.cuda.graph(graph):
                 out = fn()
         except Exception as error:
             raise GraphCaptureError(f"{stage} of CUDA graph {key!r} failed ({self.describe()}): "
@@ -484,7 +484,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _capture_all(self) -> None:
-        # Dead decoders go now, not during a capture (``_gc_paused``): a StaticDecoder is a reference
+        # Dead decoders go now, not during a capture (``gc_paused``): a StaticDecoder is a reference
         # cycle (its step functions are its bound methods), so one dropped by the engine waits for
         # the cyclic collector (torch.cuda.graph no longer collects before capturing: torch 2.13
         # does only with torch.compiler.config.force_cudagraph_gc)

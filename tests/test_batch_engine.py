@@ -311,3 +311,42 @@ def test_smollm2_batched_greedy_equals_target_greedy():
     want = _greedy(target.model, prompts, 20)
     assert BatchGenerator(target, drafter.eval(), 3, max_batch=2).generate(prompts, 20).tokens == want
     assert BatchGenerator(target, None, 0, max_batch=2).generate(prompts, 20).tokens == want
+
+
+def test_no_garbage_collection_during_a_batch_step_capture(agreeing_pair, monkeypatch):
+    """The batched engine's step captures collect first and pause the cyclic collector, as the tree
+    engine's do: a dead decoder freed mid-capture would destroy its CUDA graphs inside the capture
+    and invalidate it (tests/test_static_engine.py::test_no_garbage_collection_during_a_capture)."""
+    import contextlib
+
+    from tests.conftest import stub_cuda_capture
+
+    target, drafter = agreeing_pair
+    engine = BatchGenerator(target, drafter, 4, max_batch=8, span_step=16, sync_every=3)
+    engine.generate(_prompts(2, seed=5), 4)  # builds the caches (CPU: no graphs)
+
+    class Cycle:  # a reference cycle standing in for a dropped decoder
+        def __init__(self):
+            self.me = self
+
+    dropped = Cycle()
+    dead = weakref.ref(dropped)
+    del dropped
+    assert dead() is not None
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(graph, **kwargs):
+        seen.append((gc.isenabled(), dead() is None))
+        yield
+
+    stub_cuda_capture(monkeypatch, graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    # the CUDA capture branch; the step itself is not under test (and would need CUDA tensors)
+    monkeypatch.setattr(BatchGenerator, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(engine, "_step_fn", lambda width, span: None)
+    engine.compile = "graph"
+    engine._graphs.clear()
+    engine._prepare_graphs(1)
+    assert len(seen) == len(engine._spans()) and seen == [(False, True)] * len(seen)
+    assert gc.isenabled()
