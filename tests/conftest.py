@@ -96,6 +96,22 @@ def stub_cuda_capture(monkeypatch, graph=None):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
 
 
+def collector_probe(dead):
+    """A ``torch.cuda.graph`` stand-in for ``stub_cuda_capture`` and the list it fills: per capture,
+    (the cyclic collector enabled, ``dead()`` already freed)."""
+    import contextlib
+    import gc
+
+    seen: list[tuple[bool, bool]] = []
+
+    @contextlib.contextmanager
+    def graph(graph, **kwargs):
+        seen.append((gc.isenabled(), dead() is None))
+        yield
+
+    return graph, seen
+
+
 def graphs_on_cpu(init):
     """``StaticDecoder.__init__`` for ``compile='graph'`` on CPU: with ``use_graphs`` it runs the
     capture sequence (with ``stub_cuda_capture``'s stand-ins, so a capture can fail as on a GPU),

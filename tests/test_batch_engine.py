@@ -317,9 +317,7 @@ def test_no_garbage_collection_during_a_batch_step_capture(agreeing_pair, monkey
     """The batched engine's step captures collect first and pause the cyclic collector, as the tree
     engine's do: a dead decoder freed mid-capture would destroy its CUDA graphs inside the capture
     and invalidate it (tests/test_static_engine.py::test_no_garbage_collection_during_a_capture)."""
-    import contextlib
-
-    from tests.conftest import stub_cuda_capture
+    from tests.conftest import collector_probe, stub_cuda_capture
 
     target, drafter = agreeing_pair
     engine = BatchGenerator(target, drafter, 4, max_batch=8, span_step=16, sync_every=3)
@@ -333,13 +331,7 @@ def test_no_garbage_collection_during_a_batch_step_capture(agreeing_pair, monkey
     dead = weakref.ref(dropped)
     del dropped
     assert dead() is not None
-    seen = []
-
-    @contextlib.contextmanager
-    def graph(graph, **kwargs):
-        seen.append((gc.isenabled(), dead() is None))
-        yield
-
+    graph, seen = collector_probe(dead)
     stub_cuda_capture(monkeypatch, graph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     # the CUDA capture branch; the step itself is not under test (and would need CUDA tensors)

@@ -17,7 +17,7 @@ from speculative.llama import FastLlama
 from speculative.target import TargetModel
 from speculative.tree import TreeConfig, tree_size
 from speculative.vocab import DraftVocab
-from tests.conftest import TARGET_ARCHS, graphs_on_cpu, stub_cuda_capture, tiny_drafter
+from tests.conftest import TARGET_ARCHS, collector_probe, graphs_on_cpu, stub_cuda_capture, tiny_drafter
 from tests.test_tree_engine import hf_greedy, small_llama, train_agreeing_pair
 
 
@@ -340,7 +340,6 @@ def test_no_garbage_collection_during_a_capture(agreeing_pair, monkeypatch):
     CUDA graphs. Freed during another decoder's capture, that destroys graphs mid-capture and
     invalidates it (what the check met on the H200 at float32 T = 1). So the capture sequence
     collects first and no collection runs inside a capture."""
-    import contextlib
     import gc
     import weakref
 
@@ -352,13 +351,7 @@ def test_no_garbage_collection_during_a_capture(agreeing_pair, monkeypatch):
     dropped = weakref.ref(StaticDecoder(fast, drafter, tree, 64, cycle_graphs=True))
     assert dropped() is not None  # a cycle: only the collector frees it
     decoder = StaticDecoder(fast, drafter, tree, 64, cycle_graphs=True)
-    seen = []
-
-    @contextlib.contextmanager
-    def graph(graph, **kwargs):
-        seen.append((gc.isenabled(), dropped() is None))
-        yield
-
+    graph, seen = collector_probe(dropped)
     stub_cuda_capture(monkeypatch, graph)
     assert gc.isenabled()
     decoder._capture_all()

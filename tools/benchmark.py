@@ -729,13 +729,6 @@ def check_modes(device: torch.device, compile: str) -> list[str]:
             + (["inductor"] if compile == "inductor" else []))
 
 
-def _fallback(engine, mode: str, seen: int) -> tuple[str | None, list[str]]:
-    """What the engine ran instead of ``mode`` (None: ``mode`` itself) and the compile errors it
-    met since it had ``seen`` of them: a check must not report a path that did not run."""
-    new = list(engine.compile_errors[seen:])
-    return (engine.compile if engine.compile != mode or new else None), new
-
-
 def run_check(args) -> int:
     """GPU self-check: graph/static paths vs eager greedy, 2 prompts x 32 tokens at T = 0.
 
@@ -777,17 +770,17 @@ def run_check(args) -> int:
             if engine.compile != mode:
                 failures.append(f"{dtype_name} {mode}: fell back to {engine.compile}: {engine.compile_errors}")
                 print(f"[check] {dtype_name:8s} {mode:6s} FAILED to build: {engine.compile_errors}", flush=True)
-            seen, ran = len(engine.compile_errors), engine.compile
+            seen = len(engine.compile_errors)
 
             def fell_back(label: str) -> tuple[str | None, list[str]]:
-                """After a step of the check: what ran instead of ``mode`` and the errors since the
-                last step; a fallback new since then fails the check."""
-                nonlocal seen, ran
-                fallback, errors = _fallback(engine, mode, seen)
-                if errors or engine.compile != ran:
+                """After a step of the check: what ran instead of ``mode`` (None: ``mode`` itself) and
+                the compile errors met since the last step. The engine records one per fallback, so
+                a new one fails the check: a check must not report a path that did not run."""
+                nonlocal seen
+                errors, seen = list(engine.compile_errors[seen:]), len(engine.compile_errors)
+                if errors:
                     failures.append(f"{dtype_name} {mode} {label}: fell back to {engine.compile}: {errors}")
-                seen, ran = len(engine.compile_errors), engine.compile
-                return fallback, errors
+                return (engine.compile if engine.compile != mode or errors else None), errors
 
             for prompt in prompts:  # warm-up
                 engine.generate(prompt, 4)
