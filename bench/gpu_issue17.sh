@@ -25,7 +25,7 @@ if [ "$which" = gto-verify ]; then
   drafter=(); [ -d /tmp/tp/warm_drafter ] && drafter=(--drafter /tmp/tp/warm_drafter)
   ceiling=$(python3 -c "import json; print(json.load(open('/tmp/tp/summary.json')).get('prefill_ceiling_tok_s') or '')" 2>/dev/null)
   timeout 420 python3 bench/gto_verify_profile.py "${data[@]}" ${drafter[@]+"${drafter[@]}"} --max-records 600 --batch-size 32 \
-    --chunk 32x16 --precision bf16 --self-check --profile ${ceiling:+--ceiling $ceiling} ${GV_ARGS:-} --out /tmp/gv \
+    --chunk 32x64 --precision bf16 --self-check --profile ${ceiling:+--ceiling $ceiling} ${GV_ARGS:-} --out /tmp/gv \
     > "$out/gto_verify.log" 2>&1
   echo "gto_verify_profile exit $?" >> "$out/gto_verify.log"
   cp /tmp/gv/gto_verify.json /tmp/gv/gto_verify.md "$out/" 2>/dev/null
@@ -40,9 +40,9 @@ else
 fi
 cp /tmp/tp/summary.json "$out/throughput_summary.json"; cp /tmp/tp/README.md "$out/throughput_README.md"
 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter --max-records 600 --batch-sizes 32 \
-  --chunks 32x8,32x16 --precisions bf16 --old-batch-size 0 --profile --out /tmp/gto > "$out/gto.log" 2>&1
+  --chunks 32x16,32x64 --precisions bf16 --old-batch-size 0 --profile --out /tmp/gto > "$out/gto.log" 2>&1
 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter --max-records 600 --batch-sizes 32 \
-  --chunks 32x16 --precisions bf16 --old-batch-size 0 --set gto.target_forward=fast --out /tmp/gto_fast >> "$out/gto.log" 2>&1
+  --chunks 32x64 --precisions bf16 --old-batch-size 0 --set gto.target_forward=fast --out /tmp/gto_fast >> "$out/gto.log" 2>&1
 cp /tmp/gto/gto_throughput.json "$out/"; cp /tmp/gto/gto_throughput.md "$out/"
 cp /tmp/gto_fast/gto_throughput.json "$out/gto_throughput_fast_target.json"
 cp /tmp/gto/*profile*.txt "$out/" 2>/dev/null

@@ -65,7 +65,7 @@ PARTS = ("prefill", "gto", "opd", "sft", "single", "ray")
 # chunking on the H200 (bench/results/batched_experience_h200); the CPU ones only exercise the code.
 SIZES = {
     "cuda": dict(max_length=1024, max_records=600, draft_vocab=32000, ceiling_batches="8,16,32,64",
-                 ceiling_length=2048, gto_batch=32, gto_chunk="32x8", gto_precision="bf16", gto_batches=2,
+                 ceiling_length=2048, gto_batch=32, gto_chunk="32x64", gto_precision="bf16", gto_batches=2,
                  gto_set=[], opd_batch=64, opd_new_tokens=256, opd_chain=7, opd_prompt_tokens=1024,
                  sft_batches="8,16,32", train_batch=8, grad_accum=2, actors=2, learner_gpu=0.4, actor_gpu=0.3,
                  warm_steps=300, warm_rows=64, warm_new_tokens=128),

@@ -20,6 +20,7 @@ from speculative.batched_trees import (
     BatchedTreeOptions,
     drafter_step_one,
     grow_trees_at,
+    rooted_attention,
     score_trees_at_positions,
 )
 from speculative.llama import FastLlama
@@ -269,6 +270,48 @@ def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair):
         torch.testing.assert_close(batched.scores[rows], per_seq.scores, atol=1e-5, rtol=1e-5)
     assert batched.dists is None  # not kept for thousands of trees
 
+
+
+def _rooted_inputs(seqs: int, positions: int, heads: int, width: int, length: int, fed: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    rows, dim = seqs * positions, 8
+    q = torch.randn(rows, heads, width, dim, generator=gen)
+    prefix_keys, prefix_values = (torch.randn(seqs, heads, length, dim, generator=gen) for _ in range(2))
+    tree_keys, tree_values = (torch.randn(rows, heads, fed, dim, generator=gen) for _ in range(2))
+    roots = torch.randint(0, length, (seqs, positions), generator=gen)
+    visible = torch.arange(length)[None, None] <= roots[..., None]
+    tree_mask = torch.rand(rows, width, fed, generator=gen) < 0.5
+    tree_mask[..., 0] = True  # every node sees at least one tree entry (its own, in the real cache)
+    return q, prefix_keys, prefix_values, tree_keys, tree_values, visible, tree_mask
+
+
+def _dense_rooted_attention(q, prefix_keys, prefix_values, tree_keys, tree_values, visible, tree_mask):
+    """Row by row: the row's sequence prefix and its own tree entries as one key set, one masked SDPA."""
+    seqs, positions, length = visible.shape
+    out = []
+    for row in range(q.shape[0]):
+        s, p = divmod(row, positions)
+        keys = torch.cat([prefix_keys[s], tree_keys[row]], dim=-2)
+        values = torch.cat([prefix_values[s], tree_values[row]], dim=-2)
+        mask = torch.cat([visible[s, p].expand(q.shape[2], length), tree_mask[row]], dim=-1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(q[row], keys, values, attn_mask=mask))
+    return torch.stack(out)
+
+
+def test_rooted_attention_equals_dense_attention_eager_and_compiled():
+    """The split prefix/tree attention the trees grow with (one softmax over both parts, never
+    concatenated) equals a plain masked attention per row, eager and compiled (CUDA runs it
+    compiled; here Inductor's CPU backend, at two tree widths through one dynamic graph)."""
+    compiled = torch.compile(rooted_attention, dynamic=True)
+    for fed, seed in ((3, 0), (7, 1)):
+        inputs = _rooted_inputs(seqs=2, positions=3, heads=2, width=3, length=10, fed=fed, seed=seed)
+        dense = _dense_rooted_attention(*inputs)
+        torch.testing.assert_close(rooted_attention(*inputs), dense, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(*inputs), dense, atol=1e-5, rtol=1e-5)
+    q, pk, pv, tk, tv, visible, tree_mask = inputs
+    wrong = visible.clone()
+    wrong[0, 0, -1] = ~wrong[0, 0, -1]  # one prefix cell flipped: the check must see it
+    assert not torch.allclose(rooted_attention(q, pk, pv, tk, tv, wrong, tree_mask), dense, atol=1e-5)
 
 
 def test_bf16_trees_stay_close_to_fp32_trees(pair):
