@@ -2,13 +2,12 @@
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
 #   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
-# 2. bench/gto_throughput.py on the warm drafter: the target as FusedLlama (default) vs FastLlama
-#    (gto.target_forward=fast, the forward before 2026-12-01), two chunkings, and a torch.profiler
-#    table of one batch.
+# 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
+#    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
 # Data: .kit/data/sharegpt_6k.jsonl.gz (bench/make_sharegpt_slice.py). At most 8 files land in OUT_DIR.
-# TP_ARGS: more bench/throughput.py flags, e.g. TP_ARGS="--train-batch 32 --grad-accum 1" (rollouts of
-# 32 sequences: the standalone GTO bench builds 32 in about the time an actor builds 8 while sharing).
-# gto-verify: bench/gto_verify_profile.py only (one GTO batch, 32 x 16 positions, bf16 trees; its
+# TP_ARGS: more bench/throughput.py flags, e.g. TP_ARGS="--train-batch 8 --grad-accum 2" (the default
+# since 2026-12-02 is 32 x 1: rollouts of 32 sequences, each learner step one full micro-batch).
+# gto-verify: bench/gto_verify_profile.py only (one GTO batch, 32 sequences x 64 positions a forward, bf16 trees; its
 # verification forwards replayed alone with variants and profiles), on the warm drafter of an earlier
 # mode on this machine, else on one that bench/throughput.py --parts prefill warms first (~1.5 min).
 # GV_ARGS: more bench/gto_verify_profile.py flags, e.g. GV_ARGS="--chunk 32x8 --reps 10".

@@ -65,12 +65,13 @@ PARTS = ("prefill", "gto", "opd", "sft", "single", "ray")
 # chunking on the H200 (bench/results/batched_experience_h200); the CPU ones only exercise the code.
 SIZES = {
     "cuda": dict(max_length=1024, max_records=600, draft_vocab=32000, ceiling_batches="8,16,32,64",
-                 ceiling_length=2048, gto_batch=32, gto_chunk="32x64", gto_precision="bf16", gto_batches=2,
+                 ceiling_length=2048, gto_batch=32, gto_chunk="32x64", pipeline_gto_chunk="32x16",
+                 gto_precision="bf16", gto_batches=2,
                  gto_set=[], opd_batch=64, opd_new_tokens=256, opd_chain=7, opd_prompt_tokens=1024,
-                 sft_batches="8,16,32", train_batch=8, grad_accum=2, actors=2, learner_gpu=0.4, actor_gpu=0.3,
+                 sft_batches="8,16,32", train_batch=32, grad_accum=1, actors=2, learner_gpu=0.4, actor_gpu=0.3,
                  warm_steps=300, warm_rows=64, warm_new_tokens=128),
     "cpu": dict(max_length=48, max_records=64, draft_vocab=256, ceiling_batches="2", ceiling_length=32,
-                gto_batch=2, gto_chunk="2x2", gto_precision="fp32", gto_batches=1,
+                gto_batch=2, gto_chunk="2x2", pipeline_gto_chunk="2x2", gto_precision="fp32", gto_batches=1,
                 gto_set=["gto.tree_depth=3", "gto.tree_top_k=2", "gto.tree_total_tokens=6",
                          "gto.groups_per_sequence=2", "gto.group_size=2"],
                 opd_batch=2, opd_new_tokens=8, opd_chain=3, opd_prompt_tokens=48, sft_batches="2",
@@ -146,8 +147,10 @@ def tiny_assets(root: Path) -> tuple[str, str]:
 
 
 def gto_overrides(args, sizes: dict[str, Any], out: Path) -> list[str]:
-    """The GTO config the single-process trainer and the Ray pipeline both run."""
-    seqs, positions = (int(x) for x in sizes["gto_chunk"].split("x"))
+    """The GTO config the single-process trainer and the Ray pipeline both run. Their chunking is
+    ``pipeline_gto_chunk``, smaller than the standalone GTO part's: on one GPU the Ray run holds
+    two rollout actors and a learner at once, and at 32x64 its learner ran out of memory (H200)."""
+    seqs, positions = (int(x) for x in sizes["pipeline_gto_chunk"].split("x"))
     return [
         f"target.model={args.target}", f"data.source={args.data}", f"data.max_length={sizes['max_length']}",
         f"data.max_records={sizes['max_records']}", "data.eval_fraction=0.05",
@@ -443,6 +446,8 @@ def readme(summary: dict[str, Any]) -> str:
     ray = summary.get("ray", {})
     sizes = summary.get("sizes", {})
     per_update = (f"{sizes['train_batch']} x {sizes['grad_accum']}" if "train_batch" in sizes else "n/a")
+    if "pipeline_gto_chunk" in sizes:
+        per_update += f", S x C {sizes['pipeline_gto_chunk']}"
     lines = [
         f"# Throughput on one {summary['gpu_name']} ({summary['date']})", "",
         f"`{' '.join(summary['argv'])}` — {summary['total_seconds']:.0f} s in all. Target {summary['target']}.", "",

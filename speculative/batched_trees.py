@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,69 +129,39 @@ class RootedTreeCache:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.tree_keys = k if self.tree_keys is None else torch.cat([self.tree_keys, k], dim=-2)
         self.tree_values = v if self.tree_values is None else torch.cat([self.tree_values, v], dim=-2)
-        attend = _rooted_attention_kernel(q.device)
-        return attend(q, self.prefix_keys, self.prefix_values, self.tree_keys, self.tree_values,
-                      self.visible, self.tree_mask).to(q.dtype)
+        return rooted_attention(q, self.prefix_keys, self.prefix_values, self.tree_keys, self.tree_values,
+                                self.visible, self.tree_mask).to(q.dtype)
 
 
 def rooted_attention(q: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
                      tree_keys: torch.Tensor, tree_values: torch.Tensor, visible: torch.Tensor,
                      tree_mask: torch.Tensor) -> torch.Tensor:
-    """``RootedTreeCache``'s attention in fp32: q [S*P, h, w, d] against each sequence's prefix
+    """``RootedTreeCache``'s attention, fp32 out: q [S*P, h, w, d] against each sequence's prefix
     (``prefix_keys [S, h, T, d]``, rows see ``visible [S, P, T]``) and each row's own tree
-    entries (``tree_keys [S*P, h, F, d]`` under ``tree_mask [S*P, w, F]``); one softmax over both."""
+    entries (``tree_keys [S*P, h, F, d]`` under ``tree_mask [S*P, w, F]``); one softmax over both.
+
+    Eager on purpose: compiled by Inductor (dynamic shapes) it took 11 ms a tree level on an
+    H200 GTO batch, where the eager masked_fill, softmax and probabilities' copy take about 1 ms
+    each (bench/results/throughput_h200/README.md)."""
     rows, heads, width, dim = q.shape
     seqs, positions, length = visible.shape
     root = math.sqrt(dim)
     qf = q.float()
     # Prefix: the P*w queries of a sequence against its T keys, in one product.
     q_seq = qf.view(seqs, positions, heads, width, dim).transpose(1, 2)
-    # (.float(): under bf16 autocast the products come back in bf16; the softmax stays fp32)
-    prefix = torch.matmul(q_seq.reshape(seqs, heads, positions * width, dim),
-                          prefix_keys.transpose(-1, -2)).float() / root
+    prefix = torch.matmul(q_seq.reshape(seqs, heads, positions * width, dim), prefix_keys.transpose(-1, -2)) / root
     prefix = prefix.view(seqs, heads, positions, width, length)
     prefix = prefix.masked_fill(~visible[:, None, :, None, :], float("-inf"))
     # Tree: each row against its own entries.
-    tree = torch.matmul(qf, tree_keys.float().transpose(-1, -2)).float() / root  # [R, h, w, F]
+    tree = torch.matmul(qf, tree_keys.float().transpose(-1, -2)) / root  # [R, h, w, F]
     tree = tree.masked_fill(~tree_mask[:, None], float("-inf"))
     fed = tree.shape[-1]
     tree = tree.view(seqs, positions, heads, width, fed).transpose(1, 2)
-    # One softmax over both parts, without concatenating them: the [S, h, P, w, T] prefix scores
-    # are the big tensor (1.5 GB a level on an H200 batch), so every pass over them counts.
-    top = torch.maximum(prefix.amax(-1, keepdim=True), tree.amax(-1, keepdim=True))
-    prefix = torch.exp(prefix - top)
-    tree = torch.exp(tree - top)
-    total = prefix.sum(-1, keepdim=True) + tree.sum(-1, keepdim=True)
-    prefix, tree = prefix / total, tree / total
-    out = torch.matmul(prefix.reshape(seqs, heads, positions * width, length), prefix_values)
+    probs = torch.softmax(torch.cat([prefix, tree], dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :length].reshape(seqs, heads, positions * width, length), prefix_values)
     out = out.view(seqs, heads, positions, width, dim).transpose(1, 2).reshape(rows, heads, width, dim)
-    return out + torch.matmul(tree.transpose(1, 2).reshape(rows, heads, width, fed), tree_values.float())
-
-
-_compiled_rooted_attention = None  # None: not tried yet; False: compiling failed, eager from now on
-
-
-def _rooted_attention_kernel(device: torch.device):
-    """``rooted_attention`` compiled on CUDA (Inductor fuses the mask, the joint softmax and the
-    normalisation into a few passes over the prefix scores instead of one per eager op), eager
-    elsewhere or once compiling has failed (that costs speed, not results)."""
-    global _compiled_rooted_attention
-    if device.type != "cuda" or _compiled_rooted_attention is False:
-        return rooted_attention
-    if _compiled_rooted_attention is None:
-        _compiled_rooted_attention = torch.compile(rooted_attention, dynamic=True)
-
-    def guarded(*args):
-        global _compiled_rooted_attention
-        try:
-            return _compiled_rooted_attention(*args)
-        except Exception as error:  # noqa: BLE001 - an Inductor failure costs speed, not results
-            warnings.warn(f"compiled rooted attention failed ({type(error).__name__}: {error}); eager from now on",
-                          stacklevel=2)
-            _compiled_rooted_attention = False
-            return rooted_attention(*args)
-
-    return guarded
+    tree_probs = probs[..., length:].transpose(1, 2).reshape(rows, heads, width, fed)
+    return out + torch.matmul(tree_probs, tree_values.float())
 
 
 @dataclass

@@ -12,9 +12,6 @@ log-softmax of bf16 logits first copies them to fp32: together most of the tree 
   and a top-k over the k * block gathered candidates give torch.topk's set (ties aside).
 * ``log_normaliser``: logsumexp in fp32 without materialising fp32 logits (on CUDA a compiled
   reduction that reads the bf16 values once; elsewhere, or if compiling fails, eager).
-* ``block_stats``: both at once, what ``top_k_logprobs`` uses for a large vocabulary: per block
-  its maximum and its sum of exp relative to that maximum, in one read of the logits (the block
-  maxima pass and the logsumexp pass were 2.0 and 1.9 ms a tree level on an H200 GTO batch).
 """
 
 from __future__ import annotations
@@ -23,21 +20,17 @@ import warnings
 
 import torch
 
-BLOCK = 256  # vocabulary entries per block (top_k_ids, block_stats)
 
-
-def top_k_ids(logits: torch.Tensor, k: int, block: int = BLOCK, maxima: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the ``k`` largest entries along the last dim, largest first ([..., k]).
-    ``maxima``: the row's block maxima if already known (``block_stats``)."""
+def top_k_ids(logits: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
+    """Indices of the ``k`` largest entries along the last dim, largest first ([..., k])."""
     vocab = logits.shape[-1]
     full = vocab // block
     if full < 4 * k:  # a small vocabulary: one top-k is as cheap
         return torch.topk(logits, k, dim=-1).indices
-    if maxima is None:
-        main = full * block
-        maxima = logits[..., :main].unflatten(-1, (full, block)).amax(-1)  # [..., full]
-        if main < vocab:  # the remainder is one more (short) block
-            maxima = torch.cat([maxima, logits[..., main:].amax(-1, keepdim=True)], dim=-1)
+    main = full * block
+    maxima = logits[..., :main].unflatten(-1, (full, block)).amax(-1)  # [..., full]
+    if main < vocab:  # the remainder is one more (short) block
+        maxima = torch.cat([maxima, logits[..., main:].amax(-1, keepdim=True)], dim=-1)
     blocks = torch.topk(maxima, k, dim=-1).indices  # [..., k]
     index = blocks[..., None] * block + torch.arange(block, device=logits.device)  # [..., k, block]
     outside = index >= vocab  # only in the short block
@@ -49,51 +42,9 @@ def top_k_ids(logits: torch.Tensor, k: int, block: int = BLOCK, maxima: torch.Te
 
 def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most likely ids of each row and their fp32 log-probabilities, without fp32
-    log-probs of the whole row: (ids [..., k], log q [..., k]). With a large vocabulary one pass
-    over the logits gives both the block maxima the ids need and the log-normaliser."""
-    if logits.shape[-1] // BLOCK < 4 * k:
-        ids = top_k_ids(logits, k)
-        return ids, logits.gather(-1, ids).float() - log_normaliser(logits)
-    maxima, normaliser = block_stats(logits)
-    ids = top_k_ids(logits, k, maxima=maxima.to(logits.dtype))
-    return ids, logits.gather(-1, ids).float() - normaliser
-
-
-def _eager_block_stats(main: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of ``block`` entries: its fp32 maximum and sum of exp(x - maximum)."""
-    blocks = main.unflatten(-1, (-1, block)).float()
-    top = blocks.amax(-1)
-    sums = torch.exp(blocks - top[..., None]).sum(-1)
-    return top, torch.where(torch.isneginf(top), 0.0, sums)  # an all -inf block adds nothing
-
-
-_compiled_block_stats = None  # None: not tried yet; False: compiling failed, eager from now on
-
-
-def block_stats(logits: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block maxima [..., blocks] fp32, the fp32 logsumexp of each row [..., 1]) from one read of
-    the logits: each block's maximum and its sum of exp relative to it (on CUDA one compiled
-    reduction, a block fits a kernel's registers), then a logsumexp over the few block totals.
-    The last block may be short."""
-    global _compiled_block_stats
-    vocab = logits.shape[-1]
-    main = vocab // block * block
-    stats = _eager_block_stats
-    if logits.device.type == "cuda" and _compiled_block_stats is not False:
-        if _compiled_block_stats is None:
-            _compiled_block_stats = torch.compile(_eager_block_stats, dynamic=True)
-        stats = _compiled_block_stats
-    try:
-        top, sums = stats(logits[..., :main], block)
-    except Exception as error:  # noqa: BLE001 - an Inductor failure costs speed, not results
-        warnings.warn(f"compiled block statistics failed ({type(error).__name__}: {error}); eager from now on",
-                      stacklevel=2)
-        _compiled_block_stats = False
-        top, sums = _eager_block_stats(logits[..., :main], block)
-    if main < vocab:
-        rest_top, rest_sums = _eager_block_stats(logits[..., main:], vocab - main)
-        top, sums = torch.cat([top, rest_top], dim=-1), torch.cat([sums, rest_sums], dim=-1)
-    return top, torch.logsumexp(top + sums.log(), dim=-1, keepdim=True)
+    log-probs of the whole row: (ids [..., k], log q [..., k])."""
+    ids = top_k_ids(logits, k)
+    return ids, logits.gather(-1, ids).float() - log_normaliser(logits)
 
 
 _compiled_lse = None  # None: not tried yet; False: compiling failed, eager from now on

@@ -298,21 +298,18 @@ def _dense_rooted_attention(q, prefix_keys, prefix_values, tree_keys, tree_value
     return torch.stack(out)
 
 
-def test_rooted_attention_equals_dense_attention_eager_and_compiled():
-    """The split prefix/tree attention the trees grow with (one softmax over both parts, never
-    concatenated) equals a plain masked attention per row, eager and compiled (CUDA runs it
-    compiled; here Inductor's CPU backend, at two tree widths through one dynamic graph)."""
-    compiled = torch.compile(rooted_attention, dynamic=True)
+def test_rooted_attention_equals_dense_attention():
+    """The split prefix/tree attention the trees grow with (the prefix scored once per sequence,
+    the tree part per row, one softmax over both) equals a plain masked attention per row, at two
+    tree widths; one flipped prefix cell must show."""
     for fed, seed in ((3, 0), (7, 1)):
         inputs = _rooted_inputs(seqs=2, positions=3, heads=2, width=3, length=10, fed=fed, seed=seed)
         dense = _dense_rooted_attention(*inputs)
         torch.testing.assert_close(rooted_attention(*inputs), dense, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(compiled(*inputs), dense, atol=1e-5, rtol=1e-5)
     q, pk, pv, tk, tv, visible, tree_mask = inputs
     wrong = visible.clone()
-    wrong[0, 0, -1] = ~wrong[0, 0, -1]  # one prefix cell flipped: the check must see it
+    wrong[0, 0, -1] = ~wrong[0, 0, -1]
     assert not torch.allclose(rooted_attention(q, pk, pv, tk, tv, wrong, tree_mask), dense, atol=1e-5)
-
 
 def test_bf16_trees_stay_close_to_fp32_trees(pair):
     """``gto.tree_precision: bf16`` grows the trees under bf16 autocast: the arithmetic really
