@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -11,17 +11,27 @@
 # verification forwards replayed alone with variants and profiles), on the warm drafter of an earlier
 # mode on this machine, else on one that bench/throughput.py --parts prefill warms first (~1.5 min).
 # GV_ARGS: more bench/gto_verify_profile.py flags, e.g. GV_ARGS="--chunk 32x8 --reps 10".
+# learner: bench/gto_learner_step.py only (the GTO learner step on one experience of 32 sequences,
+# gto.path_replay ttt vs rooted, timed, checked equal, profiled), on the warm drafter as gto-verify.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
 mkdir -p "$out"
 [ -f /tmp/sharegpt_6k.jsonl ] || gunzip -c .kit/data/sharegpt_6k.jsonl.gz > /tmp/sharegpt_6k.jsonl
 data=(--target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl)
-if [ "$which" = gto-verify ]; then
+if [ "$which" = gto-verify ] || [ "$which" = learner ]; then
   if [ ! -d /tmp/tp/warm_drafter ]; then
     python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill --total-minutes 3 > "$out/throughput.log" 2>&1
   fi
   drafter=(); [ -d /tmp/tp/warm_drafter ] && drafter=(--drafter /tmp/tp/warm_drafter)
+  if [ "$which" = learner ]; then
+    timeout 420 python3 bench/gto_learner_step.py "${data[@]}" ${drafter[@]+"${drafter[@]}"} --max-records 600 \
+      --batch-size 32 --chunk 32x64 --precision bf16 --profile ${GL_ARGS:-} --out /tmp/gl > "$out/gto_learner_step.log" 2>&1
+    echo "gto_learner_step exit $?" >> "$out/gto_learner_step.log"
+    cp /tmp/gl/gto_learner_step.json /tmp/gl/gto_learner_step.md "$out/" 2>/dev/null
+    ls -la "$out"
+    exit 0
+  fi
   ceiling=$(python3 -c "import json; print(json.load(open('/tmp/tp/summary.json')).get('prefill_ceiling_tok_s') or '')" 2>/dev/null)
   timeout 420 python3 bench/gto_verify_profile.py "${data[@]}" ${drafter[@]+"${drafter[@]}"} --max-records 600 --batch-size 32 \
     --chunk 32x64 --precision bf16 --self-check --profile ${ceiling:+--ceiling $ceiling} ${GV_ARGS:-} --out /tmp/gv \

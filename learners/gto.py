@@ -3,13 +3,15 @@ PPO-style clipped surrogate on the drafter's log-probability of its longest acce
 added to the EAGLE-3 token loss: L = w_token * L_token + omega * L_GTO.
 
 Everything target- or reference-dependent arrives in the ``GTOExperience``; only the current
-drafter's path log-probability is recomputed here, with gradient.
+drafter's path log-probability is recomputed here, with gradient: step 1 at every index, the
+later steps at the paths' roots only (``speculative.batched_trees.rooted_path_logprob``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from speculative.batched_trees import rooted_path_logprob
 from speculative.drafter import Eagle3Drafter
 from speculative.experience import GTOExperience
 from speculative.sft import sft_loss
@@ -108,10 +110,11 @@ def gto_loss(drafter: Eagle3Drafter, experience: GTOExperience, config) -> tuple
     used = used & has_path
     advantages = advantages * has_path
     sft = experience.sft
-    logprob = path_logprob(
-        drafter, sft.input_ids, sft.attention_mask, sft.aux_hidden,
-        experience.sequence, experience.index, experience.path_ids, lengths,
-    )
+    chains = (experience.sequence, experience.index, experience.path_ids, lengths)
+    if gto.path_replay == "rooted" and drafter.config.sliding_window is None:  # same value and gradient
+        logprob = rooted_path_logprob(drafter, sft.input_ids, sft.aux_hidden, *chains)
+    else:  # only the TTT cache applies a sliding window
+        logprob = path_logprob(drafter, sft.input_ids, sft.attention_mask, sft.aux_hidden, *chains)
     per_token = (logprob - experience.reference_path_logprob) / lengths.clamp_min(1)  # Eq. 11
     surrogate, clipped = clipped_surrogate(per_token, advantages, used, dense, gto.clip_epsilon)
     loss = gto.token_loss_weight * token_loss + gto.loss_weight * surrogate

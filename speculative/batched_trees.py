@@ -180,12 +180,12 @@ class RootedStepOne:
         return RootedTreeCache(self.keys, self.values, visible)
 
 
-@torch.no_grad()
 def drafter_step_one(
     drafter: Eagle3Drafter, input_ids: torch.Tensor, aux_hidden: torch.Tensor, indices: torch.Tensor
 ) -> RootedStepOne:
     """Index t feeds x_{t+1} at position t+1 with fc(aux_t), causally (TTT step 1 = inference),
-    for every sequence of ``input_ids [S, T]`` at once; kept at the roots ``indices [S, P]``."""
+    for every sequence of ``input_ids [S, T]`` at once; kept at the roots ``indices [S, P]``.
+    Differentiable (the learner's path replay); the tree search calls it under no_grad."""
     seqs, length = input_ids.shape
     tokens = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last index has no next token
     positions = torch.arange(1, length + 1, device=input_ids.device).expand(seqs, length)
@@ -216,13 +216,13 @@ def grow_trees_at(drafter: Eagle3Drafter, step_one: RootedStepOne, config: TreeC
     return tree
 
 
-@torch.no_grad()
 def path_logprob_at(
     drafter: Eagle3Drafter, step_one: RootedStepOne, path_ids: torch.Tensor, path_length: torch.Tensor
 ) -> torch.Tensor:
     """log q(path) [S*P] of each root's path (draft ids ``path_ids [S*P, D]``, the first
     ``path_length`` count) under ``drafter``: ``speculative.ttt.path_logprob``'s chain, replayed
-    at the roots only (width-1 steps over the step-1 keys) instead of at every index."""
+    at the roots only (width-1 steps over the step-1 keys) instead of at every index.
+    Differentiable; the rollouts call it under no_grad."""
     total = torch.zeros(path_ids.shape[0], device=path_ids.device)
     steps = int(path_length.max()) if path_length.numel() else 0
     if steps == 0:
@@ -238,6 +238,41 @@ def path_logprob_at(
         step = torch.log_softmax(logits.float(), dim=-1).gather(1, path_ids[:, k : k + 1]).squeeze(1)
         total = total + step * (k < path_length)
     return total
+
+
+def rooted_path_logprob(
+    drafter: Eagle3Drafter,
+    input_ids: torch.Tensor,
+    aux_hidden: torch.Tensor,
+    sequence: torch.Tensor,
+    index: torch.Tensor,
+    path_ids: torch.Tensor,
+    path_length: torch.Tensor,
+) -> torch.Tensor:
+    """``speculative.ttt.path_logprob`` for flat chains (chain i at index ``index[i]`` of sequence
+    ``sequence[i]``, right-padded ``input_ids [B, T]``), differentiable: what the GTO learner
+    differentiates. The TTT replay runs every draft step at all B x T indices (and its lm_head over
+    all of them) to read P of them; here only step 1 covers every index, as the tree search's does,
+    and the later steps run at the P roots alone (``path_logprob_at``)."""
+    if path_ids.shape[0] == 0 or int(path_length.max()) == 0:
+        return torch.zeros(path_ids.shape[0], device=path_ids.device)
+    seqs = input_ids.shape[0]
+    counts = torch.bincount(sequence, minlength=seqs)
+    width = int(counts.max())
+    # each chain's slot among its sequence's chains, in input order: a rectangular [B, width] grid
+    order = torch.argsort(sequence, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(sequence)
+    slot[order] = torch.arange(sequence.numel(), device=sequence.device) - first[sequence[order]]
+    indices = torch.zeros(seqs, width, dtype=index.dtype, device=index.device)
+    indices[sequence, slot] = index
+    grid_ids = torch.zeros(seqs, width, path_ids.shape[1], dtype=path_ids.dtype, device=path_ids.device)
+    grid_ids[sequence, slot] = path_ids
+    grid_length = torch.zeros(seqs, width, dtype=path_length.dtype, device=path_length.device)
+    grid_length[sequence, slot] = path_length  # empty slots: length 0, nothing summed
+    step_one = drafter_step_one(drafter, input_ids, aux_hidden, indices)
+    total = path_logprob_at(drafter, step_one, grid_ids.flatten(0, 1), grid_length.flatten())
+    return total.view(seqs, width)[sequence, slot]
 
 
 @torch.no_grad()

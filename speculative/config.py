@@ -217,6 +217,11 @@ class GTOSection(Section):
     verify_leaves: bool = Field(
         False, description="also feed tree leaves to the target (nothing reads their logits: a "
         "node's acceptance is read at its parent); on only to measure what skipping them saves")
+    path_replay: Literal["rooted", "ttt"] = Field(
+        "rooted", description="how the learner recomputes log q(path) with gradient: 'rooted' (step 1 at "
+        "every index, later steps at the paths' roots only) or 'ttt' (every step at every index, as "
+        "training-time test; for A/B timing). Same value and gradient; a drafter with a sliding window "
+        "always uses 'ttt'")
     target_forward: Literal["fused", "fast"] = Field(
         "fused", description="the target's prefill and tree verification: FusedLlama (merged projections, "
         "a third of the kernels a layer, a flash prefill) or FastLlama (the Hugging Face modules one by one; "

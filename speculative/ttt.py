@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from speculative.drafter import Eagle3Drafter
 
@@ -117,6 +116,7 @@ def unroll(
     aux_hidden: torch.Tensor,
     num_steps: int,
     step_inputs: list[torch.Tensor] | None = None,
+    logit_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Run the drafter's chain at every index at once; yields (k, logits, pre-norm hidden) per step.
 
@@ -124,14 +124,17 @@ def unroll(
     the data token x_{t+k}, which is teacher forcing (TTT). Passing other tokens replays chains
     the drafter drafted itself: GTO scores a tree's accepted path this way and Draft-OPD replays
     its rollouts, both with exactly the attention the drafter had at inference.
+    ``logit_rows`` (sequence [P], index [P]): the logits only there ([P, Vd] per step, the rows a
+    replay reads) instead of [B, T, Vd]; the lm_head is the largest product of a step.
     """
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     cache = make_ttt_cache(drafter, attention_mask)
     hidden = drafter.fuse_target_hidden(aux_hidden)
     for k in range(1, num_steps + 1):
         tokens = shift_left(input_ids, k) if step_inputs is None else step_inputs[k - 1]
-        logits, hidden = drafter(tokens, hidden, positions + k, cache)
-        yield k, logits, hidden
+        hidden = drafter.hidden_step(tokens, hidden, positions + k, cache)
+        read = hidden if logit_rows is None else hidden[logit_rows]
+        yield k, drafter.draft_logits(read), hidden
 
 
 def training_time_test(
@@ -224,10 +227,8 @@ def replay_chains(
         tokens = shift_left(input_ids, k).clone()
         tokens[sequence, index] = fed_tokens[:, k - 1]
         inputs.append(tokens)
-    return [
-        logits[sequence, index]
-        for _, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, steps, inputs)
-    ]
+    return [logits for _, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, steps, inputs,
+                                               logit_rows=(sequence, index))]
 
 
 def path_logprob(

@@ -21,11 +21,13 @@ from speculative.batched_trees import (
     drafter_step_one,
     grow_trees_at,
     rooted_attention,
+    rooted_path_logprob,
     score_trees_at_positions,
 )
 from speculative.llama import FastLlama
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence
 from speculative.tree import TreeConfig
+from speculative.ttt import path_logprob
 from speculative.vocab import DraftVocab
 from speculative.target import TargetModel
 from tests.conftest import tiny_drafter, tiny_llama
@@ -310,6 +312,62 @@ def test_rooted_attention_equals_dense_attention():
     wrong = visible.clone()
     wrong[0, 0, -1] = ~wrong[0, 0, -1]
     assert not torch.allclose(rooted_attention(q, pk, pv, tk, tv, wrong, tree_mask), dense, atol=1e-5)
+
+def test_path_replay_at_the_roots_equals_the_ttt_replay_with_its_gradient(pair):
+    """What the GTO learner differentiates: ``rooted_path_logprob`` (step 1 at every index, the
+    later steps at the roots only) gives the TTT replay's log q(path) and the same gradient, on
+    ragged sequences with chains in any order and empty paths among them."""
+    target, drafter, reference = pair
+    batch = _ragged(_sequences(target, 3, 24, 4, seed=5), [24, 15, 19])
+    worker = TargetWorker(target, drafter.draft_to_target)
+    common = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=3)
+    exp = gto_experience(worker, _config(**common), batch, drafter, reference, seed=4)
+    assert (exp.path_length == 0).any() and (exp.path_length > 1).any()
+    shuffle = torch.randperm(exp.index.numel(), generator=torch.Generator().manual_seed(0))
+    sft = exp.sft
+    args = (exp.sequence[shuffle], exp.index[shuffle], exp.path_ids[shuffle], exp.path_length[shuffle])
+    model = copy.deepcopy(drafter)
+    results = []
+    for replay in ("ttt", "rooted"):
+        model.zero_grad()
+        if replay == "ttt":
+            logprob = path_logprob(model, sft.input_ids, sft.attention_mask, sft.aux_hidden, *args)
+        else:
+            logprob = rooted_path_logprob(model, sft.input_ids, sft.aux_hidden, *args)
+        (logprob * torch.linspace(-1.0, 1.0, logprob.numel())).sum().backward()
+        results.append((logprob.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None}))
+    (ttt, ttt_grads), (rooted, rooted_grads) = results
+    torch.testing.assert_close(rooted, ttt, atol=1e-5, rtol=1e-5)
+    assert float(ttt.abs().sum()) > 0
+    assert ttt_grads.keys() == rooted_grads.keys() and len(ttt_grads) > 3
+    for name, grad in ttt_grads.items():
+        torch.testing.assert_close(rooted_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    wrong = rooted_path_logprob(model, sft.input_ids, sft.aux_hidden, args[0], args[1] + 1, args[2], args[3])
+    assert not torch.allclose(wrong.detach(), ttt, atol=1e-3)  # the roots matter: shifted, it shows
+
+
+def test_gto_loss_is_the_same_with_either_path_replay(pair):
+    """``gto.path_replay`` changes how the learner computes, not what: the same loss and gradient."""
+    from learners.gto import gto_loss
+
+    target, drafter, reference = pair
+    worker = TargetWorker(target, drafter.draft_to_target)
+    common = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=3)
+    exp = gto_experience(worker, _config(**common), _sequences(target, 3, 24, 4, seed=8), drafter, reference, seed=1)
+    assert (exp.path_length > 1).any()
+    results = []
+    for replay in ("ttt", "rooted"):
+        model = copy.deepcopy(drafter)
+        loss, metrics = gto_loss(model, exp, _config(path_replay=replay, **common))
+        loss.backward()
+        results.append((loss.detach(), metrics["gto/ratio"], [p.grad for p in model.trainable_parameters()]))
+    (loss_ttt, ratio_ttt, grads_ttt), (loss_rooted, ratio_rooted, grads_rooted) = results
+    torch.testing.assert_close(loss_rooted, loss_ttt, atol=1e-5, rtol=1e-5)
+    assert abs(ratio_rooted - ratio_ttt) < 1e-5 and ratio_ttt != 1.0  # the reference differs
+    for got, want in zip(grads_rooted, grads_ttt):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
 
 def test_bf16_trees_stay_close_to_fp32_trees(pair):
     """``gto.tree_precision: bf16`` grows the trees under bf16 autocast: the arithmetic really
