@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from bench.gto_throughput import add_model_arguments, with_gto  # noqa: E402
-from bench.gto_verify_profile import experience, prepare, time_reps  # noqa: E402
+from bench.gto_throughput import with_gto  # noqa: E402
+from bench.gto_verify_profile import add_batch_arguments, experience, prepare, time_reps  # noqa: E402
 from learners.gto import gto_loss  # noqa: E402
 from speculative.batched_trees import rooted_path_logprob  # noqa: E402
 from speculative.profiling import top_ops  # noqa: E402
@@ -202,12 +202,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences in the GTO experience")
-    parser.add_argument("--chunk", default="32x64", help="S x C of the rollout that builds it")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="gto.tree_precision")
-    parser.add_argument("--seed", type=int, default=999, help="which samples make the batch")
-    parser.add_argument("--set", action="append", default=[], help="config override, e.g. training.ttt_steps=7")
+    add_batch_arguments(parser, chunk="32x64")  # the experience's batch, as bench/gto_verify_profile.py builds it
     parser.add_argument("--replays", default="ttt_full,ttt,rooted",
                         help="gto.path_replay values (ttt_full: the replay before 2026-12-02); the first is the baseline")
     parser.add_argument("--warmup", type=int, default=2)

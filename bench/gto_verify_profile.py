@@ -797,14 +797,19 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_batch_arguments(parser: argparse.ArgumentParser, chunk: str) -> None:
+    """The flags ``prepare`` reads besides ``add_model_arguments``' (shared with bench/gto_learner_step.py)."""
     add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences in the GTO batch")
-    parser.add_argument("--chunk", default="32x16", help="S x C: gto.sequences_per_forward x gto.positions_per_forward")
+    parser.add_argument("--chunk", default=chunk, help="S x C: gto.sequences_per_forward x gto.positions_per_forward")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="gto.tree_precision")
     parser.add_argument("--seed", type=int, default=999, help="which samples make the batch")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. gto.tree_depth=6")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_batch_arguments(parser, chunk="32x16")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
     parser.add_argument("--reps", type=int, default=7, help="timed runs per measurement")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"SDPA backends to try, of {BACKENDS} ('' none)")
