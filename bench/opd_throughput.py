@@ -314,6 +314,20 @@ def autoregressive(args, target, prompts, device, compile: str, out: Path | None
     return {**row, "sdpa": sdpa}
 
 
+def inductor_options(text: str) -> dict[str, Any]:
+    """``--ar-inductor-options`` ("max_autotune=true,coordinate_descent_tuning=true") as torch.compile
+    options: true/false as bools, integers as ints, anything else as a string."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--ar-inductor-options: expected key=value, got {item!r}")
+        lowered = value.strip().lower()
+        options[key.strip()] = (lowered == "true" if lowered in ("true", "false")
+                                else int(lowered) if lowered.lstrip("-").isdigit() else value.strip())
+    return options
+
+
 def _autoregressive(args, target, prompts, device, compile: str, out: Path | None,
                     compare: dict[str, Any] | None, suffix: str = "", only=None) -> dict[str, Any]:
     import contextlib
@@ -322,7 +336,8 @@ def _autoregressive(args, target, prompts, device, compile: str, out: Path | Non
     chosen = prompts[: args.ar_prompts]
     started = time.perf_counter()
     batched = BatchGenerator(target, None, 0, compile=compile, max_batch=1, max_len=budget,
-                             sync_every=args.ar_sync_every, inductor_span_step=args.ar_inductor_span_step)
+                             sync_every=args.ar_sync_every, inductor_span_step=args.ar_inductor_span_step,
+                             inductor_options=inductor_options(args.ar_inductor_options))
     if only is not None and batched.compile != "static":
         with only:  # capture (compile) the step now, under the restriction: every span
             batched._prepare_graphs(1)
@@ -353,6 +368,7 @@ def _autoregressive_runs(args, device, compile, out, compare, suffix, batched, c
     same = [a == b for a, b in zip(outputs["batched"], outputs["reference"])]
     row = {
         "compile": batched.compile, "requested_compile": compile, "compile_errors": batched.compile_errors,
+        "inductor_options": batched.inductor_options if compile == "inductor" else {},
         "tokens": args.ar_tokens, "setup_seconds": setup,
         "batched_tok_s": statistics.median(rows["batched"]), "batched_tok_s_runs": rows["batched"],
         "reference_tok_s": statistics.median(rows["reference"]) if rows["reference"] else None,
@@ -682,6 +698,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-inductor-span-step", type=int, default=None,
                    help="the compiled AR step's attention span step (BatchGenerator.inductor_span_step): "
                    "default the engine's span step (one compiled variant per span), 0 the whole cache")
+    p.add_argument("--ar-inductor-options", default="",
+                   help="more torch.compile options of the compiled AR step, key=value comma list "
+                   "(e.g. max_autotune=true,coordinate_descent_tuning=true); recorded in the results")
     p.add_argument("--ar-sdpa", default="", help=f"also the ar section's run with only these SDPA backends "
                    f"(comma list of {sorted(SDPA_BACKENDS)}; the attention kernel captured in the graph)")
     p.add_argument("--ar-no-reference", action="store_true",

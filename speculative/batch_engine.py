@@ -41,6 +41,7 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -177,6 +178,8 @@ class BatchGenerator:
     every span of a width at its first ``generate`` (and again after the caches grow or the
     temperature changes), so no compile or capture lands inside a later, timed call: a 576-slot
     cache with the default step (256) is three compiles under ``inductor`` (256, 512, 576).
+    ``inductor_options``: more ``torch.compile`` options for ``inductor`` (e.g. ``max_autotune``:
+    Triton GEMM templates, tuned per shape, with the following pointwise ops fused into them).
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class BatchGenerator:
         span_step: int | None = 256,
         eos_slots: int = 8,
         inductor_span_step: int | None = None,
+        inductor_options: dict[str, Any] | None = None,
     ):
         if (drafter is None) != (chain_length == 0):
             raise ValueError("a drafter drafts chains of chain_length >= 1; without one, chain_length must be 0")
@@ -217,6 +221,7 @@ class BatchGenerator:
         self.sync_every = sync_every
         self.span_step = span_step
         self.inductor_span_step = span_step if inductor_span_step is None else inductor_span_step
+        self.inductor_options = dict(inductor_options or {})
         self.eos_slots = eos_slots
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         mode = resolve_compile_mode(compile, self.device)
@@ -439,6 +444,7 @@ class BatchGenerator:
                     # kernel per layer); an option of recent torch only
                     options = ({"cache_sdpa_constraint": True}
                                if hasattr(inductor_config, "cache_sdpa_constraint") else {})
+                    options.update(self.inductor_options)
                     self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
                 if self.device.type != "cuda":
                     if self.compile != "inductor":

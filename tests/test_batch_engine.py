@@ -225,6 +225,24 @@ def test_inductor_step_equals_static_step_on_cpu(chain):
     assert set(engine._graphs) == {(batch, s) for s in engine._spans()}  # compiled: every span, at the first call
 
 
+def test_inductor_options_reach_torch_compile():
+    """``inductor_options`` go to ``torch.compile`` with the engine's own: an option Inductor does
+    not know fails the compile, loudly, and the engine falls back to the eager step (off CUDA)."""
+    from bench.opd_throughput import inductor_options
+
+    assert inductor_options("max_autotune=true, coordinate_descent_tuning=false,unroll=4") == {
+        "max_autotune": True, "coordinate_descent_tuning": False, "unroll": 4}
+    with pytest.raises(ValueError, match="key=value"):
+        inductor_options("max_autotune")
+    target = TargetModel(small_llama(7, layers=2))
+    engine = BatchGenerator(target, None, 0, compile="inductor", max_batch=1, max_len=32,
+                            inductor_options={"no_such_inductor_option": True})
+    out = engine.generate(_prompts(1, 3), 4)
+    assert engine.compile == "static" and len(engine.compile_errors) == 1
+    assert "no_such_inductor_option" in engine.compile_errors[0]
+    assert out.tokens[0] == _greedy(target.model, _prompts(1, 3), 4)[0]
+
+
 def test_batched_cycles_equal_single_sequence_cycles(agreeing_pair, greedy_64):
     """At T = 0 the records are the reference engine's: roots, proposals, accepted counts, and
     (to rounding) the drafter's and the target's log-probs at every drafted state."""
