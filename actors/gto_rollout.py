@@ -65,7 +65,7 @@ def batched_tree_options(gto) -> BatchedTreeOptions:
         aggregation=gto.reward_scoring()[1], sequences_per_forward=gto.sequences_per_forward,
         positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
         verify_leaves=gto.verify_leaves,
-        tree_autocast=gto.tree_precision == "bf16",
+        tree_autocast=gto.tree_precision == "bf16", tree_attention=gto.tree_attention,
     )
 
 

@@ -32,7 +32,6 @@ read x_0..x_t; the tree's root is x_{t+1} at position t+1, and its nodes draft x
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,7 @@ from speculative.packed_verification import (
     packed_width,
     verify_packed,
 )
+from speculative.rooted_attention import prefix_block_mask, rooted_attention, rooted_attention_flex
 from speculative.tree import DraftTree, TreeConfig, grow_draft_tree, tree_size
 from speculative.tree_reward import AGGREGATIONS, accepted_path, log_acceptance, score_log_acceptance
 
@@ -67,6 +67,7 @@ class BatchedTreeOptions:
     share_nodes: bool = True  # verify a reference node once when the current tree has it too
     verify_leaves: bool = False  # also feed leaves to the target (their logits are never read)
     tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
+    tree_attention: str = "eager"  # the trees' rooted attention: eager or flex (speculative.rooted_attention)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -111,57 +112,38 @@ class _SequenceKeys:
 
 class RootedTreeCache:
     """Drafter attention for S*P tree rows grown together: row r = (s, p) sees sequence s's
-    step-1 keys at indices <= its root index (``visible [S, P, T]``) and the entries of its own
-    tree that ``tree_mask [S*P, w, F]`` allows (set before each call).
+    step-1 keys at indices <= its root index ``roots [S, P]`` and the entries of its own tree that
+    ``tree_mask [S*P, w, F]`` allows (set before each call). The two parts are scored separately
+    and normalised together (``speculative.rooted_attention``), fp32 as ``MaskedKVCache``."""
 
-    The two parts are scored separately (the prefix once per sequence for all its rows, the tree
-    part per row) and normalised by one softmax over both, which is exactly attention over their
-    union. fp32 arithmetic, as ``MaskedKVCache``."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, roots: torch.Tensor, attention: str = "eager"):
+        if attention not in ("eager", "flex"):
+            raise ValueError(f"rooted attention is 'eager' or 'flex', got {attention!r}")
         self.prefix_keys = keys.float()  # [S, h, T, d]
         self.prefix_values = values.float()
-        self.visible = visible  # [S, P, T]
+        self.roots = roots  # [S, P]: row (s, p) sees indices <= roots[s, p]
+        self.attention = attention
         self.tree_keys: torch.Tensor | None = None  # [S*P, h, F, d]
         self.tree_values: torch.Tensor | None = None
         self.tree_mask: torch.Tensor | None = None
+        self._visible: torch.Tensor | None = None
+        self._prefix_masks: dict[int, object] = {}  # flex block masks by tree width
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.tree_keys = k if self.tree_keys is None else torch.cat([self.tree_keys, k], dim=-2)
         self.tree_values = v if self.tree_values is None else torch.cat([self.tree_values, v], dim=-2)
-        return rooted_attention(q, self.prefix_keys, self.prefix_values, self.tree_keys, self.tree_values,
-                                self.visible, self.tree_mask).to(q.dtype)
-
-
-def rooted_attention(q: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
-                     tree_keys: torch.Tensor, tree_values: torch.Tensor, visible: torch.Tensor,
-                     tree_mask: torch.Tensor) -> torch.Tensor:
-    """``RootedTreeCache``'s attention, fp32 out: q [S*P, h, w, d] against each sequence's prefix
-    (``prefix_keys [S, h, T, d]``, rows see ``visible [S, P, T]``) and each row's own tree
-    entries (``tree_keys [S*P, h, F, d]`` under ``tree_mask [S*P, w, F]``); one softmax over both.
-
-    Eager on purpose: compiled by Inductor (dynamic shapes) it took 11 ms a tree level on an
-    H200 GTO batch, where the eager masked_fill, softmax and probabilities' copy take about 1 ms
-    each (bench/results/throughput_h200/README.md)."""
-    rows, heads, width, dim = q.shape
-    seqs, positions, length = visible.shape
-    root = math.sqrt(dim)
-    qf = q.float()
-    # Prefix: the P*w queries of a sequence against its T keys, in one product.
-    q_seq = qf.view(seqs, positions, heads, width, dim).transpose(1, 2)
-    prefix = torch.matmul(q_seq.reshape(seqs, heads, positions * width, dim), prefix_keys.transpose(-1, -2)) / root
-    prefix = prefix.view(seqs, heads, positions, width, length)
-    prefix = prefix.masked_fill(~visible[:, None, :, None, :], float("-inf"))
-    # Tree: each row against its own entries.
-    tree = torch.matmul(qf, tree_keys.float().transpose(-1, -2)) / root  # [R, h, w, F]
-    tree = tree.masked_fill(~tree_mask[:, None], float("-inf"))
-    fed = tree.shape[-1]
-    tree = tree.view(seqs, positions, heads, width, fed).transpose(1, 2)
-    probs = torch.softmax(torch.cat([prefix, tree], dim=-1), dim=-1)
-    out = torch.matmul(probs[..., :length].reshape(seqs, heads, positions * width, length), prefix_values)
-    out = out.view(seqs, heads, positions, width, dim).transpose(1, 2).reshape(rows, heads, width, dim)
-    tree_probs = probs[..., length:].transpose(1, 2).reshape(rows, heads, width, fed)
-    return out + torch.matmul(tree_probs, tree_values.float())
+        tree = (self.tree_keys, self.tree_values, self.tree_mask)
+        if self.attention == "flex" and not torch.is_grad_enabled():
+            width = q.shape[2]
+            if width not in self._prefix_masks:
+                self._prefix_masks[width] = prefix_block_mask(self.roots, width, self.prefix_keys.shape[-2])
+            out = rooted_attention_flex(q, self.prefix_keys, self.prefix_values, *tree, self._prefix_masks[width])
+        else:  # eager (also whenever gradients flow: the learner's replay; no CPU backward for flex)
+            if self._visible is None:
+                length = self.prefix_keys.shape[-2]
+                self._visible = torch.arange(length, device=self.roots.device)[None, None] <= self.roots[..., None]
+            out = rooted_attention(q, self.prefix_keys, self.prefix_values, *tree[:2], self._visible, tree[2])
+        return out.to(q.dtype)
 
 
 @dataclass
@@ -175,9 +157,8 @@ class RootedStepOne:
     root_logits: torch.Tensor  # [S*P, Vd] the drafter at index t: its distribution over x_{t+2}
     root_hidden: torch.Tensor  # [S*P, H] its pre-norm output there
 
-    def cache(self) -> RootedTreeCache:
-        visible = torch.arange(self.keys.shape[-2], device=self.indices.device)[None, None] <= self.indices[..., None]
-        return RootedTreeCache(self.keys, self.values, visible)
+    def cache(self, attention: str = "eager") -> RootedTreeCache:
+        return RootedTreeCache(self.keys, self.values, self.indices, attention)
 
 
 def drafter_step_one(
@@ -198,10 +179,12 @@ def drafter_step_one(
 
 
 @torch.no_grad()
-def grow_trees_at(drafter: Eagle3Drafter, step_one: RootedStepOne, config: TreeConfig) -> DraftTree:
+def grow_trees_at(drafter: Eagle3Drafter, step_one: RootedStepOne, config: TreeConfig,
+                  attention: str = "eager") -> DraftTree:
     """One tree per root (tree row s*P + p), all grown together; the same trees as
-    ``speculative.position_trees.build_trees_at`` per sequence."""
-    cache = step_one.cache()
+    ``speculative.position_trees.build_trees_at`` per sequence. ``attention``: how the rows
+    attend (``speculative.rooted_attention``: eager or flex)."""
+    cache = step_one.cache(attention)
 
     def feed(ids, hidden, pos, tree_mask):
         cache.tree_mask = tree_mask
@@ -351,7 +334,7 @@ def score_trees_at_positions(
                                                           enabled=options.tree_autocast):
             for model in (drafter, reference):
                 step_ones.append(drafter_step_one(model, ids, aux, idx))
-                trees.append(grow_trees_at(model, step_ones[-1], tree_cfg))
+                trees.append(grow_trees_at(model, step_ones[-1], tree_cfg, options.tree_attention))
         current, ref = trees
         ref_step_one = None if options.tree_autocast else step_ones[1]  # reused by the path replay
         del step_ones

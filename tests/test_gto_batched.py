@@ -20,12 +20,12 @@ from speculative.batched_trees import (
     BatchedTreeOptions,
     drafter_step_one,
     grow_trees_at,
-    rooted_attention,
     rooted_path_logprob,
     score_trees_at_positions,
 )
 from speculative.llama import FastLlama
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence
+from speculative.rooted_attention import prefix_block_mask, rooted_attention, rooted_attention_flex
 from speculative.tree import TreeConfig
 from speculative.ttt import path_logprob
 from speculative.vocab import DraftVocab
@@ -89,6 +89,7 @@ CASES = [
     (1, 5, [24, 9, 20, 6, 15], 3, 5, {"reward_temperature": 0.0, "reward": "max"}),
     (2, 4, None, 4, 8, {"reward": "expected"}),
     (3, 6, [12, 24, 5, 24, 8, 19], 16, 3, {"reward": "mean", "reward_temperature": 0.7}),
+    (4, 3, [24, 17, 11], 2, 4, {"tree_attention": "flex"}),  # the prefix part by FlexAttention
 ]
 
 
@@ -253,16 +254,18 @@ def test_sequences_with_windows_far_apart_share_a_chunk(pair):
 
 
 @torch.no_grad()
-def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair):
-    """The joint prefix/tree attention of ``RootedTreeCache`` grows the very trees that
-    ``build_trees_at`` grows one sequence at a time (and their log-probabilities)."""
+@pytest.mark.parametrize("attention", ["eager", "flex"])
+def test_trees_of_all_roots_of_a_batch_equal_the_per_sequence_trees(pair, attention):
+    """The joint prefix/tree attention of ``RootedTreeCache`` (eager, or FlexAttention for the
+    prefix) grows the very trees that ``build_trees_at`` grows one sequence at a time (and their
+    log-probabilities)."""
     target, drafter, _ = pair
     fast = FastLlama.from_target(target)
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(4))
     indices = torch.tensor([[0, 5, 9, 13], [2, 3, 4, 12], [13, 1, 7, 0]])
     config = TreeConfig(depth=4, top_k=3, total_tokens=14)
     aux = torch.stack([prefill_sequence(fast, row, room=0).aux_hidden for row in ids])
-    batched = grow_trees_at(drafter, drafter_step_one(drafter, ids, aux, indices), config)
+    batched = grow_trees_at(drafter, drafter_step_one(drafter, ids, aux, indices), config, attention)
     for s in range(3):
         per_seq = build_trees_at(drafter, drafter_prefix(drafter, ids[s], aux[s]), indices[s], config)
         rows = slice(4 * s, 4 * s + 4)
@@ -302,12 +305,17 @@ def _dense_rooted_attention(q, prefix_keys, prefix_values, tree_keys, tree_value
 
 def test_rooted_attention_equals_dense_attention():
     """The split prefix/tree attention the trees grow with (the prefix scored once per sequence,
-    the tree part per row, one softmax over both) equals a plain masked attention per row, at two
-    tree widths; one flipped prefix cell must show."""
+    the tree part per row, one softmax over both) equals a plain masked attention per row, eager
+    and by FlexAttention (merged through log-sum-exps), at two tree widths; one flipped prefix
+    cell must show."""
     for fed, seed in ((3, 0), (7, 1)):
         inputs = _rooted_inputs(seqs=2, positions=3, heads=2, width=3, length=10, fed=fed, seed=seed)
         dense = _dense_rooted_attention(*inputs)
         torch.testing.assert_close(rooted_attention(*inputs), dense, atol=1e-5, rtol=1e-5)
+        q, pk, pv, tk, tv, visible, tree_mask = inputs
+        roots = visible.sum(-1) - 1  # visible is a prefix up to each root
+        flex = rooted_attention_flex(q, pk, pv, tk, tv, tree_mask, prefix_block_mask(roots, 3, 10))
+        torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
     q, pk, pv, tk, tv, visible, tree_mask = inputs
     wrong = visible.clone()
     wrong[0, 0, -1] = ~wrong[0, 0, -1]
