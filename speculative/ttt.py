@@ -132,9 +132,12 @@ def unroll(
     hidden = drafter.fuse_target_hidden(aux_hidden)
     for k in range(1, num_steps + 1):
         tokens = shift_left(input_ids, k) if step_inputs is None else step_inputs[k - 1]
-        hidden = drafter.hidden_step(tokens, hidden, positions + k, cache)
-        read = hidden if logit_rows is None else hidden[logit_rows]
-        yield k, drafter.draft_logits(read), hidden
+        if logit_rows is None:
+            logits, hidden = drafter(tokens, hidden, positions + k, cache)
+        else:
+            hidden = drafter.hidden_step(tokens, hidden, positions + k, cache)
+            logits = drafter.draft_logits(hidden[logit_rows])
+        yield k, logits, hidden
 
 
 def training_time_test(
