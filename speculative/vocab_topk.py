@@ -12,13 +12,19 @@ log-softmax of bf16 logits first copies them to fp32: together most of the tree 
   and a top-k over the k * block gathered candidates give torch.topk's set (ties aside).
 * ``log_normaliser``: logsumexp in fp32 without materialising fp32 logits (on CUDA a compiled
   reduction that reads the bf16 values once; elsewhere, or if compiling fails, eager).
+* ``top_k_logprobs`` on CUDA gets both the block maxima and the normaliser from one read of the
+  logits (``speculative.block_stats_kernel``, Triton) instead of two passes;
+  ``DRAFTRL_VOCAB_REDUCTION=torch`` keeps the two passes (for an A/B: the results are the same).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
+
+from speculative import block_stats_kernel
 
 
 def top_k_ids(logits: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
@@ -31,6 +37,12 @@ def top_k_ids(logits: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
     maxima = logits[..., :main].unflatten(-1, (full, block)).amax(-1)  # [..., full]
     if main < vocab:  # the remainder is one more (short) block
         maxima = torch.cat([maxima, logits[..., main:].amax(-1, keepdim=True)], dim=-1)
+    return _top_k_in_blocks(logits, maxima, k, block)
+
+
+def _top_k_in_blocks(logits: torch.Tensor, maxima: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """``top_k_ids`` given the block maxima [..., ceil(V / block)]: the k best blocks' entries."""
+    vocab = logits.shape[-1]
     blocks = torch.topk(maxima, k, dim=-1).indices  # [..., k]
     index = blocks[..., None] * block + torch.arange(block, device=logits.device)  # [..., k, block]
     outside = index >= vocab  # only in the short block
@@ -40,13 +52,34 @@ def top_k_ids(logits: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
     return index.gather(-1, best)
 
 
-def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_logprobs(logits: torch.Tensor, k: int, block: int = 256,
+                   fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most likely ids of each row and their fp32 log-probabilities, without fp32
-    log-probs of the whole row: (ids [..., k], log q [..., k])."""
-    ids = top_k_ids(logits, k)
+    log-probs of the whole row: (ids [..., k], log q [..., k]). ``fused``: block maxima and
+    normaliser from the one-read Triton kernel (default: on CUDA, unless
+    ``DRAFTRL_VOCAB_REDUCTION=torch`` or the kernel failed once); True also runs it on CPU
+    tensors, which needs Triton's interpreter (tests)."""
+    global _fused_failed
+    if fused is None:
+        fused = (logits.device.type == "cuda" and not _fused_failed and block_stats_kernel.available()
+                 and os.environ.get("DRAFTRL_VOCAB_REDUCTION", "triton") != "torch")
+    if fused and logits.shape[-1] // block >= 4 * k:
+        try:
+            maxima, lse = block_stats_kernel.block_stats(logits, block)
+        except Exception as error:  # noqa: BLE001 - a kernel failure costs speed, not results
+            if logits.device.type != "cuda":
+                raise
+            warnings.warn(f"the block statistics kernel failed ({type(error).__name__}: {error}); "
+                          "two torch passes from now on", stacklevel=2)
+            _fused_failed = True
+        else:
+            ids = _top_k_in_blocks(logits, maxima, k, block)
+            return ids, logits.gather(-1, ids).float() - lse
+    ids = top_k_ids(logits, k, block)
     return ids, logits.gather(-1, ids).float() - log_normaliser(logits)
 
 
+_fused_failed = False  # the Triton kernel raised once: the torch passes from then on
 _compiled_lse = None  # None: not tried yet; False: compiling failed, eager from now on
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,3 +46,60 @@ def test_log_normaliser_is_fp32_logsumexp(dtype):
     want = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     assert log_normaliser(logits).dtype == torch.float32
     torch.testing.assert_close(log_normaliser(logits), want, atol=1e-5, rtol=1e-6)
+
+
+_KERNEL_CHECK = r"""
+import torch
+from speculative.block_stats_kernel import block_stats
+from speculative.vocab_topk import top_k_logprobs
+
+generator = torch.Generator().manual_seed(3)
+for vocab, block, dtype in [(32000, 256, torch.bfloat16), (10007, 128, torch.float32), (600, 256, torch.float32)]:
+    logits = (torch.randn(2, 3, vocab, generator=generator) * 4).to(dtype)
+    logits[0, 0, -1] = 50.0  # the row's best entry in the short last block
+    logits[1, 2, :] = float("-inf")
+    logits[1, 2, 7] = 1.0  # one finite entry: the normaliser is that entry
+    blocks = -(-vocab // block)
+    padded = torch.full((2, 3, blocks * block), float("-inf"), dtype=dtype)
+    padded[..., :vocab] = logits
+    maxima, lse = block_stats(logits, block)
+    assert maxima.dtype == dtype and lse.dtype == torch.float32, (maxima.dtype, lse.dtype)
+    assert torch.equal(maxima, padded.view(2, 3, blocks, block).amax(-1)), vocab
+    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), -1, keepdim=True), atol=1e-5, rtol=1e-6)
+    strided = logits.transpose(0, 1)  # not contiguous across rows: still the same statistics
+    torch.testing.assert_close(block_stats(strided, block)[1], lse.transpose(0, 1))
+    if vocab // block >= 40:
+        ids, logq = top_k_logprobs(logits, 10, block, fused=True)
+        want_ids, want_logq = top_k_logprobs(logits, 10, block, fused=False)
+        assert torch.equal(ids[:, :2], want_ids[:, :2]), vocab  # the -inf row ties: compare the others
+        assert torch.equal(ids[0, 2], want_ids[0, 2])
+        torch.testing.assert_close(logq[0], want_logq[0], atol=1e-5, rtol=1e-6)
+empty = block_stats(torch.zeros(0, 4, 512), 256)
+assert empty[0].shape == (0, 4, 2) and empty[1].shape == (0, 4, 1)
+print("kernel ok")
+"""
+
+
+def test_one_read_block_statistics_kernel_equals_the_torch_passes():
+    """The Triton kernel GTO's tree search uses on CUDA, run by Triton's interpreter on CPU."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kernel ok" in done.stdout
+
+
+def test_vocab_reduction_bench_checks_every_triton_row(tmp_path):
+    """``bench/vocab_reduction.py`` on CPU (Triton's interpreter): every configuration row equals torch."""
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run(
+        [sys.executable, str(repo / "bench" / "vocab_reduction.py"), "--device", "cpu", "--rows", "8",
+         "--vocab", "12800", "--groups", "4,16", "--warps", "4", "--warmup", "0", "--reps", "1",
+         "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "vocab_reduction.json").read_text())
+    assert [row["status"] for row in report["variants"]] == ["baseline", "equal", "equal"]
+    assert "| triton g16 w4 |" in (tmp_path / "vocab_reduction.md").read_text()
