@@ -85,6 +85,7 @@ class BatchedTrees:
     aux_hidden: torch.Tensor  # [B, T, n_aux * H] (0 past each sequence's length)
     target_draft_logits: torch.Tensor  # [B, T, Vd]
     target_top1: torch.Tensor  # [B, T]
+    target_hidden: torch.Tensor  # [B, T, H] final-norm hidden: target_draft_logits = its lm_head at the draft ids
     reward: torch.Tensor  # [B, P]
     reference_reward: torch.Tensor  # [B, P]
     expected_length: torch.Tensor  # [B, P]
@@ -310,11 +311,13 @@ def score_trees_at_positions(
         with record_function("gto/prefill"):  # FusedLlama: causal within the chunk (flash), no mask
             mask = None if isinstance(fast, FusedLlama) else causal_slot_mask(0, padded, padded, len(members),
                                                                               device=device)
-            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0, mask)
+            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0, mask, apply_lm_head=False)
+            all_logits = fast.lm_head(prefill.hidden)
         real = (seq_pos[None] < torch.tensor([lengths[b] for b in members], device=device)[:, None])
         real = real[:, :copy]
-        logits = prefill.logits[:, :copy]
+        logits = all_logits[:, :copy]
         out.aux_hidden[rows, :copy] = torch.where(real[..., None], prefill.aux_hidden[:, :copy], 0)
+        out.target_hidden[rows, :copy] = torch.where(real[..., None], prefill.hidden[:, :copy], 0)
         out.target_draft_logits[rows, :copy] = torch.where(real[..., None], logits[..., vocab_map], 0)
         out.target_top1[rows, :copy] = torch.where(real, logits.argmax(-1), 0)
         if not used:
@@ -324,9 +327,9 @@ def score_trees_at_positions(
         idx = torch.zeros(len(members), span, dtype=torch.long, device=device)
         idx[:, :keep] = indices[rows, :keep]
         seq_rows = torch.arange(len(members), device=device)[:, None]
-        root_logits = prefill.logits[seq_rows, idx + 1]  # [S, span, V]: the target at each root
+        root_logits = all_logits[seq_rows, idx + 1]  # [S, span, V]: the target at each root
         aux = prefill.aux_hidden
-        del prefill, logits
+        del prefill, logits, all_logits
 
         # 2-3. Both drafters' step 1 and all their trees.
         trees, step_ones = [], []
@@ -474,6 +477,7 @@ def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, devi
         aux_hidden=torch.zeros(batch, width, hidden, dtype=fast.dtype, device=device),
         target_draft_logits=torch.zeros(batch, width, vocab_map.shape[0], dtype=fast.dtype, device=device),
         target_top1=torch.zeros(batch, width, dtype=torch.long, device=device),
+        target_hidden=torch.zeros(batch, width, fast.config.hidden_size, dtype=fast.dtype, device=device),
         reward=per_slot(), reference_reward=per_slot(), expected_length=per_slot(),
         reference_expected_length=per_slot(),
         path_ids=torch.zeros(batch, positions, depth, dtype=torch.long, device=device),

@@ -53,7 +53,7 @@ def _kernel():
     return triton.jit(_block_stats)  # an interpreted function when TRITON_INTERPRET=1 at import
 
 
-def block_stats(logits: torch.Tensor, block: int = 256, group: int = 8,
+def block_stats(logits: torch.Tensor, block: int = 256, group: int = 16,
                 num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(maxima [..., ceil(V / block)] in ``logits``' dtype, logsumexp [..., 1] in fp32) of the
     last dim. Block b covers entries [b * block, (b + 1) * block); the last may be short.

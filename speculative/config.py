@@ -218,10 +218,10 @@ class GTOSection(Section):
         False, description="also feed tree leaves to the target (nothing reads their logits: a "
         "node's acceptance is read at its parent); on only to measure what skipping them saves")
     tree_attention: Literal["eager", "flex"] = Field(
-        "eager", description="the tree search's attention to each root's prefix: eager (the [S, heads, "
-        "P*w, T] scores materialised) or flex (FlexAttention, compiled on CUDA, merged with the tree "
-        "part by log-sum-exp: the scores never materialised). Same trees; flex for A/B timing until "
-        "measured faster")
+        "flex", description="the tree search's attention to each root's prefix: flex (FlexAttention, "
+        "compiled on CUDA, merged with the tree part by log-sum-exp: the [S, heads, P*w, T] scores never "
+        "materialised; 1.24x the GTO experience of eager on an H200) or eager (the scores materialised). "
+        "Same trees")
     path_replay: Literal["rooted", "ttt"] = Field(
         "rooted", description="how the learner recomputes log q(path) with gradient: 'rooted' (step 1 at "
         "every index, later steps at the paths' roots only) or 'ttt' (every step at every index, as "

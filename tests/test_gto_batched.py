@@ -159,6 +159,47 @@ def test_batched_experience_with_a_reduced_draft_vocabulary():
     assert new.sft.target_draft_logits.shape[-1] == 40 and new.index.numel() == 24
 
 
+@pytest.mark.parametrize("target_forward", ["fused", "fast"])
+def test_gto_experience_ships_hidden_states_and_the_learner_gets_the_same_logits(target_forward):
+    """A GTO experience packed for the object store carries the target's final-norm hidden states at
+    the rows the loss reads and its lm_head rows at the draft ids, not the [rows, Vd] logits (H + Vd*H/n
+    numbers a row instead of Vd: fewer bytes at real sizes, not at these tiny ones); after pickling, the learner's merge (on a device or not) redoes the product and
+    gets the dense experience's logits back, and the same token loss."""
+    import pickle
+
+    from speculative.experience import concat_experiences
+    from speculative.sft import sft_loss
+
+    target = TargetModel(tiny_llama(vocab_size=96, layers=4, seed=2), aux_layer_ids=(1, 2, 3))
+    vocab = DraftVocab.from_counts(torch.rand(96, generator=torch.Generator().manual_seed(0)), 40)
+    drafter = tiny_drafter(target, vocab, seed=3)
+    config = _config(tree_depth=3, tree_top_k=4, tree_total_tokens=10, group_size=2, groups_per_sequence=4,
+                     sequences_per_forward=2, positions_per_forward=3, target_forward=target_forward)
+    batch = _ragged(_sequences(target, 3, 20, 3, seed=5), [20, 14, 18])
+    worker = TargetWorker(target, drafter.draft_to_target)
+    dense = gto_experience(worker, config, batch, drafter, copy.deepcopy(drafter), seed=9)
+    head = worker.fast.lm_head.weight[drafter.draft_to_target]
+    assert torch.equal(dense.sft.draft_head, head)
+    real = dense.sft.attention_mask.bool()
+    redone = torch.nn.functional.linear(dense.sft.target_hidden, head)
+    torch.testing.assert_close(redone[real], dense.sft.target_draft_logits[real], rtol=1e-5, atol=1e-5)
+    shipped = pickle.loads(pickle.dumps(dense.packed().to_host(), protocol=5))
+    read = dense.sft.rows_read()
+    assert shipped.sft.target_draft_logits.shape == (0, 40)  # the logits stay behind
+    assert shipped.sft.target_hidden.shape == (int(read.sum()), target.model.config.hidden_size)
+    assert torch.equal(shipped.sft.target_hidden, dense.sft.target_hidden[read])
+    for merged in (concat_experiences([shipped], "cpu"), concat_experiences([shipped])):
+        assert merged.sft.logit_rows is None and merged.sft.target_hidden is None
+        torch.testing.assert_close(merged.sft.target_draft_logits[read], dense.sft.target_draft_logits[read],
+                                   rtol=1e-5, atol=1e-5)
+        assert int(merged.sft.target_draft_logits[~read].abs().sum()) == 0
+        loss, _ = sft_loss(drafter, merged.sft, 3, 0.8)
+        torch.testing.assert_close(loss, sft_loss(drafter, dense.sft, 3, 0.8)[0], rtol=1e-5, atol=1e-6)
+    # without the head the logits rows themselves travel, as before
+    plain = dataclasses.replace(dense, sft=dataclasses.replace(dense.sft, draft_head=None)).packed()
+    assert plain.sft.target_draft_logits.shape == (int(read.sum()), 40) and plain.sft.target_hidden is None
+
+
 def test_batch_without_any_window_gives_the_same_empty_experience(pair):
     target, drafter, reference = pair
     config = _config(tree_depth=3, tree_top_k=2, tree_total_tokens=5, group_size=4, groups_per_sequence=2)
