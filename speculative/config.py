@@ -220,7 +220,7 @@ class GTOSection(Section):
     tree_attention: Literal["eager", "flex"] = Field(
         "flex", description="the tree search's attention to each root's prefix: flex (FlexAttention, "
         "compiled on CUDA, merged with the tree part by log-sum-exp: the [S, heads, P*w, T] scores never "
-        "materialised; 1.24x the GTO experience of eager on an H200) or eager (the scores materialised). "
+        "materialised; 1.11x the GTO experience of eager on an H200) or eager (the scores materialised). "
         "Same trees")
     path_replay: Literal["rooted", "ttt"] = Field(
         "rooted", description="how the learner recomputes log q(path) with gradient: 'rooted' (step 1 at "

@@ -28,10 +28,12 @@ def test_learner_step_replays_timed_and_checked_equal(tmp_path, tiny_target_dir,
     assert (rooted["replay"], rooted["status"]) == ("rooted", "equal")
     for row in (ttt, rooted):
         assert row["logprob_max_abs_diff"] <= 1e-4 and row["grad_rel_diff"] <= 1e-4
+    for row in (full, ttt, rooted):  # fp32 on CPU: each replay is the fp32 TTT replay's log q
+        assert row["logprob_vs_fp32"] <= 1e-4
     assert full["chains"] == rooted["chains"] > 0  # (an untrained drafter: the check uses full drafted paths)
     for row in (full, ttt, rooted):
         assert row["step_ms"]["reps"] == 2 and row["step_ms"]["median"] > 0 and row["check_path_length"] == 3
         assert row["profile_top_ops"]
     assert rooted["step_speedup"] > 0
     text = (out / "gto_learner_step.md").read_text()
-    assert "| rooted |" in text and "equal" in text
+    assert "| rooted |" in text and "equal" in text and "log q vs fp32" in text
