@@ -60,6 +60,8 @@ class Cycles:
     proposals: list[torch.Tensor] = field(default_factory=list)  # [K] draft ids
     target_logprobs: list[torch.Tensor] = field(default_factory=list)  # [K, Vd]
     rollout_logprobs: list[torch.Tensor] = field(default_factory=list)  # [K]
+    # [M, K, H] the target's final-norm states behind target_logprobs (the batched engine only)
+    target_hidden: torch.Tensor | None = None
 
     def add(self, sequence: int, root_pos: int, accepted: int, root_token: int, proposals: torch.Tensor,
             target_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, drafter: Eagle3Drafter) -> None:
@@ -83,7 +85,7 @@ class Cycles:
         fed = torch.cat([chains.root_token[:, None], drafter.to_target_ids(chains.proposals[:, :-1])], 1)
         return cls(sequence=chains.sequence, index=chains.root_pos - 1, accepted=chains.accepted,
                    step_inputs=fed, proposals=chains.proposals, target_logprobs=chains.target_logprobs,
-                   rollout_logprobs=chains.rollout_logprobs)
+                   rollout_logprobs=chains.rollout_logprobs, target_hidden=chains.target_hidden)
 
 
 def rollout_batch(sequences: list[list[int]], response_starts: list[int]) -> dict[str, torch.Tensor]:
@@ -131,7 +133,12 @@ def assemble_experience(
     if config.opd.response_ttt_weight <= 0:
         rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
             *rollout.target_draft_logits.shape[:2], 0))
+    # The target's distributions can travel as its final-norm states and lm_head rows (OPDExperience.packed)
+    head = worker.fast.lm_head
+    hidden = cycles.target_hidden if head.bias is None else None
     return OPDExperience(
+        target_hidden=None if hidden is None else hidden.to(device),
+        draft_head=None if hidden is None else head.weight.index_select(0, worker.draft_to_target),
         rollout=rollout,
         sequence=longs(cycles.sequence),
         index=longs(cycles.index),
@@ -160,7 +167,7 @@ def split_experience(experience: OPDExperience, parts: int) -> list[OPDExperienc
     def rows_of(sft: SFTExperience, lo: int, hi: int) -> SFTExperience:
         width = int(sft.attention_mask[lo:hi].sum(-1).max()) if hi > lo else 0
         return replace(sft, **{f.name: getattr(sft, f.name)[lo:hi, :width] for f in fields(sft)
-                               if isinstance(getattr(sft, f.name), torch.Tensor)})
+                               if isinstance(getattr(sft, f.name), torch.Tensor) and f.name != "draft_head"})
 
     out = []
     data_rows = experience.data.input_ids.shape[0] if experience.data is not None else 0
@@ -174,6 +181,7 @@ def split_experience(experience: OPDExperience, parts: int) -> list[OPDExperienc
             accepted=experience.accepted[keep], step_inputs=experience.step_inputs[keep],
             proposals=experience.proposals[keep], target_logprobs=experience.target_logprobs[keep],
             rollout_logprobs=experience.rollout_logprobs[keep],
+            target_hidden=None if experience.target_hidden is None else experience.target_hidden[keep],
             response_tokens=int((part.loss_mask.bool() & part.attention_mask.bool()).sum()),
             target_forwards=int(keep.sum()),
             data=None if experience.data is None else rows_of(experience.data, data_bounds[k], data_bounds[k + 1]),

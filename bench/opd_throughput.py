@@ -249,7 +249,7 @@ def time_experience(worker, config, prompts: list[list[int]], drafter, device) -
     experience = opd_experience(worker, config, batch, drafter, drafter_version=1, seed=0)
     sync(device)
     made = time.perf_counter() - start
-    experience = experience.to("cpu")  # what the rollout actor ships
+    shipped = experience.packed().to_host()  # what the rollout actor ships (actors/rollout_actor.py)
     total = time.perf_counter() - start
     cycles = int(experience.accepted.numel())
     return {
@@ -257,7 +257,7 @@ def time_experience(worker, config, prompts: list[list[int]], drafter, device) -
         "cycles": cycles, "tokens_per_cycle": experience.response_tokens / max(cycles, 1),
         "seconds_on_device": made, "seconds_with_cpu_copy": total,
         "tok_s_on_device": experience.num_tokens / made, "tok_s": experience.num_tokens / total,
-        "experience_mb": experience.nbytes() / 1e6,
+        "experience_mb": shipped.nbytes() / 1e6, "dense_experience_mb": experience.nbytes() / 1e6,
     }
 
 
@@ -278,6 +278,8 @@ def opd_batched(args, worker, drafter, prompts, batch: int, compile: str, device
         "compile_errors": engine.compile_errors,
         "tok_s": statistics.median(r["tok_s"] for r in runs),
         "tok_s_on_device": statistics.median(r["tok_s_on_device"] for r in runs),
+        "experience_mb": statistics.median(r["experience_mb"] for r in runs),
+        "dense_experience_mb": statistics.median(r["dense_experience_mb"] for r in runs),
         "engine_new_tok_s": generated.tokens_per_second, "engine_tau": generated.tau,
         "engine_steps": generated.steps, "engine_seconds": generated.wall_time,
         "graph_setup_seconds": generated.setup_time, "runs": runs,
@@ -512,7 +514,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"Prefill ceiling: {ceiling:,.0f} tokens/s", ""]
     if data.get("opd_reference") or any(k.startswith("opd_batched") for k in data):
         lines += ["Experience tok/s: prompt + response tokens of `opd_experience` per second, its copy to the CPU "
-                  "included (the pipeline's rollout_tokens_per_s); on device: without that copy.", "",
+                  "included: `packed().to_host()`, what a rollout actor ships (since 2026-12-02; `.to(\"cpu\")` of "
+                  "the dense experience before); on device: without that copy. MB shipped: the packed experience.", "",
                   "| engine | batch | experience tok/s | ratio to ceiling | on device tok/s | ratio | "
                   "engine new tok/s | engine tau | tokens/cycle | cycles | MB shipped |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -457,7 +457,7 @@ def readme(summary: dict[str, Any]) -> str:
         f"| {f('prefill_ceiling_tok_s', '{:,.0f}')} | 1 |",
         f"| GTO tokens scored/s (batched, {summary.get('gto', {}).get('batch_size', 'n/a')} seqs) "
         f"| {f('gto_tok_s', '{:,.0f}')} | {f('gto_ceiling_ratio', '{:.2%}')} |",
-        f"| Draft-OPD tokens/s (batched, {summary.get('opd', {}).get('batch', 'n/a')} seqs, incl. copy to CPU) "
+        f"| Draft-OPD tokens/s (batched, {summary.get('opd', {}).get('batch', 'n/a')} seqs, incl. the shipped copy to CPU) "
         f"| {f('opd_tok_s', '{:,.0f}')} | {f('opd_ceiling_ratio', '{:.2%}')} |",
         f"| SFT learner samples/s (micro-batch {f('sft_best_micro_batch', '{}')}) | {f('sft_samples_per_s', '{:.1f}')} | |",
         f"| SFT learner step, s | {f('sft_learner_step_s', '{:.3f}')} | |",

@@ -121,6 +121,9 @@ class ChainCycles:
     proposals: torch.Tensor  # [M, K]
     target_logprobs: torch.Tensor  # [M, K, Vd]
     rollout_logprobs: torch.Tensor  # [M, K]
+    # [M, K, H] the target's final-norm states at those rows: target_logprobs is the log-softmax of
+    # their lm_head product at the draft ids, so an experience can ship these instead (smaller by Vd / H)
+    target_hidden: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.accepted.shape[0]
@@ -293,6 +296,8 @@ class BatchGenerator:
             self.rec_proposals = torch.zeros(window, batch, k, **long)
             self.rec_logq = torch.zeros(window, batch, k, device=device)
             self.rec_target = torch.zeros(window, batch, k, vocab, dtype=self.model.dtype, device=device)
+            hidden = self.fast.config.hidden_size  # the target's final-norm states: shipped instead of rec_target
+            self.rec_target_hidden = torch.zeros(window, batch, k, hidden, dtype=self.model.dtype, device=device)
 
     def _record(self, buffer: torch.Tensor, width: int, value: torch.Tensor) -> None:
         buffer[:, :width].index_copy_(0, self.step_index, value[None])
@@ -395,6 +400,7 @@ class BatchGenerator:
             self._record(self.rec_logq, width, torch.cat(logqs, 1))
             target = torch.log_softmax(out.logits[:, :steps, d2t].float(), -1)
             self._record(self.rec_target, width, target.to(self.rec_target.dtype))
+            self._record(self.rec_target_hidden, width, out.hidden[:, :steps])
 
         # 4. catch up: the drafter reads the committed tokens with the target's features; its
         #    entry for position p (token p, the target's hidden at p - 1) goes to slot p - 1
@@ -651,7 +657,7 @@ class BatchGenerator:
         if self.chain_length:
             out["accepted"] = self.rec_accepted[step, row]
         if self.record_cycles:
-            for name in ("root_pos", "root_token", "proposals", "logq", "target"):
+            for name in ("root_pos", "root_token", "proposals", "logq", "target", "target_hidden"):
                 out[name] = getattr(self, f"rec_{name}")[step, row]
         return out
 
@@ -684,6 +690,8 @@ class BatchGenerator:
                 proposals=get("proposals", empty.reshape(0, k)),
                 target_logprobs=get("target", torch.zeros(0, k, vocab, dtype=self.model.dtype, device=self.device)),
                 rollout_logprobs=get("logq", torch.zeros(0, k, device=self.device)),
+                target_hidden=get("target_hidden", torch.zeros(0, k, self.fast.config.hidden_size,
+                                                                dtype=self.model.dtype, device=self.device)),
             )
         return BatchGenerationResult(tokens, accept_lengths, steps, wall, setup, cycles)
 

@@ -270,6 +270,12 @@ class OPDExperience(_Movable):
     # Packed for shipping: ``target_logprobs`` then holds only these rows [n] of the flat [M * K]
     # grid, as [n, Vd]; None: dense [M, K, Vd]
     logprob_rows: torch.Tensor | None = None
+    # Optional (the batched engine): the target's final-norm states at the verification rows
+    # [M, K, H] (packed: [n, H] at ``logprob_rows``) and its lm_head rows at the draft ids [Vd, H];
+    # ``target_logprobs`` = log_softmax of their product. ``packed`` then ships these, Vd / H times
+    # fewer numbers a state, and the learner redoes the product (``packed_logprobs``).
+    target_hidden: torch.Tensor | None = None
+    draft_head: torch.Tensor | None = None
 
     def logprob_rows_read(self) -> torch.Tensor:
         """[M, K] bool: the states whose target distribution the loss reads: the accepted ones
@@ -284,17 +290,39 @@ class OPDExperience(_Movable):
         target distributions the loss reads: with the authors' recipe (no rejected suffix) about
         tau of a chain's K states. Unread states come back as zeros, under exact zero weights."""
         out = super().packed()
-        if out.logprob_rows is not None or self.reads_rejected_suffix:
+        as_hidden = self.target_hidden is not None and self.draft_head is not None
+        if out.logprob_rows is not None or (self.reads_rejected_suffix and not as_hidden):
             return out
         rows = self.logprob_rows_read().reshape(-1).nonzero().squeeze(-1)
-        flat = self.target_logprobs.reshape(-1, self.target_logprobs.shape[-1])
-        return replace(out, target_logprobs=flat.index_select(0, rows), logprob_rows=rows)
+        vocab = self.target_logprobs.shape[-1]
+        if as_hidden:  # the states, not their distributions ([0, Vd]: the logprobs' dtype and width)
+            hidden = self.target_hidden.reshape(-1, self.target_hidden.shape[-1]).index_select(0, rows)
+            return replace(out, target_logprobs=self.target_logprobs.new_empty((0, vocab)), target_hidden=hidden,
+                           logprob_rows=rows)
+        flat = self.target_logprobs.reshape(-1, vocab)
+        return replace(out, target_logprobs=flat.index_select(0, rows), logprob_rows=rows,
+                       target_hidden=None, draft_head=None)
+
+    def packed_logprobs(self, device=None, non_blocking: bool = False) -> torch.Tensor:
+        """A packed experience's target log-probs [n, Vd] on ``device``: shipped as they are, or the
+        log-softmax of the target's lm_head redone over the shipped states (in row blocks: the fp32
+        [n, Vd] temporaries of 40k states would be gigabytes), in the log-probs' dtype."""
+        if self.target_hidden is None or self.draft_head is None:
+            return _put(self.target_logprobs, device, non_blocking)
+        hidden = _put(self.target_hidden, device, non_blocking)
+        head = _put(self.draft_head, device, non_blocking)
+        out = torch.empty(hidden.shape[0], head.shape[0], dtype=self.target_logprobs.dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], LOGPROB_BLOCK_ROWS):
+            block = torch.nn.functional.linear(hidden[start:start + LOGPROB_BLOCK_ROWS].to(head.dtype), head)
+            out[start:start + LOGPROB_BLOCK_ROWS] = torch.log_softmax(block.float(), -1)
+        return out
 
     def unpacked(self) -> OPDExperience:
         out = super().unpacked()
         if out.logprob_rows is None:
             return out
-        return replace(out, target_logprobs=_dense_logprobs(out, out.target_logprobs.device), logprob_rows=None)
+        return replace(out, target_logprobs=_dense_logprobs(out, out.target_logprobs.device), logprob_rows=None,
+                       target_hidden=None, draft_head=None)
 
     @property
     def num_tokens(self) -> int:
@@ -316,6 +344,8 @@ class CombinedExperience(_Movable):
 
 
 Experience = SFTExperience | GTOExperience | OPDExperience | CombinedExperience
+
+LOGPROB_BLOCK_ROWS = 4096  # target states a block when redoing log-probs from shipped hidden states
 
 
 def uses_reference(objective: str) -> bool:
@@ -402,9 +432,9 @@ def _concat_gto(parts: list[GTOExperience], device=None, non_blocking: bool = Fa
 
 def _dense_logprobs(part: OPDExperience, device, non_blocking: bool = False) -> torch.Tensor:
     """``part.target_logprobs`` as dense [M, K, Vd] on ``device`` (scattered there when packed)."""
-    values = part.target_logprobs
     if part.logprob_rows is None:
-        return _put(values, device, non_blocking)
+        return _put(part.target_logprobs, device, non_blocking)
+    values = part.packed_logprobs(device, non_blocking)
     return _scatter_rows(values, part.logprob_rows, tuple(part.step_inputs.shape), device, non_blocking)
 
 

@@ -293,4 +293,4 @@ class FusedLlama(nn.Module):
         aux_out = torch.cat(aux, dim=-1) if aux else None
         if not apply_lm_head:
             return FastLlamaOutput(logits=None, aux_hidden=aux_out, hidden=final)
-        return FastLlamaOutput(logits=fast.lm_head(final), aux_hidden=aux_out)
+        return FastLlamaOutput(logits=fast.lm_head(final), aux_hidden=aux_out, hidden=final)

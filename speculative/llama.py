@@ -99,7 +99,7 @@ def compact_slots(storage: torch.Tensor, src_slots: torch.Tensor, dst_start: tor
 class FastLlamaOutput:
     logits: torch.Tensor | None  # [B, T', V] (T' = rows asked for with ``logits_rows``, else T)
     aux_hidden: torch.Tensor | None  # [B, T, n_aux * H] (None where not asked for)
-    hidden: torch.Tensor | None = None  # [B, T, H] final-norm output, with ``apply_lm_head=False``
+    hidden: torch.Tensor | None = None  # [B, T', H] final-norm output (the lm_head's input; T' as logits)
 
 
 class FastLlama(nn.Module):
@@ -218,7 +218,7 @@ class FastLlama(nn.Module):
         if logits_rows is not None:
             final = final[:, logits_rows]
         logits = self.lm_head(final)
-        return FastLlamaOutput(logits=logits, aux_hidden=aux_out)
+        return FastLlamaOutput(logits=logits, aux_hidden=aux_out, hidden=final)
 
 
 def causal_slot_mask(start: int, length: int, span: int, batch: int = 1,

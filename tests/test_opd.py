@@ -361,3 +361,40 @@ def test_one_rollout_per_update_splits_into_the_micro_batches_own_rollouts(pair)
         loss_part, _ = opd_loss(drafter, part, config)
         loss_alone, _ = opd_loss(drafter, alone, config)
         assert float(loss_part) == pytest.approx(float(loss_alone), rel=1e-4)
+
+
+@pytest.mark.parametrize("rejected", ["first", "suffix"])
+def test_shipped_experience_carries_target_states_and_the_learner_redoes_the_same_distributions(pair, rejected,
+                                                                                                monkeypatch):
+    """The batched engine records the target's final-norm states with each verification's log-probs;
+    an experience packed for the object store ships those states (and the lm_head rows at the draft
+    ids) instead of [states, Vd] log-probs, and the learner's merge, after pickling, gets back the
+    distributions the loss reads and the same loss and gradient."""
+    import pickle
+
+    from speculative.experience import concat_experiences
+
+    target, drafter = pair
+    worker = TargetWorker(target, drafter.draft_to_target)
+    config = _config(f"opd.rejected={rejected}")
+    dense = opd_experience(worker, config, _batch(), drafter, drafter_version=5, seed=0)
+    head = worker.fast.lm_head.weight[drafter.draft_to_target]
+    assert dense.target_hidden.shape == (*dense.step_inputs.shape, target.model.config.hidden_size)
+    assert torch.equal(dense.draft_head, head)
+    redone = torch.log_softmax(torch.nn.functional.linear(dense.target_hidden, head).float(), -1)
+    torch.testing.assert_close(redone, dense.target_logprobs.float(), atol=1e-5, rtol=1e-5)
+    shipped = pickle.loads(pickle.dumps(dense.packed().to_host(), protocol=5))
+    read = dense.logprob_rows_read()
+    monkeypatch.setattr("speculative.experience.LOGPROB_BLOCK_ROWS", 5)  # several row blocks
+    assert shipped.target_logprobs.shape == (0, dense.target_logprobs.shape[-1])  # the log-probs stay behind
+    assert shipped.target_hidden.shape == (int(read.sum()), target.model.config.hidden_size)
+    assert bool(read.all()) == (rejected == "suffix") and int(read.sum()) > 0
+    want_loss, want_grads = _grads(drafter, dense, config)
+    for merged in (concat_experiences([shipped], "cpu"), concat_experiences([shipped])):
+        assert merged.logprob_rows is None and merged.target_hidden is None
+        torch.testing.assert_close(merged.target_logprobs[read], dense.target_logprobs[read], atol=1e-5, rtol=1e-5)
+        assert int(merged.target_logprobs[~read].abs().sum()) == 0
+        loss, grads = _grads(drafter, merged, config)
+        assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
