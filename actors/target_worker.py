@@ -113,7 +113,8 @@ class TargetWorker:
             attention_mask = batch["attention_mask"].to(device)
             loss_mask = batch["loss_mask"].to(device)
         # (its phases: sft/target_forward, then sft/restrict_vocab: the lm head and the restriction)
-        draft_logits, top1, aux_hidden = self.target.draft_features(input_ids, attention_mask, self.draft_to_target)
+        draft_logits, top1, aux_hidden, hidden = self.target.draft_features(
+            input_ids, attention_mask, self.draft_to_target, with_hidden=True)
         return SFTExperience(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -122,6 +123,9 @@ class TargetWorker:
             target_draft_logits=draft_logits,
             target_top1=top1,
             drafter_version=drafter_version,
+            # shipped instead of the logits when the head is a plain lm_head (SFTExperience.packed)
+            target_hidden=hidden,
+            draft_head=None if hidden is None else self.target.model.lm_head.weight.index_select(0, self.draft_to_target),
         )
 
     def make_experience(

@@ -371,14 +371,17 @@ class TargetModel(nn.Module):
 
     @torch.no_grad()
     def draft_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, draft_to_target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, draft_to_target: torch.Tensor,
+        with_hidden: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """What SFT needs of the target: (logits at the draft vocabulary's ids [B, T, N], argmax over
         the full vocabulary [B, T], aux hidden [B, T, n_aux * H]) - ``features`` followed by
         ``restrict_to_draft_vocab``, without the full [B, T, V] logits ever existing at once: the
         head runs over row chunks of at most ``HEAD_CHUNK_BYTES`` of logits (for Qwen2.5-Coder-1.5B
         at B x T = 8 x 1024 in bf16, ten 250 MB blocks instead of one of 2.5 GB). Targets whose
-        logits are not a plain ``lm_head`` of the last hidden state take the ``features`` path."""
+        logits are not a plain ``lm_head`` of the last hidden state take the ``features`` path.
+        ``with_hidden``: a fourth item, the final-norm hidden states [B, T, H] the logits are the
+        lm_head of (None on the ``features`` path): an experience can ship those instead."""
         from speculative.profiling import phase
         from speculative.ttt import restrict_to_draft_vocab
 
@@ -387,7 +390,7 @@ class TargetModel(nn.Module):
                 features = self.features(input_ids, attention_mask)
             with phase("sft/restrict_vocab"):
                 draft, top1 = restrict_to_draft_vocab(features.logits, draft_to_target)
-            return draft, top1, features.aux_hidden
+            return (draft, top1, features.aux_hidden, None) if with_hidden else (draft, top1, features.aux_hidden)
         with phase("sft/target_forward"):
             out = self.model.model(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
@@ -406,7 +409,8 @@ class TargetModel(nn.Module):
                 top1[start:start + rows] = logits.argmax(-1)
                 torch.index_select(logits, -1, draft_to_target, out=draft[start:start + rows])
         shape = hidden.shape[:-1]
-        return draft.view(*shape, -1), top1.view(shape), aux
+        out = (draft.view(*shape, -1), top1.view(shape), aux)
+        return (*out, hidden) if with_hidden else out
 
 
 def load_tokenizer(spec: str, cache_dir: Path | None = None):

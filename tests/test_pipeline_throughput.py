@@ -4,6 +4,7 @@ pickling of experiences, the flat broadcast payload, and the CPU smoke run of be
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import pickle
 import subprocess
 import sys
@@ -205,11 +206,14 @@ def _grads(drafter, experience) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return loss.detach(), [p.grad.clone() for p in drafter.trainable_parameters()]
 
 
-def test_packed_experiences_ship_only_the_logit_rows_the_loss_reads_and_train_identically():
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_packed_experiences_ship_only_the_logit_rows_the_loss_reads_and_train_identically(form):
     """An actor ships ``experience.packed()``: the teacher-forced logits only at the rows training-
-    time test reads (the position before each supervised token). After the object store and the
-    learner's merge, the loss and every gradient are bit-identical to the dense experience's,
-    for one part and for merged ragged parts; a packed experience never reaches a loss."""
+    time test reads (the position before each supervised token), as the logits themselves or (the
+    target worker's default) as the target's final-norm states there plus its lm_head rows at the
+    draft ids. After the object store and the learner's merge, the loss and every gradient are
+    the dense experience's (bit-identical when the logits travel), for one part and for merged
+    ragged parts; a packed experience never reaches a loss."""
     from actors.target_worker import TargetWorker
     from speculative.sft import sft_loss
     from speculative.target import TargetModel
@@ -226,20 +230,30 @@ def test_packed_experiences_ship_only_the_logit_rows_the_loss_reads_and_train_id
         batch = _sequences(target, rows, length, prompt, seed=seed)
         batch["attention_mask"][0, length - 4:] = 0  # a shorter first sequence: padding
         batch["loss_mask"][0, length - 4:] = 0
-        dense.append(worker.sft_experience(batch))
+        experience = worker.sft_experience(batch)
+        assert experience.target_hidden is not None and experience.draft_head is not None
+        dense.append(experience if form == "hidden" else replace(experience, target_hidden=None, draft_head=None))
     shipped = [pickle.loads(pickle.dumps(e.packed().to_host(), protocol=5)) for e in dense]
     for e, s in zip(dense, shipped):
         read = int(e.rows_read().sum())
-        assert s.logit_rows is not None and s.target_draft_logits.shape == (read, 40)
-        assert read < e.input_ids.numel() and s.nbytes() < e.nbytes()
+        assert s.logit_rows is not None and read < e.input_ids.numel() and s.nbytes() < e.nbytes()
+        if form == "logits":
+            assert s.target_draft_logits.shape == (read, 40) and s.target_hidden is None
+        else:
+            assert s.target_draft_logits.shape == (0, 40) and s.target_hidden.shape == (read, e.target_hidden.shape[-1])
         with pytest.raises(ValueError, match="packed"):
             sft_loss(drafter, s, 3, 0.8)
     one_dense, one_shipped = _grads(drafter, dense[0]), _grads(drafter, concat_experiences(shipped[:1], "cpu"))
     merged_dense = _grads(drafter, concat_experiences(dense))
     merged_shipped = [_grads(drafter, concat_experiences(shipped, "cpu")), _grads(drafter, concat_experiences(shipped))]
     for left, right in [(one_dense, one_shipped), *((merged_dense, m) for m in merged_shipped)]:
-        assert torch.equal(left[0], right[0])
-        assert all(torch.equal(a, b) for a, b in zip(left[1], right[1]))
+        if form == "logits":
+            assert torch.equal(left[0], right[0])
+            assert all(torch.equal(a, b) for a, b in zip(left[1], right[1]))
+        else:  # the lm_head product redone: the same up to the GEMM's summation order
+            torch.testing.assert_close(left[0], right[0], rtol=1e-5, atol=1e-6)
+            for a, b in zip(left[1], right[1]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert float(one_dense[0]) > 0
     # nested: a GTO experience packs its SFT part, and the merge restores it
     nested = gto(2, 5, 4, 0)
