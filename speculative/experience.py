@@ -97,10 +97,12 @@ class _Movable:
                    if isinstance(getattr(self, f.name), _Movable)}
         return replace(self, **changed) if changed else self  # type: ignore[type-var]
 
-    def packed(self):
+    def packed(self, form: str = "auto"):
         """For shipping: only what the losses read of the big fields (``SFTExperience.packed``,
-        ``OPDExperience.packed``). ``unpacked`` (or ``concat_experiences``) restores them."""
-        return self._each_part(lambda part: part.packed())
+        ``OPDExperience.packed``). ``unpacked`` (or ``concat_experiences``) restores them.
+        ``form``: how the target's distributions travel where an experience holds both forms:
+        ``logits``, ``hidden`` (final-norm states + lm_head rows) or ``auto`` (the fewer bytes)."""
+        return self._each_part(lambda part: part.packed(form))
 
     def unpacked(self):
         return self._each_part(lambda part: part.unpacked())
@@ -173,7 +175,7 @@ class SFTExperience(_Movable):
         read[:, :-1] = supervised[:, 1:]
         return read
 
-    def packed(self) -> SFTExperience:
+    def packed(self, form: str = "auto") -> SFTExperience:
         """The same experience with only the logit rows its loss reads (an OPD rollout: its
         response; ShareGPT-like data: the assistant turns), for the object store. Losses are
         bit-identical after ``unpacked``: unread rows come back as zeros, and an unread row's
@@ -184,7 +186,7 @@ class SFTExperience(_Movable):
         if self.logit_rows is not None or logits.shape[-1] == 0:
             return self
         rows = self.rows_read().reshape(-1).nonzero().squeeze(-1)
-        if self.target_hidden is not None and self.draft_head is not None:
+        if _ships_hidden(form, rows.numel(), self.target_hidden, self.draft_head):
             hidden = self.target_hidden.reshape(-1, self.target_hidden.shape[-1]).index_select(0, rows)
             return replace(self, target_draft_logits=logits.new_empty((0, logits.shape[-1])),
                            target_hidden=hidden, logit_rows=rows)
@@ -285,15 +287,16 @@ class OPDExperience(_Movable):
             return torch.ones(cycles, steps, dtype=torch.bool, device=self.accepted.device)
         return torch.arange(steps, device=self.accepted.device)[None] <= self.accepted[:, None]
 
-    def packed(self) -> OPDExperience:
+    def packed(self, form: str = "auto") -> OPDExperience:
         """``_Movable.packed`` (the rollout's and the data batch's logit rows), and only the
         target distributions the loss reads: with the authors' recipe (no rejected suffix) about
-        tau of a chain's K states. Unread states come back as zeros, under exact zero weights."""
-        out = super().packed()
-        as_hidden = self.target_hidden is not None and self.draft_head is not None
+        tau of a chain's K states. Unread states come back as zeros, under exact zero weights.
+        ``form``: as ``_Movable.packed`` (the target's states instead of its log-probs)."""
+        out = super().packed(form)
+        rows = self.logprob_rows_read().reshape(-1).nonzero().squeeze(-1)
+        as_hidden = _ships_hidden(form, rows.numel(), self.target_hidden, self.draft_head)
         if out.logprob_rows is not None or (self.reads_rejected_suffix and not as_hidden):
             return out
-        rows = self.logprob_rows_read().reshape(-1).nonzero().squeeze(-1)
         vocab = self.target_logprobs.shape[-1]
         if as_hidden:  # the states, not their distributions ([0, Vd]: the logprobs' dtype and width)
             hidden = self.target_hidden.reshape(-1, self.target_hidden.shape[-1]).index_select(0, rows)
@@ -346,6 +349,17 @@ class CombinedExperience(_Movable):
 Experience = SFTExperience | GTOExperience | OPDExperience | CombinedExperience
 
 LOGPROB_BLOCK_ROWS = 4096  # target states a block when redoing log-probs from shipped hidden states
+
+
+def _ships_hidden(form: str, rows: int, hidden: torch.Tensor | None, head: torch.Tensor | None) -> bool:
+    """Whether ``rows`` target distributions travel as final-norm states [rows, H] plus the lm_head
+    rows [Vd, H] rather than as [rows, Vd] values: ``form`` hidden, or auto and fewer numbers."""
+    if form not in ("auto", "hidden", "logits"):
+        raise ValueError(f"packing form is 'auto', 'hidden' or 'logits', got {form!r}")
+    if hidden is None or head is None or form == "logits":
+        return False
+    vocab, width = head.shape
+    return form == "hidden" or rows * width + vocab * width < rows * vocab
 
 
 def uses_reference(objective: str) -> bool:

@@ -183,7 +183,9 @@ def test_gto_experience_ships_hidden_states_and_the_learner_gets_the_same_logits
     real = dense.sft.attention_mask.bool()
     redone = torch.nn.functional.linear(dense.sft.target_hidden, head)
     torch.testing.assert_close(redone[real], dense.sft.target_draft_logits[real], rtol=1e-5, atol=1e-5)
-    shipped = pickle.loads(pickle.dumps(dense.packed().to_host(), protocol=5))
+    shipped = pickle.loads(pickle.dumps(dense.packed("hidden").to_host(), protocol=5))
+    with pytest.raises(ValueError, match="packing form"):
+        dense.packed("compressed")
     read = dense.sft.rows_read()
     assert shipped.sft.target_draft_logits.shape == (0, 40)  # the logits stay behind
     assert shipped.sft.target_hidden.shape == (int(read.sum()), target.model.config.hidden_size)

@@ -383,8 +383,13 @@ def test_shipped_experience_carries_target_states_and_the_learner_redoes_the_sam
     assert torch.equal(dense.draft_head, head)
     redone = torch.log_softmax(torch.nn.functional.linear(dense.target_hidden, head).float(), -1)
     torch.testing.assert_close(redone, dense.target_logprobs.float(), atol=1e-5, rtol=1e-5)
-    shipped = pickle.loads(pickle.dumps(dense.packed().to_host(), protocol=5))
+    shipped = pickle.loads(pickle.dumps(dense.packed("hidden").to_host(), protocol=5))
     read = dense.logprob_rows_read()
+    # auto: whichever form has fewer numbers (these tiny sizes may pick either)
+    rows, (vocab, width) = int(read.sum()), dense.draft_head.shape
+    auto = dense.packed()
+    assert (auto.target_hidden is not None) == (rows * width + vocab * width < rows * vocab)
+    assert dense.packed("logits").target_logprobs.shape[0] == (rows if rejected == "first" else dense.accepted.numel())
     monkeypatch.setattr("speculative.experience.LOGPROB_BLOCK_ROWS", 5)  # several row blocks
     assert shipped.target_logprobs.shape == (0, dense.target_logprobs.shape[-1])  # the log-probs stay behind
     assert shipped.target_hidden.shape == (int(read.sum()), target.model.config.hidden_size)

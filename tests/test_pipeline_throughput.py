@@ -233,7 +233,7 @@ def test_packed_experiences_ship_only_the_logit_rows_the_loss_reads_and_train_id
         experience = worker.sft_experience(batch)
         assert experience.target_hidden is not None and experience.draft_head is not None
         dense.append(experience if form == "hidden" else replace(experience, target_hidden=None, draft_head=None))
-    shipped = [pickle.loads(pickle.dumps(e.packed().to_host(), protocol=5)) for e in dense]
+    shipped = [pickle.loads(pickle.dumps(e.packed(form).to_host(), protocol=5)) for e in dense]
     for e, s in zip(dense, shipped):
         read = int(e.rows_read().sum())
         assert s.logit_rows is not None and read < e.input_ids.numel() and s.nbytes() < e.nbytes()
