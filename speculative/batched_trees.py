@@ -311,11 +311,10 @@ def score_trees_at_positions(
         with record_function("gto/prefill"):  # FusedLlama: causal within the chunk (flash), no mask
             mask = None if isinstance(fast, FusedLlama) else causal_slot_mask(0, padded, padded, len(members),
                                                                               device=device)
-            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0, mask, apply_lm_head=False)
-            all_logits = fast.lm_head(prefill.hidden)
+            prefill = fast(ids, seq_pos.expand(len(members), padded), cache, 0, mask)  # logits and final states
         real = (seq_pos[None] < torch.tensor([lengths[b] for b in members], device=device)[:, None])
         real = real[:, :copy]
-        logits = all_logits[:, :copy]
+        logits = prefill.logits[:, :copy]
         out.aux_hidden[rows, :copy] = torch.where(real[..., None], prefill.aux_hidden[:, :copy], 0)
         out.target_hidden[rows, :copy] = torch.where(real[..., None], prefill.hidden[:, :copy], 0)
         out.target_draft_logits[rows, :copy] = torch.where(real[..., None], logits[..., vocab_map], 0)
@@ -327,9 +326,9 @@ def score_trees_at_positions(
         idx = torch.zeros(len(members), span, dtype=torch.long, device=device)
         idx[:, :keep] = indices[rows, :keep]
         seq_rows = torch.arange(len(members), device=device)[:, None]
-        root_logits = all_logits[seq_rows, idx + 1]  # [S, span, V]: the target at each root
+        root_logits = prefill.logits[seq_rows, idx + 1]  # [S, span, V]: the target at each root
         aux = prefill.aux_hidden
-        del prefill, logits, all_logits
+        del prefill, logits
 
         # 2-3. Both drafters' step 1 and all their trees.
         trees, step_ones = [], []
