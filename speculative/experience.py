@@ -295,8 +295,10 @@ class OPDExperience(_Movable):
         out = super().packed(form)
         rows = self.logprob_rows_read().reshape(-1).nonzero().squeeze(-1)
         as_hidden = _ships_hidden(form, rows.numel(), self.target_hidden, self.draft_head)
-        if out.logprob_rows is not None or (self.reads_rejected_suffix and not as_hidden):
+        if out.logprob_rows is not None:
             return out
+        if self.reads_rejected_suffix and not as_hidden:  # every state's log-probs, as they are
+            return replace(out, target_hidden=None, draft_head=None)
         vocab = self.target_logprobs.shape[-1]
         if as_hidden:  # the states, not their distributions ([0, Vd]: the logprobs' dtype and width)
             hidden = self.target_hidden.reshape(-1, self.target_hidden.shape[-1]).index_select(0, rows)

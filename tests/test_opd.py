@@ -389,7 +389,9 @@ def test_shipped_experience_carries_target_states_and_the_learner_redoes_the_sam
     rows, (vocab, width) = int(read.sum()), dense.draft_head.shape
     auto = dense.packed()
     assert (auto.target_hidden is not None) == (rows * width + vocab * width < rows * vocab)
-    assert dense.packed("logits").target_logprobs.shape[0] == (rows if rejected == "first" else dense.accepted.numel())
+    as_logits = dense.packed("logits")
+    assert as_logits.target_logprobs.shape[0] == (rows if rejected == "first" else dense.accepted.numel())
+    assert as_logits.target_hidden is None and as_logits.draft_head is None  # one form travels, not both
     monkeypatch.setattr("speculative.experience.LOGPROB_BLOCK_ROWS", 5)  # several row blocks
     assert shipped.target_logprobs.shape == (0, dense.target_logprobs.shape[-1])  # the log-probs stay behind
     assert shipped.target_hidden.shape == (int(read.sum()), target.model.config.hidden_size)
