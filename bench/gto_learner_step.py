@@ -71,6 +71,11 @@ def full_head_path_logprob(drafter, input_ids, attention_mask, aux_hidden, seque
 ROUNDING_SLACK = 1.5
 
 
+def bf16_autocast(args) -> bool:
+    """The step runs under bf16 autocast: always on CUDA (as the trainer), on CPU with --cpu-autocast."""
+    return args.device.startswith("cuda") or args.cpu_autocast
+
+
 def fp32_logprob(session, exp) -> torch.Tensor:
     """log q of every chain's full drafted path by the TTT replay in fp32 (no autocast): the exact
     value each replay's bf16 log q is measured against."""
@@ -110,7 +115,7 @@ def measure(args, session, exp, replay: str) -> tuple[dict[str, Any], torch.Tens
     device = torch.device(args.device)
     config = with_gto(session.config, path_replay="ttt" if replay == "ttt_full" else replay)
     drafter = copy.deepcopy(session.models.drafter).float().train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(args))
     weights = torch.linspace(-1.0, 1.0, exp.index.numel(), device=device)
     full = torch.full_like(exp.path_length, exp.path_ids.shape[1])
 
@@ -156,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     exp = experience(session)
     if args.full_paths:  # every chain's whole drafted path counts as accepted (the replay's worst case)
         exp = dataclasses.replace(exp, path_length=torch.full_like(exp.path_length, exp.path_ids.shape[1]))
-    atol, rtol = TOLERANCE["cuda" if args.device.startswith("cuda") else "cpu"]
+    atol, rtol = TOLERANCE["cuda" if bf16_autocast(args) else "cpu"]
     exact = fp32_logprob(session, exp)
     rows, base = [], None
     for replay in args.replays.split(","):
@@ -181,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "argv": sys.argv, "batch_size": args.batch_size, "chunk": args.chunk,
               "precision": args.precision, "sequence_length": int(exp.sft.input_ids.shape[1]),
-              "full_paths": args.full_paths,
+              "full_paths": args.full_paths, "bf16_autocast": bf16_autocast(args),
               "tolerance": {"logprob_abs": atol, "grad_rel": rtol}, "rows": rows}
     (out / "gto_learner_step.json").write_text(json.dumps(result, indent=1))
     (out / "gto_learner_step.md").write_text(markdown(result))
@@ -192,7 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# The GTO learner step ({result['device']}, torch {result['torch']})", "",
              f"One GTO experience: {result['batch_size']} sequences of up to {result['sequence_length']} tokens, "
-             f"chunk {result['chunk']}, trees {result['precision']}; {result['rows'][0]['chains']} chains, mean "
+             f"chunk {result['chunk']}, trees {result['precision']}, learner step "
+             f"{'under bf16 autocast' if result['bf16_autocast'] else 'in fp32'}; {result['rows'][0]['chains']} chains, mean "
              f"accepted path {result['rows'][0]['mean_path_length']:.2f}"
              f"{' (--full-paths: every drafted path counted whole)' if result['full_paths'] else ''}. ms: median (min-max) of the timed runs. "
              f"The check: log q and gradient over every chain's full drafted path "
@@ -229,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="a torch.profiler table of one step per replay")
+    parser.add_argument("--cpu-autocast", action="store_true",
+                        help="bf16 autocast on CPU too (the GPU's rounding, checked against the fp32 replay)")
     parser.add_argument("--full-paths", action="store_true",
                         help="time every chain's full drafted path as if accepted (an untrained drafter accepts none)")
     return parser.parse_args(argv)
