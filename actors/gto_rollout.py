@@ -127,14 +127,14 @@ def gto_experience(
     finally:
         drafter.train(was_training[0]), reference.train(was_training[1])
 
-    head = forward.lm_head
+    head = worker.draft_head()
     sft = SFTExperience(
         input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
         aux_hidden=trees.aux_hidden, target_draft_logits=trees.target_draft_logits,
         target_top1=trees.target_top1, drafter_version=drafter_version,
         # shipped instead of the logits (SFTExperience.packed): the learner redoes this product
-        target_hidden=trees.target_hidden if head.bias is None else None,
-        draft_head=head.weight.index_select(0, worker.draft_to_target) if head.bias is None else None,
+        target_hidden=None if head is None else trees.target_hidden,
+        draft_head=head,
     )
     used = torch.arange(slots)[None] < torch.tensor(counts)[:, None]  # [B, P] on the host
     used = used.to(device)

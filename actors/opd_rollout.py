@@ -134,11 +134,11 @@ def assemble_experience(
         rollout = replace(rollout, target_draft_logits=rollout.target_draft_logits.new_zeros(
             *rollout.target_draft_logits.shape[:2], 0))
     # The target's distributions can travel as its final-norm states and lm_head rows (OPDExperience.packed)
-    head = worker.fast.lm_head
-    hidden = cycles.target_hidden if head.bias is None else None
+    head = worker.draft_head()
+    hidden = None if head is None else cycles.target_hidden
     return OPDExperience(
         target_hidden=None if hidden is None else hidden.to(device),
-        draft_head=None if hidden is None else head.weight.index_select(0, worker.draft_to_target),
+        draft_head=None if hidden is None else head,
         rollout=rollout,
         sequence=longs(cycles.sequence),
         index=longs(cycles.index),

@@ -28,6 +28,18 @@ class TargetWorker:
         self._batch_engine_key = None
         self._vllm = None
         self._vllm_key = None
+        self._draft_head: torch.Tensor | None = None
+
+    def draft_head(self) -> torch.Tensor | None:
+        """The target's lm_head rows at the draft ids [Vd, H], built once: with the final-norm states
+        at some rows, an experience ships these instead of the rows' draft-vocabulary logits
+        (``SFTExperience.packed``). None when the head has a bias (its logits are not that product)."""
+        head = self.target.model.lm_head
+        if head.bias is not None:
+            return None
+        if self._draft_head is None:
+            self._draft_head = head.weight.index_select(0, self.draft_to_target)
+        return self._draft_head
 
     @property
     def fast(self):
@@ -125,7 +137,7 @@ class TargetWorker:
             drafter_version=drafter_version,
             # shipped instead of the logits when the head is a plain lm_head (SFTExperience.packed)
             target_hidden=hidden,
-            draft_head=None if hidden is None else self.target.model.lm_head.weight.index_select(0, self.draft_to_target),
+            draft_head=None if hidden is None else self.draft_head(),
         )
 
     def make_experience(
