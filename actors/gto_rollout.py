@@ -66,6 +66,7 @@ def batched_tree_options(gto) -> BatchedTreeOptions:
         positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
         verify_leaves=gto.verify_leaves,
         tree_autocast=gto.tree_precision == "bf16", tree_attention=gto.tree_attention,
+        reference_path_fp32=gto.reference_path_precision == "fp32",
     )
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|ab]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -13,12 +13,52 @@
 # GV_ARGS: more bench/gto_verify_profile.py flags, e.g. GV_ARGS="--chunk 32x8 --reps 10".
 # learner: bench/gto_learner_step.py only (the GTO learner step on one experience of 32 sequences,
 # gto.path_replay ttt vs rooted, timed, checked equal, profiled), on the warm drafter as gto-verify.
+# ab: bench/gto_throughput.py at 32x64 on the warm drafter, once per variant: main, each of this
+# session's three changes taken back alone, all three taken back (DRAFTRL_ROPE=torch: RoPE as the torch
+# expression; DRAFTRL_VOCAB_REDUCTION=torch: torch's top-k/argmax/logsumexp passes, no Triton;
+# gto.reference_path_precision=fp32: the reference's path replayed in fp32); then a table (ab.md).
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
 mkdir -p "$out"
 [ -f /tmp/sharegpt_6k.jsonl ] || gunzip -c .kit/data/sharegpt_6k.jsonl.gz > /tmp/sharegpt_6k.jsonl
 data=(--target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl)
+if [ "$which" = ab ]; then
+  [ -d /tmp/tp/warm_drafter ] || python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill \
+    --total-minutes 3 > "$out/throughput.log" 2>&1
+  ab_line() {  # name, then env assignments and --set flags
+    local name=$1; shift; local envs=() sets=()
+    for a in "$@"; do case $a in *=*) if [[ $a == gto.* ]]; then sets+=(--set "$a"); else envs+=("$a"); fi;; esac; done
+    env ${envs[@]+"${envs[@]}"} timeout 150 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter \
+      --max-records 600 --batch-sizes 32 --chunks 32x64 --precisions bf16 --old-batch-size 0 --batches 4 \
+      --ceiling-batches 32,64 ${sets[@]+"${sets[@]}"} --out "/tmp/ab/$name" >> "$out/ab.log" 2>&1
+    echo "$name exit $?" >> "$out/ab.log"
+  }
+  ab_line main
+  ab_line old_all DRAFTRL_ROPE=torch DRAFTRL_VOCAB_REDUCTION=torch gto.reference_path_precision=fp32
+  ab_line torch_rope DRAFTRL_ROPE=torch
+  ab_line torch_reductions DRAFTRL_VOCAB_REDUCTION=torch
+  ab_line fp32_reference gto.reference_path_precision=fp32
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1]); rows = {}
+for path in sorted(pathlib.Path("/tmp/ab").glob("*/gto_throughput.json")):
+    report = json.loads(path.read_text())
+    best = max((r for r in report["rows"] if r["path"] == "batched"), key=lambda r: r["tok_s"])
+    rows[path.parent.name] = dict(tok_s=best["tok_s"], ceiling=report["prefill_ceiling_tok_s"],
+                                  ratio=best["ceiling_ratio"], s_batch=best["seconds_per_batch"], peak_gb=best["peak_gb"])
+base = rows.get("old_all", {}).get("s_batch")
+lines = ["| variant | GTO tok/s | ceiling tok/s | of the ceiling | s / batch | speed-up vs old_all | peak GiB |", "|---|---|---|---|---|---|---|"]
+for name, r in rows.items():
+    speed = f"{base / r['s_batch']:.3f}x" if base else "-"
+    lines.append(f"| {name} | {r['tok_s']:.0f} | {r['ceiling']:.0f} | {100 * r['ratio']:.2f}% | {r['s_batch']:.3f} | {speed} | {r['peak_gb']:.1f} |")
+(out / "ab.md").write_text("\n".join(lines) + "\n"); (out / "ab.json").write_text(json.dumps(rows, indent=1))
+print("\n".join(lines))
+PY
+  cp /tmp/ab/main/gto_throughput.md "$out/main_gto_throughput.md" 2>/dev/null
+  ls -la "$out"
+  exit 0
+fi
 if [ "$which" = gto-verify ] || [ "$which" = learner ]; then
   if [ ! -d /tmp/tp/warm_drafter ]; then
     python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill --total-minutes 3 > "$out/throughput.log" 2>&1

@@ -97,6 +97,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_abs_logq_diff": float((logq - base_logq).abs().max()),
                 "status": "equal" if same else "DIFFERENT",
             })
+    # as shipped: top_k_logprobs's fused path (its default group and warps, and the top k picked
+    # by the second kernel where the candidates lie instead of _top_k_in_blocks's gather + topk)
+    try:
+        whole_ms, (ids, logq) = time_reps(device, lambda: top_k_logprobs(logits, k, block, fused=True),
+                                          args.warmup, args.reps)
+    except Exception as error:  # noqa: BLE001
+        rows.append({"variant": "shipped (+ top-k kernel)", "status": f"failed: {type(error).__name__}: {error}"})
+    else:
+        same = (torch.equal(logits.gather(-1, ids), logits.gather(-1, base_ids))
+                and bool((logq - base_logq).abs().max() <= 1e-4))
+        rows.append({"variant": "shipped (+ top-k kernel)", "top_k_logprobs_ms": whole_ms, "reductions_ms": None,
+                     "max_abs_logq_diff": float((logq - base_logq).abs().max()),
+                     "status": "equal" if same else "DIFFERENT"})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "rows": args.rows, "vocab": args.vocab, "top_k": k,
             "block": block, "dtype": args.dtype, "logits_gb": read_gb, "variants": rows}

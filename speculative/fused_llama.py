@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speculative import rope_kernel as rope_kernel_module
 from speculative.batch_cache import BatchKVCache
 from speculative.llama import FastLlama, FastLlamaOutput
 
@@ -119,6 +120,7 @@ class FusedLlama(nn.Module):
         # RoPE factors by position, built by ``new_cache`` (``_rope_rows``); None: computed per forward
         self.rope_table: torch.Tensor | None = None
         self._row_kind: torch.Tensor | None = None
+        self.rope_kernel: bool | None = None  # None: ``speculative.rope_kernel`` where it is wanted
 
     @staticmethod
     def _merged(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -188,6 +190,14 @@ class FusedLlama(nn.Module):
         # two copies a forward instead (see ``BatchKVCache.write_kv`` on the eager paths)
         return rows[..., 0, :].contiguous(), rows[..., 1, :].contiguous()
 
+    def _use_rope_kernel(self, like: torch.Tensor, cache: BatchKVCache) -> bool:
+        """RoPE by ``speculative.rope_kernel`` (eager CUDA forwards whose positions the table
+        covers; ``rope_kernel`` True forces it, e.g. on CPU under Triton's interpreter, False
+        keeps the torch expression). Inductor fuses the expression into its own kernels."""
+        if self.rope_table is None or self.rope_table.shape[0] < cache.max_len or torch.compiler.is_compiling():
+            return False
+        return rope_kernel_module.wanted(like) if self.rope_kernel is None else self.rope_kernel
+
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # LlamaRMSNorm's function in one fused kernel where torch has one (it rounds once, at the
@@ -238,7 +248,9 @@ class FusedLlama(nn.Module):
         heads, kv_heads, dim, groups = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
         hidden = fast.embed_tokens(input_ids)
         half = dim // 2
-        cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
+        rope_kernel = self._use_rope_kernel(hidden, cache)
+        if not rope_kernel:
+            cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
         if not isinstance(cache_slots, int):
             cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
         if attn_mask is not None:
@@ -268,7 +280,10 @@ class FusedLlama(nn.Module):
             eps_in, eps_post = self.norm_eps[index]
             x = self._norm(hidden, layer.input_layernorm.weight, eps_in)
             qkv = F.linear(x, *self.qkv[index]).view(batch, length, heads + 2 * kv_heads, dim)
-            qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
+            if rope_kernel:
+                qkv = rope_kernel_module.rope_in_place(qkv, position_ids, self.rope_table, heads + kv_heads)
+            else:
+                qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
             q, kv = qkv[:, :, :heads], qkv[:, :, heads:].view(batch, length, 2, kv_heads, dim)
             cache.write_kv(index, cache_slots, kv)
             if attn_mask is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speculative.argmax_lse_kernel import argmax_lse
 from speculative.batch_cache import BatchKVCache
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama, StaticKVCache
@@ -173,12 +174,9 @@ def verify_packed(
     compact = torch.where(need, need.reshape(-1).long().cumsum(0).view_as(need) - 1, rows_with_logits)
     compact = torch.cat([compact, compact.new_full((compact.shape[0], 1), rows_with_logits)], dim=1)  # slot Q: none
     vocab = logits.shape[-1]
-    row_argmax = logits.argmax(-1)
-    root_argmax = root_logits.argmax(-1)  # [S, C]
-    row_norm = root_norm = None
-    if temperature > 0:  # as ``node_log_acceptance``: fp32 logits / temperature
-        row_norm = torch.logsumexp(logits.to(torch.float32, copy=True).div_(temperature), dim=-1)
-        root_norm = torch.logsumexp(root_logits.float() / temperature, dim=-1)
+    # as ``node_log_acceptance``: argmax, and logsumexp of the fp32 logits / temperature (T > 0)
+    row_argmax, row_norm = argmax_lse(logits, temperature)  # one read of the logits on CUDA
+    root_argmax, root_norm = argmax_lse(root_logits, temperature)  # [S, C]
     flat_logits = logits.reshape(-1)
     seqs, chunk, n = packed.slot_a.shape
     results = []

@@ -13,18 +13,19 @@ log-softmax of bf16 logits first copies them to fp32: together most of the tree 
 * ``log_normaliser``: logsumexp in fp32 without materialising fp32 logits (on CUDA a compiled
   reduction that reads the bf16 values once; elsewhere, or if compiling fails, eager).
 * ``top_k_logprobs`` on CUDA gets both the block maxima and the normaliser from one read of the
-  logits (``speculative.block_stats_kernel``, Triton) instead of two passes;
+  logits (``speculative.block_stats_kernel``, Triton) instead of two passes, and the top k from
+  the best blocks' entries where they lie (no gathered copy of k * block candidates);
   ``DRAFTRL_VOCAB_REDUCTION=torch`` keeps the two passes (for an A/B: the results are the same).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from speculative import block_stats_kernel
+from speculative.kernel_gate import KernelGate
 
 
 def top_k_ids(logits: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
@@ -56,30 +57,33 @@ def top_k_logprobs(logits: torch.Tensor, k: int, block: int = 256,
                    fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most likely ids of each row and their fp32 log-probabilities, without fp32
     log-probs of the whole row: (ids [..., k], log q [..., k]). ``fused``: block maxima and
-    normaliser from the one-read Triton kernel (default: on CUDA, unless
-    ``DRAFTRL_VOCAB_REDUCTION=torch`` or the kernel failed once); True also runs it on CPU
-    tensors, which needs Triton's interpreter (tests)."""
-    global _fused_failed
+    normaliser from the one-read Triton kernel, the top k by the second (default: on CUDA,
+    unless ``DRAFTRL_VOCAB_REDUCTION=torch`` or their one-time check failed there,
+    ``speculative.kernel_gate``); True also runs them on CPU tensors, which needs Triton's
+    interpreter (tests)."""
     if fused is None:
-        fused = (logits.device.type == "cuda" and not _fused_failed and block_stats_kernel.available()
-                 and os.environ.get("DRAFTRL_VOCAB_REDUCTION", "triton") != "torch")
+        fused = _fused_wanted(logits)
     if fused and logits.shape[-1] // block >= 4 * k:
-        try:
-            maxima, lse = block_stats_kernel.block_stats(logits, block)
-        except Exception as error:  # noqa: BLE001 - a kernel failure costs speed, not results
-            if logits.device.type != "cuda":
-                raise
-            warnings.warn(f"the block statistics kernel failed ({type(error).__name__}: {error}); "
-                          "two torch passes from now on", stacklevel=2)
-            _fused_failed = True
-        else:
-            ids = _top_k_in_blocks(logits, maxima, k, block)
-            return ids, logits.gather(-1, ids).float() - lse
+        maxima, lse = block_stats_kernel.block_stats(logits, block)
+        ids = block_stats_kernel.top_k_in_blocks(logits, torch.topk(maxima, k, dim=-1).indices, block)
+        return ids, logits.gather(-1, ids).float() - lse
     ids = top_k_ids(logits, k, block)
     return ids, logits.gather(-1, ids).float() - log_normaliser(logits)
 
 
-_fused_failed = False  # the Triton kernel raised once: the torch passes from then on
+def _check_fused(device: torch.device) -> str | None:
+    """The kernels' top-k against the torch passes on a small case (``KernelGate``'s one-time check)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    order = torch.stack([torch.randperm(12800, generator=generator, device=device) for _ in range(5)])
+    logits = ((order - 12800).float() / 64).to(torch.bfloat16)  # distinct near the top
+    ids, logq = top_k_logprobs(logits, 10, fused=True)
+    want_ids, want_logq = top_k_logprobs(logits, 10, fused=False)
+    if torch.equal(ids, want_ids) and torch.allclose(logq, want_logq, atol=1e-4, rtol=1e-5):
+        return None
+    return "differs from the torch passes"
+
+
+_fused_wanted = KernelGate("block statistics/top-k", "DRAFTRL_VOCAB_REDUCTION", _check_fused)
 _compiled_lse = None  # None: not tried yet; False: compiling failed, eager from now on
 
 

@@ -434,3 +434,28 @@ def test_bf16_trees_stay_close_to_fp32_trees(pair):
     assert float((fp32.path_length == bf16.path_length).float().mean()) >= 0.75
     assert float((fp32.reward - bf16.reward).abs().mean()) < 0.1
     torch.testing.assert_close(fp32.sft.aux_hidden, bf16.sft.aux_hidden)  # the target is untouched
+
+
+def test_reference_path_replay_precision(pair):
+    """With bf16 trees the reference's log q(path), the PPO ratio's denominator, is replayed at the
+    trees' precision from their own step 1 (``reference_path_precision: tree``) or in fp32: the
+    same trees and paths, a rounding-level difference in the denominator only."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 3, 24, 4, seed=11)
+    worker = TargetWorker(target, drafter.draft_to_target)
+    common = dict(tree_depth=4, tree_top_k=3, tree_total_tokens=12, group_size=3, groups_per_sequence=3,
+                  tree_precision="bf16")
+    tree = gto_experience(worker, _config(**common), batch, drafter, reference, seed=2)
+    fp32 = gto_experience(worker, _config(reference_path_precision="fp32", **common), batch, drafter, reference,
+                          seed=2)
+    assert torch.equal(tree.path_ids, fp32.path_ids) and torch.equal(tree.reward, fp32.reward)
+    assert torch.equal(tree.rollout_path_logprob, fp32.rollout_path_logprob)
+    has_path = fp32.path_length > 0
+    assert bool(has_path.any())
+    gap = (tree.reference_path_logprob - fp32.reference_path_logprob)[has_path].abs()
+    assert float(gap.max()) > 0 and float(gap.mean()) < 0.1
+    fp32_trees = gto_experience(worker, _config(**{**common, "tree_precision": "fp32"}), batch, drafter, reference,
+                                seed=2)
+    same_path = (fp32_trees.path_ids == fp32.path_ids).all(-1) & has_path
+    torch.testing.assert_close(fp32.reference_path_logprob[same_path], fp32_trees.reference_path_logprob[same_path],
+                               atol=1e-5, rtol=1e-5)  # fp32 either way: the fp32 trees' own replay

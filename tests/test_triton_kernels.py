@@ -1,0 +1,150 @@
+"""The Triton kernels of the target's hot paths against the torch code they replace.
+
+On CUDA they are compiled; here they run under Triton's interpreter (``TRITON_INTERPRET=1`` set
+before Triton is imported, so in a subprocess). ``speculative.kernel_gate`` decides where each runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from speculative.kernel_gate import KernelGate
+
+_INTERPRETED = r"""
+import torch
+from speculative.argmax_lse_kernel import argmax_lse, torch_argmax_lse
+from speculative.rope_kernel import rope_in_place, torch_rope
+
+generator = torch.Generator().manual_seed(5)
+
+# argmax and the fp32 log-normaliser at a temperature, in one read
+for vocab, dtype, temperature in [(49152, torch.bfloat16, 1.0), (10007, torch.float32, 0.7),
+                                  (300, torch.bfloat16, 2.0), (5000, torch.bfloat16, 0.0)]:
+    logits = (torch.randn(3, 4, vocab, generator=generator) * 4).to(dtype)
+    logits[0, 0, -1] = 60.0  # the best entry in the short last chunk
+    logits[0, 1, 17] = logits[0, 1, vocab - 2] = 60.0  # a tie across chunks: the first index
+    logits[1, 2, :] = float("-inf")
+    logits[1, 2, 7] = 1.0  # one finite entry
+    logits[2, 3, :] = float("-inf")  # none: argmax 0, as torch
+    want_ids, want_norm = torch_argmax_lse(logits, temperature)
+    ids, norm = argmax_lse(logits, temperature, fused=True)
+    assert torch.equal(ids, want_ids), (vocab, ids, want_ids)
+    if temperature > 0:
+        assert norm.dtype == torch.float32 and norm.shape == (3, 4)
+        torch.testing.assert_close(norm, want_norm, atol=1e-5, rtol=1e-6)
+    else:
+        assert norm is None and want_norm is None
+    strided = logits[:, 1:3]  # rows not evenly strided: the same statistics
+    assert torch.equal(argmax_lse(strided, temperature, fused=True)[0], want_ids[:, 1:3])
+empty_ids, empty_norm = argmax_lse(torch.zeros(0, 5, 64), 1.0, fused=True)
+assert empty_ids.shape == (0, 5) and empty_norm.shape == (0, 5)
+
+# the k best entries among each row's k best blocks, read where they lie
+from speculative.block_stats_kernel import top_k_in_blocks
+from speculative.vocab_topk import _top_k_in_blocks
+for vocab, block, k, dtype in [(32000, 256, 10, torch.bfloat16), (10007, 128, 3, torch.float32),
+                               (4000, 256, 10, torch.float32)]:
+    order = torch.stack([torch.randperm(vocab, generator=generator) for _ in range(6)])
+    logits = (order.float() / 7).to(dtype) if dtype == torch.float32 else \
+        torch.where(order >= vocab - 4 * k * block, (order - vocab).float() / 8, -1e4).to(dtype)  # distinct
+    logits[0, -1] = 1e4  # the best entry in the short last block
+    blocks_count = -(-vocab // block)
+    padded = torch.full((6, blocks_count * block), float("-inf"), dtype=dtype)
+    padded[:, :vocab] = logits
+    maxima = padded.view(6, blocks_count, block).amax(-1)
+    blocks = torch.topk(maxima, k, dim=-1).indices
+    got = top_k_in_blocks(logits, blocks, block)
+    assert torch.equal(got, _top_k_in_blocks(logits, maxima, k, block)), (vocab, k)
+    assert torch.equal(got, torch.topk(logits, k, dim=-1).indices), (vocab, k)
+
+# RoPE on merged q/k/v rows, in place, from the table by position
+for heads, kv_heads, dim, dtype in [(9, 3, 64, torch.bfloat16), (4, 2, 16, torch.float32), (3, 1, 8, torch.bfloat16)]:
+    rows = heads + 2 * kv_heads
+    table = torch.randn(40, 2, 2, dim, generator=generator).to(dtype)
+    table[:, 0, 1], table[:, 1, 1] = 1, 0  # identity on the v heads
+    qkv = torch.randn(3, 7, rows, dim, generator=generator).to(dtype)  # 21 tokens: a short last program
+    positions = torch.randint(0, 40, (3, 7), generator=generator)
+    want = torch_rope(qkv, positions, table, heads + kv_heads)
+    got = qkv.clone()
+    assert rope_in_place(got, positions, table, heads + kv_heads) is got
+    # two roundings each (the product, then the sum), bounded by the terms' size: the interpreter
+    # rounds bf16 towards zero where CUDA rounds to nearest, so equal up to those roundings
+    kind = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads)
+    factors = table[positions[..., None], :, kind].float()
+    terms = (qkv.float() * factors[..., 0, :]).abs() + (torch.roll(qkv.float(), dim // 2, -1) * factors[..., 1, :]).abs()
+    unit = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -7
+    assert ((got.float() - want.float()).abs() <= 4 * unit * terms + 1e-30).all(), (heads, dtype)
+    assert torch.equal(got[:, :, heads + kv_heads:], qkv[:, :, heads + kv_heads:])  # v untouched
+
+# FusedLlama with the RoPE kernel equals FusedLlama with the torch expression
+from speculative.fused_llama import FusedLlama
+from speculative.llama import FastLlama
+from speculative.target import TargetModel
+from tests.test_tree_engine import small_llama
+
+fused = FusedLlama(FastLlama.from_target(TargetModel(small_llama(0, layers=3))))
+ids = torch.randint(0, 64, (2, 9), generator=generator)
+outputs = []
+for kernel in (False, True):
+    fused.rope_kernel = kernel
+    cache = fused.new_cache(2, 32)
+    prefill = fused(ids, torch.arange(9).expand(2, -1), cache, 0, None)
+    positions = torch.tensor([[9, 10], [9, 10]])
+    mask = torch.arange(32)[None, None] <= positions[..., None]
+    step = fused(ids[:, :2], positions, cache, positions, mask)
+    outputs.append((prefill.logits, step.logits, cache.storage.clone()))
+for a, b in zip(*outputs):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+print("kernels ok")
+"""
+
+
+def test_kernels_equal_the_torch_code_under_the_interpreter():
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=repo)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "kernels ok" in done.stdout
+
+
+def test_kernel_gate_runs_kernels_on_cuda_only_after_their_check(monkeypatch):
+    calls = []
+
+    def check(device):
+        calls.append(device)
+        return None
+
+    gate = KernelGate("test", "DRAFTRL_TEST_KERNEL", check)
+    assert not gate(torch.zeros(1))  # CPU tensors: the torch code, no check
+    assert calls == []
+    assert gate._passes(torch.device("cpu")) and calls == [torch.device("cpu")]
+
+    def broken(device):
+        raise RuntimeError("no compiler")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not KernelGate("broken", "DRAFTRL_TEST_KERNEL", broken)._passes(torch.device("cpu"))
+        assert not KernelGate("wrong", "DRAFTRL_TEST_KERNEL", lambda d: "differs")._passes(torch.device("cpu"))
+    messages = [str(w.message) for w in caught]
+    assert any("broken kernel failed (RuntimeError: no compiler)" in m and "DRAFTRL_TEST_KERNEL=torch" in m
+               for m in messages), messages
+    assert any("wrong kernel differs" in m for m in messages), messages
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the environment switch matters on CUDA only")
+def test_kernel_gate_environment_switch(monkeypatch):  # pragma: no cover - GPU machines
+    gate = KernelGate("test", "DRAFTRL_TEST_KERNEL", lambda device: None)
+    monkeypatch.setenv("DRAFTRL_TEST_KERNEL", "torch")
+    assert not gate(torch.zeros(1, device="cuda"))
+    monkeypatch.delenv("DRAFTRL_TEST_KERNEL")
+    assert gate(torch.zeros(1, device="cuda"))
