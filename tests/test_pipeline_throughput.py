@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,13 +125,14 @@ def test_flat_object_store_payload_loads_bit_identical():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="a GPU tensor's checksum goes through one flat copy"))])
-def test_checksum_is_sha256_of_the_headers_then_the_flat_bytes(device):
-    """Whether hashed in place (CPU) or flattened on the device first (GPU), the digest is the
-    same definition, so learners and actors on either side of a broadcast agree; and any flipped
-    byte, dtype or name changes it."""
+def test_checksum_is_sha256_of_the_headers_then_the_bytes_fingerprint(device):
+    """Flattened and fingerprinted where the tensors live (CPU or GPU), the digest has one
+    definition (checked against numpy's unsigned arithmetic here), so learners and actors on
+    either side of a broadcast agree; and any flipped byte, moved word, dtype or name changes it."""
     import hashlib
+    import struct
 
-    from speculative.broadcast import flatten
+    from speculative.broadcast import _FINGERPRINT_KEYS, flatten
 
     generator = torch.Generator().manual_seed(0)
     tensors = {"b.weight": torch.randn(5, 3, generator=generator).to(torch.bfloat16).t(),
@@ -138,11 +140,22 @@ def test_checksum_is_sha256_of_the_headers_then_the_flat_bytes(device):
     tensors = {k: v.to(device) for k, v in tensors.items()}
     names = sorted(tensors)
     expected = hashlib.sha256("".join(f"{n}:{tensors[n].dtype}:{tuple(tensors[n].shape)};" for n in names).encode())
-    expected.update(flatten(tensors).cpu().numpy().tobytes())
+    raw = flatten(tensors).cpu().numpy().tobytes()
+    words = np.frombuffer(raw + bytes(-len(raw) % 8), dtype="<u8")
+    index = np.arange(words.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        sums = [int((words * ((index * np.uint64(k) + np.uint64(c)) | np.uint64(1))).sum(dtype=np.uint64))
+                for k, c in _FINGERPRINT_KEYS]
+    expected.update(struct.pack("<QQQ", len(raw), *sums))
     assert checksum(tensors) == expected.hexdigest()
     flipped = dict(tensors, c=tensors["c"].clone())
     flipped["c"][3] += 1
     assert checksum(flipped) != checksum(tensors)
+    swapped = dict(tensors, c=tensors["c"].flip(0).contiguous())  # the same words, other places
+    assert checksum(swapped) != checksum(tensors)
+    bit = dict(tensors, **{"a.bias": tensors["a.bias"].clone()})
+    bit["a.bias"].view(torch.int32)[6] ^= 1 << 31  # one bit of the last word
+    assert checksum(bit) != checksum(tensors)
     assert checksum(dict(tensors, c=tensors["c"].to(torch.int32))) != checksum(tensors)
     assert checksum({("d" if k == "c" else k): v for k, v in tensors.items()}) != checksum(tensors)
 
