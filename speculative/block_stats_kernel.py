@@ -24,9 +24,6 @@ except ImportError:  # pragma: no cover - every supported install has Triton (to
     triton = tl = None
 
 
-def available() -> bool:
-    return triton is not None
-
 
 if triton is not None:
     # (no ``from __future__ import annotations`` in this module: Triton reads the tl.constexpr ones)

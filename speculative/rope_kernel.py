@@ -28,9 +28,6 @@ except ImportError:  # pragma: no cover - every supported install has Triton (to
     triton = tl = None
 
 
-def available() -> bool:
-    return triton is not None
-
 
 def torch_rope(qkv: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotated_heads: int) -> torch.Tensor:
     """What ``rope_in_place`` computes, as the eager torch expression (a new tensor)."""
