@@ -2,12 +2,13 @@
 
 GTO's tree search reduces [rows, Vd] bf16 logits (40 960 x 32 000 a level on one H200 batch)
 twice: block maxima for ``speculative.vocab_topk.top_k_ids`` and a logsumexp for the
-log-probabilities. (``top_k_in_blocks``, the second kernel here, then picks the k best entries of
-the k best blocks where they lie: a gather of 2 560 candidates a row and ``torch.topk`` over them
-took 1.17 ms a level.) Each was its own pass over 2.6 GB (2.0 and 1.9 ms a level, about a third of
+log-probabilities. Each was its own pass over 2.6 GB (2.0 and 1.9 ms a level, about a third of
 the H200's bandwidth), and Inductor kept them two reductions even when compiled together. One
 program per row here streams the row once, in chunks of ``GROUP`` blocks: it stores each block's
 maximum and carries an online (rescaled) sum of exponentials for the normaliser.
+
+``top_k_in_blocks``, the second kernel, then picks the k best entries of the k best blocks where
+they lie (a gather of 2 560 candidates a row and ``torch.topk`` over them took 1.17 ms a level).
 
 On CUDA the kernel is compiled by Triton. On CPU tensors it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported: slow, for tests).
@@ -22,7 +23,6 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - every supported install has Triton (torch's CUDA wheels, vLLM)
     triton = tl = None
-
 
 
 if triton is not None:

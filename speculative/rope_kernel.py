@@ -28,7 +28,6 @@ except ImportError:  # pragma: no cover - every supported install has Triton (to
     triton = tl = None
 
 
-
 def torch_rope(qkv: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotated_heads: int) -> torch.Tensor:
     """What ``rope_in_place`` computes, as the eager torch expression (a new tensor)."""
     kind = torch.tensor([0] * rotated_heads + [1] * (qkv.shape[-2] - rotated_heads), device=qkv.device)
