@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|ab]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|ab|ar|ar-autotune]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -17,6 +17,9 @@
 # session's three changes taken back alone, all three taken back (DRAFTRL_ROPE=torch: RoPE as the torch
 # expression; DRAFTRL_VOCAB_REDUCTION=torch: torch's top-k/argmax/logsumexp passes, no Triton;
 # gto.reference_path_precision=fp32: the reference's path replayed in fp32); then a table (ab.md).
+# ar: the target's AR decoding at batch 1 with SDPA (DRAFTRL_DECODE_ATTENTION=torch), then with the
+# decode-attention kernel, each as a CUDA graph step and compiled by Inductor (no autotuning); ar-autotune:
+# the kernel with Inductor max-autotune, profiled (its own call: about 4 min of compiling). Table: ar_ab.md.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -56,6 +59,43 @@ for name, r in rows.items():
 print("\n".join(lines))
 PY
   cp /tmp/ab/main/gto_throughput.md "$out/main_gto_throughput.md" 2>/dev/null
+  ls -la "$out"
+  exit 0
+fi
+if [ "$which" = ar ] || [ "$which" = ar-autotune ]; then
+  # the target's AR decoding at batch 1 (bench/opd_throughput.py's ar section, 3 prompts x 256 tokens)
+  ar=(--target /tmp/kit/smollm2.gguf --sections ar --max-prompt-tokens 256 --ar-tokens 256 --ar-prompts 3
+      --num-prompts 8 --draft-vocab 2048 --inductor ar)
+  if [ "$which" = ar ]; then  # SDPA, then the decode-attention kernel: graph and Inductor (no autotuning) rows each
+    DRAFTRL_DECODE_ATTENTION=torch timeout 200 python3 bench/opd_throughput.py "${ar[@]}" --out /tmp/ar/sdpa > "$out/ar.log" 2>&1
+    echo "sdpa exit $?" >> "$out/ar.log"
+    timeout 200 python3 bench/opd_throughput.py "${ar[@]}" --out /tmp/ar/kernel >> "$out/ar.log" 2>&1
+    echo "kernel exit $?" >> "$out/ar.log"
+  else  # the kernel with Inductor max-autotune (about 4 min of compiling), profiled
+    timeout 540 python3 bench/opd_throughput.py "${ar[@]}" --ar-inductor-options max_autotune=true,coordinate_descent_tuning=true \
+      --profile --profile-runs ar --no-traces --profile-tokens 64 --out /tmp/ar/kernel_autotune > "$out/ar.log" 2>&1
+    echo "kernel_autotune exit $?" >> "$out/ar.log"
+    cat /tmp/ar/kernel_autotune/profile*.txt > "$out/profiles.txt" 2>/dev/null
+  fi
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1]); rows = {}
+lines = ["| run | engine | tok/s | ms/token | setup s | same tokens as generate_autoregressive | compile errors |",
+         "|---|---|---|---|---|---|---|"]
+for path in sorted(pathlib.Path("/tmp/ar").glob("*/opd_throughput.json")):
+    report = json.loads(path.read_text())
+    for key in ("autoregressive_b1", "autoregressive_b1_inductor"):
+        r = report.get(key)
+        if not r or "error" in r:
+            lines.append(f"| {path.parent.name} | {key} | failed: {(r or {}).get('error', 'missing')} | | | | |"); continue
+        rows[f"{path.parent.name}/{key}"] = r
+        same = r.get("same_tokens_as_reference")
+        lines.append(f"| {path.parent.name} | {r['compile']} | {r['batched_tok_s']:.0f} | {r['batched_ms_per_token']:.3f} | "
+                     f"{r['setup_seconds']:.1f} | {'-' if same is None else same} | {len(r.get('compile_errors') or [])} |")
+    (out / f"{path.parent.name}_opd_throughput.json").write_text(path.read_text())
+(out / "ar_ab.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
   ls -la "$out"
   exit 0
 fi

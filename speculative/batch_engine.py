@@ -339,7 +339,7 @@ class BatchGenerator:
         root_pos, root_token = self.root_pos[:width], self.root_token[:width]
         positions = root_pos[:, None]
         out = self.model(root_token[:, None], positions, self.cache.rows(width), positions,
-                         visible_up_to(positions, span), aux_hidden=False)
+                         visible_up_to(positions, span), aux_hidden=False, visible=root_pos + 1)
         uniforms = self._uniforms(width)
         token = sample_rows(out.logits[:, 0], self.temperature, None if uniforms is None else uniforms[:, 0])
         # ``_commit`` of one token, in fewer kernels: a live row keeps its token (it ends the
@@ -433,6 +433,7 @@ class BatchGenerator:
         if self.compile == "static" or all((width, s) in self._graphs for s in self._spans()):
             return
         self.active.zero_()
+        self.model.resolve_kernels()  # eagerly: neither a trace nor a capture can check a kernel
         while True:
             try:
                 if self.compile == "inductor":

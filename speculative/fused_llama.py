@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speculative import decode_attention_kernel
 from speculative import rope_kernel as rope_kernel_module
 from speculative.batch_cache import BatchKVCache
 from speculative.llama import FastLlama, FastLlamaOutput
@@ -121,6 +122,8 @@ class FusedLlama(nn.Module):
         self.rope_table: torch.Tensor | None = None
         self._row_kind: torch.Tensor | None = None
         self.rope_kernel: bool | None = None  # None: ``speculative.rope_kernel`` where it is wanted
+        # None: ``speculative.decode_attention_kernel`` where it is wanted (``resolve_kernels``)
+        self.decode_kernel: bool | None = None
 
     @staticmethod
     def _merged(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,6 +201,24 @@ class FusedLlama(nn.Module):
             return False
         return rope_kernel_module.wanted(like) if self.rope_kernel is None else self.rope_kernel
 
+    def resolve_kernels(self) -> None:
+        """Run the kernel gates' one-time checks on the model's device now, eagerly: a step
+        compiled by Inductor reads their outcome (it cannot run a check while tracing), and a
+        CUDA graph capture cannot run one either."""
+        weights = self.fast.embed_tokens.weight
+        decode_attention_kernel.wanted(weights)
+        rope_kernel_module.wanted(weights)
+
+    def _use_decode_kernel(self, like: torch.Tensor) -> bool:
+        """One token's attention by ``speculative.decode_attention_kernel`` (CUDA, where its gate
+        passed; compiled steps use the outcome ``resolve_kernels`` found; ``decode_kernel`` True
+        forces it, e.g. on CPU under Triton's interpreter, False keeps SDPA)."""
+        if self.decode_kernel is not None:
+            return self.decode_kernel
+        if torch.compiler.is_compiling():
+            return decode_attention_kernel.wanted.checked.get(like.device, False)
+        return decode_attention_kernel.wanted(like)
+
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # LlamaRMSNorm's function in one fused kernel where torch has one (it rounds once, at the
@@ -232,6 +253,7 @@ class FusedLlama(nn.Module):
         logits_index: torch.Tensor | None = None,
         aux_hidden: bool = True,
         apply_lm_head: bool = True,
+        visible: torch.Tensor | None = None,
     ) -> FastLlamaOutput:
         """Run ``input_ids [B, T]`` at ``position_ids [B, T]``, writing k/v at ``cache_slots``.
 
@@ -242,6 +264,9 @@ class FusedLlama(nn.Module):
         ``aux_hidden=False``: no aux hidden states (``None``; autoregressive decoding reads none).
         ``apply_lm_head=False``: the final-norm hidden states instead of logits (``hidden``), as
         ``FastLlama``'s, for callers that need logits at data-dependent rows only.
+        ``visible [B]``: with one token a sequence (T = 1) whose mask is the prefix of slots
+        ``0 .. visible - 1`` (the caller vouches for it), attention may read that prefix through the
+        decode-attention kernel instead of SDPA over ``attn_mask``.
         """
         fast = self.fast
         batch, length = input_ids.shape
@@ -253,17 +278,20 @@ class FusedLlama(nn.Module):
             cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
         if not isinstance(cache_slots, int):
             cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
+        decode = visible is not None and length == 1 and attn_mask is not None and self._use_decode_kernel(hidden)
         if attn_mask is not None:
             span = attn_mask.shape[-1]
             if span > cache.max_len:
                 raise ValueError(f"mask covers {span} slots, the cache has {cache.max_len}")
-            bias = torch.full(attn_mask.shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
-            bias = bias.masked_fill_(attn_mask, 0.0)  # [B, T, S]
-            if (length == 1 or groups == 1) and torch.compiler.is_compiling():
-                bias = bias[:, None]  # SDPA broadcasts it; Inductor makes it once, not per layer
-            else:  # query rows of a kv head: (group member, token), group-major; materialised once
-                # a forward (eagerly a broadcast mask cost more per layer than this one copy)
-                bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(batch, 1, groups * length, span)
+            if not decode:
+                bias = torch.full(attn_mask.shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
+                bias = bias.masked_fill_(attn_mask, 0.0)  # [B, T, S]
+                if (length == 1 or groups == 1) and torch.compiler.is_compiling():
+                    bias = bias[:, None]  # SDPA broadcasts it; Inductor makes it once, not per layer
+                else:  # query rows of a kv head: (group member, token), group-major; materialised once
+                    # a forward (eagerly a broadcast mask cost more per layer than this one copy)
+                    bias = bias[:, None, None].expand(batch, 1, groups, length, span).reshape(
+                        batch, 1, groups * length, span)
         elif cache_slots != 0:
             raise ValueError("a prefill (attn_mask=None) writes from slot 0")
         aux_ids = self.aux_layer_ids if aux_hidden else ()
@@ -286,7 +314,12 @@ class FusedLlama(nn.Module):
                 qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
             q, kv = qkv[:, :, :heads], qkv[:, :, heads:].view(batch, length, 2, kv_heads, dim)
             cache.write_kv(index, cache_slots, kv)
-            if attn_mask is None:
+            if decode:
+                out = decode_attention_kernel.decode_attention(
+                    q.reshape(batch, heads, dim), cache.storage[0, index, :, :, :span],
+                    cache.storage[1, index, :, :, :span], visible, self.scaling,
+                ).view(batch, 1, heads, dim)
+            elif attn_mask is None:
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
                     is_causal=True, scale=self.scaling, enable_gqa=groups > 1,

@@ -20,6 +20,7 @@ from speculative.kernel_gate import KernelGate
 _INTERPRETED = r"""
 import torch
 from speculative.argmax_lse_kernel import argmax_lse, torch_argmax_lse
+from speculative.decode_attention_kernel import decode_attention, torch_decode_attention
 from speculative.rope_kernel import rope_in_place, torch_rope
 
 generator = torch.Generator().manual_seed(5)
@@ -102,6 +103,43 @@ for kernel in (False, True):
     outputs.append((prefill.logits, step.logits, cache.storage.clone()))
 for a, b in zip(*outputs):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+# one token's attention over each sequence's visible prefix of a strided cache view: GQA, MQA and
+# MHA, head dims that are not powers of two, counts of one slot, past the span, a partial block
+for batch, heads, kv_heads, span, dim, dtype in [(3, 9, 3, 150, 64, torch.bfloat16), (2, 4, 2, 70, 8, torch.float32),
+                                                  (2, 8, 1, 64, 80, torch.float32), (1, 4, 4, 200, 16, torch.bfloat16)]:
+    storage = torch.randn(2, 2, batch, kv_heads, span + 9, dim, generator=generator).to(dtype)  # [k/v, layer, ...]
+    keys, values = storage[0, 1, :, :, :span], storage[1, 1, :, :, :span]
+    q = torch.randn(batch, heads, dim, generator=generator).to(dtype)
+    visible = torch.tensor([1, span + 5, 67][:batch])
+    want = torch_decode_attention(q, keys, values, visible, dim ** -0.5).float()
+    got = decode_attention(q, keys, values, visible, dim ** -0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7 * 2  # bf16: the output's rounding, twice
+    assert (got.float() - want).abs().max() <= tolerance * max(1.0, want.abs().max().item()), (heads, kv_heads, dim)
+    if batch > 1:  # a sequence reads its own rows only: changing another's cache changes nothing of it
+        storage[:, 1, 1:] = 0
+        assert torch.equal(decode_attention(q, keys, values, visible, dim ** -0.5)[0], got[0])
+
+# the decode step of FusedLlama through the kernel, and greedy decoding of the batched engine with it
+fused.rope_kernel = None
+steps = []
+for kernel in (False, True):
+    fused.decode_kernel = kernel
+    cache = fused.new_cache(2, 32)
+    fused(ids, torch.arange(9).expand(2, -1), cache, 0, None)
+    positions = torch.tensor([[9], [4]])  # the second row's step overwrites its slot 4
+    mask = torch.arange(32)[None, None] <= positions[..., None]
+    steps.append(fused(ids[:, :1], positions, cache, positions, mask, visible=positions[:, 0] + 1).logits)
+torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
+
+from speculative.batch_engine import BatchGenerator
+from tests.test_batch_engine import _greedy, _prompts
+target = TargetModel(small_llama(7, layers=3))
+prompts = _prompts(6, 3)
+engine = BatchGenerator(target, None, 0, max_batch=4, span_step=16, sync_every=5)
+engine.model.decode_kernel = True
+assert engine.generate(prompts, 12).tokens == _greedy(target.model, prompts, 12)
 print("kernels ok")
 """
 
