@@ -20,6 +20,8 @@
 # ar: the target's AR decoding at batch 1 with SDPA (DRAFTRL_DECODE_ATTENTION=torch), then with the
 # decode-attention kernel, each as a CUDA graph step and compiled by Inductor (no autotuning); ar-autotune:
 # the kernel with Inductor max-autotune, profiled (its own call: about 4 min of compiling). Table: ar_ab.md.
+# ar first times the kernel's settings against SDPA alone (bench/decode_attention.py) and runs the AR lines
+# with the fastest at batch 1, span 512 (DRAFTRL_DECODE_ATTENTION_SETTINGS; set it for ar-autotune).
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -67,6 +69,12 @@ if [ "$which" = ar ] || [ "$which" = ar-autotune ]; then
   ar=(--target /tmp/kit/smollm2.gguf --sections ar --max-prompt-tokens 256 --ar-tokens 256 --ar-prompts 3
       --num-prompts 8 --draft-vocab 2048 --inductor ar)
   if [ "$which" = ar ]; then  # SDPA, then the decode-attention kernel: graph and Inductor (no autotuning) rows each
+    # first the kernel's settings against SDPA alone; the AR runs take the fastest at batch 1, span 512
+    timeout 200 python3 bench/decode_attention.py --out "$out" --blocks 64,128,256 --warps 4,8 --splits 1,2,4,8 \
+      > "$out/decode_attention.log" 2>&1
+    best=$(python3 -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['batch']==1 and r['span']==512][0]['kernel']; print(min((k for k in r if 'us' in r[k]), key=lambda k: r[k]['us']))" "$out/decode_attention.json" 2>/dev/null)
+    [ -n "$best" ] && export DRAFTRL_DECODE_ATTENTION_SETTINGS=$best
+    echo "decode attention settings: ${DRAFTRL_DECODE_ATTENTION_SETTINGS:-default}" >> "$out/decode_attention.log"
     DRAFTRL_DECODE_ATTENTION=torch timeout 200 python3 bench/opd_throughput.py "${ar[@]}" --out /tmp/ar/sdpa > "$out/ar.log" 2>&1
     echo "sdpa exit $?" >> "$out/ar.log"
     timeout 200 python3 bench/opd_throughput.py "${ar[@]}" --out /tmp/ar/kernel >> "$out/ar.log" 2>&1
@@ -76,6 +84,7 @@ if [ "$which" = ar ] || [ "$which" = ar-autotune ]; then
       --profile --profile-runs ar --no-traces --profile-tokens 64 --out /tmp/ar/kernel_autotune > "$out/ar.log" 2>&1
     echo "kernel_autotune exit $?" >> "$out/ar.log"
     cat /tmp/ar/kernel_autotune/profile*.txt > "$out/profiles.txt" 2>/dev/null
+    echo "decode attention settings: ${DRAFTRL_DECODE_ATTENTION_SETTINGS:-default}" >> "$out/ar.log"
   fi
   python3 - "$out" <<'PY'
 import json, pathlib, sys

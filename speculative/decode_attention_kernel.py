@@ -11,10 +11,12 @@ softmax: one kernel a layer, and no work past the sequence's length.
 Under Inductor the kernel is the custom op ``draftrl::decode_attention`` (``torch.library.triton_op``),
 which Inductor calls from its compiled step; eagerly (and in eager CUDA graph captures) it is
 launched directly. On CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-Triton is imported: slow, for tests).
+Triton is imported: slow, for tests; there the products are taken in fp32, exact for bf16 inputs,
+as the interpreter's bf16 dots are wrong, where CUDA uses the tensor cores with fp32 accumulation).
 """
 
 import functools
+import os
 
 import torch
 
@@ -42,11 +44,15 @@ def torch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 if triton is not None:
     # (no ``from __future__ import annotations`` in this module: Triton reads the tl.constexpr ones)
-    def _decode_rows(q_ptr, k_ptr, v_ptr, out_ptr, visible_ptr, span, scale,
+    def _decode_rows(q_ptr, k_ptr, v_ptr, out_ptr, best_ptr, total_ptr, visible_ptr, span, chunk, scale,
                      q_batch, q_head, k_batch, k_head, k_slot, v_batch, v_head, v_slot, o_batch, o_head,
-                     DIM, GROUPS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+                     DIM, GROUPS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+                     SPLITS: tl.constexpr, EXACT_DOT: tl.constexpr):
+        """One (sequence, kv head, split): its query heads over the split's visible slots. One
+        split: the normalised output; several: the unnormalised sums and maxima, merged next."""
         sequence = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
         row = tl.arange(0, ROWS)  # the query heads of this kv head (padded to ROWS for tl.dot)
         column = tl.arange(0, WIDTH)  # the head dim, padded to a power of two >= 16
         live = row < GROUPS
@@ -55,35 +61,70 @@ if triton is not None:
         q = tl.load(q_ptr + sequence * q_batch + head[:, None] * q_head + column[None, :],
                     mask=live[:, None] & within[None, :], other=0.0)
         count = tl.minimum(tl.load(visible_ptr + sequence).to(tl.int32), span)
+        first = split * chunk
+        stop = tl.minimum(first + chunk, count)
         keys = k_ptr + sequence * k_batch + kv_head * k_head
         values = v_ptr + sequence * v_batch + kv_head * v_head
         best = tl.full([ROWS], float("-inf"), tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, WIDTH], tl.float32)
-        # the dots in fp32 (exact for bf16/fp16 inputs; Triton's interpreter gets bf16 dots wrong),
-        # the weights rounded to the values' dtype first, as flash kernels multiply them
-        for start in range(0, count, BLOCK):
+        for start in range(first, stop, BLOCK):
             slot = start + tl.arange(0, BLOCK)
-            inside = slot < count
+            inside = slot < stop
             k = tl.load(keys + slot[:, None] * k_slot + column[None, :], mask=inside[:, None] & within[None, :], other=0.0)
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+            if EXACT_DOT:  # fp32 products of the bf16/fp16 inputs, which fp32 holds exactly
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:  # the tensor cores' product of the same inputs, accumulated in fp32
+                scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+            scores = (scores * scale).to(tl.float32)  # (a float argument may arrive as fp64)
             scores = tl.where(inside[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             weights = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
             total = total * rescale + tl.sum(weights, 1)
             v = tl.load(values + slot[:, None] * v_slot + column[None, :], mask=inside[:, None] & within[None, :], other=0.0)
-            rounded = weights.to(v.dtype).to(tl.float32)
-            acc = acc * rescale[:, None] + tl.dot(rounded, v.to(tl.float32), input_precision="ieee")
+            rounded = weights.to(v.dtype)  # the weights at the values' precision, as flash kernels
+            if EXACT_DOT:
+                acc = acc * rescale[:, None] + tl.dot(rounded.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(rounded, v, out_dtype=tl.float32)
             best = new_best
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # no visible slot: zeros, not NaN
+        if SPLITS == 1:
+            out = acc / tl.where(total > 0, total, 1.0)[:, None]  # no visible slot: zeros, not NaN
+            tl.store(out_ptr + sequence * o_batch + head[:, None] * o_head + column[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=live[:, None] & within[None, :])
+        else:  # partials [B, kv_heads, SPLITS, ROWS(, WIDTH)], fp32
+            part = (sequence * tl.num_programs(1) + kv_head) * SPLITS + split
+            tl.store(best_ptr + part * ROWS + row, best)
+            tl.store(total_ptr + part * ROWS + row, total)
+            tl.store(out_ptr + (part * ROWS + row[:, None]) * WIDTH + column[None, :], acc)
+
+    def _merge_splits(acc_ptr, best_ptr, total_ptr, out_ptr, o_batch, o_head, DIM, GROUPS: tl.constexpr,
+                      ROWS: tl.constexpr, WIDTH: tl.constexpr, SPLITS: tl.constexpr):
+        """One (sequence, kv head): its splits' partial softmax sums, rescaled to one maximum."""
+        sequence = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1).to(tl.int64)
+        split, row, column = tl.arange(0, SPLITS), tl.arange(0, ROWS), tl.arange(0, WIDTH)
+        part = (sequence * tl.num_programs(1) + kv_head) * SPLITS + split  # [SPLITS]
+        best = tl.load(best_ptr + part[:, None] * ROWS + row[None, :])  # [SPLITS, ROWS]
+        top = tl.max(best, 0)
+        weight = tl.where(best > float("-inf"), tl.exp(best - top[None, :]), 0.0)  # an empty split: 0
+        total = tl.sum(weight * tl.load(total_ptr + part[:, None] * ROWS + row[None, :]), 0)
+        acc = tl.load(acc_ptr + (part[:, None, None] * ROWS + row[None, :, None]) * WIDTH + column[None, None, :])
+        out = tl.sum(weight[:, :, None] * acc, 0) / tl.where(total > 0, total, 1.0)[:, None]
+        head = kv_head * GROUPS + row
         tl.store(out_ptr + sequence * o_batch + head[:, None] * o_head + column[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=live[:, None] & within[None, :])
+                 out.to(out_ptr.dtype.element_ty), mask=(row < GROUPS)[:, None] & (column < DIM)[None, :])
 
 
 @functools.cache
-def _kernel():
-    return triton.jit(_decode_rows)  # an interpreted function when TRITON_INTERPRET=1 at import
+def _kernels():
+    # interpreted functions when TRITON_INTERPRET=1 at import
+    return triton.jit(_decode_rows), triton.jit(_merge_splits)
+
+
+def _interpreted() -> bool:
+    return not isinstance(_kernels()[0], triton.runtime.JITFunction)
 
 
 def _shapes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> int:
@@ -101,22 +142,62 @@ def _shapes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: 
     return heads // keys.shape[1]
 
 
-def _launch(launcher, q, keys, values, visible, scale, out, block: int = 64) -> None:
-    groups = q.shape[1] // keys.shape[1]
-    grid = (q.shape[0], keys.shape[1])
-    launcher[grid](q, keys, values, out, visible, keys.shape[2], scale,
-                   q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-                   values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
-                   q.shape[2], GROUPS=groups, ROWS=max(16, triton.next_power_of_2(groups)),
-                   WIDTH=max(16, triton.next_power_of_2(q.shape[2])), BLOCK=block)
+def _settings_from_env(text: str | None) -> tuple[int, int, int] | None:
+    """``DRAFTRL_DECODE_ATTENTION_SETTINGS=BLOCKxWARPSxSPLITS`` (a benchmark's override)."""
+    if not text:
+        return None
+    try:
+        block, warps, splits = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"DRAFTRL_DECODE_ATTENTION_SETTINGS={text!r}: want BLOCKxWARPSxSPLITS, e.g. 64x4x1") from None
+    if block < 16 or block & (block - 1) or warps < 1 or splits < 1:
+        raise ValueError(f"DRAFTRL_DECODE_ATTENTION_SETTINGS={text!r}: block a power of two >= 16, warps and splits >= 1")
+    return block, warps, splits
+
+
+# Launch settings: (slots a block, warps, splits), from bench/decode_attention.py
+DEFAULT_SETTINGS = _settings_from_env(os.environ.get("DRAFTRL_DECODE_ATTENTION_SETTINGS")) or (64, 4, 1)
+
+
+def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Run the kernel(s); ``wrap`` turns a Triton kernel into what launches it (``wrap_triton``
+    inside the custom op, the identity eagerly)."""
+    block, warps, splits = settings or DEFAULT_SETTINGS
+    batch, heads, dim = q.shape
+    kv_heads, span = keys.shape[1], keys.shape[2]
+    groups = heads // kv_heads
+    rows, width = max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(dim))
+    splits = max(1, min(splits, triton.cdiv(span, block)))
+    splits = triton.next_power_of_2(splits) if splits > 1 else 1
+    chunk = triton.cdiv(triton.cdiv(span, splits), block) * block
+    decode, merge = _kernels()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if splits == 1:
+        target, best, total = out, out, out  # (the partial buffers are not written)
+    else:
+        target = torch.empty(batch, kv_heads, splits, rows, width, dtype=torch.float32, device=q.device)
+        best = torch.empty(batch, kv_heads, splits, rows, dtype=torch.float32, device=q.device)
+        total = torch.empty_like(best)
+    wrap(decode)[(batch, kv_heads, splits)](
+        q, keys, values, target, best, total, visible, span, chunk, scale,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
+        dim, GROUPS=groups, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits, EXACT_DOT=_interpreted(),
+        num_warps=warps)
+    if splits > 1:
+        wrap(merge)[(batch, kv_heads)](target, best, total, out, out.stride(0), out.stride(1), dim,
+                                       GROUPS=groups, ROWS=rows, WIDTH=width, SPLITS=splits)
+    return out
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, settings: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``q [B, heads, d]`` (one token a sequence; head h reads kv head h // (heads / kv_heads))
     over ``keys``/``values [B, kv_heads, S, d]`` (strided views of a cache are fine), slots
-    ``0 .. visible[b] - 1`` only; returns ``[B, heads, d]``. Inside ``torch.compile`` it is the
-    custom op Inductor compiles around; eagerly a direct launch."""
+    ``0 .. visible[b] - 1`` only; returns ``[B, heads, d]``. ``settings``: (slots a block, warps,
+    splits of the span; several splits run in parallel, then a second kernel merges them).
+    Inside ``torch.compile`` it is the custom op Inductor compiles around (default settings);
+    eagerly a direct launch."""
     if triton is None:
         raise RuntimeError("decode_attention needs Triton (pip install triton)")
     _shapes(q, keys, values, visible)
@@ -124,24 +205,20 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         if _decode_op is None:
             raise RuntimeError("decode_attention under torch.compile needs compiled Triton (not its interpreter)")
         return _decode_op(q, keys, values, visible, scale)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _launch(_kernel(), q, keys, values, visible, scale, out)
-    return out
+    return _launch(lambda kernel: kernel, q, keys, values, visible, scale, settings)
 
 
 def _register_op():
     """``draftrl::decode_attention`` for Inductor (only with compiled Triton: the interpreter's
     functions are not ``JITFunction``s, which the op's tracing needs)."""
-    if triton is None or not isinstance(_kernel(), triton.runtime.JITFunction):
+    if triton is None or _interpreted():
         return None
     from torch.library import triton_op, wrap_triton
 
     @triton_op("draftrl::decode_attention", mutates_args=())
     def op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
            scale: float) -> torch.Tensor:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        _launch(wrap_triton(_kernel()), q, keys, values, visible, scale, out)
-        return out
+        return _launch(wrap_triton, q, keys, values, visible, scale)
 
     return op
 

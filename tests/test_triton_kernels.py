@@ -113,13 +113,15 @@ for batch, heads, kv_heads, span, dim, dtype in [(3, 9, 3, 150, 64, torch.bfloat
     q = torch.randn(batch, heads, dim, generator=generator).to(dtype)
     visible = torch.tensor([1, span + 5, 67][:batch])
     want = torch_decode_attention(q, keys, values, visible, dim ** -0.5).float()
-    got = decode_attention(q, keys, values, visible, dim ** -0.5)
-    assert got.shape == q.shape and got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7 * 2  # bf16: the output's rounding, twice
-    assert (got.float() - want).abs().max() <= tolerance * max(1.0, want.abs().max().item()), (heads, kv_heads, dim)
+    for settings in [None, (16, 4, 4), (32, 2, 3), (64, 4, 16)]:  # one program a row; split spans, merged
+        got = decode_attention(q, keys, values, visible, dim ** -0.5, settings)
+        assert got.shape == q.shape and got.dtype == dtype
+        error = (got.float() - want).abs().max()
+        assert error <= tolerance * max(1.0, want.abs().max().item()), (heads, kv_heads, dim, settings, error)
     if batch > 1:  # a sequence reads its own rows only: changing another's cache changes nothing of it
         storage[:, 1, 1:] = 0
-        assert torch.equal(decode_attention(q, keys, values, visible, dim ** -0.5)[0], got[0])
+        assert torch.equal(decode_attention(q, keys, values, visible, dim ** -0.5, settings)[0], got[0])
 
 # the decode step of FusedLlama through the kernel, and greedy decoding of the batched engine with it
 fused.rope_kernel = None
@@ -152,6 +154,16 @@ def test_kernels_equal_the_torch_code_under_the_interpreter():
                           timeout=900, cwd=repo)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert "kernels ok" in done.stdout
+
+
+def test_decode_attention_settings_from_the_environment():
+    from speculative.decode_attention_kernel import _settings_from_env
+
+    assert _settings_from_env(None) is None and _settings_from_env("") is None
+    assert _settings_from_env("128x8x4") == (128, 8, 4)
+    for bad in ("128x8", "100x4x1", "64x0x1", "fast"):
+        with pytest.raises(ValueError, match="DRAFTRL_DECODE_ATTENTION_SETTINGS"):
+            _settings_from_env(bad)
 
 
 def test_kernel_gate_runs_kernels_on_cuda_only_after_their_check(monkeypatch):
