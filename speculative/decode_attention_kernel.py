@@ -150,13 +150,24 @@ def _settings_from_env(text: str | None) -> tuple[int, int, int] | None:
         block, warps, splits = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"DRAFTRL_DECODE_ATTENTION_SETTINGS={text!r}: want BLOCKxWARPSxSPLITS, e.g. 64x4x1") from None
-    if block < 16 or block & (block - 1) or warps < 1 or splits < 1:
-        raise ValueError(f"DRAFTRL_DECODE_ATTENTION_SETTINGS={text!r}: block a power of two >= 16, warps and splits >= 1")
+    if block < 16 or block & (block - 1) or warps < 1 or splits < 0:
+        raise ValueError(f"DRAFTRL_DECODE_ATTENTION_SETTINGS={text!r}: block a power of two >= 16, warps >= 1, "
+                         "splits >= 0 (0: by the span)")
     return block, warps, splits
 
 
-# Launch settings: (slots a block, warps, splits), from bench/decode_attention.py
-DEFAULT_SETTINGS = _settings_from_env(os.environ.get("DRAFTRL_DECODE_ATTENTION_SETTINGS")) or (64, 4, 1)
+def auto_splits(batch: int, kv_heads: int, span: int) -> int:
+    """Splits of the span for settings whose splits are 0. H200, 3 kv heads (bench/decode_attention.py,
+    results/ar_b1_h200/decode_kernel/): one program a (sequence, kv head) is fastest up to 512
+    slots; past that, a split per 256 slots while there are few programs (batch 1: 4 at 1 024,
+    8 at 2 048), two at batch 16."""
+    if span <= 512:
+        return 1
+    return max(1, min(span // 256, max(2, 32 // (batch * kv_heads))))
+
+
+# Launch settings: (slots a block, warps, splits; 0: ``auto_splits``), from bench/decode_attention.py
+DEFAULT_SETTINGS = _settings_from_env(os.environ.get("DRAFTRL_DECODE_ATTENTION_SETTINGS")) or (128, 4, 0)
 
 
 def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -166,6 +177,7 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
     batch, heads, dim = q.shape
     kv_heads, span = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads
+    splits = splits or auto_splits(batch, kv_heads, span)
     rows, width = max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(dim))
     splits = max(1, min(splits, triton.cdiv(span, block)))
     splits = triton.next_power_of_2(splits) if splits > 1 else 1
@@ -195,7 +207,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """``q [B, heads, d]`` (one token a sequence; head h reads kv head h // (heads / kv_heads))
     over ``keys``/``values [B, kv_heads, S, d]`` (strided views of a cache are fine), slots
     ``0 .. visible[b] - 1`` only; returns ``[B, heads, d]``. ``settings``: (slots a block, warps,
-    splits of the span; several splits run in parallel, then a second kernel merges them).
+    splits of the span; several splits run in parallel, then a second kernel merges them; 0 splits:
+    ``auto_splits``).
     Inside ``torch.compile`` it is the custom op Inductor compiles around (default settings);
     eagerly a direct launch."""
     if triton is None:

@@ -114,7 +114,7 @@ for batch, heads, kv_heads, span, dim, dtype in [(3, 9, 3, 150, 64, torch.bfloat
     visible = torch.tensor([1, span + 5, 67][:batch])
     want = torch_decode_attention(q, keys, values, visible, dim ** -0.5).float()
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7 * 2  # bf16: the output's rounding, twice
-    for settings in [None, (16, 4, 4), (32, 2, 3), (64, 4, 16)]:  # one program a row; split spans, merged
+    for settings in [None, (16, 4, 4), (32, 2, 3), (64, 4, 16), (16, 4, 0)]:  # one program a row; split spans
         got = decode_attention(q, keys, values, visible, dim ** -0.5, settings)
         assert got.shape == q.shape and got.dtype == dtype
         error = (got.float() - want).abs().max()
@@ -157,11 +157,16 @@ def test_kernels_equal_the_torch_code_under_the_interpreter():
 
 
 def test_decode_attention_settings_from_the_environment():
-    from speculative.decode_attention_kernel import _settings_from_env
+    from speculative.decode_attention_kernel import _settings_from_env, auto_splits
+
+    # the H200 table's fastest splits (bench/results/ar_b1_h200/decode_kernel/)
+    assert [auto_splits(1, 3, span) for span in (256, 512, 1024, 2048)] == [1, 1, 4, 8]
+    assert [auto_splits(16, 3, span) for span in (256, 512, 1024, 2048)] == [1, 1, 2, 2]
 
     assert _settings_from_env(None) is None and _settings_from_env("") is None
     assert _settings_from_env("128x8x4") == (128, 8, 4)
-    for bad in ("128x8", "100x4x1", "64x0x1", "fast"):
+    assert _settings_from_env("128x4x0") == (128, 4, 0)  # splits by the span
+    for bad in ("128x8", "100x4x1", "64x0x1", "64x4x-1", "fast"):
         with pytest.raises(ValueError, match="DRAFTRL_DECODE_ATTENTION_SETTINGS"):
             _settings_from_env(bad)
 
