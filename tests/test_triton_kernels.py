@@ -203,3 +203,21 @@ def test_kernel_gate_environment_switch(monkeypatch):  # pragma: no cover - GPU 
     assert not gate(torch.zeros(1, device="cuda"))
     monkeypatch.delenv("DRAFTRL_TEST_KERNEL")
     assert gate(torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel and its tensor-core branch need CUDA")
+def test_decode_attention_on_cuda_equals_sdpa():  # pragma: no cover - GPU machines
+    """The branch the interpreter cannot run (bf16 products on the tensor cores), every settings
+    shape of the H200 table, against SDPA with a prefix mask."""
+    from speculative.decode_attention_kernel import decode_attention, torch_decode_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    for batch, span in [(1, 256), (1, 2048), (16, 1024)]:
+        storage = torch.randn(2, batch, 3, span + 32, 64, generator=generator, device="cuda").to(torch.bfloat16)
+        keys, values = storage[0, :, :, :span], storage[1, :, :, :span]
+        q = torch.randn(batch, 9, 64, generator=generator, device="cuda").to(torch.bfloat16)
+        visible = torch.randint(1, span + 1, (batch,), generator=generator, device="cuda")
+        want = torch_decode_attention(q, keys, values, visible, 0.125).float()
+        for settings in [None, (64, 4, 1), (128, 4, 4), (256, 8, 8)]:
+            got = decode_attention(q, keys, values, visible, 0.125, settings).float()
+            assert (got - want).abs().max() <= 2 ** -6 * max(1.0, want.abs().max().item()), (batch, span, settings)
