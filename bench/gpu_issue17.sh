@@ -16,7 +16,8 @@
 # ab: bench/gto_throughput.py at 32x64 on the warm drafter, once per variant: main, each of this
 # session's three changes taken back alone, all three taken back (DRAFTRL_ROPE=torch: RoPE as the torch
 # expression; DRAFTRL_VOCAB_REDUCTION=torch: torch's top-k/argmax/logsumexp passes, no Triton;
-# gto.reference_path_precision=fp32: the reference's path replayed in fp32); then a table (ab.md).
+# gto.reference_path_precision=fp32: the reference's path replayed in fp32), and main without cuDNN
+# attention (--sdpa-backends=flash,efficient,math); then a table (ab.md).
 # ar: the target's AR decoding at batch 1 with SDPA (DRAFTRL_DECODE_ATTENTION=torch), then with the
 # decode-attention kernel, each as a CUDA graph step and compiled by Inductor (no autotuning); ar-autotune:
 # the kernel with Inductor max-autotune, profiled (its own call: about 4 min of compiling). Table: ar_ab.md.
@@ -32,11 +33,11 @@ if [ "$which" = ab ]; then
   [ -d /tmp/tp/warm_drafter ] || python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill \
     --total-minutes 3 > "$out/throughput.log" 2>&1
   ab_line() {  # name, then env assignments and --set flags
-    local name=$1; shift; local envs=() sets=()
-    for a in "$@"; do case $a in *=*) if [[ $a == gto.* ]]; then sets+=(--set "$a"); else envs+=("$a"); fi;; esac; done
+    local name=$1; shift; local envs=() sets=() flags=()
+    for a in "$@"; do case $a in --*) flags+=("$a");; *=*) if [[ $a == gto.* ]]; then sets+=(--set "$a"); else envs+=("$a"); fi;; esac; done
     env ${envs[@]+"${envs[@]}"} timeout 150 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter \
       --max-records 600 --batch-sizes 32 --chunks 32x64 --precisions bf16 --old-batch-size 0 --batches 4 \
-      --ceiling-batches 32,64 ${sets[@]+"${sets[@]}"} --out "/tmp/ab/$name" >> "$out/ab.log" 2>&1
+      --ceiling-batches 32,64 ${sets[@]+"${sets[@]}"} ${flags[@]+"${flags[@]}"} --out "/tmp/ab/$name" >> "$out/ab.log" 2>&1
     echo "$name exit $?" >> "$out/ab.log"
   }
   ab_line main
@@ -44,6 +45,7 @@ if [ "$which" = ab ]; then
   ab_line torch_rope DRAFTRL_ROPE=torch
   ab_line torch_reductions DRAFTRL_VOCAB_REDUCTION=torch
   ab_line fp32_reference gto.reference_path_precision=fp32
+  ab_line no_cudnn_attention --sdpa-backends=flash,efficient,math
   python3 - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1]); rows = {}

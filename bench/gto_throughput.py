@@ -27,6 +27,7 @@ Writes ``gto_throughput.json`` and ``gto_throughput.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -284,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": args.target, "dtype": str(dtype), "drafter_dtype": args.drafter_dtype,
         "drafter": args.drafter or "random init", "data": str(args.data), "max_length": args.max_length,
         "gto": config.gto.model_dump(), "tree_nodes": tree_size(tree_config(config.gto), drafter.config.draft_vocab_size)[0],
+        "sdpa_backends": args.sdpa_backends or "all",
     }
     ceiling = prefill_ceiling(worker.fast, [int(b) for b in args.ceiling_batches.split(",")], args.ceiling_length)
     result["prefill_ceiling_by_batch"] = {str(b): r for b, r in ceiling.items()}
@@ -485,12 +487,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action="store_true", help="eager vs CUDA-graph replay of one verification forward")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of one batch")
     parser.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
+    parser.add_argument("--sdpa-backends", default="", help=f"run under only these SDPA backends, of "
+                        f"{sorted(SDPA_BACKENDS)} (e.g. flash,efficient,math: no cuDNN, whose calls cost "
+                        "0.84 ms of CPU each in an H200 GTO batch), for an A/B; the ceiling too")
     args = parser.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value if key != "set" else value + args.set)
-    run(args)
+    with only_sdpa_backends(args.sdpa_backends):
+        run(args)
     return 0
+
+
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def only_sdpa_backends(names: str) -> contextlib.AbstractContextManager:
+    """``sdpa_kernel`` limited to the comma-separated backends (none: no limit)."""
+    chosen = [name for name in names.split(",") if name]
+    unknown = set(chosen) - set(SDPA_BACKENDS)
+    if unknown:
+        raise SystemExit(f"--sdpa-backends: {sorted(unknown)} not among {sorted(SDPA_BACKENDS)}")
+    if not chosen:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name]) for name in chosen])
 
 
 if __name__ == "__main__":
