@@ -539,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("train_batch", args.train_batch), ("grad_accum", args.grad_accum)):
         if value is not None:
             sizes[key] = value
+    # the trainers' chunking as --set leaves it (their config lists --set last), so the tables name it
+    overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
+    seqs, positions = sizes["pipeline_gto_chunk"].split("x")
+    sizes["pipeline_gto_chunk"] = (f"{overrides.get('gto.sequences_per_forward', seqs)}x"
+                                   f"{overrides.get('gto.positions_per_forward', positions)}")
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"throughput_{gpu_tag(gpu_name)}"
     out.mkdir(parents=True, exist_ok=True)

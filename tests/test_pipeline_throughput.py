@@ -189,7 +189,8 @@ def test_cuda_ipc_moves_rank0_bytes_into_another_process_bit_identical():
 def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
     out = tmp_path / "throughput"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--device", "cpu",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=170)
+                           "--out", str(out), "--set", "gto.sequences_per_forward=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for key in ("prefill_ceiling_tok_s", "gto_tok_s", "opd_tok_s", "gto_ceiling_ratio", "opd_ceiling_ratio",
@@ -202,6 +203,10 @@ def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
     assert (out / "warm_drafter" / "config.json").is_file()
     assert f"init_from: {out / 'warm_drafter'}" in (out / "runs" / "single_gto" / "config.yaml").read_text()
     assert (out / "README.md").is_file()
+    # the trainers' chunking as --set left it, in their config and in the tables (CPU default 2x2)
+    assert summary["sizes"]["pipeline_gto_chunk"] == "1x2"
+    assert "sequences_per_forward: 1" in (out / "runs" / "single_gto" / "config.yaml").read_text()
+    assert "S x C 1x2" in (out / "README.md").read_text()
     if summary["ray_available"] and summary["deepspeed_available"]:  # where a Ray update's time went
         from pipeline.driver import BREAKDOWN
 
