@@ -52,6 +52,7 @@ from actors.gto_rollout import (  # noqa: E402
     tree_config,
 )
 from actors.target_worker import TargetWorker  # noqa: E402
+from bench.opd_throughput import SDPA_BACKENDS  # noqa: E402
 from speculative.config import load_config  # noqa: E402
 from speculative.drafter_blueprint import make_blueprint  # noqa: E402
 from speculative.batched_trees import score_trees_at_positions  # noqa: E402
@@ -497,10 +498,6 @@ def main(argv: list[str] | None = None) -> int:
     with only_sdpa_backends(args.sdpa_backends):
         run(args)
     return 0
-
-
-SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
 
 
 def only_sdpa_backends(names: str) -> contextlib.AbstractContextManager:
