@@ -35,6 +35,7 @@ from speculative.broadcast import (
 from speculative.drafter_blueprint import DrafterBlueprint
 from speculative.evaluation import evaluate_ttt
 from speculative.experience import CombinedExperience, uses_reference
+from speculative.runtime import peak_memory_gib
 
 ROLLOUT, SYNC = "rollout", "sync"
 
@@ -191,6 +192,7 @@ class RolloutActor:
         meta = {"actor": self.index, "batch_index": batch_index, "version": experience.drafter_version,
                 "tokens": experience.num_tokens, "bytes": experience.nbytes(), "seconds": seconds,
                 "build_s": built - start, "to_host_s": seconds - (built - start),
+                "peak_memory_gib": peak_memory_gib(self.device),
                 **experience_summary(experience)}
         meta["finished_at"] = time.time()
         return meta, experience

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|ab|ar|ar-autotune]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|ab|ar|ar-autotune|ar-fp32]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -17,10 +17,13 @@
 # session's three changes taken back alone, all three taken back (DRAFTRL_ROPE=torch: RoPE as the torch
 # expression; DRAFTRL_VOCAB_REDUCTION=torch: torch's top-k/argmax/logsumexp passes, no Triton;
 # gto.reference_path_precision=fp32: the reference's path replayed in fp32), and main without cuDNN
-# attention (--sdpa-backends=flash,efficient,math); then a table (ab.md).
+# attention (--sdpa-backends=flash,efficient,math); then a table (ab.md). AB_ONLY="main no_cudnn_attention": those
+# lines only.
 # ar: the target's AR decoding at batch 1 with SDPA (DRAFTRL_DECODE_ATTENTION=torch), then with the
 # decode-attention kernel, each as a CUDA graph step and compiled by Inductor (no autotuning); ar-autotune:
-# the kernel with Inductor max-autotune, profiled (its own call: about 4 min of compiling). Table: ar_ab.md.
+# the kernel with Inductor max-autotune, profiled (its own call: about 4 min of compiling); ar-fp32: a float32
+# target, SDPA (graph step) and the kernel (graph step, then Inductor), each engine's tokens against
+# generate_autoregressive's (fp32 near-ties are far rarer than bf16's). Table: ar_ab.md.
 # ar first times the kernel's settings against SDPA alone (bench/decode_attention.py) and runs the AR lines
 # with the fastest at batch 1, span 512 (DRAFTRL_DECODE_ATTENTION_SETTINGS; set it for ar-autotune).
 set -uo pipefail
@@ -34,6 +37,7 @@ if [ "$which" = ab ]; then
     --total-minutes 3 > "$out/throughput.log" 2>&1
   ab_line() {  # name, then env assignments and --set flags
     local name=$1; shift; local envs=() sets=() flags=()
+    [ -n "${AB_ONLY:-}" ] && [[ " $AB_ONLY " != *" $name "* ]] && return 0
     for a in "$@"; do case $a in --*) flags+=("$a");; *=*) if [[ $a == gto.* ]]; then sets+=(--set "$a"); else envs+=("$a"); fi;; esac; done
     env ${envs[@]+"${envs[@]}"} timeout 150 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter \
       --max-records 600 --batch-sizes 32 --chunks 32x64 --precisions bf16 --old-batch-size 0 --batches 4 \
@@ -53,12 +57,15 @@ for path in sorted(pathlib.Path("/tmp/ab").glob("*/gto_throughput.json")):
     report = json.loads(path.read_text())
     best = max((r for r in report["rows"] if r["path"] == "batched"), key=lambda r: r["tok_s"])
     rows[path.parent.name] = dict(tok_s=best["tok_s"], ceiling=report["prefill_ceiling_tok_s"],
-                                  ratio=best["ceiling_ratio"], s_batch=best["seconds_per_batch"], peak_gb=best["peak_gb"])
+                                  ratio=best["ceiling_ratio"], s_batch=best["seconds_per_batch"], peak_gb=best["peak_gb"],
+                                  each=best.get("batch_seconds", []))
 base = rows.get("old_all", {}).get("s_batch")
-lines = ["| variant | GTO tok/s | ceiling tok/s | of the ceiling | s / batch | speed-up vs old_all | peak GiB |", "|---|---|---|---|---|---|---|"]
+lines = ["| variant | GTO tok/s | ceiling tok/s | of the ceiling | s / batch | each batch, s | speed-up vs old_all | peak GiB |",
+         "|---|---|---|---|---|---|---|---|"]
 for name, r in rows.items():
     speed = f"{base / r['s_batch']:.3f}x" if base else "-"
-    lines.append(f"| {name} | {r['tok_s']:.0f} | {r['ceiling']:.0f} | {100 * r['ratio']:.2f}% | {r['s_batch']:.3f} | {speed} | {r['peak_gb']:.1f} |")
+    each = ", ".join(f"{t:.3f}" for t in r["each"])
+    lines.append(f"| {name} | {r['tok_s']:.0f} | {r['ceiling']:.0f} | {100 * r['ratio']:.2f}% | {r['s_batch']:.3f} | {each} | {speed} | {r['peak_gb']:.1f} |")
 (out / "ab.md").write_text("\n".join(lines) + "\n"); (out / "ab.json").write_text(json.dumps(rows, indent=1))
 print("\n".join(lines))
 PY
@@ -66,11 +73,18 @@ PY
   ls -la "$out"
   exit 0
 fi
-if [ "$which" = ar ] || [ "$which" = ar-autotune ]; then
+if [ "$which" = ar ] || [ "$which" = ar-autotune ] || [ "$which" = ar-fp32 ]; then
   # the target's AR decoding at batch 1 (bench/opd_throughput.py's ar section, 3 prompts x 256 tokens)
   ar=(--target /tmp/kit/smollm2.gguf --sections ar --max-prompt-tokens 256 --ar-tokens 256 --ar-prompts 3
-      --num-prompts 8 --draft-vocab 2048 --inductor ar)
-  if [ "$which" = ar ]; then  # SDPA, then the decode-attention kernel: graph and Inductor (no autotuning) rows each
+      --num-prompts 8 --draft-vocab 2048)
+  if [ "$which" = ar-fp32 ]; then  # a float32 target: each engine's tokens against generate_autoregressive's
+    ar+=(--dtype float32)
+    DRAFTRL_DECODE_ATTENTION=torch timeout 200 python3 bench/opd_throughput.py "${ar[@]}" --out /tmp/ar/fp32_sdpa > "$out/ar.log" 2>&1
+    echo "fp32 sdpa exit $?" >> "$out/ar.log"
+    timeout 240 python3 bench/opd_throughput.py "${ar[@]}" --inductor ar --out /tmp/ar/fp32_kernel >> "$out/ar.log" 2>&1
+    echo "fp32 kernel exit $?" >> "$out/ar.log"
+  elif [ "$which" = ar ]; then  # SDPA, then the decode-attention kernel: graph and Inductor (no autotuning) rows each
+    ar+=(--inductor ar)
     # first the kernel's settings against SDPA alone; the AR runs take the fastest at batch 1, span 512
     timeout 200 python3 bench/decode_attention.py --out "$out" --blocks 64,128,256 --warps 4,8 --splits 1,2,4,8 \
       > "$out/decode_attention.log" 2>&1
@@ -82,7 +96,7 @@ if [ "$which" = ar ] || [ "$which" = ar-autotune ]; then
     timeout 200 python3 bench/opd_throughput.py "${ar[@]}" --out /tmp/ar/kernel >> "$out/ar.log" 2>&1
     echo "kernel exit $?" >> "$out/ar.log"
   else  # the kernel with Inductor max-autotune (about 4 min of compiling), profiled
-    timeout 540 python3 bench/opd_throughput.py "${ar[@]}" --ar-inductor-options max_autotune=true,coordinate_descent_tuning=true \
+    timeout 540 python3 bench/opd_throughput.py "${ar[@]}" --inductor ar --ar-inductor-options max_autotune=true,coordinate_descent_tuning=true \
       --profile --profile-runs ar --no-traces --profile-tokens 64 --out /tmp/ar/kernel_autotune > "$out/ar.log" 2>&1
     echo "kernel_autotune exit $?" >> "$out/ar.log"
     cat /tmp/ar/kernel_autotune/profile*.txt > "$out/profiles.txt" 2>/dev/null
@@ -91,18 +105,19 @@ if [ "$which" = ar ] || [ "$which" = ar-autotune ]; then
   python3 - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1]); rows = {}
-lines = ["| run | engine | tok/s | ms/token | setup s | same tokens as generate_autoregressive | compile errors |",
-         "|---|---|---|---|---|---|---|"]
+lines = ["| run | engine | tok/s | ms/token | setup s | same tokens as generate_autoregressive | same as the run's first row "
+         "(first difference) | compile errors |", "|---|---|---|---|---|---|---|---|"]
 for path in sorted(pathlib.Path("/tmp/ar").glob("*/opd_throughput.json")):
     report = json.loads(path.read_text())
     for key in ("autoregressive_b1", "autoregressive_b1_inductor"):
         r = report.get(key)
         if not r or "error" in r:
-            lines.append(f"| {path.parent.name} | {key} | failed: {(r or {}).get('error', 'missing')} | | | | |"); continue
+            lines.append(f"| {path.parent.name} | {key} | failed: {(r or {}).get('error', 'missing')} | | | | | |"); continue
         rows[f"{path.parent.name}/{key}"] = r
-        same = r.get("same_tokens_as_reference")
+        same, first = r.get("same_tokens_as_reference"), r.get("same_tokens_as")
+        first = "-" if first is None else f"{first['share']} ({first['first_difference']})"
         lines.append(f"| {path.parent.name} | {r['compile']} | {r['batched_tok_s']:.0f} | {r['batched_ms_per_token']:.3f} | "
-                     f"{r['setup_seconds']:.1f} | {'-' if same is None else same} | {len(r.get('compile_errors') or [])} |")
+                     f"{r['setup_seconds']:.1f} | {'-' if same is None else same} | {first} | {len(r.get('compile_errors') or [])} |")
     (out / f"{path.parent.name}_opd_throughput.json").write_text(path.read_text())
 (out / "ar_ab.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

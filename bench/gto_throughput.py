@@ -126,20 +126,21 @@ def measure_gto(worker, config, batches, drafter, reference, make) -> dict[str, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens = positions = 0
-    seconds = 0.0
+    took_each: list[float] = []
     batches = batches[1:]
     for i, batch in enumerate(batches):
         exp, took = timed(device, make, worker, config, batch, drafter, reference, seed=i + 1)
         tokens += exp.num_tokens
         positions += exp.index.numel()
-        seconds += took
+        took_each.append(took)
+    seconds = sum(took_each)
     nodes, _ = tree_size(tree_config(config.gto), drafter.config.draft_vocab_size)
     tree_tokens = 2 * nodes * positions
     return {
         "batches": len(batches), "seconds": seconds, "tokens": tokens, "positions": positions,
         "tok_s": tokens / seconds, "tree_tokens_per_s": tree_tokens / seconds,
         "target_tokens_per_s": (tokens + tree_tokens) / seconds,
-        "seconds_per_batch": seconds / len(batches),
+        "seconds_per_batch": seconds / len(batches), "batch_seconds": took_each,
         "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
     }
 

@@ -63,6 +63,7 @@ from speculative.config import load_config  # noqa: E402
 from speculative.batch_engine import BatchGenerator  # noqa: E402
 from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights  # noqa: E402
 from speculative.engine import SpeculativeGenerator  # noqa: E402
+from speculative.runtime import DTYPES, target_dtype  # noqa: E402
 from speculative.target import TargetModel, load_tokenizer, stop_token_ids  # noqa: E402
 from speculative.vocab import DraftVocab  # noqa: E402
 
@@ -589,7 +590,7 @@ def run(args) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = target_dtype(args.dtype, device)
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.target, args.cache_dir and Path(args.cache_dir))
     if args.tiny:
@@ -695,6 +696,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed experiences per batch size (median)")
     p.add_argument("--reference-prompts", type=int, default=4, help="prompts through the single-sequence path")
     p.add_argument("--compile", default="auto", choices=["auto", "static", "graph", "inductor"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="the target's dtype (auto: bf16 on CUDA, fp32 on CPU); float32 on a GPU checks that the "
+                        "engines give generate_autoregressive's tokens exactly, without bf16 near-ties")
     p.add_argument("--ar-tokens", type=int, default=256)
     p.add_argument("--ar-prompts", type=int, default=3)
     p.add_argument("--ar-sync-every", type=int, default=32)

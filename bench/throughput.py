@@ -177,6 +177,14 @@ def steady_rate(run_dir: Path) -> dict[str, float]:
             "rows": train}
 
 
+def peak_memory(train: list[dict]) -> dict[str, float]:
+    """The largest ``pipeline.driver.PEAK_MEMORY`` over a Ray run's logged updates, GiB."""
+    from pipeline.driver import PEAK_MEMORY
+
+    peaks = {key: [float(r[key]) for r in train if r.get(key) is not None] for key in PEAK_MEMORY}
+    return {key: max(values) for key, values in peaks.items() if values}
+
+
 def breakdown(train: list[dict]) -> dict[str, float]:
     """Medians over the updates after the first of where each update's time went
     (``pipeline.driver.BREAKDOWN``: rollout side per experience, learner side per update)."""
@@ -341,15 +349,21 @@ def part_sft(m, sizes, summary, device) -> None:
 def part_single(args, sizes, summary, out: Path) -> None:
     from pipeline.trainer import Trainer
     from speculative.config import load_config
+    from speculative.runtime import pick_device
 
     run_dir = out / "runs" / "single_gto"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(None, gto_overrides(args, sizes, run_dir))
     steps = args.train_steps
+    device = pick_device(config.training.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this part's peak, not the earlier parts'
     Trainer(config, steps_this_run=steps, minutes_this_run=None if steps else args.train_minutes).run()
     rate = steady_rate(run_dir)
     summary["single"] = {"updates": rate["updates"], "updates_per_s": rate["updates_per_s"],
                          "tokens_per_s": rate["rows"][-1].get("tokens_per_s")}
+    if device.type == "cuda":  # the trainer's target, drafter, optimizer and GTO experience together
+        summary["single"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     summary["single_process_updates_per_s_gto"] = rate["updates_per_s"]
 
 
@@ -379,7 +393,7 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
             config = load_config(None, [
                 *gto_overrides(args, sizes, run_dir), "distributed.enabled=true", f"distributed.mode={mode}",
                 "distributed.placement=colocated", "distributed.num_learners=1",
-                f"distributed.num_rollout_actors={sizes['actors']}", "distributed.max_staleness=1",
+                f"distributed.num_rollout_actors={sizes['actors']}",
                 f"distributed.gpus_per_learner={sizes['learner_gpu']}",
                 f"distributed.gpus_per_rollout_actor={sizes['actor_gpu']}", "distributed.cpus_per_actor=1",
                 f"training.micro_batch_size={args.micro_batch_size or per_update}",
@@ -396,7 +410,8 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
                 shares = [r["broadcast_step_share"] for r in train[1:] if "broadcast_step_share" in r]
                 row.update(learner_busy=busy, learner_busy_whole_run=report.get("learner_busy"),
                            broadcast_step_share=statistics.median(shares) if shares else None,
-                           micro_batch_size=config.training.micro_batch_size, breakdown=breakdown(train))
+                           micro_batch_size=config.training.micro_batch_size, breakdown=breakdown(train),
+                           max_staleness=config.distributed.max_staleness, **peak_memory(train))
                 summary["ray"][mode] = row
             except Exception as error:  # noqa: BLE001 - the other mode may still run
                 summary["ray"][mode] = {"error": f"{type(error).__name__}: {error}"[:2000]}
@@ -414,6 +429,9 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
     if "learner_busy" in asynchronous:
         summary["learner_busy_async"] = asynchronous["learner_busy"]
         summary["learner_step_s"] = asynchronous.get("learner_step_s")
+    for key in ("learner_peak_memory_gib", "rollout_peak_memory_gib"):
+        if key in best:
+            summary[key] = best[key]
     source = asynchronous if "broadcast_gb_per_s" in asynchronous else summary["ray"].get("sync", {})
     if "broadcast_gb_per_s" in source:
         summary.update(broadcast_gb_s=source["broadcast_gb_per_s"], broadcast_step_share=source["broadcast_step_share"],
@@ -421,6 +439,10 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ output
+def fmt_or_na(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
 def warm_line(warm: dict[str, Any] | None) -> str:
     if not warm:
         return "n/a (the warm-up part did not run)"
@@ -469,6 +491,9 @@ def readme(summary: dict[str, Any]) -> str:
         f"| broadcast GB/s ({f('broadcast_transport', '{}')}, {f('broadcast_mb', '{:.1f}')} MB) "
         f"| {f('broadcast_gb_s', '{:.2f}')} | |",
         f"| broadcast share of step time | {f('broadcast_step_share', '{:.1%}')} | |",
+        f"| peak memory, GiB: learner / rollout actor (Ray) / single-process trainer "
+        f"| {f('learner_peak_memory_gib', '{:.1f}')} / {f('rollout_peak_memory_gib', '{:.1f}')} / "
+        f"{fmt_or_na(summary.get('single', {}).get('peak_memory_gib'), '{:.1f}')} | |",
         "",
     ]
     if ray:

@@ -30,6 +30,7 @@ from speculative.broadcast import (
 )
 from speculative.drafter_blueprint import DrafterBlueprint, load_target_embedding
 from speculative.experience import concat_experiences
+from speculative.runtime import peak_memory_gib
 
 CHECKPOINT_TAG = "state"
 
@@ -189,7 +190,7 @@ class LearnerWorker:
                 "metrics": metrics, "tokens": tokens, "samples": sum(_rows(e) for e in experiences),
                 "micro_batches": len(micro_batches), "fetch_seconds": fetched, "to_device_seconds": to_device,
                 "compute_seconds": compute, "sync_seconds": self.take_sync_seconds(),
-                "seconds": time.perf_counter() - start}
+                "peak_memory_gib": peak_memory_gib(self.device), "seconds": time.perf_counter() - start}
 
     def take_sync_seconds(self) -> float:
         """Seconds this rank spent in weight-sync calls (broadcast, weights, ipc_weights, checksum)

@@ -65,6 +65,9 @@ BREAKDOWN = (
     "learner_broadcast_s",  # the learner's time in weight-sync calls (publish/send, checksums)
     "update_interval_s",  # wall time between updates: the learner parts above add up to it
 )
+# Peak memory so far (speculative.runtime.peak_memory_gib: the CUDA allocator's peak on a GPU, the
+# process's peak resident set on CPU), the largest over the learner ranks / the update's experiences.
+PEAK_MEMORY = ("learner_peak_memory_gib", "rollout_peak_memory_gib")
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 RESTART_ERRORS = (*ACTOR_ERRORS, NoWeightsYet)  # a restarted actor answers before it is re-synced
 
@@ -462,6 +465,7 @@ class DistributedTrainer:
             experience_bytes=float(sum(m["bytes"] for m in metas)),
             experience_tokens=float(sum(m["tokens"] for m in metas)),
             skipped_nonfinite=float(self.skipped_nonfinite), **rollout_metrics,
+            **_peak_memory(results, metas),
         )
         self.window.append(merged)
         self.metrics.set({
@@ -473,6 +477,7 @@ class DistributedTrainer:
             "queue_depth": queue_depth, "drafter_version": self.version,
             "learner_busy": merged["learner_busy"], "broadcast_gb_s": merged["broadcast_gb_s"],
             **{key: merged[key] for key in BREAKDOWN},
+            **{key: merged.get(key) for key in PEAK_MEMORY},
         })
         self.metrics.add("experiences", len(metas))
 
@@ -645,6 +650,13 @@ def _breakdown(results: list[dict], metas: list[dict], interval: float) -> dict[
         "learner_other_s": busiest["seconds"] - fetch - to_device - compute, "learner_broadcast_s": sync,
         "update_interval_s": interval,
     }
+
+
+def _peak_memory(results: list[dict], metas: list[dict]) -> dict[str, float]:
+    """``PEAK_MEMORY`` of one update (keys absent where no process reported one)."""
+    peaks = {"learner_peak_memory_gib": [r["peak_memory_gib"] for r in results if "peak_memory_gib" in r],
+             "rollout_peak_memory_gib": [m["peak_memory_gib"] for m in metas if "peak_memory_gib" in m]}
+    return {key: float(max(values)) for key, values in peaks.items() if values}
 
 
 def _ready(ref: ray.ObjectRef) -> bool:

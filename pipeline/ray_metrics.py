@@ -2,7 +2,7 @@
 cluster's Prometheus endpoint) shows them next to Ray's own: tau or its proxy, reward, losses,
 staleness, rollout tokens/s, learner samples/s, broadcast seconds and bytes, queue depth, and where
 each update's time went (rollout build / copy to host / return, learner idle / fetch / to device /
-compute / broadcast)."""
+compute / broadcast), and the learners' and rollout actors' peak memory."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ GAUGES = {
     "learner_other_s": "learner seconds in the rest of train_step",
     "learner_broadcast_s": "learner seconds in weight-sync calls (publish/send, checksums)",
     "update_interval_s": "wall seconds between the last two learner updates",
+    # pipeline.driver.PEAK_MEMORY
+    "learner_peak_memory_gib": "largest learner rank's peak memory so far, GiB (CUDA allocator; CPU: peak RSS)",
+    "rollout_peak_memory_gib": "largest rollout actor's peak memory so far, GiB (CUDA allocator; CPU: peak RSS)",
 }
 COUNTERS = {
     "experiences": "experiences made by rollout actors",

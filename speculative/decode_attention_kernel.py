@@ -72,7 +72,7 @@ if triton is not None:
             slot = start + tl.arange(0, BLOCK)
             inside = slot < stop
             k = tl.load(keys + slot[:, None] * k_slot + column[None, :], mask=inside[:, None] & within[None, :], other=0.0)
-            if EXACT_DOT:  # fp32 products of the bf16/fp16 inputs, which fp32 holds exactly
+            if EXACT_DOT:  # IEEE fp32 products (of bf16/fp16 inputs, which fp32 holds exactly)
                 scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:  # the tensor cores' product of the same inputs, accumulated in fp32
                 scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
@@ -170,6 +170,12 @@ def auto_splits(batch: int, kv_heads: int, span: int) -> int:
 DEFAULT_SETTINGS = _settings_from_env(os.environ.get("DRAFTRL_DECODE_ATTENTION_SETTINGS")) or (128, 4, 0)
 
 
+def _exact_dot(dtype: torch.dtype) -> bool:
+    """IEEE fp32 products: under the interpreter (its bf16 dots are wrong) and for fp32 inputs (on
+    CUDA ``tl.dot`` would round them to TF32, and an fp32 target is run to be exact)."""
+    return _interpreted() or dtype == torch.float32
+
+
 def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Run the kernel(s); ``wrap`` turns a Triton kernel into what launches it (``wrap_triton``
     inside the custom op, the identity eagerly)."""
@@ -194,7 +200,7 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
         q, keys, values, target, best, total, visible, span, chunk, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
-        dim, GROUPS=groups, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits, EXACT_DOT=_interpreted(),
+        dim, GROUPS=groups, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits, EXACT_DOT=_exact_dot(q.dtype),
         num_warps=warps)
     if splits > 1:
         wrap(merge)[(batch, kv_heads)](target, best, total, out, out.stride(0), out.stride(1), dim,

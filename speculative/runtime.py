@@ -23,6 +23,17 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far, GiB: the CUDA caching allocator's peak allocation on a
+    GPU (what decides an out-of-memory), the process's peak resident set on CPU. The pipeline
+    reports it per learner rank and rollout actor, so a larger chunking's headroom is visible."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -213,6 +213,13 @@ def test_throughput_bench_cpu_smoke_writes_every_key(tmp_path):
         parts = summary["ray"]["async"]["breakdown"]
         assert all(parts[key] is not None and parts[key] >= 0 for key in BREAKDOWN), parts
         assert "update interval s" in (out / "README.md").read_text()
+        # the Ray run at the pipeline's own staleness default (not a bench-only setting), and the
+        # learner's and rollout actor's peak memory (CPU: peak RSS) in the summary and its table
+        from speculative.distributed_config import DistributedConfig
+
+        assert summary["ray"]["async"]["max_staleness"] == DistributedConfig().max_staleness
+        assert summary["learner_peak_memory_gib"] > 0.1 and summary["rollout_peak_memory_gib"] > 0.1
+        assert "peak memory, GiB" in (out / "README.md").read_text()
 
 
 def _grads(drafter, experience) -> tuple[torch.Tensor, list[torch.Tensor]]:

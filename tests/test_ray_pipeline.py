@@ -451,5 +451,11 @@ def test_micro_batches_merge_experiences_and_the_learner_reports_its_busy_fracti
         assert r["rollout_build_s"] > 0 and r["rollout_experience_mb"] * 2e6 == pytest.approx(r["experience_bytes"])
         rollout = r["rollout_build_s"] + r["rollout_to_host_s"] + r["rollout_return_s"]
         assert rollout <= r["rollout_latency_s"] + 1e-3, r
+    # Peak memory of the learner and rollout processes (CPU: peak RSS; each holds torch, the target
+    # or the drafter and the run's tensors, so well above 0.1 GiB), logged with every update; one
+    # learner rank's peak so far never falls.
+    learner_peaks = [r["learner_peak_memory_gib"] for r in train]
+    assert all(0.1 < r["learner_peak_memory_gib"] < 24 and 0.1 < r["rollout_peak_memory_gib"] < 24 for r in train)
+    assert learner_peaks == sorted(learner_peaks), learner_peaks
     # object_store transport: rank 0 flattens and hashes the drafter after every update but the last
     assert all(r["learner_broadcast_s"] > 0 for r in train[1:])
