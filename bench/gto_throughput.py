@@ -118,9 +118,11 @@ def sample_batches(dataset, pad_id: int, batch_size: int, count: int, seed: int)
             for k in range(count)]
 
 
-def measure_gto(worker, config, batches, drafter, reference, make) -> dict[str, float]:
+def measure_gto(worker, config, batches, drafter, reference, make, passes: int = 1) -> dict[str, float]:
     """Time ``make`` (an experience function) over ``batches[1:]``; ``batches[0]`` warms up
-    (allocator, kernels) untimed."""
+    (allocator, kernels) untimed. ``passes`` > 1: the same batches again, timed apart
+    (``repeat_batch_seconds``): what a batch costs once every shape it meets was seen before
+    (cuDNN builds an attention graph per new shape), against the first pass's new data."""
     device = worker.target.device
     make(worker, config, batches[0], drafter, reference, seed=0)
     if device.type == "cuda":
@@ -134,6 +136,8 @@ def measure_gto(worker, config, batches, drafter, reference, make) -> dict[str, 
         positions += exp.index.numel()
         took_each.append(took)
     seconds = sum(took_each)
+    repeats = [timed(device, make, worker, config, batch, drafter, reference, seed=i + 1)[1]
+               for _ in range(passes - 1) for i, batch in enumerate(batches)]
     nodes, _ = tree_size(tree_config(config.gto), drafter.config.draft_vocab_size)
     tree_tokens = 2 * nodes * positions
     return {
@@ -141,6 +145,7 @@ def measure_gto(worker, config, batches, drafter, reference, make) -> dict[str, 
         "tok_s": tokens / seconds, "tree_tokens_per_s": tree_tokens / seconds,
         "target_tokens_per_s": (tokens + tree_tokens) / seconds,
         "seconds_per_batch": seconds / len(batches), "batch_seconds": took_each,
+        **({"repeat_batch_seconds": repeats} if repeats else {}),
         "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
     }
 
@@ -307,7 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cfg = with_gto(config, sequences_per_forward=seqs, positions_per_forward=positions,
                                tree_precision=precision)
                 rows.append(measured("batched", size, chunk, precision,
-                                     lambda: measure_gto(worker, cfg, batches, drafter, reference, gto_experience)))
+                                     lambda: measure_gto(worker, cfg, batches, drafter, reference, gto_experience,
+                                                         args.passes)))
     best = _best(rows)
     if best is not None and args.reference_noise > 0:
         # The worst case for node sharing: a reference that has drifted from the drafter.
@@ -434,6 +440,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{head} {r['tok_s']:.0f} | {r['ceiling_ratio']:.2%} | {r['tree_tokens_per_s']:.0f} | "
             f"{r['target_work_ratio']:.1%} | {r['seconds_per_batch']:.3f} | {r['peak_gb']:.1f} |"
         )
+    repeated = [r for r in result["rows"] if r.get("repeat_batch_seconds")]
+    if repeated:
+        lines += ["", "Each timed batch (s), then the same batches again (every shape seen before):", ""]
+        lines += [f"- {r['path']} {r['chunk']} {r['precision']}: "
+                  + ", ".join(f"{t:.3f}" for t in r["batch_seconds"]) + " | again: "
+                  + ", ".join(f"{t:.3f}" for t in r["repeat_batch_seconds"]) for r in repeated]
     best = result["gto_best"]
     lines += ["", f"Best GTO: **{result['gto_tok_s']:.0f} tok/s = {result['gto_ceiling_ratio']:.2%} of the "
               f"ceiling** (batch {best['batch_size']}, S x C {best['chunk']}, {best['precision']})."]
@@ -480,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-noise", type=float, default=0.05,
                         help="also time the best setting against a reference moved by this x mean|w| (0: skip)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per setting (after one warm-up)")
+    parser.add_argument("--passes", type=int, default=1, help="time the batched path's batches this many times "
+                        "(the later passes apart: repeat_batch_seconds, every shape seen before)")
     parser.add_argument("--old-batch-size", type=int, default=4, help="batch size of the old-vs-new comparison (0: skip)")
     parser.add_argument("--old-positions-per-forward", type=int, default=32,
                         help="the old path's positions per forward (its default before the batched path)")
