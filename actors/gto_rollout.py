@@ -64,7 +64,8 @@ def batched_tree_options(gto) -> BatchedTreeOptions:
         tree=tree_config(gto), reward_temperature=gto.reward_scoring()[0], eta=gto.eta,
         aggregation=gto.reward_scoring()[1], sequences_per_forward=gto.sequences_per_forward,
         positions_per_forward=gto.positions_per_forward, share_nodes=gto.share_reference_nodes,
-        verify_leaves=gto.verify_leaves,
+        verify_leaves=gto.verify_leaves, verify_width_multiple=gto.verify_width_multiple,
+        verify_prefix_multiple=gto.verify_prefix_multiple,
         tree_autocast=gto.tree_precision == "bf16", tree_attention=gto.tree_attention,
         reference_path_fp32=gto.reference_path_precision == "fp32",
     )

@@ -499,7 +499,8 @@ def chunking_variants(args, session: Session, recorder: VerificationRecorder) ->
                 else:  # the room this chunking's forwards need, as score_trees_at_positions sizes it
                     fast = chunk["fast"]
                     cache = fast.new_cache(chunk["cache"].batch_size,
-                                           chunk["padded"] + packed_width(c, chunk["current"].num_nodes))
+                                           chunk["padded"] + packed_width(c, chunk["current"].num_nodes,
+                                                                           options.verify_width_multiple))
                 run = lambda cache=cache, options=options, chunk=chunk: verify_position_chunks(  # noqa: E731
                     chunk["fast"], cache, chunk["current"], chunk["ref"], chunk["idx"], chunk["host_idx"],
                     chunk["root_logits"], chunk["padded"], chunk["positions_per_seq"], options)

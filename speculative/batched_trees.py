@@ -20,10 +20,12 @@ handful of calls whose sizes grow with the batch:
    (``speculative.tree_reward.log_acceptance``), so the full logits never pile up.
 5. **Scoring** of all trees of the chunk of sequences in one call.
 
-Shapes depend only on (S, C, N, the padded width), never on values: the width is rounded up to
-``length_multiple`` and the position chunk count only changes the number of identical forwards,
-so each forward can be captured (CUDA graphs) or compiled. Sequences are processed longest first
-so that a chunk's padded width fits its members; results come back in batch order.
+Shapes come from a few sizes, not from every value: the prefill width is rounded up to
+``length_multiple``; a verification forward's packed width and prefix cut (they depend on the
+trees and roots) to ``verify_width_multiple`` and ``verify_prefix_multiple``, so forwards meet a
+handful of attention shapes again and again (cuDNN builds an execution graph per new shape: 41 ms
+against 1.4 ms a repeated call on an H200, ``bench/sdpa_shape_cost.py``). Sequences are processed
+longest first so that a chunk's padded width fits its members; results come back in batch order.
 
 Index convention (``speculative.position_trees``): "position t" is the state after the target
 read x_0..x_t; the tree's root is x_{t+1} at position t+1, and its nodes draft x_{t+2}, ...
@@ -64,6 +66,10 @@ class BatchedTreeOptions:
     sequences_per_forward: int = 16  # S: sequences in one prefill / tree search / verification
     positions_per_forward: int = 8  # C: positions of each sequence per verification forward
     length_multiple: int = 64  # pad each chunk's width to a multiple (a few static shapes)
+    # verification forwards: the packed width and the prefix cut rounded up to these multiples, so
+    # forwards repeat a few attention shapes (cuDNN builds a graph per new shape: ~40 ms on an H200)
+    verify_width_multiple: int = 128
+    verify_prefix_multiple: int = 256
     share_nodes: bool = True  # verify a reference node once when the current tree has it too
     verify_leaves: bool = False  # also feed leaves to the target (their logits are never read)
     tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
@@ -73,7 +79,8 @@ class BatchedTreeOptions:
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if min(self.sequences_per_forward, self.positions_per_forward, self.length_multiple) < 1:
+        if min(self.sequences_per_forward, self.positions_per_forward, self.length_multiple,
+               self.verify_width_multiple, self.verify_prefix_multiple) < 1:
             raise ValueError(f"chunk sizes must be >= 1: {self}")
 
 
@@ -301,7 +308,7 @@ def score_trees_at_positions(
         padded = _round_up(max(chunk_len, 1), options.length_multiple)
         used = max(counts[b] for b in members)
         span = _round_up(used, chunk_pos)  # position slots worth verifying in this chunk
-        room = packed_width(chunk_pos, n_nodes) if used else 0
+        room = packed_width(chunk_pos, n_nodes, options.verify_width_multiple) if used else 0
         ids = torch.zeros(len(members), padded, dtype=input_ids.dtype, device=device)
         copy = min(padded, width)
         ids[:, :copy] = input_ids[rows, :copy].to(device)
@@ -404,7 +411,7 @@ def verify_position_chunks(
     ``current`` and ``ref`` (rows s * span + p) at the roots ``idx [S, span]`` (on the host:
     ``host_idx [S, >= P]``) in forwards of C = ``options.positions_per_forward`` positions of
     every sequence each, behind the prefill in ``cache`` (``padded`` slots; room for
-    ``packed_width(C, N)`` more). ``root_logits [S, span, V]``: the target at each root.
+    ``packed_width(C, N, options.verify_width_multiple)`` more). ``root_logits [S, span, V]``: the target at each root.
 
     Per forward and sequence: the C current trees, then the reference trees' nodes that the
     current ones lack. Position chunks go last to first. A sequence's roots only grow along its
@@ -433,11 +440,12 @@ def verify_position_chunks(
         tree_rows = (seq_rows * span + slots[None]).reshape(-1)  # [S*C], sequence-major
         pair = (_nodes(current, tree_rows, seqs), _nodes(ref, tree_rows, seqs))
         needed = host_idx[:, : min(first + chunk_pos, positions_per_seq)]
-        prefix = min(padded, _round_up(int(needed.max()) + 2, options.length_multiple))
+        prefix = min(padded, _round_up(int(needed.max()) + 2, options.verify_prefix_multiple))
         roots = idx[:, first : first + chunk_pos] + 1
         with record_function("gto/pack"):
             packed = pack_tree_pairs(*pair, roots, prefix, dedupe=options.share_nodes,
-                                     max_depth=options.tree.depth, feed_leaves=options.verify_leaves)
+                                     multiple=options.verify_width_multiple, max_depth=options.tree.depth,
+                                     feed_leaves=options.verify_leaves)
         root_chunk = root_logits[:, first : first + chunk_pos]
         with record_function("gto/verify"):
             found = verify_packed(fast, cache, prefix, packed, pair, root_chunk, options.reward_temperature)

@@ -222,6 +222,14 @@ class GTOSection(Section):
     verify_leaves: bool = Field(
         False, description="also feed tree leaves to the target (nothing reads their logits: a "
         "node's acceptance is read at its parent); on only to measure what skipping them saves")
+    verify_width_multiple: int = Field(
+        128, ge=1, description="a verification forward's packed width (target slots a sequence feeds) "
+        "rounded up to this: forwards repeat a few attention shapes. cuDNN attention builds a graph per "
+        "new shape (41 ms against 1.4 ms a repeated call, H200, bench/sdpa_shape_cost.py); at 16 a "
+        "32-sequence GTO batch took 0.48-0.50 s on new data and 0.40-0.45 s on the same batches again")
+    verify_prefix_multiple: int = Field(
+        256, ge=1, description="a verification forward's prefix cut (the slots before its roots that it "
+        "attends to) rounded up to this, for the same reason as verify_width_multiple")
     tree_attention: Literal["eager", "flex"] = Field(
         "flex", description="the tree search's attention to each root's prefix: flex (FlexAttention, "
         "compiled on CUDA, merged with the tree part by log-sum-exp: the [S, heads, P*w, T] scores never "

@@ -231,7 +231,7 @@ def test_sharing_reference_nodes_changes_nothing(pair):
     results = {}
     for share in (True, False):
         options = BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=3,
-                                     positions_per_forward=2, share_nodes=share)
+                                     positions_per_forward=2, share_nodes=share, verify_width_multiple=16)
         results[share] = score_trees_at_positions(fast, drafter, reference, batch["input_ids"], lengths, indices,
                                                   counts, drafter.draft_to_target, options)
     shared, alone = results[True], results[False]
@@ -253,7 +253,7 @@ def test_leaves_are_not_fed_to_the_target(pair):
     batch, lengths, indices, counts = _fixed_positions(target)
     fast = FastLlama.from_target(target)
     options = BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=3,
-                                 positions_per_forward=2)
+                                 positions_per_forward=2, verify_width_multiple=16)  # slots counted, padding too
     result = score_trees_at_positions(fast, drafter, drafter, batch["input_ids"], lengths, indices, counts,
                                       drafter.draft_to_target, options)
     slots = 2 * 3 * 2 * 12 + 2 * 1 * 2 * 12  # (sequences x positions) per forward x 12 nodes, 2 chunks
@@ -286,7 +286,7 @@ def test_sequences_with_windows_far_apart_share_a_chunk(pair):
         score_trees_at_positions(
             fast, drafter, reference, batch["input_ids"], lengths, indices, counts, drafter.draft_to_target,
             BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=seqs,
-                               positions_per_forward=3, length_multiple=4))
+                               positions_per_forward=3, length_multiple=4, verify_prefix_multiple=4))
         for seqs in (2, 1)
     ]
     together, alone = results
@@ -294,6 +294,34 @@ def test_sequences_with_windows_far_apart_share_a_chunk(pair):
     for name in ("reward", "reference_reward", "expected_length", "rollout_path_logprob", "reference_path_logprob"):
         torch.testing.assert_close(getattr(together, name), getattr(alone, name), atol=1e-5, rtol=1e-5)
     assert float(together.reward[1, :3].abs().sum()) > 0
+
+
+@torch.no_grad()
+def test_rounding_verification_shapes_changes_no_score(pair):
+    """Verification forwards round their packed width and prefix cut up (a few repeated attention
+    shapes): exact rounding (multiples of 1), fine and coarse multiples give the same scores;
+    coarser rounding feeds more (padding) slots, never fewer."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 2, 24, 4, seed=3)
+    indices = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [19, 20, 21, 0, 0, 0, 0, 0]])
+    counts, lengths = [8, 3], [24, 24]
+    fast = FastLlama.from_target(target)
+    results = [
+        score_trees_at_positions(
+            fast, drafter, reference, batch["input_ids"], lengths, indices, counts, drafter.draft_to_target,
+            BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=2,
+                               positions_per_forward=3, length_multiple=4, verify_width_multiple=width,
+                               verify_prefix_multiple=prefix))
+        for width, prefix in ((1, 1), (16, 8), (128, 256))
+    ]
+    exact = results[0]
+    for rounded in results[1:]:
+        assert torch.equal(rounded.path_length, exact.path_length)
+        assert torch.equal(rounded.path_ids, exact.path_ids)
+        for name in ("reward", "reference_reward", "expected_length", "rollout_path_logprob", "reference_path_logprob"):
+            torch.testing.assert_close(getattr(rounded, name), getattr(exact, name), atol=1e-5, rtol=1e-5)
+    fed = [r.verified_nodes for r in results]
+    assert fed == sorted(fed) and fed[0] < fed[-1], fed
 
 
 @torch.no_grad()
