@@ -225,8 +225,9 @@ class GTOSection(Section):
     verify_width_multiple: int = Field(
         128, ge=1, description="a verification forward's packed width (target slots a sequence feeds) "
         "rounded up to this: forwards repeat a few attention shapes. cuDNN attention builds a graph per "
-        "new shape (41 ms against 1.4 ms a repeated call, H200, bench/sdpa_shape_cost.py); at 16 a "
-        "32-sequence GTO batch took 0.48-0.50 s on new data and 0.40-0.45 s on the same batches again")
+        "new shape (41 ms against 1.4 ms a repeated call, H200, bench/sdpa_shape_cost.py). A 32-sequence "
+        "GTO batch on new data, H200: 0.458 s at 128/256 against 0.526 s at 16/64 (both 0.431 s once "
+        "every shape was met)")
     verify_prefix_multiple: int = Field(
         256, ge=1, description="a verification forward's prefix cut (the slots before its roots that it "
         "attends to) rounded up to this, for the same reason as verify_width_multiple")
