@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.backends.split(",")) - set(SDPA_BACKENDS)
     if unknown:
         raise SystemExit(f"--backends: {sorted(unknown)} not among {sorted(SDPA_BACKENDS)}")
-    shapes = [(w, prefix + w) for prefix in map(int, args.prefixes.split(",")) for w in map(int, args.widths.split(","))]
+    widths, prefixes = [int(w) for w in args.widths.split(",")], [int(x) for x in args.prefixes.split(",")]
+    shapes = [(w, prefix + w) for prefix in prefixes for w in widths]
     rows = []
     for backend in args.backends.split(","):
         rows += measure(backend, shapes, args.batch, args.kv_heads, args.groups, args.dim, args.repeats)
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
              f"B {args.batch}, {args.kv_heads} kv heads x {args.groups} queries each, d {args.dim}, bf16, "
              "additive mask. ms, synchronized; repeat: median of the repeats.", "",
              "| backend | queries | span | first ms | repeat ms |", "|---|---|---|---|---|"]
-    lines += [f"| {r['backend']} | {r['queries']} | {r['span']} | {r['first_ms']:.2f} | {r['repeat_ms']:.3f} |" for r in rows]
+    lines += [f"| {r['backend']} | {r['queries']} | {r['span']} | {r['first_ms']:.2f} | {r['repeat_ms']:.3f} |"
+              for r in rows]
     for backend in args.backends.split(","):
         mine = [r for r in rows if r["backend"] == backend]
         lines.append(f"\n{backend}: first call median {statistics.median(r['first_ms'] for r in mine):.2f} ms, "

@@ -272,21 +272,24 @@ def test_leaves_are_not_fed_to_the_target(pair):
     assert_same_experience(new, old)
 
 
+def _score_far_apart(pair, options: BatchedTreeOptions):
+    """Two sequences of 24 tokens: one with 8 early positions, one with 3 late ones."""
+    target, drafter, reference = pair
+    batch = _sequences(target, 2, 24, 4, seed=3)
+    indices = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [19, 20, 21, 0, 0, 0, 0, 0]])
+    return score_trees_at_positions(FastLlama.from_target(target), drafter, reference, batch["input_ids"], [24, 24],
+                                    indices, [8, 3], drafter.draft_to_target, options)
+
+
 @torch.no_grad()
 def test_sequences_with_windows_far_apart_share_a_chunk(pair):
     """A chunk holding a sequence with many early positions and one with few late ones (whose
     position slots run out first) scores each exactly as when it is alone in its chunk: the
     cache slots a forward overwrites behind its roots are never read by a later forward."""
-    target, drafter, reference = pair
-    batch = _sequences(target, 2, 24, 4, seed=3)
-    indices = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [19, 20, 21, 0, 0, 0, 0, 0]])
-    counts, lengths = [8, 3], [24, 24]
-    fast = FastLlama.from_target(target)
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=12)
     results = [
-        score_trees_at_positions(
-            fast, drafter, reference, batch["input_ids"], lengths, indices, counts, drafter.draft_to_target,
-            BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=seqs,
-                               positions_per_forward=3, length_multiple=4, verify_prefix_multiple=4))
+        _score_far_apart(pair, BatchedTreeOptions(tree, sequences_per_forward=seqs, positions_per_forward=3,
+                                                  length_multiple=4, verify_prefix_multiple=4))
         for seqs in (2, 1)
     ]
     together, alone = results
@@ -301,17 +304,11 @@ def test_rounding_verification_shapes_changes_no_score(pair):
     """Verification forwards round their packed width and prefix cut up (a few repeated attention
     shapes): exact rounding (multiples of 1), fine and coarse multiples give the same scores;
     coarser rounding feeds more (padding) slots, never fewer."""
-    target, drafter, reference = pair
-    batch = _sequences(target, 2, 24, 4, seed=3)
-    indices = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [19, 20, 21, 0, 0, 0, 0, 0]])
-    counts, lengths = [8, 3], [24, 24]
-    fast = FastLlama.from_target(target)
+    tree = TreeConfig(depth=4, top_k=3, total_tokens=12)
     results = [
-        score_trees_at_positions(
-            fast, drafter, reference, batch["input_ids"], lengths, indices, counts, drafter.draft_to_target,
-            BatchedTreeOptions(TreeConfig(depth=4, top_k=3, total_tokens=12), sequences_per_forward=2,
-                               positions_per_forward=3, length_multiple=4, verify_width_multiple=width,
-                               verify_prefix_multiple=prefix))
+        _score_far_apart(pair, BatchedTreeOptions(tree, sequences_per_forward=2, positions_per_forward=3,
+                                                  length_multiple=4, verify_width_multiple=width,
+                                                  verify_prefix_multiple=prefix))
         for width, prefix in ((1, 1), (16, 8), (128, 256))
     ]
     exact = results[0]
