@@ -349,7 +349,7 @@ def part_sft(m, sizes, summary, device) -> None:
 def part_single(args, sizes, summary, out: Path) -> None:
     from pipeline.trainer import Trainer
     from speculative.config import load_config
-    from speculative.runtime import pick_device
+    from speculative.runtime import peak_memory_gib, pick_device
 
     run_dir = out / "runs" / "single_gto"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -363,7 +363,7 @@ def part_single(args, sizes, summary, out: Path) -> None:
     summary["single"] = {"updates": rate["updates"], "updates_per_s": rate["updates_per_s"],
                          "tokens_per_s": rate["rows"][-1].get("tokens_per_s")}
     if device.type == "cuda":  # the trainer's target, drafter, optimizer and GTO experience together
-        summary["single"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        summary["single_process_peak_memory_gib"] = peak_memory_gib(device)
     summary["single_process_updates_per_s_gto"] = rate["updates_per_s"]
 
 
@@ -439,10 +439,6 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ output
-def fmt_or_na(value: Any, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
 def warm_line(warm: dict[str, Any] | None) -> str:
     if not warm:
         return "n/a (the warm-up part did not run)"
@@ -493,7 +489,7 @@ def readme(summary: dict[str, Any]) -> str:
         f"| broadcast share of step time | {f('broadcast_step_share', '{:.1%}')} | |",
         f"| peak memory, GiB: learner / rollout actor (Ray) / single-process trainer "
         f"| {f('learner_peak_memory_gib', '{:.1f}')} / {f('rollout_peak_memory_gib', '{:.1f}')} / "
-        f"{fmt_or_na(summary.get('single', {}).get('peak_memory_gib'), '{:.1f}')} | |",
+        f"{f('single_process_peak_memory_gib', '{:.1f}')} | |",
         "",
     ]
     if ray:
