@@ -5,8 +5,9 @@
 
 One GTO batch is built as ``bench/gto_verify_profile.py`` builds it (``--batch-size`` sequences,
 ``--chunk``, ``--precision``; ``actors.gto_rollout.gto_experience``). Then, for each ``--replays``
-value of ``gto.path_replay``, a fresh copy of the drafter (fp32 weights, training mode) times, under
-bf16 autocast on CUDA as the single-process trainer runs it:
+value of ``gto.path_replay`` and each ``--vocab-losses`` value of ``training.vocab_loss`` (the token
+loss's per-step KL: fused with the lm_head, or the dense reference), a fresh copy of the drafter (fp32
+weights, training mode) times, under bf16 autocast on CUDA as the single-process trainer runs it:
 
 * **step**: ``learners.gto.gto_loss`` forward and backward (token loss, path replay, surrogate);
 * **replay**: the path replay alone, forward and backward of a fixed weighting of log q(path).
@@ -14,8 +15,9 @@ bf16 autocast on CUDA as the single-process trainer runs it:
 ``--warmup`` untimed, then ``--reps`` timed runs between device synchronisations; peak memory of the
 step. Each replay's log q(path) and gradient, over every chain's full drafted path (accepted paths
 can all be empty with an untrained drafter), are compared with the first replay's (max abs difference
-of log q, relative norm of the gradient difference): the replays compute the same function, so a
-difference beyond the dtype's rounding means a bug, and the row says DIFFERENT. ``--profile`` adds a
+of log q, relative norm of the gradient difference), and each whole step's loss and gradient with the
+first row's: the rows compute the same function, so a difference beyond the dtype's rounding means a
+bug, and the row says DIFFERENT. ``--profile`` adds a
 torch.profiler table of one step per replay. Writes ``gto_learner_step.json`` and ``.md`` under ``--out``.
 """
 
@@ -109,12 +111,14 @@ class _FullHeadReplay:
         self.module.path_logprob = self.saved
 
 
-def measure(args, session, exp, replay: str) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+def measure(args, session, exp, replay: str, vocab_loss: str) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
     """Times of one replay, and its log q and gradient over every chain's full drafted path (the
     equality check: the accepted paths alone can be empty, with an untrained drafter)."""
     device = torch.device(args.device)
     config = with_gto(session.config, path_replay="ttt" if replay == "ttt_full" else replay)
     drafter = copy.deepcopy(session.models.drafter).float().train()
+    drafter.ttt_vocab_loss = vocab_loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(args))
     weights = torch.linspace(-1.0, 1.0, exp.index.numel(), device=device)
     full = torch.full_like(exp.path_length, exp.path_ids.shape[1])
@@ -137,11 +141,13 @@ def measure(args, session, exp, replay: str) -> tuple[dict[str, Any], torch.Tens
         torch.cuda.reset_peak_memory_stats(device)
     step_ms, loss = time_reps(device, step, args.warmup, args.reps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    step()
+    step_grad = _gradient(drafter)
     accepted = int(exp.path_length.max()) if exp.path_length.numel() else 0
     replay_ms = time_reps(device, replay_only, args.warmup, args.reps)[0] if accepted else None
     logprob = replay_only(full)
-    grad = torch.cat([p.grad.flatten().float() for p in drafter.trainable_parameters() if p.grad is not None])
-    row = {"replay": replay, "step_ms": step_ms, "replay_ms": replay_ms, "peak_gib": peak, "loss": float(loss),
+    grad = _gradient(drafter)
+    row = {"replay": replay, "vocab_loss": vocab_loss, "step_ms": step_ms, "replay_ms": replay_ms, "peak_gib": peak, "loss": float(loss),
            "chains": exp.index.numel(), "mean_path_length": float(exp.path_length.float().mean()),
            "check_path_length": int(exp.path_ids.shape[1])}
     if args.profile:
@@ -151,7 +157,15 @@ def measure(args, session, exp, replay: str) -> tuple[dict[str, Any], torch.Tens
         with profile(activities=activities) as prof:
             step()
         row["profile_top_ops"] = top_ops(prof, 15, device=device.type == "cuda")
-    return row, logprob, grad
+    return row, logprob, grad, step_grad
+
+
+def _gradient(drafter) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().float() for p in drafter.trainable_parameters() if p.grad is not None])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,19 +178,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atol, rtol = TOLERANCE["cuda" if bf16_autocast(args) else "cpu"]
     exact = fp32_logprob(session, exp)
     rows, base = [], None
-    for replay in args.replays.split(","):
-        row, logprob, grad = measure(args, session, exp, replay)
+    combinations = [(replay, vocab_loss) for vocab_loss in args.vocab_losses.split(",")
+                    for replay in args.replays.split(",")]
+    for replay, vocab_loss in combinations:
+        row, logprob, grad, step_grad = measure(args, session, exp, replay, vocab_loss)
         row["logprob_vs_fp32"] = float((logprob - exact).abs().max())
         if base is None:
-            base = (logprob, grad, row)
+            base = (logprob, grad, row, step_grad)
             row["status"] = "baseline"
         else:
             row["logprob_max_abs_diff"] = float((logprob - base[0]).abs().max())
-            row["grad_rel_diff"] = float((grad - base[1]).norm() / base[1].norm().clamp_min(1e-30))
-            same = row["logprob_max_abs_diff"] <= atol and row["grad_rel_diff"] <= rtol
+            row["grad_rel_diff"] = _relative(grad, base[1])
+            row["step_loss_rel_diff"] = abs(row["loss"] - base[2]["loss"]) / max(abs(base[2]["loss"]), 1e-30)
+            row["step_grad_rel_diff"] = _relative(step_grad, base[3])
+            step_same = row["step_loss_rel_diff"] <= rtol and row["step_grad_rel_diff"] <= rtol
+            same = row["logprob_max_abs_diff"] <= atol and row["grad_rel_diff"] <= rtol and step_same
             # Two bf16 computations of one function differ by their rounding; a replay that is no
             # further from the fp32 one than ROUNDING_SLACK x the baseline's distance is as exact.
-            rounding = (row["grad_rel_diff"] <= rtol
+            rounding = (row["grad_rel_diff"] <= rtol and step_same
                         and row["logprob_vs_fp32"] <= ROUNDING_SLACK * max(base[2]["logprob_vs_fp32"], atol))
             row["status"] = "equal" if same else "equal (bf16 rounding)" if rounding else "DIFFERENT"
             row["step_speedup"] = base[2]["step_ms"]["median"] / row["step_ms"]["median"]
@@ -202,25 +221,28 @@ def markdown(result: dict[str, Any]) -> str:
              f"accepted path {result['rows'][0]['mean_path_length']:.2f}"
              f"{' (--full-paths: every drafted path counted whole)' if result['full_paths'] else ''}. ms: median (min-max) of the timed runs. "
              f"The check: log q and gradient over every chain's full drafted path "
-             f"({result['rows'][0]['check_path_length']} steps) against the first row, and each row's log q "
+             f"({result['rows'][0]['check_path_length']} steps) and the whole step's loss and gradient "
+             f"against the first row, and each row's log q "
              f"against the TTT replay's in fp32 (vs fp32): a row beyond the tolerance is still \"equal (bf16 "
              f"rounding)\" when it is no further from fp32 than {ROUNDING_SLACK}x the first row.", "",
-             "| gto.path_replay | step ms (gto_loss fwd + bwd) | replay ms (fwd + bwd) | step speed-up | peak GiB "
-             "| log q max abs diff | grad rel diff | log q vs fp32 | status |", "|---|---|---|---|---|---|---|---|---|"]
+             "| gto.path_replay | training.vocab_loss | step ms (gto_loss fwd + bwd) | replay ms (fwd + bwd) "
+             "| step speed-up | peak GiB | log q max abs diff | grad rel diff | step loss / grad rel diff "
+             "| log q vs fp32 | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         step, replay = row["step_ms"], row["replay_ms"]
         peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
         replay_cell = ("no accepted path" if replay is None
                        else f"{replay['median']:.1f} ({replay['min']:.1f}-{replay['max']:.1f})")
         lines.append(
-            f"| {row['replay']} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
+            f"| {row['replay']} | {row['vocab_loss']} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
             f"| {replay_cell} "
             f"| {row.get('step_speedup', 1.0):.2f}x | {peak} "
             f"| {row.get('logprob_max_abs_diff', 0.0):.2e} | {row.get('grad_rel_diff', 0.0):.2e} "
+            f"| {row.get('step_loss_rel_diff', 0.0):.1e} / {row.get('step_grad_rel_diff', 0.0):.1e} "
             f"| {row['logprob_vs_fp32']:.2e} | {row['status']} |")
     for row in result["rows"]:
         if "profile_top_ops" in row:
-            lines += ["", f"Top ops of one step, {row['replay']} (self time):", "",
+            lines += ["", f"Top ops of one step, {row['replay']} / {row['vocab_loss']} (self time):", "",
                       "| op / kernel | calls | self ms | share |", "|---|---|---|---|"]
             lines += [f"| `{op['name'][:90]}` | {op['count']} | {op['self_total_ms']:.2f} | {op['share']:.1%} |"
                       for op in row["profile_top_ops"]]
@@ -232,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_batch_arguments(parser, chunk="32x64")  # the experience's batch, as bench/gto_verify_profile.py builds it
     parser.add_argument("--replays", default="ttt_full,ttt,rooted",
                         help="gto.path_replay values (ttt_full: the replay before 2026-12-02); the first is the baseline")
+    parser.add_argument("--vocab-losses", default="fused",
+                        help="training.vocab_loss values (fused, dense), each with every --replays value")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="a torch.profiler table of one step per replay")

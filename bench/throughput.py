@@ -347,6 +347,7 @@ def part_sft(m, sizes, summary, device) -> None:
 
 
 def part_single(args, sizes, summary, out: Path) -> None:
+    from bench.pipeline_bench import GpuSampler
     from pipeline.trainer import Trainer
     from speculative.config import load_config
     from speculative.runtime import peak_memory_gib, pick_device
@@ -358,10 +359,17 @@ def part_single(args, sizes, summary, out: Path) -> None:
     device = pick_device(config.training.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this part's peak, not the earlier parts'
-    Trainer(config, steps_this_run=steps, minutes_this_run=None if steps else args.train_minutes).run()
+    sampler = GpuSampler().start()  # its GPU's busy time, over the steady window as the Ray part's
+    try:
+        Trainer(config, steps_this_run=steps, minutes_this_run=None if steps else args.train_minutes).run()
+    finally:
+        sampler.stop()
     rate = steady_rate(run_dir)
     summary["single"] = {"updates": rate["updates"], "updates_per_s": rate["updates_per_s"],
-                         "tokens_per_s": rate["rows"][-1].get("tokens_per_s")}
+                         "tokens_per_s": rate["rows"][-1].get("tokens_per_s"),
+                         "gpu_busy": sampler.busy(rate["rows"][0]["time"], rate["rows"][-1]["time"])}
+    if summary["single"]["gpu_busy"]:  # nvidia-smi's share of time a kernel ran, mean over GPUs
+        summary["single_process_gpu_busy"] = statistics.fmean(summary["single"]["gpu_busy"].values())
     if device.type == "cuda":  # the trainer's target, drafter, optimizer and GTO experience together
         summary["single_process_peak_memory_gib"] = peak_memory_gib(device)
     summary["single_process_updates_per_s_gto"] = rate["updates_per_s"]
@@ -432,6 +440,8 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
     for key in ("learner_peak_memory_gib", "rollout_peak_memory_gib"):
         if key in best:
             summary[key] = best[key]
+    if best.get("gpu_busy"):
+        summary["ray_gpu_busy"] = statistics.fmean(best["gpu_busy"].values())
     source = asynchronous if "broadcast_gb_per_s" in asynchronous else summary["ray"].get("sync", {})
     if "broadcast_gb_per_s" in source:
         summary.update(broadcast_gb_s=source["broadcast_gb_per_s"], broadcast_step_share=source["broadcast_step_share"],
@@ -483,6 +493,8 @@ def readme(summary: dict[str, Any]) -> str:
         f"| {f('single_process_updates_per_s_gto', '{:.3f}')} | |",
         f"| GTO updates/s, Ray pipeline ({f('ray_mode_reported', '{}')}) | {f('ray_updates_per_s_gto', '{:.3f}')} | |",
         f"| learner busy fraction, async | {f('learner_busy_async', '{:.0%}')} | |",
+        f"| GPU busy (nvidia-smi): single-process trainer / Ray pipeline "
+        f"| {f('single_process_gpu_busy', '{:.0%}')} / {f('ray_gpu_busy', '{:.0%}')} | |",
         f"| learner step (Ray, async), s | {f('learner_step_s', '{:.3f}')} | |",
         f"| broadcast GB/s ({f('broadcast_transport', '{}')}, {f('broadcast_mb', '{:.1f}')} MB) "
         f"| {f('broadcast_gb_s', '{:.2f}')} | |",

@@ -181,6 +181,7 @@ class DistributedTrainer:
         blueprint.init_seed = self.config.drafter.init_seed
         blueprint.init_layout = self.config.drafter.init_layout
         blueprint.ttt_attention = self.config.training.attention
+        blueprint.ttt_vocab_loss = self.config.training.vocab_loss
         return blueprint
 
     def _connect(self) -> bool:

@@ -185,7 +185,7 @@ class Trainer:
         else:
             drafter = self._new_drafter(target, train)
         drafter.to(self.device)
-        drafter.ttt_attention = train_cfg.attention
+        drafter.ttt_attention, drafter.ttt_vocab_loss = train_cfg.attention, train_cfg.vocab_loss
         reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
         optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)

@@ -421,6 +421,11 @@ class TrainingConfig(AliasedSection):
         "dense", description="TTT attention: the dense fp32 reference, or FlexAttention on packed sequences "
         "(CUDA only: torch has no FlexAttention backward on CPU)",
     )
+    vocab_loss: Literal["fused", "dense"] = Field(
+        "fused", description="TTT's per-step KL over the draft vocabulary: fused (the lm_head and the KL in row "
+        "blocks at the supervised rows only, Triton on CUDA: no [B, T, V] tensor; speculative/vocab_kl.py) or "
+        "dense (whole-tensor log-softmaxes: the reference, for A/B timing). Same loss and gradient",
+    )
     batch_size: int = Field(4, ge=1)
     group_by_length: bool = Field(
         False, description="batches of similar lengths (sorted within windows of 64 batches, then shuffled): "

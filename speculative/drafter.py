@@ -254,8 +254,10 @@ class Eagle3Drafter(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config.llama_config())
         self.register_buffer("draft_to_target", vocab.draft_to_target.clone(), persistent=False)
         self.register_buffer("target_to_draft", vocab.target_to_draft.clone(), persistent=False)
-        # How training-time test attends ("dense" reference or "flex"); a run setting, not saved.
+        # How training-time test attends ("dense" reference or "flex") and computes each step's KL
+        # ("fused" with the lm_head, or the "dense" reference): run settings, not saved.
         self.ttt_attention = "dense"
+        self.ttt_vocab_loss = "fused"
 
     @property
     def vocab(self) -> DraftVocab:
@@ -308,9 +310,13 @@ class Eagle3Drafter(nn.Module):
         return self.norm(prenorm) if self.config.norm_output else prenorm
 
     def draft_logits(self, following: torch.Tensor) -> torch.Tensor:
-        """Logits over the draft vocabulary from ``hidden_step``'s output (normalised here unless
-        ``norm_output`` already did)."""
-        return self.lm_head(following if self.config.norm_output else self.norm(following))
+        """Logits over the draft vocabulary from ``hidden_step``'s output."""
+        return self.lm_head(self.head_input(following))
+
+    def head_input(self, following: torch.Tensor) -> torch.Tensor:
+        """What the lm_head multiplies: ``hidden_step``'s output, normalised here unless
+        ``norm_output`` already did (training-time test fuses the head into its loss)."""
+        return following if self.config.norm_output else self.norm(following)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target[draft_ids]

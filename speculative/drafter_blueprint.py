@@ -27,6 +27,7 @@ class DrafterBlueprint:
     init_seed: int
     init_layout: str = "auto"  # how init_from's config.json is read (speculative.checkpoint_formats)
     ttt_attention: str = "dense"  # training.attention, set on every drafter built
+    ttt_vocab_loss: str = "fused"  # training.vocab_loss, likewise
 
     def build(self, embed_weight: torch.Tensor, source: str | None = None) -> Eagle3Drafter:
         """The drafter in fp32: loaded from ``source`` (or ``init_from``), else seeded-initialised.
@@ -44,7 +45,7 @@ class DrafterBlueprint:
             vocab = DraftVocab(self.draft_to_target.clone(), self.config.vocab_size)
             drafter = Eagle3Drafter(self.config, vocab, embed_weight.float())
             init_drafter_weights(drafter, seed=self.init_seed)
-        drafter.ttt_attention = self.ttt_attention
+        drafter.ttt_attention, drafter.ttt_vocab_loss = self.ttt_attention, self.ttt_vocab_loss
         return drafter
 
 
@@ -91,7 +92,7 @@ def make_blueprint(config, target_path: str, train_dataset) -> DrafterBlueprint:
             raise ValueError(f"drafter.vocab_mapping {section.vocab_mapping} differs from the draft vocabulary "
                              f"of drafter.init_from {section.init_from}")
         blueprint.config.aux_layer_ids = aux
-        blueprint.ttt_attention = config.training.attention
+        blueprint.ttt_attention, blueprint.ttt_vocab_loss = config.training.attention, config.training.vocab_loss
         return blueprint
     from speculative.data import supervised_token_counts
 
@@ -104,7 +105,7 @@ def make_blueprint(config, target_path: str, train_dataset) -> DrafterBlueprint:
     )
     drafter_config = DrafterConfig.from_target(target_config, vocab.size, aux, section.intermediate_size)
     return DrafterBlueprint(drafter_config, vocab.draft_to_target, None, section.init_seed,
-                            ttt_attention=config.training.attention)
+                            ttt_attention=config.training.attention, ttt_vocab_loss=config.training.vocab_loss)
 
 
 def load_target_embedding(target_path: str, dtype: torch.dtype) -> torch.Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from speculative.drafter import Eagle3Drafter
+from speculative.vocab_kl import fused_vocab_kl
 
 
 class TTTCache:
@@ -117,7 +118,8 @@ def unroll(
     num_steps: int,
     step_inputs: list[torch.Tensor] | None = None,
     logit_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    with_logits: bool = True,
+) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
     """Run the drafter's chain at every index at once; yields (k, logits, pre-norm hidden) per step.
 
     Step k at index t feeds ``step_inputs[k-1][:, t]`` (target ids) at position t+k; by default
@@ -126,18 +128,72 @@ def unroll(
     its rollouts, both with exactly the attention the drafter had at inference.
     ``logit_rows`` (sequence [P], index [P]): the logits only there ([P, Vd] per step, the rows a
     replay reads) instead of [B, T, Vd]; the lm_head is the largest product of a step.
+    ``with_logits=False``: no lm_head at all (logits None), for callers that fuse it into their loss.
     """
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     cache = make_ttt_cache(drafter, attention_mask)
     hidden = drafter.fuse_target_hidden(aux_hidden)
     for k in range(1, num_steps + 1):
         tokens = shift_left(input_ids, k) if step_inputs is None else step_inputs[k - 1]
-        if logit_rows is None:
+        if not with_logits:
+            logits, hidden = None, drafter.hidden_step(tokens, hidden, positions + k, cache)
+        elif logit_rows is None:
             logits, hidden = drafter(tokens, hidden, positions + k, cache)
         else:
             hidden = drafter.hidden_step(tokens, hidden, positions + k, cache)
             logits = drafter.draft_logits(hidden[logit_rows])
         yield k, logits, hidden
+
+
+class DenseStepKL:
+    """Each step's KL from whole [B, T, Vd] tensors: the readable reference (``ttt_vocab_loss="dense"``).
+
+    The target side once per unroll, not once per step: p, and sum_v p log p per row (KL = that -
+    sum_v p log q). Step k compares the drafter at index t with the target at row t+k: a slice of
+    both (indices t >= T-k are never supervised), so no [B, T, N] tensor is shifted per step.
+    """
+
+    def __init__(self, drafter: Eagle3Drafter, target_draft_logits: torch.Tensor, target_top1: torch.Tensor):
+        target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
+        self.target_p = target_logp.exp()
+        self.target_neg_entropy = (self.target_p * target_logp).sum(-1)  # [B, T]
+        self.drafter, self.target_top1 = drafter, target_top1
+
+    def __call__(self, k: int, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of valid * KL over the step's rows, agreement [B, T] with the target's argmax)."""
+        kept = max(logits.shape[1] - k, 0)  # indices t < T-k; valid is 0 past them
+        drafter_logq = torch.log_softmax(logits[:, :kept].float(), dim=-1)
+        cross = (self.target_p[:, k:] * drafter_logq).sum(-1)
+        kl = self.target_neg_entropy[:, k:] - cross
+        agree = self.drafter.to_target_ids(logits.argmax(-1)) == shift_left(self.target_top1, k)
+        return (kl * valid[:, :kept]).sum(), agree.float()
+
+
+class FusedStepKL:
+    """Each step's KL at its supervised rows only, the lm_head fused in (``speculative.vocab_kl``):
+    no [B, T, Vd] tensor is built (``ttt_vocab_loss="fused"``, the default)."""
+
+    def __init__(self, drafter: Eagle3Drafter, target_draft_logits: torch.Tensor, target_top1: torch.Tensor,
+                 valids: list[torch.Tensor]):
+        self.drafter = drafter
+        self.target = target_draft_logits.reshape(-1, target_draft_logits.shape[-1])
+        self.target_top1 = target_top1.reshape(-1)
+        self.shape = target_top1.shape
+        # Every step's rows at once, before the drafter runs: one host synchronisation per unroll
+        # while the device has nothing queued, not one per step behind the forward.
+        flat = torch.stack([valid.reshape(-1) for valid in valids]) if valids else None
+        counts = (flat != 0).sum(-1).tolist() if flat is not None else []
+        self.rows = torch.nonzero(flat)[:, 1].split(counts) if flat is not None else []
+        self.weights = [flat[k, rows] for k, rows in enumerate(self.rows)]
+
+    def __call__(self, k: int, hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[k - 1]
+        head_input = self.drafter.head_input(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
+        kl_sum, argmax = fused_vocab_kl(head_input, self.drafter.lm_head.weight, self.target, rows + k,
+                                        self.weights[k - 1])
+        agreed = (self.drafter.to_target_ids(argmax) == self.target_top1[rows + k]).float()
+        agree = torch.zeros(self.target_top1.shape, device=agreed.device).index_put_((rows,), agreed)
+        return kl_sum, agree.view(self.shape)
 
 
 def training_time_test(
@@ -160,17 +216,23 @@ def training_time_test(
     step k at index t predicts x_{t+k+1}, so it counts where ``loss_mask[t+k+1]`` is set.
     ``in_draft_vocab`` ([target vocab] bool), when given, also drops the states whose target
     argmax is outside the draft vocabulary (SpecForge's and Draft-OPD's EAGLE-3 position mask).
+    ``drafter.ttt_vocab_loss`` picks how each step's KL is computed: "fused" (``FusedStepKL``) or
+    the "dense" reference (``DenseStepKL``); the same loss, gradient and agreement.
     """
-    # The target side once per unroll, not once per step: p, and sum_v p log p per row (KL =
-    # that - sum_v p log q). Step k compares the drafter at index t with the target at row t+k: a
-    # slice of both (indices t >= T-k are never supervised), so no [B, T, N] tensor is shifted
-    # (copied) per step.
-    target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
-    target_p = target_logp.exp()
-    target_neg_entropy = (target_p * target_logp).sum(-1)  # [B, T]
-    del target_logp
     mask = loss_mask.float() * attention_mask.float()
-    length = input_ids.shape[1]
+    valids = []
+    for k in range(1, num_steps + 1):
+        valid = shift_left(mask, k + 1, 0.0)
+        if in_draft_vocab is not None:
+            valid = valid * shift_left(in_draft_vocab[target_top1].float(), k, 0.0)
+        valids.append(valid)
+    vocab_loss = getattr(drafter, "ttt_vocab_loss", "fused")
+    if vocab_loss == "fused":
+        step_kl = FusedStepKL(drafter, target_draft_logits, target_top1, valids)
+    elif vocab_loss == "dense":
+        step_kl = DenseStepKL(drafter, target_draft_logits, target_top1)
+    else:
+        raise ValueError(f"unknown TTT vocabulary loss {vocab_loss!r} (fused or dense)")
 
     total = aux_hidden.new_zeros((), dtype=torch.float32)
     # Per-step scalars stay on the device and come to the host together at the end: one
@@ -179,18 +241,13 @@ def training_time_test(
     run_alive = None
     run_length = torch.zeros_like(input_ids, dtype=torch.float32)
     all_valid = torch.ones_like(run_length)
-    for k, logits, _ in unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps):
-        valid = shift_left(mask, k + 1, 0.0)
-        if in_draft_vocab is not None:
-            valid = valid * shift_left(in_draft_vocab[target_top1].float(), k, 0.0)
-        kept = max(length - k, 0)  # indices t < T-k; valid is 0 past them
-        drafter_logq = torch.log_softmax(logits[:, :kept].float(), dim=-1)
-        cross = (target_p[:, k:] * drafter_logq).sum(-1)
-        kl = target_neg_entropy[:, k:] - cross
+    steps = unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps, with_logits=vocab_loss == "dense")
+    for k, logits, hidden in steps:
+        valid = valids[k - 1]
+        kl_sum, agree = step_kl(k, hidden if logits is None else logits, valid)
         count = valid.sum()
-        step_mean = (kl * valid[:, :kept]).sum() / count.clamp_min(1.0)
+        step_mean = kl_sum / count.clamp_min(1.0)
         total = total + weights[k - 1] * step_mean
-        agree = (drafter.to_target_ids(logits.argmax(-1)) == shift_left(target_top1, k)).float()
         step_means.append(step_mean.detach())
         step_agreed.append((agree * valid).sum() / count.clamp_min(1.0))
         step_counts.append(count)

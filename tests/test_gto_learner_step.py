@@ -19,15 +19,19 @@ def test_learner_step_replays_timed_and_checked_equal(tmp_path, tiny_target_dir,
     argv = ["--target", str(tiny_target_dir), "--data", str(chats), "--device", "cpu",
             "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--max-records", "24",
             "--draft-vocab-size", "512", "--batch-size", "3", "--chunk", "2x2", "--precision", "fp32",
-            "--warmup", "1", "--reps", "2", "--profile", "--out", str(out), *[a for s in GTO for a in ("--set", s)]]
+            "--vocab-losses", "fused,dense", "--warmup", "1", "--reps", "2", "--profile", "--out", str(out),
+            *[a for s in GTO for a in ("--set", s)]]
     assert main(argv) == 0
     report = json.loads((out / "gto_learner_step.json").read_text())
-    full, ttt, rooted = report["rows"]
-    assert (full["replay"], full["status"]) == ("ttt_full", "baseline")
+    full, ttt, rooted, *dense = report["rows"]
+    assert (full["replay"], full["vocab_loss"], full["status"]) == ("ttt_full", "fused", "baseline")
     assert (ttt["replay"], ttt["status"]) == ("ttt", "equal")
     assert (rooted["replay"], rooted["status"]) == ("rooted", "equal")
-    for row in (ttt, rooted):
+    assert [(row["replay"], row["vocab_loss"], row["status"]) for row in dense] == [
+        ("ttt_full", "dense", "equal"), ("ttt", "dense", "equal"), ("rooted", "dense", "equal")]
+    for row in (ttt, rooted, *dense):
         assert row["logprob_max_abs_diff"] <= 1e-4 and row["grad_rel_diff"] <= 1e-4
+        assert row["step_loss_rel_diff"] <= 1e-5 and row["step_grad_rel_diff"] <= 1e-4
     for row in (full, ttt, rooted):  # fp32 on CPU: each replay is the fp32 TTT replay's log q
         assert row["logprob_vs_fp32"] <= 1e-4
     assert full["chains"] == rooted["chains"] > 0  # (an untrained drafter: the check uses full drafted paths)
@@ -36,7 +40,7 @@ def test_learner_step_replays_timed_and_checked_equal(tmp_path, tiny_target_dir,
         assert row["profile_top_ops"]
     assert rooted["step_speedup"] > 0
     text = (out / "gto_learner_step.md").read_text()
-    assert "| rooted |" in text and "equal" in text and "log q vs fp32" in text
+    assert "| rooted | fused |" in text and "| rooted | dense |" in text and "log q vs fp32" in text
 
 
 def test_cpu_autocast_rows_are_measured_against_the_fp32_replay(tmp_path, tiny_target_dir, one_thread):

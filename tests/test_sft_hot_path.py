@@ -54,11 +54,15 @@ def _batch(target, length, batch=3, seed=1):
     return ids, attention, loss_mask
 
 
+@pytest.mark.parametrize("vocab_loss", ["fused", "dense"])
 @pytest.mark.parametrize("length,steps,outside", [(20, 3, False), (20, 4, True), (3, 4, False)])
-def test_ttt_equals_the_per_step_shift_reference(tiny_target, length, steps, outside):
-    """Loss, gradients and every metric as before; ``(3, 4)``: sequences shorter than the unroll."""
+def test_ttt_equals_the_per_step_shift_reference(tiny_target, length, steps, outside, vocab_loss, monkeypatch):
+    """Loss, gradients and every metric as before; ``(3, 4)``: sequences shorter than the unroll.
+    The fused vocabulary loss in blocks of 7 rows (several per step, the last one short)."""
+    monkeypatch.setattr("speculative.vocab_kl.BLOCK_ELEMENTS", 7 * 40)
     vocab = DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 40)  # a real restriction
     drafter = tiny_drafter(tiny_target, vocab)
+    drafter.ttt_vocab_loss = vocab_loss
     ids, attention, loss_mask = _batch(tiny_target, length)
     feats = tiny_target.features(ids, attention)
     draft_logits, top1 = restrict_to_draft_vocab(feats.logits, drafter.draft_to_target)

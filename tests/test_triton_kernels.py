@@ -47,6 +47,38 @@ for vocab, dtype, temperature in [(49152, torch.bfloat16, 1.0), (10007, torch.fl
 empty_ids, empty_norm = argmax_lse(torch.zeros(0, 5, 64), 1.0, fused=True)
 assert empty_ids.shape == (0, 5) and empty_norm.shape == (0, 5)
 
+# training-time test's KL over the draft vocabulary, the lm_head fused in: kernels against the torch
+# passes (forward: KL, both log-normalisers, argmax; backward: the gradient over the logits), then
+# the whole autograd function, in blocks, against log-softmaxes
+from speculative import vocab_kl
+assert vocab_kl._check(torch.device("cpu")) is None
+for vocab, dtype in [(32000, torch.bfloat16), (10007, torch.float32), (300, torch.bfloat16)]:
+    logits = (torch.randn(6, vocab, generator=generator) * 3).to(dtype)
+    logits[0, 17] = logits[0, vocab - 2] = 50.0  # a tie across chunks: the first index
+    target = (torch.randn(4, vocab, generator=generator) * 3).to(dtype)
+    rows = torch.tensor([3, 0, 0, 2, 1, 3])
+    want, got = vocab_kl.torch_row_kl(logits, target, rows), vocab_kl.kernel_row_kl(logits, target, rows)
+    assert torch.equal(got[3], want[3]) and int(got[3][0]) == 17, (vocab, got[3], want[3])
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    scale = torch.rand(6, generator=generator)
+    grad_want = vocab_kl.torch_row_kl_grad_(logits.clone(), target, rows, want[1], want[2], scale)
+    grad_got = vocab_kl.kernel_row_kl_grad_(logits.clone(), target, rows, want[1], want[2], scale)
+    torch.testing.assert_close(grad_got.float(), grad_want.float(), atol=1e-5 if dtype == torch.float32 else 2e-3,
+                               rtol=1e-4 if dtype == torch.float32 else 2e-2)
+hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
+head = torch.randn(500, 16, generator=generator, requires_grad=True)
+target, rows, weight = torch.randn(9, 500, generator=generator), torch.randint(0, 9, (23,), generator=generator), \
+    torch.rand(23, generator=generator)
+logq, logp = torch.log_softmax(hidden @ head.t(), -1), torch.log_softmax(target[rows], -1)
+want = ((logp.exp() * (logp - logq)).sum(-1) * weight).sum()
+want_grads = torch.autograd.grad(want, (hidden, head))
+loss, argmax = vocab_kl.fused_vocab_kl(hidden, head, target, rows, weight, fused=True, block_elements=5 * 500)
+assert torch.equal(argmax, (hidden @ head.t()).argmax(-1))
+torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-5)
+for got, expected in zip(torch.autograd.grad(loss, (hidden, head)), want_grads):
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
 # the k best entries among each row's k best blocks, read where they lie
 from speculative.block_stats_kernel import top_k_in_blocks
 from speculative.vocab_topk import _top_k_in_blocks
