@@ -416,7 +416,9 @@ def part_ray(args, sizes, summary, out: Path, device) -> None:
                 train = steady_rate(run_dir)["rows"]
                 busy = sum(r["learner_step_s"] for r in train[1:]) / max(train[-1]["time"] - train[0]["time"], 1e-9)
                 shares = [r["broadcast_step_share"] for r in train[1:] if "broadcast_step_share" in r]
+                prefetched = [r["learner_prefetched"] for r in train[1:] if "learner_prefetched" in r]
                 row.update(learner_busy=busy, learner_busy_whole_run=report.get("learner_busy"),
+                           learner_prefetched=statistics.fmean(prefetched) if prefetched else None,
                            broadcast_step_share=statistics.median(shares) if shares else None,
                            micro_batch_size=config.training.micro_batch_size, breakdown=breakdown(train),
                            max_staleness=config.distributed.max_staleness, **peak_memory(train))
@@ -505,15 +507,16 @@ def readme(summary: dict[str, Any]) -> str:
         "",
     ]
     if ray:
-        lines += ["| Ray mode | updates/s | learner step s | learner busy | broadcast s | GB/s | staleness max |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| Ray mode | updates/s | learner step s | learner busy | broadcast s | GB/s | staleness max "
+                  "| updates prefetched |", "|---|---|---|---|---|---|---|---|"]
         for mode, row in ray.items():
             if "error" in row:
-                lines.append(f"| {mode} | error: {row['error'][:120]} | | | | | |")
+                lines.append(f"| {mode} | error: {row['error'][:120]} | | | | | | |")
                 continue
+            prefetched = row.get("learner_prefetched")
             lines.append(f"| {mode} | {row['updates_per_s']:.3f} | {row['learner_step_s']:.3f} | "
                          f"{row['learner_busy']:.0%} | {row['broadcast_s']:.4f} | {row['broadcast_gb_per_s']:.2f} | "
-                         f"{row['staleness_max']} |")
+                         f"{row['staleness_max']} | {'n/a' if prefetched is None else f'{prefetched:.0%}'} |")
         lines.append("")
         lines += ["Where an update's time goes (medians; `ray.<mode>.breakdown`). Learner parts add up to the "
                   "update interval; rollout parts are per experience.", "",

@@ -11,9 +11,12 @@ Rank 0 is also the source of every drafter broadcast to the rollout actors (``sp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import threading
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -77,6 +80,8 @@ class LearnerWorker:
         self._retired: list[BroadcastGroup] = []
         self._ipc: IpcSource | None = None
         self._sync_seconds = 0.0  # in weight-sync calls since the last train_step (rank 0)
+        self._prefetch_lock = threading.Lock()
+        self._prefetched: _Prefetch | None = None  # the latest prefetch call's slot
 
     # -- set-up ---------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -135,7 +140,8 @@ class LearnerWorker:
         from learners.objectives import objective_loss
 
         start = time.perf_counter()
-        experiences = ray.get(list(experience_refs))
+        prefetch = self._take_prefetch(experience_refs)
+        experiences = prefetch.experiences if prefetch else ray.get(list(experience_refs))
         if len(experiences) != self.config.training.grad_accum:
             raise ValueError(f"rank {self.rank}: {len(experiences)} experiences for "
                              f"grad_accum {self.config.training.grad_accum}")
@@ -151,15 +157,21 @@ class LearnerWorker:
         fetched = time.perf_counter() - start
         to_device = compute = 0.0  # seconds, synchronized at the edges on CUDA
         on_gpu = self.device.type == "cuda"
-        per = self.config.training.experiences_per_micro_batch
-        micro_batches = [experiences[i:i + per] for i in range(0, len(experiences), per)]
-        for group in micro_batches:
+        micro_batches = self._micro_batches(experiences)
+        for index, group in enumerate(micro_batches):
             mark = time.perf_counter()
-            # Merged on the device: each experience's tensors go from the object store straight
-            # into their slice of the micro-batch (no per-experience device copy, pad and cat).
-            experience = concat_experiences(group, self.device, non_blocking=on_gpu)
-            if on_gpu:
-                torch.cuda.synchronize(self.device)
+            if prefetch:  # already on the device, made on the prefetch thread's stream
+                experience = prefetch.batches[index]
+                if on_gpu:
+                    for tensor in _tensors(experience):  # the allocator: in use on this stream too
+                        if tensor.is_cuda:
+                            tensor.record_stream(torch.cuda.current_stream(self.device))
+            else:
+                # Merged on the device: each experience's tensors go from the object store straight
+                # into their slice of the micro-batch (no per-experience device copy, pad and cat).
+                experience = concat_experiences(group, self.device, non_blocking=on_gpu)
+                if on_gpu:
+                    torch.cuda.synchronize(self.device)
             moved = time.perf_counter()
             to_device += moved - mark
             loss, metrics = objective_loss(self.drafter, experience, self.config)
@@ -189,8 +201,50 @@ class LearnerWorker:
                 "skipped_nonfinite": skipped,
                 "metrics": metrics, "tokens": tokens, "samples": sum(_rows(e) for e in experiences),
                 "micro_batches": len(micro_batches), "fetch_seconds": fetched, "to_device_seconds": to_device,
+                "prefetched": prefetch is not None,
                 "compute_seconds": compute, "sync_seconds": self.take_sync_seconds(),
                 "peak_memory_gib": peak_memory_gib(self.device), "seconds": time.perf_counter() - start}
+
+    def _micro_batches(self, experiences: list) -> list[list]:
+        per = self.config.training.experiences_per_micro_batch
+        return [experiences[i:i + per] for i in range(0, len(experiences), per)]
+
+    @ray.method(concurrency_group="prefetch")
+    def prefetch(self, experience_refs: list[ray.ObjectRef]) -> float:
+        """Fetch the next update's experiences and merge them onto the device while this rank
+        trains the current one: this runs on the actor's "prefetch" thread, its copies on a CUDA
+        stream of their own. A ``train_step`` given the same refs takes them instead of fetching
+        (waiting for this call if it is still running); a later prefetch or a ``train_step`` of
+        other refs drops them. Nothing here can fail a step: on an error ``train_step`` fetches."""
+        slot = _Prefetch(_refs_key(experience_refs))
+        with self._prefetch_lock:
+            self._prefetched = slot
+        start = time.perf_counter()
+        on_gpu = self.device.type == "cuda"
+        try:
+            experiences = ray.get(list(experience_refs))
+            stream = torch.cuda.Stream(self.device) if on_gpu else None
+            with torch.cuda.stream(stream) if on_gpu else nullcontext():
+                batches = [concat_experiences(group, self.device, non_blocking=on_gpu)
+                           for group in self._micro_batches(experiences)]
+            if on_gpu:
+                stream.synchronize()  # complete before train_step reads them (and the host parts may go)
+            slot.experiences, slot.batches = experiences, batches
+        except Exception as error:  # noqa: BLE001 - the step fetches for itself
+            slot.error = f"{type(error).__name__}: {error}"
+        finally:
+            slot.done.set()
+        return time.perf_counter() - start
+
+    def _take_prefetch(self, experience_refs: list[ray.ObjectRef]) -> _Prefetch | None:
+        """The prefetched slot of exactly these refs (waiting for it to finish), else None; any
+        other slot is dropped either way."""
+        with self._prefetch_lock:
+            slot, self._prefetched = self._prefetched, None
+        if slot is None or slot.key != _refs_key(experience_refs):
+            return None
+        slot.done.wait()
+        return None if slot.error else slot
 
     def take_sync_seconds(self) -> float:
         """Seconds this rank spent in weight-sync calls (broadcast, weights, ipc_weights, checksum)
@@ -270,6 +324,33 @@ class LearnerWorker:
         return self.version, digest
 
 
+@dataclasses.dataclass
+class _Prefetch:
+    """One prefetch call: which refs, and once ``done`` is set their experiences and device batches."""
+
+    key: tuple[str, ...]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    experiences: list | None = None
+    batches: list | None = None
+    error: str | None = None
+
+
+def _refs_key(refs: list[ray.ObjectRef]) -> tuple[str, ...]:
+    return tuple(ref.hex() for ref in refs)
+
+
+def _tensors(value):
+    """Every tensor inside an experience (dataclasses, lists and tuples of them)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
 def _rows(experience) -> int:
     """Sequences in an experience (its SFT part: itself, GTO's ``sft``, OPD's ``rollout``)."""
     if hasattr(experience, "gto"):  # gto_opd: the data batch both parts came from
@@ -285,7 +366,7 @@ def _float_copy(module):
 
 
 def learner_actor_class():
-    return ray.remote(max_restarts=0)(LearnerWorker)
+    return ray.remote(max_restarts=0, concurrency_groups={"prefetch": 1})(LearnerWorker)
 
 
 class LearnerGroup:
@@ -314,6 +395,11 @@ class LearnerGroup:
 
     def train_step(self, shards: list[list[ray.ObjectRef]], max_staleness: int) -> list[ray.ObjectRef]:
         return [actor.train_step.remote(shard, max_staleness) for actor, shard in zip(self.actors, shards)]
+
+    def prefetch(self, shards: list[list[ray.ObjectRef]]) -> list[ray.ObjectRef]:
+        """``LearnerWorker.prefetch`` of the next update's shards on every rank (their results are
+        the seconds each took; nobody needs to wait for them)."""
+        return [actor.prefetch.remote(shard) for actor, shard in zip(self.actors, shards)]
 
     def gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
         """Results of one call per rank, failing at the first dead rank instead of waiting for the

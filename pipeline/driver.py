@@ -415,10 +415,8 @@ class DistributedTrainer:
 
     def _train(self, ready: list[tuple[dict, ray.ObjectRef]], rollout_rate: float, queue_depth: int) -> None:
         """One learner update on ``per_step`` experiences; shard i goes to rank i."""
-        accum = self.config.training.grad_accum
-        shards = [[ref for _, ref in ready[r * accum:(r + 1) * accum]] for r in range(self.dist.num_learners)]
         metas = [meta for meta, _ in ready]
-        results = self.learners.gather(self.learners.train_step(shards, self.gate.max_staleness))
+        results = self.learners.gather(self.learners.train_step(self._shards(ready), self.gate.max_staleness))
         self._finish_step(results, metas, rollout_rate, queue_depth)
 
     def _finish_step(self, results: list[dict], metas: list[dict], rollout_rate: float, queue_depth: int) -> None:
@@ -543,6 +541,7 @@ class DistributedTrainer:
         per_actor = [0] * len(self.pool.actors)
         redo: deque[int] = deque()
         training: tuple[list[ray.ObjectRef], list[dict]] | None = None
+        prefetch_sent = False  # the next update's experiences were handed to the learners early
         push: PendingPush | None = None
         window_start, window_tokens = time.perf_counter(), 0
 
@@ -569,11 +568,16 @@ class DistributedTrainer:
                     ready = [(m, r) for m, r in ready if id(m) not in stale]
                 if len(ready) >= self.per_step:
                     batch, ready = ready[: self.per_step], ready[self.per_step:]
-                    accum = self.config.training.grad_accum
-                    shards = [[ref for _, ref in batch[r * accum:(r + 1) * accum]]
-                              for r in range(self.dist.num_learners)]
-                    refs = self.learners.train_step(shards, self.gate.max_staleness)
+                    refs = self.learners.train_step(self._shards(batch), self.gate.max_staleness)
                     training = (refs, [m for m, _ in batch])
+                    prefetch_sent = False
+            if training is not None and not prefetch_sent and self.dist.prefetch_experiences:
+                # The batch the next update will take (the oldest still fresh at the next version):
+                # the learners fetch and move it while this update trains.
+                fresh = [(m, r) for m, r in ready if self.gate.fresh_enough(self.version + 1, m["version"])]
+                if len(fresh) >= self.per_step:
+                    self.learners.prefetch(self._shards(fresh[: self.per_step]))
+                    prefetch_sent = True
             waiting = list(in_flight) + (training[0] if training else []) + (self.sync.refs(push) if push else [])
             if not waiting:
                 raise RuntimeError(f"async pipeline stalled at version {self.version}: nothing in flight "
@@ -615,6 +619,11 @@ class DistributedTrainer:
                 self._complete_push(push)
                 push = None
 
+    def _shards(self, batch: list[tuple[dict, ray.ObjectRef]]) -> list[list[ray.ObjectRef]]:
+        """One update's experience refs split over the learner ranks, ``grad_accum`` each."""
+        accum = self.config.training.grad_accum
+        return [[ref for _, ref in batch[r * accum:(r + 1) * accum]] for r in range(self.dist.num_learners)]
+
     def _complete_push(self, push: PendingPush) -> None:
         try:
             report = self.sync.finish(push)
@@ -648,6 +657,7 @@ def _breakdown(results: list[dict], metas: list[dict], interval: float) -> dict[
         "rollout_experience_mb": mean("bytes", 1e-6),
         "learner_idle_s": interval - busiest["seconds"] - sync, "learner_fetch_s": fetch,
         "learner_to_device_s": to_device, "learner_compute_s": compute,
+        "learner_prefetched": float(np.mean([bool(r.get("prefetched")) for r in results])),
         "learner_other_s": busiest["seconds"] - fetch - to_device - compute, "learner_broadcast_s": sync,
         "update_interval_s": interval,
     }

@@ -42,6 +42,15 @@ class DistributedConfig(Section):
     rollouts_in_flight_per_actor: int = Field(
         1, ge=1, description="async: rollout calls queued on one actor at a time"
     )
+    prefetch_experiences: bool = Field(
+        False, description="async: as soon as the next update's experiences are ready, each learner rank "
+        "fetches them and merges them onto its device in a thread of its own (its own CUDA stream) while "
+        "the current update trains, taking the copy (36 ms of a 0.73 s update, GTO 32 sequences) off the "
+        "learner's critical path. Off by default: on one H200 shared with the rollout actors the learner's "
+        "compute grew by as much (0.667 -> 0.704 s; 1.198 against 1.218 updates/s without) and its peak "
+        "memory by 2 GiB; a learner on a GPU of its own (placement separate) is where it may pay, not "
+        "measured yet"
+    )
     max_actor_restarts: int = Field(3, ge=0, description="Ray max_restarts of rollout actors")
     resource_wait_report_s: float = Field(
         30.0, gt=0.0, description="period of the 'waiting for resources' message (never a failure)"

@@ -171,7 +171,8 @@ def test_a_failed_broadcast_is_reported_at_once(local_ray, tmp_path, tiny_target
 
 def test_async_never_trains_on_experience_older_than_max_staleness(local_ray, tmp_path, tiny_target_dir, chat_file):
     cfg = config(tmp_path, tiny_target_dir, chat_file, 6, "distributed.mode=async", "distributed.max_staleness=1",
-                 "distributed.rollouts_in_flight_per_actor=2", "training.save_every=100")
+                 "distributed.rollouts_in_flight_per_actor=2", "training.save_every=100",
+                 "distributed.prefetch_experiences=true")
     result = run_distributed(cfg)
     assert result.final_step == 6
     lags = [s["learner_version"] - v for s in result.steps for v in s["experience_versions"]]
@@ -181,6 +182,10 @@ def test_async_never_trains_on_experience_older_than_max_staleness(local_ray, tm
     assert_every_broadcast_bit_identical(result, 6)
     report = json.loads((result.output_dir / "distributed_report.json").read_text())
     assert report["dropped_stale"] == result.dropped_stale
+    # the share of learner ranks whose experiences came prefetched, with every update
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    prefetched = [r["learner_prefetched"] for r in rows if r.get("split") == "train"]
+    assert len(prefetched) == 6 and all(0.0 <= p <= 1.0 for p in prefetched)
 
 
 def test_resume_continues_from_the_checkpoint(local_ray, tmp_path, tiny_target_dir, chat_file):
@@ -459,3 +464,46 @@ def test_micro_batches_merge_experiences_and_the_learner_reports_its_busy_fracti
     assert learner_peaks == sorted(learner_peaks), learner_peaks
     # object_store transport: rank 0 flattens and hashes the drafter after every update but the last
     assert all(r["learner_broadcast_s"] > 0 for r in train[1:])
+
+
+def _sft_experience(seed: int, version: int = 0):
+    from speculative.experience import SFTExperience
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (2, 6), generator=generator)
+    return SFTExperience(ids, torch.ones_like(ids), torch.ones_like(ids), torch.randn(2, 6, 12, generator=generator),
+                         torch.randn(2, 6, 9, generator=generator), ids.clone(), drafter_version=version)
+
+
+def test_a_learner_takes_prefetched_experiences_only_for_the_same_refs(local_ray, tmp_path, tiny_target_dir,
+                                                                       chat_file):
+    """``LearnerWorker.prefetch`` (the async driver calls it while the previous update trains):
+    train_step's refs get the merged micro-batches concat_experiences makes; other refs, a later
+    prefetch or a failed fetch leave train_step to fetch for itself."""
+    from learners.learner_group import LearnerWorker
+    from speculative.experience import concat_experiences
+
+    cfg = config(tmp_path, tiny_target_dir, chat_file, 1, "training.grad_accum=2", "training.micro_batch_size=4")
+    worker = LearnerWorker(cfg.model_dump_json())  # set-up (DeepSpeed) is not needed to fetch
+    parts = [_sft_experience(1), _sft_experience(2)]
+    refs = [ray.put(p) for p in parts]
+    assert worker.prefetch(refs) >= 0
+    slot = worker._take_prefetch(list(refs))
+    assert slot is not None and slot.error is None and len(slot.batches) == 1  # micro-batch 4 = both parts
+    want = concat_experiences(parts, torch.device("cpu"))
+    for got, expected in zip(slot.batches[0].__dict__.values(), want.__dict__.values()):
+        assert got == expected if not isinstance(got, torch.Tensor) else torch.equal(got, expected)
+    assert worker._take_prefetch(refs) is None  # taken once
+    worker.prefetch(refs)
+    assert worker._take_prefetch(refs[::-1]) is None  # other refs: dropped ...
+    assert worker._take_prefetch(refs) is None  # ... for good
+    worker.prefetch(refs[:1])
+    worker.prefetch(refs)  # a later prefetch replaces the earlier one
+    assert worker._take_prefetch(refs[:1]) is None
+    failed = ray.remote(_fails).remote()
+    worker.prefetch([failed, refs[1]])  # a fetch that fails is recorded, never raised
+    assert worker._take_prefetch([failed, refs[1]]) is None
+
+
+def _fails():
+    raise ValueError("an experience that never arrives")
