@@ -187,6 +187,7 @@ class FusedStepKL:
         self.weights = [flat[k, rows] for k, rows in enumerate(self.rows)]
 
     def __call__(self, k: int, hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``DenseStepKL``'s, from the step's hidden states (``valid``'s rows were listed up front)."""
         rows = self.rows[k - 1]
         head_input = self.drafter.head_input(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
         kl_sum, argmax = fused_vocab_kl(head_input, self.drafter.lm_head.weight, self.target, rows + k,
@@ -241,8 +242,8 @@ def training_time_test(
     run_alive = None
     run_length = torch.zeros_like(input_ids, dtype=torch.float32)
     all_valid = torch.ones_like(run_length)
-    steps = unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps, with_logits=vocab_loss == "dense")
-    for k, logits, hidden in steps:
+    unrolled = unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps, with_logits=vocab_loss == "dense")
+    for k, logits, hidden in unrolled:
         valid = valids[k - 1]
         kl_sum, agree = step_kl(k, hidden if logits is None else logits, valid)
         count = valid.sum()

@@ -137,3 +137,18 @@ def test_sft_experience_is_unchanged(tiny_target):
     assert torch.equal(experience.aux_hidden, features.aux_hidden) and torch.equal(experience.target_top1, top1)
     assert torch.allclose(experience.target_draft_logits, draft, rtol=1e-5, atol=1e-6)
     assert torch.equal(experience.loss_mask, loss_mask) and torch.equal(experience.input_ids, ids)
+
+
+def test_an_unknown_vocabulary_loss_is_named(tiny_target):
+    from speculative.config import load_config
+
+    drafter = tiny_drafter(tiny_target, DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 40))
+    drafter.ttt_vocab_loss = "sparse"
+    ids, attention, loss_mask = _batch(tiny_target, 8)
+    feats = tiny_target.features(ids, attention)
+    draft_logits, top1 = restrict_to_draft_vocab(feats.logits, drafter.draft_to_target)
+    with pytest.raises(ValueError, match="unknown TTT vocabulary loss 'sparse'"):
+        training_time_test(drafter, ids, attention, loss_mask, draft_logits, top1, feats.aux_hidden, 2, [1.0, 0.8])
+    with pytest.raises(ValueError, match="vocab_loss"):
+        load_config(None, ["training.vocab_loss=sparse"])
+    assert load_config(None, []).training.vocab_loss == "fused"
