@@ -5,8 +5,9 @@
 
 One GTO batch is built as ``bench/gto_verify_profile.py`` builds it (``--batch-size`` sequences,
 ``--chunk``, ``--precision``; ``actors.gto_rollout.gto_experience``). Then, for each ``--replays``
-value of ``gto.path_replay`` and each ``--vocab-losses`` value of ``training.vocab_loss`` (the token
-loss's per-step KL: fused with the lm_head, or the dense reference), a fresh copy of the drafter (fp32
+value of ``gto.path_replay``, each ``--vocab-losses`` value of ``training.vocab_loss`` (the token
+loss's per-step KL: fused with the lm_head, or the dense reference) and each ``--attentions`` value of
+``training.attention`` (TTT attention: the dense reference, sdpa or flex), a fresh copy of the drafter (fp32
 weights, training mode) times, under bf16 autocast on CUDA as the single-process trainer runs it:
 
 * **step**: ``learners.gto.gto_loss`` forward and backward (token loss, path replay, surrogate);
@@ -111,14 +112,14 @@ class _FullHeadReplay:
         self.module.path_logprob = self.saved
 
 
-def measure(args, session, exp, replay: str, vocab_loss: str) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
+def measure(args, session, exp, replay: str, vocab_loss: str, attention: str
+            ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Times of one replay, and its log q and gradient over every chain's full drafted path (the
     equality check: the accepted paths alone can be empty, with an untrained drafter)."""
     device = torch.device(args.device)
     config = with_gto(session.config, path_replay="ttt" if replay == "ttt_full" else replay)
     drafter = copy.deepcopy(session.models.drafter).float().train()
-    drafter.ttt_vocab_loss = vocab_loss
+    drafter.ttt_vocab_loss, drafter.ttt_attention = vocab_loss, attention
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(args))
     weights = torch.linspace(-1.0, 1.0, exp.index.numel(), device=device)
     full = torch.full_like(exp.path_length, exp.path_ids.shape[1])
@@ -147,8 +148,8 @@ def measure(args, session, exp, replay: str, vocab_loss: str) -> tuple[dict[str,
     replay_ms = time_reps(device, replay_only, args.warmup, args.reps)[0] if accepted else None
     logprob = replay_only(full)
     grad = _gradient(drafter)
-    row = {"replay": replay, "vocab_loss": vocab_loss, "step_ms": step_ms, "replay_ms": replay_ms, "peak_gib": peak, "loss": float(loss),
-           "chains": exp.index.numel(), "mean_path_length": float(exp.path_length.float().mean()),
+    row = {"replay": replay, "vocab_loss": vocab_loss, "attention": attention, "step_ms": step_ms,
+           "replay_ms": replay_ms, "peak_gib": peak, "loss": float(loss), "chains": exp.index.numel(), "mean_path_length": float(exp.path_length.float().mean()),
            "check_path_length": int(exp.path_ids.shape[1])}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -178,10 +179,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atol, rtol = TOLERANCE["cuda" if bf16_autocast(args) else "cpu"]
     exact = fp32_logprob(session, exp)
     rows, base = [], None
-    combinations = [(replay, vocab_loss) for vocab_loss in args.vocab_losses.split(",")
-                    for replay in args.replays.split(",")]
-    for replay, vocab_loss in combinations:
-        row, logprob, grad, step_grad = measure(args, session, exp, replay, vocab_loss)
+    combinations = [(replay, vocab_loss, attention) for attention in args.attentions.split(",")
+                    for vocab_loss in args.vocab_losses.split(",") for replay in args.replays.split(",")]
+    for replay, vocab_loss, attention in combinations:
+        row, logprob, grad, step_grad = measure(args, session, exp, replay, vocab_loss, attention)
         row["logprob_vs_fp32"] = float((logprob - exact).abs().max())
         if base is None:
             base = (logprob, grad, row, step_grad)
@@ -225,16 +226,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"against the first row, and each row's log q "
              f"against the TTT replay's in fp32 (vs fp32): a row beyond the tolerance is still \"equal (bf16 "
              f"rounding)\" when it is no further from fp32 than {ROUNDING_SLACK}x the first row.", "",
-             "| gto.path_replay | training.vocab_loss | step ms (gto_loss fwd + bwd) | replay ms (fwd + bwd) "
-             "| step speed-up | peak GiB | log q max abs diff | grad rel diff | step loss / grad rel diff "
-             "| log q vs fp32 | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gto.path_replay | training.vocab_loss | training.attention | step ms (gto_loss fwd + bwd) "
+             "| replay ms (fwd + bwd) | step speed-up | peak GiB | log q max abs diff | grad rel diff "
+             "| step loss / grad rel diff | log q vs fp32 | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         step, replay = row["step_ms"], row["replay_ms"]
         peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
         replay_cell = ("no accepted path" if replay is None
                        else f"{replay['median']:.1f} ({replay['min']:.1f}-{replay['max']:.1f})")
         lines.append(
-            f"| {row['replay']} | {row['vocab_loss']} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
+            f"| {row['replay']} | {row['vocab_loss']} | {row.get('attention', 'dense')} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
             f"| {replay_cell} "
             f"| {row.get('step_speedup', 1.0):.2f}x | {peak} "
             f"| {row.get('logprob_max_abs_diff', 0.0):.2e} | {row.get('grad_rel_diff', 0.0):.2e} "
@@ -242,7 +243,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['logprob_vs_fp32']:.2e} | {row['status']} |")
     for row in result["rows"]:
         if "profile_top_ops" in row:
-            lines += ["", f"Top ops of one step, {row['replay']} / {row['vocab_loss']} (self time):", "",
+            lines += ["", f"Top ops of one step, {row['replay']} / {row['vocab_loss']} / {row.get('attention', 'dense')} "
+                      "(self time):", "",
                       "| op / kernel | calls | self ms | share |", "|---|---|---|---|"]
             lines += [f"| `{op['name'][:90]}` | {op['count']} | {op['self_total_ms']:.2f} | {op['share']:.1%} |"
                       for op in row["profile_top_ops"]]
@@ -256,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gto.path_replay values (ttt_full: the replay before 2026-12-02); the first is the baseline")
     parser.add_argument("--vocab-losses", default="fused",
                         help="training.vocab_loss values (fused, dense), each with every --replays value")
+    parser.add_argument("--attentions", default="dense",
+                        help="training.attention values (dense, sdpa, flex), each with every other combination")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="a torch.profiler table of one step per replay")

@@ -1,11 +1,13 @@
-"""Peak memory of training-time-test attention, dense fp32 reference vs FlexAttention, T = 512..4096.
+"""Peak memory and time of training-time-test attention, dense fp32 reference vs FlexAttention (and
+on CUDA, ``--backends``, torch's fused causal kernel: ``sdpa``), T = 512..4096.
 
 The workload is TTT's attention alone (``speculative.ttt.TTTCache`` against
-``speculative.flex_ttt.FlexTTTCache``): K unrolled steps over a batch of one sequence of length T,
-random queries/keys/values of ``--heads`` x ``--head-dim`` (32 x 128: an 8B-class drafter).
+``speculative.flex_ttt.FlexTTTCache`` and ``speculative.sdpa_ttt.SdpaTTTCache``): K unrolled steps
+over a batch of ``--batch`` sequences of length T, random queries/keys/values of ``--heads`` x
+``--head-dim`` (32 x 128: an 8B-class drafter) in ``--dtype``.
 
 * ``--device cuda``: forward *and* backward (as in training), flex compiled; peak from
-  ``torch.cuda.max_memory_allocated``; also the largest loss and gradient gap between the two.
+  ``torch.cuda.max_memory_allocated``; also each backend's largest loss and gradient gap to dense.
 * ``--device cpu``: forward only (torch has no FlexAttention backward on CPU), flex compiled by
   inductor; each (backend, T) runs in a fresh process and its peak is the growth of the process's
   maximum resident set (``ru_maxrss``) over the resident set just before the measured region.
@@ -34,12 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from speculative.flex_ttt import FlexTTTCache  # noqa: E402
+from speculative.sdpa_ttt import SdpaTTTCache  # noqa: E402
 from speculative.ttt import TTTCache  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def _inputs(steps: int, heads: int, length: int, dim: int, device: str, grad: bool, seed: int = 0):
+
+def _inputs(steps: int, heads: int, length: int, dim: int, device: str, grad: bool, seed: int = 0,
+            batch: int = 1, dtype: torch.dtype = torch.float32):
     generator = torch.Generator(device=device).manual_seed(seed)
-    return [[torch.randn(1, heads, length, dim, device=device, generator=generator).requires_grad_(grad)
+    return [[torch.randn(batch, heads, length, dim, device=device, generator=generator).to(dtype).requires_grad_(grad)
              for _ in range(3)] for _ in range(steps)]
 
 
@@ -58,9 +64,10 @@ def cpu_flex_kernel():
 
 def run_attention(backend: str, inputs, device: str) -> torch.Tensor:
     """Sum over steps of mean(out²): a scalar whose backward goes through every step's attention."""
-    mask = torch.ones(1, inputs[0][0].shape[2], dtype=torch.long, device=device)
+    mask = torch.ones(inputs[0][0].shape[0], inputs[0][0].shape[2], dtype=torch.long, device=device)
     kernel = cpu_flex_kernel() if device == "cpu" and backend == "flex" else None
-    cache = TTTCache(mask) if backend == "dense" else FlexTTTCache(mask, kernel=kernel)
+    caches = {"dense": TTTCache, "sdpa": SdpaTTTCache, "flex": lambda mask: FlexTTTCache(mask, kernel=kernel)}
+    cache = caches[backend](mask)
     total = torch.zeros((), device=device)
     for q, k, v in inputs:
         total = total + cache.attend(q, k, v).float().square().mean()
@@ -88,9 +95,11 @@ def measure_cpu(backend: str, length: int, args) -> dict:
 
 def measure_cuda(length: int, args) -> list[dict]:
     rows, results = [], {}
-    for backend in ("dense", "flex"):
-        run_attention(backend, _inputs(args.steps, args.heads, length, args.head_dim, "cuda", True, 1), "cuda").backward()
-        inputs = _inputs(args.steps, args.heads, length, args.head_dim, "cuda", True)
+    shape = dict(batch=args.batch, dtype=DTYPES[args.dtype])
+    for backend in args.backends:
+        run_attention(backend, _inputs(args.steps, args.heads, length, args.head_dim, "cuda", True, 1, **shape),
+                      "cuda").backward()
+        inputs = _inputs(args.steps, args.heads, length, args.head_dim, "cuda", True, **shape)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -104,10 +113,11 @@ def measure_cuda(length: int, args) -> list[dict]:
         results[backend] = (float(value), [t.grad.detach().clone() for step in inputs for t in step])
         rows.append({"backend": backend, "T": length, "peak_bytes": peak, "seconds": seconds, "value": float(value)})
         del inputs, value
-    dense, flex = results["dense"], results["flex"]
-    gap = max(float((a - b).abs().max()) for a, b in zip(dense[1], flex[1]))
+    dense = results[args.backends[0]]
     for row in rows:
-        row.update(loss_gap=abs(dense[0] - flex[0]), max_grad_gap=gap)
+        other = results[row["backend"]]
+        gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(dense[1], other[1]))
+        row.update(loss_gap=abs(dense[0] - other[0]), max_grad_gap=gap)
     return rows
 
 
@@ -119,12 +129,17 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=None, help="default: 8 on CPU, 32 on CUDA")
     parser.add_argument("--head-dim", type=int, default=None, help="default: 64 on CPU, 128 on CUDA")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backends", default="dense,flex",
+                        help="CUDA: TTT attentions to measure, the first the reference of the gaps (dense, flex, sdpa)")
+    parser.add_argument("--batch", type=int, default=1, help="CUDA: sequences per batch")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="CUDA: q/k/v dtype")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--one", nargs=2, metavar=("BACKEND", "T"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     cpu = args.device == "cpu"
     args.heads = args.heads or (8 if cpu else 32)
     args.head_dim = args.head_dim or (64 if cpu else 128)
+    args.backends = ["dense", "flex"] if cpu else args.backends.split(",")
     if args.one:
         print(json.dumps(measure_cpu(args.one[0], int(args.one[1]), args)))
         return 0
@@ -139,26 +154,29 @@ def main() -> int:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         else:
             rows.extend(measure_cuda(length, args))
-        print(json.dumps(rows[-2:]), flush=True)
+        print(json.dumps(rows[-len(args.backends):]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "torch": torch.__version__, "steps": args.steps, "heads": args.heads,
-            "head_dim": args.head_dim, "batch": 1, "mode": "forward" if cpu else "forward+backward",
+            "head_dim": args.head_dim, "batch": 1 if cpu else args.batch, "dtype": "fp32" if cpu else args.dtype,
+            "backends": args.backends, "mode": "forward" if cpu else "forward+backward",
             "machine": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if not cpu else None, "command": " ".join(sys.argv)}
     (args.out / "memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     by = {(r["backend"], r["T"]): r for r in rows}
+    first, others = args.backends[0], args.backends[1:]
+    header = ["T"] + [f"{b} MiB" for b in args.backends] + [f"{first} / {b} memory" for b in others]
+    header += [f"{b} s" for b in args.backends] + ([f"{b} max grad gap" for b in others] if not cpu else [])
     lines = [f"TTT attention peak memory, {meta['mode']}, {args.steps} steps, {args.heads} heads x {args.head_dim}, "
-             f"batch 1, {args.device} (torch {torch.__version__})", "",
-             "| T | dense MiB | flex MiB | dense / flex | dense s | flex s |" + (" max grad gap |" if not cpu else ""),
-             "|---|---|---|---|---|---|" + ("---|" if not cpu else "")]
+             f"batch {meta['batch']}, {meta['dtype']}, {args.device} (torch {torch.__version__})", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for length in args.lengths:
-        d, f = by[("dense", length)], by[("flex", length)]
-        ratio = d["peak_bytes"] / f["peak_bytes"] if f["peak_bytes"] else float("inf")
-        line = (f"| {length} | {d['peak_bytes'] / 2**20:.1f} | {f['peak_bytes'] / 2**20:.1f} | {ratio:.1f}x | "
-                f"{d['seconds']:.2f} | {f['seconds']:.2f} |")
+        row = [by[(b, length)] for b in args.backends]
+        cells = [str(length)] + [f"{r['peak_bytes'] / 2**20:.1f}" for r in row]
+        cells += [f"{row[0]['peak_bytes'] / r['peak_bytes']:.1f}x" if r["peak_bytes"] else "inf" for r in row[1:]]
+        cells += [f"{r['seconds']:.3f}" for r in row]
         if not cpu:
-            line += f" {d['max_grad_gap']:.2e} |"
-        lines.append(line)
+            cells += [f"{r['max_grad_gap']:.2e}" for r in row[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"command: `{meta['command']}`"]
     (args.out / "memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

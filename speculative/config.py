@@ -417,9 +417,12 @@ class TrainingConfig(AliasedSection):
     ttt_steps: int = Field(7, ge=1, le=32, validation_alias=_aliased("TrainingConfig", "ttt_steps"))
     step_weight_decay: float = Field(0.8, gt=0.0, le=1.0,
                                      validation_alias=_aliased("TrainingConfig", "step_weight_decay"))
-    attention: Literal["dense", "flex"] = Field(
-        "dense", description="TTT attention: the dense fp32 reference, or FlexAttention on packed sequences "
-        "(CUDA only: torch has no FlexAttention backward on CPU)",
+    attention: Literal["dense", "flex", "sdpa"] = Field(
+        "sdpa", description="TTT attention: the dense fp32 reference, FlexAttention on packed sequences "
+        "(CUDA only: torch has no FlexAttention backward on CPU), or sdpa (torch's fused causal kernel with "
+        "its log-normaliser for the step-1 keys, the later steps' diagonal merged by log-sum-exp: no "
+        "[B, heads, T, T] tensor, the GTO learner step 1.39x faster on an H200; right-padded rows; a drafter "
+        "with a sliding window uses dense; speculative/sdpa_ttt.py)",
     )
     vocab_loss: Literal["fused", "dense"] = Field(
         "fused", description="TTT's per-step KL over the draft vocabulary: fused (the lm_head and the KL in row "

@@ -254,9 +254,9 @@ class Eagle3Drafter(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config.llama_config())
         self.register_buffer("draft_to_target", vocab.draft_to_target.clone(), persistent=False)
         self.register_buffer("target_to_draft", vocab.target_to_draft.clone(), persistent=False)
-        # How training-time test attends ("dense" reference or "flex") and computes each step's KL
+        # How training-time test attends ("sdpa", the "dense" reference or "flex") and computes each step's KL
         # ("fused" with the lm_head, or the "dense" reference): run settings, not saved.
-        self.ttt_attention = "dense"
+        self.ttt_attention = "sdpa"
         self.ttt_vocab_loss = "fused"
 
     @property

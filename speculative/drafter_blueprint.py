@@ -26,7 +26,7 @@ class DrafterBlueprint:
     init_from: str | None  # an EAGLE-3 directory, or None: seeded random init
     init_seed: int
     init_layout: str = "auto"  # how init_from's config.json is read (speculative.checkpoint_formats)
-    ttt_attention: str = "dense"  # training.attention, set on every drafter built
+    ttt_attention: str = "sdpa"  # training.attention, set on every drafter built
     ttt_vocab_loss: str = "fused"  # training.vocab_loss, likewise
 
     def build(self, embed_weight: torch.Tensor, source: str | None = None) -> Eagle3Drafter:

@@ -29,7 +29,8 @@ class TTTCache:
     """Keys/values of each unrolled step; step 1 is attended causally, later steps diagonally.
 
     The dense fp32 reference: it builds [B, heads, T, T] scores at every step. ``FlexTTTCache``
-    (``speculative.flex_ttt``) computes the same attention with block-sparse FlexAttention.
+    (``speculative.flex_ttt``) computes the same attention with block-sparse FlexAttention,
+    ``SdpaTTTCache`` (``speculative.sdpa_ttt``) with torch's fused causal kernels.
     """
 
     applies_sliding_window = True
@@ -98,15 +99,21 @@ def shift_left(x: torch.Tensor, by: int, fill: int | float = 0) -> torch.Tensor:
 
 
 def make_ttt_cache(drafter: Eagle3Drafter, attention_mask: torch.Tensor):
-    """The attention of one unroll: ``drafter.ttt_attention`` picks the dense reference or flex."""
-    backend = getattr(drafter, "ttt_attention", "dense")
+    """The attention of one unroll: ``drafter.ttt_attention`` picks the dense reference, flex or sdpa."""
+    backend = getattr(drafter, "ttt_attention", "sdpa")
     window = getattr(getattr(drafter, "config", None), "sliding_window", None)
+    if backend == "sdpa" and window is not None:
+        backend = "dense"  # torch's flash kernel takes no mask: the window needs the masked reference
     if backend == "flex":
         from speculative.flex_ttt import FlexTTTCache
 
         return FlexTTTCache(attention_mask, sliding_window=window)
+    if backend == "sdpa":
+        from speculative.sdpa_ttt import SdpaTTTCache
+
+        return SdpaTTTCache(attention_mask)
     if backend != "dense":
-        raise ValueError(f"unknown TTT attention {backend!r} (dense or flex)")
+        raise ValueError(f"unknown TTT attention {backend!r} (dense, flex or sdpa)")
     return TTTCache(attention_mask, sliding_window=window)
 
 

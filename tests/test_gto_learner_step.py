@@ -45,18 +45,22 @@ def test_learner_step_replays_timed_and_checked_equal(tmp_path, tiny_target_dir,
 
 def test_cpu_autocast_rows_are_measured_against_the_fp32_replay(tmp_path, tiny_target_dir, one_thread):
     """--cpu-autocast: the step in bf16 on CPU; every row's log q is compared with the fp32 replay's
-    (which bf16 moves away from), and the rows still come out equal or equal to rounding."""
+    (which bf16 moves away from), and the rows still come out equal or equal to rounding, also with
+    training.attention sdpa."""
     chats = write_topic_chats(tmp_path / "chats.jsonl", 24)
     out = tmp_path / "out"
     argv = ["--target", str(tiny_target_dir), "--data", str(chats), "--device", "cpu", "--cpu-autocast",
             "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--max-records", "24",
             "--draft-vocab-size", "512", "--batch-size", "3", "--chunk", "2x2", "--precision", "fp32",
-            "--replays", "ttt,rooted", "--warmup", "0", "--reps", "1", "--out", str(out),
+            "--replays", "ttt,rooted", "--attentions", "dense,sdpa", "--warmup", "0", "--reps", "1", "--out", str(out),
             *[a for s in GTO for a in ("--set", s)]]
     assert main(argv) == 0
     report = json.loads((out / "gto_learner_step.json").read_text())
     assert report["bf16_autocast"] and report["tolerance"]["logprob_abs"] == 5e-2
-    ttt, rooted = report["rows"]
+    ttt, rooted, *sdpa = report["rows"]
     assert ttt["status"] == "baseline" and rooted["status"].startswith("equal")
+    # training.attention sdpa (torch's fused causal kernel in bf16): the same step, to bf16 rounding
+    assert [(row["replay"], row["attention"]) for row in sdpa] == [("ttt", "sdpa"), ("rooted", "sdpa")]
+    assert all(row["status"].startswith("equal") for row in sdpa)
     assert ttt["logprob_vs_fp32"] > 0  # bf16 rounding shows against the fp32 replay
     assert "under bf16 autocast" in (out / "gto_learner_step.md").read_text()

@@ -1,0 +1,127 @@
+"""Training-time test attention through PyTorch's fused attention kernels (``training.attention: sdpa``).
+
+Step k of the unroll attends the step-1 keys causally and steps 2..k's keys on the diagonal only
+(``speculative.ttt`` explains EAGLE-3's mask). The dense reference builds fp32 [B, heads, T, T]
+scores, masks, softmaxes and their gradients at every step: most of a GTO learner step's memory
+traffic. Here the causal part is one fused kernel that also returns its log-normaliser (flash
+attention for bf16/fp16 on CUDA, memory-efficient attention for fp32 on CUDA, the CPU flash kernel
+on CPU), and the k-1 diagonal scores are merged with it by log-sum-exp:
+
+    out = w_0 * o_causal + sum_j w_j * v_j,   w = softmax([lse_causal, d_1, ..., d_{k-1}])
+
+The backward needs the gradient through ``lse_causal`` too, which torch's kernels do not take. It
+does not need it as such: for this merge, the causal block's score gradient is
+P * (dO_0 . v - dO_0 . out) with dO_0 = w_0 * dout, which is the kernel's own backward given
+``out`` (the merged output) in place of its own output. So the kernel's backward serves unchanged.
+
+Right-padded rows only (real tokens first): a real query then sees only real keys under the causal
+mask, and padded rows, which no loss reads, attend whatever finite keys they see. No sliding window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(output, log-normaliser [B, H, T] fp32, what the backward needs) of causal attention."""
+    length = q.shape[-2]
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse[..., :length], ("cpu", lse)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, True, False, scale=scale)
+        return out, lse[..., :length], ("flash", lse, cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True,
+                                                                          scale=scale)
+    return out, lse[..., :length], ("efficient", lse, seed, offset)
+
+
+def _causal_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, state: tuple, scale: float):
+    """(dq, dk, dv) of the causal kernel, with ``out`` standing in for its output (module docstring)."""
+    kind = state[0]
+    if kind == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, state[1], 0.0, True, scale=scale)
+    if kind == "flash":
+        lse, cum_q, cum_k, max_q, max_k, seed, offset = state[1:]
+        return aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+    lse, seed, offset = state[1:]
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        grad, q, k, v, None, out, lse, seed, offset, 0.0,  # None: no bias (an undefined tensor)
+        [True, True, True, False], True, scale=scale)
+    return dq, dk, dv
+
+
+class _CausalPlusDiagonal(torch.autograd.Function):
+    """softmax over [causal step-1 keys ; one diagonal key per later step] for every query.
+
+    Arguments: scale, q, k0, v0, then the later steps' keys and their values (as many of each)."""
+
+    @staticmethod
+    def forward(ctx, scale, q, k0, v0, *later):
+        diagonal_keys, diagonal_values = later[: len(later) // 2], later[len(later) // 2:]
+        causal_out, causal_lse, state = _causal_forward(q, k0, v0, scale)
+        wide = torch.promote_types(q.dtype, torch.float32)  # the merge's precision: fp32 at least
+        qf = q.to(wide)
+        scores = [causal_lse.to(wide)] + [(qf * key.to(wide)).sum(-1) * scale for key in diagonal_keys]
+        weights = torch.softmax(torch.stack(scores), dim=0)  # [1 + later steps, B, H, T]
+        out = weights[0, ..., None] * causal_out.to(wide)
+        for j, value in enumerate(diagonal_values, start=1):
+            out = out + weights[j, ..., None] * value.to(wide)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k0, v0, out, weights, *later)
+        ctx.state, ctx.scale = state, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k0, v0, out, weights, *later = ctx.saved_tensors
+        diagonal_keys, diagonal_values = later[: len(later) // 2], later[len(later) // 2:]
+        wide = weights.dtype
+        scale, grad = ctx.scale, grad_out.to(wide)
+        causal_grad = (weights[0, ..., None] * grad).to(q.dtype).contiguous()
+        dq, dk0, dv0 = _causal_backward(causal_grad, q, k0, v0, out, ctx.state, scale)
+        dq = dq.to(wide)
+        grad_dot_out = (grad * out.to(wide)).sum(-1)
+        qf = q.to(wide)
+        dkeys, dvalues = [], []
+        for j, (key, value) in enumerate(zip(diagonal_keys, diagonal_values), start=1):
+            score_grad = weights[j] * ((grad * value.to(wide)).sum(-1) - grad_dot_out) * scale
+            dq = dq + score_grad[..., None] * key.to(wide)
+            dkeys.append((score_grad[..., None] * qf).to(key.dtype))
+            dvalues.append((weights[j, ..., None] * grad).to(value.dtype))
+        return (None, dq.to(q.dtype), dk0, dv0, *dkeys, *dvalues)
+
+
+class SdpaTTTCache:
+    """Drop-in for ``TTTCache``: the same attention, the causal part by a fused kernel."""
+
+    applies_sliding_window = True  # it refuses a window rather than ignore one
+
+    def __init__(self, key_padding_mask: torch.Tensor | None = None, sliding_window: int | None = None):
+        if sliding_window is not None:
+            raise ValueError(f"training.attention 'sdpa' has no sliding window (the drafter's is {sliding_window}); "
+                             "use 'dense' or 'flex'")
+        if key_padding_mask is not None:
+            mask = key_padding_mask.bool()
+            real_first = torch.arange(mask.shape[1], device=mask.device)[None] < mask.sum(1, keepdim=True)
+            if not torch.equal(real_first, mask):
+                raise ValueError("training.attention 'sdpa' needs right-padded rows (real tokens first); "
+                                 "use 'dense' for other masks")
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # One dtype for the kernel (the rotary embedding may have promoted q and k), last dim contiguous.
+        self.keys.append(k.to(q.dtype).contiguous())
+        self.values.append(v.to(q.dtype).contiguous())
+        return _CausalPlusDiagonal.apply(1.0 / math.sqrt(q.shape[-1]), q.contiguous(), self.keys[0],
+                                         self.values[0], *self.keys[1:], *self.values[1:])

@@ -1,0 +1,98 @@
+"""TTT attention through torch's fused causal kernel (``training.attention: sdpa``) against the dense
+fp32 reference, and its hand-written backward against finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speculative.config import TrainingConfig
+from speculative.sdpa_ttt import SdpaTTTCache, _CausalPlusDiagonal
+from speculative.ttt import TTTCache, make_ttt_cache, restrict_to_draft_vocab, step_weights, training_time_test
+from speculative.vocab import DraftVocab
+from tests.conftest import tiny_drafter
+
+
+@pytest.mark.parametrize("later_steps", [0, 1, 3])
+def test_the_backward_matches_finite_differences(later_steps):
+    """The backward feeds the merged output to the kernel's own backward in place of the causal
+    output (the module docstring says why that is exact): float64 gradcheck on the CPU kernel."""
+    generator = torch.Generator().manual_seed(later_steps)
+    tensors = [torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+               for _ in range(3 + 2 * later_steps)]
+    assert torch.autograd.gradcheck(lambda *args: _CausalPlusDiagonal.apply(0.35, *args), tensors)
+
+
+def test_the_cache_is_a_drop_in_for_the_dense_cache():
+    """Random q/k/v over 4 steps, right padding: the same outputs at real rows and the same
+    gradients of a loss that reads real rows only."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1] * 37, [1] * 20 + [0] * 17, [1] * 5 + [0] * 32])
+    inputs = [[torch.randn(3, 4, 37, 16, generator=generator, requires_grad=True) for _ in range(3)]
+              for _ in range(4)]
+    weights = [torch.randn(3, 4, 37, 16, generator=generator) * mask[:, None, :, None] for _ in range(4)]
+
+    def run(cache):
+        outs = [cache.attend(q, k, v) for q, k, v in inputs]
+        loss = sum((out * weight).sum() for out, weight in zip(outs, weights))
+        return outs, torch.autograd.grad(loss, [t for step in inputs for t in step])
+
+    dense_outs, dense_grads = run(TTTCache(mask))
+    sdpa_outs, sdpa_grads = run(SdpaTTTCache(mask))
+    real = mask.bool()[:, None, :, None].expand_as(dense_outs[0])
+    for expected, got in zip(dense_outs, sdpa_outs):
+        assert torch.allclose(got[real], expected[real], atol=1e-5)
+    for expected, got in zip(dense_grads, sdpa_grads):
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in dense_grads) > 0.1  # the check compares real gradients
+
+
+def _padded_batch(target, lengths, width, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=generator)
+    attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    loss_mask = attention.clone()
+    loss_mask[:, :3] = 0
+    return ids, attention, loss_mask
+
+
+def test_training_time_test_losses_and_gradients_equal_dense(tiny_target):
+    vocab = DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 48)
+    drafter = tiny_drafter(tiny_target, vocab)
+    ids, attention, loss_mask = _padded_batch(tiny_target, [37, 12, 29], 37)
+    feats = tiny_target.features(ids, attention)
+
+    def run(backend):
+        drafter.zero_grad(set_to_none=True)
+        drafter.ttt_attention = backend
+        result = training_time_test(drafter, ids, attention, loss_mask,
+                                    *restrict_to_draft_vocab(feats.logits, drafter.draft_to_target),
+                                    feats.aux_hidden, 4, step_weights(4, 0.8))
+        result.loss.backward()
+        return result, {n: p.grad.clone() for n, p in drafter.named_parameters() if p.grad is not None}
+
+    dense, dense_grads = run("dense")
+    sdpa, sdpa_grads = run("sdpa")
+    assert sdpa.loss_value == pytest.approx(dense.loss_value, rel=1e-5)
+    assert sdpa.step_loss == pytest.approx(dense.step_loss, rel=1e-5, abs=1e-6)
+    assert sdpa.step_accuracy == dense.step_accuracy
+    assert dense_grads.keys() == sdpa_grads.keys() and len(dense_grads) > 5
+    for name, grad in dense_grads.items():
+        assert torch.allclose(sdpa_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_what_it_cannot_do_is_refused_by_name_or_left_to_dense(tiny_target):
+    with pytest.raises(ValueError, match="right-padded"):
+        SdpaTTTCache(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    with pytest.raises(ValueError, match="no sliding window"):
+        SdpaTTTCache(torch.ones(1, 4, dtype=torch.long), sliding_window=6)
+    drafter = tiny_drafter(tiny_target)
+    drafter.ttt_attention, drafter.config.sliding_window = "sdpa", 6
+    # the default must not refuse a drafter with a window: such a drafter trains with the dense reference
+    assert type(make_ttt_cache(drafter, torch.ones(1, 4, dtype=torch.long))) is TTTCache
+    drafter.config.sliding_window = None
+    assert type(make_ttt_cache(drafter, torch.ones(1, 4, dtype=torch.long))) is SdpaTTTCache
+    assert TrainingConfig().attention == "sdpa" and drafter.ttt_attention == "sdpa"
+    drafter.ttt_attention = "sparse"
+    with pytest.raises(ValueError, match="dense, flex or sdpa"):
+        make_ttt_cache(drafter, torch.ones(1, 4, dtype=torch.long))
