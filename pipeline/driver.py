@@ -38,6 +38,7 @@ from speculative.data.batches import BatchOrder
 from speculative.target import verifier_architectures, verifier_id
 from speculative.drafter_blueprint import (
     DrafterBlueprint,
+    apply_ttt_settings,
     blueprint_from_directory,
     make_blueprint,
     read_target_config,
@@ -180,8 +181,7 @@ class DistributedTrainer:
         blueprint.init_from = self.config.drafter.init_from
         blueprint.init_seed = self.config.drafter.init_seed
         blueprint.init_layout = self.config.drafter.init_layout
-        blueprint.ttt_attention = self.config.training.attention
-        blueprint.ttt_vocab_loss = self.config.training.vocab_loss
+        apply_ttt_settings(blueprint, self.config.training)
         return blueprint
 
     def _connect(self) -> bool:
@@ -458,6 +458,8 @@ class DistributedTrainer:
             rollout_tokens_per_s=rollout_rate, learner_samples_per_s=samples / max(step_s, 1e-9),
             learner_step_s=step_s,
             learner_busy=min(step_s / interval, 1.0), update_interval_s=interval,
+            # the share of learner ranks that found this update's experiences prefetched
+            learner_prefetched=float(np.mean([bool(r.get("prefetched")) for r in results])),
             broadcast_s=last.seconds, broadcast_bytes=float(last.bytes),
             broadcast_gb_s=last.bytes / 1e9 / max(last.seconds, 1e-9),
             broadcast_step_share=last.seconds / interval,
@@ -657,7 +659,6 @@ def _breakdown(results: list[dict], metas: list[dict], interval: float) -> dict[
         "rollout_experience_mb": mean("bytes", 1e-6),
         "learner_idle_s": interval - busiest["seconds"] - sync, "learner_fetch_s": fetch,
         "learner_to_device_s": to_device, "learner_compute_s": compute,
-        "learner_prefetched": float(np.mean([bool(r.get("prefetched")) for r in results])),
         "learner_other_s": busiest["seconds"] - fetch - to_device - compute, "learner_broadcast_s": sync,
         "update_interval_s": interval,
     }

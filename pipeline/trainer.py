@@ -25,7 +25,7 @@ from speculative.config import ExperimentConfig, dump_config
 from speculative.data import build_dataset, collate, mix_training_data, split_dataset
 from speculative.data.batches import BatchOrder
 from speculative.drafter import Eagle3Drafter
-from speculative.drafter_blueprint import make_blueprint
+from speculative.drafter_blueprint import apply_ttt_settings, make_blueprint
 from speculative.evaluation import evaluate_ttt, mean_metrics
 from speculative.experience import uses_reference
 from speculative.profiling import phase
@@ -185,7 +185,7 @@ class Trainer:
         else:
             drafter = self._new_drafter(target, train)
         drafter.to(self.device)
-        drafter.ttt_attention, drafter.ttt_vocab_loss = train_cfg.attention, train_cfg.vocab_loss
+        apply_ttt_settings(drafter, train_cfg)
         reference = self._reference(drafter, target, checkpoint)
         worker = TargetWorker(target, drafter.draft_to_target)
         optimizer, scheduler = adamw_with_schedule(drafter.trainable_parameters(), train_cfg)

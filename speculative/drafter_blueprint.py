@@ -49,6 +49,13 @@ class DrafterBlueprint:
         return drafter
 
 
+def apply_ttt_settings(drafter_or_blueprint, training) -> None:
+    """Copy the ``training`` section's training-time-test run settings (attention, vocab_loss) onto a
+    drafter or a blueprint: the one place that lists them."""
+    drafter_or_blueprint.ttt_attention = training.attention
+    drafter_or_blueprint.ttt_vocab_loss = training.vocab_loss
+
+
 def read_target_config(target_path: str):
     from transformers import AutoConfig
 
@@ -92,7 +99,7 @@ def make_blueprint(config, target_path: str, train_dataset) -> DrafterBlueprint:
             raise ValueError(f"drafter.vocab_mapping {section.vocab_mapping} differs from the draft vocabulary "
                              f"of drafter.init_from {section.init_from}")
         blueprint.config.aux_layer_ids = aux
-        blueprint.ttt_attention, blueprint.ttt_vocab_loss = config.training.attention, config.training.vocab_loss
+        apply_ttt_settings(blueprint, config.training)
         return blueprint
     from speculative.data import supervised_token_counts
 
@@ -104,8 +111,9 @@ def make_blueprint(config, target_path: str, train_dataset) -> DrafterBlueprint:
         flush=True,
     )
     drafter_config = DrafterConfig.from_target(target_config, vocab.size, aux, section.intermediate_size)
-    return DrafterBlueprint(drafter_config, vocab.draft_to_target, None, section.init_seed,
-                            ttt_attention=config.training.attention, ttt_vocab_loss=config.training.vocab_loss)
+    blueprint = DrafterBlueprint(drafter_config, vocab.draft_to_target, None, section.init_seed)
+    apply_ttt_settings(blueprint, config.training)
+    return blueprint
 
 
 def load_target_embedding(target_path: str, dtype: torch.dtype) -> torch.Tensor:

@@ -160,14 +160,16 @@ class DenseStepKL:
     both (indices t >= T-k are never supervised), so no [B, T, N] tensor is shifted per step.
     """
 
-    def __init__(self, drafter: Eagle3Drafter, target_draft_logits: torch.Tensor, target_top1: torch.Tensor):
+    def __init__(self, drafter: Eagle3Drafter, target_draft_logits: torch.Tensor, target_top1: torch.Tensor,
+                 valids: list[torch.Tensor]):
         target_logp = torch.log_softmax(target_draft_logits.float(), dim=-1)
         self.target_p = target_logp.exp()
         self.target_neg_entropy = (self.target_p * target_logp).sum(-1)  # [B, T]
-        self.drafter, self.target_top1 = drafter, target_top1
+        self.drafter, self.target_top1, self.valids = drafter, target_top1, valids
 
-    def __call__(self, k: int, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of valid * KL over the step's rows, agreement [B, T] with the target's argmax)."""
+    def __call__(self, k: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of valid * KL over step k's rows, agreement [B, T] with the target's argmax)."""
+        valid = self.valids[k - 1]
         kept = max(logits.shape[1] - k, 0)  # indices t < T-k; valid is 0 past them
         drafter_logq = torch.log_softmax(logits[:, :kept].float(), dim=-1)
         cross = (self.target_p[:, k:] * drafter_logq).sum(-1)
@@ -193,8 +195,8 @@ class FusedStepKL:
         self.rows = torch.nonzero(flat)[:, 1].split(counts) if flat is not None else []
         self.weights = [flat[k, rows] for k, rows in enumerate(self.rows)]
 
-    def __call__(self, k: int, hidden: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``DenseStepKL``'s, from the step's hidden states (``valid``'s rows were listed up front)."""
+    def __call__(self, k: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``DenseStepKL``'s, from the step's hidden states (its rows were listed up front)."""
         rows = self.rows[k - 1]
         head_input = self.drafter.head_input(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
         kl_sum, argmax = fused_vocab_kl(head_input, self.drafter.lm_head.weight, self.target, rows + k,
@@ -238,7 +240,7 @@ def training_time_test(
     if vocab_loss == "fused":
         step_kl = FusedStepKL(drafter, target_draft_logits, target_top1, valids)
     elif vocab_loss == "dense":
-        step_kl = DenseStepKL(drafter, target_draft_logits, target_top1)
+        step_kl = DenseStepKL(drafter, target_draft_logits, target_top1, valids)
     else:
         raise ValueError(f"unknown TTT vocabulary loss {vocab_loss!r} (fused or dense)")
 
@@ -252,7 +254,7 @@ def training_time_test(
     unrolled = unroll(drafter, input_ids, attention_mask, aux_hidden, num_steps, with_logits=vocab_loss == "dense")
     for k, logits, hidden in unrolled:
         valid = valids[k - 1]
-        kl_sum, agree = step_kl(k, hidden if logits is None else logits, valid)
+        kl_sum, agree = step_kl(k, hidden if logits is None else logits)
         count = valid.sum()
         step_mean = kl_sum / count.clamp_min(1.0)
         total = total + weights[k - 1] * step_mean
