@@ -78,6 +78,16 @@ def tiny_drafter(target: TargetModel, draft_vocab: DraftVocab | None = None, see
     return drafter
 
 
+def padded_batch(target: TargetModel, lengths: list[int], width: int, seed: int = 3):
+    """(ids, attention, loss mask) of random right-padded rows; the first 3 tokens are not supervised."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=generator)
+    attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    loss_mask = attention.clone()
+    loss_mask[:, :3] = 0
+    return ids, attention, loss_mask
+
+
 def stub_cuda_capture(monkeypatch, graph=None):
     """Stand-ins for the CUDA calls of ``StaticDecoder._capture_all`` (each warm-up and the capture
     then run the step eagerly on CPU); ``graph``: the ``torch.cuda.graph`` context to use."""

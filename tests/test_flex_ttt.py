@@ -11,16 +11,7 @@ from speculative.flex_ttt import (
 )
 from speculative.ttt import TTTCache, restrict_to_draft_vocab, step_weights, training_time_test
 from speculative.vocab import DraftVocab
-from tests.conftest import tiny_drafter
-
-
-def _padded_batch(target, lengths, width, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=generator)
-    attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-    loss_mask = attention.clone()
-    loss_mask[:, :3] = 0
-    return ids, attention, loss_mask
+from tests.conftest import padded_batch, tiny_drafter
 
 
 @pytest.mark.parametrize("window", [None, 7])
@@ -61,7 +52,7 @@ def test_flex_forward_equals_dense_on_cpu(tiny_target, window):
     """torch's own flex_attention (eager, forward only on CPU) gives the dense path's losses."""
     drafter = tiny_drafter(tiny_target)
     drafter.config.sliding_window = window
-    batch = _padded_batch(tiny_target, [40, 23, 31], 40)
+    batch = padded_batch(tiny_target, [40, 23, 31], 40)
     with torch.no_grad():
         dense = _ttt(drafter, batch, tiny_target)
         drafter.ttt_attention = "flex"
@@ -86,7 +77,7 @@ def test_flex_losses_and_gradients_equal_dense(tiny_target, monkeypatch):
     """
     vocab = DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 48)
     drafter = tiny_drafter(tiny_target, vocab)
-    batch = _padded_batch(tiny_target, [37, 12, 29], 37)
+    batch = padded_batch(tiny_target, [37, 12, 29], 37)
 
     def grads(backend):
         drafter.zero_grad(set_to_none=True)
@@ -108,7 +99,7 @@ def test_flex_training_on_cpu_is_refused_by_name(tiny_target):
     drafter = tiny_drafter(tiny_target)
     drafter.ttt_attention = "flex"
     with pytest.raises(NotImplementedError, match="training.attention 'dense'"):
-        _ttt(drafter, _padded_batch(tiny_target, [20, 11], 20), tiny_target)
+        _ttt(drafter, padded_batch(tiny_target, [20, 11], 20), tiny_target)
 
 
 def test_flex_cache_is_a_drop_in_for_the_dense_cache():

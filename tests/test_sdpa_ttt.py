@@ -10,7 +10,7 @@ from speculative.config import TrainingConfig
 from speculative.sdpa_ttt import SdpaTTTCache, _CausalPlusDiagonal
 from speculative.ttt import TTTCache, make_ttt_cache, restrict_to_draft_vocab, step_weights, training_time_test
 from speculative.vocab import DraftVocab
-from tests.conftest import tiny_drafter
+from tests.conftest import padded_batch, tiny_drafter
 
 
 @pytest.mark.parametrize("later_steps", [0, 1, 3])
@@ -47,19 +47,10 @@ def test_the_cache_is_a_drop_in_for_the_dense_cache():
     assert max(float(g.abs().max()) for g in dense_grads) > 0.1  # the check compares real gradients
 
 
-def _padded_batch(target, lengths, width, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=generator)
-    attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-    loss_mask = attention.clone()
-    loss_mask[:, :3] = 0
-    return ids, attention, loss_mask
-
-
 def test_training_time_test_losses_and_gradients_equal_dense(tiny_target):
     vocab = DraftVocab.from_counts(torch.arange(tiny_target.vocab_size).flip(0), 48)
     drafter = tiny_drafter(tiny_target, vocab)
-    ids, attention, loss_mask = _padded_batch(tiny_target, [37, 12, 29], 37)
+    ids, attention, loss_mask = padded_batch(tiny_target, [37, 12, 29], 37)
     feats = tiny_target.features(ids, attention)
 
     def run(backend):
