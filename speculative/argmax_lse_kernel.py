@@ -28,6 +28,20 @@ except ImportError:  # pragma: no cover - every supported install has Triton (to
 
 if triton is not None:
     # (no ``from __future__ import annotations`` in this module: Triton reads the tl.constexpr ones)
+    @triton.jit
+    def argmax_logsumexp_step(raw, scaled, start, best, best_index, running_max, running_sum):
+        """One chunk of a row's streaming reduction: the first index of the maximum of ``raw`` (chunk
+        offset ``start``) and the online (rescaled) sum of exp(``scaled``). Shared by the kernels that
+        read a row of logits once (here and ``speculative.vocab_kl``)."""
+        chunk_best, chunk_index = tl.max(raw, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        better = chunk_best > best  # strictly: an earlier chunk keeps a tie (torch's first index)
+        best_index = tl.where(better, start + chunk_index.to(tl.int64), best_index)
+        best = tl.where(better, chunk_best, best)
+        new_max = tl.maximum(running_max, tl.max(scaled, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # an all -inf prefix: no nan
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(scaled - shift), axis=0)
+        return best, best_index, new_max, running_sum
+
     def _argmax_lse(logits_ptr, argmax_ptr, lse_ptr, vocab, row_stride, temperature, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         source = logits_ptr + row * row_stride
@@ -38,15 +52,8 @@ if triton is not None:
         for start in range(0, vocab, BLOCK):
             offsets = start + tl.arange(0, BLOCK)
             raw = tl.load(source + offsets, mask=offsets < vocab, other=float("-inf")).to(tl.float32)
-            chunk_best, chunk_index = tl.max(raw, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            better = chunk_best > best  # strictly: an earlier chunk keeps a tie (torch's first index)
-            best_index = tl.where(better, start + chunk_index.to(tl.int64), best_index)
-            best = tl.where(better, chunk_best, best)
-            scaled = raw / temperature
-            new_max = tl.maximum(running_max, tl.max(scaled, axis=0))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # an all -inf prefix: no nan
-            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(scaled - shift), axis=0)
-            running_max = new_max
+            best, best_index, running_max, running_sum = argmax_logsumexp_step(
+                raw, raw / temperature, start, best, best_index, running_max, running_sum)
         tl.store(argmax_ptr + row + tl.arange(0, 1), best_index)
         tl.store(lse_ptr + row + tl.arange(0, 1), running_max + tl.log(running_sum))
 

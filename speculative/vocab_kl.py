@@ -25,6 +25,8 @@ from speculative.kernel_gate import KernelGate
 try:
     import triton
     import triton.language as tl
+
+    from speculative.argmax_lse_kernel import argmax_logsumexp_step
 except ImportError:  # pragma: no cover - every supported install has Triton (torch's CUDA wheels, vLLM)
     triton = tl = None
 
@@ -51,13 +53,7 @@ if triton is not None:
             inside = offsets < vocab
             q = tl.load(drafter + offsets, mask=inside, other=float("-inf")).to(tl.float32)
             t = tl.load(target + offsets, mask=inside, other=float("-inf")).to(tl.float32)
-            chunk_best, chunk_index = tl.max(q, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            better = chunk_best > best  # strictly: an earlier chunk keeps a tie (torch's first index)
-            best_index = tl.where(better, start + chunk_index.to(tl.int64), best_index)
-            best = tl.where(better, chunk_best, best)
-            new_q = tl.maximum(max_q, tl.max(q, axis=0))
-            sum_q = sum_q * tl.exp(max_q - new_q) + tl.sum(tl.exp(q - new_q), axis=0)
-            max_q = new_q
+            best, best_index, max_q, sum_q = argmax_logsumexp_step(q, q, start, best, best_index, max_q, sum_q)
             new_p = tl.maximum(max_p, tl.max(t, axis=0))
             rescale = tl.exp(max_p - new_p)
             weight = tl.exp(t - new_p)  # 0 outside the vocabulary
