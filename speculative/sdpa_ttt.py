@@ -34,11 +34,18 @@ def _causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         return out, lse[..., :length], ("cpu", lse)
     if q.dtype in (torch.float16, torch.bfloat16):
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=scale)
-        return out, lse[..., :length], ("flash", lse, cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True,
-                                                                          scale=scale)
+        try:
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, True, False, scale=scale)
+            return out, lse[..., :length], ("flash", lse, cum_q, cum_k, max_q, max_k, seed, offset)
+        except RuntimeError:  # no flash kernel for this GPU or head size: the memory-efficient one below
+            pass
+    try:
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True,
+                                                                              scale=scale)
+    except RuntimeError as error:
+        raise RuntimeError(f"training.attention 'sdpa': torch has no fused causal kernel for {q.dtype} at head "
+                           f"size {q.shape[-1]} on this GPU ({error}); use training.attention 'dense'") from error
     return out, lse[..., :length], ("efficient", lse, seed, offset)
 
 

@@ -87,3 +87,32 @@ def test_what_it_cannot_do_is_refused_by_name_or_left_to_dense(tiny_target):
     drafter.ttt_attention = "sparse"
     with pytest.raises(ValueError, match="dense, flex or sdpa"):
         make_ttt_cache(drafter, torch.ones(1, 4, dtype=torch.long))
+
+
+def test_gpu_kernel_choice_falls_back_and_names_the_way_out(monkeypatch):
+    """On a GPU without a flash kernel for the shape (injected: the fake ops raise), bf16 goes to the
+    memory-efficient kernel; with neither, the error names training.attention 'dense'. Meta tensors
+    take the GPU branches."""
+    import types
+
+    import speculative.sdpa_ttt as sdpa_ttt
+
+    q = torch.empty(2, 3, 5, 8, dtype=torch.bfloat16, device="meta")
+    called = []
+
+    def no_kernel(*args, **kwargs):
+        called.append("refused")
+        raise RuntimeError("no kernel for this GPU")
+
+    def efficient(q, k, v, bias, with_lse, dropout, causal, scale):
+        called.append("efficient")
+        return q.clone(), torch.empty(q.shape[:-1], dtype=torch.float32, device="meta"), None, None
+
+    monkeypatch.setattr(sdpa_ttt, "aten", types.SimpleNamespace(
+        _scaled_dot_product_flash_attention=no_kernel, _scaled_dot_product_efficient_attention=efficient))
+    out, lse, state = sdpa_ttt._causal_forward(q, q, q, 0.3)
+    assert called == ["refused", "efficient"] and state[0] == "efficient" and lse.shape == (2, 3, 5)
+    monkeypatch.setattr(sdpa_ttt, "aten", types.SimpleNamespace(
+        _scaled_dot_product_flash_attention=no_kernel, _scaled_dot_product_efficient_attention=no_kernel))
+    with pytest.raises(RuntimeError, match="use training.attention 'dense'"):
+        sdpa_ttt._causal_forward(q, q, q, 0.3)
