@@ -235,7 +235,7 @@ def markdown(result: dict[str, Any]) -> str:
         replay_cell = ("no accepted path" if replay is None
                        else f"{replay['median']:.1f} ({replay['min']:.1f}-{replay['max']:.1f})")
         lines.append(
-            f"| {row['replay']} | {row['vocab_loss']} | {row.get('attention', 'dense')} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
+            f"| {row['replay']} | {row['vocab_loss']} | {row['attention']} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
             f"| {replay_cell} "
             f"| {row.get('step_speedup', 1.0):.2f}x | {peak} "
             f"| {row.get('logprob_max_abs_diff', 0.0):.2e} | {row.get('grad_rel_diff', 0.0):.2e} "
@@ -243,7 +243,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['logprob_vs_fp32']:.2e} | {row['status']} |")
     for row in result["rows"]:
         if "profile_top_ops" in row:
-            lines += ["", f"Top ops of one step, {row['replay']} / {row['vocab_loss']} / {row.get('attention', 'dense')} "
+            lines += ["", f"Top ops of one step, {row['replay']} / {row['vocab_loss']} / {row['attention']} "
                       "(self time):", "",
                       "| op / kernel | calls | self ms | share |", "|---|---|---|---|"]
             lines += [f"| `{op['name'][:90]}` | {op['count']} | {op['self_total_ms']:.2f} | {op['share']:.1%} |"
@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gto.path_replay values (ttt_full: the replay before 2026-12-02); the first is the baseline")
     parser.add_argument("--vocab-losses", default="fused",
                         help="training.vocab_loss values (fused, dense), each with every --replays value")
-    parser.add_argument("--attentions", default="dense",
+    parser.add_argument("--attentions", default="sdpa",
                         help="training.attention values (dense, sdpa, flex), each with every other combination")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
