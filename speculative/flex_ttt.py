@@ -44,6 +44,13 @@ def default_kernel(device: torch.device) -> Kernel:
     return _compiled_flex
 
 
+def right_padded(mask: torch.Tensor) -> bool:
+    """Whether every row of a [B, T] mask holds its real tokens first (packing needs it, and so does
+    ``speculative.sdpa_ttt``; the dense reference takes any mask)."""
+    mask = mask.bool()
+    return torch.equal(torch.arange(mask.shape[1], device=mask.device)[None] < mask.sum(1, keepdim=True), mask)
+
+
 class PackedLayout:
     """Where the real tokens of a right-padded [B, T] batch sit in one packed row."""
 
@@ -51,8 +58,7 @@ class PackedLayout:
         mask = attention_mask.bool()
         batch, length = mask.shape
         lengths = mask.sum(1)
-        prefix = torch.arange(length, device=mask.device)[None] < lengths[:, None]
-        if not torch.equal(prefix, mask):
+        if not right_padded(mask):
             raise ValueError("flex TTT attention needs right-padded rows (real tokens first)")
         self.batch, self.length = batch, length
         self.tokens = int(lengths.sum())

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from speculative.flex_ttt import right_padded
+
 aten = torch.ops.aten
 
 
@@ -118,9 +120,7 @@ class SdpaTTTCache:
             raise ValueError(f"training.attention 'sdpa' has no sliding window (the drafter's is {sliding_window}); "
                              "use 'dense' or 'flex'")
         if key_padding_mask is not None:
-            mask = key_padding_mask.bool()
-            real_first = torch.arange(mask.shape[1], device=mask.device)[None] < mask.sum(1, keepdim=True)
-            if not torch.equal(real_first, mask):
+            if not right_padded(key_padding_mask):
                 raise ValueError("training.attention 'sdpa' needs right-padded rows (real tokens first); "
                                  "use 'dense' for other masks")
         self.keys: list[torch.Tensor] = []
