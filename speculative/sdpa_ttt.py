@@ -4,7 +4,8 @@ Step k of the unroll attends the step-1 keys causally and steps 2..k's keys on t
 (``speculative.ttt`` explains EAGLE-3's mask). The dense reference builds fp32 [B, heads, T, T]
 scores, masks, softmaxes and their gradients at every step: most of a GTO learner step's memory
 traffic. Here the causal part is one fused kernel that also returns its log-normaliser (flash
-attention for bf16/fp16 on CUDA, memory-efficient attention for fp32 on CUDA, the CPU flash kernel
+attention for bf16/fp16 on CUDA, memory-efficient attention for fp32 on CUDA and where flash
+refuses the GPU or head size, the CPU flash kernel
 on CPU), and the k-1 diagonal scores are merged with it by log-sum-exp:
 
     out = w_0 * o_causal + sum_j w_j * v_j,   w = softmax([lse_causal, d_1, ..., d_{k-1}])
