@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|ab|ar|ar-autotune|ar-fp32]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|ab|ar|ar-autotune|ar-fp32]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -26,6 +26,10 @@
 # generate_autoregressive's (fp32 near-ties are far rarer than bf16's). Table: ar_ab.md.
 # ar first times the kernel's settings against SDPA alone (bench/decode_attention.py) and runs the AR lines
 # with the fastest at batch 1, span 512 (DRAFTRL_DECODE_ATTENTION_SETTINGS; set it for ar-autotune).
+# actors: bench/throughput.py --parts ray (async, GTO 32x16) on the warm drafter of an earlier mode, once per
+# rollout-side variant (ACTOR_VARIANTS, default all): two actors at max_staleness 2 (the default, this call's
+# baseline), two at 3, three at 3; then a table (actors.md). At max_staleness 2 with one experience an
+# update, admission holds an actor back while one experience waits and the learner trains; 3 lets both build.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -124,6 +128,27 @@ for path in sorted(pathlib.Path("/tmp/ar").glob("*/opd_throughput.json")):
 (out / "ar_ab.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+  ls -la "$out"
+  exit 0
+fi
+if [ "$which" = actors ]; then
+  [ -d /tmp/tp/warm_drafter ] || python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill \
+    --total-minutes 3 > "$out/throughput.log" 2>&1
+  actor_line() {  # name, then --ray-set overrides
+    local name=$1; shift; local sets=()
+    [ -n "${ACTOR_VARIANTS:-}" ] && [[ " $ACTOR_VARIANTS " != *" $name "* ]] && return 0
+    for a in "$@"; do sets+=(--ray-set "$a"); done
+    timeout 200 python3 bench/throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter --out "/tmp/actors/$name" \
+      --parts ray --ray-modes async --train-minutes ${ACTOR_MINUTES:-1.25} --total-minutes 3.0 \
+      ${sets[@]+"${sets[@]}"} >> "$out/actors.log" 2>&1
+    echo "$name exit $?" >> "$out/actors.log"
+    cp "/tmp/actors/$name/summary.json" "$out/${name}_summary.json" 2>/dev/null
+  }
+  actor_line two_s2
+  actor_line two_s3 distributed.max_staleness=3
+  actor_line three_s3 distributed.num_rollout_actors=3 distributed.gpus_per_rollout_actor=0.2 distributed.max_staleness=3
+  runs=(); for name in two_s2 two_s3 three_s3; do [ -f "/tmp/actors/$name/summary.json" ] && runs+=("/tmp/actors/$name/summary.json"); done
+  python3 bench/actor_table.py "$out" ${runs[@]+"${runs[@]}"}
   ls -la "$out"
   exit 0
 fi
