@@ -26,7 +26,9 @@ class DistributedConfig(Section):
         description="async: oldest drafter version lag trained on. At 1 and one experience an update, "
         "admission lets one rollout run while the learner trains, so the learner waits for it; at 2 "
         "(one H200, GTO at 32x16) the learner was busy 94 % and Ray made 1.08x the single process's "
-        "updates/s, against 77 % and 0.94x at 1 (bench/results/throughput_h200)")
+        "updates/s, against 77 % and 0.94x at 1. Once the learner step got faster (2026-12-03) two actors at "
+        "2 kept it busy 78 %; 3 gave 91 % at the same updates/s (1.01x, the GPU 97 % busy either way): on one "
+        "GPU that share is a balance, not a speed, so 2 stays the default (bench/results/throughput_h200)")
     broadcast_every: int = Field(1, ge=1, description="learner updates between drafter broadcasts")
     placement: Literal["colocated", "separate"] = "colocated"
     gpus_per_learner: float = Field(0.0, ge=0.0)
