@@ -15,6 +15,11 @@ from pydantic import AliasChoices, Field, ValidationError, model_validator
 
 from speculative.distributed_config import DistributedConfig, Section
 
+# Training-time test's run settings: the config's defaults, and what a drafter built or loaded outside a
+# config run (tests, benches, export) trains with.
+TTT_ATTENTION_DEFAULT = "sdpa"
+TTT_VOCAB_LOSS_DEFAULT = "fused"
+
 # Names other trainers give these settings, accepted as aliases: field -> {alias: the tool using it}.
 # Documented in the README ("Coming from SpecForge or speculators"); giving an alias and the
 # field's own name together is an error, so no setting is silently overridden.
@@ -418,14 +423,14 @@ class TrainingConfig(AliasedSection):
     step_weight_decay: float = Field(0.8, gt=0.0, le=1.0,
                                      validation_alias=_aliased("TrainingConfig", "step_weight_decay"))
     attention: Literal["dense", "flex", "sdpa"] = Field(
-        "sdpa", description="TTT attention: the dense fp32 reference, FlexAttention on packed sequences "
+        TTT_ATTENTION_DEFAULT, description="TTT attention: the dense fp32 reference, FlexAttention on packed sequences "
         "(CUDA only: torch has no FlexAttention backward on CPU), or sdpa (torch's fused causal kernel with "
         "its log-normaliser for the step-1 keys, the later steps' diagonal merged by log-sum-exp: no "
         "[B, heads, T, T] tensor, the GTO learner step 1.39x faster on an H200; right-padded rows; a drafter "
         "with a sliding window uses dense; speculative/sdpa_ttt.py)",
     )
     vocab_loss: Literal["fused", "dense"] = Field(
-        "fused", description="TTT's per-step KL over the draft vocabulary: fused (the lm_head and the KL in row "
+        TTT_VOCAB_LOSS_DEFAULT, description="TTT's per-step KL over the draft vocabulary: fused (the lm_head and the KL in row "
         "blocks at the supervised rows only, Triton on CUDA: no [B, T, V] tensor; speculative/vocab_kl.py) or "
         "dense (whole-tensor log-softmaxes: the reference, for A/B timing). Same loss and gradient",
     )

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from speculative.config import TTT_ATTENTION_DEFAULT, TTT_VOCAB_LOSS_DEFAULT
 from speculative.vocab import DraftVocab
 
 
@@ -256,8 +257,8 @@ class Eagle3Drafter(nn.Module):
         self.register_buffer("target_to_draft", vocab.target_to_draft.clone(), persistent=False)
         # How training-time test attends ("sdpa", the "dense" reference or "flex") and computes each step's KL
         # ("fused" with the lm_head, or the "dense" reference): run settings, not saved.
-        self.ttt_attention = "sdpa"
-        self.ttt_vocab_loss = "fused"
+        self.ttt_attention = TTT_ATTENTION_DEFAULT
+        self.ttt_vocab_loss = TTT_VOCAB_LOSS_DEFAULT
 
     @property
     def vocab(self) -> DraftVocab:

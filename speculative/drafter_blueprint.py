@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from speculative.checkpoint import load_drafter, read_checkpoint
+from speculative.config import TTT_ATTENTION_DEFAULT, TTT_VOCAB_LOSS_DEFAULT
 from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
 from speculative.target import default_aux_layer_ids
 from speculative.vocab import DraftVocab, load_vocab_mapping
@@ -26,8 +27,8 @@ class DrafterBlueprint:
     init_from: str | None  # an EAGLE-3 directory, or None: seeded random init
     init_seed: int
     init_layout: str = "auto"  # how init_from's config.json is read (speculative.checkpoint_formats)
-    ttt_attention: str = "sdpa"  # training.attention, set on every drafter built
-    ttt_vocab_loss: str = "fused"  # training.vocab_loss, likewise
+    ttt_attention: str = TTT_ATTENTION_DEFAULT  # training.attention, set on every drafter built
+    ttt_vocab_loss: str = TTT_VOCAB_LOSS_DEFAULT  # training.vocab_loss, likewise
 
     def build(self, embed_weight: torch.Tensor, source: str | None = None) -> Eagle3Drafter:
         """The drafter in fp32: loaded from ``source`` (or ``init_from``), else seeded-initialised.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speculative.config import TTT_ATTENTION_DEFAULT, TTT_VOCAB_LOSS_DEFAULT
 from speculative.drafter import Eagle3Drafter
 from speculative.vocab_kl import fused_vocab_kl
 
@@ -100,7 +101,7 @@ def shift_left(x: torch.Tensor, by: int, fill: int | float = 0) -> torch.Tensor:
 
 def make_ttt_cache(drafter: Eagle3Drafter, attention_mask: torch.Tensor):
     """The attention of one unroll: ``drafter.ttt_attention`` picks the dense reference, flex or sdpa."""
-    backend = getattr(drafter, "ttt_attention", "sdpa")
+    backend = getattr(drafter, "ttt_attention", TTT_ATTENTION_DEFAULT)  # duck-typed drafters lack it
     window = getattr(getattr(drafter, "config", None), "sliding_window", None)
     if backend == "sdpa" and window is not None:
         backend = "dense"  # torch's flash kernel takes no mask: the window needs the masked reference
@@ -236,7 +237,7 @@ def training_time_test(
         if in_draft_vocab is not None:
             valid = valid * shift_left(in_draft_vocab[target_top1].float(), k, 0.0)
         valids.append(valid)
-    vocab_loss = getattr(drafter, "ttt_vocab_loss", "fused")
+    vocab_loss = getattr(drafter, "ttt_vocab_loss", TTT_VOCAB_LOSS_DEFAULT)
     if vocab_loss == "fused":
         step_kl = FusedStepKL(drafter, target_draft_logits, target_top1, valids)
     elif vocab_loss == "dense":
