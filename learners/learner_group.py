@@ -82,6 +82,7 @@ class LearnerWorker:
         self._sync_seconds = 0.0  # in weight-sync calls since the last train_step (rank 0)
         self._prefetch_lock = threading.Lock()
         self._prefetched: _Prefetch | None = None  # the latest prefetch call's slot
+        self._prefetch_stream = None  # the prefetch thread's CUDA stream, made at its first call
 
     # -- set-up ---------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -223,7 +224,9 @@ class LearnerWorker:
         on_gpu = self.device.type == "cuda"
         try:
             experiences = ray.get(list(experience_refs))
-            stream = torch.cuda.Stream(self.device) if on_gpu else None
+            if on_gpu and self._prefetch_stream is None:
+                self._prefetch_stream = torch.cuda.Stream(self.device)
+            stream = self._prefetch_stream
             with torch.cuda.stream(stream) if on_gpu else nullcontext():
                 batches = [concat_experiences(group, self.device, non_blocking=on_gpu)
                            for group in self._micro_batches(experiences)]
