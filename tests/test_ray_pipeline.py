@@ -285,6 +285,18 @@ def test_staleness_gate_admits_and_drops_by_version():
     assert gate.dropped == 1
 
 
+@pytest.mark.parametrize("max_staleness", [1, 2, 3])
+def test_while_the_learner_trains_max_staleness_experiences_may_be_queued_or_building(max_staleness):
+    # One experience an update, actors at the learner's version: the bound is also how many rollout
+    # actors can be busy during a step (at 2, a third actor, or a second whose experience waits,
+    # is held back: bench/results/throughput_h200, "Eighth session").
+    gate = StalenessGate(max_staleness=max_staleness, per_step=1)
+    admitted = [queued for queued in range(6) if gate.may_admit(10, True, queued, actor_version=10)]
+    assert admitted == list(range(max_staleness))
+    # Between steps one more fits: it trains at the next version.
+    assert gate.may_admit(10, False, max_staleness, actor_version=10)
+
+
 OBJECTIVES = [
     pytest.param("sft", [], id="sft"),
     pytest.param("gto", ["gto.tree_depth=3", "gto.tree_top_k=2", "gto.tree_total_tokens=6",
