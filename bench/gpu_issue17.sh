@@ -27,7 +27,8 @@
 # ar first times the kernel's settings against SDPA alone (bench/decode_attention.py) and runs the AR lines
 # with the fastest at batch 1, span 512 (DRAFTRL_DECODE_ATTENTION_SETTINGS; set it for ar-autotune).
 # actors: bench/throughput.py --parts ray (async, GTO 32x16) on the warm drafter of an earlier mode, once per
-# rollout-side variant (ACTOR_VARIANTS, default all): two actors at max_staleness 2 (the default, this call's
+# rollout-side variant (ACTOR_VARIANTS picks names, default all; ACTOR_MINUTES: training minutes each, default
+# 1.25): two actors at max_staleness 2 (the default, this call's
 # baseline), two at 3, three at 3; then a table (actors.md). At max_staleness 2 with one experience an
 # update, admission holds an actor back while one experience waits and the learner trains; 3 lets both build.
 set -uo pipefail
