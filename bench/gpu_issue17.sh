@@ -27,10 +27,10 @@
 # ar first times the kernel's settings against SDPA alone (bench/decode_attention.py) and runs the AR lines
 # with the fastest at batch 1, span 512 (DRAFTRL_DECODE_ATTENTION_SETTINGS; set it for ar-autotune).
 # actors: bench/throughput.py --parts ray (async, GTO 32x16) on the warm drafter of an earlier mode, once per
-# rollout-side variant (ACTOR_VARIANTS picks names, default all; ACTOR_MINUTES: training minutes each, default
-# 1.25): two actors at max_staleness 2 (the default, this call's
-# baseline), two at 3, three at 3; then a table (actors.md). At max_staleness 2 with one experience an
-# update, admission holds an actor back while one experience waits and the learner trains; 3 lets both build.
+# rollout-side variant: two actors at max_staleness 2 (the defaults: this call's baseline), two at 3, three at
+# 3; then a table (actors.md, bench/actor_table.py). ACTOR_VARIANTS="two_s2 three_s3" picks lines; ACTOR_MINUTES
+# the training minutes of each (1.25). At max_staleness 2 with one experience an update, admission holds an
+# actor back while one experience waits and the learner trains; 3 lets both build.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
