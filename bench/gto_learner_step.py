@@ -149,7 +149,8 @@ def measure(args, session, exp, replay: str, vocab_loss: str, attention: str
     logprob = replay_only(full)
     grad = _gradient(drafter)
     row = {"replay": replay, "vocab_loss": vocab_loss, "attention": attention, "step_ms": step_ms,
-           "replay_ms": replay_ms, "peak_gib": peak, "loss": float(loss), "chains": exp.index.numel(), "mean_path_length": float(exp.path_length.float().mean()),
+           "replay_ms": replay_ms, "peak_gib": peak, "loss": float(loss), "chains": exp.index.numel(),
+           "mean_path_length": float(exp.path_length.float().mean()),
            "check_path_length": int(exp.path_ids.shape[1])}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -235,7 +236,8 @@ def markdown(result: dict[str, Any]) -> str:
         replay_cell = ("no accepted path" if replay is None
                        else f"{replay['median']:.1f} ({replay['min']:.1f}-{replay['max']:.1f})")
         lines.append(
-            f"| {row['replay']} | {row['vocab_loss']} | {row['attention']} | {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
+            f"| {row['replay']} | {row['vocab_loss']} | {row['attention']} "
+            f"| {step['median']:.1f} ({step['min']:.1f}-{step['max']:.1f}) "
             f"| {replay_cell} "
             f"| {row.get('step_speedup', 1.0):.2f}x | {peak} "
             f"| {row.get('logprob_max_abs_diff', 0.0):.2e} | {row.get('grad_rel_diff', 0.0):.2e} "

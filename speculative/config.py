@@ -424,16 +424,16 @@ class TrainingConfig(AliasedSection):
                                      validation_alias=_aliased("TrainingConfig", "step_weight_decay"))
     attention: Literal["dense", "flex", "sdpa"] = Field(
         TTT_ATTENTION_DEFAULT, description="TTT attention: the dense fp32 reference, FlexAttention on packed "
-        "sequences (CUDA only: torch has no FlexAttention backward on CPU), or sdpa (torch's fused causal kernel with "
-        "its log-normaliser for the step-1 keys, the later steps' diagonal merged by log-sum-exp: no "
+        "sequences (CUDA only: torch has no FlexAttention backward on CPU), or sdpa (torch's fused causal "
+        "kernel with its log-normaliser for the step-1 keys, the later steps' diagonal merged by log-sum-exp: no "
         "[B, heads, T, T] tensor, the GTO learner step 1.39x faster on an H200; right-padded rows; a drafter "
         "with a sliding window uses dense; speculative/sdpa_ttt.py)",
     )
     vocab_loss: Literal["fused", "dense"] = Field(
         TTT_VOCAB_LOSS_DEFAULT, description="TTT's per-step KL over the draft vocabulary: fused (the lm_head "
         "and the KL in row blocks at the supervised rows only, Triton on CUDA: no [B, T, V] tensor; "
-        "speculative/vocab_kl.py) or "
-        "dense (whole-tensor log-softmaxes: the reference, for A/B timing). Same loss and gradient",
+        "speculative/vocab_kl.py) or dense (whole-tensor log-softmaxes: the reference, for A/B timing). "
+        "Same loss and gradient",
     )
     batch_size: int = Field(4, ge=1)
     group_by_length: bool = Field(

@@ -5,8 +5,8 @@ Step k of the unroll attends the step-1 keys causally and steps 2..k's keys on t
 scores, masks, softmaxes and their gradients at every step: most of a GTO learner step's memory
 traffic. Here the causal part is one fused kernel that also returns its log-normaliser (flash
 attention for bf16/fp16 on CUDA, memory-efficient attention for fp32 on CUDA and where flash
-refuses the GPU or head size, the CPU flash kernel
-on CPU), and the k-1 diagonal scores are merged with it by log-sum-exp:
+refuses the GPU or head size, the CPU flash kernel on CPU), and the k-1 diagonal scores are
+merged with it by log-sum-exp:
 
     out = w_0 * o_causal + sum_j w_j * v_j,   w = softmax([lse_causal, d_1, ..., d_{k-1}])
 
@@ -120,10 +120,9 @@ class SdpaTTTCache:
         if sliding_window is not None:
             raise ValueError(f"training.attention 'sdpa' has no sliding window (the drafter's is {sliding_window}); "
                              "use 'dense' or 'flex'")
-        if key_padding_mask is not None:
-            if not right_padded(key_padding_mask):
-                raise ValueError("training.attention 'sdpa' needs right-padded rows (real tokens first); "
-                                 "use 'dense' for other masks")
+        if key_padding_mask is not None and not right_padded(key_padding_mask):
+            raise ValueError("training.attention 'sdpa' needs right-padded rows (real tokens first); "
+                             "use 'dense' for other masks")
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
