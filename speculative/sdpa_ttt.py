@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from speculative import ttt_merge_kernel
 from speculative.flex_ttt import right_padded
 
 aten = torch.ops.aten
@@ -73,20 +74,21 @@ def _causal_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 class _CausalPlusDiagonal(torch.autograd.Function):
     """softmax over [causal step-1 keys ; one diagonal key per later step] for every query.
 
-    Arguments: scale, q, k0, v0, then the later steps' keys and their values (as many of each)."""
+    Arguments: scale, q, k0, v0, then the later steps' keys and their values (as many of each).
+    The merge with the diagonal keys runs by ``speculative.ttt_merge_kernel`` where its gate
+    passes (CUDA), else by the same arithmetic in torch ops."""
 
     @staticmethod
     def forward(ctx, scale, q, k0, v0, *later):
         diagonal_keys, diagonal_values = later[: len(later) // 2], later[len(later) // 2:]
         causal_out, causal_lse, state = _causal_forward(q, k0, v0, scale)
-        wide = torch.promote_types(q.dtype, torch.float32)  # the merge's precision: fp32 at least
-        qf = q.to(wide)
-        scores = [causal_lse.to(wide)] + [(qf * key.to(wide)).sum(-1) * scale for key in diagonal_keys]
-        weights = torch.softmax(torch.stack(scores), dim=0)  # [1 + later steps, B, H, T]
-        out = weights[0, ..., None] * causal_out.to(wide)
-        for j, value in enumerate(diagonal_values, start=1):
-            out = out + weights[j, ..., None] * value.to(wide)
-        out = out.to(q.dtype)
+        ctx.kernel = ttt_merge_kernel.wanted(q)
+        if ctx.kernel:
+            out, weights = ttt_merge_kernel.kernel_merge(q, causal_out, causal_lse, _stacked(diagonal_keys, q),
+                                                         _stacked(diagonal_values, q), scale)
+        else:
+            out, weights = ttt_merge_kernel.torch_merge(q, causal_out, causal_lse, diagonal_keys, diagonal_values,
+                                                        scale)
         ctx.save_for_backward(q, k0, v0, out, weights, *later)
         ctx.state, ctx.scale = state, scale
         return out
@@ -95,20 +97,22 @@ class _CausalPlusDiagonal(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k0, v0, out, weights, *later = ctx.saved_tensors
         diagonal_keys, diagonal_values = later[: len(later) // 2], later[len(later) // 2:]
-        wide = weights.dtype
-        scale, grad = ctx.scale, grad_out.to(wide)
-        causal_grad = (weights[0, ..., None] * grad).to(q.dtype).contiguous()
-        dq, dk0, dv0 = _causal_backward(causal_grad, q, k0, v0, out, ctx.state, scale)
-        dq = dq.to(wide)
-        grad_dot_out = (grad * out.to(wide)).sum(-1)
-        qf = q.to(wide)
-        dkeys, dvalues = [], []
-        for j, (key, value) in enumerate(zip(diagonal_keys, diagonal_values), start=1):
-            score_grad = weights[j] * ((grad * value.to(wide)).sum(-1) - grad_dot_out) * scale
-            dq = dq + score_grad[..., None] * key.to(wide)
-            dkeys.append((score_grad[..., None] * qf).to(key.dtype))
-            dvalues.append((weights[j, ..., None] * grad).to(value.dtype))
-        return (None, dq.to(q.dtype), dk0, dv0, *dkeys, *dvalues)
+        causal_grad = (weights[0, ..., None] * grad_out.to(weights.dtype)).to(q.dtype).contiguous()
+        causal_dq, dk0, dv0 = _causal_backward(causal_grad, q, k0, v0, out, ctx.state, ctx.scale)
+        if ctx.kernel:
+            dq, dkeys, dvalues = ttt_merge_kernel.kernel_merge_backward(
+                grad_out, q, out, weights, _stacked(diagonal_keys, q), _stacked(diagonal_values, q), causal_dq,
+                ctx.scale)
+            dkeys, dvalues = dkeys.unbind(0), dvalues.unbind(0)
+        else:
+            dq, dkeys, dvalues = ttt_merge_kernel.torch_merge_backward(
+                grad_out, q, out, weights, diagonal_keys, diagonal_values, causal_dq, ctx.scale)
+        return (None, dq, dk0, dv0, *dkeys, *dvalues)
+
+
+def _stacked(tensors, like: torch.Tensor) -> torch.Tensor:
+    """[J, *like.shape] (J may be 0): the kernel reads the diagonal keys or values as one tensor."""
+    return torch.stack(tensors) if tensors else like.new_empty(0, *like.shape)
 
 
 class SdpaTTTCache:

@@ -167,6 +167,49 @@ for kernel in (False, True):
     steps.append(fused(ids[:, :1], positions, cache, positions, mask, visible=positions[:, 0] + 1).logits)
 torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
 
+# the sdpa TTT attention's merge with the diagonal keys: forward and backward against the torch code
+# (rows of strided views, no diagonal key, a head size that is not a power of two), then the cache
+# with the kernel against the dense fp32 reference over a 4-step unroll
+from speculative import ttt_merge_kernel
+assert ttt_merge_kernel._check(torch.device("cpu")) is None
+for shape, diagonals, dtype in [((2, 3, 11, 16), 3, torch.float32), ((1, 2, 5, 64), 0, torch.bfloat16),
+                                ((1, 1, 40, 80), 2, torch.float32), ((2, 2, 9, 64), 4, torch.bfloat16)]:
+    def rand():
+        return torch.randn(*shape, generator=generator).to(dtype)
+    q, grad, causal_dq = rand(), rand(), rand()
+    causal_out = rand().transpose(1, 2).contiguous().transpose(1, 2)  # the flash kernel's [B, T, H, d] memory
+    lse = torch.randn(shape[0], shape[1], shape[2] + 3, generator=generator)[..., : shape[2]]  # a padded row's view
+    keys, values = [rand() for _ in range(diagonals)], [rand() for _ in range(diagonals)]
+    stack = (lambda ts: torch.stack(ts) if ts else q.new_empty(0, *shape))
+    want_out, want_weights = ttt_merge_kernel.torch_merge(q, causal_out, lse, keys, values, 0.3)
+    out, weights = ttt_merge_kernel.kernel_merge(q, causal_out, lse, stack(keys), stack(values), 0.3)
+    assert out.dtype == dtype and weights.shape == (1 + diagonals, *shape[:3])
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, want_out, **tolerance)
+    torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
+    want = ttt_merge_kernel.torch_merge_backward(grad, q, want_out, want_weights, keys, values, causal_dq, 0.3)
+    got = ttt_merge_kernel.kernel_merge_backward(grad.transpose(1, 2).contiguous().transpose(1, 2), q, want_out,
+                                                 want_weights, stack(keys), stack(values), causal_dq, 0.3)
+    torch.testing.assert_close(got[0], want[0], **tolerance)
+    torch.testing.assert_close(got[1], stack(want[1]), **tolerance)
+    torch.testing.assert_close(got[2], stack(want[2]), **tolerance)
+from speculative.sdpa_ttt import SdpaTTTCache
+from speculative.ttt import TTTCache
+ttt_merge_kernel.wanted = lambda like: True  # the cache's merge by the kernel on this CPU
+mask = torch.tensor([[1] * 21, [1] * 8 + [0] * 13])
+steps = [[torch.randn(2, 3, 21, 16, generator=generator, requires_grad=True) for _ in range(3)] for _ in range(4)]
+loss_weights = [torch.randn(2, 3, 21, 16, generator=generator) * mask[:, None, :, None] for _ in range(4)]
+results = []
+for cache in (TTTCache(mask), SdpaTTTCache(mask)):
+    outs = [cache.attend(q, k, v) for q, k, v in steps]
+    loss = sum((out * weight).sum() for out, weight in zip(outs, loss_weights))
+    results.append((outs, torch.autograd.grad(loss, [t for step in steps for t in step])))
+real = mask.bool()[:, None, :, None].expand(2, 3, 21, 16)
+for expected, got in zip(results[0][0], results[1][0]):
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+for expected, got in zip(results[0][1], results[1][1]):
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
 from speculative.batch_engine import BatchGenerator
 from tests.test_batch_engine import _greedy, _prompts
 target = TargetModel(small_llama(7, layers=3))
