@@ -14,11 +14,13 @@ sequence loop, kept as the reference implementation the batched one is tested ag
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from speculative.batched_trees import BatchedTreeOptions, score_trees_at_positions
 from speculative.drafter import Eagle3Drafter
-from speculative.experience import GTOExperience, SFTExperience
+from speculative.experience import GTOExperience, SFTExperience, hidden_is_smaller, rows_read
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
 from speculative.tree import TreeConfig, tree_size
 from speculative.tree_reward import greedy_accepted_path, score_tree
@@ -106,8 +108,13 @@ def gto_experience(
     reference: Eagle3Drafter,
     drafter_version: int = 0,
     seed: int = 0,
+    shipping: bool = False,
 ) -> GTOExperience:
-    """The GTO experience of one data batch, every tree of every sequence in a few large forwards."""
+    """The GTO experience of one data batch, every tree of every sequence in a few large forwards.
+
+    ``shipping``: in the form a rollout actor ships (``SFTExperience.packed('auto')``'s). Where that
+    form carries the target's final-norm states instead of its draft-vocabulary logits, the dense
+    [B, T, Vd] logits (2 GB at 32 x 1024 tokens and 32k draft ids, in bf16) are never made."""
     gto = config.gto
     device = worker.target.device
     input_ids = batch["input_ids"].to(device)
@@ -118,18 +125,20 @@ def gto_experience(
     slots = gto.groups_per_sequence * gto.group_size
     indices, counts, groups = position_slots(windows, slots)
 
+    head = worker.draft_head()
+    read = rows_read(loss_mask, attention_mask).reshape(-1).nonzero().squeeze(-1) if shipping else None
+    ships_hidden = shipping and head is not None and hidden_is_smaller(read.numel(), head)
+    options = replace(batched_tree_options(gto), draft_logits=not ships_hidden)
     was_training = (drafter.training, reference.training)
     drafter.eval(), reference.eval()
     try:
         forward = worker.fused if gto.target_forward == "fused" else worker.fast
         trees = score_trees_at_positions(
-            forward, drafter, reference, input_ids, lengths, indices, counts,
-            worker.draft_to_target, batched_tree_options(gto),
+            forward, drafter, reference, input_ids, lengths, indices, counts, worker.draft_to_target, options,
         )
     finally:
         drafter.train(was_training[0]), reference.train(was_training[1])
 
-    head = worker.draft_head()
     sft = SFTExperience(
         input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
         aux_hidden=trees.aux_hidden, target_draft_logits=trees.target_draft_logits,
@@ -138,6 +147,12 @@ def gto_experience(
         target_hidden=None if head is None else trees.target_hidden,
         draft_head=head,
     )
+    if ships_hidden:  # packed('auto')'s result, made from the hidden states alone
+        hidden = trees.target_hidden
+        sft = replace(sft, target_draft_logits=trees.target_draft_logits.new_empty((0, head.shape[0])),
+                      logit_rows=read, target_hidden=hidden.reshape(-1, hidden.shape[-1]).index_select(0, read))
+    elif shipping:
+        sft = sft.packed()
     used = torch.arange(slots)[None] < torch.tensor(counts)[:, None]  # [B, P] on the host
     used = used.to(device)
     rows = {
@@ -267,7 +282,7 @@ def per_sequence_gto_experience(
 
 def _stack(a, b):
     """Two DraftTrees of the same node count as one batch (for one packed verification)."""
-    from dataclasses import fields as dc_fields, replace
+    from dataclasses import fields as dc_fields
 
     merged = {}
     for f in dc_fields(a):

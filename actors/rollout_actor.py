@@ -181,7 +181,7 @@ class RolloutActor:
             _synchronize(self.device)
             start = time.perf_counter()
             experience = self.worker.make_experience(
-                self.config, batch, self.drafter, self.reference, self.version, seed
+                self.config, batch, self.drafter, self.reference, self.version, seed, shipping=True
             )
             _synchronize(self.device)
             built = time.perf_counter()

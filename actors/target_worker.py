@@ -148,12 +148,15 @@ class TargetWorker:
         reference: Eagle3Drafter | None = None,
         drafter_version: int = 0,
         seed: int = 0,
+        shipping: bool = False,
     ) -> Experience:
         """The experience ``config.training.objective`` trains on, from one collated data batch.
 
         ``drafter`` is this worker's replica of the current drafter (GTO trees, OPD rollouts);
         ``reference`` the frozen reference drafter (GTO); ``seed`` makes the random choices
-        (GTO windows) a function of the step, so a resumed run repeats them.
+        (GTO windows) a function of the step, so a resumed run repeats them. ``shipping``: a
+        rollout actor's, about to pack it (``packed()``): GTO's part comes packed already, made
+        without the logits it would not ship (``gto_experience``).
         """
         objective = config.training.objective
         if objective == "sft":
@@ -166,12 +169,12 @@ class TargetWorker:
         from actors.opd_rollout import opd_experience
 
         if objective == "gto":
-            return gto_experience(self, config, batch, drafter, reference, drafter_version, seed)
+            return gto_experience(self, config, batch, drafter, reference, drafter_version, seed, shipping)
         if objective == "opd":
             return opd_experience(self, config, batch, drafter, drafter_version, seed)
         if objective == "gto_opd":
             return CombinedExperience(
-                gto=gto_experience(self, config, batch, drafter, reference, drafter_version, seed),
+                gto=gto_experience(self, config, batch, drafter, reference, drafter_version, seed, shipping),
                 opd=opd_experience(self, config, batch, drafter, drafter_version, seed),
                 drafter_version=drafter_version,
             )

@@ -75,6 +75,9 @@ class BatchedTreeOptions:
     tree_autocast: bool = False  # grow trees under bf16 autocast (the drafter's served precision)
     tree_attention: str = "eager"  # the trees' rooted attention: eager or flex (speculative.rooted_attention)
     reference_path_fp32: bool = False  # replay the reference's log q(path) in fp32 even when trees are bf16
+    # the dense [B, T, Vd] target_draft_logits; False: an empty [B, T, 0] (an experience that ships the
+    # final-norm hidden states instead, and the learner redoes the product: ``SFTExperience.packed``)
+    draft_logits: bool = True
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -91,7 +94,7 @@ class BatchedTrees:
     without a position (``indices`` padding) hold zeros."""
 
     aux_hidden: torch.Tensor  # [B, T, n_aux * H] (0 past each sequence's length)
-    target_draft_logits: torch.Tensor  # [B, T, Vd]
+    target_draft_logits: torch.Tensor  # [B, T, Vd] ([B, T, 0] unless options.draft_logits)
     target_top1: torch.Tensor  # [B, T]
     target_hidden: torch.Tensor  # [B, T, H] final-norm hidden: target_draft_logits = its lm_head at the draft ids
     reward: torch.Tensor  # [B, P]
@@ -298,7 +301,8 @@ def score_trees_at_positions(
     host_indices = indices.cpu()  # root positions known on the host: no sync to size a forward
     indices = indices.to(device)
 
-    out = _empty_result(batch, width, positions_per_seq, depth, drafter, fast, vocab_map, device)
+    out = _empty_result(batch, width, positions_per_seq, depth, drafter, fast,
+                        vocab_map.shape[0] if options.draft_logits else 0, device)
     shared = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
     order = sorted(range(batch), key=lambda b: -lengths[b])  # longest first: tight chunk widths
     for start in range(0, batch, options.sequences_per_forward):
@@ -325,7 +329,8 @@ def score_trees_at_positions(
         logits = prefill.logits[:, :copy]
         out.aux_hidden[rows, :copy] = torch.where(real[..., None], prefill.aux_hidden[:, :copy], 0)
         out.target_hidden[rows, :copy] = torch.where(real[..., None], prefill.hidden[:, :copy], 0)
-        out.target_draft_logits[rows, :copy] = torch.where(real[..., None], logits[..., vocab_map], 0)
+        if options.draft_logits:
+            out.target_draft_logits[rows, :copy] = torch.where(real[..., None], logits[..., vocab_map], 0)
         out.target_top1[rows, :copy] = torch.where(real, logits.argmax(-1), 0)
         if not used:
             continue
@@ -481,12 +486,12 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _empty_result(batch, width, positions, depth, drafter, fast, vocab_map, device) -> BatchedTrees:
+def _empty_result(batch, width, positions, depth, drafter, fast, draft_vocab: int, device) -> BatchedTrees:
     hidden = len(fast.aux_layer_ids) * fast.config.hidden_size
     per_slot = lambda dtype=torch.float32: torch.zeros(batch, positions, dtype=dtype, device=device)  # noqa: E731
     return BatchedTrees(
         aux_hidden=torch.zeros(batch, width, hidden, dtype=fast.dtype, device=device),
-        target_draft_logits=torch.zeros(batch, width, vocab_map.shape[0], dtype=fast.dtype, device=device),
+        target_draft_logits=torch.zeros(batch, width, draft_vocab, dtype=fast.dtype, device=device),
         target_top1=torch.zeros(batch, width, dtype=torch.long, device=device),
         target_hidden=torch.zeros(batch, width, fast.config.hidden_size, dtype=fast.dtype, device=device),
         reward=per_slot(), reference_reward=per_slot(), expected_length=per_slot(),

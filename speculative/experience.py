@@ -167,14 +167,8 @@ class SFTExperience(_Movable):
         return int(self.attention_mask.sum())
 
     def rows_read(self) -> torch.Tensor:
-        """[B, T] bool: the rows of ``target_draft_logits`` training-time test reads. Step k at
-        index t reads row t + k where token t + k + 1 is supervised, so row j is read exactly when
-        token j + 1 is (whatever k): the position before each supervised token. The rest (prompts,
-        padding) only ever meets a zero weight."""
-        supervised = self.loss_mask.bool() & self.attention_mask.bool()
-        read = torch.zeros_like(supervised)
-        read[:, :-1] = supervised[:, 1:]
-        return read
+        """[B, T] bool: the rows of ``target_draft_logits`` training-time test reads (``rows_read``)."""
+        return rows_read(self.loss_mask, self.attention_mask)
 
     def packed(self, form: str = "auto") -> SFTExperience:
         """The same experience with only the logit rows its loss reads (an OPD rollout: its
@@ -361,8 +355,25 @@ def _ships_hidden(form: str, rows: int, hidden: torch.Tensor | None, head: torch
         raise ValueError(f"packing form is 'auto', 'hidden' or 'logits', got {form!r}")
     if hidden is None or head is None or form == "logits":
         return False
+    return form == "hidden" or hidden_is_smaller(rows, head)
+
+
+def hidden_is_smaller(rows: int, head: torch.Tensor) -> bool:
+    """Whether ``rows`` final-norm states plus the lm_head rows ``head [Vd, H]`` are fewer numbers
+    than the rows' [rows, Vd] logits (what ``packed('auto')`` ships)."""
     vocab, width = head.shape
-    return form == "hidden" or rows * width + vocab * width < rows * vocab
+    return rows * width + vocab * width < rows * vocab
+
+
+def rows_read(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the rows of the draft-vocabulary logits training-time test reads. Step k at
+    index t reads row t + k where token t + k + 1 is supervised, so row j is read exactly when
+    token j + 1 is (whatever k): the position before each supervised token. The rest (prompts,
+    padding) only ever meets a zero weight."""
+    supervised = loss_mask.bool() & attention_mask.bool()
+    read = torch.zeros_like(supervised)
+    read[:, :-1] = supervised[:, 1:]
+    return read
 
 
 def uses_reference(objective: str) -> bool:

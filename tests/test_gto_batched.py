@@ -202,6 +202,41 @@ def test_gto_experience_ships_hidden_states_and_the_learner_gets_the_same_logits
     assert plain.sft.target_draft_logits.shape == (int(read.sum()), 40) and plain.sft.target_hidden is None
 
 
+@pytest.mark.parametrize("hidden_smaller", [True, False])
+def test_a_shipping_gto_experience_is_the_packed_one_made_without_the_dense_logits(monkeypatch, hidden_smaller):
+    """``gto_experience(shipping=True)`` (a rollout actor's) is field for field what packing the dense
+    experience gives: where the hidden states ship (forced here: at these tiny sizes the logits rows are
+    fewer numbers) it never makes the dense [B, T, Vd] logits; otherwise it packs the logits rows."""
+    import actors.gto_rollout as gto_rollout
+    from speculative import batched_trees
+
+    target = TargetModel(tiny_llama(vocab_size=96, layers=4, seed=2), aux_layer_ids=(1, 2, 3))
+    vocab = DraftVocab.from_counts(torch.rand(96, generator=torch.Generator().manual_seed(0)), 40)
+    drafter = tiny_drafter(target, vocab, seed=3)
+    config = _config(tree_depth=3, tree_top_k=4, tree_total_tokens=10, group_size=2, groups_per_sequence=4,
+                     sequences_per_forward=2, positions_per_forward=3)
+    batch = _ragged(_sequences(target, 3, 20, 3, seed=5), [20, 14, 18])
+    worker = TargetWorker(target, drafter.draft_to_target)
+    dense = gto_experience(worker, config, batch, drafter, copy.deepcopy(drafter), seed=9)
+    monkeypatch.setattr(gto_rollout, "hidden_is_smaller", lambda rows, head: hidden_smaller)
+    made = []
+    scorer = batched_trees.score_trees_at_positions
+    monkeypatch.setattr(gto_rollout, "score_trees_at_positions",
+                        lambda *args: made.append(args[-1].draft_logits) or scorer(*args))
+    shipped = gto_experience(worker, config, batch, drafter, copy.deepcopy(drafter), seed=9, shipping=True)
+    assert made == [not hidden_smaller]
+    want = dense.packed("hidden" if hidden_smaller else "logits")
+    assert (want.sft.target_hidden is not None) == hidden_smaller
+    for name, value in [(f.name, getattr(want, f.name)) for f in dataclasses.fields(want) if f.name != "sft"] + \
+            [(f"sft.{f.name}", getattr(want.sft, f.name)) for f in dataclasses.fields(want.sft)]:
+        got = getattr(shipped.sft, name[4:]) if name.startswith("sft.") else getattr(shipped, name)
+        if isinstance(value, torch.Tensor):
+            assert got.dtype == value.dtype and torch.equal(got, value), name
+        else:
+            assert got == value, name
+    assert shipped.packed().sft is shipped.sft  # nothing left to pack
+
+
 def test_batch_without_any_window_gives_the_same_empty_experience(pair):
     target, drafter, reference = pair
     config = _config(tree_depth=3, tree_top_k=2, tree_total_tokens=5, group_size=4, groups_per_sequence=2)
