@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|ab|ar|ar-autotune|ar-fp32]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|ab|ar|ar-autotune|ar-fp32]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -31,6 +31,11 @@
 # 3; then a table (actors.md, bench/actor_table.py). ACTOR_VARIANTS="two_s2 three_s3" picks lines; ACTOR_MINUTES
 # the training minutes of each (1.25). At max_staleness 2 with one experience an update, admission holds an
 # actor back while one experience waits and the learner trains; 3 lets both build.
+# versions: the same measurements at an older checkout of this repository (OLD_TREE: a folder holding it, e.g.
+# git archive of a commit unpacked under .kit/old and carried) and at this tree, old first, on one machine:
+# VERSION_PARTS of "learner" (bench/gto_learner_step.py, rooted replay, sdpa attention, 32x16), "gto"
+# (bench/gto_throughput.py at 32x16) and "ray" (bench/throughput.py --parts ray, async, as the actors mode's
+# two_s2); default "learner gto". On the warm drafter of an earlier mode, else one warmed first. Table: versions.md.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -150,6 +155,70 @@ if [ "$which" = actors ]; then
   actor_line three_s3 distributed.num_rollout_actors=3 distributed.gpus_per_rollout_actor=0.2 distributed.max_staleness=3
   runs=(); for name in two_s2 two_s3 three_s3; do [ -f "/tmp/actors/$name/summary.json" ] && runs+=("/tmp/actors/$name/summary.json"); done
   python3 bench/actor_table.py "$out" ${runs[@]+"${runs[@]}"}
+  ls -la "$out"
+  exit 0
+fi
+if [ "$which" = versions ]; then
+  old_tree=${OLD_TREE:?OLD_TREE: a folder holding the older checkout}
+  [ -d /tmp/tp/warm_drafter ] || python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill \
+    --total-minutes 3 > "$out/throughput.log" 2>&1
+  here=$PWD
+  for part in ${VERSION_PARTS:-learner gto}; do
+    for version in old new; do
+      tree=$here; [ "$version" = old ] && tree=$old_tree
+      dir=/tmp/versions/${version}_$part
+      case $part in
+        learner) (cd "$tree" && PYTHONPATH=/tmp/kit/site:$PWD timeout 200 python3 bench/gto_learner_step.py "${data[@]}" \
+                    --drafter /tmp/tp/warm_drafter --max-records 600 --batch-size 32 --chunk 32x16 --precision bf16 \
+                    --replays rooted --attentions sdpa --warmup 3 --reps 10 --out "$dir") >> "$out/versions.log" 2>&1;;
+        gto) (cd "$tree" && PYTHONPATH=/tmp/kit/site:$PWD timeout 200 python3 bench/gto_throughput.py "${data[@]}" \
+                --drafter /tmp/tp/warm_drafter --max-records 600 --batch-sizes 32 --chunks 32x16 --precisions bf16 \
+                --old-batch-size 0 --batches 4 --ceiling-batches 32,64 --out "$dir") >> "$out/versions.log" 2>&1;;
+        ray) (cd "$tree" && PYTHONPATH=/tmp/kit/site:$PWD timeout 200 python3 bench/throughput.py "${data[@]}" \
+                --drafter /tmp/tp/warm_drafter --out "$dir" --parts ray --ray-modes async --train-minutes 1.25 \
+                --total-minutes 3.0) >> "$out/versions.log" 2>&1;;
+      esac
+      echo "$version $part exit $?" >> "$out/versions.log"
+    done
+  done
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+out, root = pathlib.Path(sys.argv[1]), pathlib.Path("/tmp/versions")
+def load(name, file):
+    path = root / name / file
+    return json.loads(path.read_text()) if path.exists() else None
+lines, rows = ["| part | measure | old | new | new / old |", "|---|---|---|---|---|"], {}
+def add(part, measure, old, new, better_lower):
+    rows[f"{part}/{measure}"] = {"old": old, "new": new}
+    ratio = "-" if not (old and new) else f"{(old / new if better_lower else new / old):.3f}x faster"
+    cell = lambda v: "-" if v is None else f"{v:.4g}"
+    lines.append(f"| {part} | {measure} | {cell(old)} | {cell(new)} | {ratio} |")
+step = [load(f"{v}_learner", "gto_learner_step.json") for v in ("old", "new")]
+if any(step):
+    get = lambda r, key: None if r is None else r["rows"][0][key]["median"] if r["rows"][0].get(key) else None
+    add("learner", "step ms (median)", get(step[0], "step_ms"), get(step[1], "step_ms"), True)
+    add("learner", "replay ms (median)", get(step[0], "replay_ms"), get(step[1], "replay_ms"), True)
+    peak = [None if r is None else r["rows"][0]["peak_gib"] for r in step]
+    add("learner", "peak GiB", *peak, True)
+gto = [load(f"{v}_gto", "gto_throughput.json") for v in ("old", "new")]
+if any(gto):
+    best = [None if r is None else max((x for x in r["rows"] if x["path"] == "batched"), key=lambda x: x["tok_s"]) for r in gto]
+    add("gto", "tok/s", *[None if b is None else b["tok_s"] for b in best], False)
+    add("gto", "s / batch", *[None if b is None else b["seconds_per_batch"] for b in best], True)
+    add("gto", "peak GiB", *[None if b is None else b["peak_gb"] for b in best], True)
+ray = [load(f"{v}_ray", "summary.json") for v in ("old", "new")]
+if any(ray):
+    runs = [None if r is None else r.get("ray", {}).get("async") for r in ray]
+    for key, lower in (("updates_per_s", False), ("learner_busy", False), ("learner_step_s", True)):
+        add("ray", key, *[None if r is None or "error" in r else r.get(key) for r in runs], lower)
+    build = [None if r is None or "error" in r else r.get("breakdown", {}).get("rollout_build_s") for r in runs]
+    add("ray", "rollout_build_s", *build, True)
+(out / "versions.md").write_text("\n".join(lines) + "\n"); (out / "versions.json").write_text(json.dumps(rows, indent=1))
+print("\n".join(lines))
+PY
+  for name in old_learner new_learner; do cp "/tmp/versions/$name/gto_learner_step.json" "$out/${name}.json" 2>/dev/null; done
+  for name in old_gto new_gto; do cp "/tmp/versions/$name/gto_throughput.json" "$out/${name}.json" 2>/dev/null; done
+  for name in old_ray new_ray; do cp "/tmp/versions/$name/summary.json" "$out/${name}_summary.json" 2>/dev/null; done
   ls -la "$out"
   exit 0
 fi
