@@ -67,12 +67,6 @@ def torch_merge_backward(grad: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
 
 if triton is not None:
     # (no ``from __future__ import annotations`` in this module: Triton reads the tl.constexpr ones)
-    def _row_offsets(rows, length, heads, stride_b, stride_h, stride_t):
-        """Element offsets of rows (b * heads + h) * length + t of a [B, heads, T, d] view."""
-        t = rows % length
-        bh = rows // length
-        return (bh // heads) * stride_b + (bh % heads) * stride_h + t * stride_t
-
     def _merge_forward(q_ptr, o_ptr, lse_ptr, k_ptr, v_ptr, out_ptr, score_ptr, norm_ptr,
                        rows_total, length, heads, diagonals, scale,
                        q_sb, q_sh, q_st, o_sb, o_sh, o_st, l_sb, l_sh, l_st,
@@ -81,11 +75,13 @@ if triton is not None:
         column = tl.arange(0, BLOCK_D)
         live_row = rows < rows_total
         live = live_row[:, None] & (column[None, :] < DIM)
-        q = tl.load(q_ptr + _row_offsets(rows, length, heads, q_sb, q_sh, q_st)[:, None] + column[None, :],
+        # row (b * heads + h) * length + t of the [B, heads, T, d] views, which may be strided
+        t, b, h = rows % length, rows // length // heads, rows // length % heads
+        q = tl.load(q_ptr + (b * q_sb + h * q_sh + t * q_st)[:, None] + column[None, :],
                     mask=live, other=0.0).to(tl.float32)
-        acc = tl.load(o_ptr + _row_offsets(rows, length, heads, o_sb, o_sh, o_st)[:, None] + column[None, :],
+        acc = tl.load(o_ptr + (b * o_sb + h * o_sh + t * o_st)[:, None] + column[None, :],
                       mask=live, other=0.0).to(tl.float32)
-        best = tl.load(lse_ptr + _row_offsets(rows, length, heads, l_sb, l_sh, l_st), mask=live_row,
+        best = tl.load(lse_ptr + b * l_sb + h * l_sh + t * l_st, mask=live_row,
                        other=0.0).to(tl.float32)  # the running maximum starts at the causal block's score
         total = tl.full([ROWS], 1.0, tl.float32)  # sum of exp(score - best): the causal block's term
         dense = rows[:, None] * DIM + column[None, :]  # the stacked keys/values and the output: contiguous rows
@@ -112,11 +108,12 @@ if triton is not None:
         live_row = rows < rows_total
         live = live_row[:, None] & (column[None, :] < DIM)
         dense = rows[:, None] * DIM + column[None, :]
-        grad = tl.load(grad_ptr + _row_offsets(rows, length, heads, g_sb, g_sh, g_st)[:, None] + column[None, :],
+        t, b, h = rows % length, rows // length // heads, rows // length % heads
+        grad = tl.load(grad_ptr + (b * g_sb + h * g_sh + t * g_st)[:, None] + column[None, :],
                        mask=live, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + dense, mask=live, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + dense, mask=live, other=0.0).to(tl.float32)
-        dq = tl.load(cdq_ptr + _row_offsets(rows, length, heads, c_sb, c_sh, c_st)[:, None] + column[None, :],
+        dq = tl.load(cdq_ptr + (b * c_sb + h * c_sh + t * c_st)[:, None] + column[None, :],
                      mask=live, other=0.0).to(tl.float32)
         grad_dot_out = tl.sum(grad * out, axis=1)
         for j in range(diagonals):
