@@ -35,7 +35,9 @@
 # git archive of a commit unpacked under .kit/old and carried) and at this tree, old first, on one machine:
 # VERSION_PARTS of "learner" (bench/gto_learner_step.py, rooted replay, sdpa attention, 32x16), "gto"
 # (bench/gto_throughput.py at 32x16) and "ray" (bench/throughput.py --parts ray, async, as the actors mode's
-# two_s2); default "learner gto". On the warm drafter of an earlier mode, else one warmed first. Table: versions.md.
+# two_s2); default "learner gto". On the warm drafter of an earlier mode, else one warmed first. Table
+# (bench/version_table.py): versions.md over every part run on this machine; the raw reports come back for this
+# call's parts only (two parts a call at most: at most 8 files come back).
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -181,44 +183,17 @@ if [ "$which" = versions ]; then
       echo "$version $part exit $?" >> "$out/versions.log"
     done
   done
-  python3 - "$out" <<'PY'
-import json, pathlib, sys
-out, root = pathlib.Path(sys.argv[1]), pathlib.Path("/tmp/versions")
-def load(name, file):
-    path = root / name / file
-    return json.loads(path.read_text()) if path.exists() else None
-lines, rows = ["| part | measure | old | new | new / old |", "|---|---|---|---|---|"], {}
-def add(part, measure, old, new, better_lower):
-    rows[f"{part}/{measure}"] = {"old": old, "new": new}
-    ratio = "-" if not (old and new) else f"{(old / new if better_lower else new / old):.3f}x faster"
-    cell = lambda v: "-" if v is None else f"{v:.4g}"
-    lines.append(f"| {part} | {measure} | {cell(old)} | {cell(new)} | {ratio} |")
-step = [load(f"{v}_learner", "gto_learner_step.json") for v in ("old", "new")]
-if any(step):
-    get = lambda r, key: None if r is None else r["rows"][0][key]["median"] if r["rows"][0].get(key) else None
-    add("learner", "step ms (median)", get(step[0], "step_ms"), get(step[1], "step_ms"), True)
-    add("learner", "replay ms (median)", get(step[0], "replay_ms"), get(step[1], "replay_ms"), True)
-    peak = [None if r is None else r["rows"][0]["peak_gib"] for r in step]
-    add("learner", "peak GiB", *peak, True)
-gto = [load(f"{v}_gto", "gto_throughput.json") for v in ("old", "new")]
-if any(gto):
-    best = [None if r is None else max((x for x in r["rows"] if x["path"] == "batched"), key=lambda x: x["tok_s"]) for r in gto]
-    add("gto", "tok/s", *[None if b is None else b["tok_s"] for b in best], False)
-    add("gto", "s / batch", *[None if b is None else b["seconds_per_batch"] for b in best], True)
-    add("gto", "peak GiB", *[None if b is None else b["peak_gb"] for b in best], True)
-ray = [load(f"{v}_ray", "summary.json") for v in ("old", "new")]
-if any(ray):
-    runs = [None if r is None else r.get("ray", {}).get("async") for r in ray]
-    for key, lower in (("updates_per_s", False), ("learner_busy", False), ("learner_step_s", True)):
-        add("ray", key, *[None if r is None or "error" in r else r.get(key) for r in runs], lower)
-    build = [None if r is None or "error" in r else r.get("breakdown", {}).get("rollout_build_s") for r in runs]
-    add("ray", "rollout_build_s", *build, True)
-(out / "versions.md").write_text("\n".join(lines) + "\n"); (out / "versions.json").write_text(json.dumps(rows, indent=1))
-print("\n".join(lines))
-PY
-  for name in old_learner new_learner; do cp "/tmp/versions/$name/gto_learner_step.json" "$out/${name}.json" 2>/dev/null; done
-  for name in old_gto new_gto; do cp "/tmp/versions/$name/gto_throughput.json" "$out/${name}.json" 2>/dev/null; done
-  for name in old_ray new_ray; do cp "/tmp/versions/$name/summary.json" "$out/${name}_summary.json" 2>/dev/null; done
+  reports=()
+  for part in learner gto ray; do
+    file=gto_learner_step.json; [ $part = gto ] && file=gto_throughput.json; [ $part = ray ] && file=summary.json
+    for version in old new; do
+      name=${version}_$part; [ $part = ray ] && name=${version}_ray_summary
+      [ -f "/tmp/versions/${version}_$part/$file" ] || continue
+      cp "/tmp/versions/${version}_$part/$file" "/tmp/versions/$name.json"; reports+=("/tmp/versions/$name.json")
+      [[ " ${VERSION_PARTS:-learner gto} " == *" $part "* ]] && cp "/tmp/versions/$name.json" "$out/"
+    done
+  done
+  python3 bench/version_table.py "$out" ${reports[@]+"${reports[@]}"}
   ls -la "$out"
   exit 0
 fi
