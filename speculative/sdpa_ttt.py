@@ -82,7 +82,7 @@ class _CausalPlusDiagonal(torch.autograd.Function):
     def forward(ctx, scale, q, k0, v0, *later):
         diagonal_keys, diagonal_values = later[: len(later) // 2], later[len(later) // 2:]
         causal_out, causal_lse, state = _causal_forward(q, k0, v0, scale)
-        ctx.kernel = ttt_merge_kernel.wanted(q)
+        ctx.kernel = ttt_merge_kernel.wanted(q) and ttt_merge_kernel.fits(q, len(diagonal_keys))
         if ctx.kernel:
             out, weights = ttt_merge_kernel.kernel_merge(q, causal_out, causal_lse, _stacked(diagonal_keys, q),
                                                          _stacked(diagonal_values, q), scale)

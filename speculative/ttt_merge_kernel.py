@@ -156,6 +156,8 @@ def kernel_merge(q: torch.Tensor, causal_out: torch.Tensor, causal_lse: torch.Te
     _check_rows(q, values)
     batch, heads, length, dim = q.shape
     rows = batch * heads * length
+    if causal_out.stride(-1) != 1:
+        causal_out = causal_out.contiguous()
     out = torch.empty_like(q)
     scores = torch.empty(1 + keys.shape[0], batch, heads, length, dtype=torch.float32, device=q.device)
     scores[0] = causal_lse
@@ -179,6 +181,7 @@ def kernel_merge_backward(grad: torch.Tensor, q: torch.Tensor, out: torch.Tensor
         raise ValueError("the TTT merge kernel's backward needs the merged output and the weights contiguous")
     batch, heads, length, dim = q.shape
     rows = batch * heads * length
+    grad, causal_dq = (t if t.stride(-1) == 1 else t.contiguous() for t in (grad, causal_dq))  # e.g. expanded
     dq = torch.empty_like(q)
     dkeys, dvalues = torch.empty_like(keys), torch.empty_like(values)
     if rows:
@@ -212,6 +215,13 @@ def _check(device: torch.device) -> str | None:
         if error > 0.02 * max(b.float().abs().max().item(), 1e-3):
             return f"differs by {error:.3g}"
     return None
+
+
+def fits(q: torch.Tensor, diagonals: int) -> bool:
+    """Whether the kernels' element offsets into the stacked keys (key j's plane starts at
+    j * q.numel(), int32 arithmetic) stay below 2**31 for ``diagonals`` keys like ``q``; larger
+    shapes take the torch code."""
+    return (diagonals + 1) * q.numel() < 2**31
 
 
 # Whether the merge runs by the kernels on a tensor's device: on CUDA unless ``DRAFTRL_TTT_MERGE=torch``

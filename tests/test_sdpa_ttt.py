@@ -116,3 +116,13 @@ def test_gpu_kernel_choice_falls_back_and_names_the_way_out(monkeypatch):
         _scaled_dot_product_flash_attention=no_kernel, _scaled_dot_product_efficient_attention=no_kernel))
     with pytest.raises(RuntimeError, match="use training.attention 'dense'"):
         sdpa_ttt._causal_forward(q, q, q, 0.3)
+
+
+def test_the_merge_kernel_takes_only_shapes_whose_offsets_fit_int32():
+    """``ttt_merge_kernel.fits``: key j's plane starts at j * q.numel() in the kernels' int32 offsets;
+    past 2**31 the sdpa cache merges with the torch code."""
+    from speculative.ttt_merge_kernel import fits
+
+    q = torch.empty(2**20, 2**10, device="meta")  # 2**30 elements
+    assert fits(q, 0) and not fits(q, 1)
+    assert fits(torch.empty(32, 9, 1024, 64, device="meta"), 6)  # the H200 GTO learner's shape, 7 steps

@@ -193,6 +193,11 @@ for shape, diagonals, dtype in [((2, 3, 11, 16), 3, torch.float32), ((1, 2, 5, 6
     torch.testing.assert_close(got[0], want[0], **tolerance)
     torch.testing.assert_close(got[1], stack(want[1]), **tolerance)
     torch.testing.assert_close(got[2], stack(want[2]), **tolerance)
+    flat = torch.randn(*shape[:-1], 1, generator=generator).to(dtype).expand(shape)  # a gradient of stride 0 along d
+    want = ttt_merge_kernel.torch_merge_backward(flat, q, want_out, want_weights, keys, values, causal_dq, 0.3)
+    got = ttt_merge_kernel.kernel_merge_backward(flat, q, want_out, want_weights, stack(keys), stack(values),
+                                                 causal_dq, 0.3)
+    torch.testing.assert_close(got[0], want[0], **tolerance)
 from speculative.sdpa_ttt import SdpaTTTCache
 from speculative.ttt import TTTCache
 ttt_merge_kernel.wanted = lambda like: True  # the cache's merge by the kernel on this CPU
