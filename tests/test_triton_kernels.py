@@ -6,6 +6,7 @@ before Triton is imported, so in a subprocess). ``speculative.kernel_gate`` deci
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,12 @@ for vocab, block, k, dtype in [(32000, 256, 10, torch.bfloat16), (10007, 128, 3,
     got = top_k_in_blocks(logits, blocks, block)
     assert torch.equal(got, _top_k_in_blocks(logits, maxima, k, block)), (vocab, k)
     assert torch.equal(got, torch.topk(logits, k, dim=-1).indices), (vocab, k)
+    # and the block maxima and log-normaliser that choose those blocks, in one read (tests/test_vocab_topk.py
+    # has the kernel's own cases; here its launches are recorded for the compile test below)
+    from speculative.block_stats_kernel import block_stats
+    got_maxima, got_lse = block_stats(logits, block)
+    assert torch.equal(got_maxima, maxima.to(dtype)), (vocab, block)
+    torch.testing.assert_close(got_lse, torch.logsumexp(logits.float(), -1, keepdim=True), atol=1e-4, rtol=1e-5)
 
 # RoPE on merged q/k/v rows, in place, from the table by position
 for heads, kv_heads, dim, dtype in [(9, 3, 64, torch.bfloat16), (4, 2, 16, torch.float32), (3, 1, 8, torch.bfloat16)]:
@@ -226,14 +233,39 @@ print("kernels ok")
 """
 
 
-def test_kernels_equal_the_torch_code_under_the_interpreter():
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """The interpreter script's run, its launches recorded (``tests/kernel_launches.py``)."""
     pytest.importorskip("triton")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=repo)
+    launches = tmp_path_factory.mktemp("kernels") / "launches.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    script = f"import tests.kernel_launches as k; k.record({str(launches)!r})\n" + _INTERPRETED
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    return done, launches
+
+
+def test_kernels_equal_the_torch_code_under_the_interpreter(interpreted):
+    done, _ = interpreted
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert "kernels ok" in done.stdout
+
+
+def test_every_launch_the_interpreter_ran_compiles_for_an_h200(interpreted):
+    """What the interpreter accepts and the compiler refuses (a plain Python helper called from a
+    kernel did, once) fails here, on a CPU: each recorded launch compiled for sm_90, PTX and cubin."""
+    done, launches = interpreted
+    assert done.returncode == 0 and launches.exists(), done.stderr[-3000:]
+    names = {launch["name"] for launch in json.loads(launches.read_text())}
+    assert {"_argmax_lse", "_kl_forward", "_kl_backward", "_block_stats", "_top_k_in_blocks", "_rope_rows",
+            "_decode_rows", "_merge_splits", "_merge_forward", "_merge_backward"} <= names, names
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
+    compiled = subprocess.run([sys.executable, "-m", "tests.kernel_launches", str(launches), "90"], env=env,
+                              capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert compiled.returncode == 0, compiled.stdout[-6000:] + compiled.stderr[-3000:]
 
 
 def test_decode_attention_settings_from_the_environment():
