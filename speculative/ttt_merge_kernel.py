@@ -7,13 +7,14 @@ merged by log-sum-exp with the k-1 diagonal keys (one key per query row a later 
 
 In torch that merge is a string of elementwise passes over [B, heads, T, d] per diagonal key (a
 cast of the key, a product, a sum; a cast of the value, a product, an add), and about twice as many
-in the backward; over a 7-step unroll that is 21 keys of each. On an H200 GTO learner step (32
-sequences of 1024 tokens, 9 heads of 64) those passes took about a tenth of the step. Here one
-program reads a block of query rows once: q, the causal output and its log-normaliser, and each
-diagonal key and value, and writes the merged output (a single online softmax over the keys); the
-backward reads the gradient, the merged output, q, the causal block's dq and the keys and values
-once, and writes dq and each key's and value's gradient. The arithmetic is the torch code's, in
-fp32, up to the order of its sums.
+in the backward; over a 7-step unroll that is 21 keys of each, every pass over [32, 9, 1024, 64]
+in a GTO learner step of SmolLM2's drafter. Here one program reads a block of query rows once: q,
+the causal output and its log-normaliser, and each diagonal key and value, and writes the merged
+output (a single online softmax over the keys); the backward reads the gradient, the merged output,
+q, the causal block's dq and the keys and values once, and writes dq and each key's and value's
+gradient. The arithmetic is the torch code's, in
+fp32, up to the order of its sums. With the drafter's fused RMSNorm, an H200 GTO learner step went
+from 171 to 145 ms (``bench/results/throughput_h200/ninth_versions/run2``).
 
 On CUDA the kernels are compiled by Triton; on CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported: slow, for tests).
