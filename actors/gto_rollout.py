@@ -20,7 +20,7 @@ import torch
 
 from speculative.batched_trees import BatchedTreeOptions, score_trees_at_positions
 from speculative.drafter import Eagle3Drafter
-from speculative.experience import GTOExperience, SFTExperience, hidden_is_smaller, rows_read
+from speculative.experience import GTOExperience, SFTExperience, hidden_is_smaller, read_row_ids
 from speculative.position_trees import build_trees_at, drafter_prefix, prefill_sequence, verify_trees_at
 from speculative.tree import TreeConfig, tree_size
 from speculative.tree_reward import greedy_accepted_path, score_tree
@@ -126,7 +126,7 @@ def gto_experience(
     indices, counts, groups = position_slots(windows, slots)
 
     head = worker.draft_head()
-    read = rows_read(loss_mask, attention_mask).reshape(-1).nonzero().squeeze(-1) if shipping else None
+    read = read_row_ids(loss_mask, attention_mask) if shipping else None
     ships_hidden = shipping and head is not None and hidden_is_smaller(read.numel(), head)
     options = replace(batched_tree_options(gto), draft_logits=not ships_hidden)
     was_training = (drafter.training, reference.training)
@@ -148,9 +148,7 @@ def gto_experience(
         draft_head=head,
     )
     if ships_hidden:  # packed('auto')'s result, made from the hidden states alone
-        hidden = trees.target_hidden
-        sft = replace(sft, target_draft_logits=trees.target_draft_logits.new_empty((0, head.shape[0])),
-                      logit_rows=read, target_hidden=hidden.reshape(-1, hidden.shape[-1]).index_select(0, read))
+        sft = sft.packed_as_hidden(read)
     elif shipping:
         sft = sft.packed()
     used = torch.arange(slots)[None] < torch.tensor(counts)[:, None]  # [B, P] on the host

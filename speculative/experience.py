@@ -180,13 +180,19 @@ class SFTExperience(_Movable):
         logits = self.target_draft_logits
         if self.logit_rows is not None or logits.shape[-1] == 0:
             return self
-        rows = self.rows_read().reshape(-1).nonzero().squeeze(-1)
+        rows = read_row_ids(self.loss_mask, self.attention_mask)
         if _ships_hidden(form, rows.numel(), self.target_hidden, self.draft_head):
-            hidden = self.target_hidden.reshape(-1, self.target_hidden.shape[-1]).index_select(0, rows)
-            return replace(self, target_draft_logits=logits.new_empty((0, logits.shape[-1])),
-                           target_hidden=hidden, logit_rows=rows)
+            return self.packed_as_hidden(rows)
         return replace(self, target_draft_logits=logits.reshape(-1, logits.shape[-1]).index_select(0, rows),
                        logit_rows=rows, target_hidden=None, draft_head=None)
+
+    def packed_as_hidden(self, rows: torch.Tensor) -> SFTExperience:
+        """The packed form that carries the final-norm states at the flat ``rows`` (``read_row_ids``)
+        instead of their logits, which it never reads: an experience built without its dense
+        logits (``target_draft_logits`` [B, T, 0]) packs this way too."""
+        hidden = self.target_hidden.reshape(-1, self.target_hidden.shape[-1]).index_select(0, rows)
+        return replace(self, target_draft_logits=self.target_draft_logits.new_empty((0, self.draft_head.shape[0])),
+                       target_hidden=hidden, logit_rows=rows)
 
     def packed_logits(self, device=None, non_blocking: bool = False) -> torch.Tensor:
         """A packed experience's logit rows [n, N] on ``device`` (default: where they are): shipped
@@ -363,6 +369,11 @@ def hidden_is_smaller(rows: int, head: torch.Tensor) -> bool:
     than the rows' [rows, Vd] logits (what ``packed('auto')`` ships)."""
     vocab, width = head.shape
     return rows * width + vocab * width < rows * vocab
+
+
+def read_row_ids(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The flat [B * T] indices of ``rows_read``: the rows a packed experience keeps."""
+    return rows_read(loss_mask, attention_mask).reshape(-1).nonzero().squeeze(-1)
 
 
 def rows_read(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
