@@ -54,14 +54,21 @@ if triton is not None:
         index = chosen[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [K_POW2, BLOCK]: the blocks' entries
         live = (slot[:, None] < K) & (index < vocab)
         values = tl.load(logits_ptr + row * row_stride + index, mask=live, other=float("-inf")).to(tl.float32)
-        values = tl.reshape(values, (K_POW2 * BLOCK,))
-        index = tl.reshape(index, (K_POW2 * BLOCK,))
-        live = tl.reshape(live, (K_POW2 * BLOCK,))
+        values = tl.where(values == 0.0, 0.0, values)  # -0.0 ties +0.0, as in torch.topk
+        # One int64 key per entry orders it as (value, then the smaller id): the float's bits made
+        # order-preserving as a signed int in the high half, 2**31 - 1 - id in the low half. One max
+        # a pick instead of a max of the values and a min of the ids that reach it.
+        bits = values.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        ordered = tl.where(live, ordered, -2147483648)  # below every float's, -inf's included
+        key = (ordered.to(tl.int64) << 32) | (2147483647 - index)
+        key = tl.reshape(key, (K_POW2 * BLOCK,))
+        taken = tl.full([1], -2147483648, tl.int32).to(tl.int64) << 32  # the least int64: below every key
         for j in tl.static_range(K):  # the k largest, largest first; a tie: the smaller id first
-            best = tl.max(tl.where(live, values, float("-inf")), axis=0)
-            best_id = tl.min(tl.where(live & (values == best), index, vocab), axis=0)
+            best = tl.max(key, axis=0)
+            best_id = 2147483647 - (best - ((best >> 32) << 32))
             tl.store(ids_ptr + row * K + j + tl.arange(0, 1), best_id + tl.zeros([1], tl.int64))
-            live = live & (index != best_id)  # taken (an all -inf row still yields k distinct ids)
+            key = tl.where(key == best, taken, key)  # keys are distinct (ids are): one entry taken
 
 
 @functools.cache
@@ -82,6 +89,8 @@ def top_k_in_blocks(logits: torch.Tensor, blocks: torch.Tensor, block: int = 256
     if triton is None:
         raise RuntimeError("top_k_in_blocks needs Triton (pip install triton)")
     vocab, k = logits.shape[-1], blocks.shape[-1]
+    if vocab >= 2**31:
+        raise ValueError(f"top_k_in_blocks keys an id in 31 bits; a vocabulary of {vocab} does not fit")
     rows = logits.reshape(-1, vocab)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()

@@ -45,6 +45,7 @@ from torch import nn
 
 from speculative import decode_attention_kernel
 from speculative import rope_kernel as rope_kernel_module
+from speculative import silu_mul_kernel
 from speculative.batch_cache import BatchKVCache
 from speculative.llama import FastLlama, FastLlamaOutput
 
@@ -124,6 +125,9 @@ class FusedLlama(nn.Module):
         self.rope_kernel: bool | None = None  # None: ``speculative.rope_kernel`` where it is wanted
         # None: ``speculative.decode_attention_kernel`` where it is wanted (``resolve_kernels``)
         self.decode_kernel: bool | None = None
+        # None: ``speculative.silu_mul_kernel`` where it is wanted (a SiLU MLP only, as Llama's)
+        self.silu_kernel: bool | None = None
+        self._silu_mlp = getattr(fast.config, "hidden_act", "silu") == "silu"
 
     @staticmethod
     def _merged(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,6 +212,7 @@ class FusedLlama(nn.Module):
         weights = self.fast.embed_tokens.weight
         decode_attention_kernel.wanted(weights)
         rope_kernel_module.wanted(weights)
+        silu_mul_kernel.wanted(weights)
 
     def _use_decode_kernel(self, like: torch.Tensor) -> bool:
         """One token's attention by ``speculative.decode_attention_kernel`` (CUDA, where its gate
@@ -218,6 +223,14 @@ class FusedLlama(nn.Module):
         if torch.compiler.is_compiling():
             return decode_attention_kernel.wanted.checked.get(like.device, False)
         return decode_attention_kernel.wanted(like)
+
+    def _use_silu_kernel(self, like: torch.Tensor) -> bool:
+        """The MLP's ``silu(gate) * up`` by ``speculative.silu_mul_kernel`` (eager CUDA forwards of
+        a SiLU MLP; ``silu_kernel`` True forces it, e.g. on CPU under Triton's interpreter, False
+        keeps the torch expression). Inductor fuses the expression into its own kernel."""
+        if not self._silu_mlp or torch.compiler.is_compiling():
+            return False
+        return silu_mul_kernel.wanted(like) if self.silu_kernel is None else self.silu_kernel
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -274,6 +287,7 @@ class FusedLlama(nn.Module):
         hidden = fast.embed_tokens(input_ids)
         half = dim // 2
         rope_kernel = self._use_rope_kernel(hidden, cache)
+        silu_kernel = self._use_silu_kernel(hidden)
         if not rope_kernel:
             cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
         if not isinstance(cache_slots, int):
@@ -333,8 +347,13 @@ class FusedLlama(nn.Module):
                 out = out.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
             hidden = self._add_linear(hidden, out.reshape(batch, length, heads * dim), attn.o_proj, not kept)
             x = self._norm(hidden, layer.post_attention_layernorm.weight, eps_post)
-            gate, up = F.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
-            hidden = self._add_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj, True)
+            gate_up = F.linear(x, *self.gate_up[index])
+            if silu_kernel:
+                act = silu_mul_kernel.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = layer.mlp.act_fn(gate) * up
+            hidden = self._add_linear(hidden, act, layer.mlp.down_proj, True)
         if logits_index is not None:
             hidden = hidden[torch.arange(batch, device=hidden.device)[:, None], logits_index]
         final = self._norm(hidden, fast.norm.weight, self.final_eps)

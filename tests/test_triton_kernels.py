@@ -97,6 +97,20 @@ for vocab, block, k, dtype in [(32000, 256, 10, torch.bfloat16), (10007, 128, 3,
     got = top_k_in_blocks(logits, blocks, block)
     assert torch.equal(got, _top_k_in_blocks(logits, maxima, k, block)), (vocab, k)
     assert torch.equal(got, torch.topk(logits, k, dim=-1).indices), (vocab, k)
+    # ties (the smaller id first, -0.0 equal to +0.0, as a stable descending sort) and a row of -inf
+    tied = logits.clone()
+    tied[1, :] = 0.0
+    tied[1, ::3] = -0.0
+    tied[1, 5] = tied[1, vocab - 3] = tied[1, 2 * block + 1] = 7.0
+    tied[2, :] = float("-inf")
+    tied_maxima = torch.cat([tied, padded[:, vocab:]], -1).view(6, blocks_count, block).amax(-1)
+    tied_blocks = torch.topk(tied_maxima, k, dim=-1, sorted=True).indices
+    want = []
+    for values, chosen in zip(tied.float().tolist(), tied_blocks.tolist()):
+        entries = [i for b in chosen for i in range(b * block, min((b + 1) * block, vocab))]
+        want.append(sorted(entries, key=lambda i: (-values[i], i))[:k])
+    want = torch.tensor(want)
+    assert torch.equal(top_k_in_blocks(tied, tied_blocks, block), want), (vocab, k)
     # and the block maxima and log-normaliser that choose those blocks, in one read (tests/test_vocab_topk.py
     # has the kernel's own cases; here its launches are recorded for the compile test below)
     from speculative.block_stats_kernel import block_stats
@@ -123,6 +137,19 @@ for heads, kv_heads, dim, dtype in [(9, 3, 64, torch.bfloat16), (4, 2, 16, torch
     assert ((got.float() - want.float()).abs() <= 4 * unit * terms + 1e-30).all(), (heads, dtype)
     assert torch.equal(got[:, :, heads + kv_heads:], qkv[:, :, heads + kv_heads:])  # v untouched
 
+# the MLP's silu(gate) * up over the merged projection, in one pass: rows of a strided view, a short
+# last program and column block, fp32 and bf16 (up to the interpreter's bf16 rounding, towards zero)
+from speculative import silu_mul_kernel
+from speculative.silu_mul_kernel import silu_mul, torch_silu_mul
+assert silu_mul_kernel._check(torch.device("cpu")) is None
+for shape, dtype in [((3, 5, 2 * 700), torch.bfloat16), ((7, 2 * 33), torch.float32), ((2, 2 * 1536), torch.bfloat16)]:
+    wide = (torch.randn(*shape[:-1], shape[-1] + 6, generator=generator) * 4).to(dtype)
+    gate_up = wide[..., 3 : 3 + shape[-1]]  # each row contiguous, the rows strided
+    want, got = torch_silu_mul(gate_up), silu_mul(gate_up, block=256)
+    assert got.shape == want.shape and got.dtype == dtype
+    unit = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -7
+    assert ((got.float() - want.float()).abs() <= 3 * unit * want.float().abs() + 1e-30).all(), (shape, dtype)
+
 # FusedLlama with the RoPE kernel equals FusedLlama with the torch expression
 from speculative.fused_llama import FusedLlama
 from speculative.llama import FastLlama
@@ -142,6 +169,15 @@ for kernel in (False, True):
     outputs.append((prefill.logits, step.logits, cache.storage.clone()))
 for a, b in zip(*outputs):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+fused.rope_kernel = None
+outputs = []
+for kernel in (False, True):  # and with the SiLU-product kernel (the float32 test model)
+    fused.silu_kernel = kernel
+    cache = fused.new_cache(2, 32)
+    outputs.append((fused(ids, torch.arange(9).expand(2, -1), cache, 0, None).logits, cache.storage.clone()))
+for a, b in zip(*outputs):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+fused.silu_kernel = None
 
 # one token's attention over each sequence's visible prefix of a strided cache view: GQA, MQA and
 # MHA, head dims that are not powers of two, counts of one slot, past the span, a partial block
@@ -261,7 +297,7 @@ def test_every_launch_the_interpreter_ran_compiles_for_an_h200(interpreted):
     assert done.returncode == 0 and launches.exists(), done.stderr[-3000:]
     names = {launch["name"] for launch in json.loads(launches.read_text())}
     assert {"_argmax_lse", "_kl_forward", "_kl_backward", "_block_stats", "_top_k_in_blocks", "_rope_rows",
-            "_decode_rows", "_merge_splits", "_merge_forward", "_merge_backward"} <= names, names
+            "_decode_rows", "_merge_splits", "_merge_forward", "_merge_backward", "_silu_mul"} <= names, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
     compiled = subprocess.run([sys.executable, "-m", "tests.kernel_launches", str(launches), "90"], env=env,
                               capture_output=True, text=True, timeout=900, cwd=REPO)
