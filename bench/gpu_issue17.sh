@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|ab|ar|ar-autotune|ar-fp32]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -38,6 +38,9 @@
 # two_s2); default "learner gto". On the warm drafter of an earlier mode, else one warmed first. Table
 # (bench/version_table.py): versions.md over every part run on this machine; the raw reports come back for this
 # call's parts only (two parts a call at most: at most 8 files come back).
+# kernels: bench/vocab_reduction.py (the tree search's vocabulary reduction and top-k at one level's shape; with
+# OLD_TREE, also that checkout's top-k kernel on the same blocks) and bench/silu_mul.py (the target MLP's
+# silu(gate) * up, torch against the kernel, at a GTO batch's verification and prefill shapes); tables in OUT_DIR.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -157,6 +160,15 @@ if [ "$which" = actors ]; then
   actor_line three_s3 distributed.num_rollout_actors=3 distributed.gpus_per_rollout_actor=0.2 distributed.max_staleness=3
   runs=(); for name in two_s2 two_s3 three_s3; do [ -f "/tmp/actors/$name/summary.json" ] && runs+=("/tmp/actors/$name/summary.json"); done
   python3 bench/actor_table.py "$out" ${runs[@]+"${runs[@]}"}
+  ls -la "$out"
+  exit 0
+fi
+if [ "$which" = kernels ]; then
+  timeout 200 python3 bench/vocab_reduction.py --groups 16 --warps 4 ${OLD_TREE:+--old-tree "$OLD_TREE"} \
+    --out "$out" > "$out/kernels.log" 2>&1
+  echo "vocab_reduction exit $?" >> "$out/kernels.log"
+  timeout 120 python3 bench/silu_mul.py --out "$out" >> "$out/kernels.log" 2>&1
+  echo "silu_mul exit $?" >> "$out/kernels.log"
   ls -la "$out"
   exit 0
 fi

@@ -12,9 +12,11 @@ log-probabilities (``speculative.vocab_topk.top_k_logprobs``). Timed, on the sam
   ``G`` blocks a loop step, ``W`` warps), then the same top-k; one row per configuration of
   ``--groups`` x ``--warps``.
 
-Also the reductions alone (without the top-k) and the GB/s of one read of the logits. Every Triton
-row is checked against the torch one (the same top-k values in order, ties aside, and log q within
-1e-4): a row that differs says so.
+Also the reductions alone (without the top-k), the GB/s of one read of the logits, and the top-k
+kernel alone on the best blocks (``--old-tree DIR``: also that of an older checkout's
+``speculative/block_stats_kernel.py``, its ids checked equal to this one's). Every Triton row is
+checked against the torch one (the same top-k values in order, ties aside, and log q within 1e-4):
+a row that differs says so.
 Writes ``vocab_reduction.json`` and ``.md`` under ``--out``.
 """
 
@@ -33,7 +35,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from bench.gto_verify_profile import time_reps  # noqa: E402
-from speculative.block_stats_kernel import block_stats  # noqa: E402
+from speculative.block_stats_kernel import block_stats, top_k_in_blocks  # noqa: E402
 from speculative.vocab_topk import _top_k_in_blocks, log_normaliser, top_k_ids, top_k_logprobs  # noqa: E402
 
 
@@ -49,8 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--old-tree", type=Path, default=None,
+                        help="an older checkout: also time its top_k_in_blocks kernel on the same blocks")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
+
+
+def _old_top_k(tree: Path):
+    """``top_k_in_blocks`` of ``tree``'s ``speculative/block_stats_kernel.py``, loaded apart from ours."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("old_block_stats_kernel", tree / "speculative" / "block_stats_kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.top_k_in_blocks
 
 
 def _ints(text: str) -> list[int]:
@@ -110,6 +124,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"variant": "shipped (+ top-k kernel)", "top_k_logprobs_ms": whole_ms, "reductions_ms": None,
                      "max_abs_logq_diff": float((logq - base_logq).abs().max()),
                      "status": "equal" if same else "DIFFERENT"})
+    # the top-k kernel alone, on the blocks the shipped path picks (and an older checkout's kernel)
+    maxima, _ = block_stats(logits, block)
+    blocks = torch.topk(maxima, k, dim=-1).indices
+    top_k_ms, ids = time_reps(device, lambda: top_k_in_blocks(logits, blocks, block), args.warmup, args.reps)
+    rows.append({"variant": "top-k kernel alone", "top_k_in_blocks_ms": top_k_ms, "status": "this tree"})
+    if args.old_tree is not None:
+        old = _old_top_k(args.old_tree)
+        old_ms, old_ids = time_reps(device, lambda: old(logits, blocks, block), args.warmup, args.reps)
+        rows.append({"variant": "top-k kernel alone, old tree", "top_k_in_blocks_ms": old_ms,
+                     "old_tree": str(args.old_tree), "status": "same ids" if torch.equal(old_ids, ids) else "DIFFERENT"})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "rows": args.rows, "vocab": args.vocab, "top_k": k,
             "block": block, "dtype": args.dtype, "logits_gb": read_gb, "variants": rows}
@@ -126,6 +150,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in result["variants"]:
+        if "top_k_in_blocks_ms" in row:
+            lines.append(f"| {row['variant']} | - | - | - | - | {row['top_k_in_blocks_ms']['median']:.3f} ms, "
+                         f"{row['status']} |")
+            continue
         if "top_k_logprobs_ms" not in row:
             lines.append(f"| {row['variant']} | - | - | - | - | {row['status']} |")
             continue
