@@ -8,7 +8,9 @@ program per row here streams the row once, in chunks of ``GROUP`` blocks: it sto
 maximum and carries an online (rescaled) sum of exponentials for the normaliser.
 
 ``top_k_in_blocks``, the second kernel, then picks the k best entries of the k best blocks where
-they lie (a gather of 2 560 candidates a row and ``torch.topk`` over them took 1.17 ms a level).
+they lie (a gather of 2 560 candidates a row and ``torch.topk`` over them took 1.17 ms a level). Each
+pick is one max over int64 keys that order (value, then the smaller id): 1.05 ms a level on an H200,
+where a max of the values and a min of the ids took 1.87 ms (bench/results/throughput_h200/tenth_kernels).
 
 On CUDA the kernel is compiled by Triton. On CPU tensors it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported: slow, for tests).
