@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tokens": tokens, "width": width, "torch_ms": torch_ms, "kernel_ms": kernel_ms,
             "speed_up": torch_ms["median"] / kernel_ms["median"],
             "kernel_gb_s": moved_gb / (kernel_ms["median"] / 1e3),
-            "differing": int((diff > 0).sum()), "max_relative_diff": float((diff / want.float().abs().clamp_min(1e-30)).max()),
+            "differing": int((diff > 0).sum()),
+            "max_relative_diff": float((diff / want.float().abs().clamp_min(1e-30)).max()),
         })
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "dtype": args.dtype, "rows": rows}

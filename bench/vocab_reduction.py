@@ -61,7 +61,8 @@ def _old_top_k(tree: Path):
     """``top_k_in_blocks`` of ``tree``'s ``speculative/block_stats_kernel.py``, loaded apart from ours."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("old_block_stats_kernel", tree / "speculative" / "block_stats_kernel.py")
+    path = tree / "speculative" / "block_stats_kernel.py"
+    spec = importlib.util.spec_from_file_location("old_block_stats_kernel", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.top_k_in_blocks
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         old = _old_top_k(args.old_tree)
         old_ms, old_ids = time_reps(device, lambda: old(logits, blocks, block), args.warmup, args.reps)
         rows.append({"variant": "top-k kernel alone, old tree", "top_k_in_blocks_ms": old_ms,
-                     "old_tree": str(args.old_tree), "status": "same ids" if torch.equal(old_ids, ids) else "DIFFERENT"})
+                     "old_tree": str(args.old_tree),
+                     "status": "same ids" if torch.equal(old_ids, ids) else "DIFFERENT"})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "rows": args.rows, "vocab": args.vocab, "top_k": k,
             "block": block, "dtype": args.dtype, "logits_gb": read_gb, "variants": rows}
