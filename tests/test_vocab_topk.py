@@ -96,15 +96,18 @@ def test_one_read_block_statistics_kernel_equals_the_torch_passes():
 
 
 def test_vocab_reduction_bench_checks_every_triton_row(tmp_path):
-    """``bench/vocab_reduction.py`` on CPU (Triton's interpreter): every configuration row equals torch."""
+    """``bench/vocab_reduction.py`` on CPU (Triton's interpreter): every configuration row equals torch,
+    and the top-k kernel alone is timed here and in an "older" tree (this one, loaded apart: same ids)."""
     pytest.importorskip("triton")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
     done = subprocess.run(
         [sys.executable, str(repo / "bench" / "vocab_reduction.py"), "--device", "cpu", "--rows", "8",
          "--vocab", "12800", "--groups", "4,16", "--warps", "4", "--warmup", "0", "--reps", "1",
-         "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+         "--old-tree", str(repo), "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "vocab_reduction.json").read_text())
-    assert [row["status"] for row in report["variants"]] == ["baseline", "equal", "equal", "equal"]
-    assert "| triton g16 w4 |" in (tmp_path / "vocab_reduction.md").read_text()
+    assert [row["status"] for row in report["variants"]] == ["baseline", "equal", "equal", "equal", "this tree",
+                                                             "same ids"]
+    table = (tmp_path / "vocab_reduction.md").read_text()
+    assert "| triton g16 w4 |" in table and "| top-k kernel alone, old tree |" in table
