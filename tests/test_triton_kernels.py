@@ -369,3 +369,17 @@ def test_decode_attention_on_cuda_equals_sdpa():  # pragma: no cover - GPU machi
         for settings in [None, (64, 4, 1), (128, 4, 4), (256, 8, 8)]:
             got = decode_attention(q, keys, values, visible, 0.125, settings).float()
             assert (got - want).abs().max() <= 2 ** -6 * max(1.0, want.abs().max().item()), (batch, span, settings)
+
+
+def test_silu_mul_bench_runs_and_counts_differences(tmp_path):
+    """``bench/silu_mul.py`` on CPU (Triton's interpreter): a row per shape, its outputs compared."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "silu_mul.py"), "--device", "cpu", "--shapes",
+                           "5x64,3x1030", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "silu_mul.json").read_text())
+    assert [(row["tokens"], row["width"]) for row in report["rows"]] == [(5, 64), (3, 1030)]
+    assert all(row["max_relative_diff"] < 1e-5 for row in report["rows"])  # float32: the same arithmetic
+    assert "| 3 x 1030 |" in (tmp_path / "silu_mul.md").read_text()
