@@ -33,6 +33,7 @@ from speculative.batch_engine import ChainCycles
 from speculative.drafter import Eagle3Drafter
 from speculative.experience import OPDExperience, SFTExperience
 from speculative.llama import FastLlama
+from speculative.profiling import phase
 from speculative.target import stop_token_ids
 from speculative.tree import TreeConfig
 from speculative.ttt import make_ttt_cache, shift_left
@@ -204,10 +205,13 @@ def opd_experience(
         raise ValueError("no sample in the batch has a prompt followed by supervised tokens")
     if opd.engine == "vllm":
         return vllm_opd_experience(worker, config, batch, prompts, drafter, drafter_version)
-    if opd.rollout_batch_size > 0:
-        sequences, cycles = batched_rollouts(worker, config, prompts, drafter, seed)
-        rollout = worker.sft_experience(rollout_batch(sequences, [len(p) for p in prompts]), drafter_version)
-        return assemble_experience(worker, config, batch, rollout, cycles, drafter_version)
+    if opd.rollout_batch_size > 0:  # (each phase a no-op unless a bench records them: OPD_PHASES)
+        with phase("opd/rollouts"):
+            sequences, cycles = batched_rollouts(worker, config, prompts, drafter, seed)
+        with phase("opd/target_forward"):
+            rollout = worker.sft_experience(rollout_batch(sequences, [len(p) for p in prompts]), drafter_version)
+        with phase("opd/assemble"):
+            return assemble_experience(worker, config, batch, rollout, cycles, drafter_version)
     chain = TreeConfig.chain(opd.chain_length)
     engine = worker.rollout_engine(
         drafter, chain, opd.rollout_temperature, compile=opd.compile,
@@ -241,6 +245,13 @@ def opd_experience(
     return assemble_experience(worker, config, batch, rollout, cycles, drafter_version)
 
 
+def rollout_drafter_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``opd.rollout_precision`` as the batched engine's drafter dtype (auto: bf16 on CUDA)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
 @torch.no_grad()
 def batched_rollouts(worker, config, prompts: list[list[int]], drafter: Eagle3Drafter,
                      seed: int = 0) -> tuple[list[list[int]], Cycles]:
@@ -251,6 +262,7 @@ def batched_rollouts(worker, config, prompts: list[list[int]], drafter: Eagle3Dr
     engine = worker.batch_rollout_engine(
         drafter, opd.chain_length, opd.rollout_temperature, compile=opd.compile,
         max_batch=opd.rollout_batch_size, max_len=config.data.max_length + opd.max_new_tokens,
+        drafter_dtype=rollout_drafter_dtype(opd.rollout_precision, worker.target.device),
     )
     engine.reseed(seed)
     was_training = drafter.training

@@ -76,17 +76,19 @@ class TargetWorker:
         return self._engine
 
     def batch_rollout_engine(self, drafter: Eagle3Drafter, chain_length: int, temperature: float,
-                             compile: str = "auto", max_batch: int = 64, max_len: int | None = None):
+                             compile: str = "auto", max_batch: int = 64, max_len: int | None = None,
+                             drafter_dtype: torch.dtype | None = None):
         """The batched chain-speculative engine recording every cycle, kept across calls like
-        ``rollout_engine`` (its caches and CUDA graphs read the drafter's parameters in place)."""
+        ``rollout_engine`` (its caches and CUDA graphs read the drafter's parameters in place, or
+        its ``drafter_dtype`` copy of them, refreshed at every call)."""
         from speculative.batch_engine import BatchGenerator
 
-        key = (id(drafter), chain_length, temperature, compile, max_batch)
+        key = (id(drafter), chain_length, temperature, compile, max_batch, drafter_dtype)
         if self._batch_engine is None or self._batch_engine_key != key:
             self._batch_engine = None  # free the old caches and graphs first
             self._batch_engine = BatchGenerator(
                 self.target, drafter, chain_length, temperature, record_cycles=True, compile=compile,
-                max_batch=max_batch, max_len=max_len,
+                max_batch=max_batch, max_len=max_len, drafter_dtype=drafter_dtype,
             )
             self._batch_engine_key = key
         return self._batch_engine

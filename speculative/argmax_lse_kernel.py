@@ -96,8 +96,23 @@ def argmax_lse(logits: torch.Tensor, temperature: float,
     (fp32). ``fused``: by the kernel (default: on CUDA, unless ``DRAFTRL_VOCAB_REDUCTION=torch`` or
     its one-time check failed there); True also runs it on CPU tensors (Triton's interpreter)."""
     if fused is None:
-        fused = _wanted(logits)
+        fused = wanted(logits)
     return kernel_argmax_lse(logits, temperature) if fused else torch_argmax_lse(logits, temperature)
+
+
+def argmax_log_prob(logits: torch.Tensor, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's most likely id ``[..., 1]`` and its log-probability (fp32, T = 1) ``[..., 1]``: a
+    chain drafter's pick. By the kernel (one read of the row, default: as ``argmax_lse``, never
+    inside an Inductor trace) or as ``topk(log_softmax(logits.float()), 1)``; ties go to the first
+    id either way, as the tree search's top-k picks them."""
+    if fused is None:
+        fused = not torch.compiler.is_compiling() and wanted(logits)
+    if not fused:
+        top = torch.topk(torch.log_softmax(logits.float(), -1), 1, dim=-1)
+        return top.indices, top.values
+    ids, lse = kernel_argmax_lse(logits, 1.0)
+    ids = ids[..., None]
+    return ids, logits.gather(-1, ids).float() - lse[..., None]
 
 
 def _check(device: torch.device) -> str | None:
@@ -112,4 +127,4 @@ def _check(device: torch.device) -> str | None:
     return "differs from the torch passes"
 
 
-_wanted = KernelGate("argmax/log-normaliser", "DRAFTRL_VOCAB_REDUCTION", _check)
+wanted = KernelGate("argmax/log-normaliser", "DRAFTRL_VOCAB_REDUCTION", _check)

@@ -8,9 +8,10 @@ nothing ever has to be moved:
 * target (``BatchKVCache``): the token at position p sits at slot p. A chain's accepted tokens
   were verified at their own positions, so after verification they are already in place.
 * drafter (``BatchDraftCache``): the drafter's entry for position p (it reads token p and the
-  target's hidden state at p - 1) sits at slot ``scratch + p - 1``; the first ``scratch`` slots
-  hold the chain being drafted, at the same slots in every step. Putting the scratch first
-  lets an attention span (only the first S slots) be a plain slice.
+  target's hidden state at p - 1) sits at slot p - 1. A chain being drafted writes its entries
+  at their own positions' slots too, past the sequence's committed ones; the catch-up after the
+  verification overwrites them with the entries of the committed tokens. So every query of the
+  drafter sees a prefix of its sequence's slots, as every query of the target does.
 
 Every write goes to explicit per-sequence slots, so one step of the whole batch is a fixed
 sequence of tensor ops: what a CUDA graph captures.
@@ -18,11 +19,10 @@ sequence of tensor ops: what a CUDA graph captures.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from speculative import decode_attention_kernel
 from speculative.llama import compact_slots
 
 
@@ -86,65 +86,76 @@ class BatchKVCache:
 
 
 class BatchDraftCache:
-    """The drafter's keys/values ``[B, heads, scratch + context, d]`` (layout: module docstring).
+    """The drafter's keys/values ``[B, heads, S, d]`` (layout: module docstring).
 
-    Implements the drafter's ``attend(q, k, v)`` protocol with ``MaskedKVCache``'s arithmetic
-    (fp32 scores, masked softmax), so batched and single-sequence drafting agree to rounding.
-    Before each drafter call, ``prepare`` says where the new entries go and what they see.
+    Implements the drafter's ``attend(q, k, v)`` protocol. Every query sees a prefix of its
+    sequence's slots, so on CUDA the attention is ``speculative.decode_attention_kernel`` (one
+    program a sequence and head reads its prefix once, for every query token); elsewhere, and where
+    that kernel's gate says no, SDPA over the prefix mask. Both keep the scores and the softmax in
+    fp32, as ``MaskedKVCache``'s explicit product, so batched and single-sequence drafting agree to
+    rounding. Before each drafter call, ``prepare`` says where the new entries go and how far each
+    query sees. (The explicit product over fp32 copies of the span was 1.4 of a 64-sequence OPD
+    step's 7.0 ms of kernels on an H200, SDPA's masked cuDNN kernels 0.46 of 3.5 ms:
+    ``bench/results/opd_engine_h200``.)
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, scratch: int,
-                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
-        self.keys, self.values, self.scratch = keys, values, scratch
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor,
+                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, kernel: bool | None = None):
+        self.keys, self.values = keys, values
         self._slots: torch.Tensor | int = 0
-        self._mask: torch.Tensor | None = None
+        self._visible: torch.Tensor | None = None
+        self._span = 0
         # the whole cache's keys, values and head indices: indexed writes go to these, every dim
         # indexed by a tensor (through a row view, the compiled step copied the whole cache)
         self._base = base or (keys, values, torch.arange(keys.shape[1], device=keys.device)[None, None])
+        # the decode-attention kernel: None where its gate passed (compiled steps: the outcome the
+        # engine resolved eagerly), True forces it (CPU tests, Triton's interpreter), False SDPA
+        self.kernel = kernel
 
     @classmethod
-    def empty(cls, batch_size: int, heads: int, scratch: int, context: int, head_dim: int,
+    def empty(cls, batch_size: int, heads: int, slots: int, head_dim: int,
               dtype: torch.dtype, device: torch.device | str) -> BatchDraftCache:
-        shape = (batch_size, heads, scratch + context, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device), scratch)
+        shape = (batch_size, heads, slots, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def size(self) -> int:
         return self.keys.shape[2]
 
     def rows(self, count: int) -> BatchDraftCache:
-        return BatchDraftCache(self.keys[:count], self.values[:count], self.scratch, self._base)
+        return BatchDraftCache(self.keys[:count], self.values[:count], self._base, self.kernel)
 
-    def prepare(self, slots: torch.Tensor | int, mask: torch.Tensor) -> None:
-        """The next call writes at ``slots [B, T]`` (or the T slots from an int) and its queries
-        see the slots ``mask [B, T, S]`` allows among the first S (own slot included)."""
-        self._slots, self._mask = slots, mask
+    def prepare(self, slots: torch.Tensor, visible: torch.Tensor, span: int) -> None:
+        """The next call writes at ``slots [B, T]`` and query (b, t) sees slots
+        ``0 .. visible[b, t] - 1`` (its own included) of the first ``span``."""
+        self._slots, self._visible, self._span = slots, visible, span
+
+    def uses_kernel(self, like: torch.Tensor) -> bool:
+        if self.kernel is not None:
+            return self.kernel
+        if torch.compiler.is_compiling():
+            return decode_attention_kernel.wanted.checked.get(like.device, False)
+        return decode_attention_kernel.wanted(like)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        slots = self._slots
-        if isinstance(slots, int) and not torch.compiler.is_compiling():  # eagerly: two slice copies
-            self.keys[:, :, slots : slots + k.shape[2]] = k
-            self.values[:, :, slots : slots + k.shape[2]] = v
-        else:  # rows [B, 1, 1], heads [1, 1, H], slots [B, T, 1]: entries [B, T, H, d]
-            keys, values, heads = self._base
-            batch, length = k.shape[0], k.shape[2]
-            if isinstance(slots, int):
-                slots = torch.arange(slots, slots + length, device=k.device).expand(batch, length)
-            index = (torch.arange(batch, device=k.device)[:, None, None], heads, slots[..., None])
-            keys.index_put_(index, k.transpose(1, 2))
-            values.index_put_(index, v.transpose(1, 2))
-        span = self._mask.shape[-1]
-        keys, values = self.keys[:, :, :span], self.values[:, :, :span]
-        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~self._mask[:, None], float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
+        # rows [B, 1, 1], heads [1, 1, H], slots [B, T, 1]: entries [B, T, H, d]
+        keys, values, heads = self._base
+        index = (torch.arange(k.shape[0], device=k.device)[:, None, None], heads, self._slots[..., None])
+        keys.index_put_(index, k.transpose(1, 2))
+        values.index_put_(index, v.transpose(1, 2))
+        keys, values = self.keys[:, :, : self._span], self.values[:, :, : self._span]
+        if self.uses_kernel(q):  # q [B, heads, T, d] -> [B, T, heads, d], each token over its prefix
+            out = decode_attention_kernel.decode_attention(q.transpose(1, 2), keys, values, self._visible,
+                                                           q.shape[-1] ** -0.5)
+            return out.transpose(1, 2)
+        mask = torch.arange(self._span, device=q.device) < self._visible[..., None]  # [B, T, S]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
 
     def copy_rows_from(self, rows: torch.Tensor, prefill: PrefillDraftCache) -> None:
-        """Put a prefill's entries (positions 1 .. L) into rows ``rows`` at their context slots."""
+        """Put a prefill's entries (positions 1 .. L) into rows ``rows`` at their slots."""
         length = prefill.keys.shape[2]
-        self.keys[rows, :, self.scratch : self.scratch + length] = prefill.keys
-        self.values[rows, :, self.scratch : self.scratch + length] = prefill.values
+        self.keys[rows, :, :length] = prefill.keys
+        self.values[rows, :, :length] = prefill.values
 
 
 class PrefillDraftCache:

@@ -36,6 +36,7 @@ greedy text and the same cycles.
 
 from __future__ import annotations
 
+import copy
 import gc
 import time
 import warnings
@@ -45,6 +46,8 @@ from typing import Any
 
 import torch
 
+from speculative import argmax_lse_kernel
+from speculative.argmax_lse_kernel import argmax_log_prob
 from speculative.batch_cache import BatchDraftCache, PrefillDraftCache, visible_up_to
 from speculative.engine import _as_prompt, _eos_set, resolve_compile_mode
 from speculative.fused_llama import FusedLlama
@@ -183,6 +186,13 @@ class BatchGenerator:
     cache with the default step (256) is three compiles under ``inductor`` (256, 512, 576).
     ``inductor_options``: more ``torch.compile`` options for ``inductor`` (e.g. ``max_autotune``:
     Triton GEMM templates, tuned per shape, with the following pointwise ops fused into them).
+
+    ``drafter_dtype``: the drafter's arithmetic here. None: its own weights' dtype. Another dtype
+    (a learner's fp32 drafter served in bf16, as vLLM serves it): the engine drafts with a copy in
+    that dtype, refreshed from ``drafter``'s weights at every ``generate`` (the captured steps read
+    the copy in place, so weights updated in place between calls are drafted with). The drafter's
+    caches are kept in the same dtype. An fp32 drafter's GEMMs and attention were 2.7 of a
+    64-sequence OPD step's 7.0 ms of kernels on an H200 (``bench/results/opd_engine_h200``).
     """
 
     def __init__(
@@ -201,6 +211,7 @@ class BatchGenerator:
         eos_slots: int = 8,
         inductor_span_step: int | None = None,
         inductor_options: dict[str, Any] | None = None,
+        drafter_dtype: torch.dtype | None = None,
     ):
         if (drafter is None) != (chain_length == 0):
             raise ValueError("a drafter drafts chains of chain_length >= 1; without one, chain_length must be 0")
@@ -216,6 +227,11 @@ class BatchGenerator:
         self.target = target
         self.fast = FastLlama.from_target(target)
         self.model = FusedLlama(self.fast)
+        self.source_drafter = drafter  # whose weights the engine drafts with
+        if drafter is not None and drafter_dtype not in (None, drafter.fc.weight.dtype):
+            drafter = copy.deepcopy(drafter)  # refreshed by ``_refresh_drafter``
+            for param in drafter.parameters():  # the weights only: RoPE's frequencies stay as they are
+                param.data = param.data.to(drafter_dtype)
         self.drafter = drafter.eval() if drafter is not None else None
         self.chain_length = chain_length
         self.temperature = float(temperature)
@@ -252,6 +268,14 @@ class BatchGenerator:
             self.temperature = float(temperature)
             self._graphs.clear()
 
+    @torch.no_grad()
+    def _refresh_drafter(self) -> None:
+        """The drafting copy (``drafter_dtype``) takes the source drafter's current weights."""
+        if self.drafter is self.source_drafter:
+            return
+        for mine, source in zip(self.drafter.parameters(), self.source_drafter.parameters(), strict=True):
+            mine.copy_(source)
+
     # ------------------------------------------------------------------------------ buffers
 
     def _reserve(self, needed: int) -> None:
@@ -285,8 +309,7 @@ class BatchGenerator:
             return
         config = self.drafter.config
         dtype = self.drafter.fc.weight.dtype
-        self.dcache = BatchDraftCache.empty(batch, config.num_attention_heads, k - 1, slots, config.head_dim,
-                                            dtype, device)
+        self.dcache = BatchDraftCache.empty(batch, config.num_attention_heads, slots, config.head_dim, dtype, device)
         self.root_logits = torch.zeros(batch, config.draft_vocab_size, dtype=dtype, device=device)
         self.root_hidden = torch.zeros(batch, config.hidden_size, dtype=dtype, device=device)
         if self.record_cycles:
@@ -360,22 +383,20 @@ class BatchGenerator:
         live = self.active[:width].clone()
         root_pos, root_token = self.root_pos[:width], self.root_token[:width]
         dcache = self.dcache.rows(width)
-        scratch = dcache.scratch
         rows = torch.arange(width, device=device)
 
-        # 1. draft a chain of K tokens from the drafter's output at the root
-        logq = torch.log_softmax(self.root_logits[:width].float(), -1)
-        top = torch.topk(logq, 1, dim=-1)  # as the tree builder picks (ties included)
-        proposals, logqs = [top.indices], [top.values]
+        # 1. draft a chain of K tokens from the drafter's output at the root (each pick as the tree
+        #    search picks its top 1, ties to the first id: ``argmax_log_prob``)
+        pick, logq = argmax_log_prob(self.root_logits[:width])
+        proposals, logqs = [pick], [logq]
         hidden = self.root_hidden[:width, None]
-        context = (torch.arange(span, device=device) < root_pos[:, None])[:, None]  # [B, 1, S]
-        for level in range(1, steps):
-            chain = (torch.arange(scratch, device=device) < level).expand(width, 1, scratch)
-            dcache.prepare(level - 1, torch.cat([chain, context], -1))
-            logits, hidden = drafter(d2t[proposals[-1]], hidden, (root_pos + level)[:, None], dcache)
-            top = torch.topk(torch.log_softmax(logits[:, 0].float(), -1), 1, dim=-1)
-            proposals.append(top.indices)
-            logqs.append(top.values)
+        for level in range(1, steps):  # proposal ``level`` is fed at position root + level, slot root + level - 1
+            at = (root_pos + level)[:, None]
+            dcache.prepare(at - 1, at, span)  # it sees the committed entries and the chain's so far
+            logits, hidden = drafter(d2t[proposals[-1]], hidden, at, dcache)
+            pick, logq = argmax_log_prob(logits[:, 0])
+            proposals.append(pick)
+            logqs.append(logq)
         proposals = torch.cat(proposals, 1)  # [B, K] draft ids
         drafted = d2t[proposals]
 
@@ -383,7 +404,7 @@ class BatchGenerator:
         offsets = torch.arange(steps + 1, device=device)
         positions = root_pos[:, None] + offsets
         out = self.model(torch.cat([root_token[:, None], drafted], 1), positions, self.cache.rows(width),
-                         positions, visible_up_to(positions, span))
+                         positions, visible_up_to(positions, span), visible=positions + 1)
 
         # 3. accept, commit, stop
         accepted, bonus = accept_chain(out.logits, drafted, self.temperature, self._uniforms(width))
@@ -404,10 +425,9 @@ class BatchGenerator:
 
         # 4. catch up: the drafter reads the committed tokens with the target's features; its
         #    entry for position p (token p, the target's hidden at p - 1) goes to slot p - 1
-        last = root_pos[:, None] + offsets  # each catch-up query's own context slot
-        dcache.prepare(scratch + last, torch.cat(
-            [torch.zeros(width, steps + 1, scratch, dtype=torch.bool, device=device),
-             visible_up_to(last, span)], -1))
+        #    (over the chain's entries at those slots), seeing the slots up to its own
+        last = root_pos[:, None] + offsets  # each catch-up query's own slot
+        dcache.prepare(last, last + 1, span)
         prenorm = drafter.hidden_step(tokens, drafter.fuse_target_hidden(out.aux_hidden), last + 1, dcache)
         root_hidden = prenorm[rows, accepted]
         keep = going_on[:, None]
@@ -434,6 +454,8 @@ class BatchGenerator:
             return
         self.active.zero_()
         self.model.resolve_kernels()  # eagerly: neither a trace nor a capture can check a kernel
+        if self.drafter is not None:
+            argmax_lse_kernel.wanted(self.root_logits)  # the drafter's pick (``argmax_log_prob``)
         while True:
             try:
                 if self.compile == "inductor":
@@ -583,6 +605,7 @@ class BatchGenerator:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         setup = time.perf_counter()
+        self._refresh_drafter()
         self._reserve(max(len(p) for p in prompts) + max_new_tokens)
         width = min(self.max_batch, 1 << (len(prompts) - 1).bit_length())
         self._prepare_graphs(width)  # every span up front: no compile or capture inside a timed call

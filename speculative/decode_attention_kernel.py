@@ -8,6 +8,12 @@ was captured for (H200, batch 1, Inductor + CUDA graph: 6.5 us of cuDNN a layer,
 all the query heads that share it (GQA), and loops over the visible slots only, keeping an online
 softmax: one kernel a layer, and no work past the sequence's length.
 
+The same kernel takes several query tokens a sequence, each over its own prefix: the batched
+engine's chain verification (``speculative.batch_engine``), K + 1 tokens a sequence whose masks are
+prefixes of the cache, where SDPA ran cuDNN's flash kernel with a mask over the whole span (1.16 ms
+of a 64-sequence OPD step's 7.0 ms of kernels on an H200, ``bench/results/opd_engine_h200``). A
+program then holds every (query head, token) row of its kv head.
+
 Under Inductor the kernel is the custom op ``draftrl::decode_attention`` (``torch.library.triton_op``),
 which Inductor calls from its compiled step; eagerly (and in eager CUDA graph captures) it is
 launched directly. On CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
@@ -31,38 +37,46 @@ except ImportError:  # pragma: no cover - every supported install has Triton (to
 
 def torch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                            scale: float) -> torch.Tensor:
-    """What ``decode_attention`` computes, through SDPA and a prefix mask."""
-    batch, heads, dim = q.shape
+    """What ``decode_attention`` computes, through SDPA and a prefix mask per query token."""
+    if q.dim() == 3:  # one token a sequence
+        return torch_decode_attention(q[:, None], keys, values, visible[:, None], scale)[:, 0]
+    batch, tokens, heads, dim = q.shape
     kv_heads, span = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads
-    allowed = torch.arange(span, device=q.device)[None, :] < visible[:, None]  # [B, S]
-    grouped = q.view(batch, kv_heads, groups, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=allowed[:, None, None],
-                                                           scale=scale)
-    return out.reshape(batch, heads, dim)
+    allowed = torch.arange(span, device=q.device)[None, None, :] < visible[..., None]  # [B, T, S]
+    grouped = q.view(batch, tokens, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(
+        batch, kv_heads, groups * tokens, dim)  # rows (group member, token), group-major
+    mask = allowed[:, None, None].expand(batch, 1, groups, tokens, span).reshape(batch, 1, groups * tokens, span)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.view(batch, kv_heads, groups, tokens, dim).permute(0, 3, 1, 2, 4).reshape(batch, tokens, heads, dim)
 
 
 if triton is not None:
     # (no ``from __future__ import annotations`` in this module: Triton reads the tl.constexpr ones)
     def _decode_rows(q_ptr, k_ptr, v_ptr, out_ptr, best_ptr, total_ptr, visible_ptr, span, chunk, scale,
-                     q_batch, q_head, k_batch, k_head, k_slot, v_batch, v_head, v_slot, o_batch, o_head,
-                     DIM, GROUPS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
-                     SPLITS: tl.constexpr, EXACT_DOT: tl.constexpr):
-        """One (sequence, kv head, split): its query heads over the split's visible slots. One
-        split: the normalised output; several: the unnormalised sums and maxima, merged next."""
+                     q_batch, q_token, q_head, k_batch, k_head, k_slot, v_batch, v_head, v_slot,
+                     o_batch, o_token, o_head, visible_batch,
+                     DIM, GROUPS: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                     BLOCK: tl.constexpr, SPLITS: tl.constexpr, EXACT_DOT: tl.constexpr):
+        """One (sequence, kv head, split): the query heads that share the kv head, at each of the
+        sequence's TOKENS query tokens (row = member * TOKENS + token), over the split's slots, each
+        row up to its own token's count. One split: the normalised output; several: the
+        unnormalised sums and maxima, merged next."""
         sequence = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
-        row = tl.arange(0, ROWS)  # the query heads of this kv head (padded to ROWS for tl.dot)
+        row = tl.arange(0, ROWS)  # (group member, token) pairs (padded to ROWS for tl.dot)
         column = tl.arange(0, WIDTH)  # the head dim, padded to a power of two >= 16
-        live = row < GROUPS
+        live = row < GROUPS * TOKENS
         within = column < DIM
-        head = kv_head * GROUPS + row
-        q = tl.load(q_ptr + sequence * q_batch + head[:, None] * q_head + column[None, :],
+        token = row % TOKENS
+        head = kv_head * GROUPS + row // TOKENS
+        q = tl.load(q_ptr + sequence * q_batch + token[:, None] * q_token + head[:, None] * q_head + column[None, :],
                     mask=live[:, None] & within[None, :], other=0.0)
-        count = tl.minimum(tl.load(visible_ptr + sequence).to(tl.int32), span)
+        count = tl.load(visible_ptr + sequence * visible_batch + token, mask=live, other=0).to(tl.int32)
+        count = tl.minimum(count, span)  # [ROWS]: each row's visible slots
         first = split * chunk
-        stop = tl.minimum(first + chunk, count)
+        stop = tl.minimum(first + chunk, tl.max(count, 0))
         keys = k_ptr + sequence * k_batch + kv_head * k_head
         values = v_ptr + sequence * v_batch + kv_head * v_head
         best = tl.full([ROWS], float("-inf"), tl.float32)
@@ -77,10 +91,11 @@ if triton is not None:
             else:  # the tensor cores' product of the same inputs, accumulated in fp32
                 scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
             scores = (scores * scale).to(tl.float32)  # (a float argument may arrive as fp64)
-            scores = tl.where(inside[None, :], scores, float("-inf"))
+            scores = tl.where(slot[None, :] < count[:, None], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
+            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row with nothing visible yet: no NaN
+            weights = tl.exp(scores - shift[:, None])
+            rescale = tl.exp(best - shift)
             total = total * rescale + tl.sum(weights, 1)
             v = tl.load(values + slot[:, None] * v_slot + column[None, :], mask=inside[:, None] & within[None, :], other=0.0)
             rounded = weights.to(v.dtype)  # the weights at the values' precision, as flash kernels
@@ -91,7 +106,7 @@ if triton is not None:
             best = new_best
         if SPLITS == 1:
             out = acc / tl.where(total > 0, total, 1.0)[:, None]  # no visible slot: zeros, not NaN
-            tl.store(out_ptr + sequence * o_batch + head[:, None] * o_head + column[None, :],
+            tl.store(out_ptr + sequence * o_batch + token[:, None] * o_token + head[:, None] * o_head + column[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=live[:, None] & within[None, :])
         else:  # partials [B, kv_heads, SPLITS, ROWS(, WIDTH)], fp32
             part = (sequence * tl.num_programs(1) + kv_head) * SPLITS + split
@@ -99,8 +114,8 @@ if triton is not None:
             tl.store(total_ptr + part * ROWS + row, total)
             tl.store(out_ptr + (part * ROWS + row[:, None]) * WIDTH + column[None, :], acc)
 
-    def _merge_splits(acc_ptr, best_ptr, total_ptr, out_ptr, o_batch, o_head, DIM, GROUPS: tl.constexpr,
-                      ROWS: tl.constexpr, WIDTH: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_splits(acc_ptr, best_ptr, total_ptr, out_ptr, o_batch, o_token, o_head, DIM, GROUPS: tl.constexpr,
+                      TOKENS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, SPLITS: tl.constexpr):
         """One (sequence, kv head): its splits' partial softmax sums, rescaled to one maximum."""
         sequence = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
@@ -112,9 +127,10 @@ if triton is not None:
         total = tl.sum(weight * tl.load(total_ptr + part[:, None] * ROWS + row[None, :]), 0)
         acc = tl.load(acc_ptr + (part[:, None, None] * ROWS + row[None, :, None]) * WIDTH + column[None, None, :])
         out = tl.sum(weight[:, :, None] * acc, 0) / tl.where(total > 0, total, 1.0)[:, None]
-        head = kv_head * GROUPS + row
-        tl.store(out_ptr + sequence * o_batch + head[:, None] * o_head + column[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(row < GROUPS)[:, None] & (column < DIM)[None, :])
+        token = row % TOKENS
+        head = kv_head * GROUPS + row // TOKENS
+        tl.store(out_ptr + sequence * o_batch + token[:, None] * o_token + head[:, None] * o_head + column[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(row < GROUPS * TOKENS)[:, None] & (column < DIM)[None, :])
 
 
 @functools.cache
@@ -129,14 +145,16 @@ def _interpreted() -> bool:
 
 def _shapes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> int:
     """Checks the layout the kernel reads; returns the query heads per kv head."""
-    batch, heads, dim = q.shape
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q {tuple(q.shape)}: want [B, heads, d] or [B, T, heads, d]")
+    batch, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
     if keys.shape != values.shape or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[3] != dim:
         raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}: "
-                         "want q [B, heads, d] and keys/values [B, kv_heads, S, d]")
+                         "want q [B, (T,) heads, d] and keys/values [B, kv_heads, S, d]")
     if heads % keys.shape[1]:
         raise ValueError(f"{heads} query heads do not share {keys.shape[1]} kv heads evenly")
-    if visible.shape != (batch,):
-        raise ValueError(f"visible {tuple(visible.shape)}: want one count per sequence [{batch}]")
+    if visible.shape != q.shape[:-2]:
+        raise ValueError(f"visible {tuple(visible.shape)}: want one count per query token {tuple(q.shape[:-2])}")
     if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention needs q, keys and values contiguous in each head")
     return heads // keys.shape[1]
@@ -180,11 +198,14 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
     """Run the kernel(s); ``wrap`` turns a Triton kernel into what launches it (``wrap_triton``
     inside the custom op, the identity eagerly)."""
     block, warps, splits = settings or DEFAULT_SETTINGS
-    batch, heads, dim = q.shape
+    single = q.dim() == 3  # one token a sequence: [B, heads, d], visible [B]
+    if single:
+        q, visible = q[:, None], visible[:, None]
+    batch, tokens, heads, dim = q.shape
     kv_heads, span = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads
     splits = splits or auto_splits(batch, kv_heads, span)
-    rows, width = max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(dim))
+    rows, width = max(16, triton.next_power_of_2(groups * tokens)), max(16, triton.next_power_of_2(dim))
     splits = max(1, min(splits, triton.cdiv(span, block)))
     splits = triton.next_power_of_2(splits) if splits > 1 else 1
     chunk = triton.cdiv(triton.cdiv(span, splits), block) * block
@@ -196,24 +217,29 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
         target = torch.empty(batch, kv_heads, splits, rows, width, dtype=torch.float32, device=q.device)
         best = torch.empty(batch, kv_heads, splits, rows, dtype=torch.float32, device=q.device)
         total = torch.empty_like(best)
+    if visible.stride(-1) != 1:
+        visible = visible.contiguous()
     wrap(decode)[(batch, kv_heads, splits)](
         q, keys, values, target, best, total, visible, span, chunk, scale,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
-        dim, GROUPS=groups, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits, EXACT_DOT=_exact_dot(q.dtype),
-        num_warps=warps)
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        visible.stride(0), dim, GROUPS=groups, TOKENS=tokens, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits,
+        EXACT_DOT=_exact_dot(q.dtype), num_warps=warps)
     if splits > 1:
-        wrap(merge)[(batch, kv_heads)](target, best, total, out, out.stride(0), out.stride(1), dim,
-                                       GROUPS=groups, ROWS=rows, WIDTH=width, SPLITS=splits)
-    return out
+        wrap(merge)[(batch, kv_heads)](target, best, total, out, out.stride(0), out.stride(1), out.stride(2), dim,
+                                       GROUPS=groups, TOKENS=tokens, ROWS=rows, WIDTH=width, SPLITS=splits)
+    return out[:, 0] if single else out
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                      scale: float, settings: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``q [B, heads, d]`` (one token a sequence; head h reads kv head h // (heads / kv_heads))
     over ``keys``/``values [B, kv_heads, S, d]`` (strided views of a cache are fine), slots
-    ``0 .. visible[b] - 1`` only; returns ``[B, heads, d]``. ``settings``: (slots a block, warps,
-    splits of the span; several splits run in parallel, then a second kernel merges them; 0 splits:
+    ``0 .. visible[b] - 1`` only; returns ``[B, heads, d]``. Or ``q [B, T, heads, d]`` with
+    ``visible [B, T]``: T query tokens a sequence, each over its own prefix (a verified chain's
+    tokens, each seeing the slots up to its own), one program still reading each kv head once for
+    all of them; returns ``[B, T, heads, d]``. ``settings``: (slots a block, warps, splits of the
+    span; several splits run in parallel, then a second kernel merges them; 0 splits:
     ``auto_splits``).
     Inside ``torch.compile`` it is the custom op Inductor compiles around (default settings);
     eagerly a direct launch."""
@@ -255,7 +281,13 @@ def _check(device: torch.device) -> str | None:
     visible = torch.tensor([1, 97, 400], device=device)
     want = torch_decode_attention(q, keys, values, visible, 0.125).float()
     error = (decode_attention(q, keys, values, visible, 0.125).float() - want).abs().max().item()
-    return None if error <= 0.02 * want.abs().max().item() else f"differs by {error:.3g}"
+    if error > 0.02 * want.abs().max().item():
+        return f"differs by {error:.3g}"
+    chain = torch.randn(3, 4, 9, 64, generator=generator, device=device).to(torch.bfloat16)  # 4 tokens a sequence
+    counts = torch.tensor([[1, 2, 3, 4], [94, 95, 96, 97], [147, 148, 149, 150]], device=device)
+    want = torch_decode_attention(chain, keys, values, counts, 0.125).float()
+    error = (decode_attention(chain, keys, values, counts, 0.125).float() - want).abs().max().item()
+    return None if error <= 0.02 * want.abs().max().item() else f"differs by {error:.3g} (several tokens a sequence)"
 
 
 # The default for a decode step on a tensor's device: the kernel on CUDA unless

@@ -277,9 +277,10 @@ class FusedLlama(nn.Module):
         ``aux_hidden=False``: no aux hidden states (``None``; autoregressive decoding reads none).
         ``apply_lm_head=False``: the final-norm hidden states instead of logits (``hidden``), as
         ``FastLlama``'s, for callers that need logits at data-dependent rows only.
-        ``visible [B]``: with one token a sequence (T = 1) whose mask is the prefix of slots
-        ``0 .. visible - 1`` (the caller vouches for it), attention may read that prefix through the
-        decode-attention kernel instead of SDPA over ``attn_mask``.
+        ``visible [B]`` (T = 1) or ``[B, T]``: each token's mask is the prefix of slots
+        ``0 .. visible - 1`` (the caller vouches for it: a decode step, a verified chain), so
+        attention may read that prefix through the decode-attention kernel instead of SDPA over
+        ``attn_mask``.
         """
         fast = self.fast
         batch, length = input_ids.shape
@@ -292,7 +293,7 @@ class FusedLlama(nn.Module):
             cos, sin = self._rope_rows(hidden, position_ids, cache)  # [B, T, heads + 2 kv_heads, d]
         if not isinstance(cache_slots, int):
             cache_slots = (torch.arange(batch, device=hidden.device)[:, None], cache_slots)
-        decode = visible is not None and length == 1 and attn_mask is not None and self._use_decode_kernel(hidden)
+        decode = visible is not None and attn_mask is not None and self._use_decode_kernel(hidden)
         if attn_mask is not None:
             span = attn_mask.shape[-1]
             if span > cache.max_len:
@@ -328,11 +329,15 @@ class FusedLlama(nn.Module):
                 qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
             q, kv = qkv[:, :, :heads], qkv[:, :, heads:].view(batch, length, 2, kv_heads, dim)
             cache.write_kv(index, cache_slots, kv)
-            if decode:
+            if decode and visible.dim() == 1:  # one token a sequence
                 out = decode_attention_kernel.decode_attention(
                     q.reshape(batch, heads, dim), cache.storage[0, index, :, :, :span],
                     cache.storage[1, index, :, :, :span], visible, self.scaling,
                 ).view(batch, 1, heads, dim)
+            elif decode:  # T tokens a sequence, each over its own prefix
+                out = decode_attention_kernel.decode_attention(
+                    q, cache.storage[0, index, :, :, :span], cache.storage[1, index, :, :, :span], visible,
+                    self.scaling)
             elif attn_mask is None:
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),

@@ -271,6 +271,34 @@ def test_batched_cycles_equal_single_sequence_cycles(agreeing_pair, greedy_64):
     assert m == len(cycles) and int((cycles.accepted >= 2).sum()) > 5 and bool((cycles.accepted < chain).any())
 
 
+def test_drafting_copy_in_another_dtype_follows_the_drafter(agreeing_pair, greedy_64):
+    """``drafter_dtype``: the engine drafts with its own copy of the drafter (float64 here, bf16 on a
+    GPU), its weights only converted and refreshed at every ``generate``: the target's greedy text,
+    the cycles of the drafter's own dtype (to rounding), and a weight changed in place is followed."""
+    target, drafter = agreeing_pair
+    prompts, want = greedy_64[0][:8], [t[:16] for t in greedy_64[1][:8]]
+    engine = BatchGenerator(target, drafter, 3, record_cycles=True, max_batch=8, drafter_dtype=torch.float64)
+    assert engine.drafter is not drafter and engine.source_drafter is drafter
+    assert engine.drafter.fc.weight.dtype == torch.float64 and drafter.fc.weight.dtype == torch.float32
+    assert engine.drafter.rotary.inv_freq.dtype == drafter.rotary.inv_freq.dtype  # RoPE as it was
+    assert BatchGenerator(target, drafter, 3, drafter_dtype=torch.float32).drafter is drafter  # no copy
+    result = engine.generate(prompts, 16)
+    own = BatchGenerator(target, drafter, 3, record_cycles=True, max_batch=8).generate(prompts, 16)
+    assert result.tokens == own.tokens == want
+    assert torch.equal(result.cycles.proposals, own.cycles.proposals)
+    torch.testing.assert_close(result.cycles.rollout_logprobs, own.cycles.rollout_logprobs, atol=1e-5, rtol=1e-5)
+    saved = drafter.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        drafter.lm_head.weight.neg_()  # (a broadcast's in-place update) proposes what the target rejects
+    try:
+        flipped = engine.generate(prompts, 16)
+        assert torch.equal(engine.drafter.lm_head.weight, drafter.lm_head.weight.double())
+        assert flipped.tokens == want and flipped.tau < result.tau - 0.5, (flipped.tau, result.tau)
+    finally:
+        with torch.no_grad():
+            drafter.lm_head.weight.copy_(saved)
+
+
 # --------------------------------------------------------------------------------------------
 # Losslessness at T > 0
 

@@ -48,6 +48,18 @@ for vocab, dtype, temperature in [(49152, torch.bfloat16, 1.0), (10007, torch.fl
 empty_ids, empty_norm = argmax_lse(torch.zeros(0, 5, 64), 1.0, fused=True)
 assert empty_ids.shape == (0, 5) and empty_norm.shape == (0, 5)
 
+# a chain drafter's pick (the batched engine's): the kernel's argmax and log-probability against
+# topk(log_softmax(.float()), 1), a tie across chunks to the first id
+from speculative.argmax_lse_kernel import argmax_log_prob
+for vocab, dtype in [(32000, torch.bfloat16), (2048, torch.float32)]:
+    logits = (torch.randn(5, vocab, generator=generator) * 3).to(dtype)
+    logits[1, 9] = logits[1, vocab - 3] = 40.0
+    want_ids, want_logq = argmax_log_prob(logits, fused=False)
+    ids, logq = argmax_log_prob(logits, fused=True)
+    assert ids.shape == logq.shape == (5, 1) and logq.dtype == torch.float32
+    assert torch.equal(ids, want_ids) and int(ids[1, 0]) == 9, (ids, want_ids)
+    torch.testing.assert_close(logq, want_logq, atol=1e-5, rtol=1e-5)
+
 # training-time test's KL over the draft vocabulary, the lm_head fused in: kernels against the torch
 # passes (forward: KL, both log-normalisers, argmax; backward: the gradient over the logits), then
 # the whole autograd function, in blocks, against log-softmaxes
@@ -198,6 +210,25 @@ for batch, heads, kv_heads, span, dim, dtype in [(3, 9, 3, 150, 64, torch.bfloat
         storage[:, 1, 1:] = 0
         assert torch.equal(decode_attention(q, keys, values, visible, dim ** -0.5, settings)[0], got[0])
 
+# several query tokens a sequence, each over its own prefix (a verified chain's): GQA and MHA, a
+# sequence whose first token sees one slot, counts past the span, a query of a strided view
+for batch, tokens, heads, kv_heads, span, dim, dtype in [(3, 8, 9, 3, 150, 64, torch.bfloat16),
+                                                          (2, 3, 4, 4, 70, 16, torch.float32)]:
+    storage = torch.randn(2, batch, kv_heads, span, dim, generator=generator).to(dtype)
+    keys, values = storage[0], storage[1]
+    qkv = torch.randn(batch, tokens, heads + 2 * kv_heads, dim, generator=generator).to(dtype)
+    q = qkv[:, :, :heads]  # as FusedLlama hands it over
+    visible = torch.tensor([0, span - tokens + 3, 40][:batch])[:, None] + torch.arange(1, tokens + 1)
+    want = torch_decode_attention(q, keys, values, visible, dim ** -0.5).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7 * 2
+    for settings in [None, (16, 4, 4), (32, 2, 1)]:
+        got = decode_attention(q, keys, values, visible, dim ** -0.5, settings)
+        assert got.shape == q.shape and got.dtype == dtype
+        error = (got.float() - want).abs().max()
+        assert error <= tolerance * max(1.0, want.abs().max().item()), (tokens, heads, settings, error)
+    single = decode_attention(q[:, :1].reshape(batch, heads, dim), keys, values, visible[:, 0], dim ** -0.5)
+    torch.testing.assert_close(single.float(), want[:, 0], atol=tolerance, rtol=0)
+
 # the decode step of FusedLlama through the kernel, and greedy decoding of the batched engine with it
 fused.rope_kernel = None
 steps = []
@@ -265,6 +296,29 @@ prompts = _prompts(6, 3)
 engine = BatchGenerator(target, None, 0, max_batch=4, span_step=16, sync_every=5)
 engine.model.decode_kernel = True
 assert engine.generate(prompts, 12).tokens == _greedy(target.model, prompts, 12)
+
+# chain drafting with the kernel's picks: the torch picks' cycles, the target's greedy text
+from speculative import argmax_lse_kernel
+from tests.conftest import tiny_drafter
+drafter = tiny_drafter(target, seed=2)
+runs = []
+for kernel in (False, True):
+    argmax_lse_kernel.wanted = lambda like, kernel=kernel: kernel
+    chained = BatchGenerator(target, drafter, 3, record_cycles=True, max_batch=4, span_step=16)
+    runs.append(chained.generate(prompts, 10))
+assert runs[1].tokens == runs[0].tokens == _greedy(target.model, prompts, 10)
+assert torch.equal(runs[1].cycles.proposals, runs[0].cycles.proposals)
+torch.testing.assert_close(runs[1].cycles.rollout_logprobs, runs[0].cycles.rollout_logprobs, atol=1e-5, rtol=1e-5)
+# ... and the decode-attention kernel in the chain's verification (K + 1 tokens a sequence) and in the
+# drafter's attention (its cache: one token a level, K + 1 in the catch-up), each on its own, then both
+for target_kernel, drafter_kernel in [(True, False), (False, True), (True, True)]:
+    chained = BatchGenerator(target, drafter, 3, record_cycles=True, max_batch=4, span_step=16, max_len=40)
+    chained.model.decode_kernel, chained.dcache.kernel = target_kernel, drafter_kernel
+    verified = chained.generate(prompts, 10)
+    assert verified.tokens == runs[0].tokens and verified.accept_lengths == runs[0].accept_lengths
+    assert torch.equal(verified.cycles.proposals, runs[0].cycles.proposals)
+    torch.testing.assert_close(verified.cycles.rollout_logprobs, runs[0].cycles.rollout_logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(verified.cycles.target_logprobs, runs[0].cycles.target_logprobs, atol=1e-4, rtol=1e-4)
 print("kernels ok")
 """
 
@@ -368,6 +422,12 @@ def test_decode_attention_on_cuda_equals_sdpa():  # pragma: no cover - GPU machi
         want = torch_decode_attention(q, keys, values, visible, 0.125).float()
         for settings in [None, (64, 4, 1), (128, 4, 4), (256, 8, 8)]:
             got = decode_attention(q, keys, values, visible, 0.125, settings).float()
+            assert (got - want).abs().max() <= 2 ** -6 * max(1.0, want.abs().max().item()), (batch, span, settings)
+        chain = torch.randn(batch, 8, 9, 64, generator=generator, device="cuda").to(torch.bfloat16)  # 8 tokens
+        counts = (visible.clamp_max(span - 8)[:, None] + torch.arange(1, 9, device="cuda")).clamp_min(1)
+        want = torch_decode_attention(chain, keys, values, counts, 0.125).float()
+        for settings in [None, (64, 4, 1), (128, 4, 4)]:
+            got = decode_attention(chain, keys, values, counts, 0.125, settings).float()
             assert (got - want).abs().max() <= 2 ** -6 * max(1.0, want.abs().max().item()), (batch, span, settings)
 
 
