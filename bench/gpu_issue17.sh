@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32|opd]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -41,6 +41,13 @@
 # kernels: bench/vocab_reduction.py (the tree search's vocabulary reduction and top-k at one level's shape; with
 # OLD_TREE, also that checkout's top-k kernel on the same blocks) and bench/silu_mul.py (the target MLP's
 # silu(gate) * up, torch against the kernel, at a GTO batch's verification and prefill shapes); tables in OUT_DIR.
+# opd: the Draft-OPD experience of the batched engine alone (bench/opd_throughput.py, 64 and 128 sequences, chain 7,
+# 256 new tokens, prompts of ShareGPT's first user turns cut to 1 024 tokens) on the warm drafter of an earlier
+# mode (else one warmed first): where an experience's time goes (rollouts, target forward, assembly, copy), and
+# torch.profiler tables of the engine's step, eager and as a CUDA graph, per step (two runs' difference); then
+# 64 sequences once per variant: this tree alone ("new"), OLD_TREE's checkout ("old"), the fp32 drafter, attention
+# through SDPA (target and drafter), the drafter's picks by torch; a table (opd_ab.md). OPD_ARGS: more flags for the
+# main run; OPD_VARIANTS: which lines ("main new old ...").
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
@@ -139,6 +146,66 @@ for path in sorted(pathlib.Path("/tmp/ar").glob("*/opd_throughput.json")):
 (out / "ar_ab.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+  ls -la "$out"
+  exit 0
+fi
+if [ "$which" = opd ]; then
+  [ -d /tmp/tp/warm_drafter ] || python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill \
+    --total-minutes 3 > "$out/throughput.log" 2>&1
+  opd=(--drafter /tmp/tp/warm_drafter --max-prompt-tokens 1024 --max-new-tokens 256 --chain-length 7 --repeats 2)
+  opd_line() {  # name, then env assignments and flags; OLD_TREE's lines run in that checkout
+    local name=$1; shift; local envs=() flags=() tree=$PWD
+    [ -n "${OPD_VARIANTS:-}" ] && [[ " $OPD_VARIANTS " != *" $name "* ]] && return 0
+    for a in "$@"; do case $a in --*) flags+=("$a");; *=*) envs+=("$a");; esac; done
+    if [ "$name" = old ]; then [ -n "${OLD_TREE:-}" ] || return 0; tree=$OLD_TREE; fi
+    (cd "$tree" && env ${envs[@]+"${envs[@]}"} PYTHONPATH=/tmp/kit/site:$tree timeout 200 python3 bench/opd_throughput.py \
+      "${data[@]}" "${opd[@]}" --sections batched --batches 64 ${flags[@]+"${flags[@]}"} --out "/tmp/opd/$name") \
+      >> "$out/opd.log" 2>&1
+    echo "$name exit $?" >> "$out/opd.log"
+  }
+  # "main", this tree: 64 and 128 sequences, the prefill ceiling, per-step profiles of the engine
+  if [ -z "${OPD_VARIANTS:-}" ] || [[ " $OPD_VARIANTS " == *" main "* ]]; then
+    timeout 300 python3 bench/opd_throughput.py "${data[@]}" "${opd[@]}" --sections prefill,batched --batches 64,128 \
+      --profile --profile-runs opd --profile-batch 64 --profile-tokens 64 --no-traces ${OPD_ARGS:-} --out /tmp/opd/main \
+      >> "$out/opd.log" 2>&1
+    echo "main exit $?" >> "$out/opd.log"
+  fi
+  opd_line new                                           # this tree at 64 sequences alone, as the lines below
+  opd_line old                                           # the older checkout (OLD_TREE), if given
+  opd_line fp32_drafter --rollout-precision=fp32         # the learner's fp32 drafter as it is
+  opd_line sdpa_attention DRAFTRL_DECODE_ATTENTION=torch # the target's verification and the drafter through SDPA
+  opd_line torch_pick DRAFTRL_VOCAB_REDUCTION=torch      # the drafter's picks by topk(log_softmax)
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1]); rows = {}
+for path in sorted(pathlib.Path("/tmp/opd").glob("*/opd_throughput.json")):
+    report = json.loads(path.read_text())
+    row = report.get("opd_batched_b0064")
+    if row is None:
+        continue
+    phases = [r.get("phase_seconds", {}) for r in row["runs"]]
+    rows[path.parent.name] = dict(tok_s=row["tok_s"], on_device=row["tok_s_on_device"], engine=row["engine_new_tok_s"],
+                                  tau=row["engine_tau"], steps=row["engine_steps"], engine_s=row["engine_seconds"],
+                                  drafter=row.get("drafter_dtype", "float32 (no copy)"),
+                                  rollouts_s=[p.get("opd/rollouts") for p in phases],
+                                  seconds=[r["seconds_with_cpu_copy"] for r in row["runs"]])
+old = rows.get("old")
+lines = ["| variant | drafter | experience tok/s | on device | engine new tok/s | tau | steps | engine s | ms a step "
+         "| experience s, each | step vs old | experience tok/s vs old |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for name, r in rows.items():
+    r["ms_step"] = 1e3 * r["engine_s"] / max(r["steps"], 1)
+for name, r in rows.items():
+    step = f"{old['ms_step'] / r['ms_step']:.3f}x" if old else "-"
+    rate = f"{r['tok_s'] / old['tok_s']:.3f}x" if old else "-"
+    lines.append(f"| {name} | {r['drafter']} | {r['tok_s']:.0f} | {r['on_device']:.0f} | {r['engine']:.0f} | {r['tau']:.2f} | "
+                 f"{r['steps']} | {r['engine_s']:.3f} | {r['ms_step']:.2f} | {', '.join(f'{t:.3f}' for t in r['seconds'])} "
+                 f"| {step} | {rate} |")
+(out / "opd_ab.md").write_text("\n".join(lines) + "\n"); (out / "opd_ab.json").write_text(json.dumps(rows, indent=1))
+print("\n".join(lines))
+PY
+  for f in opd_throughput.json opd_throughput.md profile_opd_b64_graph_steps.txt profile_opd_b64_static_steps.txt; do
+    cp "/tmp/opd/main/$f" "$out/" 2>/dev/null
+  done
   ls -la "$out"
   exit 0
 fi

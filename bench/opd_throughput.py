@@ -57,12 +57,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from actors.opd_rollout import opd_experience  # noqa: E402
+from actors.opd_rollout import opd_experience, rollout_drafter_dtype  # noqa: E402
 from actors.target_worker import TargetWorker  # noqa: E402
 from speculative.config import load_config  # noqa: E402
 from speculative.batch_engine import BatchGenerator  # noqa: E402
 from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights  # noqa: E402
 from speculative.engine import SpeculativeGenerator  # noqa: E402
+from speculative.profiling import OPD_PHASES, PhaseRecorder, recording  # noqa: E402
 from speculative.runtime import DTYPES, target_dtype  # noqa: E402
 from speculative.target import TargetModel, load_tokenizer, stop_token_ids  # noqa: E402
 from speculative.vocab import DraftVocab  # noqa: E402
@@ -240,14 +241,17 @@ def opd_config(args, batch_size: int, compile: str):
         "training.objective=opd", f"opd.chain_length={args.chain_length}",
         f"opd.max_new_tokens={args.max_new_tokens}", f"data.max_length={args.max_prompt_tokens}",
         f"opd.rollout_batch_size={batch_size}", f"opd.compile={compile}", "opd.rollout_temperature=0.0",
+        f"opd.rollout_precision={getattr(args, 'rollout_precision', 'auto')}",
     ])
 
 
 def time_experience(worker, config, prompts: list[list[int]], drafter, device) -> dict[str, Any]:
     batch = prompt_batch(prompts)
     sync(device)
+    recorder = PhaseRecorder(device)
     start = time.perf_counter()
-    experience = opd_experience(worker, config, batch, drafter, drafter_version=1, seed=0)
+    with recording(recorder):  # each phase synchronises at its end: its wall includes its GPU work
+        experience = opd_experience(worker, config, batch, drafter, drafter_version=1, seed=0)
     sync(device)
     made = time.perf_counter() - start
     shipped = experience.packed().to_host()  # what the rollout actor ships (actors/rollout_actor.py)
@@ -259,14 +263,18 @@ def time_experience(worker, config, prompts: list[list[int]], drafter, device) -
         "seconds_on_device": made, "seconds_with_cpu_copy": total,
         "tok_s_on_device": experience.num_tokens / made, "tok_s": experience.num_tokens / total,
         "experience_mb": shipped.nbytes() / 1e6, "dense_experience_mb": experience.nbytes() / 1e6,
+        "phase_seconds": {name: round(sum(walls), 4) for name, walls in recorder.walls.items()
+                          if name in OPD_PHASES},  # (the batched engine's path only)
     }
 
 
 def opd_batched(args, worker, drafter, prompts, batch: int, compile: str, device) -> dict[str, Any]:
     config = opd_config(args, batch, compile)
     time_experience(worker, config, prompts[:batch], drafter, device)  # builds caches, captures graphs
-    engine = worker.batch_rollout_engine(drafter, args.chain_length, 0.0, compile=compile, max_batch=batch,
-                                         max_len=args.max_prompt_tokens + args.max_new_tokens)
+    engine = worker.batch_rollout_engine(  # the experience's own engine (same key: not built again)
+        drafter, args.chain_length, 0.0, compile=compile, max_batch=batch,
+        max_len=args.max_prompt_tokens + args.max_new_tokens,
+        drafter_dtype=rollout_drafter_dtype(config.opd.rollout_precision, worker.target.device))
     runs = []
     for r in range(args.repeats):
         chunk = [prompts[(r * batch + i) % len(prompts)] for i in range(batch)]
@@ -276,6 +284,7 @@ def opd_batched(args, worker, drafter, prompts, batch: int, compile: str, device
     generated = engine.generate(chunk, args.max_new_tokens, eos)
     return {
         "batch": batch, "requested_compile": compile, "compile": engine.compile,
+        "rollout_precision": config.opd.rollout_precision, "drafter_dtype": str(engine.drafter.fc.weight.dtype),
         "compile_errors": engine.compile_errors,
         "tok_s": statistics.median(r["tok_s"] for r in runs),
         "tok_s_on_device": statistics.median(r["tok_s_on_device"] for r in runs),
@@ -385,7 +394,7 @@ def _autoregressive_runs(args, device, compile, out, compare, suffix, batched, c
                                  "first_difference": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                                                       for a, b in zip(outputs["batched"], compare["outputs"])]}
     if out is not None:
-        row["profile"] = profile_engine(batched, chosen[0], args.profile_tokens,
+        row["profile"] = profile_engine(batched, chosen[:1], args.profile_tokens,
                                         out / f"profile_ar_b1_{batched.compile}{suffix}", trace=not args.no_traces)
     return row
 
@@ -407,9 +416,9 @@ def kernel_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem: Path,
+def profile_engine(engine: BatchGenerator, prompts: list[list[int]], tokens: int, stem: Path,
                    trace: bool = True) -> dict[str, Any]:
-    """Kernels and device time per decode step of a warmed-up engine, batch 1.
+    """Kernels and device time per decode step of a warmed-up engine on ``prompts`` (one per row).
 
     Two profiled runs, ``tokens // 4`` and ``tokens`` new tokens: their difference is steps only
     (the prefill, host checks and set-up cancel), so the per-step figures are the step's own.
@@ -421,9 +430,9 @@ def profile_engine(engine: BatchGenerator, prompt: list[int], tokens: int, stem:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     measured = []
     for count in (max(2, tokens // 4), tokens):
-        engine.generate([prompt], count)  # same span(s) as the profiled run
+        engine.generate(prompts, count)  # same span(s) as the profiled run
         with torch_profile(activities=activities) as prof:
-            result = engine.generate([prompt], count)
+            result = engine.generate(prompts, count)
             sync(device)
         if cuda:
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -481,7 +490,8 @@ def profile(args, out: Path, worker, drafter, target, prompts, device, done: set
                                              max_len=args.max_prompt_tokens + tokens)),
             (f"opd_b{args.profile_batch}", lambda: BatchGenerator(
                 target, drafter, args.chain_length, record_cycles=True, compile=mode,
-                max_batch=args.profile_batch, max_len=args.max_prompt_tokens + tokens)),
+                max_batch=args.profile_batch, max_len=args.max_prompt_tokens + tokens,
+                drafter_dtype=rollout_drafter_dtype(args.rollout_precision, device))),
         ):
             if name.split("_")[0] not in runs or f"{name}_{mode}" in done:
                 continue
@@ -501,6 +511,9 @@ def profile(args, out: Path, worker, drafter, target, prompts, device, done: set
                                        "ms_per_step": 1e3 * result.wall_time / max(result.steps, 1),
                                        "gpu_kernels": kernels, "kernels_per_step": kernels / max(result.steps, 1),
                                        "table": stem.with_suffix(".txt").name}
+            if name.startswith("opd"):  # per step, prefill and host checks cancelled out (and by kernel)
+                found[f"{name}_{mode}"]["per_step"] = profile_engine(
+                    engine, batch, tokens, out / f"profile_{name}_{mode}_steps", trace=False)
             del engine
     return found
 
@@ -535,8 +548,21 @@ def markdown(data: dict[str, Any]) -> str:
     for key, r in sorted((k, v) for k, v in data.items() if k.startswith("opd_batched")):
         last = r["runs"][-1]
         mode = r["compile"] if r["compile"] == r["requested_compile"] else f"{r['requested_compile']} -> {r['compile']}"
+        if r.get("drafter_dtype"):
+            mode += f", drafter {r['drafter_dtype'].replace('torch.', '')}"
         row(f"batched ({mode})", r["batch"], {**last, "tok_s": r["tok_s"], "tok_s_on_device": r["tok_s_on_device"]},
             f"{r['engine_new_tok_s']:,.0f}", f"{r['engine_tau']:.2f}")
+    phased = [(k, run) for k, r in sorted(data.items()) if k.startswith("opd_batched")
+              for run in r["runs"] if run.get("phase_seconds")]
+    if phased:
+        lines += ["", "Where a batched experience's time goes (seconds; each phase synchronised at its end; "
+                      "copy: `packed().to_host()`):", "",
+                  "| run | rollouts | target forward | assemble | copy to CPU | total |", "|---|---|---|---|---|---|"]
+        for key, run in phased:
+            ph = run["phase_seconds"]
+            lines.append(f"| {key} | {ph.get('opd/rollouts', 0):.3f} | {ph.get('opd/target_forward', 0):.3f} | "
+                         f"{ph.get('opd/assemble', 0):.3f} | {run['seconds_with_cpu_copy'] - run['seconds_on_device']:.3f} "
+                         f"| {run['seconds_with_cpu_copy']:.3f} |")
     ar = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" not in data[k]]
     failed = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" in data[k]]
     if ar:
@@ -578,6 +604,19 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "| profile | steps | ms/step | GPU kernels/step |", "|---|---|---|---|"]
         for name, p in data["profile"].items():
             lines.append(f"| {name} | {p['steps']} | {p['ms_per_step']:.2f} | {p['kernels_per_step']:.0f} |")
+        for name, p in data["profile"].items():
+            steps = p.get("per_step")
+            if not steps:
+                continue
+            unit = "kernel" if "kernels_per_step" in steps else "aten_op"
+            lines += ["", f"Per step of {name} (the difference of two profiled runs, {steps['steps_in_difference']} "
+                          f"steps: {steps[f'{unit}s_per_step']:.0f} {unit}s, {steps[f'{unit}_us_per_step']:,.0f} us; "
+                          f"wall {steps['ms_per_step_wall']:.3f} ms; table {steps['table']}):", "",
+                      "| kind | count/step | us/step |", "|---|---|---|"]
+            lines += [f"| {kind} | {v['per_step']:.1f} | {v['us_per_step']:.1f} |" for kind, v in steps["by_kind"].items()]
+            if unit == "kernel":  # (on CPU the kinds are the aten ops' names already)
+                lines += ["", "| kernel | count/step | us/step |", "|---|---|---|"]
+                lines += [f"| `{k}` | {v['per_step']:.1f} | {v['us_per_step']:.1f} |" for k, v in steps["by_name"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -690,6 +729,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="data.max_length (prompts cut to it)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--chain-length", type=int, default=7)
+    p.add_argument("--rollout-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="opd.rollout_precision: the batched engine's drafter arithmetic (auto: bf16 on CUDA)")
     p.add_argument("--draft-vocab", type=int, default=32000)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"which of {SECTIONS} to run")
     p.add_argument("--batches", default="1,16,64,128")

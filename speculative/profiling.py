@@ -21,7 +21,8 @@ Phase names: ``spec/prefill`` (target prefill and the first sampled token),
 ``spec/drafter_prefill``, ``spec/draft_verify`` (tree drafting + verification forward: one graph
 replay or eager), ``spec/verify_host`` (``speculative.verify.verify_tree``), ``spec/catch_up``
 (cache compaction + drafter re-prefill); ``ar/prefill`` and ``ar/decode`` (one AR token);
-``SFT_PHASES`` for a supervised training step.
+``SFT_PHASES`` for a supervised training step; ``OPD_PHASES`` for a Draft-OPD experience of the
+batched engine (its rollouts, the target's forward over prompt + response, the assembly).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ AR_PHASES = ("ar/prefill", "ar/decode")
 # gradient clipping + optimizer + scheduler.
 SFT_PHASES = ("sft/collate", "sft/batch_to_device", "sft/target_forward", "sft/restrict_vocab",
               "sft/ttt_forward", "sft/backward", "sft/optimizer")
-PHASES = SPEC_PHASES + AR_PHASES + SFT_PHASES
+OPD_PHASES = ("opd/rollouts", "opd/target_forward", "opd/assemble")
+PHASES = SPEC_PHASES + AR_PHASES + SFT_PHASES + OPD_PHASES
 
 _NULL = contextlib.nullcontext()
 _ACTIVE: PhaseRecorder | None = None
