@@ -158,7 +158,8 @@ if [ "$which" = opd ]; then
     [ -n "${OPD_VARIANTS:-}" ] && [[ " $OPD_VARIANTS " != *" $name "* ]] && return 0
     for a in "$@"; do case $a in --*) flags+=("$a");; *=*) envs+=("$a");; esac; done
     if [ "$name" = old ]; then [ -n "${OLD_TREE:-}" ] || return 0; tree=$OLD_TREE; fi
-    (cd "$tree" && env ${envs[@]+"${envs[@]}"} PYTHONPATH=/tmp/kit/site:$tree timeout 200 python3 bench/opd_throughput.py \
+    (cd "$tree" && env ${envs[@]+"${envs[@]}"} PYTHONPATH=/tmp/kit/site:$tree timeout 200 \
+      python3 bench/opd_throughput.py \
       "${data[@]}" "${opd[@]}" --sections batched --batches 64 ${flags[@]+"${flags[@]}"} --out "/tmp/opd/$name") \
       >> "$out/opd.log" 2>&1
     echo "$name exit $?" >> "$out/opd.log"
@@ -166,7 +167,8 @@ if [ "$which" = opd ]; then
   # "main", this tree: 64 and 128 sequences, the prefill ceiling, per-step profiles of the engine
   if [ -z "${OPD_VARIANTS:-}" ] || [[ " $OPD_VARIANTS " == *" main "* ]]; then
     timeout 300 python3 bench/opd_throughput.py "${data[@]}" "${opd[@]}" --sections prefill,batched --batches 64,128 \
-      --profile --profile-runs opd --profile-batch 64 --profile-tokens 64 --no-traces ${OPD_ARGS:-} --out /tmp/opd/main \
+      --profile --profile-runs opd --profile-batch 64 --profile-tokens 64 --no-traces ${OPD_ARGS:-} \
+      --out /tmp/opd/main \
       >> "$out/opd.log" 2>&1
     echo "main exit $?" >> "$out/opd.log"
   fi
@@ -191,15 +193,16 @@ for path in sorted(pathlib.Path("/tmp/opd").glob("*/opd_throughput.json")):
                                   seconds=[r["seconds_with_cpu_copy"] for r in row["runs"]])
 old = rows.get("old")
 lines = ["| variant | drafter | experience tok/s | on device | engine new tok/s | tau | steps | engine s | ms a step "
-         "| experience s, each | step vs old | experience tok/s vs old |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| experience s, each | step vs old | experience tok/s vs old |", "|---" * 12 + "|"]
 for name, r in rows.items():
     r["ms_step"] = 1e3 * r["engine_s"] / max(r["steps"], 1)
 for name, r in rows.items():
     step = f"{old['ms_step'] / r['ms_step']:.3f}x" if old else "-"
     rate = f"{r['tok_s'] / old['tok_s']:.3f}x" if old else "-"
-    lines.append(f"| {name} | {r['drafter']} | {r['tok_s']:.0f} | {r['on_device']:.0f} | {r['engine']:.0f} | {r['tau']:.2f} | "
-                 f"{r['steps']} | {r['engine_s']:.3f} | {r['ms_step']:.2f} | {', '.join(f'{t:.3f}' for t in r['seconds'])} "
-                 f"| {step} | {rate} |")
+    each = ", ".join(f"{t:.3f}" for t in r["seconds"])
+    lines.append(f"| {name} | {r['drafter']} | {r['tok_s']:.0f} | {r['on_device']:.0f} | {r['engine']:.0f} | "
+                 f"{r['tau']:.2f} | {r['steps']} | {r['engine_s']:.3f} | {r['ms_step']:.2f} | {each} | "
+                 f"{step} | {rate} |")
 (out / "opd_ab.md").write_text("\n".join(lines) + "\n"); (out / "opd_ab.json").write_text(json.dumps(rows, indent=1))
 print("\n".join(lines))
 PY

@@ -560,9 +560,9 @@ def markdown(data: dict[str, Any]) -> str:
                   "| run | rollouts | target forward | assemble | copy to CPU | total |", "|---|---|---|---|---|---|"]
         for key, run in phased:
             ph = run["phase_seconds"]
+            copy = run["seconds_with_cpu_copy"] - run["seconds_on_device"]
             lines.append(f"| {key} | {ph.get('opd/rollouts', 0):.3f} | {ph.get('opd/target_forward', 0):.3f} | "
-                         f"{ph.get('opd/assemble', 0):.3f} | {run['seconds_with_cpu_copy'] - run['seconds_on_device']:.3f} "
-                         f"| {run['seconds_with_cpu_copy']:.3f} |")
+                         f"{ph.get('opd/assemble', 0):.3f} | {copy:.3f} | {run['seconds_with_cpu_copy']:.3f} |")
     ar = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" not in data[k]]
     failed = [data[k] for k in sorted(k for k in data if k.startswith("autoregressive")) if "error" in data[k]]
     if ar:
@@ -613,10 +613,12 @@ def markdown(data: dict[str, Any]) -> str:
                           f"steps: {steps[f'{unit}s_per_step']:.0f} {unit}s, {steps[f'{unit}_us_per_step']:,.0f} us; "
                           f"wall {steps['ms_per_step_wall']:.3f} ms; table {steps['table']}):", "",
                       "| kind | count/step | us/step |", "|---|---|---|"]
-            lines += [f"| {kind} | {v['per_step']:.1f} | {v['us_per_step']:.1f} |" for kind, v in steps["by_kind"].items()]
+            lines += [f"| {kind} | {v['per_step']:.1f} | {v['us_per_step']:.1f} |"
+                      for kind, v in steps["by_kind"].items()]
             if unit == "kernel":  # (on CPU the kinds are the aten ops' names already)
                 lines += ["", "| kernel | count/step | us/step |", "|---|---|---|"]
-                lines += [f"| `{k}` | {v['per_step']:.1f} | {v['us_per_step']:.1f} |" for k, v in steps["by_name"].items()]
+                lines += [f"| `{k}` | {v['per_step']:.1f} | {v['us_per_step']:.1f} |"
+                          for k, v in steps["by_name"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -198,10 +198,13 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
     """Run the kernel(s); ``wrap`` turns a Triton kernel into what launches it (``wrap_triton``
     inside the custom op, the identity eagerly)."""
     block, warps, splits = settings or DEFAULT_SETTINGS
-    single = q.dim() == 3  # one token a sequence: [B, heads, d], visible [B]
-    if single:
-        q, visible = q[:, None], visible[:, None]
-    batch, tokens, heads, dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.dim() == 3:  # one token a sequence: [B, heads, d], visible [B]: T = 1, no token strides (no views made)
+        (batch, heads, dim), tokens = q.shape, 1
+        q_strides, out_strides = (q.stride(0), 0, q.stride(1)), (out.stride(0), 0, out.stride(1))
+    else:
+        batch, tokens, heads, dim = q.shape
+        q_strides, out_strides = (q.stride(0), q.stride(1), q.stride(2)), (out.stride(0), out.stride(1), out.stride(2))
     kv_heads, span = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads
     splits = splits or auto_splits(batch, kv_heads, span)
@@ -210,7 +213,6 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
     splits = triton.next_power_of_2(splits) if splits > 1 else 1
     chunk = triton.cdiv(triton.cdiv(span, splits), block) * block
     decode, merge = _kernels()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if splits == 1:
         target, best, total = out, out, out  # (the partial buffers are not written)
     else:
@@ -221,14 +223,14 @@ def _launch(wrap, q, keys, values, visible, scale, settings: tuple[int, int, int
         visible = visible.contiguous()
     wrap(decode)[(batch, kv_heads, splits)](
         q, keys, values, target, best, total, visible, span, chunk, scale,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        visible.stride(0), dim, GROUPS=groups, TOKENS=tokens, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits,
+        *q_strides, keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), *out_strides, visible.stride(0), dim,
+        GROUPS=groups, TOKENS=tokens, ROWS=rows, WIDTH=width, BLOCK=block, SPLITS=splits,
         EXACT_DOT=_exact_dot(q.dtype), num_warps=warps)
     if splits > 1:
-        wrap(merge)[(batch, kv_heads)](target, best, total, out, out.stride(0), out.stride(1), out.stride(2), dim,
+        wrap(merge)[(batch, kv_heads)](target, best, total, out, *out_strides, dim,
                                        GROUPS=groups, TOKENS=tokens, ROWS=rows, WIDTH=width, SPLITS=splits)
-    return out[:, 0] if single else out
+    return out
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
