@@ -178,6 +178,29 @@ def test_opd_steps_raise_rollout_acceptance():
 # ------------------------------------------------------------------------------------------
 # The authors' EAGLE-3 recipe (docs/methods/draft_opd.md §8): each piece does what it says
 # ------------------------------------------------------------------------------------------
+def test_rollout_precision_sets_the_engines_drafting_copy(pair, experience):
+    """``opd.rollout_precision``: auto drafts with the drafter's own fp32 weights off CUDA (bf16 on
+    CUDA); an explicit bf16 gives the engine a bf16 copy whose rollouts are still the target's text."""
+    from actors.opd_rollout import rollout_drafter_dtype
+
+    assert load_config(None).opd.rollout_precision == "auto"
+    assert rollout_drafter_dtype("auto", torch.device("cpu")) == torch.float32
+    assert rollout_drafter_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert rollout_drafter_dtype("fp32", torch.device("cuda")) == torch.float32
+    with pytest.raises(Exception):
+        load_config(None, ["opd.rollout_precision=fp16"])
+    target, drafter = pair
+    worker = TargetWorker(target, drafter.draft_to_target)
+    bf16 = opd_experience(worker, _config("opd.rollout_precision=bf16"), _batch(), drafter, drafter_version=5)
+    engine = worker._batch_engine
+    assert engine.source_drafter is drafter and engine.drafter.fc.weight.dtype == torch.bfloat16
+    assert drafter.fc.weight.dtype == torch.float32
+    assert torch.equal(bf16.rollout.input_ids, experience.rollout.input_ids)
+    # bf16 drafting may flip a near-tie (on these prompts two adjacent cycles of 38 trade one accepted
+    # token): the acceptance stays about the same
+    assert abs(int(bf16.accepted.sum()) - int(experience.accepted.sum())) <= 0.1 * int(experience.accepted.sum()) + 1
+
+
 def test_recipe_is_the_default_and_the_shipped_config():
     from speculative.runtime import adamw_with_schedule
 
