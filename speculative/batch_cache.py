@@ -102,7 +102,7 @@ class BatchDraftCache:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor,
                  base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, kernel: bool | None = None):
         self.keys, self.values = keys, values
-        self._slots: torch.Tensor | int = 0
+        self._slots: torch.Tensor | None = None
         self._visible: torch.Tensor | None = None
         self._span = 0
         # the whole cache's keys, values and head indices: indexed writes go to these, every dim

@@ -175,9 +175,6 @@ def test_opd_steps_raise_rollout_acceptance():
     assert tau() > before + 0.04, before
 
 
-# ------------------------------------------------------------------------------------------
-# The authors' EAGLE-3 recipe (docs/methods/draft_opd.md §8): each piece does what it says
-# ------------------------------------------------------------------------------------------
 def test_rollout_precision_sets_the_engines_drafting_copy(pair, experience):
     """``opd.rollout_precision``: auto drafts with the drafter's own fp32 weights off CUDA (bf16 on
     CUDA); an explicit bf16 gives the engine a bf16 copy whose rollouts are still the target's text."""
@@ -201,6 +198,9 @@ def test_rollout_precision_sets_the_engines_drafting_copy(pair, experience):
     assert abs(int(bf16.accepted.sum()) - int(experience.accepted.sum())) <= 0.1 * int(experience.accepted.sum()) + 1
 
 
+# ------------------------------------------------------------------------------------------
+# The authors' EAGLE-3 recipe (docs/methods/draft_opd.md §8): each piece does what it says
+# ------------------------------------------------------------------------------------------
 def test_recipe_is_the_default_and_the_shipped_config():
     from speculative.runtime import adamw_with_schedule
 
