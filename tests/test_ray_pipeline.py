@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -339,6 +340,40 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+WORKER_PORTS = 200  # the head's worker-port range: min .. min + WORKER_PORTS
+
+
+def _head_ports() -> tuple[list[int], int]:
+    """Seven free ports for the head's components and the first of a worker-port range that holds
+    none of them: ``ray start`` refuses a component port inside that range, and about 1 draw in 20
+    of eight free ports puts one there."""
+    while True:
+        *components, min_worker = _free_ports(8)
+        if min_worker + WORKER_PORTS < 65536 and not any(
+                min_worker <= port <= min_worker + WORKER_PORTS for port in components):
+            return components, min_worker
+
+
+def _start_head(ray_cli: list[str], temp_dir: Path, env: dict[str, str]) -> tuple[int, int]:
+    """``ray start --head`` on free ports (dashboard, metrics export) -> those two ports. A port
+    another process takes between the probe and the start fails it: retried on new ports, twice."""
+    for _ in range(3):
+        (gcs, dashboard, metrics, client, agent_http, agent_grpc, env_agent), min_worker = _head_ports()
+        start = ray_cli + [
+            "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true", f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={min_worker}",
+            f"--max-worker-port={min_worker + WORKER_PORTS}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ]
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        if started.returncode == 0:
+            return dashboard, metrics
+        _stop_cluster(temp_dir)  # whatever part of it came up
+    raise AssertionError(f"ray start failed 3 times; the last:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
+
+
 def _scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
@@ -347,21 +382,15 @@ def _scrape(url: str) -> str:
 def test_ray_job_submit_to_a_head_node_runs_training_and_exports_metrics(tmp_path, tiny_target_dir, chat_file):
     if ray.is_initialized():
         ray.shutdown()
-    gcs, dashboard, metrics, client, agent_http, agent_grpc, env_agent, min_worker = _free_ports(8)
     venv_bin = str(Path(sys.executable).parent)
+    # token authentication, Ray's default for new clusters, made explicit for the CLI; the cluster's
+    # own token (the CLI creates none: without ~/.ray/auth_token, as on a fresh machine, it refuses)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_metrics_report_interval_ms": "1000",
-           "RAY_AUTH_MODE": "token"}  # Ray's default for new clusters, made explicit for the CLI
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path(f"/tmp/draftrl_ray_{os.getpid()}")
     ray_cli = [str(Path(venv_bin) / "ray")]
-    start = ray_cli + [
-        "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true", f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={min_worker}",
-        f"--max-worker-port={min_worker + 200}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+    dashboard, metrics = _start_head(ray_cli, temp_dir, env)
     try:
         # 6 updates: the driver's gauges are exported only while it lives (a counter outlives it), so
         # the job must run a few export intervals after its first update, also on a loaded machine
