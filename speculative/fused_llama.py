@@ -329,15 +329,11 @@ class FusedLlama(nn.Module):
                 qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)
             q, kv = qkv[:, :, :heads], qkv[:, :, heads:].view(batch, length, 2, kv_heads, dim)
             cache.write_kv(index, cache_slots, kv)
-            if decode and visible.dim() == 1:  # one token a sequence
+            if decode:  # each token over its own prefix (one token a sequence: q [B, heads, d], visible [B])
                 out = decode_attention_kernel.decode_attention(
-                    q.reshape(batch, heads, dim), cache.storage[0, index, :, :, :span],
+                    q.reshape(batch, heads, dim) if visible.dim() == 1 else q, cache.storage[0, index, :, :, :span],
                     cache.storage[1, index, :, :, :span], visible, self.scaling,
-                ).view(batch, 1, heads, dim)
-            elif decode:  # T tokens a sequence, each over its own prefix
-                out = decode_attention_kernel.decode_attention(
-                    q, cache.storage[0, index, :, :, :span], cache.storage[1, index, :, :, :span], visible,
-                    self.scaling)
+                ).view(batch, length, heads, dim)
             elif attn_mask is None:
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
