@@ -49,6 +49,7 @@ import torch
 from speculative import argmax_lse_kernel
 from speculative.argmax_lse_kernel import argmax_log_prob
 from speculative.batch_cache import BatchDraftCache, PrefillDraftCache, visible_up_to
+from speculative.drafter import learned_parameters
 from speculative.engine import _as_prompt, _eos_set, resolve_compile_mode
 from speculative.fused_llama import FusedLlama
 from speculative.graphs import gc_paused
@@ -270,11 +271,13 @@ class BatchGenerator:
 
     @torch.no_grad()
     def _refresh_drafter(self) -> None:
-        """The drafting copy (``drafter_dtype``) takes the source drafter's current weights."""
+        """The drafting copy (``drafter_dtype``) takes the source drafter's current weights (the
+        learned ones: the shared embedding is frozen, the copy converted it once)."""
         if self.drafter is self.source_drafter:
             return
-        for mine, source in zip(self.drafter.parameters(), self.source_drafter.parameters(), strict=True):
-            mine.copy_(source)
+        mine = learned_parameters(self.drafter)
+        for name, source in learned_parameters(self.source_drafter).items():
+            mine[name].copy_(source)
 
     # ------------------------------------------------------------------------------ buffers
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from speculative.distributed_config import DistributedConfig
-from speculative.drafter import Eagle3Drafter
+from speculative.drafter import Eagle3Drafter, learned_parameters
 
 
 class BroadcastMismatch(RuntimeError):
@@ -108,17 +108,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-FROZEN_PREFIXES = ("embed_tokens.",)
-
-
-def broadcast_names(drafter: Eagle3Drafter) -> list[str]:
-    """The tensors a sync moves: all but the target's frozen embedding, which never changes."""
-    return sorted(name for name, _ in drafter.named_parameters() if not name.startswith(FROZEN_PREFIXES))
-
-
 def named_tensors(drafter: Eagle3Drafter) -> dict[str, torch.Tensor]:
-    params = dict(drafter.named_parameters())
-    return {name: params[name] for name in broadcast_names(drafter)}
+    """The tensors a sync moves, in name order: all but the target's frozen embedding."""
+    return learned_parameters(drafter)
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:

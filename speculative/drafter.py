@@ -38,6 +38,16 @@ from speculative.config import TTT_ATTENTION_DEFAULT, TTT_VOCAB_LOSS_DEFAULT
 from speculative.vocab import DraftVocab
 
 
+SHARED_FROZEN = ("embed_tokens.",)  # parameter name prefixes of the target's frozen embedding
+
+
+def learned_parameters(drafter: nn.Module) -> dict[str, nn.Parameter]:
+    """A drafter's parameters that training changes, by name in name order: all but the target's
+    embedding, which it shares, frozen (so a broadcast or a drafting copy need never move it)."""
+    return {name: p for name, p in sorted(drafter.named_parameters(), key=lambda item: item[0])
+            if not name.startswith(SHARED_FROZEN)}
+
+
 @dataclass
 class DrafterConfig:
     """Shape of an EAGLE-3 drafter; serialised as the vLLM/SGLang ``config.json``."""
