@@ -54,13 +54,20 @@ export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL
 mkdir -p "$out"
 [ -f /tmp/sharegpt_6k.jsonl ] || gunzip -c .kit/data/sharegpt_6k.jsonl.gz > /tmp/sharegpt_6k.jsonl
 data=(--target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl)
+# A variant line runs when its name is in the list (names apart by spaces) or the list is empty.
+picked() { [ -z "${2:-}" ] || [[ " $2 " == *" $1 "* ]]; }
+# A variant's words into the caller's envs (NAME=value), sets (gto.*=value, each after --set) and flags (--*).
+split_variant() {
+  envs=() sets=() flags=()
+  for a in "$@"; do case $a in --*) flags+=("$a");; gto.*=*) sets+=(--set "$a");; *=*) envs+=("$a");; esac; done
+}
 if [ "$which" = ab ]; then
   [ -d /tmp/tp/warm_drafter ] || python3 bench/throughput.py "${data[@]}" --out /tmp/tp --parts prefill \
     --total-minutes 3 > "$out/throughput.log" 2>&1
   ab_line() {  # name, then env assignments and --set flags
-    local name=$1; shift; local envs=() sets=() flags=()
-    [ -n "${AB_ONLY:-}" ] && [[ " $AB_ONLY " != *" $name "* ]] && return 0
-    for a in "$@"; do case $a in --*) flags+=("$a");; *=*) if [[ $a == gto.* ]]; then sets+=(--set "$a"); else envs+=("$a"); fi;; esac; done
+    local name=$1; shift; local envs sets flags
+    picked "$name" "${AB_ONLY:-}" || return 0
+    split_variant "$@"
     env ${envs[@]+"${envs[@]}"} timeout 150 python3 bench/gto_throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter \
       --max-records 600 --batch-sizes 32 --chunks 32x64 --precisions bf16 --old-batch-size 0 --batches 4 \
       --ceiling-batches 32,64 ${sets[@]+"${sets[@]}"} ${flags[@]+"${flags[@]}"} --out "/tmp/ab/$name" >> "$out/ab.log" 2>&1
@@ -154,9 +161,9 @@ if [ "$which" = opd ]; then
     --total-minutes 3 > "$out/throughput.log" 2>&1
   opd=(--drafter /tmp/tp/warm_drafter --max-prompt-tokens 1024 --max-new-tokens 256 --chain-length 7 --repeats 2)
   opd_line() {  # name, then env assignments and flags; OLD_TREE's lines run in that checkout
-    local name=$1; shift; local envs=() flags=() tree=$PWD
-    [ -n "${OPD_VARIANTS:-}" ] && [[ " $OPD_VARIANTS " != *" $name "* ]] && return 0
-    for a in "$@"; do case $a in --*) flags+=("$a");; *=*) envs+=("$a");; esac; done
+    local name=$1; shift; local envs sets flags tree=$PWD
+    picked "$name" "${OPD_VARIANTS:-}" || return 0
+    split_variant "$@"
     if [ "$name" = old ]; then [ -n "${OLD_TREE:-}" ] || return 0; tree=$OLD_TREE; fi
     (cd "$tree" && env ${envs[@]+"${envs[@]}"} PYTHONPATH=/tmp/kit/site:$tree timeout 200 \
       python3 bench/opd_throughput.py \
@@ -165,7 +172,7 @@ if [ "$which" = opd ]; then
     echo "$name exit $?" >> "$out/opd.log"
   }
   # "main", this tree: 64 and 128 sequences, the prefill ceiling, per-step profiles of the engine
-  if [ -z "${OPD_VARIANTS:-}" ] || [[ " $OPD_VARIANTS " == *" main "* ]]; then
+  if picked main "${OPD_VARIANTS:-}"; then
     timeout 300 python3 bench/opd_throughput.py "${data[@]}" "${opd[@]}" --sections prefill,batched --batches 64,128 \
       --profile --profile-runs opd --profile-batch 64 --profile-tokens 64 --no-traces ${OPD_ARGS:-} \
       --out /tmp/opd/main \
@@ -217,7 +224,7 @@ if [ "$which" = actors ]; then
     --total-minutes 3 > "$out/throughput.log" 2>&1
   actor_line() {  # name, then --ray-set overrides
     local name=$1; shift; local sets=()
-    [ -n "${ACTOR_VARIANTS:-}" ] && [[ " $ACTOR_VARIANTS " != *" $name "* ]] && return 0
+    picked "$name" "${ACTOR_VARIANTS:-}" || return 0
     for a in "$@"; do sets+=(--ray-set "$a"); done
     timeout 200 python3 bench/throughput.py "${data[@]}" --drafter /tmp/tp/warm_drafter --out "/tmp/actors/$name" \
       --parts ray --ray-modes async --train-minutes ${ACTOR_MINUTES:-1.25} --total-minutes 3.0 \
