@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32|opd]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32|opd|tests]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
@@ -48,10 +48,25 @@
 # 64 sequences once per variant: this tree alone ("new"), OLD_TREE's checkout ("old"), the fp32 drafter, attention
 # through SDPA (target and drafter), the drafter's picks by torch; a table (opd_ab.md). OPD_ARGS: more flags for the
 # main run; OPD_VARIANTS: which lines ("main new old ...").
+# tests: the tests that only run on CUDA (the decode-attention kernel against SDPA, the kernel gates' switch, the
+# CUDA IPC broadcast, the checksum and experience copies on the GPU) with the CPU ones of the same files, by
+# pytest, which the kit must hold where the machine's Python lacks it (make-kit.sh with KIT_EXTRA="pytest
+# pluggy iniconfig"); tests.log and tests.xml (JUnit) in OUT_DIR. No data needed.
 set -uo pipefail
 out=${1:?OUT_DIR}; which=${2:-gto}
 export PYTHONPATH=/tmp/kit/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 NCCL_NVLS_ENABLE=0
 mkdir -p "$out"
+if [ "$which" = tests ]; then
+  if ! python3 -c "import pytest" 2>/dev/null; then
+    echo "no pytest on this machine: stage a kit built with KIT_EXTRA=\"pytest pluggy iniconfig\"" \
+      | tee "$out/tests.log"
+    exit 1
+  fi
+  timeout 500 python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" \
+    tests/test_triton_kernels.py tests/test_pipeline_throughput.py > "$out/tests.log" 2>&1
+  code=$?; echo "pytest exit $code" >> "$out/tests.log"; tail -n 15 "$out/tests.log"
+  exit $code
+fi
 [ -f /tmp/sharegpt_6k.jsonl ] || gunzip -c .kit/data/sharegpt_6k.jsonl.gz > /tmp/sharegpt_6k.jsonl
 data=(--target /tmp/kit/smollm2.gguf --data /tmp/sharegpt_6k.jsonl)
 # A variant line runs when its name is in the list (names apart by spaces) or the list is empty.
