@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (device machine, offline kit staged under /tmp/kit), in one call:
-#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32|opd|tests]
+#   bash bench/gpu_issue17.sh OUT_DIR [gto|all|gto-verify|learner|actors|versions|kernels|ab|ar|ar-autotune|ar-fp32|
+#                                      opd|tests]
 # 1. bench/throughput.py (prefill, warm drafter, GTO, Draft-OPD, SFT[, single, Ray with "all"]);
 # 2. bench/gto_throughput.py on the warm drafter: chunkings 32x16 and 32x64 (a torch.profiler table
 #    of one batch at the faster one), and the target as FastLlama (gto.target_forward=fast) at 32x64.
