@@ -34,6 +34,7 @@ from speculative.drafter import Eagle3Drafter
 from speculative.experience import OPDExperience, SFTExperience
 from speculative.llama import FastLlama
 from speculative.profiling import phase
+from speculative.runtime import auto_dtype
 from speculative.target import stop_token_ids
 from speculative.tree import TreeConfig
 from speculative.ttt import make_ttt_cache, shift_left
@@ -246,9 +247,9 @@ def opd_experience(
 
 
 def rollout_drafter_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``opd.rollout_precision`` as the batched engine's drafter dtype (auto: bf16 on CUDA)."""
+    """``opd.rollout_precision`` as the batched engine's drafter dtype (auto: ``auto_dtype``)."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return auto_dtype(device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 

@@ -33,10 +33,10 @@ from tools.benchmark import (
     eos_token_ids,
     load_models,
     load_questions,
-    pick_device,
     resolve_bench,
 )
 from speculative.engine import SpeculativeGenerator
+from speculative.runtime import pick_device
 from speculative.target import TargetModel, resolve_target
 from speculative.tree import TreeConfig
 

@@ -44,14 +44,13 @@ from tools.benchmark import (
     first_turn_prompts,
     load_models,
     load_questions,
-    pick_device,
-    pick_dtype,
     resolve_bench,
     run_conversation,
     warm_prompt,
 )
 from speculative.checkpoint import load_drafter
 from speculative.engine import SpeculativeGenerator
+from speculative.runtime import pick_device, target_dtype
 from speculative.target import TargetModel
 from speculative.timing import (
     DEFAULT_AR_ENGINE,
@@ -221,7 +220,7 @@ def main() -> int:
     named = parse_drafters(args.drafters)
     per_drafter = "{name}" in args.out
     device = pick_device("auto")
-    dtype = pick_dtype(args.dtype, device)
+    dtype = target_dtype(args.dtype, device)
     target, _, tokenizer = load_models(args.target, named[0][1], device, dtype)
     benches = load_benches(args.bench, args.bench_dir, args.num_prompts)
     budget = _budget(tokenizer, benches, args.max_new_tokens)

@@ -55,11 +55,10 @@ from tools.benchmark import (  # noqa: E402
     first_turn_prompts,
     load_models,
     load_questions,
-    pick_device,
-    pick_dtype,
     resolve_bench,
     warm_prompt,
 )
+from speculative.runtime import pick_device, target_dtype  # noqa: E402
 from speculative.timing import Measurement, gpu_state, markdown_summary, measure_speedup, warm_up  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device = pick_device(args.device, "--device")
+    dtype = target_dtype(args.dtype, device)
     target, drafter, tokenizer = load_models(args.target, args.drafter, device, dtype, args.cache_dir)
     eos = eos_token_ids(tokenizer, target.model)
     questions = {name: load_questions(path, args.num_prompts, name)

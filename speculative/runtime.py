@@ -15,12 +15,21 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str, setting: str = "training.device") -> torch.device:
+    """``auto``: CUDA where a GPU is visible, else CPU. A CUDA choice without one is an error that
+    names the setting it came from (a config field, a CLI flag)."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA device is visible")
-    return torch.device(choice)
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{setting} is {choice!r} but no CUDA device is visible")
+    return device
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """What a model dtype of "auto" means (the target's, a drafting copy's): bf16 on CUDA, fp32
+    elsewhere (CPUs gain little from bf16 and round more)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -49,10 +58,8 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def target_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """``target.dtype``: "auto" is bf16 on CUDA and fp32 elsewhere."""
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[choice]
+    """``target.dtype`` (or ``--dtype``): a name of ``DTYPES``, or "auto" (``auto_dtype``)."""
+    return auto_dtype(device) if choice == "auto" else DTYPES[choice]
 
 
 def adamw_with_schedule(params, training) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:

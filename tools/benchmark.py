@@ -219,25 +219,6 @@ def context_budget(tokenizer, questions: Iterable[BenchQuestion], max_new_tokens
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def pick_device(choice: str) -> torch.device:
-    import torch
-
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {choice}, but no CUDA device is visible")
-    return device
-
-
-def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    import torch
-
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, choice)
-
-
 def load_models(target_spec: str, drafter_dir: str | Path | None, device: torch.device,
                 dtype: torch.dtype, cache_dir: str | Path | None = None):
     """(target, drafter or None, tokenizer); the target fuses the layers the drafter reads."""
@@ -581,8 +562,10 @@ def run_eval(args) -> int:
         return run_check(args)
     benches = [resolve_bench(b.strip(), args.bench_dir) for b in args.bench.split(",") if b.strip()]
     temperatures = [float(t) for t in str(args.temperature).split(",") if t.strip()]
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    from speculative.runtime import pick_device, target_dtype
+
+    device = pick_device(args.device, "--device")
+    dtype = target_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / "eval" / Path(args.drafter).name
     print(f"[draftrl] loading target '{args.target}' and drafter {args.drafter} on {device} ({dtype})",
           file=sys.stderr, flush=True)
@@ -741,8 +724,9 @@ def run_check(args) -> int:
     import torch
 
     from speculative.engine import SpeculativeGenerator
+    from speculative.runtime import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     new_tokens = min(args.max_new_tokens, 32)
     modes = check_modes(device, args.compile)
     dtypes = ["float32"] + (["bfloat16"] if device.type == "cuda" else [])
@@ -867,8 +851,10 @@ def run_generate(args) -> int:
     if (args.prompt is None) == (args.input is None):
         print("draftrl generate: give a prompt or --input FILE.jsonl (one of them)", file=sys.stderr)
         return 2
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    from speculative.runtime import pick_device, target_dtype
+
+    device = pick_device(args.device, "--device")
+    dtype = target_dtype(args.dtype, device)
     target, drafter, tokenizer = load_models(args.target, args.drafter, device, dtype, args.cache_dir)
     eos = eos_token_ids(tokenizer, target.model)
     if args.input is not None:
