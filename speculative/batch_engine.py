@@ -312,7 +312,8 @@ class BatchGenerator:
             return
         config = self.drafter.config
         dtype = self.drafter.fc.weight.dtype
-        self.dcache = BatchDraftCache.empty(batch, config.num_attention_heads, slots, config.head_dim, dtype, device)
+        self.draft_cache = BatchDraftCache.empty(batch, config.num_attention_heads, slots, config.head_dim, dtype,
+                                                 device)
         self.root_logits = torch.zeros(batch, config.draft_vocab_size, dtype=dtype, device=device)
         self.root_hidden = torch.zeros(batch, config.hidden_size, dtype=dtype, device=device)
         if self.record_cycles:
@@ -385,7 +386,7 @@ class BatchGenerator:
         device = self.device
         live = self.active[:width].clone()
         root_pos, root_token = self.root_pos[:width], self.root_token[:width]
-        dcache = self.dcache.rows(width)
+        draft_cache = self.draft_cache.rows(width)
         rows = torch.arange(width, device=device)
 
         # 1. draft a chain of K tokens from the drafter's output at the root (each pick as the tree
@@ -395,8 +396,8 @@ class BatchGenerator:
         hidden = self.root_hidden[:width, None]
         for level in range(1, steps):  # proposal ``level`` is fed at position root + level, slot root + level - 1
             at = (root_pos + level)[:, None]
-            dcache.prepare(at - 1, at, span)  # it sees the committed entries and the chain's so far
-            logits, hidden = drafter(d2t[proposals[-1]], hidden, at, dcache)
+            draft_cache.prepare(at - 1, at, span)  # it sees the committed entries and the chain's so far
+            logits, hidden = drafter(d2t[proposals[-1]], hidden, at, draft_cache)
             pick, logq = argmax_log_prob(logits[:, 0])
             proposals.append(pick)
             logqs.append(logq)
@@ -430,8 +431,8 @@ class BatchGenerator:
         #    entry for position p (token p, the target's hidden at p - 1) goes to slot p - 1
         #    (over the chain's entries at those slots), seeing the slots up to its own
         last = root_pos[:, None] + offsets  # each catch-up query's own slot
-        dcache.prepare(last, last + 1, span)
-        prenorm = drafter.hidden_step(tokens, drafter.fuse_target_hidden(out.aux_hidden), last + 1, dcache)
+        draft_cache.prepare(last, last + 1, span)
+        prenorm = drafter.hidden_step(tokens, drafter.fuse_target_hidden(out.aux_hidden), last + 1, draft_cache)
         root_hidden = prenorm[rows, accepted]
         keep = going_on[:, None]
         self.root_logits[:width].copy_(torch.where(keep, drafter.draft_logits(root_hidden),
@@ -577,7 +578,7 @@ class BatchGenerator:
             root_hidden = prenorm[torch.arange(count, device=device), lengths - 1]
             self.root_hidden[rows_t] = root_hidden
             self.root_logits[rows_t] = self.drafter.draft_logits(root_hidden)
-            self.dcache.copy_rows_from(rows_t, prefill)
+            self.draft_cache.copy_rows_from(rows_t, prefill)
         self.root_token[rows_t] = first
         self.root_pos[rows_t] = lengths
         self.count[rows_t] = 1

@@ -125,7 +125,7 @@ class _EagerBackend:
         self.fast, self.drafter, self.tree_config, self.generator = fast, drafter, tree, generator
         self.device = fast.device
         self.cache: StaticKVCache | None = None
-        self.dcache = MaskedKVCache()
+        self.draft_cache = MaskedKVCache()
         self.root_logits = self.root_hidden = self.verify_aux = None
 
     def reserve(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -160,11 +160,11 @@ class _EagerBackend:
     def drafter_prefill(self, ids: torch.Tensor, aux_hidden: torch.Tensor, root_token: int) -> None:
         # Drafter prefill: tokens x_1..x_n at positions 1..n with h_{p-1} = fc(aux_{p-1}).
         n = ids.shape[1]
-        self.dcache = MaskedKVCache()
+        self.draft_cache = MaskedKVCache()
         d_ids = torch.cat([ids[:, 1:], torch.tensor([[root_token]], device=self.device)], dim=1)
         logits, prenorm = self.drafter(
             d_ids, self.drafter.fuse_target_hidden(aux_hidden),
-            torch.arange(1, n + 1, device=self.device)[None], self.dcache,
+            torch.arange(1, n + 1, device=self.device)[None], self.draft_cache,
         )
         self.root_logits, self.root_hidden = logits[:, -1], prenorm[:, -1]
 
@@ -173,7 +173,7 @@ class _EagerBackend:
             raise ValueError("the eager path verifies on the host")
         device = self.device
         tree = build_draft_tree(
-            self.drafter, self.dcache, self.root_logits, self.root_hidden,
+            self.drafter, self.draft_cache, self.root_logits, self.root_hidden,
             torch.tensor([root_pos], device=device), self.tree_config, generator=self.generator,
         )
         chunk = torch.cat([torch.tensor([[root_token]], device=device), tree.tokens], dim=1)
@@ -198,7 +198,7 @@ class _EagerBackend:
             torch.tensor([tokens], device=device),
             self.drafter.fuse_target_hidden(self.verify_aux[:, rows]),
             torch.arange(root_pos + 1, root_pos + 1 + len(tokens), device=device)[None],
-            self.dcache,
+            self.draft_cache,
         )
         self.root_logits, self.root_hidden = logits[:, -1], prenorm[:, -1]
 

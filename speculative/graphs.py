@@ -206,11 +206,11 @@ class StaticDecoder:
             dtype = drafter.fc.weight.dtype
             if fused and config.sliding_window is None:
                 self.draft = FusedDrafter(drafter, self.max_len + self.tree_config.depth + 2)
-                self.dcache = GroupedDraftCache(
+                self.draft_cache = GroupedDraftCache(
                     1, config.num_key_value_heads, self.max_len, self.scratch, config.head_dim, dtype, self.device
                 )
             else:
-                self.dcache = StaticDraftCache(
+                self.draft_cache = StaticDraftCache(
                     1, config.num_attention_heads, self.max_len, self.scratch, config.head_dim, dtype, self.device
                 )
             self.root_logits = torch.zeros(1, config.draft_vocab_size, dtype=dtype, device=self.device)
@@ -223,7 +223,7 @@ class StaticDecoder:
                 # the tree levels' bias is written once a cycle (the context) and once a level (the
                 # tree part, which only grows), the catch-up's once a call; each is one kernel
                 groups, width = self.draft.groups, min(self.tree_config.top_k, config.draft_vocab_size)
-                slots = self.dcache.size
+                slots = self.draft_cache.size
                 self._level_bias = torch.zeros(1, 1, groups, width, slots, dtype=dtype, device=self.device)
                 # flat: the first m rows of it are contiguous, for each catch-up length m
                 self._catch_up_bias = torch.zeros(groups * (self.tree_config.depth + 1) * slots, dtype=dtype,
@@ -337,12 +337,12 @@ class StaticDecoder:
         if isinstance(self.draft, FusedDrafter):  # the context part was written for the cycle
             bias = self._level_bias
             self._bias_where(tree_mask[:, None, None], bias[..., self.max_len : self.max_len + fed + width])
-            self.dcache.prepare(self.max_len + fed, None, bias.view(1, 1, -1, bias.shape[-1]))
-            return self.draft(ids, hidden, positions, self.dcache)
+            self.draft_cache.prepare(self.max_len + fed, None, bias.view(1, 1, -1, bias.shape[-1]))
+            return self.draft(ids, hidden, positions, self.draft_cache)
         context = self._context[:, None].expand(batch, width, self.max_len)  # computed once a step
         unused = self._no_slots[:, :width, : self.scratch - fed - width]  # a constant: no kernel a level
-        self.dcache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
-        return self.draft(ids, hidden, positions, self.dcache)
+        self.draft_cache.prepare(self.max_len + fed, torch.cat([context, tree_mask, unused], -1))
+        return self.draft(ids, hidden, positions, self.draft_cache)
 
     def _draft_verify_step(self, span: int, greedy: bool = False, aux_out: list | None = None):
         """``aux_out`` (a list): the verification's aux hidden states are appended to it instead of
@@ -412,13 +412,13 @@ class StaticDecoder:
             width = context.shape[-1]
             bias = self._catch_up_bias[: self.draft.groups * m * width].view(1, 1, self.draft.groups, m, width)
             self._bias_where(context[None, None, None], bias)
-            self.dcache.prepare(slots, None, bias.view(1, 1, -1, width))
+            self.draft_cache.prepare(slots, None, bias.view(1, 1, -1, width))
         else:
             context = self.cols[None, None, :] < positions[:, :, None]
             unused = torch.zeros(1, m, self.scratch, dtype=torch.bool, device=self.device)
-            self.dcache.prepare(slots, torch.cat([context, unused], -1))
+            self.draft_cache.prepare(slots, torch.cat([context, unused], -1))
         hidden = self.drafter.fuse_target_hidden((self.verify_aux if aux is None else aux)[:, inputs[1]])
-        logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.dcache)
+        logits, prenorm = self.draft(inputs[0:1], hidden, positions, self.draft_cache)
         if root_row is None:
             self.root_logits.copy_(logits[:, -1])
             self.root_hidden.copy_(prenorm[:, -1])
@@ -547,10 +547,10 @@ class StaticDecoder:
             [causal_slot_mask(0, n, self.max_len, device=self.device),
              torch.zeros(1, n, self.scratch, dtype=torch.bool, device=self.device)], -1,
         )
-        self.dcache.prepare(0, mask)
+        self.draft_cache.prepare(0, mask)
         logits, prenorm = self.draft(
             d_ids, self.drafter.fuse_target_hidden(aux_hidden),
-            torch.arange(1, n + 1, device=self.device)[None], self.dcache,
+            torch.arange(1, n + 1, device=self.device)[None], self.draft_cache,
         )
         self.root_logits.copy_(logits[:, -1])
         self.root_hidden.copy_(prenorm[:, -1])

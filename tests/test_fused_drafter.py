@@ -115,8 +115,8 @@ def test_static_decoder_drafts_fused_only_where_it_can():
     fast = FastLlama.from_target(target)
     drafter = Eagle3Drafter(config, vocab, target.embed_tokens.weight)
     decoder = StaticDecoder(fast, drafter, max_len=64)
-    assert isinstance(decoder.draft, FusedDrafter) and isinstance(decoder.dcache, GroupedDraftCache)
-    assert decoder.dcache.size % 16 == 0
+    assert isinstance(decoder.draft, FusedDrafter) and isinstance(decoder.draft_cache, GroupedDraftCache)
+    assert decoder.draft_cache.size % 16 == 0
     assert StaticDecoder(fast, drafter, max_len=64, fused=False).draft is drafter
     windowed = Eagle3Drafter(dataclasses.replace(config, sliding_window=8), vocab, target.embed_tokens.weight)
     assert StaticDecoder(fast, windowed, max_len=64).draft is windowed

@@ -36,10 +36,10 @@ def _engine_tree(target, drafter, ids: torch.Tensor, t: int, config: TreeConfig)
     n = t + 1  # target has read x_0..x_t; the root x_{t+1} goes into the chunk
     cache = fast.new_cache(1, n + 1 + config.total_tokens)
     out = fast(context[:, :n], torch.arange(n)[None], cache, 0, causal_slot_mask(0, n, n))
-    dcache = MaskedKVCache()
+    draft_cache = MaskedKVCache()
     logits, prenorm = drafter(context[:, 1:], drafter.fuse_target_hidden(out.aux_hidden),
-                              torch.arange(1, n + 1)[None], dcache)
-    tree = build_draft_tree(drafter, dcache, logits[:, -1], prenorm[:, -1], torch.tensor([n]), config)
+                              torch.arange(1, n + 1)[None], draft_cache)
+    tree = build_draft_tree(drafter, draft_cache, logits[:, -1], prenorm[:, -1], torch.tensor([n]), config)
     chunk = torch.cat([context[:, -1:], tree.tokens], 1)
     mask = torch.cat([torch.ones(1, chunk.shape[1], n, dtype=torch.bool), tree.chunk_mask()], -1)
     return tree, fast(chunk, tree.chunk_positions(), cache, n, mask).logits

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from speculative.drafter import DrafterConfig, Eagle3Drafter, init_drafter_weights
 from speculative.engine import SpeculativeGenerator
@@ -389,10 +389,10 @@ def _one_step_tokens(target, drafter, context, config, temperature, n, seed, ver
     ids = torch.tensor(context).expand(n, -1)
     cache = fast.new_cache(n, length + 1 + config.total_tokens)
     out = fast(ids[:, :-1], torch.arange(length).expand(n, -1), cache, 0, causal_slot_mask(0, length, length, n))
-    dcache = MaskedKVCache()
+    draft_cache = MaskedKVCache()
     logits, prenorm = drafter(ids[:, 1:], drafter.fuse_target_hidden(out.aux_hidden),
-                              torch.arange(1, length + 1).expand(n, -1), dcache)
-    tree = build_draft_tree(drafter, dcache, logits[:, -1], prenorm[:, -1],
+                              torch.arange(1, length + 1).expand(n, -1), draft_cache)
+    tree = build_draft_tree(drafter, draft_cache, logits[:, -1], prenorm[:, -1],
                             torch.full((n,), length), config, generator=gen)
     chunk = torch.cat([ids[:, -1:], tree.tokens], 1)
     mask = torch.cat([torch.ones(n, chunk.shape[1], length, dtype=torch.bool), tree.chunk_mask()], -1)

@@ -313,7 +313,7 @@ torch.testing.assert_close(runs[1].cycles.rollout_logprobs, runs[0].cycles.rollo
 # drafter's attention (its cache: one token a level, K + 1 in the catch-up), each on its own, then both
 for target_kernel, drafter_kernel in [(True, False), (False, True), (True, True)]:
     chained = BatchGenerator(target, drafter, 3, record_cycles=True, max_batch=4, span_step=16, max_len=40)
-    chained.model.decode_kernel, chained.dcache.kernel = target_kernel, drafter_kernel
+    chained.model.decode_kernel, chained.draft_cache.kernel = target_kernel, drafter_kernel
     verified = chained.generate(prompts, 10)
     assert verified.tokens == runs[0].tokens and verified.accept_lengths == runs[0].accept_lengths
     assert torch.equal(verified.cycles.proposals, runs[0].cycles.proposals)
