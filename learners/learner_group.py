@@ -377,10 +377,10 @@ class LearnerGroup:
 
     def __init__(self, config, blueprint: DrafterBlueprint, target_path: str, target_dtype: str,
                  strategies: list, resume_dir: str | None, faults: dict | None = None):
-        dist = config.distributed
+        distributed = config.distributed
         cls = learner_actor_class()
         self.actors = [
-            cls.options(num_cpus=dist.cpus_per_actor, num_gpus=dist.gpus_per_learner,
+            cls.options(num_cpus=distributed.cpus_per_actor, num_gpus=distributed.gpus_per_learner,
                         scheduling_strategy=strategy, name=None).remote(config.model_dump_json(), faults)
             for strategy in strategies
         ]
