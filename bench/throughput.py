@@ -205,11 +205,12 @@ def load_models(args, sizes, device):
     from speculative.config import load_config
     from speculative.data import build_dataset
     from speculative.drafter_blueprint import make_blueprint
+    from speculative.runtime import auto_dtype
     from speculative.target import TargetModel, default_cache_dir, load_tokenizer, resolve_target
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     config = load_config(None, gto_overrides(args, sizes, Path(args.out) / "runs" / "unused"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto_dtype(device)
     target = TargetModel.load(args.target, config.target.aux_layer_ids, dtype, device, cache_dir)
     tokenizer = load_tokenizer(args.target, cache_dir)
     dataset, _ = build_dataset(args.data, tokenizer, max_length=sizes["max_length"], max_records=sizes["max_records"],

@@ -28,7 +28,7 @@ def pick_device(choice: str, setting: str = "training.device") -> torch.device:
 
 def auto_dtype(device: torch.device) -> torch.dtype:
     """What a model dtype of "auto" means (the target's, a drafting copy's): bf16 on CUDA, fp32
-    elsewhere (CPUs gain little from bf16 and round more)."""
+    elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
