@@ -130,13 +130,6 @@ class BatchDraftCache:
         ``0 .. visible[b, t] - 1`` (its own included) of the first ``span``."""
         self._slots, self._visible, self._span = slots, visible, span
 
-    def uses_kernel(self, like: torch.Tensor) -> bool:
-        if self.kernel is not None:
-            return self.kernel
-        if torch.compiler.is_compiling():
-            return decode_attention_kernel.wanted.checked.get(like.device, False)
-        return decode_attention_kernel.wanted(like)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # rows [B, 1, 1], heads [1, 1, H], slots [B, T, 1]: entries [B, T, H, d]
         keys, values, heads = self._base
@@ -144,11 +137,12 @@ class BatchDraftCache:
         keys.index_put_(index, k.transpose(1, 2))
         values.index_put_(index, v.transpose(1, 2))
         keys, values = self.keys[:, :, : self._span], self.values[:, :, : self._span]
-        if self.uses_kernel(q):  # q [B, heads, T, d] -> [B, T, heads, d], each token over its prefix
+        # each token over its prefix: by the kernel, q [B, heads, T, d] -> [B, T, heads, d]; or SDPA
+        if decode_attention_kernel.wanted.chosen(q, self.kernel):
             out = decode_attention_kernel.decode_attention(q.transpose(1, 2), keys, values, self._visible,
                                                            q.shape[-1] ** -0.5)
             return out.transpose(1, 2)
-        mask = torch.arange(self._span, device=q.device) < self._visible[..., None]  # [B, T, S]
+        mask = visible_up_to(self._visible - 1, self._span)  # [B, T, S]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
 
     def copy_rows_from(self, rows: torch.Tensor, prefill: PrefillDraftCache) -> None:

@@ -215,14 +215,10 @@ class FusedLlama(nn.Module):
         silu_mul_kernel.wanted(weights)
 
     def _use_decode_kernel(self, like: torch.Tensor) -> bool:
-        """One token's attention by ``speculative.decode_attention_kernel`` (CUDA, where its gate
+        """Attention over a prefix by ``speculative.decode_attention_kernel`` (CUDA, where its gate
         passed; compiled steps use the outcome ``resolve_kernels`` found; ``decode_kernel`` True
         forces it, e.g. on CPU under Triton's interpreter, False keeps SDPA)."""
-        if self.decode_kernel is not None:
-            return self.decode_kernel
-        if torch.compiler.is_compiling():
-            return decode_attention_kernel.wanted.checked.get(like.device, False)
-        return decode_attention_kernel.wanted(like)
+        return decode_attention_kernel.wanted.chosen(like, self.decode_kernel)
 
     def _use_silu_kernel(self, like: torch.Tensor) -> bool:
         """The MLP's ``silu(gate) * up`` by ``speculative.silu_mul_kernel`` (eager CUDA forwards of

@@ -39,6 +39,16 @@ class KernelGate:
             self.checked[like.device] = self._passes(like.device)
         return self.checked[like.device]
 
+    def chosen(self, like: torch.Tensor, forced: bool | None = None) -> bool:
+        """Whether a call site runs the kernel: ``forced`` where it is given (True, e.g. on CPU under
+        Triton's interpreter; False keeps the torch code); inside an Inductor trace, which cannot
+        run the check, the outcome a check run eagerly before found; else the gate itself."""
+        if forced is not None:
+            return forced
+        if torch.compiler.is_compiling():
+            return self.checked.get(like.device, False)
+        return self(like)
+
     def _passes(self, device: torch.device) -> bool:
         try:
             problem = self.check(device)
